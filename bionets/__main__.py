@@ -1,0 +1,3 @@
+from bionets.cli import main
+
+raise SystemExit(main())

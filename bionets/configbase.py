@@ -1,0 +1,10 @@
+"""The base of every typed config section: unknown keys are errors, values are validated."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    """A config section. ``extra='forbid'`` turns a misspelt key into an error naming it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())

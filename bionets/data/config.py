@@ -1,0 +1,43 @@
+"""The ``data:`` section of a run config."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from bionets.configbase import Section
+
+
+class GaussianConfig(Section):
+    """Two (or more) Gaussian classes for the theory experiments.
+
+    ``kind='identical'``: every class shares one covariance (the Bayes boundary is linear);
+    ``kind='different'``: each class has its own covariance (the Bayes boundary is quadratic).
+    Means and covariances are drawn once from ``seed``; samples are drawn from them.
+    """
+
+    dim: int = Field(2, ge=1)
+    num_classes: int = Field(2, ge=2)
+    kind: str = "different"
+    n_train: int = Field(1000, ge=1)
+    n_test: int = Field(5000, ge=1)
+    separation: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    name: str = "digits"               # digits | cifar10 | cifar100 | mnist | imagefolder | gaussian
+    root: str | None = None            # --data-root; required for everything but digits/gaussian
+    download: bool = False             # let torchvision download cifar/mnist into root
+    batch_size: int = Field(128, ge=1)  # global batch (split across DDP processes)
+    eval_batch_size: int | None = Field(None, ge=1)
+    workers: int = Field(0, ge=0)      # DataLoader workers (imagefolder)
+    train_fraction: float = Field(1.0, gt=0, le=1)  # stratified subset of the training split
+    imbalance_ratio: float = Field(1.0, ge=1)  # long-tailed training split (max/min class count)
+    augment: bool = True               # the dataset's standard augmentation
+    normalize: bool = True
+    img_size: int | None = Field(None, ge=1)  # imagefolder train crop / resize
+    crop_pct: float = Field(0.875, gt=0, le=1)
+    auto_augment: str | None = None    # timm string, e.g. 'rand-m9-mstd0.5'
+    reprob: float = Field(0.0, ge=0, le=1)   # random erasing
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    gaussian: GaussianConfig = GaussianConfig()

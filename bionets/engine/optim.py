@@ -1,0 +1,107 @@
+"""Optimizers and learning-rate schedules, from timm, plus a registry for mechanism optimizers.
+
+``optim.lr_mult`` maps glob patterns of parameter names to learning-rate multipliers (Dit-CNN trains
+its quadratic parameters at 10x the base rate: ``lr_mult: {"*quad*": 10}``). Parameters matching no
+pattern keep the base rate. 1-D parameters (norms, biases) get no weight decay unless
+``decay_norm_and_bias`` is set, as in timm's recipes.
+
+A mechanism that needs its own optimizer (STDS's Grad R) registers a factory::
+
+    @register_optimizer("gradr")
+    def make(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer: ...
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+import torch
+from pydantic import Field
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from bionets.configbase import Section
+from bionets.errors import BionetsError, unknown
+
+TIMM_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nadam", "rmsprop", "lamb", "lars")
+SCHEDULES = ("cosine", "step", "multistep", "const")
+
+
+class OptimConfig(Section):
+    name: str = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    nesterov: bool = False
+    decay_norm_and_bias: bool = False
+    lr_mult: dict[str, float] = {}
+    kwargs: dict[str, float | int | str | bool] = {}   # extra options of a registered optimizer
+
+
+class SchedConfig(Section):
+    name: str = "cosine"
+    warmup_epochs: float = Field(0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    milestones: list[int] = [80, 120]   # multistep: epochs where lr is multiplied by decay_rate
+    decay_epochs: int = Field(30, ge=1)  # step: period
+    decay_rate: float = Field(0.1, gt=0)
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]] = {}
+
+
+def register_optimizer(name: str):
+    def wrap(fn):
+        OPTIMIZERS[name] = fn
+        return fn
+    return wrap
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
+    """Split trainable parameters into groups by lr multiplier and weight-decay eligibility."""
+    named = params if params is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in named:
+        mult = next((m for pat, m in cfg.lr_mult.items() if fnmatch.fnmatch(name, pat)), 1.0)
+        wd = cfg.weight_decay if (p.ndim > 1 or cfg.decay_norm_and_bias) else 0.0
+        groups.setdefault((mult, wd), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": wd}
+            for (mult, wd), ps in groups.items()]
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name in OPTIMIZERS:
+        return OPTIMIZERS[cfg.name](model, cfg)
+    if cfg.name not in TIMM_OPTIMIZERS:
+        raise unknown("optimizer", cfg.name, list(TIMM_OPTIMIZERS) + list(OPTIMIZERS))
+    extra = dict(cfg.kwargs)
+    if cfg.name in ("sgd", "momentum", "rmsprop", "lars"):
+        extra.setdefault("momentum", cfg.momentum)
+        extra.setdefault("nesterov", cfg.nesterov) if cfg.name == "sgd" else None
+    else:
+        extra.setdefault("betas", tuple(cfg.betas))
+        extra.setdefault("eps", cfg.eps)
+    name = "nesterov" if cfg.name == "sgd" and cfg.nesterov else ("momentum" if cfg.name == "sgd" else cfg.name)
+    extra.pop("nesterov", None)
+    return create_optimizer_v2(param_groups(model, cfg), opt=name, lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, **extra)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int):
+    """A timm scheduler stepped after every optimizer update (``step_update(n)``)."""
+    if cfg.name not in SCHEDULES:
+        raise unknown("schedule", cfg.name, SCHEDULES)
+    if cfg.warmup_epochs >= epochs and epochs > 0 and cfg.warmup_epochs > 0:
+        raise BionetsError(f"sched.warmup_epochs={cfg.warmup_epochs} must be below train.epochs={epochs}")
+    name = {"const": "step"}.get(cfg.name, cfg.name)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=name, num_epochs=epochs,
+        decay_epochs=10**9 if cfg.name == "const" else cfg.decay_epochs,
+        decay_milestones=list(cfg.milestones), decay_rate=cfg.decay_rate,
+        warmup_epochs=int(cfg.warmup_epochs), warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+        cooldown_epochs=0, step_on_epochs=False, updates_per_epoch=max(1, steps_per_epoch))
+    return scheduler

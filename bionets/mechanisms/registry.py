@@ -1,0 +1,103 @@
+"""The registry of mechanisms: each turns its typed config section into a model change plus hooks.
+
+A mechanism module registers itself with::
+
+    @register_mechanism("arr", ArrConfig, order=50)
+    def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied: ...
+
+``apply`` must work on any timm or torchvision model it is eligible for, raise
+:class:`bionets.errors.BionetsError` (one line) where it is not, and be idempotent: applying it to
+a model it was already applied to changes nothing more. ``order`` fixes the composition order
+(structure changes first, reparameterizations after, pure hooks last).
+The config's ``mechanisms:`` section maps names to sections, e.g.
+``mechanisms: {raa: {}, arr: {weight: 10}}``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from bionets.configbase import Section
+from bionets.engine.hooks import Hook
+from bionets.errors import BionetsError, unknown
+
+
+@dataclass
+class Report:
+    """What one mechanism changed in a model: a line per change and the parameters it added."""
+
+    mechanism: str
+    changes: list[str] = field(default_factory=list)
+    params_added: int = 0
+
+    def __str__(self) -> str:
+        head = f"{self.mechanism}: {len(self.changes)} change(s), +{self.params_added:,} parameters"
+        return "\n".join([head] + [f"  {c}" for c in self.changes])
+
+
+@dataclass
+class Applied:
+    model: nn.Module
+    hooks: list[Hook]
+    report: Report
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    name: str
+    config: type[Section]
+    apply: Callable[[nn.Module, Section], Applied]
+    order: int
+
+
+MECHANISMS: dict[str, Mechanism] = {}
+
+
+def register_mechanism(name: str, config: type[Section], order: int = 50):
+    def wrap(fn: Callable[[nn.Module, Section], Applied]):
+        MECHANISMS[name] = Mechanism(name, config, fn, order)
+        return fn
+    return wrap
+
+
+def get_mechanism(name: str) -> Mechanism:
+    _load_builtin()
+    if name not in MECHANISMS:
+        raise unknown("mechanism", name, MECHANISMS)
+    return MECHANISMS[name]
+
+
+def parse_mechanisms(section: dict) -> dict[str, Section]:
+    """Validate a raw ``mechanisms:`` mapping into typed sections (errors name the bad key)."""
+    from bionets.config import validate_section  # late: config imports this module
+
+    if not isinstance(section, dict):
+        raise BionetsError(f"'mechanisms' must be a mapping of mechanism name to options, got {section!r}")
+    return {name: validate_section(get_mechanism(name).config, opts or {}, f"mechanisms.{name}")
+            for name, opts in section.items()}
+
+
+def apply_mechanisms(model: nn.Module, sections: dict[str, Section]) -> tuple[nn.Module, list[Hook], list[Report]]:
+    """Apply every configured mechanism in registry order; return the model, hooks and reports."""
+    hooks: list[Hook] = []
+    reports: list[Report] = []
+    for name in sorted(sections, key=lambda n: get_mechanism(n).order):
+        applied = get_mechanism(name).apply(model, sections[name])
+        model = applied.model
+        hooks += applied.hooks
+        reports.append(applied.report)
+    return model, hooks, reports
+
+
+def _load_builtin() -> None:
+    """Import the built-in mechanism modules so that they register themselves."""
+    import importlib
+    import pkgutil
+
+    import bionets.mechanisms as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"bionets.mechanisms.{info.name}")
