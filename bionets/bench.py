@@ -1,0 +1,133 @@
+"""Timing and peak-memory measurement shared by every benchmark (``benchmarks/``, ``bionets bench``).
+
+Times are medians over repeats after warm-up, synchronized on CUDA. Peak memory is the CUDA
+allocator's high-water mark on GPU; on CPU it is the rise of the process's peak resident set
+(Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each case), so each case's figure
+is its own.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Timing:
+    name: str
+    forward_ms: float
+    step_ms: float
+    images_per_s: float
+    peak_mb: float
+
+    def ratio(self, base: "Timing") -> float:
+        return self.step_ms / base.step_ms
+
+
+def _rss_peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _rss_now_mb()
+
+
+def _peak(device: torch.device, base: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    return _rss_peak_mb() - base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            amp: str = "off", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
+            optimizer: torch.optim.Optimizer | None = None) -> Timing:
+    """Median forward time and training-step time (forward, backward, SGD step) of ``model``."""
+    device = inputs.device
+    if channels_last and inputs.ndim == 4:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    if targets is None:
+        targets = torch.zeros(inputs.shape[0], dtype=torch.long, device=device)
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    base = _reset_peak(device)
+
+    def step():
+        with autocast():
+            loss = loss_fn(model(inputs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    step_ms = _median_ms(step, device, warmup, repeats)
+    peak = _peak(device, base)
+
+    def forward():
+        with torch.no_grad(), autocast():
+            model(inputs)
+
+    forward_ms = _median_ms(forward, device, warmup, repeats)
+    return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
+
+
+def table(rows: list[Timing], base: Timing | None = None) -> str:
+    """A Markdown table of timings, with each row's step-time ratio over ``base``."""
+    out = ["| case | forward ms | step ms | images/s | peak MB | step ratio |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r.ratio(base):.3f}x" if base else "-"
+        out.append(f"| {r.name} | {r.forward_ms:.2f} | {r.step_ms:.2f} | {r.images_per_s:.0f} | {r.peak_mb:.0f} | {ratio} |")
+    return "\n".join(out)
+
+
+def device_name(device: torch.device) -> str:
+    import platform
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
