@@ -1,0 +1,159 @@
+"""The ``bionets`` command: train, eval, models, configs, experiment, export.
+
+Every user error ends with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+from bionets.errors import BionetsError, closest
+
+USAGE_EXAMPLES = """examples:
+  bionets train                                   # the embedded default: ResNet-20 on bundled digits
+  bionets train cifar10/dit_resnet20 --data-root ~/data
+  bionets train dnrt/digits train.epochs=5 mechanisms.arr.weight=1
+  torchrun --nproc_per_node=4 -m bionets train cifar10/resnet20 --data-root ~/data
+  bionets eval runs/digits/best.pt
+  bionets models 'dit_*'
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bionets", description=__doc__.splitlines()[0],
+                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a config (default: the embedded digits run)")
+    t.add_argument("config", nargs="?", default=None, help="config path or bundled name (see 'bionets configs')")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=2")
+    t.add_argument("--data-root", help="dataset folder (sets data.root)")
+    t.add_argument("--out-dir", help="parent of the run directory (sets out_dir)")
+    t.add_argument("--resume", help="checkpoint to continue from exactly (sets resume)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
+    e.add_argument("checkpoint")
+    e.add_argument("--data-root", help="dataset folder, if it moved since training")
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+
+    m = sub.add_parser("models", help="list registered models with parameter counts")
+    m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'dit_*'")
+    m.add_argument("--all", action="store_true", help="include every timm model, not only bionets'")
+
+    sub.add_parser("configs", help="list the bundled configs")
+
+    x = sub.add_parser("experiment", help="run an analysis experiment (gaussian, fewshot, eigen, responses, ...)")
+    x.add_argument("name")
+    x.add_argument("options", nargs="*", metavar="key=value")
+    x.add_argument("--out", help="output directory (default runs/experiments/NAME)")
+
+    ex = sub.add_parser("export", help="bake reparameterized weights into a plain model state dict")
+    ex.add_argument("checkpoint")
+    ex.add_argument("output")
+    return p
+
+
+def cmd_train(args) -> int:
+    from bionets.config import load_config
+    from bionets.engine.trainer import train
+
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config:  # 'bionets train key=value' with the default config
+        overrides.insert(0, config)
+        config = None
+    for flag, key in ((args.data_root, "data.root"), (args.out_dir, "out_dir"), (args.resume, "resume")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    cfg = load_config(config, overrides)
+    train(cfg, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from bionets.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, ema=args.ema)
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    import fnmatch
+
+    from bionets.engine.model import bionets_models, count_parameters
+
+    import timm
+
+    names = timm.list_models() if args.all else bionets_models()
+    if args.pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, args.pattern)]
+        if not names:
+            raise BionetsError(f"no model matches '{args.pattern}'{closest(args.pattern, bionets_models())}")
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {count_parameters(name):>13,}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from bionets.config import list_configs
+
+    print("\n".join(list_configs()))
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    import yaml
+
+    from bionets.experiments import get_experiment
+
+    fn = get_experiment(args.name)
+    params = inspect.signature(fn).parameters
+    valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
+    options = {}
+    for item in args.options:
+        if "=" not in item:
+            raise BionetsError(f"experiment option '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        if key not in valid:
+            raise BionetsError(f"experiment '{args.name}' has no option '{key}'{closest(key, valid)} "
+                               f"(options: {', '.join(valid)})")
+        options[key] = yaml.safe_load(raw)
+    out = Path(args.out or Path("runs") / "experiments" / args.name)
+    out.mkdir(parents=True, exist_ok=True)
+    print(fn(out, **options))
+    print(f"outputs in {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from bionets.engine.evaluate import export_plain
+
+    report = export_plain(args.checkpoint, args.output)
+    print(report)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "configs": cmd_configs,
+            "experiment": cmd_experiment, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BionetsError as err:
+        print(f"bionets: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bionets: interrupted; the last complete checkpoint (last.pt) is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""Run configs: YAML files under ``configs/`` loaded into typed, validated sections.
+
+A config file may name a ``base:`` config (by name or relative path) whose values it overrides, so
+that a table row is a few lines on top of its recipe. ``key=value`` overrides from the command line
+use dotted keys (``train.epochs=2``) and YAML typing. Every error (unknown key, wrong type,
+missing value) is raised before any work as one :class:`BionetsError` line naming the key and the
+closest valid one.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from bionets.configbase import Section
+from bionets.data.config import DataConfig
+from bionets.engine.optim import OptimConfig, SchedConfig
+from bionets.errors import BionetsError, closest
+
+DEFAULT_CONFIG = "digits"
+
+
+class ModelConfig(Section):
+    name: str = "resnet20_cifar"            # any timm model name (bionets registers its own)
+    kwargs: dict[str, Any] = {}              # passed to timm.create_model
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    loss: Literal["ce", "mse_onehot"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: Literal["off", "bf16", "fp16"] = "off"          # autocast dtype on CUDA; ignored on CPU
+    channels_last: bool | Literal["auto"] = "auto"       # auto: on for conv nets on CUDA and CPU
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: float | None = Field(None, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    seed: int = 0
+    device: str = "auto"                                 # auto | cpu | cuda | cuda:N
+    compile: bool = False                                # torch.compile the model
+    progress: bool = True                                # progress bar (rank 0)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    out_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    train: TrainConfig = TrainConfig()
+    mechanisms: dict[str, Any] = {}
+    resume: str | None = None
+
+    @field_validator("mechanisms", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _typed_mechanisms(self):
+        from bionets.mechanisms import parse_mechanisms
+
+        raw = {k: (v.model_dump() if isinstance(v, Section) else v) for k, v in self.mechanisms.items()}
+        object.__setattr__(self, "mechanisms", parse_mechanisms(raw))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json", exclude={"mechanisms"})
+        d["mechanisms"] = {k: v.model_dump(mode="json") for k, v in self.mechanisms.items()}
+        return d
+
+
+def _fields_at(cls: type[Section], loc: tuple) -> list[str]:
+    """The valid keys of the section that ``loc`` (a pydantic error location) points into."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, Section)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def _one_line(err: ValidationError, cls: type[Section], prefix: str) -> BionetsError:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+    if e["type"] == "extra_forbidden":
+        return BionetsError(f"unknown config key '{key}'{closest(str(loc[-1]), _fields_at(cls, loc))}")
+    if e["type"] == "missing":
+        return BionetsError(f"config key '{key}' is required")
+    msg = e["msg"].replace("Value error, ", "")
+    return BionetsError(f"config key '{key}': {msg} (got {e.get('input')!r})")
+
+
+def validate_section(cls: type[Section], data: dict, prefix: str = "") -> Section:
+    """Build a typed section from raw data; a bad key or value becomes one BionetsError line."""
+    if not isinstance(data, dict):
+        raise BionetsError(f"config section '{prefix}' must be a mapping, got {data!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise _one_line(err, cls, prefix) from None
+
+
+def config_root():
+    """The folder of bundled configs (``bionets/configs``, linked as ``configs/`` at the repo root)."""
+    return resources.files("bionets") / "configs"
+
+
+def list_configs() -> list[str]:
+    root = Path(str(config_root()))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config(name: str, relative_to: Path | None = None) -> Path:
+    """A config path from a file path or a bundled config name (``dnrt/digits``)."""
+    candidates = [Path(name), Path(name + ".yaml")]
+    if relative_to is not None:
+        candidates += [relative_to / name, relative_to / (name + ".yaml")]
+    root = Path(str(config_root()))
+    candidates += [root / name, root / (name + ".yaml")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise BionetsError(f"no config file or bundled config named '{name}'{closest(name, list_configs())}"
+                       " (see 'bionets configs')")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise BionetsError(f"config '{path}' inherits from itself through 'base:'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BionetsError(f"config '{path}' is not valid YAML{where}: fix the file") from None
+    if not isinstance(data, dict):
+        raise BionetsError(f"config '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return merge(_read_yaml(resolve_config(base, path.parent), seen + (path.resolve(),)), data)
+
+
+def merge(base: dict, top: dict) -> dict:
+    """Deep-merge ``top`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a raw config mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise BionetsError(f"override '{item}' must look like key=value (e.g. train.epochs=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config by path or bundled name (None: the embedded default) with overrides."""
+    path = resolve_config(name or DEFAULT_CONFIG)
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    data.setdefault("name", path.stem)
+    return validate_section(RunConfig, data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return validate_section(RunConfig, data)

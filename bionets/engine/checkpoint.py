@@ -1,0 +1,84 @@
+"""Checkpoints: written atomically (temp file, then rename), read with one-line errors.
+
+A checkpoint is a dict with ``format``, the resolved ``config``, ``model`` and the optimizer,
+scheduler, grad-scaler, EMA and RNG states, ``epoch`` (completed), ``step`` and ``history``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bionets.errors import BionetsError
+
+FORMAT = "bionets-checkpoint/1"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint on the CPU; a missing, truncated or foreign file is one BionetsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise BionetsError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by 'bionets train'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise BionetsError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}): "
+                           "use another checkpoint (e.g. best.pt or last.pt of the run)") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise BionetsError(f"'{path}' is not a bionets checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def load_model_state(model: nn.Module, state: dict, source: str | Path) -> None:
+    """Load weights, turning a key or shape mismatch into one line that names both models."""
+    saved = state.get("config", {}).get("model", {}).get("name", "?")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise BionetsError(f"checkpoint '{source}' holds a different model (saved from '{saved}'; {first[:160]}): "
+                           "use the config it was trained with") from None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,279 @@
+"""The training loop: short enough to read whole, its hot path free of logging and bookkeeping.
+
+``train(cfg)`` runs alone or under ``torchrun`` (DistributedDataParallel, rank-0 logging and
+checkpoints, metrics reduced over ranks). Mechanisms reach it only through :mod:`hooks`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import yaml
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from bionets.config import RunConfig
+from bionets.data import build_data
+from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,
+                                       seed_everything, set_rng_state)
+from bionets.engine.distributed import Dist, all_reduce_sum, init_distributed
+from bionets.engine.hooks import Hook, Progress
+from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
+from bionets.engine.model import build_model, use_channels_last
+from bionets.engine.optim import create_optimizer, create_scheduler
+from bionets.errors import BionetsError
+
+
+def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (hard or soft targets) or MSE against one-hot targets (spiking firing rates)."""
+    if kind == "mse_onehot":
+        if targets.ndim == 1:
+            targets = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits, targets)
+    if targets.ndim == 2:  # soft targets from mixup/cutmix (label smoothing already folded in)
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def autocast_for(amp: str, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None or device.type != "cuda":
+        return nullcontext
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class RunState:
+    epoch: int = 0          # epochs completed
+    step: int = 0           # optimizer steps completed (per process)
+    best_top1: float = -1.0
+    history: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce", amp: str = "off",
+             channels_last: bool = False) -> dict:
+    """Test loss, top-1 and top-5 (percent), reduced over DDP ranks."""
+    model.eval()
+    autocast = autocast_for(amp, device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        top1, top5 = topk_correct(logits, targets)
+        sums += torch.stack([task_loss(loss, logits, targets) * len(targets), top1, top5,
+                             torch.tensor(len(targets), device=device)]).double()
+    all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    return {"test_loss": sums[0].item() / n, "test_top1": 100 * sums[1].item() / n, "test_top5": 100 * sums[2].item() / n}
+
+
+def train(cfg: RunConfig, *, quiet: bool = False) -> dict:
+    """Train ``cfg`` to the end (or resume it); return the summary also written to summary.json."""
+    return Trainer(cfg, init_distributed(cfg.train.device), quiet=quiet).fit()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dist: Dist, quiet: bool = False):
+        self.cfg, self.dist, self.device = cfg, dist, dist.device
+        self.quiet = quiet or not dist.is_main
+        self.run_dir = cfg.run_dir
+        t = cfg.train
+        resume = load_checkpoint(cfg.resume) if cfg.resume else None
+        seed_everything(t.seed)
+        self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,
+                               label_smoothing=t.label_smoothing)
+        self.model, self.hooks, self.reports = build_model(cfg, self.data.num_classes, self.data.in_chans, self.device)
+        self.channels_last = use_channels_last(t.channels_last, self.model, self.device)
+        self.optimizer = create_optimizer(self.model, cfg.optim)
+        micro = len(self.data.train)
+        if micro < t.grad_accum:
+            raise BionetsError(f"the training split gives {micro} batch(es) per process, fewer than "
+                               f"train.grad_accum={t.grad_accum}: lower data.batch_size or grad_accum")
+        self.steps_per_epoch = micro // t.grad_accum
+        self.scheduler = create_scheduler(self.optimizer, cfg.sched, t.epochs, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and self.device.type == "cuda")
+        self.ema = ModelEmaV3(self.model, decay=t.ema_decay) if t.ema_decay else None
+        self.autocast = autocast_for(t.amp, self.device)
+        self.state = RunState()
+        if resume is not None:
+            self._restore(resume)
+        self.net = self.model
+        if t.compile:
+            self.net = torch.compile(self.net)
+        if dist.enabled:
+            self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(self) -> dict:
+        return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "epoch": self.state.epoch, "step": self.state.step, "best_top1": self.state.best_top1,
+                "history": self.state.history, "rng": rng_state()}
+
+    def _restore(self, ckpt: dict) -> None:
+        load_model_state(self.model, ckpt, self.cfg.resume)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.state = RunState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], list(ckpt["history"]))
+        set_rng_state(ckpt["rng"])
+
+    # -- the loop -------------------------------------------------------------------------------
+    def progress(self) -> Progress:
+        t = self.cfg.train
+        return Progress(self.state.step, self.steps_per_epoch * t.epochs, self.state.epoch, t.epochs)
+
+    def fit(self) -> dict:
+        cfg, main = self.cfg, self.dist.is_main
+        writer = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            writer = MetricsWriter(self.run_dir)
+            if not self.quiet:
+                self._announce()
+        for hook in self.hooks:
+            hook.on_step(self.progress())
+        try:
+            while self.state.epoch < cfg.train.epochs:
+                record = self.train_epoch()
+                record.update(self.eval_epoch())
+                for hook in self.hooks:
+                    record.update(hook.epoch_metrics(self.model))
+                self.state.epoch += 1
+                self.state.history.append(record)
+                improved = record["test_top1"] > self.state.best_top1
+                self.state.best_top1 = max(self.state.best_top1, record["test_top1"])
+                if main:
+                    writer.write(record)
+                    ckpt = self._checkpoint()
+                    save_checkpoint(self.run_dir / "last.pt", ckpt)
+                    if improved:
+                        save_checkpoint(self.run_dir / "best.pt", ckpt)
+                    if not self.quiet:
+                        tqdm.write(console_line(record))
+        finally:
+            if writer is not None:
+                writer.close()
+        summary = self._summary()
+        if main:
+            for hook in self.hooks:
+                hook.on_train_end(self.run_dir, self.state.history)
+            _write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            if not self.quiet:
+                print(f"done: final test top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}% "
+                      f"in {summary['train_time_s']:.1f}s; run directory {self.run_dir}")
+        return summary
+
+    def train_epoch(self) -> dict:
+        t, model, device = self.cfg.train, self.net, self.device
+        loader, accum = self.data.train, t.grad_accum
+        loader.set_epoch(self.state.epoch)
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, top1, n
+        n_micro = self.steps_per_epoch * accum
+        bar = tqdm(total=n_micro, desc=f"epoch {self.state.epoch + 1}/{t.epochs}", leave=False,
+                   disable=self.quiet or not t.progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        for i, (images, targets) in enumerate(loader):
+            if i >= n_micro:
+                break
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if self.channels_last and images.ndim == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            soft = None
+            if self.data.mixup is not None:
+                images, soft = self.data.mixup(images, targets)
+            boundary = (i + 1) % accum == 0
+            sync = nullcontext() if boundary or not self.dist.enabled else model.no_sync()
+            with sync:
+                with self.autocast():
+                    logits = model(images)
+                    loss = task_loss(t.loss, logits.float(), soft if soft is not None else targets, t.label_smoothing)
+                    for hook in self.hooks:
+                        extra = hook.aux_loss(self.model, images, logits, targets)
+                        if extra is not None:
+                            loss = loss + extra
+                self.scaler.scale(loss / accum).backward()
+            if boundary:
+                self._optimizer_step()
+            sums += torch.stack([loss.detach() * len(targets), topk_correct(logits.detach(), targets, (1,))[0],
+                                 torch.tensor(len(targets), device=device)]).double()
+            bar.update()
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        all_reduce_sum(sums)
+        n = max(sums[2].item(), 1.0)
+        return {"epoch": self.state.epoch + 1, "train_loss": sums[0].item() / n, "train_top1": 100 * sums[1].item() / n,
+                "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0),
+                "images_per_s": n / elapsed, "epoch_time": elapsed}
+
+    def _optimizer_step(self) -> None:
+        t = self.cfg.train
+        if t.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.scheduler.step_update(self.state.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.step)
+        progress = self.progress()
+        for hook in self.hooks:
+            hook.on_step(progress)
+
+    def eval_epoch(self) -> dict:
+        t = self.cfg.train
+        out = evaluate(self.net, self.data.test, self.device, loss=t.loss, amp=t.amp, channels_last=self.channels_last)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.data.test, self.device, loss=t.loss, amp=t.amp,
+                           channels_last=self.channels_last)
+            out.update({f"ema_{k}": v for k, v in ema.items()})
+        return out
+
+    def _announce(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        d = self.dist
+        print(f"bionets: model {self.cfg.model.name} ({n_params:,} parameters), data {self.cfg.data.name} "
+              f"({self.data.num_classes} classes), {self.cfg.train.epochs} epochs x {self.steps_per_epoch} steps, "
+              f"device {self.device}" + (f" x {d.world_size} processes" if d.enabled else "")
+              + f", run directory {self.run_dir}")
+        for report in self.reports:
+            print(report)
+        if self.cfg.resume:
+            print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch}")
+
+    def _summary(self) -> dict:
+        h = self.state.history
+        last = h[-1] if h else {}
+        summary = {"run_dir": str(self.run_dir), "epochs": self.state.epoch,
+                   "final_top1": last.get("test_top1", float("nan")), "best_top1": self.state.best_top1,
+                   "final_top5": last.get("test_top5", float("nan")),
+                   "train_time_s": sum(r.get("epoch_time", 0.0) for r in h)}
+        summary.update({k: v for k, v in last.items() if k.startswith("ema_") or k in ("sparsity",)})
+        return summary
+
+
+def _write_text(path, text: str) -> None:
+    """Atomic small-file write (temp file + rename) so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
