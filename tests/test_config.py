@@ -1,0 +1,53 @@
+"""Config loading: typing, one-line errors naming the closest key, overrides, base inheritance."""
+import pytest
+
+from bionets.config import apply_overrides, load_config, merge
+from bionets.errors import BionetsError
+
+
+def test_default_config_loads_and_overrides_apply():
+    cfg = load_config(None, ["train.epochs=3", "optim.lr=0.05", "data.batch_size=32"])
+    assert cfg.name == "digits" and cfg.data.name == "digits"
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.data.batch_size) == (3, 0.05, 32)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean: epochs?)"),
+    ("trian.epochs=2", "unknown config key 'trian' (did you mean: train"),
+    ("optim.lr=-1", "config key 'optim.lr'"),
+    ("train.amp=fp32", "config key 'train.amp'"),
+    ("data.batch_size=many", "config key 'data.batch_size'"),
+    ("mechanisms.nosuch.x=1", "unknown mechanism 'nosuch'"),
+    ("epochs", "must look like key=value"),
+])
+def test_bad_config_is_one_line(override, expected):
+    with pytest.raises(BionetsError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_config_name_suggests_nearest():
+    with pytest.raises(BionetsError, match="did you mean: digits"):
+        load_config("digit")
+
+
+def test_base_inheritance_and_deep_merge(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: b\ntrain: {epochs: 7, seed: 3}\noptim: {lr: 0.2}\n")
+    (tmp_path / "child.yaml").write_text("base: base\ntrain: {epochs: 2}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.train.epochs, cfg.train.seed, cfg.optim.lr, cfg.name) == (2, 3, 0.2, "b")
+    (tmp_path / "loop.yaml").write_text("base: loop\n")
+    with pytest.raises(BionetsError, match="inherits from itself"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: {epochs: [1,\n")
+    with pytest.raises(BionetsError, match="not valid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_merge_and_overrides_do_not_mutate():
+    base = {"a": {"b": 1, "c": 2}}
+    assert merge(base, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}} and base["a"]["b"] == 1
+    assert apply_overrides(base, ["a.d.e=[1, 2]"])["a"]["d"]["e"] == [1, 2] and "d" not in base["a"]
