@@ -45,13 +45,15 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+FORMATS = {"train_loss": "{:.4f}", "train_top1": "{:.2f}", "test_loss": "{:.4f}", "test_top1": "{:.2f}",
+           "test_top5": "{:.2f}", "lr": "{:.3g}", "images_per_s": "{:.0f}", "epoch_time": "{:.1f}s"}
+
+
 def console_line(record: dict) -> str:
-    keys = ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_s", "epoch_time")
+    """One readable line per epoch: the standard metrics, then any mechanism's totals."""
     parts = [f"epoch {record['epoch']:>3}"]
-    for k in keys:
-        if k in record:
-            v = record[k]
-            parts.append(f"{k} {v:.3g}" if k in ("lr",) else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    extra = [k for k in record if k not in keys and k != "epoch" and "/" not in k]
-    parts += [f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in extra]
+    parts += [f"{k} {FORMATS[k].format(record[k])}" for k in FORMATS if k in record]
+    for k, v in record.items():
+        if k not in FORMATS and k != "epoch" and "/" not in k:
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     return "  ".join(parts)

@@ -17,7 +17,7 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
     if not timm.is_model(name):
         raise unknown("model", name, timm.list_models())
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(name, pretrained=False, **{"num_classes": num_classes, "in_chans": in_chans, **kwargs})
     except TypeError as err:
         raise BionetsError(f"model '{name}' rejected its options {sorted(kwargs)}: {err}") from None
 

@@ -1,0 +1,70 @@
+"""The bionets command: exit codes, one-line errors, listings."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bionets.cli import main
+from bionets.engine.checkpoint import load_checkpoint
+from engine_helpers import FAST
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "bionets", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "model.name=resnet21_cifar"], "unknown model 'resnet21_cifar' (did you mean:"),
+    (["train", "data.name=cifar10"], "data.root"),
+    (["train", "train.epoch=1"], "unknown config key 'train.epoch' (did you mean: epochs?)"),
+    (["train", "data.name=cifar11"], "unknown dataset 'cifar11'"),
+    (["eval", "/nonexistent/best.pt"], "does not exist"),
+    (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    out = cli(*args, f"out_dir={tmp_path}") if args[0] == "train" else cli(*args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr
+
+
+def test_corrupt_checkpoint_exits_2(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    out = cli("eval", str(bad))
+    assert out.returncode == 2 and "corrupt or truncated" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_then_eval_and_export(tmp_path, capsys):
+    assert main(["train", *FAST, "train.epochs=1", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    assert main(["eval", str(tmp_path / "r" / "best.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "test_top1:" in out and "model: test_mlp" in out
+    assert main(["export", str(tmp_path / "r" / "best.pt"), str(tmp_path / "plain.pt")]) == 0
+    assert "plain_model" in load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_models_and_configs_listings(capsys):
+    assert main(["models", "test_*"]) == 0
+    out = capsys.readouterr().out
+    assert "test_mlp" in out and "4,810" in out        # 64*64+64 + 64*10+10
+    assert main(["configs"]) == 0
+    assert "digits" in capsys.readouterr().out.split()
+    assert main(["models", "zzz*"]) == 2
+
+
+def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bionets", "train", *FAST, "train.epochs=200",
+                             f"out_dir={tmp_path}", "name=r"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "r" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert load_checkpoint(last)["epoch"] >= 1
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]

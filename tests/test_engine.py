@@ -1,0 +1,137 @@
+"""The training engine: exact resume, atomic checkpoints, hooks, accumulation, metrics."""
+import json
+
+import pytest
+import torch
+
+from bionets.configbase import Section
+from bionets.engine.checkpoint import load_checkpoint, save_checkpoint
+from bionets.engine.hooks import Hook
+from bionets.engine.optim import OptimConfig, param_groups
+from bionets.engine.trainer import train
+from bionets.errors import BionetsError
+from bionets.mechanisms import Applied, Report, register_mechanism
+from engine_helpers import fast_config
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_training_learns_and_writes_run_directory(tmp_path):
+    summary = train(fast_config(tmp_path, "train.epochs=3"), quiet=True)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for key in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_s", "epoch_time"):
+        assert key in records[0]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert summary["final_top1"] > 85 and summary["best_top1"] >= summary["final_top1"]
+    assert {"config.yaml", "last.pt", "best.pt", "summary.json", "tb"} <= {p.name for p in run.iterdir()}
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert any((run / "tb").iterdir())
+
+
+def test_resume_is_exact(tmp_path):
+    """2 epochs straight == 1 epoch, then resume, then 1 more (augmentation, EMA and cosine included)."""
+    extra = ["train.epochs=2", "train.ema_decay=0.9", "data.augment=true"]
+    train(fast_config(tmp_path, *extra, name="straight"), quiet=True)
+    train(fast_config(tmp_path, "train.epochs=1", "train.ema_decay=0.9", "data.augment=true", name="split"), quiet=True)
+    train(fast_config(tmp_path, *extra, f"resume={tmp_path / 'split' / 'last.pt'}", name="split"), quiet=True)
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    common = ["train.epochs=1", "data.augment=false"]
+    train(fast_config(tmp_path, *common, "data.batch_size=64", name="big"), quiet=True)
+    train(fast_config(tmp_path, *common, "data.batch_size=32", "train.grad_accum=2", name="accum"), quiet=True)
+    a, b = weights(tmp_path / "big" / "last.pt"), weights(tmp_path / "accum" / "last.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+class CountingConfig(Section):
+    weight: float = 0.0
+
+
+class CountingHook(Hook):
+    def __init__(self, weight):
+        self.weight, self.steps, self.aux_calls, self.ended = weight, [], 0, False
+
+    def aux_loss(self, model, images, logits, targets):
+        self.aux_calls += 1
+        return self.weight * logits.pow(2).mean()
+
+    def on_step(self, progress):
+        self.steps.append((progress.step, progress.total_steps))
+
+    def epoch_metrics(self, model):
+        return {"hook_steps": float(len(self.steps))}
+
+    def on_train_end(self, run_dir, history):
+        self.ended = len(history)
+
+
+HOOKS = []
+
+
+@register_mechanism("test_counting", CountingConfig, order=99)
+def _apply_counting(model, cfg):
+    hook = CountingHook(cfg.weight)
+    HOOKS.append(hook)
+    return Applied(model, [hook], Report("test_counting", ["counted"], 0))
+
+
+def test_hooks_are_called_in_order(tmp_path):
+    HOOKS.clear()
+    train(fast_config(tmp_path, "train.epochs=2", "mechanisms={test_counting: {weight: 0.5}}"), quiet=True)
+    hook = HOOKS[0]
+    steps_per_epoch = 1437 // 64
+    assert hook.steps[0] == (0, 2 * steps_per_epoch)              # called once before the first step
+    assert [s for s, _ in hook.steps] == list(range(2 * steps_per_epoch + 1))
+    assert hook.aux_calls == 2 * steps_per_epoch and hook.ended == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["hook_steps"] == steps_per_epoch + 1
+
+
+def test_lr_multipliers_select_parameters_by_pattern():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    groups = param_groups(model, OptimConfig(lr=0.1, lr_mult={"1.*": 10.0}))
+    by_lr = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by_lr == {(0.1, 5e-4): 1, (0.1, 0.0): 1, (1.0, 5e-4): 1, (1.0, 0.0): 1}
+
+
+def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"x": torch.ones(3)})
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"x": Boom()})
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))          # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]              # no temp file left
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    for bad, msg in ((truncated, "corrupt or truncated"), (tmp_path / "none.pt", "does not exist")):
+        with pytest.raises(BionetsError, match=msg):
+            load_checkpoint(bad)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(BionetsError, match="not a bionets checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_resume_from_another_model_is_one_line(tmp_path):
+    train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
+    cfg = fast_config(tmp_path, "train.epochs=2", "model.kwargs={in_chans: 1, img_size: 8, hidden: 32}",
+                      f"resume={tmp_path / 'a' / 'last.pt'}", name="b")
+    with pytest.raises(BionetsError, match="holds a different model"):
+        train(cfg, quiet=True)
