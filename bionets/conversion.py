@@ -1,0 +1,83 @@
+"""``bionets.convert``: retrofit the three mechanisms onto any timm or torchvision model in one call.
+
+    model, report = bionets.convert(timm.create_model("resnet50"),
+                                    quadratic=["layer1.0.conv2"],   # Dit channel-wise quadratic term
+                                    activation="raa",               # DNRT's RAA instead of ReLU/GELU/SiLU
+                                    sparsity="stds")                # STDS soft-threshold reparameterization
+    print(report)
+
+Each argument takes ``None``/``False`` (leave it), ``True`` or a short string (the mechanism's
+defaults), or a dict of the mechanism's config options (the same keys as the ``mechanisms:``
+section of a run config, so ``bionets train`` applies the same changes to any timm model by name).
+``quadratic`` also takes a list of placement patterns. Converting an already converted model
+changes nothing more. The training-time parts (ARR's loss, STDS's threshold schedule) come back
+as hooks in ``report.hooks`` for a training loop of your own; ``bionets train`` wires them itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from bionets.config import validate_section
+from bionets.engine.hooks import Hook
+from bionets.errors import BionetsError
+from bionets.mechanisms import Report, apply_mechanisms, get_mechanism
+
+SHORTHANDS = {
+    "activation": {"raa": ("raa", {}), "raa_relu": ("raa", {"variant": "relu"})},
+    "sparsity": {"stds": ("stds", {}), "st": ("stds", {"sparse_function": "st"}),
+                 "identity": ("stds", {"sparse_function": "identity"})},
+}
+MECHANISM_OF = {"quadratic": "quadratic", "activation": "raa", "sparsity": "stds", "regularization": "arr"}
+
+
+@dataclass
+class ConversionReport:
+    """What convert changed: one :class:`Report` per mechanism, and the hooks for training."""
+
+    reports: list[Report] = field(default_factory=list)
+    hooks: list[Hook] = field(default_factory=list)
+
+    @property
+    def params_added(self) -> int:
+        return sum(r.params_added for r in self.reports)
+
+    @property
+    def changes(self) -> int:
+        return sum(len(r.changes) for r in self.reports)
+
+    def __str__(self) -> str:
+        body = "\n".join(str(r) for r in self.reports) or "nothing to convert"
+        return f"{body}\ntotal: {self.changes} change(s), +{self.params_added:,} parameters"
+
+
+def _section(arg: str, value) -> tuple[str, dict] | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return MECHANISM_OF[arg], {}
+    if isinstance(value, str):
+        table = SHORTHANDS.get(arg, {})
+        if value not in table:
+            raise BionetsError(f"convert({arg}={value!r}): unknown choice; use one of {sorted(table)} or a dict of options")
+        return table[value]
+    if isinstance(value, (list, tuple)) and arg == "quadratic":
+        return "quadratic", {"placement": list(value)}
+    if isinstance(value, dict):
+        return MECHANISM_OF[arg], dict(value)
+    raise BionetsError(f"convert({arg}=...) takes None, True, a name or a dict of options, got {type(value).__name__}")
+
+
+def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
+            regularization=None) -> tuple[nn.Module, ConversionReport]:
+    """Apply the chosen mechanisms to ``model`` (in place where possible); return it and a report."""
+    sections = {}
+    for arg, value in (("quadratic", quadratic), ("activation", activation), ("sparsity", sparsity),
+                       ("regularization", regularization)):
+        picked = _section(arg, value)
+        if picked is not None:
+            name, opts = picked
+            sections[name] = validate_section(get_mechanism(name).config, opts, f"{arg}")
+    model, hooks, reports = apply_mechanisms(model, sections)
+    return model, ConversionReport(reports, hooks)
