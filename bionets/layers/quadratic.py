@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, unknown
 
 
 class QuadraticNeuron(nn.Module):
@@ -91,3 +91,198 @@ class QuadraticNeuron(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class QuadraticTerm(nn.Module):
+    """Base of the quadratic terms added to a convolutional block (channel-wise and pixel-wise).
+
+    ``enabled = False`` switches the term off (its output becomes zero): the paper's per-block
+    inference ablation that removes ``x^T A x`` from a trained network (see :func:`set_quadratic`).
+    """
+
+    enabled: bool
+
+    @property
+    def extra_params(self) -> int:
+        """Parameters this term adds to its block."""
+        return sum(p.numel() for p in self.parameters())
+
+
+ABLATIONS = ("none", "cov")
+IMPLS = ("sym", "full")
+
+
+class QuadraticChannel(QuadraticTerm):
+    """The channel-wise quadratic term of Dit-CNN: a quadratic form over the channels at each pixel.
+
+    For a map x of C_in channels, at every pixel p and output channel o::
+
+        q_o(p) = sum_{i,j} Q[o, i, j] x_i(p) x_j(p)                      (Dit-CNN, Liu et al. 2024)
+
+    ``weight`` is the full Q, shape (C_out, C_in, C_in) (the reference stores the same numbers as
+    C_out x C_in^2: ``weight.view(C_out, -1)``), initialized to zero so that a Dit network starts as
+    its plain twin. No bias, no spatial kernel (the reference's kernel/stride/padding are ignored).
+
+    Only Q's symmetric part matters, so ``impl='sym'`` (default) computes with the folded upper
+    triangle ``S_ij = Q_ij + Q_ji (i < j), S_ii = Q_ii`` and the C(C+1)/2 distinct products
+    ``x_i x_j (i <= j)``: half the multiply-adds of ``impl='full'``, which forms all C^2 products
+    (the reference's batched outer product, kept as the slow reference). Both give Q the same
+    gradient, ``dL/dQ_oij = sum_p g_o(p) x_i(p) x_j(p)`` (symmetric in i, j).
+
+    Args:
+        in_channels: C_in.
+        out_channels: C_out (default C_in).
+        impl: 'sym' or 'full'.
+        legacy_transpose: reproduce the reference CIFAR layer's layout bug: the term added at
+            (h, w) is the one computed at (w, h) (square maps only).
+        ablation: 'none', or 'cov' to remove the covariance term tr(Q Sigma). With mu the spatial
+            mean of x over the map (per sample and channel) and d(p) = x(p) - mu, the exact identity
+            ``x^T Q x = mu^T Q mu + 2 mu^T Q_sym d + d^T Q d`` holds at every pixel, and the spatial
+            mean of the last term is tr(Q Sigma) (Sigma the spatial covariance of x). 'cov' drops
+            ``d^T Q d``: ``q_o(p) = mu^T Q_o mu + d(p)^T (Q_o + Q_o^T) mu``, whose spatial mean is
+            ``E[x^T Q x] - tr(Q Sigma)``; the term keeps the mean's quadratic part and becomes
+            linear in the pixel's deviation from it.
+
+    Input [N, C_in, H, W], output [N, C_out, H, W]. The products are computed channels-last
+    ([N*H*W, C] rows; free when x is in channels_last memory format).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, impl: str = "sym",
+                 legacy_transpose: bool = False, ablation: str = "none"):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        if in_channels < 1 or out_channels < 1:
+            raise BionetsError(f"QuadraticChannel needs at least one channel, got in={in_channels} out={out_channels}")
+        if impl not in IMPLS:
+            raise unknown("quadratic impl", impl, IMPLS)
+        if ablation not in ABLATIONS:
+            raise unknown("quadratic ablation", ablation, ABLATIONS)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.impl, self.legacy_transpose, self.ablation = impl, legacy_transpose, ablation
+        self.enabled = True
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, in_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise BionetsError(f"QuadraticChannel expects {self.in_channels} input channels, got {c} (input {list(x.shape)})")
+        if not self.enabled:
+            return x.new_zeros(n, self.out_channels, h, w)
+        if self.ablation == "cov":
+            out = _without_covariance(x, self.weight)
+        else:
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+            out = channel_quadratic(rows, self.weight, self.impl).view(n, h, w, -1).permute(0, 3, 1, 2)
+        if self.legacy_transpose:
+            if h != w:
+                raise BionetsError(f"legacy_transpose needs square maps (the reference's layout bug), got {h}x{w}")
+            out = out.transpose(2, 3)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, impl={self.impl}, "
+                f"legacy_transpose={self.legacy_transpose}, ablation={self.ablation}")
+
+
+def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``mu^T Q_o mu + (x(p) - mu)^T (Q_o + Q_o^T) mu``: x^T Q x without d^T Q d (ablation 'cov')."""
+    mu = x.mean(dim=(2, 3))                                           # [N, C]
+    const = torch.einsum("ni,oij,nj->no", mu, q, mu)                  # mu^T Q_o mu
+    lin = torch.einsum("oij,nj->noi", q + q.transpose(1, 2), mu)      # (Q_o + Q_o^T) mu
+    return const[:, :, None, None] + torch.einsum("noi,nihw->nohw", lin, x - mu[:, :, None, None])
+
+
+def fold_symmetric(q: torch.Tensor) -> torch.Tensor:
+    """Q [C_out, C, C] -> S [C(C+1)/2, C_out], rows in ``torch.triu_indices`` order (row-major i <= j):
+    ``S_ij = Q_ij + Q_ji`` for i < j, ``S_ii = Q_ii``."""
+    c = q.shape[-1]
+    iu, ju = torch.triu_indices(c, c, device=q.device)
+    off_diagonal = (iu != ju).to(q.dtype)
+    return (q[:, iu, ju] + q[:, ju, iu] * off_diagonal).t()
+
+
+def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym") -> torch.Tensor:
+    """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out]."""
+    m, c = rows.shape
+    if impl == "full":
+        # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
+        return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
+    dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
+    rows, s = rows.to(dtype), fold_symmetric(q).to(dtype)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # one gather + one matmul: a small graph whose batch size stays dynamic
+        iu, ju = torch.triu_indices(c, c, device=rows.device)
+        return (rows[:, iu] * rows[:, ju]) @ s
+    if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
+        return _SymmetricQuadratic.apply(rows, s)
+    return _sym_forward(rows, s)
+
+
+def _chunk_rows(rows: torch.Tensor) -> int:
+    """Rows per chunk: small on CPU (the products stay in cache), ~128M products on GPU."""
+    c = rows.shape[1]
+    return 4096 if rows.device.type == "cpu" else max(1, 2**27 // (c * (c + 1) // 2))
+
+
+def _row_offsets(c: int) -> list[int]:
+    """Start of triangle row i (the pairs (i, j >= i)) among the C(C+1)/2 products."""
+    return [i * c - i * (i - 1) // 2 for i in range(c + 1)]
+
+
+def _sym_forward(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``sum_{i<=j} S_ij x_i x_j`` in row chunks. CPU: one small matmul per triangle row i with the
+    products ``x_i * x[i:]``; GPU: all C(C+1)/2 products of a chunk gathered, one matmul."""
+    m, c = rows.shape
+    out = rows.new_empty(m, s.shape[1])
+    step, offs = _chunk_rows(rows), _row_offsets(c)
+    for r0 in range(0, m, step):
+        x, o = rows[r0:r0 + step], out[r0:r0 + step]
+        if rows.is_cuda:
+            iu, ju = torch.triu_indices(c, c, device=rows.device)
+            torch.mm(x[:, iu] * x[:, ju], s, out=o)
+            continue
+        torch.mm(x[:, :1] * x, s[:c], out=o)
+        for i in range(1, c):
+            o.addmm_(x[:, i:i + 1] * x[:, i:], s[offs[i]:offs[i + 1]])
+    return out
+
+
+class _SymmetricQuadratic(torch.autograd.Function):
+    """:func:`_sym_forward` with a backward that recomputes the products chunk by chunk instead of
+    saving them (they are C(C+1)/2 numbers per pixel; only x and S are kept)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, s)
+        return _sym_forward(rows, s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, s = ctx.saved_tensors
+        m, c = rows.shape
+        grad = grad.to(rows.dtype)
+        want_x, want_s = ctx.needs_input_grad
+        grad_x = torch.zeros_like(rows) if want_x else None
+        grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
+        step, offs = _chunk_rows(rows), _row_offsets(c)
+        iu, ju = torch.triu_indices(c, c, device=rows.device)
+        for r0 in range(0, m, step):
+            x, g = rows[r0:r0 + step], grad[r0:r0 + step]
+            if rows.is_cuda:
+                if want_s:
+                    grad_s += ((x[:, iu] * x[:, ju]).t() @ g).to(grad_s.dtype)   # dL/dS_ij = sum g x_i x_j
+                if want_x:                                             # d(x_i x_j) = x_j dx_i + x_i dx_j
+                    gp = g @ s.t()
+                    gx = grad_x[r0:r0 + step]
+                    gx.index_add_(1, iu, gp * x[:, ju]).index_add_(1, ju, gp * x[:, iu])
+                continue
+            for i in range(c):
+                xi, xr, si = x[:, i:i + 1], x[:, i:], slice(offs[i], offs[i + 1])
+                if want_s:
+                    grad_s[si] += ((xi * xr).t() @ g).to(grad_s.dtype)
+                if want_x:
+                    gp = g @ s[si].t()                                 # dL/d(x_i x_j), j >= i
+                    gx = grad_x[r0:r0 + step]
+                    gx[:, i] += (gp * xr).sum(1)
+                    gx[:, i:] += gp * xi
+        return grad_x, (grad_s.to(s.dtype) if want_s else None)
