@@ -283,6 +283,31 @@ class _SymmetricQuadratic(torch.autograd.Function):
                 if want_x:
                     gp = g @ s[si].t()                                 # dL/d(x_i x_j), j >= i
                     gx = grad_x[r0:r0 + step]
-                    gx[:, i] += (gp * xr).sum(1)
-                    gx[:, i:] += gp * xi
+                    gx[:, i] += torch.linalg.vecdot(gp, xr)            # x_j dx_i
+                    gx[:, i:].addcmul_(gp, xi)                         # x_i dx_j
         return grad_x, (grad_s.to(s.dtype) if want_s else None)
+
+
+def quadratic_terms(model: nn.Module) -> dict[str, QuadraticTerm]:
+    """Every quadratic term of a model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuadraticTerm)}
+
+
+def set_quadratic(model: nn.Module, enabled: bool, names: list[str] | None = None) -> list[str]:
+    """Switch quadratic terms off (``enabled=False``) or back on, e.g. in a trained model at inference
+    (the paper's per-block ablation). ``names``: blocks or terms (``'layer2.0'``,
+    ``'stages.0.blocks.2'`` or the term's own module name); ``None`` for all. Returns the names of
+    the terms switched. An unknown name raises :class:`BionetsError` listing the valid ones."""
+    terms = quadratic_terms(model)
+    if not terms:
+        raise BionetsError(f"{type(model).__name__} has no quadratic term to switch")
+    chosen = list(terms) if names is None else []
+    for name in names or []:
+        hits = [t for t in terms if t == name or t.startswith(name + ".")]
+        if not hits:
+            blocks = {t.rsplit(".", 1)[0] for t in terms}
+            raise unknown("quadratic block", name, sorted(blocks | set(terms)))
+        chosen += [t for t in hits if t not in chosen]
+    for name in chosen:
+        terms[name].enabled = enabled
+    return chosen
