@@ -1,0 +1,105 @@
+"""Mechanism ``quadratic``: put Dit-CNN's channel-wise quadratic term beside chosen convolutions.
+
+A chosen ``Conv2d`` becomes ``y = conv(x) + Q(x)`` (the Dit-ConvNeXt form, SPEC-DIT), where
+``Q(x)_o(p) = sum_ij Q[o, i, j] x_i(p) x_j(p)`` is computed at every output pixel p from the raw
+block input (no norm) and Q starts at zero, so the converted model starts as the original one.
+For a strided convolution Q is evaluated at the input pixels the kernel is centred on
+(``x[..., ::s, ::s]``), so its output lands on the conv's output grid.
+
+Options (``mechanisms: {quadratic: {...}}`` or ``bionets.convert(model, quadratic=...)``):
+``placement``: glob patterns of Conv2d module names, or ``auto``: the first convolution with
+stride 1, "same" padding and as many output as input channels, after the stem (ResNet:
+``layer1.0.conv1``; ConvNeXt: the first depthwise conv; EfficientNet: the first depthwise conv).
+``impl``: ``sym`` (the C(C+1)/2 distinct products) or ``full`` (all C^2, the reference form).
+The quadratic parameters are named ``*.quad.*`` so ``optim.lr_mult: {"*quad*": 10}`` selects them.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bionets.configbase import Section
+from bionets.errors import BionetsError
+from bionets.layers.quadratic import QuadraticChannel
+from bionets.mechanisms.registry import Applied, Report, register_mechanism
+
+
+class QuadraticConfig(Section):
+    placement: list[str] | Literal["auto"] = "auto"
+    impl: Literal["sym", "full"] = "sym"
+
+
+class ConvPlusQuadratic(nn.Module):
+    """``conv(x) + Q(x)``: a convolution with Dit's channel-wise quadratic term added."""
+
+    def __init__(self, conv: nn.Conv2d, impl: str = "sym"):
+        super().__init__()
+        self.conv = conv
+        self.stride = conv.stride[0]
+        self.quad = QuadraticChannel(conv.in_channels, conv.out_channels, impl=impl)
+        self.quad.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.stride > 1:
+            x = x[..., ::self.stride, ::self.stride]
+        return y + self.quad(x)[..., :y.shape[-2], :y.shape[-1]]
+
+
+def _same_padding(conv: nn.Conv2d) -> bool:
+    if isinstance(conv.padding, str):
+        return conv.padding == "same"
+    k, d = conv.kernel_size, conv.dilation
+    return all(p == dd * (kk - 1) // 2 for p, kk, dd in zip(conv.padding, k, d)) and conv.stride[0] == conv.stride[1]
+
+
+def eligible_convs(model: nn.Module) -> list[str]:
+    """Names of plain Conv2d layers (not already converted) whose output grid Q can match."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, ConvPlusQuadratic)}
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] not in wrapped and _same_padding(m)]
+
+
+def _auto(model: nn.Module, names: list[str]) -> list[str]:
+    modules = dict(model.named_modules())
+    first_conv = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    for n in names:
+        m = modules[n]
+        if n != first_conv and m.stride[0] == 1 and m.in_channels == m.out_channels:
+            return [n]
+    return []
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@register_mechanism("quadratic", QuadraticConfig, order=10)
+def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
+    report = Report("quadratic")
+    done = [n for n, m in model.named_modules() if isinstance(m, ConvPlusQuadratic)]
+    candidates = eligible_convs(model)
+    if cfg.placement == "auto":
+        chosen = [] if done else _auto(model, candidates)
+        if not chosen and not done:
+            raise BionetsError(f"quadratic placement 'auto' found no stride-1 convolution with equal input and "
+                               f"output channels in {type(model).__name__}: name layers with placement=[...]")
+    else:
+        chosen = [n for n in candidates if any(fnmatch.fnmatch(n, p) for p in cfg.placement)]
+        already = [n for n in done if any(fnmatch.fnmatch(n, p) or fnmatch.fnmatch(n + ".conv", p) for p in cfg.placement)]
+        if not chosen and not already:
+            shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+            raise BionetsError(f"quadratic placement {cfg.placement} matches no convolution of "
+                               f"{type(model).__name__} (eligible: {shown or 'none'})")
+    for name in chosen:
+        wrapper = ConvPlusQuadratic(model.get_submodule(name), cfg.impl)
+        _set(model, name, wrapper)
+        added = sum(p.numel() for p in wrapper.quad.parameters())
+        report.changes.append(f"{name}: conv + channel-wise quadratic term ({wrapper.conv.in_channels} -> "
+                              f"{wrapper.conv.out_channels} channels, +{added:,})")
+        report.params_added += added
+    return Applied(model, [], report)
