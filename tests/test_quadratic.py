@@ -1,0 +1,259 @@
+"""The quadratic layers of Dit-CNN against their equations computed directly in float64."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bionets.errors import BionetsError
+from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, set_quadratic
+from bionets.layers.quadratic_pixel import QuadraticPixel
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def channel_formula(x, q):
+    """q_o(p) = sum_{i,j} Q[o,i,j] x_i(p) x_j(p), every pair (i, j) summed."""
+    return torch.einsum("oij,nihw,njhw->nohw", q, x, x)
+
+
+def random_channel(c_in, c_out=None, **kw):
+    layer = QuadraticChannel(c_in, c_out, **kw).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+    return layer
+
+
+# ---------------------------------------------------------------- QuadraticNeuron
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_neuron_matches_formula(rank):
+    torch.manual_seed(0)
+    neuron = QuadraticNeuron(6, 3, rank=rank).double()
+    with torch.no_grad():
+        (neuron.A_full if rank is None else neuron.V).normal_()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    a = neuron.A
+    expected = x @ neuron.linear.weight.t() + neuron.linear.bias + torch.einsum("ni,oij,nj->no", x, a, x)
+    assert rel_err(neuron(x), expected) < 1e-12
+    assert rel_err(neuron.float()(x.float()).double(), expected) < 1e-5
+    assert a.shape == (3, 6, 6)
+    assert neuron.extra_params == (3 * 36 if rank is None else 2 * 3 * 6 * 2)
+    if rank is not None:
+        assert torch.linalg.matrix_rank(a[0]).item() <= rank
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_neuron_starts_linear_and_gradchecks(rank):
+    torch.manual_seed(0)
+    neuron = QuadraticNeuron(4, 2, rank=rank).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(neuron.A, torch.zeros(2, 4, 4, dtype=torch.float64))
+    assert torch.allclose(neuron(x), neuron.linear(x))
+    neuron(x).sum().backward()   # A = 0, yet the quadratic part receives a gradient
+    grad = neuron.A_full.grad if rank is None else neuron.V.grad
+    assert grad.abs().sum() > 0
+    with torch.no_grad():
+        (neuron.A_full if rank is None else neuron.V).normal_()
+    assert torch.autograd.gradcheck(neuron, (x,))
+
+
+def test_neuron_rejects_bad_rank_and_input():
+    with pytest.raises(BionetsError, match="rank=5"):
+        QuadraticNeuron(4, 2, rank=5)
+    with pytest.raises(BionetsError, match=r"\[N, 4\]"):
+        QuadraticNeuron(4, 2)(torch.randn(3, 5))
+
+
+# ---------------------------------------------------------------- QuadraticChannel
+
+@pytest.mark.parametrize("impl", ["sym", "full"])
+@pytest.mark.parametrize("shape,c_out", [((2, 5, 4, 3), 5), ((3, 4, 5, 5), 7), ((2, 3, 50, 48), 2)])
+def test_channel_matches_formula(impl, shape, c_out):
+    """Relative error < 1e-6 in float64 and < 1e-4 in float32; the last shape spans several row chunks."""
+    torch.manual_seed(0)
+    layer = random_channel(shape[1], c_out, impl=impl)
+    x = torch.randn(*shape, dtype=torch.float64)
+    expected = channel_formula(x, layer.weight)
+    assert rel_err(layer(x), expected) < 1e-6
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) < 1e-6
+        assert rel_err(layer.float()(x.float()).double(), expected) < 1e-4
+
+
+def test_channel_is_zero_initialized_and_counts_parameters():
+    layer = QuadraticChannel(32)
+    assert layer.weight.shape == (32, 32, 32) and layer.weight.abs().sum() == 0
+    assert layer.extra_params == 32 ** 3
+    assert layer(torch.randn(2, 32, 4, 4)).abs().sum() == 0
+
+
+@pytest.mark.parametrize("impl,ablation", [("sym", "none"), ("full", "none"), ("sym", "cov")])
+def test_channel_gradcheck(impl, ablation):
+    torch.manual_seed(0)
+    layer = random_channel(3, 2, impl=impl, ablation=ablation)
+    x = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    q = layer.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, q: torch.func.functional_call(layer, {"weight": q}, (x,)), (x, q))
+
+
+def test_sym_and_full_give_q_the_same_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    grads = {}
+    for impl in ("sym", "full"):
+        torch.manual_seed(1)
+        layer = random_channel(6, 4, impl=impl)
+        xi = x.clone().requires_grad_()
+        (layer(xi) * torch.linspace(-1, 1, 100, dtype=torch.float64).view(1, 1, 10, 10)[..., :5, :5]).sum().backward()
+        grads[impl] = layer.weight.grad, xi.grad
+    assert rel_err(grads["sym"][0], grads["full"][0]) < 1e-12
+    assert rel_err(grads["sym"][1], grads["full"][1]) < 1e-12
+    q = grads["sym"][0]
+    assert torch.allclose(q, q.transpose(1, 2))   # only the symmetric part of Q matters
+
+
+def test_legacy_transpose_swaps_height_and_width():
+    torch.manual_seed(0)
+    layer = random_channel(4)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    correct = layer(x)
+    layer.legacy_transpose = True
+    assert torch.equal(layer(x), correct.transpose(2, 3))
+    with pytest.raises(BionetsError, match="square"):
+        layer(torch.randn(1, 4, 5, 6, dtype=torch.float64))
+
+
+def test_covariance_ablation_removes_exactly_the_fluctuation_term():
+    """'cov': x^T Q x - d^T Q d with d = x - spatial mean; its spatial mean is mu^T Q mu."""
+    torch.manual_seed(0)
+    layer = random_channel(5, 3, ablation="cov")
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64) + 1.0
+    d = x - x.mean((2, 3), keepdim=True)
+    out = layer(x)
+    assert rel_err(out, channel_formula(x, layer.weight) - channel_formula(d, layer.weight)) < 1e-12
+    mu = x.mean((2, 3))
+    assert torch.allclose(out.mean((2, 3)), torch.einsum("ni,oij,nj->no", mu, layer.weight, mu))
+    full_mean = channel_formula(x, layer.weight).mean((2, 3))
+    sigma = torch.einsum("nihw,njhw->nij", d, d) / 42
+    trace = torch.einsum("oij,nji->no", layer.weight, sigma)       # tr(Q Sigma)
+    assert torch.allclose(full_mean - out.mean((2, 3)), trace)
+
+
+def test_channel_switch_and_bad_options():
+    layer = random_channel(3)
+    layer.enabled = False
+    assert layer(torch.randn(2, 3, 4, 4, dtype=torch.float64)).abs().sum() == 0
+    with pytest.raises(BionetsError, match="impl 'fast'"):
+        QuadraticChannel(3, impl="fast")
+    with pytest.raises(BionetsError, match="ablation 'trace'"):
+        QuadraticChannel(3, ablation="trace")
+    with pytest.raises(BionetsError, match="3 input channels, got 4"):
+        QuadraticChannel(3)(torch.randn(1, 4, 2, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_channel_on_cuda_with_bf16_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 40, 40, device="cuda", requires_grad=True)
+    layers = {impl: QuadraticChannel(16, impl=impl).cuda() for impl in ("sym", "full")}
+    with torch.no_grad():
+        layers["sym"].weight.normal_(std=0.05)
+        layers["full"].weight.copy_(layers["sym"].weight)
+    expected = channel_formula(x.double(), layers["sym"].weight.double())
+    assert rel_err(layers["sym"](x).double(), expected) < 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = {impl: layer(x) for impl, layer in layers.items()}
+    assert rel_err(out["sym"].double(), expected) < 2e-2
+    for impl in out:
+        out[impl].float().square().sum().backward()
+    assert rel_err(layers["sym"].weight.grad, layers["full"].weight.grad) < 3e-2
+
+
+# ---------------------------------------------------------------- QuadraticPixel
+
+def pixel_formula(layer, x):
+    """BN_a(W_a * x) . BN_b(W_b * x) + BN_c(W_c * x) (eval-mode BN), the product as a quadratic form
+    over every pair of (channel, window position) of the k x k receptive field."""
+    k = layer.branch_a[0].kernel_size[0]
+    n, c, h, w = x.shape
+    patches = F.unfold(x, k, padding=k // 2).view(n, c, k * k, h * w)       # x(p + u) for every u
+
+    def bn(z, norm):
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return (z - norm.running_mean[None, :, None]) * scale[None, :, None] + norm.bias[None, :, None]
+
+    def dense(conv):   # [out, in, k*k] with zeros outside each group
+        g, o = conv.groups, conv.out_channels
+        weight = torch.zeros(o, c, k * k, dtype=x.dtype)
+        for out_ch in range(o):
+            grp = out_ch // (o // g)
+            weight[out_ch, grp * (c // g):(grp + 1) * (c // g)] = conv.weight[out_ch].reshape(c // g, k * k)
+        return weight
+
+    wa, wb = dense(layer.branch_a[0]), dense(layer.branch_b[0])
+    na, nb = layer.branch_a[1], layer.branch_b[1]
+    sa = na.weight / torch.sqrt(na.running_var + na.eps)
+    sb = nb.weight / torch.sqrt(nb.running_var + nb.eps)
+    ba = na.bias - na.running_mean * sa
+    bb = nb.bias - nb.running_mean * sb
+    pair = torch.einsum("ocu,odv->ocudv", wa, wb)                             # A_o over (c,u) x (d,v)
+    quad = torch.einsum("ocudv,ncup,ndvp->nop", pair, patches, patches)
+    lin_a = torch.einsum("ocu,ncup->nop", wa, patches)
+    lin_b = torch.einsum("ocu,ncup->nop", wb, patches)
+    out = (sa * sb)[None, :, None] * quad + (sa * bb)[None, :, None] * lin_a \
+        + (sb * ba)[None, :, None] * lin_b + (ba * bb)[None, :, None]
+    if layer.branch_c is not None:
+        out = out + bn(torch.einsum("ocu,ncup->nop", dense(layer.branch_c[0]), patches), layer.branch_c[1])
+    return out.view(n, -1, h, w)
+
+
+def random_pixel(**kw):
+    layer = QuadraticPixel(**kw).double().eval()
+    with torch.no_grad():
+        for norm in layer.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.weight.normal_(), norm.bias.normal_(), norm.running_mean.normal_()
+                norm.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+@pytest.mark.parametrize("kw", [dict(in_channels=3, out_channels=4, kernel_size=3),
+                                dict(in_channels=4, kernel_size=7, groups=4, linear=False)])
+def test_pixel_matches_formula(kw):
+    torch.manual_seed(0)
+    layer = random_pixel(**kw)
+    x = torch.randn(2, kw["in_channels"], 8, 9, dtype=torch.float64)
+    expected = pixel_formula(layer, x)
+    assert rel_err(layer(x), expected) < 1e-6
+    assert rel_err(layer.float()(x.float()).double(), expected) < 1e-4
+
+
+def test_pixel_starts_at_zero_and_gradchecks():
+    torch.manual_seed(0)
+    layer = QuadraticPixel(3, kernel_size=3, linear=False).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert layer(x).abs().sum() == 0
+    assert layer.extra_params == 2 * (3 * 3 * 9 + 2 * 3)
+    with torch.no_grad():
+        layer.branch_b[1].weight.normal_()
+    assert torch.autograd.gradcheck(layer, (x,))
+    with pytest.raises(BionetsError, match="odd"):
+        QuadraticPixel(3, kernel_size=4)
+
+
+# ---------------------------------------------------------------- set_quadratic
+
+def test_set_quadratic_switches_named_blocks():
+    model = nn.Sequential()
+    model.add_module("a", nn.Sequential(QuadraticChannel(2)))
+    model.add_module("b", nn.Sequential(QuadraticPixel(2, linear=False)))
+    assert set_quadratic(model, False, ["a"]) == ["a.0"]
+    assert not model.a[0].enabled and model.b[0].enabled
+    assert set_quadratic(model, False) == ["a.0", "b.0"]
+    assert set_quadratic(model, True, ["b.0"]) == ["b.0"] and model.b[0].enabled
+    with pytest.raises(BionetsError, match="unknown quadratic block 'c'"):
+        set_quadratic(model, False, ["c"])
+    with pytest.raises(BionetsError, match="no quadratic term"):
+        set_quadratic(nn.Linear(2, 2), False)
