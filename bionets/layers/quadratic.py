@@ -14,6 +14,7 @@ instead of ``y = w . x + b``. For Gaussian inputs with mean mu and covariance Si
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -192,11 +193,23 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return const[:, :, None, None] + torch.einsum("noi,nihw->nohw", lin, x - mu[:, :, None, None])
 
 
+@functools.lru_cache(maxsize=None)
+def _pairs(c: int) -> tuple[list[int], list[int]]:
+    """The pairs (i, j), i <= j, row-major (``torch.triu_indices`` order), as Python lists: tensors
+    made from them are constants to torch.jit.trace and the ONNX exporters."""
+    return [i for i in range(c) for _ in range(i, c)], [j for i in range(c) for j in range(i, c)]
+
+
+def pair_indices(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    iu, ju = _pairs(c)
+    return torch.tensor(iu, device=device), torch.tensor(ju, device=device)
+
+
 def fold_symmetric(q: torch.Tensor) -> torch.Tensor:
     """Q [C_out, C, C] -> S [C(C+1)/2, C_out], rows in ``torch.triu_indices`` order (row-major i <= j):
     ``S_ij = Q_ij + Q_ji`` for i < j, ``S_ii = Q_ii``."""
     c = q.shape[-1]
-    iu, ju = torch.triu_indices(c, c, device=q.device)
+    iu, ju = pair_indices(c, q.device)
     off_diagonal = (iu != ju).to(q.dtype)
     return (q[:, iu, ju] + q[:, ju, iu] * off_diagonal).t()
 
@@ -211,7 +224,7 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym") ->
     rows, s = rows.to(dtype), fold_symmetric(q).to(dtype)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         # one gather + one matmul: a small graph whose batch size stays dynamic
-        iu, ju = torch.triu_indices(c, c, device=rows.device)
+        iu, ju = pair_indices(c, rows.device)
         return (rows[:, iu] * rows[:, ju]) @ s
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
         return _SymmetricQuadratic.apply(rows, s)
@@ -238,7 +251,7 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     for r0 in range(0, m, step):
         x, o = rows[r0:r0 + step], out[r0:r0 + step]
         if rows.is_cuda:
-            iu, ju = torch.triu_indices(c, c, device=rows.device)
+            iu, ju = pair_indices(c, rows.device)
             torch.mm(x[:, iu] * x[:, ju], s, out=o)
             continue
         torch.mm(x[:, :1] * x, s[:c], out=o)
@@ -265,7 +278,7 @@ class _SymmetricQuadratic(torch.autograd.Function):
         grad_x = torch.zeros_like(rows) if want_x else None
         grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
         step, offs = _chunk_rows(rows), _row_offsets(c)
-        iu, ju = torch.triu_indices(c, c, device=rows.device)
+        iu, ju = pair_indices(c, rows.device) if rows.is_cuda else (None, None)
         for r0 in range(0, m, step):
             x, g = rows[r0:r0 + step], grad[r0:r0 + step]
             if rows.is_cuda:
