@@ -2,7 +2,7 @@
 from bionets.config import load_config
 
 FAST = ["model.name=test_mlp", "model.kwargs={in_chans: 1, img_size: 8}", "data.batch_size=64",
-        "optim.lr=0.05", "sched.warmup_epochs=0", "train.progress=false"]
+        "optim.lr=0.2", "sched.warmup_epochs=0", "train.progress=false"]
 
 
 def fast_config(tmp_path, *extra, name="run"):

@@ -32,18 +32,44 @@ def test_training_learns_and_writes_run_directory(tmp_path):
     assert any((run / "tb").iterdir())
 
 
+class InterruptConfig(Section):
+    at_step: int = 0
+
+
+class Interrupt(Hook):
+    """Raises KeyboardInterrupt (as Ctrl-C would) when training reaches a given optimizer step."""
+
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step(self, progress):
+        if self.at_step and progress.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+@register_mechanism("test_interrupt", InterruptConfig, order=98)
+def _apply_interrupt(model, cfg):
+    return Applied(model, [Interrupt(cfg.at_step)], Report("test_interrupt"))
+
+
 def test_resume_is_exact(tmp_path):
-    """2 epochs straight == 1 epoch, then resume, then 1 more (augmentation, EMA and cosine included)."""
+    """2 epochs straight == 1 epoch, interrupted, then resumed (augmentation, EMA and cosine included)."""
     extra = ["train.epochs=2", "train.ema_decay=0.9", "data.augment=true"]
     train(fast_config(tmp_path, *extra, name="straight"), quiet=True)
-    train(fast_config(tmp_path, "train.epochs=1", "train.ema_decay=0.9", "data.augment=true", name="split"), quiet=True)
-    train(fast_config(tmp_path, *extra, f"resume={tmp_path / 'split' / 'last.pt'}", name="split"), quiet=True)
+    steps_per_epoch = 1437 // 64
+    with pytest.raises(KeyboardInterrupt):
+        train(fast_config(tmp_path, *extra, f"mechanisms={{test_interrupt: {{at_step: {steps_per_epoch + 3}}}}}",
+                          name="split"), quiet=True)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    train(fast_config(tmp_path, *extra, f"resume={tmp_path / 'split' / 'last.pt'}",
+                      "mechanisms={test_interrupt: {at_step: 0}}", name="split"), quiet=True)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert a["history"][-1]["test_top1"] == b["history"][-1]["test_top1"]
 
 
 def test_gradient_accumulation_matches_large_batch(tmp_path):

@@ -1,0 +1,104 @@
+"""Reading each dataset's genuine on-disk format into tensors (or an ImageFolder for ImageNet).
+
+CIFAR and MNIST are read through torchvision's own classes, so a test's tiny files in the real
+formats take exactly the code path of the real datasets. torchvision's CIFAR classes verify the
+files' md5 sums, which tiny test files cannot match; the subclasses below check only that the
+files exist (a file in the wrong format still fails, with a one-line error, when it is read).
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+
+from bionets.errors import BionetsError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+def _exists_only(self) -> bool:
+    folder = Path(self.root) / self.base_folder
+    return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+
+def _load_meta_unchecked(self) -> None:
+    path = Path(self.root) / self.base_folder / self.meta["filename"]
+    if not path.is_file():
+        raise RuntimeError(f"missing {path.name}")
+    with path.open("rb") as f:
+        self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+    self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class CIFAR10Files(datasets.CIFAR10):
+    _check_integrity = _exists_only
+    _load_meta = _load_meta_unchecked
+
+
+class CIFAR100Files(datasets.CIFAR100):
+    _check_integrity = _exists_only
+    _load_meta = _load_meta_unchecked
+
+
+def require_root(root: str | None, name: str, download: bool) -> Path:
+    if root is None:
+        raise BionetsError(f"data.root is not set for dataset '{name}': pass --data-root DIR or data.root=DIR")
+    path = Path(root).expanduser()
+    if not download and (not path.is_dir() or not any(path.iterdir())):
+        raise BionetsError(f"data root '{path}' is missing or empty: put {name} there, or set "
+                           f"data.download=true on a machine with internet")
+    if download:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
+    """(train images uint8 NCHW, train targets, test images, test targets, class names)."""
+    name, cls, folder = ("cifar10", CIFAR10Files, "cifar-10-batches-py") if classes == 10 else \
+        ("cifar100", CIFAR100Files, "cifar-100-python")
+    path = require_root(root, name, download)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(path), train=train, download=download)
+        except RuntimeError:
+            raise BionetsError(f"no {name} under '{path}' (expected {path / folder} in the python-pickle "
+                               f"format): fix --data-root or set data.download=true") from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+            raise BionetsError(f"{name} files under '{path / folder}' are not in CIFAR's python-pickle format "
+                               f"({type(err).__name__}): re-download them") from None
+        splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), torch.tensor(ds.targets)]
+    return (*splits, list(ds.classes))
+
+
+def load_mnist(root: str | None, download: bool) -> tuple:
+    path = require_root(root, "mnist", download)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = datasets.MNIST(str(path), train=train, download=download)
+        except RuntimeError as err:
+            if "not found" in str(err).lower():
+                raise BionetsError(f"no MNIST under '{path}' (expected {path / 'MNIST' / 'raw'} with the idx files): "
+                                   "fix --data-root or set data.download=true") from None
+            raise BionetsError(f"MNIST files under '{path / 'MNIST' / 'raw'}' are not valid idx files: re-download them") from None
+        except (ValueError, TypeError, IndexError):
+            raise BionetsError(f"MNIST files under '{path / 'MNIST' / 'raw'}' are not valid idx files: re-download them") from None
+        splits += [ds.data.unsqueeze(1).contiguous(), ds.targets.clone()]
+    return (*splits, list(datasets.MNIST.classes))
+
+
+def load_digits_split() -> tuple:
+    """sklearn's bundled 8x8 digits (values 0..16 -> [0, 1]), a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
+    return x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)]

@@ -1,0 +1,81 @@
+"""Whole-split tensors served in batches, augmented per batch with torch ops (airbench style).
+
+The training order comes from torch's ``DistributedSampler`` (also with one process), so the
+global batch k of an N-process run is, as a set, the batch k of a 1-process run with the same
+global batch size. Augmentation draws from a generator seeded by (seed, epoch, rank): iterating
+an epoch twice gives the same batches, which makes resuming a run exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def random_crop(pad: int, flip: bool) -> Augment:
+    """Zero-pad by ``pad``, crop back at a random offset per image, optionally flip left-right
+    (torchvision's ``RandomCrop(size, padding=pad)`` + ``RandomHorizontalFlip``, batched)."""
+
+    def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]
+        out = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        if flip:
+            mirror = torch.rand(n, generator=gen) < 0.5
+            out = torch.where(mirror[:, None, None, None], out.flip(3), out)
+        return out.contiguous()
+
+    return augment
+
+
+class TensorLoader:
+    """Batches of (float32 NCHW images, int64 targets) from tensors held in memory.
+
+    ``images`` may be uint8 (scaled by 1/255) or float; normalization uses ``mean``/``std`` per
+    channel. Training batches shuffle, augment and drop the last incomplete batch; test batches
+    keep every sample, sharded over ranks as ``indices[rank::world_size]`` without padding.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *, train: bool,
+                 mean: tuple[float, ...], std: tuple[float, ...], augment: Augment | None = None,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.images, self.targets, self.batch_size = images, targets.long(), batch_size
+        self.train, self.augment = train, augment
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.sampler = DistributedSampler(range(len(targets)), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True) if train else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def indices(self) -> torch.Tensor:
+        if self.sampler is not None:
+            return torch.tensor(list(self.sampler), dtype=torch.long)
+        return torch.arange(self.rank, len(self.targets), self.world_size)
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(range(self.rank, len(self.targets), self.world_size))
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.indices()
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[sel]
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+            if self.train and self.augment is not None:
+                x = self.augment(x, gen)
+            yield (x - self.mean) / self.std, self.targets[sel]
