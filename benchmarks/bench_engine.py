@@ -31,11 +31,11 @@ def write_fake_cifar10(root: Path, n_train: int, n_test: int, seed: int = 0) -> 
     folder.mkdir(parents=True, exist_ok=True)
     per = n_train // 5
     for i in range(1, 6):
-        batch = {b"data": rng.integers(0, 256, (per, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, per).tolist()}
+        batch = {"data": rng.integers(0, 256, (per, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, per).tolist()}
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    test = {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n_test).tolist()}
+    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n_test).tolist()}
     (folder / "test_batch").write_bytes(pickle.dumps(test))
-    meta = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    meta = {"label_names": [f"c{i}" for i in range(10)]}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
 
 

@@ -43,6 +43,11 @@ class TrainConfig(Section):
     compile: bool = False                                # torch.compile the model
     progress: bool = True                                # progress bar (rank 0)
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v   # YAML reads a bare `off` as false
+
 
 class RunConfig(Section):
     name: str = "run"
