@@ -16,6 +16,7 @@ On CUDA every case runs under AMP bf16 with channels_last; on CPU in float32, me
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 from pathlib import Path
 
 import timm
@@ -23,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
-from bionets.bench import device_name, measure, table
+from bionets.bench import Timing, device_name, measure, table
 from bionets.layers.quadratic import QuadraticChannel
 
 
@@ -51,29 +52,35 @@ def _square_loss(out: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean()
 
 
-def model_pair(dit: str, batch: int, img: int, classes: int, device, opts: dict) -> list:
+def model_case(name: str, batch: int, img: int, classes: int, device: str, opts: dict) -> Timing:
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    rows = []
-    for name in (plain_twin(dit), dit):
-        model = timm.create_model(name, num_classes=classes).to(device)
-        rows.append(measure(f"{name} step, batch {batch} x 3 x {img} x {img}", model, x, y, **opts))
-    return rows
+    model = timm.create_model(name, num_classes=classes).to(device)
+    return measure(f"{name} step, batch {batch} x 3 x {img} x {img}", model, x, y, **opts)
 
 
-def layer_pair(channels: int, size: int, batch: int, device, opts: dict) -> list:
+def layer_case(channels: int, size: int, batch: int, impl: str, device: str, opts: dict) -> Timing:
     x = torch.randn(batch, channels, size, size, device=device)
-    rows = []
-    for impl in ("full", "sym"):
-        layer = QuadraticChannel(channels, impl=impl).to(device)
-        rows.append(measure(f"QuadraticChannel({channels}, impl={impl}) on {batch} x {channels} x {size} x {size}",
-                            layer, x, loss_fn=_square_loss, **opts))
-    return rows
+    layer = QuadraticChannel(channels, impl=impl).to(device)
+    return measure(f"QuadraticChannel({channels}, impl={impl}) on {batch} x {channels} x {size} x {size}",
+                   layer, x, loss_fn=_square_loss, **opts)
 
 
-def section(title: str, rows: list, target: str) -> str:
-    ratio = rows[1].step_ms / rows[0].step_ms
-    return f"### {title}\n\n{table(rows, rows[0])}\n\nstep ratio {ratio:.3f}x ({target})\n"
+def run_case(isolate: bool, fn, *args) -> Timing:
+    """``fn(*args)``, in a fresh process if ``isolate``: on CPU, peak memory is the rise of the
+    process's resident set, which memory freed by an earlier case would hide."""
+    if not isolate:
+        return fn(*args)
+    with mp.get_context("spawn").Pool(1) as pool:  # not fork: OpenMP threads do not survive it
+        return pool.apply(fn, args)
+
+
+def section(title: str, rows: list[Timing], target: float) -> str:
+    """A table of (base, new) and the step-time ratio new/base against its target."""
+    ratio = rows[1].ratio(rows[0])
+    verdict = "meets" if ratio <= target else "MISSES"
+    faster = f"; {1 / ratio:.2f}x faster" if target < 1 else ""
+    return f"### {title}\n\n{table(rows, rows[0])}\n\nstep ratio {ratio:.3f}x ({verdict} the target <= {target:.3g}x{faster})\n"
 
 
 def macs_table(models: list[str]) -> str:
@@ -101,27 +108,33 @@ def main(argv=None) -> str:
     p.add_argument("--macs-models", default="dit_*", help="glob of the Dit models for (d); '' skips (d)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-isolate", action="store_true",
+                   help="measure every case in this process (default on CPU: one fresh process per case)")
     p.add_argument("--out", help="also write the report to this Markdown file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     opts = {"amp": "bf16" if cuda else "off", "channels_last": cuda, "warmup": args.warmup, "repeats": args.repeats}
-    cn_batch = args.convnext_batch or (64 if cuda else 8)
-    parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; "
-             f"channels_last {cuda}; torch {torch.__version__}; median of {args.repeats} after {args.warmup} warm-up\n"]
-    parts.append(section("(a) Dit-ResNet-20 vs its plain twin", model_pair("dit_resnet20", args.batch, args.img, 10, device, opts),
-                         "target <= 1.15x"))
-    q_side = max(1, args.img // 2)
-    layer = layer_pair(32, q_side, args.batch, device, opts)
-    parts.append(section("(b) quadratic layer of Dit-ResNet: sym vs full", layer,
-                         f"sym/full; full/sym = {layer[0].step_ms / layer[1].step_ms:.2f}x, target >= 1.5x"))
+    isolate = not cuda and not args.no_isolate
+    parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; channels_last {cuda}; "
+             f"torch {torch.__version__}; median of {args.repeats} after {args.warmup} warm-up; "
+             f"{'one process per case' if isolate else 'one process'}\n"]
+
+    def compare(title: str, fn, base: tuple, new: tuple, target: float) -> None:
+        parts.append(section(title, [run_case(isolate, fn, *base), run_case(isolate, fn, *new)], target))
+
+    dev, b, img = str(device), args.batch, args.img
+    compare("(a) Dit-ResNet-20 vs its plain twin", model_case, ("resnet20_cifar", b, img, 10, dev, opts),
+            ("dit_resnet20", b, img, 10, dev, opts), 1.15)
+    side = max(1, img // 2)
+    compare("(b) quadratic layer of Dit-ResNet: sym vs full (target: sym >= 1.5x faster)", layer_case,
+            (32, side, b, "full", dev, opts), (32, side, b, "sym", dev, opts), 1 / 1.5)
     if not args.skip_convnext:
-        parts.append(section("(c) Dit-ConvNeXt-T vs timm's convnext_tiny",
-                             model_pair("dit_convnext_tiny", cn_batch, args.convnext_img, 1000, device, opts),
-                             "target <= 1.35x"))
-        layer = layer_pair(96, args.convnext_img // 4, cn_batch, device, opts)
-        parts.append(section("(c) quadratic layer of Dit-ConvNeXt-T: sym vs full", layer,
-                             f"sym/full; full/sym = {layer[0].step_ms / layer[1].step_ms:.2f}x, target >= 1.5x"))
+        b, img = args.convnext_batch or (64 if cuda else 8), args.convnext_img
+        compare("(c) Dit-ConvNeXt-T vs timm's convnext_tiny", model_case, ("convnext_tiny", b, img, 1000, dev, opts),
+                ("dit_convnext_tiny", b, img, 1000, dev, opts), 1.35)
+        compare("(c) quadratic layer of Dit-ConvNeXt-T: sym vs full (target: sym >= 1.5x faster)", layer_case,
+                (96, img // 4, b, "full", dev, opts), (96, img // 4, b, "sym", dev, opts), 1 / 1.5)
     if args.macs_models:
         import fnmatch
         models = [m for m in timm.list_models(args.macs_models) if fnmatch.fnmatch(m, "dit_*")]

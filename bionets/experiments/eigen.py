@@ -95,6 +95,7 @@ def eigen(out_dir: Path, *, top_k: int = 5, show: int = 3, fraction: float = 1.0
                          "best_rank": best[k].item() + 1, "a_mean_abs_cos": (a_vec[:, k] @ mean_dir).abs().item(),
                          "chance_abs_cos": chance, "chance_best_abs_cos": chance_best})
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "eigen.csv", rows)
     _plot_vectors(out_dir / "eigen_vectors.png", pairs, min(show, top_k), side)
     _plot_cosines(out_dir / "eigen_cosine.png", rows, chance, chance_best, top_k)

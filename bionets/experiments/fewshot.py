@@ -3,7 +3,7 @@
 Liu et al. (NeurIPS 2024), Fig. 2: one quadratic neuron per class, ``s_j(x) = x^T A_j x + w_j.x + b_j``,
 prediction ``argmax_j s_j(x)``, trained with softmax cross-entropy, against a two-layer ReLU MLP,
 as the fraction of the training set used shrinks. By default on sklearn's bundled 8x8 digits (a
-fixed stratified 70/30 split), on MNIST with ``data_root=DIR``. Each (fraction, seed) draws its own
+fixed stratified 80/20 split of bionets.data), on MNIST with ``data_root=DIR``. Each (fraction, seed) draws its own
 stratified subset (at least one image per class); both models see the same subset and are fitted by
 full-batch L-BFGS with the same L2 penalty (see ``quadratic_fit``). The MLP's hidden width defaults
 to the one giving it the quadratic model's parameter count, so neither wins by size.
@@ -56,6 +56,7 @@ def fewshot(out_dir: Path, *, fractions: tuple[float, ...] | list[float] = FRACT
                              "seed": seed, "test_acc": accuracy(model, x_test, y_test),
                              "params": count_parameters(model)})
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "fewshot.csv", rows)
     fig, (ax,) = new_figure(1, size=5)
     band_plot(ax, rows, "fraction", "model", "test_acc", COLORS)

@@ -11,7 +11,6 @@ Figures use matplotlib's object API (``Figure``), so no pyplot backend is touche
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -135,34 +134,21 @@ def new_figure(ncols: int, nrows: int = 1, size: float = 4.0) -> tuple[Figure, l
 
 
 def load_images(data_root: str | None) -> dict:
-    """Flattened images in [0, 1]: sklearn's bundled 8x8 digits (a fixed stratified 70/30 split) when
-    ``data_root`` is None, else MNIST's own train/test split from ``data_root`` (bionets.data).
+    """Flattened images in [0, 1]: sklearn's bundled 8x8 digits (bionets.data's fixed stratified
+    80/20 split) when ``data_root`` is None, else MNIST's own train/test split under ``data_root``.
 
     Returns ``{"name", "x_train", "y_train", "x_test", "y_test", "side", "classes"}``.
     """
-    if data_root is None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+    from bionets.data.sources import load_digits_split, load_mnist
 
-        digits = load_digits()
-        x_tr, x_te, y_tr, y_te = train_test_split(digits.data / 16.0, digits.target, test_size=0.3,
-                                                  stratify=digits.target, random_state=0)
-        tensors = [torch.as_tensor(a, dtype=torch.float32) for a in (x_tr, x_te)]
-        labels = [torch.as_tensor(a, dtype=torch.long) for a in (y_tr, y_te)]
-        return {"name": "digits", "x_train": tensors[0], "y_train": labels[0], "x_test": tensors[1],
-                "y_test": labels[1], "side": 8, "classes": 10}
-    from bionets.data import build_data
-    from bionets.data.config import DataConfig
+    name = "digits" if data_root is None else "mnist"
+    x, y, xt, yt, classes = load_digits_split() if data_root is None else load_mnist(str(data_root), False)
 
-    bundle = build_data(DataConfig(name="mnist", root=str(data_root), augment=False, normalize=False, batch_size=1000))
+    def flat(images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1).float() / (255.0 if images.dtype == torch.uint8 else 1.0)
 
-    def gather(split):
-        xs, ys = zip(*((x.flatten(1).float(), y) for x, y in split))
-        return torch.cat(xs), torch.cat(ys)
-
-    (x_tr, y_tr), (x_te, y_te) = gather(bundle.train), gather(bundle.test)
-    return {"name": "mnist", "x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te,
-            "side": math.isqrt(x_tr.shape[1]), "classes": bundle.num_classes}
+    return {"name": name, "x_train": flat(x), "y_train": y, "x_test": flat(xt), "y_test": yt,
+            "side": x.shape[-1], "classes": len(classes)}
 
 
 def stratified_subset(y: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
