@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bionets.errors import BionetsError
-from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, set_quadratic
+from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, channel_quadratic, set_quadratic
 from bionets.layers.quadratic_pixel import QuadraticPixel
 
 
@@ -80,6 +80,23 @@ def test_channel_matches_formula(impl, shape, c_out):
     with torch.no_grad():
         assert rel_err(layer(x), expected) < 1e-6
         assert rel_err(layer.float()(x.float()).double(), expected) < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["rows", "blocks"])
+@pytest.mark.parametrize("c,c_out,m", [(1, 2, 5), (7, 3, 9), (12, 5, 4100)])
+def test_both_strategies_match_the_formula_and_gradcheck(strategy, c, c_out, m):
+    """'rows' (CPU default) and 'blocks' (GPU default) checked on CPU; 4,100 rows span two chunks."""
+    torch.manual_seed(0)
+    x = torch.randn(m, c, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(c_out, c, c, dtype=torch.float64, requires_grad=True)
+    out = channel_quadratic(x, q, strategy=strategy)
+    assert rel_err(out, torch.einsum("oij,mi,mj->mo", q, x, x)) < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, q), g)
+    want = torch.autograd.grad(channel_quadratic(x, q, impl="full"), (x, q), g)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(got, want))
+    if m < 100:
+        assert torch.autograd.gradcheck(lambda x, q: channel_quadratic(x, q, strategy=strategy), (x, q))
 
 
 def test_channel_is_zero_initialized_and_counts_parameters():

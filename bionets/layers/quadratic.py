@@ -193,48 +193,83 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return const[:, :, None, None] + torch.einsum("noi,nihw->nohw", lin, x - mu[:, :, None, None])
 
 
+# How the symmetric form is computed. 'rows' (CPU): the C(C+1)/2 pairs i <= j in the row-major
+# order of ``torch.triu_indices``, one small matmul per triangle row i with the products
+# ``x_i * x[i:]`` (they stay in cache). 'blocks' (GPU): the channels in b blocks of width w; for
+# every block pair I <= J the outer product of x_I and x_J (one broadcast multiply for all pairs,
+# no per-product gather), then one matmul. Diagonal blocks form their w^2 products, the lower
+# triangle with zero weight, so C^2 (b+1)/(2b) products instead of C(C+1)/2 (5,184 instead of
+# 4,656 at C = 96). Both save only x and S and recompute the products in backward.
+
+
 @functools.lru_cache(maxsize=None)
-def _pairs(c: int) -> tuple[list[int], list[int]]:
-    """The pairs (i, j), i <= j, row-major (``torch.triu_indices`` order), as Python lists: tensors
-    made from them are constants to torch.jit.trace and the ONNX exporters."""
+def _triangle(c: int) -> tuple[list[int], list[int]]:
+    """The pairs (i, j), i <= j, row-major, as Python lists (tensors made from them are constants
+    to torch.jit.trace and the ONNX exporters)."""
     return [i for i in range(c) for _ in range(i, c)], [j for i in range(c) for j in range(i, c)]
 
 
-def pair_indices(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    iu, ju = _pairs(c)
-    return torch.tensor(iu, device=device), torch.tensor(ju, device=device)
+@functools.lru_cache(maxsize=None)
+def _blocks(c: int) -> tuple[int, list[int], list[int], list[int], list[int]]:
+    """Block width w (the smallest divisor of C with w^2 >= C), block pairs (I, J), I <= J, and the
+    channel pair (i, j) of every product they form, in order."""
+    w = next(d for d in range(1, c + 1) if c % d == 0 and d * d >= c)
+    nb = c // w
+    bi = [a for a in range(nb) for _ in range(a, nb)]
+    bj = [b for a in range(nb) for b in range(a, nb)]
+    i = [a * w + u for a, b in zip(bi, bj) for u in range(w) for _ in range(w)]
+    j = [b * w + v for a, b in zip(bi, bj) for _ in range(w) for v in range(w)]
+    return w, bi, bj, i, j
 
 
-def fold_symmetric(q: torch.Tensor) -> torch.Tensor:
-    """Q [C_out, C, C] -> S [C(C+1)/2, C_out], rows in ``torch.triu_indices`` order (row-major i <= j):
-    ``S_ij = Q_ij + Q_ji`` for i < j, ``S_ii = Q_ii``."""
-    c = q.shape[-1]
-    iu, ju = pair_indices(c, q.device)
-    off_diagonal = (iu != ju).to(q.dtype)
-    return (q[:, iu, ju] + q[:, ju, iu] * off_diagonal).t()
+_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym") -> torch.Tensor:
-    """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out]."""
+def _indices(c: int, strategy: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(i, j) of the strategy's products, plus (I, J) of its block pairs for 'blocks', as tensors on
+    ``device``, made once (no host-to-device copy per step). While tracing or exporting they are made
+    afresh, and the graph records them as constants."""
+    lists = _triangle(c) if strategy == "rows" else _blocks(c)[3:] + _blocks(c)[1:3]
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return tuple(torch.tensor(v, dtype=torch.long, device=device) for v in lists)
+    key = (c, strategy, str(device))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = tuple(torch.tensor(v, dtype=torch.long, device=device) for v in lists)
+    return _INDEX_CACHE[key]
+
+
+def fold_symmetric(q: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The weight S [P, C_out] of the products x_i x_j listed by (i, j):
+    ``S_ij = Q_ij + Q_ji`` for i < j, ``S_ii = Q_ii``, 0 for i > j."""
+    return ((q[:, i, j] + q[:, j, i] * (i != j)) * (i <= j)).t()
+
+
+def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", strategy: str | None = None) -> torch.Tensor:
+    """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out].
+
+    ``strategy`` ('rows' or 'blocks', default by device: see above) only matters for ``impl='sym'``."""
     m, c = rows.shape
     if impl == "full":
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
         return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
     dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
-    rows, s = rows.to(dtype), fold_symmetric(q).to(dtype)
+    rows = rows.to(dtype)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         # one gather + one matmul: a small graph whose batch size stays dynamic
-        iu, ju = pair_indices(c, rows.device)
-        return (rows[:, iu] * rows[:, ju]) @ s
+        i, j = _indices(c, "rows", rows.device)
+        return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
+    strategy = strategy or ("blocks" if rows.is_cuda else "rows")
+    i, j = _indices(c, strategy, rows.device)[:2]
+    s = fold_symmetric(q, i, j).to(dtype)
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
-        return _SymmetricQuadratic.apply(rows, s)
-    return _sym_forward(rows, s)
+        return _SymmetricQuadratic.apply(rows, s, strategy)
+    return _sym_forward(rows, s, strategy)
 
 
-def _chunk_rows(rows: torch.Tensor) -> int:
-    """Rows per chunk: small on CPU (the products stay in cache), ~128M products on GPU."""
-    c = rows.shape[1]
-    return 4096 if rows.device.type == "cpu" else max(1, 2**27 // (c * (c + 1) // 2))
+def _chunks(rows: torch.Tensor, products: int):
+    """Row ranges: 4,096 rows on CPU (the products stay in cache), ~128M products on GPU."""
+    step = 4096 if rows.device.type == "cpu" else max(1, 2**27 // products)
+    return [slice(r0, r0 + step) for r0 in range(0, rows.shape[0], step)]
 
 
 def _row_offsets(c: int) -> list[int]:
@@ -242,18 +277,36 @@ def _row_offsets(c: int) -> list[int]:
     return [i * c - i * (i - 1) // 2 for i in range(c + 1)]
 
 
-def _sym_forward(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``sum_{i<=j} S_ij x_i x_j`` in row chunks. CPU: one small matmul per triangle row i with the
-    products ``x_i * x[i:]``; GPU: all C(C+1)/2 products of a chunk gathered, one matmul."""
+def _block_products(x: torch.Tensor, w: int, bi: torch.Tensor, bj: torch.Tensor) -> torch.Tensor:
+    """x [m, C] -> the products x_I[u] x_J[v] of every block pair (I, J): [m, pairs*w*w]."""
+    xb = x.view(x.shape[0], -1, w)
+    return (xb[:, bi].unsqueeze(3) * xb[:, bj].unsqueeze(2)).flatten(1)
+
+
+def _block_grad_x(x: torch.Tensor, gp: torch.Tensor, w: int, bi: torch.Tensor, bj: torch.Tensor) -> torch.Tensor:
+    """dL/dx [m, C] from dL/d(x_I[u] x_J[v]) ``gp`` [m, pairs*w*w]: x_J[v] dx_I[u] + x_I[u] dx_J[v]."""
+    m = x.shape[0]
+    xb = x.view(m, -1, w)
+    xi, xj = xb[:, bi], xb[:, bj]
+    gp = gp.view(m, -1, w, w)
+    grad = torch.zeros_like(xb)
+    grad.index_add_(1, bi, (gp @ xj.unsqueeze(3)).squeeze(3))
+    grad.index_add_(1, bj, (xi.unsqueeze(2) @ gp).squeeze(2))
+    return grad.view(m, -1)
+
+
+def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
+    """``sum_{(i,j)} S_ij x_i x_j`` over the strategy's products, chunk by chunk of rows."""
     m, c = rows.shape
     out = rows.new_empty(m, s.shape[1])
-    step, offs = _chunk_rows(rows), _row_offsets(c)
-    for r0 in range(0, m, step):
-        x, o = rows[r0:r0 + step], out[r0:r0 + step]
-        if rows.is_cuda:
-            iu, ju = pair_indices(c, rows.device)
-            torch.mm(x[:, iu] * x[:, ju], s, out=o)
-            continue
+    if strategy == "blocks":
+        w, (bi, bj) = _blocks(c)[0], _indices(c, "blocks", rows.device)[2:]
+        for r in _chunks(rows, s.shape[0]):
+            torch.mm(_block_products(rows[r], w, bi, bj), s, out=out[r])
+        return out
+    offs = _row_offsets(c)
+    for r in _chunks(rows, s.shape[0]):
+        x, o = rows[r], out[r]
         torch.mm(x[:, :1] * x, s[:c], out=o)
         for i in range(1, c):
             o.addmm_(x[:, i:i + 1] * x[:, i:], s[offs[i]:offs[i + 1]])
@@ -262,43 +315,44 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 class _SymmetricQuadratic(torch.autograd.Function):
     """:func:`_sym_forward` with a backward that recomputes the products chunk by chunk instead of
-    saving them (they are C(C+1)/2 numbers per pixel; only x and S are kept)."""
+    saving them; ``dL/dS_ij = sum g x_i x_j`` and ``d(x_i x_j) = x_j dx_i + x_i dx_j``."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
         ctx.save_for_backward(rows, s)
-        return _sym_forward(rows, s)
+        ctx.strategy = strategy
+        return _sym_forward(rows, s, strategy)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, s = ctx.saved_tensors
-        m, c = rows.shape
+        c = rows.shape[1]
         grad = grad.to(rows.dtype)
-        want_x, want_s = ctx.needs_input_grad
+        want_x, want_s, _ = ctx.needs_input_grad
         grad_x = torch.zeros_like(rows) if want_x else None
         grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
-        step, offs = _chunk_rows(rows), _row_offsets(c)
-        iu, ju = pair_indices(c, rows.device) if rows.is_cuda else (None, None)
-        for r0 in range(0, m, step):
-            x, g = rows[r0:r0 + step], grad[r0:r0 + step]
-            if rows.is_cuda:
+        if ctx.strategy == "blocks":
+            w, (bi, bj) = _blocks(c)[0], _indices(c, "blocks", rows.device)[2:]
+            for r in _chunks(rows, s.shape[0]):
+                x, g = rows[r], grad[r]
                 if want_s:
-                    grad_s += ((x[:, iu] * x[:, ju]).t() @ g).to(grad_s.dtype)   # dL/dS_ij = sum g x_i x_j
-                if want_x:                                             # d(x_i x_j) = x_j dx_i + x_i dx_j
-                    gp = g @ s.t()
-                    gx = grad_x[r0:r0 + step]
-                    gx.index_add_(1, iu, gp * x[:, ju]).index_add_(1, ju, gp * x[:, iu])
-                continue
+                    grad_s += (_block_products(x, w, bi, bj).t() @ g).to(grad_s.dtype)
+                if want_x:
+                    grad_x[r] = _block_grad_x(x, g @ s.t(), w, bi, bj)    # g @ S^T: dL/d(x_I[u] x_J[v])
+            return grad_x, (grad_s.to(s.dtype) if want_s else None), None
+        offs = _row_offsets(c)
+        for r in _chunks(rows, s.shape[0]):
+            x, g = rows[r], grad[r]
             for i in range(c):
                 xi, xr, si = x[:, i:i + 1], x[:, i:], slice(offs[i], offs[i + 1])
                 if want_s:
                     grad_s[si] += ((xi * xr).t() @ g).to(grad_s.dtype)
                 if want_x:
                     gp = g @ s[si].t()                                 # dL/d(x_i x_j), j >= i
-                    gx = grad_x[r0:r0 + step]
+                    gx = grad_x[r]
                     gx[:, i] += torch.linalg.vecdot(gp, xr)            # x_j dx_i
                     gx[:, i:].addcmul_(gp, xi)                         # x_i dx_j
-        return grad_x, (grad_s.to(s.dtype) if want_s else None)
+        return grad_x, (grad_s.to(s.dtype) if want_s else None), None
 
 
 def quadratic_terms(model: nn.Module) -> dict[str, QuadraticTerm]:
