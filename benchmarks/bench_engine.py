@@ -10,33 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 
 import bionets  # noqa: F401
 from bionets.bench import device_name, measure, table
 from bionets.config import load_config
+from bionets.data.fakes import write_cifar
 from bionets.engine.trainer import train
-
-
-def write_fake_cifar10(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
-    """Random images in CIFAR-10's python-pickle layout (the loader's real code path)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    per = n_train // 5
-    for i in range(1, 6):
-        batch = {"data": rng.integers(0, 256, (per, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, per).tolist()}
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n_test).tolist()}
-    (folder / "test_batch").write_bytes(pickle.dumps(test))
-    meta = {"label_names": [f"c{i}" for i in range(10)]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
 
 
 def main(argv=None) -> str:
@@ -58,7 +42,7 @@ def main(argv=None) -> str:
     best = min(rows, key=lambda r: r.step_ms)
     channels_last = best is rows[1]
     with tempfile.TemporaryDirectory() as tmp:
-        write_fake_cifar10(Path(tmp) / "data", args.images, 256)
+        write_cifar(Path(tmp) / "data", classes=10, n_train=args.images, n_test=256)
         cfg = load_config(None, [
             "model.name=resnet20_cifar", "model.kwargs={}", "data.name=cifar10", f"data.root={tmp}/data",
             f"data.batch_size={args.batch}", "train.epochs=2", "train.progress=false", f"train.amp={amp}",
