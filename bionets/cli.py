@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("options", nargs="*", metavar="key=value")
     x.add_argument("--out", help="output directory (default runs/experiments/NAME)")
 
+    b = sub.add_parser("bench", help="time every mechanism against its plain baseline (Markdown table + plot)")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    b.add_argument("--mechanisms", help="comma-separated subset, e.g. quadratic,raa")
+    b.add_argument("--widths", default=None, help="comma-separated widths (default 32,64,128)")
+    b.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out", default="runs/bench", help="output folder for bench.md and bench.png")
+
     ex = sub.add_parser("export", help="bake reparameterized weights into a plain model state dict")
     ex.add_argument("checkpoint")
     ex.add_argument("output")
@@ -139,8 +147,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from bionets.benchsuite import run_suite
+
+    ints = lambda s: [int(v) for v in s.split(",")] if s else None  # noqa: E731
+    print(run_suite(Path(args.out), device=args.device, repeats=args.repeats,
+                    mechanisms=args.mechanisms.split(",") if args.mechanisms else None,
+                    widths=ints(args.widths), batches=ints(args.batches)))
+    print(f"table and plot in {args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "configs": cmd_configs,
-            "experiment": cmd_experiment, "export": cmd_export}
+            "experiment": cmd_experiment, "export": cmd_export,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

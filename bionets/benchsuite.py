@@ -1,0 +1,134 @@
+"""``bionets bench``: each mechanism's cost against its plain baseline, measured in one run.
+
+For every mechanism the suite builds a small plain network, converts a copy with
+:func:`bionets.convert` (or attaches the mechanism's loss hook), and times forward and training
+step of both over a grid of batch sizes and widths, so that the growth of the cost is visible.
+It writes ``bench.md`` (a Markdown table: times, images/s, peak memory, step ratio) and
+``bench.png`` (step ratio against width) into the output folder. CUDA runs use bf16 autocast and
+channels_last.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bionets.bench import Timing, device_name, measure
+from bionets.conversion import convert
+from bionets.errors import BionetsError
+from bionets.mechanisms import MECHANISMS, get_mechanism
+
+
+def conv_net(width: int, classes: int = 10) -> nn.Module:
+    """stem conv -> two 3x3 conv-BN-ReLU blocks of ``width`` channels at 32x32 -> pool -> linear."""
+    def block(c_in):
+        return [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    return nn.Sequential(*block(3), *block(width), *block(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, classes))
+
+
+def vit(width: int, classes: int = 10) -> nn.Module:
+    """A 2-block ViT of embedding ``width`` on 32x32 images with 4x4 patches (64 tokens + class token)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=width, depth=2, num_heads=max(1, width // 64),
+                             num_classes=classes)
+
+
+@dataclass(frozen=True)
+class Case:
+    mechanism: str
+    baseline: str
+    build: Callable[[int], nn.Module]
+    convert_kwargs: dict
+
+
+CASES = [
+    Case("quadratic", "conv", conv_net, {"quadratic": ["3"]}),       # the second conv of width C
+    Case("raa", "vit (GELU)", vit, {"activation": "raa"}),
+    Case("stds", "conv", conv_net, {"sparsity": "stds"}),
+    Case("arr", "conv", conv_net, {"regularization": {"weight": 1.0}}),
+]
+
+
+def _loss_with_hooks(model: nn.Module, hooks) -> Callable:
+    def loss(logits, targets):
+        out = nn.functional.cross_entropy(logits, targets)
+        for hook in hooks:
+            extra = hook.aux_loss(model, None, logits, targets)
+            out = out + extra if extra is not None else out
+        return out
+    return loss
+
+
+def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: int) -> tuple[Timing, Timing]:
+    amp, cl = ("bf16", True) if device.type == "cuda" else ("off", False)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    torch.manual_seed(0)
+    plain = case.build(width).to(device)
+    converted, report = convert(copy.deepcopy(plain), **case.convert_kwargs)
+    converted.to(device)
+    for hook in report.hooks:
+        hook.attach(converted)
+    base = measure(f"{case.baseline} w{width} b{batch}", plain, x, y, amp=amp, channels_last=cl, repeats=repeats)
+    mech = measure(f"+{case.mechanism} w{width} b{batch}", converted, x, y, amp=amp, channels_last=cl,
+                   repeats=repeats, loss_fn=_loss_with_hooks(converted, report.hooks))
+    return base, mech
+
+
+def run_suite(out_dir: Path, *, device: str | None = None, mechanisms: list[str] | None = None,
+              widths: list[int] | None = None, batches: list[int] | None = None, repeats: int = 3) -> str:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    widths = widths or [32, 64, 128]
+    batches = batches or ([32, 128] if dev.type == "cpu" else [128, 512])
+    get_mechanism("quadratic")  # loads the registry
+    names = mechanisms or [c.mechanism for c in CASES]
+    for n in names:
+        if n not in {c.mechanism for c in CASES}:
+            raise BionetsError(f"bench has no case for mechanism '{n}' (cases: {', '.join(c.mechanism for c in CASES)})")
+    rows, points = [], []
+    for case in (c for c in CASES if c.mechanism in names):
+        if case.mechanism not in MECHANISMS:
+            rows.append(f"| {case.mechanism} | not registered in this install | | | | | | |")
+            continue
+        for batch in batches:
+            for width in widths:
+                base, mech = run_case(case, width, batch, dev, repeats)
+                ratio = mech.ratio(base)
+                points.append((case.mechanism, batch, width, ratio))
+                rows.append(f"| {case.mechanism} | {case.baseline} | {width} | {batch} | {base.step_ms:.2f} | "
+                            f"{mech.step_ms:.2f} | {ratio:.3f}x | {base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
+                            f"{base.peak_mb:.0f} / {mech.peak_mb:.0f} | {mech.images_per_s:.0f} |")
+    head = [f"Device: {device_name(dev)}; torch {torch.__version__}; "
+            f"{'bf16 autocast + channels_last' if dev.type == 'cuda' else 'float32'}", "",
+            "| mechanism | baseline | width | batch | base step ms | mech step ms | step ratio | forward ms (base / mech) "
+            "| peak MB (base / mech) | mech images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    text = "\n".join(head + rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text(text + "\n")
+    _plot(points, out_dir / "bench.png")
+    return text
+
+
+def _plot(points, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mech, batch in sorted({(m, b) for m, b, _, _ in points}):
+        xs = [(w, r) for m, b, w, r in points if m == mech and b == batch]
+        ax.plot([w for w, _ in xs], [r for _, r in xs], marker="o", label=f"{mech}, batch {batch}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width (channels / embedding)")
+    ax.set_ylabel("training step time / plain baseline")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
