@@ -1,0 +1,263 @@
+"""STDS: the State Transition of Dendritic Spines reparameterization (Chen et al., ICML 2022).
+
+Each pruned layer stores a latent weight theta; the weight the layer computes with is the soft
+threshold of theta::
+
+    w = sign(theta) * max(|theta| - D, 0)                       (computed as theta - clamp(theta, -D, D))
+
+Weights with ``|theta| <= D`` are exactly zero. The backward pass is **straight-through**
+(``stmod``, the method): ``dw/dtheta = 1`` wherever ``theta != 0``, so a zero weight keeps
+receiving gradient and grows back when the gradient pushes ``|theta|`` past D again (the
+"state transition" of a spine). ``st`` keeps the true gradient ``1[|theta| > D]`` (no regrowth);
+``identity`` is the dense baseline ``w = theta``.
+
+D is one global value (in theta units), raised after every optimizer step n of N:
+
+* sine:   ``D_n = D_max * (1 - cos(pi * n / N)) / 2``
+* linear: ``D_n = D_max * n / N``
+* fixed:  ``D_n = D_max``; theta starts at ``sign(w_0) * (|w_0| + D_max)`` so that the first
+  effective weights are the layer's initial ones (the parametrization's ``right_inverse``).
+
+The reparameterization is a :mod:`torch.nn.utils.parametrize` parametrization of the layer's
+``weight``, so ``layer.weight`` is the effective weight, ``layer.parametrizations.weight.original``
+is theta, and :func:`export` bakes the effective weights (zeros included) into a plain model.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bionets.errors import BionetsError, unknown
+
+SPARSE_FUNCTIONS = ("stmod", "st", "identity")
+SCHEDULES = ("sine", "linear", "fixed")
+LAYER_TYPES = {"conv": nn.modules.conv._ConvNd, "linear": nn.Linear}
+
+
+class _StraightThroughSoftThreshold(torch.autograd.Function):
+    """Forward: the soft threshold. Backward: ``dw/dtheta = 1[theta != 0]`` (STDS's ``stmod``)."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(theta)
+        return theta - theta.clamp(-d, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (theta,) = ctx.saved_tensors
+        return grad * (theta != 0), None
+
+
+def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function: str = "stmod") -> torch.Tensor:
+    """``sign(theta) * max(|theta| - d, 0)`` with the gradient of ``sparse_function``."""
+    if sparse_function == "identity":
+        return theta
+    d = torch.as_tensor(d, dtype=theta.dtype, device=theta.device)
+    if sparse_function == "stmod":
+        return _StraightThroughSoftThreshold.apply(theta, d)
+    if sparse_function == "st":
+        return theta - theta.clamp(-d, d)   # autograd gives the true gradient 1[|theta| > d]
+    raise unknown("sparse function", sparse_function, SPARSE_FUNCTIONS)
+
+
+def threshold_at(schedule: str, d_max: float, step: int, total_steps: int) -> float:
+    """D after ``step`` of ``total_steps`` optimizer steps (sine, linear or fixed schedule)."""
+    frac = min(1.0, step / max(1, total_steps))
+    if schedule == "sine":
+        return d_max * (1.0 - math.cos(math.pi * frac)) / 2.0
+    if schedule == "linear":
+        return d_max * frac
+    if schedule == "fixed":
+        return d_max
+    raise unknown("STDS schedule", schedule, SCHEDULES)
+
+
+class SparseReparam(nn.Module):
+    """Base of the weight parametrizations whose zeros count as pruned (STDS, Grad R)."""
+
+
+class SoftThreshold(SparseReparam):
+    """The STDS parametrization ``theta -> sign(theta) * max(|theta| - D, 0)``; D is the buffer ``d``."""
+
+    def __init__(self, sparse_function: str = "stmod", d: float = 0.0):
+        super().__init__()
+        check_sparse_function(sparse_function)
+        check_threshold(d)
+        self.sparse_function = sparse_function
+        self.register_buffer("d", torch.tensor(float(d)))
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        return soft_threshold(theta, self.d, self.sparse_function)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        """``theta = sign(w) * (|w| + D)``: the theta whose effective weight is ``w``."""
+        if self.sparse_function == "identity":
+            return w
+        return w + torch.sign(w) * self.d.to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.sparse_function}, D={self.d.item():.4g}"
+
+
+def check_sparse_function(name: str) -> None:
+    if name not in SPARSE_FUNCTIONS:
+        raise unknown("sparse function", name, SPARSE_FUNCTIONS)
+
+
+def check_threshold(d: float) -> None:
+    if not d >= 0:
+        raise BionetsError(f"STDS threshold D must be >= 0 (in theta units, e.g. 1.0 with Adam lr 1e-4), got {d}")
+
+
+# -- choosing layers ------------------------------------------------------------------------------
+
+def _types(types: Iterable[str]) -> tuple[type, ...]:
+    out = []
+    for t in types:
+        if t not in LAYER_TYPES:
+            raise unknown("layer type", t, LAYER_TYPES)
+        out.append(LAYER_TYPES[t])
+    return tuple(out)
+
+
+def select_layers(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
+                  types: Iterable[str] = ("conv", "linear")) -> list[str]:
+    """Names of the layers of ``types`` whose name matches an ``include`` glob and no ``exclude`` glob."""
+    include, exclude, classes = list(include), list(exclude), _types(types)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, classes) and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and any(fnmatch.fnmatch(name, p) for p in include) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
+
+
+def weight_reparam(module: nn.Module) -> SparseReparam | None:
+    """The sparse parametrization of ``module.weight``, if it has one."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, SparseReparam)), None)
+
+
+def reparameterize(model: nn.Module, names: Iterable[str], make: callable) -> tuple[list[str], list[str]]:
+    """Register ``make(module)`` on the weight of each named layer; skip layers already done.
+
+    Returns (newly reparameterized names, names that already carried the same kind). A layer that
+    carries another kind of sparse parametrization is an error (one mechanism per layer).
+    """
+    new, done = [], []
+    for name in names:
+        module = model.get_submodule(name)
+        existing = weight_reparam(module)
+        reparam = make(module)
+        if existing is not None:
+            if type(existing) is not type(reparam):
+                raise BionetsError(f"layer '{name}' already carries {type(existing).__name__}; a layer takes one "
+                                   f"sparse reparameterization (stds or gradr), not both")
+            done.append(name)
+            continue
+        reparam.to(device=module.weight.device)
+        parametrize.register_parametrization(module, "weight", reparam)
+        new.append(name)
+    _invalidate_spiking_reset_cache(model)
+    return new, done
+
+
+def _invalidate_spiking_reset_cache(model: nn.Module) -> None:
+    """SpikingJelly's ``reset_net`` caches each network's stateful modules: forget them after a change."""
+    from spikingjelly.activation_based import functional
+
+    for m in model.modules():
+        functional.invalidate_reset_cache(m)
+
+
+def apply_stds(model: nn.Module, sparse_function: str = "stmod", d: float = 0.0, *, include: Iterable[str] = ("*",),
+               exclude: Iterable[str] = (), types: Iterable[str] = ("conv", "linear")) -> list[str]:
+    """Reparameterize the chosen layers of ``model`` in place with the STDS soft threshold at D = ``d``.
+
+    Theta is initialized by ``right_inverse`` so the effective weights start as the layer's own.
+    Returns the names of the reparameterized layers (those done before included); raises
+    :class:`BionetsError` if no layer is eligible.
+    """
+    check_sparse_function(sparse_function)
+    check_threshold(d)
+    names = select_layers(model, include, exclude, types)
+    if not names:
+        raise no_layer_error("STDS", model, include, exclude, types)
+    new, done = reparameterize(model, names, lambda m: SoftThreshold(sparse_function, d))
+    return new + done
+
+
+def no_layer_error(what: str, model: nn.Module, include, exclude, types) -> BionetsError:
+    classes = _types(types)
+    eligible = [n for n, m in model.named_modules() if isinstance(m, classes)]
+    shown = ", ".join(eligible[:6]) + (", ..." if len(eligible) > 6 else "")
+    return BionetsError(f"{what} found no {'/'.join(types)} layer of {type(model).__name__} matching "
+                        f"include={list(include)} exclude={list(exclude)} (eligible: {shown or 'none'})")
+
+
+def soft_thresholds(model: nn.Module) -> list[SoftThreshold]:
+    """The STDS parametrizations of ``model``, one per reparameterized layer."""
+    reparams = [weight_reparam(m) for _, m in pruned_layers(model)]
+    return [p for p in reparams if isinstance(p, SoftThreshold)]
+
+
+@torch.no_grad()
+def set_threshold(model: nn.Module, d: float) -> int:
+    """Set D of every STDS layer of ``model``; returns how many layers were set."""
+    check_threshold(d)
+    layers = soft_thresholds(model)
+    for p in layers:
+        p.d.fill_(d)
+    return len(layers)
+
+
+# -- sparsity accounting and export ---------------------------------------------------------------
+
+def pruned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) for every layer whose weight carries a sparse parametrization."""
+    return [(n, m) for n, m in model.named_modules() if weight_reparam(m) is not None]
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Exact zeros of the effective weights: per layer and in total (parameter-weighted)."""
+
+    zeros: dict[str, int]
+    sizes: dict[str, int]
+
+    @property
+    def total(self) -> float:
+        n = sum(self.sizes.values())
+        return sum(self.zeros.values()) / n if n else 0.0
+
+    def layer(self, name: str) -> float:
+        return self.zeros[name] / self.sizes[name]
+
+    def metrics(self, prefix: str = "sparsity") -> dict[str, float]:
+        """``{'sparsity': total %, 'sparsity/<layer>': layer %, ...}`` in percent."""
+        out = {prefix: 100.0 * self.total}
+        out.update({f"{prefix}/{n}": 100.0 * self.layer(n) for n in self.zeros})
+        return out
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module) -> Sparsity:
+    """Count the exact zeros of every pruned layer's effective weight."""
+    zeros, sizes = {}, {}
+    for name, m in pruned_layers(model):
+        w = m.weight
+        zeros[name] = int((w == 0).sum())
+        sizes[name] = w.numel()
+    return Sparsity(zeros, sizes)
+
+
+def export(model: nn.Module) -> nn.Module:
+    """Bake every sparse parametrization into a plain ``weight`` (the effective one, zeros included)."""
+    for _, m in pruned_layers(model):
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    _invalidate_spiking_reset_cache(model)
+    return model

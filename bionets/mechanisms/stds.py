@@ -1,0 +1,139 @@
+"""Mechanisms ``stds`` and ``gradr``: sparse weights by reparameterization (SPEC-STDS).
+
+``stds`` (Chen et al., ICML 2022) gives the chosen layers the soft threshold
+``w = sign(theta) * max(|theta| - D, 0)`` (:mod:`bionets.layers.stds`) and a hook that raises D
+after every optimizer step by the sine, linear or fixed schedule (N = steps per epoch x epochs,
+per process). ``gradr`` (Gradient Rewiring, the baseline) gives them a fixed sign and a strength
+(:mod:`bionets.layers.gradr`); it is trained with ``optim.name: gradr``. Both log the exact zeros
+of the effective weights per layer and in total every epoch (``sparsity``, ``sparsity/<layer>``,
+in percent) and draw sparsity and accuracy against training progress at the end
+(``sparsity.png`` in the run directory).
+
+Options (``mechanisms: {stds: {...}}``): ``sparse_function`` stmod | st | identity,
+``schedule`` sine | linear | fixed, ``d_max`` (>= 0, theta units; does not transfer between
+optimizers), ``include`` / ``exclude`` (glob patterns of layer names), ``types`` (conv, linear).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from bionets.configbase import Section
+from bionets.engine.hooks import Hook, Progress
+from bionets.engine.optim import register_optimizer
+from bionets.layers.gradr import apply_gradr, create_gradr
+from bionets.layers.stds import apply_stds, soft_thresholds, sparsity, threshold_at
+from bionets.mechanisms.registry import Applied, Report, register_mechanism
+
+LayerType = Literal["conv", "linear"]
+
+
+class LayerChoice(Section):
+    include: list[str] = ["*"]                  # glob patterns of module names, e.g. ["layer*"]
+    exclude: list[str] = []                     # e.g. ["fc"] (ImageNet: the classifier is not pruned)
+    types: list[LayerType] = ["conv", "linear"]
+
+
+class StdsConfig(LayerChoice):
+    sparse_function: Literal["stmod", "st", "identity"] = "stmod"
+    schedule: Literal["sine", "linear", "fixed"] = "sine"
+    d_max: float = Field(1.0, ge=0)
+
+
+class GradrConfig(LayerChoice):
+    alpha: float = Field(1e-3, gt=0)
+    target_sparsity: float = Field(0.95, ge=0.5, lt=1)
+
+
+class SparsityHook(Hook):
+    """Logs the sparsity of the effective weights every epoch and plots it at the end of training."""
+
+    def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
+        return sparsity(model).metrics()
+
+    def on_train_end(self, run_dir: Path, history: list[dict]) -> None:
+        if history:
+            plot_sparsity(history, Path(run_dir) / "sparsity.png")
+
+
+class StdsHook(SparsityHook):
+    """Sets D of every STDS layer from the training progress after each optimizer step."""
+
+    def __init__(self, cfg: StdsConfig, model: nn.Module):
+        self.cfg = cfg
+        self.layers = soft_thresholds(model)
+        self.d: float | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self.layers = soft_thresholds(model)
+
+    def on_step(self, progress: Progress) -> None:
+        d = threshold_at(self.cfg.schedule, self.cfg.d_max, progress.step, progress.total_steps)
+        if d != self.d:
+            for p in self.layers:
+                p.d.fill_(d)
+            self.d = d
+
+    def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
+        layers = soft_thresholds(model)
+        out = {"stds_d": layers[0].d.item()} if layers else {}
+        return {**super().epoch_metrics(model), **out}
+
+
+def _report(name: str, model: nn.Module, layers: list[str], what: str) -> Report:
+    report = Report(name)
+    for layer in layers:
+        report.changes.append(f"{layer}: {what} ({model.get_submodule(layer).weight.numel():,} weights)")
+    return report
+
+
+@register_mechanism("stds", StdsConfig, order=30)
+def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
+    d0 = threshold_at(cfg.schedule, cfg.d_max, 0, 1)   # fixed: theta_0 = sign(w_0)(|w_0| + D_max)
+    layers = apply_stds(model, cfg.sparse_function, d0, include=cfg.include, exclude=cfg.exclude, types=cfg.types)
+    what = f"STDS {cfg.sparse_function} soft threshold, {cfg.schedule} schedule to D={cfg.d_max:g}"
+    return Applied(model, [StdsHook(cfg, model)], _report("stds", model, layers, what))
+
+
+@register_mechanism("gradr", GradrConfig, order=30)
+def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
+    layers = apply_gradr(model, cfg.alpha, cfg.target_sparsity, include=cfg.include, exclude=cfg.exclude,
+                         types=cfg.types)
+    what = f"Grad R sign and strength, alpha={cfg.alpha:g}, target sparsity {cfg.target_sparsity:g}"
+    return Applied(model, [SparsityHook()], _report("gradr", model, layers, what))
+
+
+register_optimizer("gradr")(create_gradr)
+
+
+def plot_sparsity(history: list[dict], path: Path) -> None:
+    """Per-layer and total sparsity (left) and accuracy with total sparsity (right) against epochs."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in history]
+    layers = [k for k in history[-1] if k.startswith("sparsity/")]
+    fig = Figure(figsize=(12, 4.5))
+    left, right = fig.subplots(1, 2)
+    cmap = colormaps["viridis"].resampled(max(1, len(layers)))
+    for i, key in enumerate(layers):
+        left.plot(epochs, [r.get(key, float("nan")) for r in history], color=cmap(i), lw=1,
+                  label=key.removeprefix("sparsity/") if len(layers) <= 12 else None)
+    left.plot(epochs, [r.get("sparsity", float("nan")) for r in history], color="black", lw=2.5, label="total")
+    left.set(xlabel="epoch", ylabel="sparsity (% zero weights)", title="sparsity per layer", ylim=(-2, 102))
+    left.legend(fontsize=7, ncol=2)
+    for key, style in (("test_top1", "-"), ("train_top1", "--")):
+        if key in history[-1]:
+            right.plot(epochs, [r[key] for r in history], style, color="tab:blue", label=key)
+    right.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy and total sparsity")
+    twin = right.twinx()
+    twin.plot(epochs, [r.get("sparsity", float("nan")) for r in history], color="black", lw=2, label="sparsity")
+    twin.set(ylabel="sparsity (%)", ylim=(-2, 102))
+    lines = right.get_lines() + twin.get_lines()
+    right.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,139 @@
+"""The spiking CIFAR-10 network of STDS and Grad R (Chen et al., ICML 2022 / IJCAI 2021), on
+SpikingJelly's ``activation_based`` neurons.
+
+conv(3->256)-BN-LIF, 2 x [conv-BN-LIF], MaxPool2, 3 x [conv-BN-LIF], MaxPool2, flatten (16384),
+Dropout 0.5, 1x1 conv 16384->2048, LIF, Dropout 0.5, 1x1 conv 2048->100, LIF, voting (the mean of
+each group of 10 outputs -> 10 classes). All 3x3 convs pad 1, no bias. The output is the voted
+firing rate averaged over the T time steps, trained with ``train.loss: mse_onehot``.
+
+Spiking vocabulary (SPEC-STDS): multi-step (``step_mode='m'``) LIF neurons with tau = 2,
+``decay_input``: ``H_t = V_{t-1} + (X_t - V_{t-1}) / tau``, ``S_t = Heaviside(H_t - 1)``,
+``V_t = H_t (1 - S_t)`` (hard reset to 0, detached from the graph); IF neurons:
+``H_t = V_{t-1} + X_t``. Surrogate gradient ATan, alpha = 2, one instance per neuron. Stateless
+layers fold T into the batch (``layer.SeqToANNContainer``). Direct encoding: the first conv+BN run
+once on the image and the result is repeated over T. Every neuron's state is reset before and
+after each forward pass (training and evaluation alike), inside ``forward``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from bionets.errors import BionetsError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR10_PLAN = (256, 256, 256, "M", 256, 256, 256, "M")
+
+
+def lif_node() -> neuron.LIFNode:
+    """Multi-step LIF, tau 2, decay_input, v_th 1, hard reset to 0 (detached), its own ATan(2)."""
+    return neuron.LIFNode(tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0,
+                          surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True, step_mode="m")
+
+
+def if_kwargs() -> dict:
+    """Keyword arguments of a multi-step IF neuron: v_th 1, hard reset to 0 (detached), ATan(2)."""
+    return dict(v_threshold=1.0, v_reset=0.0, surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True,
+                step_mode="m")
+
+
+def check_time_steps(T: int) -> int:
+    if not isinstance(T, int) or T < 1:
+        raise BionetsError(f"spiking model time steps T must be an integer >= 1 (the paper uses 8 on CIFAR, "
+                           f"4 on ImageNet), got {T!r}")
+    return T
+
+
+def repeat_over_time(x: torch.Tensor, T: int) -> torch.Tensor:
+    """Direct encoding: [N, ...] -> [T, N, ...], the same input at every step."""
+    return x.unsqueeze(0).repeat(T, *([1] * x.ndim))
+
+
+def conv_bn(c_in: int, c_out: int) -> layer.SeqToANNContainer:
+    return layer.SeqToANNContainer(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class SpikingVotingNet(nn.Module):
+    """A direct-encoded spiking conv net with two spiking 1x1-conv layers and a voting output.
+
+    ``plan``: the stem conv's channels, then conv channels or ``"M"`` (2x2 max-pool) for the body.
+    """
+
+    def __init__(self, plan: Sequence[int | str] = CIFAR10_PLAN, hidden: int = 2048, T: int = 8,
+                 num_classes: int = 10, in_chans: int = 3, img_size: int = 32, voting: int = 10,
+                 drop_rate: float = 0.5):
+        super().__init__()
+        self.T = check_time_steps(T)
+        pools = sum(1 for p in plan if p == "M")
+        if img_size % 2**pools:
+            raise BionetsError(f"img_size={img_size} must be divisible by {2**pools} (the net max-pools {pools} times)")
+        self.num_classes, self.voting = num_classes, voting
+        c = plan[0]
+        self.conv_stem = nn.Conv2d(in_chans, c, 3, padding=1, bias=False)
+        self.bn_stem = nn.BatchNorm2d(c)
+        self.sn_stem = lif_node()
+        body = []
+        for item in plan[1:]:
+            if item == "M":
+                body.append(layer.SeqToANNContainer(nn.MaxPool2d(2, 2)))
+            else:
+                body += [conv_bn(c, item), lif_node()]
+                c = item
+        self.features = nn.Sequential(*body)
+        self.num_features = c * (img_size // 2**pools) ** 2
+        self.drop1 = layer.Dropout(drop_rate, step_mode="m")   # one mask for all T steps
+        self.fc1 = nn.Conv2d(self.num_features, hidden, 1, bias=False)
+        self.sn1 = lif_node()
+        self.drop2 = layer.Dropout(drop_rate, step_mode="m")
+        self.fc2 = nn.Conv2d(hidden, num_classes * voting, 1, bias=False)
+        self.sn2 = lif_node()
+
+    @staticmethod
+    def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """A 1x1 conv as a linear layer over [T, N, F] (T folded into the batch)."""
+        t, n, f = x.shape
+        return conv(x.reshape(t * n, f, 1, 1)).view(t, n, -1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [N, C, H, W] -> spikes [T, N, C', H', W']."""
+        x = repeat_over_time(self.bn_stem(self.conv_stem(x)), self.T)
+        return self.features(self.sn_stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Spikes [T, N, ...] -> voted firing rate [N, classes] (averaged over T)."""
+        x = self.sn1(self._conv1x1(self.fc1, self.drop1(x.flatten(2))))
+        if pre_logits:
+            return x.mean(0)
+        x = self.sn2(self._conv1x1(self.fc2, self.drop2(x)))
+        t, n, _ = x.shape
+        return x.view(t, n, self.num_classes, self.voting).mean(-1).mean(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        functional.reset_net(self)
+        try:
+            return self.forward_head(self.forward_features(x))
+        finally:
+            functional.reset_net(self)   # no state (or graph) outlives the batch
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc2
+
+
+def create_voting_net(variant: str, pretrained: bool = False, **kwargs) -> SpikingVotingNet:
+    return build_model_with_cfg(SpikingVotingNet, variant, pretrained, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "snn_cifar10": dict(url="", num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN,
+                        std=CIFAR_STD, first_conv="conv_stem", classifier="fc2"),
+})
+
+
+@register_model
+def snn_cifar10(pretrained: bool = False, T: int = 8, **kwargs) -> SpikingVotingNet:
+    """The spiking CIFAR-10 net of STDS (voting output, 36.7 M parameters), T time steps."""
+    return create_voting_net("snn_cifar10", pretrained, plan=CIFAR10_PLAN, hidden=2048, T=T, **kwargs)
