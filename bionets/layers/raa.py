@@ -1,0 +1,107 @@
+"""Response-Adaptive Activation (RAA) of DNRT (Qiu et al., ICLR 2024).
+
+A biological neuron's firing threshold moves with its input. RAA gives GELU an input-dependent
+threshold computed from the whole feature vector x of one token (or one pixel of a CNN)::
+
+    shift = v . x + c                 (v: a learned vector, c: a learned scalar; both start at 0)
+    RAA(x) = x * Phi(x + shift)       (Phi: standard normal CDF; element-wise, one shift per vector)
+
+so RAA starts as exact GELU (``x * Phi(x)``). Variants of the reference code:
+``scalar`` (shift = c), ``matrix`` (an element-wise shift ``W x + c`` with a full matrix W), and the
+ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built on ReLU.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bionets.errors import BionetsError
+
+Variant = Literal["vector", "scalar", "matrix"]
+Base = Literal["gelu", "relu"]
+DEFAULT_TYPES = ("ReLU", "GELU", "GELUTanh", "SiLU", "Swish")
+
+
+class RAA(nn.Module):
+    """RAA over ``num_features``; the feature axis is dim 1 of a 4-D (NCHW) map, else the last dim.
+
+    Extra parameters: ``num_features + 1`` (vector), 1 (scalar), ``num_features^2 + num_features``
+    (matrix).
+    """
+
+    def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu"):
+        super().__init__()
+        if variant not in ("vector", "scalar", "matrix") or base not in ("gelu", "relu"):
+            raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
+        self.num_features, self.variant, self.base = num_features, variant, base
+        self.c = nn.Parameter(torch.zeros(1))
+        if variant == "vector":
+            self.v = nn.Parameter(torch.zeros(num_features))
+        elif variant == "matrix":
+            self.W = nn.Parameter(torch.zeros(num_features, num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, variant={self.variant}, base={self.base}"
+
+    def shift(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.variant == "scalar":
+            return self.c
+        if self.variant == "vector":                          # v . x + c, one value per vector
+            v = self.v.view(-1, 1, 1) if dim == 1 else self.v
+            return (x * v).sum(dim, keepdim=True) + self.c
+        if dim == 1:                                          # W x + c per pixel (a 1x1 convolution)
+            return torch.einsum("oc,nc...->no...", self.W, x) + self.c
+        return x @ self.W.T + self.c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
+        if x.shape[dim] != self.num_features:
+            raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: "
+                               "this activation module is shared by layers of different widths; exclude it by pattern")
+        s = self.shift(x, dim)
+        if self.base == "relu":
+            return torch.relu(x + s)                          # max(0, x + shift)
+        return x * torch.special.ndtr(x + s)                  # x * Phi(x + shift)
+
+
+def _width(module: nn.Module) -> int | None:
+    for attr in ("out_features", "out_channels", "num_features", "normalized_shape", "embed_dim"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (tuple, list)) and len(value) == 1:
+            return int(value[0])
+    return None
+
+
+def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES, patterns: list[str] | None = None,
+                     variant: Variant = "vector", base: Base | Literal["auto"] = "auto") -> list[tuple[str, int]]:
+    """Replace activation modules (by class name and name glob) with RAA, in place.
+
+    The feature size of each activation is read from the nearest preceding module that has one
+    (Linear, Conv, BatchNorm, LayerNorm). ``base='auto'`` uses the ReLU form for ReLU and the GELU
+    form for GELU and SiLU. Returns (name, parameters added) per replaced module. Activations
+    applied as functions inside ``forward`` (e.g. ``F.relu``) are not modules and are not swapped.
+    """
+    wanted = {t.lower() for t in types}
+    replaced, width, done = [], None, set()
+    for name, module in list(model.named_modules()):
+        w = _width(module)
+        if w is not None and not isinstance(module, RAA):
+            width = w
+        if type(module).__name__.lower() not in wanted or id(module) in done:
+            continue
+        if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+            continue
+        if width is None:
+            raise BionetsError(f"RAA cannot tell the feature size of activation '{name}' (no Linear/Conv/Norm before it)")
+        form = base if base != "auto" else ("relu" if "relu" in type(module).__name__.lower() else "gelu")
+        raa = RAA(width, variant, form)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, raa)
+        done.add(id(module))
+        replaced.append((name, sum(p.numel() for p in raa.parameters())))
+    return replaced

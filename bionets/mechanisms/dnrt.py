@@ -1,0 +1,114 @@
+"""Mechanisms ``raa`` and ``arr``: DNRT's activation and regularization, on any timm/torchvision model.
+
+``mechanisms: {raa: {variant: vector, types: [ReLU, GELU, SiLU], patterns: null}}`` swaps the
+activations for RAA (:mod:`bionets.layers.raa`). ``mechanisms: {arr: {weight: 10, momentum: 0.1,
+form: paper, layers: auto}}`` adds ARR's loss (:mod:`bionets.layers.arr`) through the engine's
+auxiliary-loss hook: ``layers: classifier`` regularizes the pooled features that feed the
+classifier (CNNs, MLPs); ``blocks`` the class token after every transformer block (ViTs; the token
+mean for models without a class token); ``auto`` picks ``blocks`` for models with ``blocks`` and a
+``cls_token``/``embed_dim``, else ``classifier``. Evaluation is unaffected.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from bionets.configbase import Section
+from bionets.engine.hooks import Hook
+from bionets.errors import BionetsError
+from bionets.layers.arr import ArrMemory, arr_loss
+from bionets.layers.raa import DEFAULT_TYPES, swap_activations
+from bionets.mechanisms.registry import Applied, Report, register_mechanism
+
+
+class RaaConfig(Section):
+    variant: Literal["vector", "scalar", "matrix"] = "vector"
+    base: Literal["auto", "gelu", "relu"] = "auto"
+    types: list[str] = list(DEFAULT_TYPES)
+    patterns: list[str] | None = None
+
+
+class ArrConfig(Section):
+    weight: float = Field(10.0, ge=0)
+    momentum: float = Field(0.1, ge=0, lt=1)
+    form: Literal["paper", "code"] = "paper"
+    layers: Literal["auto", "classifier", "blocks"] = "auto"
+
+
+@register_mechanism("raa", RaaConfig, order=20)
+def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
+    from bionets.layers.raa import RAA
+
+    already = sum(isinstance(m, RAA) for m in model.modules())
+    replaced = swap_activations(model, types=tuple(cfg.types), patterns=cfg.patterns, variant=cfg.variant, base=cfg.base)
+    if not replaced and not already:
+        raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
+                           + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}")
+    report = Report("raa", [f"{name}: -> RAA ({cfg.variant}), +{n}" for name, n in replaced], sum(n for _, n in replaced))
+    return Applied(model, [], report)
+
+
+def _is_vit(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList) and hasattr(model, "embed_dim")
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if not isinstance(head, nn.Linear | nn.Conv2d):
+        raise BionetsError(f"arr cannot find the classifier of {type(model).__name__} (no get_classifier()/fc "
+                           "Linear layer): use layers=blocks for a ViT or a model with a Linear classifier")
+    return head
+
+
+class ArrHook(Hook):
+    """Captures the responses with forward hooks; returns ARR's loss in training."""
+
+    def __init__(self, cfg: ArrConfig, layers: str):
+        self.cfg, self.layers, self.responses = cfg, layers, []
+
+    def attach(self, model: nn.Module) -> None:
+        self.memory = model.arr_memory
+        if self.layers == "classifier":
+            _classifier(model).register_forward_pre_hook(lambda m, args: self._keep(args[0]))
+        else:
+            for block in model.blocks:
+                block.register_forward_hook(lambda m, args, out: self._keep(out, token=True))
+
+    def _keep(self, x: torch.Tensor, token: bool = False) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if token:
+            x = x[:, 0] if x.shape[1] > 1 and getattr(self, "cls", True) else x.mean(1)
+        elif x.ndim == 4:
+            x = x.mean((2, 3))
+        self.responses.append(x.flatten(1))
+
+    def aux_loss(self, model, images, logits, targets):
+        responses, self.responses = self.responses, []
+        if not model.training or not responses:
+            return None
+        return arr_loss(self.memory, responses, targets, weight=self.cfg.weight, momentum=self.cfg.momentum,
+                        form=self.cfg.form)
+
+
+@register_mechanism("arr", ArrConfig, order=90)
+def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
+    layers = cfg.layers if cfg.layers != "auto" else ("blocks" if _is_vit(model) else "classifier")
+    head = _classifier(model) if layers == "classifier" else None
+    if layers == "blocks" and not _is_vit(model):
+        raise BionetsError(f"arr layers=blocks needs a transformer with .blocks and .embed_dim; {type(model).__name__} has none")
+    classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels if head is not None else \
+        _classifier(model).out_features
+    dim = (head.in_features if isinstance(head, nn.Linear) else head.in_channels) if head is not None else model.embed_dim
+    depth = len(model.blocks) if layers == "blocks" else 1
+    report = Report("arr")
+    if not hasattr(model, "arr_memory"):
+        model.arr_memory = ArrMemory(depth, classes, dim)
+        report.changes.append(f"class memory of {depth} layer(s) x {classes} classes x {dim} features ({layers}); "
+                              f"weight {cfg.weight}, momentum {cfg.momentum}, form {cfg.form}")
+    hook = ArrHook(cfg, layers)
+    hook.cls = getattr(model, "cls_token", None) is not None
+    return Applied(model, [hook], report)

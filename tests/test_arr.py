@@ -1,0 +1,138 @@
+"""ARR: the loss on a hand-made batch (both forms), buffer updates, state, DDP, eval, CLI."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bionets.cli import main
+from bionets.config import load_config
+from bionets.errors import BionetsError
+from bionets.layers.arr import ArrMemory, arr_loss, sequential_means
+from bionets.mechanisms import apply_mechanisms, parse_mechanisms
+
+
+def loop_means(m0, r, y, a):
+    """The reference code's per-sample loop: update, then read the class mean."""
+    m, after = m0.clone(), []
+    for ri, yi in zip(r, y):
+        m[yi] = (1 - a) * m[yi] + a * ri
+        after.append(m[yi].clone())
+    return torch.stack(after), m
+
+
+def test_sequential_means_match_the_loop():
+    torch.manual_seed(0)
+    m0, r, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 4, (20,))
+    after, final = sequential_means(m0, r, y, 0.1)
+    ref_after, ref_final = loop_means(m0, r, y, 0.1)
+    torch.testing.assert_close(after, ref_after)
+    torch.testing.assert_close(final, ref_final)
+
+
+def test_loss_on_a_hand_made_batch():
+    mem = ArrMemory(1, 2, 2)
+    mem.mean[0] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    mem.seen[0] = True
+    r = torch.tensor([[2.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 0])
+    # paper: against the means before the update: |(1,0)| + |(0,2)| + |(0,0)| -> mean over 6 elements = 3/6
+    loss = arr_loss(mem, [r], y, weight=2.0, momentum=0.5, form="paper")
+    assert loss.item() == pytest.approx(2.0 * 3 / 6)
+    # the update: class 0 sees (2,1) then (1,1): (1,1) -> (1.5,1) -> (1.25,1); class 1 -> (0,1)
+    torch.testing.assert_close(mem.mean[0], torch.tensor([[1.25, 1.0], [0.0, 1.0]]))
+    # code form: against the mean just after each sample's own update
+    mem.mean[0] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss = arr_loss(mem, [r], y, weight=1.0, momentum=0.5, form="code")
+    # means after: (1.5,1), (0,1), (1.25,1) -> |(.5,0)| + |(0,1)| + |(-.25,0)| = 1.75 over 6
+    assert loss.item() == pytest.approx(1.75 / 6)
+
+
+def test_first_response_initializes_and_gradient_flows_to_responses_only():
+    mem = ArrMemory(1, 3, 2)
+    r = torch.tensor([[1.0, 2.0], [3.0, 2.0]], requires_grad=True)
+    loss = arr_loss(mem, [r], torch.tensor([2, 2]), weight=1.0, momentum=0.1)
+    assert mem.seen[0].tolist() == [False, False, True]
+    torch.testing.assert_close(mem.mean[0, 2], torch.tensor([1.2, 2.0]))      # r0, then 0.9 r0 + 0.1 r1
+    assert loss.item() == pytest.approx(2 / 4)                                # |r1 - r0| = (2, 0) over 4
+    loss.backward()
+    assert r.grad is not None and not mem.mean.requires_grad
+
+
+def build(model="test_mlp", **arr):
+    import timm
+    m = timm.create_model(model, num_classes=10, in_chans=1, img_size=8)
+    m, hooks, reports = apply_mechanisms(m, parse_mechanisms({"arr": {"weight": 1.0, **arr}}))
+    for h in hooks:
+        h.attach(m)
+    return m, hooks[0]
+
+
+def test_memory_is_saved_and_eval_is_unaffected():
+    model, hook = build()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    model.train()
+    hook.aux_loss(model, x, model(x), y)
+    state = model.state_dict()
+    assert "arr_memory.mean" in state and state["arr_memory.seen"].any()
+    fresh, _ = build()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.arr_memory.mean, model.arr_memory.mean)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        assert hook.aux_loss(model, x, out, y) is None
+        feats = model.forward_head(model.forward_features(x))
+    torch.testing.assert_close(out, feats)
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"momentum": 1.0}, "mechanisms.arr.momentum"),
+    ({"weight": -1}, "mechanisms.arr.weight"),
+    ({"layers": "blocks"}, "needs a transformer"),
+])
+def test_bad_options_are_one_line(opts, message):
+    with pytest.raises(BionetsError, match=message):
+        build(**opts)
+
+
+def test_arr_without_classifier_is_one_line():
+    with pytest.raises(BionetsError, match="cannot find the classifier"):
+        apply_mechanisms(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()), parse_mechanisms({"arr": {}}))
+
+
+def _ddp_worker(rank, port, r, y, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    mem = ArrMemory(1, 3, 2)
+    half = len(y) // 2
+    arr_loss(mem, [r[rank * half:(rank + 1) * half]], y[rank * half:(rank + 1) * half], weight=1.0, momentum=0.1)
+    out[rank] = mem.mean.clone()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_hold_identical_memory():
+    torch.manual_seed(0)
+    r, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, r, y, out), nprocs=2)
+    single = ArrMemory(1, 3, 2)
+    arr_loss(single, [r], y, weight=1.0, momentum=0.1)       # the union, in rank order
+    torch.testing.assert_close(out[0], out[1])
+    torch.testing.assert_close(out[0], single.mean)
+
+
+def test_cli_run_with_raa_and_arr(tmp_path):
+    args = ["train", "dnrt/digits", "train.epochs=2", "mechanisms={raa: {}, arr: {weight: 1.0}}", f"out_dir={tmp_path}",
+            "name=r", "--quiet"]
+    assert main(args) == 0
+    import json
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["test_top1"] > 80
+    cfg = load_config(str(tmp_path / "r" / "config.yaml"))
+    assert set(cfg.mechanisms) == {"raa", "arr"}
+    assert main(["eval", str(tmp_path / "r" / "best.pt")]) == 0

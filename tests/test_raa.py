@@ -1,0 +1,102 @@
+"""RAA against its formula in float64, gradients, the swap on timm models, and training."""
+import math
+
+import pytest
+import timm
+import torch
+
+from bionets.errors import BionetsError
+from bionets.layers.raa import RAA, swap_activations
+
+
+def phi(z):
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def direct(x, raa, dim):
+    """RAA written out per vector: shift = v.x + c (or c, or W x + c), x * Phi(x + shift) / relu."""
+    xm = x.movedim(dim, -1)
+    if raa.variant == "scalar":
+        shift = raa.c
+    elif raa.variant == "vector":
+        shift = (xm * raa.v).sum(-1, keepdim=True) + raa.c
+    else:
+        shift = torch.einsum("oc,...c->...o", raa.W, xm) + raa.c
+    out = torch.relu(xm + shift) if raa.base == "relu" else xm * phi(xm + shift)
+    return out.movedim(-1, dim)
+
+
+def randomized(raa):
+    with torch.no_grad():
+        for p in raa.parameters():
+            p.normal_(0, 0.3)
+    return raa
+
+
+@pytest.mark.parametrize("variant", ["vector", "scalar", "matrix"])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("shape, dim", [((3, 5, 4, 4), 1), ((2, 7, 5), -1), ((6, 5), -1)])
+def test_raa_matches_formula_float64(variant, base, shape, dim):
+    raa = randomized(RAA(shape[dim], variant, base)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(raa(x), direct(x, raa, dim), rtol=1e-12, atol=1e-12)
+
+
+def test_raa_starts_as_exact_gelu_and_relu():
+    x = torch.randn(4, 8, 3, 3)
+    assert torch.equal(RAA(8)(x), x * torch.special.ndtr(x))
+    torch.testing.assert_close(RAA(8)(x), torch.nn.functional.gelu(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(RAA(8, base="relu")(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("variant", ["vector", "matrix"])
+def test_raa_gradcheck(variant):
+    raa = randomized(RAA(4, variant)).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: raa(x), (x, *raa.parameters()))
+
+
+@pytest.mark.parametrize("name, kwargs, n_act, added", [
+    ("resnet18", {}, 17, None),
+    ("convnext_atto", {}, 12, None),
+    ("vit_tiny_patch16_224", {"img_size": 32}, 12, 12 * 769),
+])
+def test_swap_on_timm_models(name, kwargs, n_act, added):
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    before = sum(p.numel() for p in model.parameters())
+    replaced = swap_activations(model)
+    assert len(replaced) == n_act
+    assert not [n for n, m in model.named_modules() if type(m).__name__ in ("ReLU", "GELU", "SiLU")]
+    gained = sum(p.numel() for p in model.parameters()) - before
+    assert gained == sum(n for _, n in replaced) and (added is None or gained == added)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert all(m.c.grad is not None for m in model.modules() if isinstance(m, RAA))
+    assert swap_activations(model) == []                                     # idempotent
+
+
+def test_raa_bad_input():
+    with pytest.raises(BionetsError, match="variant"):
+        RAA(4, variant="diag")
+    with pytest.raises(BionetsError, match="built for 4 features"):
+        RAA(4)(torch.randn(2, 5))
+
+
+def test_raa_trains_on_digits():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 10))
+    swap_activations(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    assert losses[-1] < 0.3 * losses[0] and acc > 0.9
+    assert model[1].v.abs().sum() > 0                                        # the threshold learned
