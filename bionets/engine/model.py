@@ -16,6 +16,9 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
 
     if not timm.is_model(name):
         raise unknown("model", name, timm.list_models())
+    if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus
+        from bionets.models.cifar_nets import resolve_act
+        kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}
     try:
         return timm.create_model(name, pretrained=False, **{"num_classes": num_classes, "in_chans": in_chans, **kwargs})
     except TypeError as err:

@@ -29,7 +29,7 @@ class ArrMemory(nn.Module):
     def __init__(self, layers: int, classes: int, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(layers, classes, dim))
-        self.register_buffer("seen", torch.zeros(layers, classes, dtype=torch.bool))
+        self.register_buffer("seen", torch.zeros(layers, classes, dtype=torch.uint8))  # uint8: DDP broadcasts it
 
     def extra_repr(self) -> str:
         j, k, d = self.mean.shape
@@ -81,7 +81,7 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         r = r.float()
         with torch.no_grad():
             all_r, all_y = gather_across_ranks(r.detach()), gather_across_ranks(targets)
-            m0, seen = memory.mean[j], memory.seen[j]
+            m0, seen = memory.mean[j], memory.seen[j].bool()
             first = torch.zeros_like(seen)
             first_idx = torch.full((len(seen),), len(all_y), dtype=torch.long, device=all_y.device)
             first_idx.scatter_reduce_(0, all_y, torch.arange(len(all_y), device=all_y.device), "amin")
@@ -96,6 +96,6 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
                 target_means = after[rank * len(targets):(rank + 1) * len(targets)]
             if update:
                 memory.mean[j] = final
-                memory.seen[j] |= first
+                memory.seen[j] |= first.to(torch.uint8)
         losses.append((r - target_means).abs().mean())
     return weight * torch.stack(losses).mean()

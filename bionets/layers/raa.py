@@ -25,6 +25,53 @@ Base = Literal["gelu", "relu"]
 DEFAULT_TYPES = ("ReLU", "GELU", "GELUTanh", "SiLU", "Swish")
 
 
+SQRT1_2 = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+
+
+class _ShiftedGelu(torch.autograd.Function):
+    """``x * Phi(x + s)`` with a hand-written backward that keeps only x and s (s broadcasts).
+
+    d/dx = Phi(z) + x phi(z), d/ds = x phi(z) (summed over s's broadcast axes), z = x + s.
+    Phi through erf: torch's ndtr is about ten times slower than erf on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.save_for_backward(x, s)
+        return x * (0.5 + 0.5 * torch.erf((x + s) * SQRT1_2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        z = x + s
+        cdf = 0.5 + 0.5 * torch.erf(z * SQRT1_2)
+        gx_phi = grad * x * torch.exp(-0.5 * z * z) * INV_SQRT_2PI
+        gs = gx_phi
+        if s.shape != gs.shape:                               # reduce over the axes s was broadcast along
+            lead = gs.ndim - s.ndim
+            dims = [d for d in range(gs.ndim) if d < lead or s.shape[d - lead] == 1]
+            gs = gs.sum(dims, keepdim=True).reshape(s.shape)
+        return grad * cdf + gx_phi, gs
+
+
+def _shifted_gelu_expr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x * (0.5 + 0.5 * torch.erf((x + s) * SQRT1_2))
+
+
+_COMPILED = {}
+
+
+def shifted_gelu(x: torch.Tensor, s: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """``x * Phi(x + s)``: eager (hand-written backward) or fused by ``torch.compile`` (one kernel
+    for the forward and one for the backward: the fast path, compiled once per shape)."""
+    if not compiled:
+        return _ShiftedGelu.apply(x, s)
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_shifted_gelu_expr, dynamic=False)
+    return _COMPILED["fn"](x, s)
+
+
 class RAA(nn.Module):
     """RAA over ``num_features``; the feature axis is dim 1 of a 4-D (NCHW) map, else the last dim.
 
@@ -32,11 +79,11 @@ class RAA(nn.Module):
     (matrix).
     """
 
-    def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu"):
+    def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu", compiled: bool = False):
         super().__init__()
         if variant not in ("vector", "scalar", "matrix") or base not in ("gelu", "relu"):
             raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
-        self.num_features, self.variant, self.base = num_features, variant, base
+        self.num_features, self.variant, self.base, self.compiled = num_features, variant, base, compiled
         self.c = nn.Parameter(torch.zeros(1))
         if variant == "vector":
             self.v = nn.Parameter(torch.zeros(num_features))
@@ -64,7 +111,7 @@ class RAA(nn.Module):
         s = self.shift(x, dim)
         if self.base == "relu":
             return torch.relu(x + s)                          # max(0, x + shift)
-        return x * torch.special.ndtr(x + s)                  # x * Phi(x + shift)
+        return shifted_gelu(x, s, self.compiled)              # x * Phi(x + shift)
 
 
 def _width(module: nn.Module) -> int | None:
@@ -78,7 +125,8 @@ def _width(module: nn.Module) -> int | None:
 
 
 def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES, patterns: list[str] | None = None,
-                     variant: Variant = "vector", base: Base | Literal["auto"] = "auto") -> list[tuple[str, int]]:
+                     variant: Variant = "vector", base: Base | Literal["auto"] = "auto",
+                     compiled: bool = False) -> list[tuple[str, int]]:
     """Replace activation modules (by class name and name glob) with RAA, in place.
 
     The feature size of each activation is read from the nearest preceding module that has one
@@ -99,7 +147,7 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
         if width is None:
             raise BionetsError(f"RAA cannot tell the feature size of activation '{name}' (no Linear/Conv/Norm before it)")
         form = base if base != "auto" else ("relu" if "relu" in type(module).__name__.lower() else "gelu")
-        raa = RAA(width, variant, form)
+        raa = RAA(width, variant, form, compiled)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, raa)
         done.add(id(module))

@@ -29,6 +29,7 @@ class RaaConfig(Section):
     base: Literal["auto", "gelu", "relu"] = "auto"
     types: list[str] = list(DEFAULT_TYPES)
     patterns: list[str] | None = None
+    compiled: bool = False        # fuse x * Phi(x + shift) with torch.compile (the fast path)
 
 
 class ArrConfig(Section):
@@ -43,7 +44,8 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     from bionets.layers.raa import RAA
 
     already = sum(isinstance(m, RAA) for m in model.modules())
-    replaced = swap_activations(model, types=tuple(cfg.types), patterns=cfg.patterns, variant=cfg.variant, base=cfg.base)
+    replaced = swap_activations(model, types=tuple(cfg.types), patterns=cfg.patterns, variant=cfg.variant, base=cfg.base,
+                                compiled=cfg.compiled)
     if not replaced and not already:
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
                            + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}")

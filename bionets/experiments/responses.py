@@ -1,0 +1,80 @@
+"""``bionets experiment responses``: per-class distributions of a trained model's aggregated responses.
+
+Collects, on the test split, the responses ARR works on (the pooled features feeding the
+classifier; for a ViT the final class token) of a checkpoint and, with ``compare=``, of a second
+one (e.g. without DNRT), and draws violin plots of the first ``channels`` channels for each of the
+first ``classes`` classes, the two runs side by side. With ARR the responses of a class are
+expected to be narrower and more class-specific (DNRT, Fig. of aggregated responses).
+Writes ``responses.csv`` (run, class, channel, mean, std) and ``responses.png``.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from bionets.errors import BionetsError
+from bionets.experiments import register_experiment
+
+
+def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from bionets.engine.evaluate import model_from_checkpoint
+
+    model, _, _, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if head is None:
+        raise BionetsError(f"checkpoint '{checkpoint}': the model has no get_classifier() to read responses from")
+    feats, labels = [], []
+    handle = head.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().flatten(1)))
+    model.eval()
+    with torch.no_grad():
+        for x, y in data.test:
+            model(x)
+            labels.append(y)
+    handle.remove()
+    return torch.cat(feats), torch.cat(labels)
+
+
+@register_experiment("responses")
+def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channels: int = 8, classes: int = 4,
+              data_root: str | None = None) -> str:
+    if not checkpoint:
+        raise BionetsError("experiment responses needs checkpoint=PATH (a run's best.pt); add compare=PATH for a second run")
+    runs = {Path(checkpoint).parent.name or "run": collect(checkpoint, data_root)}
+    if compare:
+        runs[Path(compare).parent.name + " (compare)"] = collect(compare, data_root)
+    rows, spread = [], {}
+    for name, (r, y) in runs.items():
+        spread[name] = float(torch.stack([r[y == k].std(0).mean() for k in y.unique()]).mean())
+        for k in range(min(classes, int(y.max()) + 1)):
+            for c in range(min(channels, r.shape[1])):
+                v = r[y == k, c]
+                rows.append({"run": name, "class": k, "channel": c, "mean": float(v.mean()), "std": float(v.std())})
+    with (out_dir / "responses.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(runs, out_dir / "responses.png", channels, classes)
+    return "mean within-class std of the aggregated responses: " + ", ".join(f"{n} {s:.4f}" for n, s in spread.items())
+
+
+def _plot(runs: dict, path: Path, channels: int, classes: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    fig, axes = plt.subplots(len(names), classes, figsize=(3 * classes, 2.6 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        r, y = runs[name]
+        for k in range(classes):
+            ax = axes[i][k]
+            data = [r[y == k, c].numpy() for c in range(min(channels, r.shape[1]))]
+            if all(len(d) > 1 for d in data):
+                ax.violinplot(data, showmeans=True)
+            ax.set_title(f"{name}: class {k}", fontsize=8)
+            ax.set_xlabel("channel", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
