@@ -126,9 +126,11 @@ class QuadraticChannel(QuadraticTerm):
 
     Only Q's symmetric part matters, so ``impl='sym'`` (default) computes with the folded upper
     triangle ``S_ij = Q_ij + Q_ji (i < j), S_ii = Q_ii`` and the C(C+1)/2 distinct products
-    ``x_i x_j (i <= j)``: half the multiply-adds of ``impl='full'``, which forms all C^2 products
-    (the reference's batched outer product, kept as the slow reference). Both give Q the same
-    gradient, ``dL/dQ_oij = sum_p g_o(p) x_i(p) x_j(p)`` (symmetric in i, j).
+    ``x_i x_j (i <= j)`` (on CPU exactly these, half the multiply-adds of ``impl='full'``; on GPU
+    the products of two channel blocks, 3/4 of C^2, which run faster there: see the note above
+    ``_triangle``), without saving them for backward. ``impl='full'`` forms all C^2 products (the
+    reference's batched outer product, kept as the slow reference). Both give Q the same gradient,
+    ``dL/dQ_oij = sum_p g_o(p) x_i(p) x_j(p)`` (symmetric in i, j).
 
     Args:
         in_channels: C_in.
