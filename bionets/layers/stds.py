@@ -40,30 +40,31 @@ SCHEDULES = ("sine", "linear", "fixed")
 LAYER_TYPES = {"conv": nn.modules.conv._ConvNd, "linear": nn.Linear}
 
 
-class _StraightThroughSoftThreshold(torch.autograd.Function):
-    """Forward: the soft threshold. Backward: ``dw/dtheta = 1[theta != 0]`` (STDS's ``stmod``)."""
+class _SoftThreshold(torch.autograd.Function):
+    """Forward: the soft threshold. Backward: ``dw/dtheta = 1[theta != 0]`` (``stmod``, straight
+    through the flat region) or the true derivative ``1[|theta| > D]`` (``st``)."""
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(theta)
+    def forward(ctx, theta: torch.Tensor, d: torch.Tensor, straight_through: bool) -> torch.Tensor:
+        ctx.save_for_backward(theta, d)
+        ctx.straight_through = straight_through
         return theta - theta.clamp(-d, d)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (theta,) = ctx.saved_tensors
-        return grad * (theta != 0), None
+        theta, d = ctx.saved_tensors
+        passes = theta != 0 if ctx.straight_through else theta.abs() > d
+        return grad * passes, None, None
 
 
 def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function: str = "stmod") -> torch.Tensor:
     """``sign(theta) * max(|theta| - d, 0)`` with the gradient of ``sparse_function``."""
     if sparse_function == "identity":
         return theta
+    if sparse_function not in SPARSE_FUNCTIONS:
+        raise unknown("sparse function", sparse_function, SPARSE_FUNCTIONS)
     d = torch.as_tensor(d, dtype=theta.dtype, device=theta.device)
-    if sparse_function == "stmod":
-        return _StraightThroughSoftThreshold.apply(theta, d)
-    if sparse_function == "st":
-        return theta - theta.clamp(-d, d)   # autograd gives the true gradient 1[|theta| > d]
-    raise unknown("sparse function", sparse_function, SPARSE_FUNCTIONS)
+    return _SoftThreshold.apply(theta, d, sparse_function == "stmod")
 
 
 def threshold_at(schedule: str, d_max: float, step: int, total_steps: int) -> float:
@@ -90,7 +91,7 @@ class SoftThreshold(SparseReparam):
         check_sparse_function(sparse_function)
         check_threshold(d)
         self.sparse_function = sparse_function
-        self.register_buffer("d", torch.tensor(float(d)))
+        self.register_buffer("d", torch.tensor(float(d), dtype=torch.float64))   # cast to the weight's dtype on use
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         return soft_threshold(theta, self.d, self.sparse_function)
@@ -159,7 +160,7 @@ def reparameterize(model: nn.Module, names: Iterable[str], make: callable) -> tu
                                    f"sparse reparameterization (stds or gradr), not both")
             done.append(name)
             continue
-        reparam.to(device=module.weight.device)
+        reparam.to(device=module.weight.device, dtype=module.weight.dtype)
         parametrize.register_parametrization(module, "weight", reparam)
         new.append(name)
     _invalidate_spiking_reset_cache(model)

@@ -1,0 +1,244 @@
+"""STDS's soft-threshold reparameterization against its equations, computed directly in float64."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bionets.config import validate_section
+from bionets.engine.hooks import Progress
+from bionets.errors import BionetsError
+from bionets.layers.stds import (SoftThreshold, apply_stds, export, set_threshold, soft_threshold, sparsity,
+                                 threshold_at)
+from bionets.mechanisms import get_mechanism, parse_mechanisms
+
+
+def formula(theta, d):
+    """w = sign(theta) * max(|theta| - D, 0), element by element in float64."""
+    return torch.tensor([math.copysign(max(abs(t) - d, 0.0), t) if t != 0 else 0.0 for t in theta.tolist()],
+                        dtype=torch.float64)
+
+
+def theta_grid():
+    return torch.tensor([-2.0, -0.75, -0.5, -0.3, -1e-9, 0.0, 1e-9, 0.2, 0.5, 0.5000001, 0.9, 3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fn", ["stmod", "st"])
+@pytest.mark.parametrize("d", [0.0, 0.5, 1.3])
+def test_soft_threshold_matches_formula(fn, d):
+    theta = torch.cat([theta_grid(), torch.randn(50, dtype=torch.float64)])
+    w = soft_threshold(theta, torch.tensor(d, dtype=torch.float64), fn)
+    assert torch.equal(w, formula(theta, d))               # exact, zeros included
+    assert int((w == 0).sum()) == int((theta.abs() <= d).sum())
+    w32 = soft_threshold(theta.float(), d, fn)
+    assert torch.allclose(w32.double(), formula(theta.float().double(), d), atol=1e-6)
+
+
+def test_identity_is_theta():
+    theta = torch.randn(7, dtype=torch.float64)
+    assert soft_threshold(theta, 5.0, "identity") is theta
+
+
+def test_straight_through_and_true_gradients():
+    d = 0.5
+    for fn, expected in (("stmod", lambda t: (t != 0).double()), ("st", lambda t: (t.abs() > d).double())):
+        theta = theta_grid().requires_grad_()
+        g = torch.linspace(-1, 2, len(theta), dtype=torch.float64)
+        (soft_threshold(theta, torch.tensor(d, dtype=torch.float64), fn) * g).sum().backward()
+        assert torch.equal(theta.grad, g * expected(theta.detach())), fn
+
+
+def test_gradcheck_where_the_gradient_is_the_derivative():
+    d = torch.tensor(0.4, dtype=torch.float64)
+    away = torch.tensor([-2.0, -0.9, -0.3, 0.1, 0.2, 0.7, 1.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: soft_threshold(t, d, "st"), (away,), eps=1e-6)
+    outside = torch.tensor([-2.0, -0.9, 0.7, 1.5], dtype=torch.float64, requires_grad=True)   # |theta| > D
+    assert torch.autograd.gradcheck(lambda t: soft_threshold(t, d, "stmod"), (outside,), eps=1e-6)
+    # through a reparameterized layer: d(out)/d(input) and d(out)/d(theta) off the kinks
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3).double()
+    apply_stds(layer, "stmod", 0.05)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_regrowth_with_stmod_but_not_with_st():
+    """A zero weight in the flat region |theta| <= D grows back when the gradient pushes theta out."""
+    results = {}
+    for fn in ("stmod", "st"):
+        layer = nn.Linear(4, 1, bias=False).double()
+        apply_stds(layer, fn, 0.5)
+        with torch.no_grad():
+            layer.parametrizations.weight.original.copy_(torch.tensor([[0.3, -0.2, 0.8, 0.1]]))
+        assert layer.weight.tolist() == [[0.0, 0.0, pytest.approx(0.3), 0.0]]
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for _ in range(3):   # loss = -sum(w): every dL/dw = -1, theta rises by 0.1 per step (where it flows)
+            opt.zero_grad()
+            (-layer(torch.ones(1, 4, dtype=torch.float64))).sum().backward()
+            opt.step()
+        results[fn] = layer.weight.detach()[0]
+    assert results["stmod"][0] == pytest.approx(0.1)      # theta 0.3 -> 0.6 > D: the spine came back
+    assert results["stmod"][1] == 0 and results["stmod"][3] == 0   # still inside the flat region
+    assert results["st"][0] == 0 and results["st"][3] == 0           # true gradient 0 there: no regrowth
+    assert results["st"][2] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("schedule,values", [
+    ("sine", (0.0, 1.5, 3.0)), ("linear", (0.0, 1.5, 3.0)), ("fixed", (3.0, 3.0, 3.0))])
+def test_schedules_at_start_middle_end(schedule, values):
+    n_total = 1000
+    got = [threshold_at(schedule, 3.0, n, n_total) for n in (0, n_total // 2, n_total)]
+    assert got == pytest.approx(list(values), abs=1e-12)
+    assert threshold_at(schedule, 3.0, 2 * n_total, n_total) == pytest.approx(values[-1])   # capped at N
+
+
+def test_sine_is_slow_at_both_ends():
+    quarter = threshold_at("sine", 1.0, 250, 1000)
+    assert quarter == pytest.approx((1 - math.cos(math.pi / 4)) / 2)
+    assert quarter < threshold_at("linear", 1.0, 250, 1000)
+    assert threshold_at("sine", 1.0, 750, 1000) > threshold_at("linear", 1.0, 750, 1000)
+
+
+def test_fixed_init_theta_and_first_weights():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3).double()
+    w0 = layer.weight.detach().clone()
+    apply_stds(layer, "stmod", 0.7)
+    theta = layer.parametrizations.weight.original.detach()
+    assert torch.equal(theta, torch.sign(w0) * (w0.abs() + 0.7))
+    assert torch.allclose(layer.weight, w0, atol=1e-15)
+    # through the mechanism: the fixed schedule starts at D_max, sine and linear at 0
+    for schedule, d0 in (("fixed", 2.0), ("sine", 0.0), ("linear", 0.0)):
+        model = nn.Sequential(nn.Linear(3, 2))
+        w0 = model[0].weight.detach().clone()
+        get_mechanism("stds").apply(model, parse_mechanisms({"stds": {"schedule": schedule, "d_max": 2.0}})["stds"])
+        assert model[0].parametrizations.weight[0].d.item() == d0
+        assert torch.allclose(model[0].weight, w0, atol=1e-6)
+
+
+def hand_model():
+    model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    apply_stds(model, "stmod", 0.5)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.copy_(torch.tensor([[0.1, 0.6, -0.5, -2.0], [0.0, 0.2, 0.3, 0.4]]))
+        model[2].parametrizations.weight.original.copy_(torch.tensor([0.7, -0.1]).view(2, 1, 1, 1))
+    return model
+
+
+def test_sparsity_accounting_on_a_hand_made_model():
+    s = sparsity(hand_model())
+    assert s.zeros == {"0": 6, "2": 1} and s.sizes == {"0": 8, "2": 2}   # biases and BatchNorm do not count
+    assert s.layer("0") == 0.75 and s.layer("2") == 0.5
+    assert s.total == pytest.approx(7 / 10)                              # parameter-weighted, not 0.625
+    assert s.metrics() == pytest.approx({"sparsity": 70.0, "sparsity/0": 75.0, "sparsity/2": 50.0})
+
+
+def test_layer_selection_and_idempotence():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert apply_stds(model, include=["1.*"], exclude=["1.1"]) == ["1.0"]
+    assert apply_stds(model, types=["conv"]) == ["0"]
+    assert sorted(apply_stds(model)) == ["0", "1.0", "1.1"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sorted(apply_stds(model)) == ["0", "1.0", "1.1"]              # applying again changes nothing more
+    assert len(model[0].parametrizations.weight) == 1
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+
+def test_hook_sets_d_every_step_and_reports():
+    model = hand_model()
+    cfg = parse_mechanisms({"stds": {"schedule": "linear", "d_max": 1.0}})["stds"]
+    applied = get_mechanism("stds").apply(model, cfg)
+    hook = applied.hooks[0]
+    hook.attach(model)
+    hook.on_step(Progress(step=50, total_steps=100, epoch=0, epochs=1))
+    assert [p.d.item() for p in (model[0].parametrizations.weight[0], model[2].parametrizations.weight[0])] == [0.5, 0.5]
+    metrics = hook.epoch_metrics(model)
+    assert metrics["stds_d"] == 0.5 and metrics["sparsity"] == pytest.approx(70.0)
+    hook.on_step(Progress(step=100, total_steps=100, epoch=1, epochs=1))
+    assert hook.epoch_metrics(model)["sparsity"] == pytest.approx(100 * 9 / 10)   # only theta = -2 passes D = 1
+
+
+def test_plot_is_written(tmp_path):
+    model = hand_model()
+    hook = get_mechanism("stds").apply(model, parse_mechanisms({"stds": {}})["stds"]).hooks[0]
+    history = [{"epoch": e, "test_top1": 50.0 + e, "train_top1": 40.0 + e, **hook.epoch_metrics(model)} for e in (1, 2, 3)]
+    hook.on_train_end(tmp_path, history)
+    png = tmp_path / "sparsity.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_bakes_effective_weights():
+    model = hand_model()
+    x = torch.randn(3, 4)
+    expected_w = model[0].weight.detach().clone()
+    y = model[0](x)
+    export(model)
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    assert torch.equal(model[0].weight, expected_w) and int((model[0].weight == 0).sum()) == 6
+    assert torch.equal(model[0](x), y)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias",
+                                       "3.running_mean", "3.running_var", "3.num_batches_tracked"}
+
+
+def test_set_threshold_and_state_dict_carry_d():
+    model = hand_model()
+    assert set_threshold(model, 0.25) == 2
+    state = model.state_dict()
+    assert state["0.parametrizations.weight.0.d"].item() == 0.25
+    other = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    apply_stds(other)
+    other.load_state_dict(state)
+    assert torch.equal(other[0].weight, model[0].weight)
+
+
+@pytest.mark.parametrize("section,needle", [
+    ({"stds": {"sparse_function": "soft"}}, "sparse_function"),
+    ({"stds": {"schedule": "cosine"}}, "schedule"),
+    ({"stds": {"d_max": -1}}, "d_max"),
+    ({"stds": {"types": ["attention"]}}, "types"),
+    ({"stds": {"dmax": 1}}, "did you mean"),
+    ({"gradr": {"target_sparsity": 0.3}}, "target_sparsity"),
+    ({"gradr": {"target_sparsity": 1.0}}, "target_sparsity"),
+])
+def test_bad_config_is_one_line(section, needle):
+    with pytest.raises(BionetsError) as err:
+        parse_mechanisms(section)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_arguments_are_one_line():
+    cases = [lambda: SoftThreshold("soft"), lambda: SoftThreshold("stmod", -0.1),
+             lambda: threshold_at("cosine", 1.0, 0, 10), lambda: apply_stds(nn.Sequential(nn.ReLU())),
+             lambda: apply_stds(nn.Linear(2, 2), include=["head*"]), lambda: set_threshold(nn.Linear(2, 2), -1.0)]
+    for case in cases:
+        with pytest.raises(BionetsError) as err:
+            case()
+        assert "\n" not in str(err.value)
+    with pytest.raises(BionetsError, match="no conv/linear layer"):
+        get_mechanism("stds").apply(nn.Sequential(nn.ReLU()), validate_section(get_mechanism("stds").config, {}))
+
+
+def test_stds_trains_a_small_net_on_digits():
+    """Loss falls, accuracy rises and sparsity grows on real data (sklearn's digits), a plain MLP."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    apply_stds(model, "stmod", 0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps, losses = 150, []
+    for n in range(steps):
+        idx = torch.randint(0, 1500, (64,))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        set_threshold(model, threshold_at("sine", 0.1, n + 1, steps))
+        losses.append(loss.item())
+    acc = (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    assert acc > 0.85
+    assert sparsity(model).total > 0.3
