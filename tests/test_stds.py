@@ -14,6 +14,14 @@ from bionets.layers.stds import (SoftThreshold, apply_stds, export, set_threshol
 from bionets.mechanisms import get_mechanism, parse_mechanisms
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny shapes: threads only add overhead (and contention on a shared CPU)
+    yield
+    torch.set_num_threads(threads)
+
+
 def formula(theta, d):
     """w = sign(theta) * max(|theta| - D, 0), element by element in float64."""
     return torch.tensor([math.copysign(max(abs(t) - d, 0.0), t) if t != 0 else 0.0 for t in theta.tolist()],

@@ -1,0 +1,56 @@
+"""STDS and Grad R through the command line: train on the bundled digits, eval, export."""
+import json
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("bionets.engine.trainer")
+from bionets.cli import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny shapes: threads only add overhead (and contention on a shared CPU)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stds_digits_run_sparsity_rises_plot_eval_export(tmp_path, capsys):
+    assert main(["train", "stds/digits_sine", "train.epochs=2", "train.progress=false", f"out_dir={tmp_path}",
+                 "--quiet"]) == 0
+    run = tmp_path / "digits_sine"
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2
+    first, last = history
+    assert 0 < first["sparsity"] < last["sparsity"]                       # D rises (sine over 2 epochs)
+    assert last["stds_d"] == pytest.approx(0.3)                           # D_max reached at step N
+    assert {"sparsity/fc1", "sparsity/conv_stem"} <= set(last)
+    assert (run / "sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
+    assert main(["eval", str(run / "last.pt")]) == 0
+    out = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert float(out["sparsity"]) == pytest.approx(last["sparsity"], abs=1e-3)
+    assert float(out["test_top1"]) == pytest.approx(last["test_top1"], abs=1e-3)
+
+    assert main(["export", str(run / "last.pt"), str(tmp_path / "plain.pt")]) == 0
+    plain = torch.load(tmp_path / "plain.pt", weights_only=False)["plain_model"]
+    assert not any("parametrizations" in k for k in plain)
+    zeros = sum(int((plain[f"{n}.weight"] == 0).sum()) for n in ("conv_stem", "features.0.0", "features.3.0", "fc1", "fc2"))
+    total = sum(plain[f"{n}.weight"].numel() for n in ("conv_stem", "features.0.0", "features.3.0", "fc1", "fc2"))
+    assert 100 * zeros / total == pytest.approx(last["sparsity"], abs=1e-3)
+
+
+def test_gradr_digits_run(tmp_path):
+    config = {"model": {"name": "snn_digits", "kwargs": {"T": 2}}, "data": {"name": "digits", "batch_size": 128},
+              "optim": {"name": "gradr", "lr": 1e-3, "weight_decay": 0.0}, "sched": {"name": "const"},
+              "train": {"epochs": 1, "loss": "mse_onehot", "progress": False},
+              "mechanisms": {"gradr": {"alpha": 0.5, "target_sparsity": 0.9}}}
+    path = tmp_path / "gradr.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), f"out_dir={tmp_path}", "--quiet"]) == 0
+    record = json.loads((tmp_path / "gradr" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["sparsity"] > 0 and "stds_d" not in record
+    assert main(["train", str(path), f"out_dir={tmp_path}", "name=bad", "mechanisms={}", "--quiet"]) == 2
