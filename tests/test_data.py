@@ -1,142 +1,309 @@
 """Datasets read from their genuine on-disk formats through the same code path as real data."""
+import gzip
+import pickle
+import shutil
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bionets.data import build_data, gaussian_classes, sample_gaussian
+from bionets.data import DATASETS, build_data, gaussian_classes, sample_gaussian
 from bionets.data.config import DataConfig, GaussianConfig
+from bionets.data.fakes import idx_bytes, write_cifar, write_image_folder, write_mnist
 from bionets.data.subset import long_tailed, stratified_fraction
+from bionets.data.tensor_loader import TensorLoader
 from bionets.errors import BionetsError
-from bionets.data.fakes import write_cifar, write_image_folder, write_mnist
+
+CIFAR_MEAN = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
+CIFAR_STD = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
 
 
 def batches(loader):
     return list(iter(loader))
 
 
-def test_digits_split_shapes_and_stratification():
-    b = build_data(DataConfig(name="digits", batch_size=64))
-    assert (b.num_classes, b.in_chans, b.img_size) == (10, 1, 8)
+def one_line_error(cfg: DataConfig, *needles: str, **kwargs) -> str:
+    with pytest.raises(BionetsError) as err:
+        build_data(cfg, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+# ---------------------------------------------------------------- the datasets on disk and bundled
+
+
+def test_registry_lists_every_dataset():
+    assert sorted(DATASETS) == ["cifar10", "cifar100", "digits", "gaussian", "imagefolder", "mnist"]
+
+
+def test_digits_split_shapes_stratification_and_normalization():
+    b = build_data(DataConfig(name="digits", batch_size=64, augment=False))
+    assert (b.num_classes, b.in_chans, b.img_size, b.classes) == (10, 1, 8, [str(i) for i in range(10)])
     assert len(b.train.targets) == 1437 and len(b.test.targets) == 360
     counts = torch.bincount(b.test.targets)
-    assert counts.min() >= 35 and counts.max() <= 37                     # stratified 20%
-    x, y = next(iter(b.train))
+    assert counts.min() >= 35 and counts.max() <= 37                     # a stratified 20% of each class
+    x, y = batches(b.train)[0]
     assert x.shape == (64, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
-    # the split does not depend on the run seed
-    assert torch.equal(build_data(DataConfig(name="digits"), seed=5).test.targets, b.test.targets)
+    assert b.train.images.max() == 1.0                                   # values / 16
+    every = torch.cat([xb for xb, _ in batches(b.train)])                # normalized by the train split's stats
+    assert abs(every.mean().item()) < 0.05 and abs(every.std().item() - 1) < 0.05
+    again = build_data(DataConfig(name="digits"), seed=5)                # the split ignores the run seed
+    assert torch.equal(again.test.targets, b.test.targets) and torch.equal(again.test.images, b.test.images)
 
 
 @pytest.mark.parametrize("classes", [10, 100])
 def test_cifar_pickles_load_through_torchvision(tmp_path, classes):
-    write_cifar(tmp_path, classes=classes, n_train=50, n_test=20)
+    folder = write_cifar(tmp_path, classes=classes, n_train=50, n_test=20)
     b = build_data(DataConfig(name=f"cifar{classes}", root=str(tmp_path), batch_size=10))
-    assert (b.num_classes, b.in_chans, b.img_size) == (classes, 3, 32)
-    assert len(b.train.targets) == 50 and len(batches(b.test)[0][1]) == 20
-    x, _ = batches(b.train)[0]
-    assert x.shape == (10, 3, 32, 32)
-    raw = b.test.images[:4].float() / 255                                # normalization with the spec's stats
-    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
-    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
-    torch.testing.assert_close(batches(b.test)[0][0][:4], (raw - mean) / std)
+    assert (b.num_classes, b.in_chans, b.img_size, len(b.train), len(b.test)) == (classes, 3, 32, 5, 1)
+    assert b.classes[:2] == (["class0", "class1"] if classes == 10 else ["c0", "c1"])
+    with open(folder / ("test_batch" if classes == 10 else "test"), "rb") as f:
+        written = pickle.load(f)
+    raw = torch.from_numpy(written["data"]).view(-1, 3, 32, 32).float() / 255
+    x, y = batches(b.test)[0]
+    torch.testing.assert_close(x, (raw - CIFAR_MEAN) / CIFAR_STD)       # the spec's normalization
+    assert y.tolist() == written["labels" if classes == 10 else "fine_labels"]
+    assert batches(b.train)[0][0].shape == (10, 3, 32, 32)
 
 
-def test_mnist_idx_files_load(tmp_path):
-    write_mnist(tmp_path, n_train=40, n_test=20)
-    b = build_data(DataConfig(name="mnist", root=str(tmp_path), batch_size=8))
-    assert (b.num_classes, b.in_chans, b.img_size, len(b.train)) == (10, 1, 28, 5)
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_files_load(tmp_path, gz):
+    raw = write_mnist(tmp_path, n_train=40, n_test=20, gz=gz)
+    b = build_data(DataConfig(name="mnist", root=str(tmp_path), batch_size=8, augment=False, normalize=False))
+    assert (b.num_classes, b.in_chans, b.img_size, len(b.train), b.classes[0]) == (10, 1, 28, 5, "0 - zero")
+    name = "t10k-images-idx3-ubyte"
+    data = gzip.decompress((raw / f"{name}.gz").read_bytes()) if gz else (raw / name).read_bytes()
+    images = torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).view(20, 1, 28, 28)
+    assert torch.equal(torch.cat([x for x, _ in b.test]), images.float() / 255)
 
 
-def test_image_folder_with_timm_transforms(tmp_path):
-    write_image_folder(tmp_path)
-    cfg = DataConfig(name="imagefolder", root=str(tmp_path), batch_size=2, img_size=32, auto_augment="rand-m9-mstd0.5",
-                     reprob=0.25, mixup=0.8, cutmix=1.0)
+def test_image_folder_with_timm_transforms_and_mixup(tmp_path):
+    write_image_folder(tmp_path, per_class=3)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), batch_size=2, img_size=32,
+                     auto_augment="rand-m9-mstd0.5", reprob=0.25, mixup=0.8, cutmix=1.0)
     b = build_data(cfg, label_smoothing=0.1)
-    assert b.classes == ["cat", "dog"] and len(b.train) == 3
+    assert b.classes == ["cat", "dog"] and (b.num_classes, b.in_chans, b.img_size, len(b.train)) == (2, 3, 32, 3)
     x, y = next(iter(b.train))
-    assert x.shape == (2, 3, 32, 32)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     mixed, soft = b.mixup(x, y)
-    assert soft.shape == (2, 2) and torch.allclose(soft.sum(1), torch.ones(2))
+    assert mixed.shape == x.shape and soft.shape == (2, 2) and torch.allclose(soft.sum(1), torch.ones(2))
+    assert soft.min() >= 0.05 - 1e-6                                     # label smoothing 0.1 over 2 classes
+    order = lambda e: (b.train.set_epoch(e), list(b.train.sampler))[1]  # noqa: E731
+    assert order(0) != order(1) and order(1) == order(1)
+    ranks = [build_data(cfg.model_copy(update={"batch_size": 4}), rank=r, world_size=2) for r in range(2)]    # val: every image exactly once
+    assert sorted(i for r in ranks for i in r.test.sampler) == list(range(6))
+    assert sum(len(yb) for r in ranks for _, yb in r.test) == 6
 
 
-def test_augmentation_is_random_but_replays_per_epoch():
-    b = build_data(DataConfig(name="digits", batch_size=32), seed=1)
-    b.train.set_epoch(3)
-    first = batches(b.train)[0][0]
-    b.train.set_epoch(3)
-    assert torch.equal(first, batches(b.train)[0][0])                    # same epoch -> same batches
-    plain = build_data(DataConfig(name="digits", batch_size=32, augment=False), seed=1)
-    plain.train.set_epoch(3)
-    assert not torch.equal(first, batches(plain.train)[0][0])            # the augmentation does something
-    assert plain.train.indices().tolist() == b.train.indices().tolist()  # ... without touching the order
+# ---------------------------------------------------------------- augmentation and ordering
 
 
-def test_ddp_shards_form_the_single_process_batches():
-    one = build_data(DataConfig(name="digits", batch_size=64, augment=False), seed=7)
-    ranks = [build_data(DataConfig(name="digits", batch_size=64, augment=False), rank=r, world_size=2, seed=7)
-             for r in range(2)]
-    for loader in [one.train] + [r.train for r in ranks]:
+def shifted_copies(image: torch.Tensor, pad: int) -> torch.Tensor:
+    """Every crop of ``image`` zero-padded by ``pad`` (the candidates of a random crop)."""
+    p = F.pad(image, (pad,) * 4)
+    h, w = image.shape[-2:]
+    return torch.stack([p[:, i:i + h, j:j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)])
+
+
+def match_augmentation(loader, pad):
+    """For each augmented image of batch 0: (is an unflipped crop, is a flipped crop) of its source."""
+    x, _ = batches(loader)[0]
+    source = loader.images[loader.indices()[:len(x)]].float()
+    source = source / 255 if loader.images.dtype == torch.uint8 else source
+    found = []
+    for out, img in zip(x * loader.std + loader.mean, source):
+        crops = shifted_copies(img, pad)
+        same = lambda cands: bool(((cands - out).abs().amax((1, 2, 3)) < 1e-5).any())  # noqa: E731
+        found.append((same(crops), same(crops.flip(-1))))
+    return found
+
+
+def test_cifar_augmentation_is_pad4_crop_and_flip(tmp_path):
+    write_cifar(tmp_path, classes=10, n_train=100, n_test=10)
+    b = build_data(DataConfig(name="cifar10", root=str(tmp_path), batch_size=50), seed=3)
+    found = match_augmentation(b.train, pad=4)
+    assert all(plain or flipped for plain, flipped in found)             # each is a pad-4 crop (maybe flipped)
+    assert any(flipped and not plain for plain, flipped in found)        # some are flipped
+    assert any(plain and not flipped for plain, flipped in found)
+
+
+def test_digits_augmentation_shifts_without_flip():
+    b = build_data(DataConfig(name="digits", batch_size=64), seed=3)
+    found = match_augmentation(b.train, pad=1)
+    assert all(plain for plain, _ in found)                              # a 1-pixel shift, never a mirror image
+    plain = build_data(DataConfig(name="digits", batch_size=64, augment=False), seed=3)
+    assert not torch.equal(batches(b.train)[0][0], batches(plain.train)[0][0])   # and it changes images
+
+
+def test_augmentation_replays_per_seed_and_epoch():
+    make = lambda seed: build_data(DataConfig(name="digits", batch_size=32), seed=seed).train  # noqa: E731
+    a, b = make(1), make(1)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    first = batches(a)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, batches(b)))
+    assert torch.equal(first[0][0], batches(a)[0][0])                    # iterating the epoch twice: the same
+    a.set_epoch(4)
+    assert not torch.equal(first[0][0], batches(a)[0][0])                # another epoch: another order/augment
+    other = make(2)
+    other.set_epoch(3)
+    assert not torch.equal(first[0][0], batches(other)[0][0])            # another seed: another order/augment
+    plain = build_data(DataConfig(name="digits", batch_size=32, augment=False), seed=1).train
+    plain.set_epoch(3)
+    a.set_epoch(3)
+    assert plain.indices().tolist() == a.indices().tolist()              # augmentation leaves the order alone
+
+
+def test_ddp_global_batch_is_the_single_process_batch():
+    n, global_batch, world = 103, 12, 3
+    ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)          # each image holds its own index
+    make = lambda rank, ws: TensorLoader(ids, torch.zeros(n), global_batch // ws, train=True, mean=(0.0,),  # noqa: E731
+                                         std=(1.0,), rank=rank, world_size=ws, seed=7)
+    one, ranks = make(0, 1), [make(r, world) for r in range(world)]
+    for loader in [one, *ranks]:
         loader.set_epoch(2)
-    assert len(ranks[0].train) == len(one.train)
-    for k, (_, y1) in enumerate(batches(one.train)[:5]):
-        ids = sorted(torch.cat([ranks[r].train.indices()[k * 32:(k + 1) * 32] for r in range(2)]).tolist())
-        assert ids == sorted(one.train.indices()[k * 64:(k + 1) * 64].tolist())
-    test_ids = torch.cat([r.test.indices() for r in ranks]).sort().values
-    assert torch.equal(test_ids, torch.arange(360))                      # every test sample once, no padding
+    assert len(one) == len(ranks[0]) == n // global_batch
+    per_rank = [batches(r) for r in ranks]
+    for k, (x, _) in enumerate(batches(one)):
+        union = torch.cat([per_rank[r][k][0] for r in range(world)]).flatten().long()
+        assert len(union) == global_batch and sorted(union.tolist()) == sorted(x.flatten().long().tolist())
+    shards = [TensorLoader(ids, torch.zeros(n), 10, train=False, mean=(0.0,), std=(1.0,), rank=r, world_size=world)
+              for r in range(world)]
+    served = sorted(int(v) for s in shards for x, _ in s for v in x.flatten())
+    assert served == list(range(n))                                      # test: every sample once, no padding
+    assert [len(s) for s in shards] == [4, 4, 4]
+    a, b = build_data(DataConfig(name="digits", batch_size=64)), build_data(DataConfig(name="digits", batch_size=64),
+                                                                            rank=1, world_size=2)
+    assert len(a.train) == len(b.train) == 1437 // 64 and len(batches(b.train)[0][1]) == 32
 
 
-def test_train_fraction_is_stratified_and_imbalance_follows_the_profile():
+# ---------------------------------------------------------------- subsets and synthetic classes
+
+
+def test_train_fraction_is_stratified_and_seeded():
     y = torch.arange(10).repeat_interleave(100)
     keep = stratified_fraction(y, 0.05, seed=0)
     assert torch.bincount(y[keep]).tolist() == [5] * 10
     assert stratified_fraction(y, 0.001, seed=0).numel() == 10           # at least one per class
-    lt = torch.bincount(y[long_tailed(y, 10.0, seed=0)]).tolist()
-    assert lt[0] == 100 and lt[-1] == 10 and lt == sorted(lt, reverse=True)
-    b = build_data(DataConfig(name="digits", train_fraction=0.1, batch_size=16))
-    assert 140 <= len(b.train.targets) <= 150
+    assert torch.equal(keep, stratified_fraction(y, 0.05, seed=0))
+    assert not torch.equal(keep, stratified_fraction(y, 0.05, seed=1))
+    full = build_data(DataConfig(name="digits", batch_size=16)).train.targets
+    b = build_data(DataConfig(name="digits", train_fraction=0.1, batch_size=16), seed=4)
+    share = torch.bincount(b.train.targets, minlength=10) / torch.bincount(full, minlength=10)
+    assert 140 <= len(b.train.targets) <= 146 and share.min() > 0.08 and share.max() < 0.12
+
+
+def test_imbalance_follows_the_long_tail_profile():
+    y = torch.arange(10).repeat_interleave(100)
+    counts = torch.bincount(y[long_tailed(y, 10.0, seed=0)]).tolist()
+    assert counts == [int(100 * 10.0 ** (-k / 9)) for k in range(10)]    # n_max * ratio^(-k/(K-1))
+    assert counts[0] == 100 and counts[-1] == 10
+    b = build_data(DataConfig(name="digits", imbalance_ratio=20, batch_size=16))
+    per_class = torch.bincount(b.train.targets).tolist()
+    n_max = min(torch.bincount(build_data(DataConfig(name="digits")).train.targets).tolist())
+    assert per_class == [int(n_max * 20 ** (-k / 9)) for k in range(10)]
 
 
 def test_gaussian_classes_statistics():
-    cfg = GaussianConfig(dim=3, kind="different", seed=2)
+    cfg = GaussianConfig(dim=3, kind="different", separation=2.0, seed=2)
     means, covs = gaussian_classes(cfg)
+    assert means.dtype == covs.dtype == torch.float64 and covs.shape == (2, 3, 3)
+    torch.testing.assert_close(means.norm(dim=1), torch.ones(2, dtype=torch.float64))   # separation / 2
     assert not torch.allclose(covs[0], covs[1])
-    assert torch.allclose(gaussian_classes(GaussianConfig(dim=3, kind="identical"))[1][0],
-                          gaussian_classes(GaussianConfig(dim=3, kind="identical"))[1][1])
-    x, y = sample_gaussian(means, covs, 40000, torch.Generator().manual_seed(0))
+    eig = torch.linalg.eigvalsh(covs)
+    assert eig.min() >= 0.25 - 1e-9 and eig.max() <= 2.5 + 1e-9
+    same = gaussian_classes(GaussianConfig(dim=3, kind="identical"))[1]
+    assert torch.equal(same[0], same[1])
+    x, y = sample_gaussian(means, covs, 40001, torch.Generator().manual_seed(0))
+    assert torch.bincount(y).tolist() == [20001, 20000] and y.dtype == torch.int64
     for k in range(2):
         xk = x[y == k].double()
         torch.testing.assert_close(xk.mean(0), means[k], atol=0.05, rtol=0)
         torch.testing.assert_close(torch.cov(xk.T), covs[k], atol=0.08, rtol=0)
-    b = build_data(DataConfig(name="gaussian", batch_size=50))
-    assert (b.in_chans, b.img_size, b.num_classes) == (2, 1, 2)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (dict(name="cifar10"), "data.root is not set"),
-    (dict(name="cifar10", root="/nonexistent/x"), "missing or empty"),
-    (dict(name="cifar11"), "unknown dataset 'cifar11' (did you mean: cifar10"),
-    (dict(name="digits", batch_size=63), "divide evenly over 2 processes"),
-    (dict(name="gaussian", gaussian={"kind": "weird"}), "data.gaussian.kind"),
-])
-def test_bad_input_is_one_line(cfg, message):
-    with pytest.raises(BionetsError) as err:
-        build_data(DataConfig(**cfg), world_size=2 if cfg.get("batch_size") == 63 else 1)
-    assert message in str(err.value) and "\n" not in str(err.value)
+def test_gaussian_dataset_is_raw_samples():
+    cfg = DataConfig(name="gaussian", batch_size=50, gaussian=GaussianConfig(dim=4, num_classes=3, n_train=300))
+    b = build_data(cfg)
+    assert (b.in_chans, b.img_size, b.num_classes, len(b.train)) == (4, 1, 3, 6)
+    x, _ = batches(b.test)[0]
+    assert torch.equal(x, b.test.images[:100])                           # no augmentation, no normalization
+    assert torch.bincount(b.train.targets).tolist() == [100, 100, 100]
 
 
-def test_wrong_format_and_missing_split_are_one_line(tmp_path):
+# ---------------------------------------------------------------- bad input: one line each
+
+
+def test_root_not_set_missing_or_empty(tmp_path):
+    for name in ("cifar10", "cifar100", "mnist", "imagefolder"):
+        one_line_error(DataConfig(name=name), "data.root is not set", "--data-root DIR or data.root=DIR")
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "nope")), "is missing", "nope")
+    (tmp_path / "empty").mkdir()
+    one_line_error(DataConfig(name="mnist", root=str(tmp_path / "empty")), "is empty", "data.download=true")
+
+
+def test_unknown_dataset_names_the_nearest():
+    one_line_error(DataConfig(name="cifar11"), "unknown dataset 'cifar11'", "did you mean: cifar10")
+    one_line_error(DataConfig(name="imagenet"), "unknown dataset 'imagenet'", "imagefolder")
+
+
+def test_batch_must_divide_over_processes_and_fit_the_split():
+    one_line_error(DataConfig(name="digits", batch_size=63), "batch_size=63", "divide evenly over 2 processes",
+                   world_size=2)
+    one_line_error(DataConfig(name="digits", batch_size=2048), "1437 samples", "lower data.batch_size")
+    one_line_error(DataConfig(name="digits", batch_size=6, mixup=0.2), "even batch per process, got 3",
+                   world_size=2)
+
+
+def test_wrong_cifar_files(tmp_path):
     folder = write_cifar(tmp_path / "c", classes=10)
     (folder / "data_batch_1").write_bytes(b"not a pickle")
-    with pytest.raises(BionetsError, match="not in CIFAR's python-pickle format"):
-        build_data(DataConfig(name="cifar10", root=str(tmp_path / "c")))
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not in CIFAR's python-pickle format")
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"something": "else"}))
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not in CIFAR's python-pickle format")
+    (folder / "data_batch_1").unlink()
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "no cifar10 under", "cifar-10-batches-py")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "readme.txt").write_text("x")
-    with pytest.raises(BionetsError, match="no cifar100 under"):
-        build_data(DataConfig(name="cifar100", root=str(tmp_path / "other")))
-    raw = write_mnist(tmp_path / "m")
-    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03garbage")
-    with pytest.raises(BionetsError, match="not valid idx files"):
-        build_data(DataConfig(name="mnist", root=str(tmp_path / "m")))
+    one_line_error(DataConfig(name="cifar100", root=str(tmp_path / "other")), "no cifar100 under", "cifar-100-python")
+
+
+def test_wrong_mnist_files(tmp_path):
+    raw = write_mnist(tmp_path)
+    cfg = DataConfig(name="mnist", root=str(tmp_path))
+    good = (raw / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x12\x34\x56\x78" + good[4:])       # bad magic number
+    one_line_error(cfg, "not valid idx files")
+    (raw / "train-images-idx3-ubyte").write_bytes(good[:1000])                           # truncated
+    one_line_error(cfg, "not valid idx files")
+    (raw / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((40, 28), np.uint8)))  # 2-d, not images
+    one_line_error(cfg, "not valid idx files")
+    (raw / "train-images-idx3-ubyte").unlink()
+    one_line_error(cfg, "no MNIST under", "train-images-idx3-ubyte")
+
+
+def test_wrong_image_folders(tmp_path):
     write_image_folder(tmp_path / "f")
-    import shutil
     shutil.rmtree(tmp_path / "f" / "val")
-    with pytest.raises(BionetsError, match="has no 'val/' folder"):
-        build_data(DataConfig(name="imagefolder", root=str(tmp_path / "f")))
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "f")), "has no 'val/' folder")
+    shutil.rmtree(tmp_path / "f" / "train")
+    (tmp_path / "f" / "val").mkdir()
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "f")), "has no 'train/' folder")
+    write_image_folder(tmp_path / "g")
+    for png in (tmp_path / "g" / "val" / "dog").iterdir():
+        png.unlink()
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2), "imagefolder", "val")
+    write_image_folder(tmp_path / "h")
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "h"), batch_size=2, auto_augment="rand-q9"),
+                   "data.auto_augment='rand-q9'", "rand-m9-mstd0.5")
+
+
+def test_gaussian_kind_is_validated_with_the_config():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="identical"):
+        GaussianConfig(kind="weird")

@@ -1,6 +1,8 @@
 """The ``data:`` section of a run config."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from bionets.configbase import Section
@@ -16,10 +18,10 @@ class GaussianConfig(Section):
 
     dim: int = Field(2, ge=1)
     num_classes: int = Field(2, ge=2)
-    kind: str = "different"
+    kind: Literal["identical", "different"] = "different"
     n_train: int = Field(1000, ge=1)
     n_test: int = Field(5000, ge=1)
-    separation: float = Field(1.0, gt=0)
+    separation: float = Field(1.0, gt=0)  # each class mean lies separation/2 from the origin
     seed: int = 0
 
 

@@ -1,6 +1,7 @@
 """Tiny datasets written in their genuine on-disk formats (for tests and benchmarks; never real data)."""
 from __future__ import annotations
 
+import gzip
 import pickle
 import struct
 from pathlib import Path
@@ -31,19 +32,22 @@ def write_cifar(root: Path, classes: int = 10, n_train: int = 50, n_test: int = 
     return folder
 
 
-def _idx(path: Path, array: np.ndarray) -> None:
-    """An idx file: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian dims, then the bytes."""
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An idx file: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian uint32 dims, then the bytes."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0) -> Path:
+def write_mnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0, gz: bool = False) -> Path:
+    """MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (``gz``: only their .gz files)."""
     rng = np.random.default_rng(seed)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+        for name, array in ((f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28))),
+                            (f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))):
+            data = idx_bytes(array)
+            (raw / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
     return raw
 
 

@@ -1,8 +1,10 @@
 """Synthetic Gaussian classes for the Dit-CNN theory experiments.
 
-Class k draws x ~ N(mu_k, Sigma_k). Means lie ``separation`` apart along random directions;
-covariances are random SPD matrices ``Q diag(s) Q^T`` with eigenvalues in [0.25, 2.5]. With
-``kind='identical'`` every class shares Sigma_0 (the Bayes boundary is linear); with
+Class k draws x ~ N(mu_k, Sigma_k). Each mean lies ``separation / 2`` from the origin in a random
+direction, mu_k = (separation / 2) u_k / |u_k| with u_k ~ N(0, I_d) (so two means are at most
+``separation`` apart; the distance depends on the draw). Covariances are random SPD matrices
+``Q diag(s) Q^T`` (Q the orthogonal factor of a Gaussian matrix, s uniform in [0.25, 2.5]).
+With ``kind='identical'`` every class shares Sigma_0 (the Bayes boundary is linear); with
 ``kind='different'`` each class has its own (the Bayes boundary is quadratic).
 """
 from __future__ import annotations
@@ -10,9 +12,6 @@ from __future__ import annotations
 import torch
 
 from bionets.data.config import GaussianConfig
-from bionets.errors import BionetsError
-
-KINDS = ("identical", "different")
 
 
 def _random_spd(d: int, gen: torch.Generator) -> torch.Tensor:
@@ -22,9 +21,7 @@ def _random_spd(d: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def gaussian_classes(cfg: GaussianConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means [K, d], covariances [K, d, d]) in float64, drawn from ``cfg.seed``."""
-    if cfg.kind not in KINDS:
-        raise BionetsError(f"data.gaussian.kind must be one of {KINDS}, got '{cfg.kind}'")
+    """(means [K, d], covariances [K, d, d]) in float64, drawn from ``cfg.seed`` alone."""
     gen = torch.Generator().manual_seed(cfg.seed)
     k, d = cfg.num_classes, cfg.dim
     directions = torch.randn(k, d, generator=gen, dtype=torch.float64)
@@ -38,13 +35,14 @@ def gaussian_classes(cfg: GaussianConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sample_gaussian(means: torch.Tensor, covs: torch.Tensor, n: int, generator: torch.Generator
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` samples with balanced classes (class k gets n//K, the first n % K one more)."""
+    """``n`` samples x = mu_k + L_k z (L_k L_k^T = Sigma_k, z ~ N(0, I)) as (float32 [n, d], int64 [n]),
+    classes balanced: class k gets n // K samples, the first n % K classes one more; ordered by class."""
     k, d = means.shape
     counts = [n // k + (1 if c < n % k else 0) for c in range(k)]
-    chol = torch.linalg.cholesky(covs)
+    chol = torch.linalg.cholesky(covs.double())
     xs, ys = [], []
     for c, m in enumerate(counts):
         z = torch.randn(m, d, generator=generator, dtype=torch.float64)
-        xs.append(means[c] + z @ chol[c].T)
+        xs.append(means[c].double() + z @ chol[c].T)
         ys.append(torch.full((m,), c, dtype=torch.long))
     return torch.cat(xs).float(), torch.cat(ys)

@@ -27,3 +27,13 @@ def long_tailed(targets: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
         n = max(1, int(n_max * ratio ** (-k / max(1, len(classes) - 1))))
         keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
     return torch.cat(keep).sort().values
+
+
+def training_subset(targets: torch.Tensor, fraction: float, imbalance_ratio: float, seed: int) -> torch.Tensor | None:
+    """The training indices kept by ``data.imbalance_ratio`` then ``data.train_fraction``; None: all."""
+    if fraction >= 1 and imbalance_ratio <= 1:
+        return None
+    keep = long_tailed(targets, imbalance_ratio, seed) if imbalance_ratio > 1 else torch.arange(len(targets))
+    if fraction < 1:
+        keep = keep[stratified_fraction(targets[keep], fraction, seed)]
+    return keep

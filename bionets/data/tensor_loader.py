@@ -17,21 +17,25 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def random_crop(pad: int, flip: bool) -> Augment:
-    """Zero-pad by ``pad``, crop back at a random offset per image, optionally flip left-right
-    (torchvision's ``RandomCrop(size, padding=pad)`` + ``RandomHorizontalFlip``, batched)."""
+    """Zero-pad by ``pad``, crop back at a random offset per image, optionally flip left-right:
+    torchvision's ``RandomCrop(size, padding=pad)`` (+ ``RandomHorizontalFlip``) on a whole batch.
+
+    The crop is two gathers, rows then columns, with per-image offsets (no per-image Python work).
+    Apply it to images in [0, 1] before normalization, so the padding is black as in torchvision.
+    """
 
     def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        rows = (dy[:, None] + torch.arange(h))[:, :, None]
-        cols = (dx[:, None] + torch.arange(w))[:, None, :]
-        out = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
+        rows = (dy + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+        cols = (dx + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+        out = padded.gather(2, rows).gather(3, cols)
         if flip:
             mirror = torch.rand(n, generator=gen) < 0.5
-            out = torch.where(mirror[:, None, None, None], out.flip(3), out)
-        return out.contiguous()
+            out = torch.where(mirror.view(n, 1, 1, 1), out.flip(3), out)
+        return out
 
     return augment
 
@@ -61,6 +65,7 @@ class TensorLoader:
             self.sampler.set_epoch(epoch)
 
     def indices(self) -> torch.Tensor:
+        """This process's sample indices for the current epoch, in the order they are served."""
         if self.sampler is not None:
             return torch.tensor(list(self.sampler), dtype=torch.long)
         return torch.arange(self.rank, len(self.targets), self.world_size)
@@ -71,7 +76,7 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) % 2**63)
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[sel]
