@@ -307,3 +307,15 @@ def test_gaussian_kind_is_validated_with_the_config():
 
     with pytest.raises(ValidationError, match="identical"):
         GaussianConfig(kind="weird")
+
+
+@pytest.mark.parametrize("name, module", [("cifar10", "cifar"), ("mnist", "mnist")])
+def test_failed_download_is_one_line(tmp_path, monkeypatch, name, module):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(f"torchvision.datasets.{module}.download_and_extract_archive", offline)
+    one_line_error(DataConfig(name=name, root=str(tmp_path / "new"), download=True),
+                   f"downloading {name} failed", "no network", "--data-root")

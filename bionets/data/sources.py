@@ -67,8 +67,9 @@ def require_root(root: str | None, name: str, download: bool) -> Path:
 
 
 def _download_failed(name: str, err: Exception) -> BionetsError:
-    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    return BionetsError(f"downloading {name} failed ({first.strip()}): copy the files under --data-root "
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    cause = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
+    return BionetsError(f"downloading {name} failed ({cause}): copy the files under --data-root "
                         f"by hand (see docs/data.md)")
 
 
