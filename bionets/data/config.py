@@ -26,6 +26,8 @@ class GaussianConfig(Section):
 
 
 class DataConfig(Section):
+    """Which dataset, where it lies, how it is batched, subset and augmented (docs/data.md)."""
+
     name: str = "digits"               # digits | cifar10 | cifar100 | mnist | imagefolder | gaussian
     root: str | None = None            # --data-root; required for everything but digits/gaussian
     download: bool = False             # let torchvision download cifar/mnist into root
