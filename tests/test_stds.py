@@ -50,7 +50,7 @@ def test_identity_is_theta():
 
 def test_straight_through_and_true_gradients():
     d = 0.5
-    for fn, expected in (("stmod", lambda t: (t != 0).double()), ("st", lambda t: (t.abs() > d).double())):
+    for fn, expected in (("stmod", torch.ones_like), ("st", lambda t: (t.abs() > d).double())):
         theta = theta_grid().requires_grad_()
         g = torch.linspace(-1, 2, len(theta), dtype=torch.float64)
         (soft_threshold(theta, torch.tensor(d, dtype=torch.float64), fn) * g).sum().backward()
@@ -90,6 +90,19 @@ def test_regrowth_with_stmod_but_not_with_st():
     assert results["stmod"][1] == 0 and results["stmod"][3] == 0   # still inside the flat region
     assert results["st"][0] == 0 and results["st"][3] == 0           # true gradient 0 there: no regrowth
     assert results["st"][2] == pytest.approx(0.6)
+
+
+def test_zero_initialized_layer_still_learns():
+    """Straight through at theta = 0 too: a zero-initialized layer (e.g. a timm head) is not frozen."""
+    layer = nn.Linear(3, 2, bias=False)
+    nn.init.zeros_(layer.weight)
+    apply_stds(layer, "stmod", 0.1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.2)
+    for _ in range(3):
+        opt.zero_grad()
+        (-layer(torch.ones(1, 3))).sum().backward()
+        opt.step()
+    assert torch.allclose(layer.weight, torch.full((2, 3), 0.5))   # theta = 0.6 after 3 steps, w = 0.6 - 0.1
 
 
 @pytest.mark.parametrize("schedule,values", [

@@ -6,10 +6,12 @@ threshold of theta::
     w = sign(theta) * max(|theta| - D, 0)                       (computed as theta - clamp(theta, -D, D))
 
 Weights with ``|theta| <= D`` are exactly zero. The backward pass is **straight-through**
-(``stmod``, the method): ``dw/dtheta = 1`` wherever ``theta != 0``, so a zero weight keeps
-receiving gradient and grows back when the gradient pushes ``|theta|`` past D again (the
-"state transition" of a spine). ``st`` keeps the true gradient ``1[|theta| > D]`` (no regrowth);
-``identity`` is the dense baseline ``w = theta``.
+(``stmod``, the method): ``dw/dtheta = 1``, so a zero weight keeps receiving gradient and grows
+back when the gradient pushes ``|theta|`` past D again (the "state transition" of a spine).
+(At theta = 0 exactly the reference code's gradient is ``sign(0)^2 = 0``, which would freeze a
+zero-initialized layer for good; here it is 1 there too, and the backward costs nothing.)
+``st`` keeps the true gradient ``1[|theta| > D]`` (no regrowth); ``identity`` is the dense
+baseline ``w = theta``.
 
 D is one global value (in theta units), raised after every optimizer step n of N:
 
@@ -41,20 +43,27 @@ LAYER_TYPES = {"conv": nn.modules.conv._ConvNd, "linear": nn.Linear}
 
 
 class _SoftThreshold(torch.autograd.Function):
-    """Forward: the soft threshold. Backward: ``dw/dtheta = 1[theta != 0]`` (``stmod``, straight
-    through the flat region) or the true derivative ``1[|theta| > D]`` (``st``)."""
+    """Forward: the soft threshold. Backward: straight through (``stmod``: ``dw/dtheta = 1``, the
+    gradient passes unchanged, also in the flat region) or the true derivative ``1[|theta| > D]``,
+    i.e. ``1[w != 0]`` (``st``)."""
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, d: torch.Tensor, straight_through: bool) -> torch.Tensor:
-        ctx.save_for_backward(theta, d)
+        if d.device.type == "cpu":   # one fused kernel; D is read without a device sync
+            w = torch.nn.functional.softshrink(theta, d.item())
+        else:                        # no .item(): D stays on the device
+            w = theta - theta.clamp(-d, d)
         ctx.straight_through = straight_through
-        return theta - theta.clamp(-d, d)
+        if not straight_through:
+            ctx.save_for_backward(w)
+        return w
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        theta, d = ctx.saved_tensors
-        passes = theta != 0 if ctx.straight_through else theta.abs() > d
-        return grad * passes, None, None
+        if ctx.straight_through:
+            return grad, None, None
+        (w,) = ctx.saved_tensors
+        return torch.where(w != 0, grad, 0.0), None, None
 
 
 def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function: str = "stmod") -> torch.Tensor:
