@@ -161,7 +161,8 @@ def main(argv=None) -> str:
         rows = [run_case(isolate, best_of, args.rounds, fn, batch, img, args.T, dev, opts)
                 for fn in (None, "stmod", "st", "identity")]
         ratio = rows[1].ratio(rows[0])
-        parts.append(f"### (a) training step at batch {batch}, {img} x {img}, T {args.T}: STDS on every conv vs none\n\n"
+        parts.append(f"### (a) training step at batch {batch}, {img} x {img}, T {args.T}: "
+                     f"STDS on every conv vs none\n\n"
                      f"{table(rows, rows[0])}\n\nstmod step ratio {ratio:.3f}x "
                      f"({'meets' if ratio <= 1.10 else 'MISSES'} the target <= 1.10x)\n")
     levels = [float(v) for v in args.levels.split(",")]

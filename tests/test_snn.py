@@ -86,7 +86,8 @@ def test_surrogate_gradient_is_atan_with_alpha_2_and_the_reset_is_detached():
     s = node(x)
     s[0].sum().backward(retain_graph=True)
     h1 = 0.4    # H_1 = X_1 / 2
-    atan = lambda u: (2.0 / 2) / (1 + (math.pi / 2 * 2.0 * u) ** 2)  # noqa: E731  g'(x) = (alpha/2)/(1+(pi/2 alpha x)^2)
+    # g'(x) = (alpha / 2) / (1 + (pi / 2 * alpha * x)^2), alpha = 2
+    atan = lambda u: (2.0 / 2) / (1 + (math.pi / 2 * 2.0 * u) ** 2)  # noqa: E731
     assert x.grad[0].item() == pytest.approx(atan(h1 - 1) / 2)
     # a spike at step 1 resets V_1 = H_1 (1 - S_1) with S_1 detached: dS_2/dX_1 passes only through H_1
     node.reset()
@@ -117,17 +118,21 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     assert all(isinstance(n.v, float) for n in nodes)         # state reset after the pass
 
 
-@pytest.mark.parametrize("cnf", ["AND", "IAND"])
-def test_sew_connect_functions(cnf):
-    model = timm.create_model("sew_resnet18", num_classes=5, T=1, cnf=cnf).eval()
-    block = model.layer1[0]
-    assert block.cnf == cnf
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
-    from spikingjelly.activation_based.model.sew_resnet import sew_function
-    s, a = torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 1.0])   # identity S, branch A
-    expected = {"AND": [0, 0, 0, 1], "IAND": [0, 0, 1, 0]}[cnf]                    # IAND = S AND NOT A
-    assert sew_function(s, a, cnf).tolist() == expected
+@pytest.mark.parametrize("cnf", ["ADD", "AND", "IAND"])
+def test_sew_connect_functions_in_both_block_kinds(cnf):
+    """g(S, A) with S the identity and A the residual branch: S + A, S * A, S * (1 - A) (IAND = S AND NOT A)."""
+    expected = {"ADD": lambda s, a: s + a, "AND": lambda s, a: s * a, "IAND": lambda s, a: s * (1 - a)}[cnf]
+    for name, last in (("sew_resnet18", "sn2"), ("sew_resnet50", "sn3")):
+        model = timm.create_model(name, num_classes=5, T=1, cnf=cnf).eval()
+        block = model.layer1[1]                  # no downsample: the identity is the input itself
+        branch = []
+        getattr(block, last).register_forward_hook(lambda m, i, o: branch.append(o))
+        x = (torch.rand(2, 1, block.conv1.in_channels, 4, 4) < 0.5).float()
+        with torch.no_grad():
+            out = block(x)
+        assert torch.equal(out, expected(x, branch[0])), name
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
 def test_state_is_reset_between_batches_and_in_eval():

@@ -173,7 +173,8 @@ def test_hook_sets_d_every_step_and_reports():
     hook = applied.hooks[0]
     hook.attach(model)
     hook.on_step(Progress(step=50, total_steps=100, epoch=0, epochs=1))
-    assert [p.d.item() for p in (model[0].parametrizations.weight[0], model[2].parametrizations.weight[0])] == [0.5, 0.5]
+    layers = (model[0].parametrizations.weight[0], model[2].parametrizations.weight[0])
+    assert [p.d.item() for p in layers] == [0.5, 0.5]
     metrics = hook.epoch_metrics(model)
     assert metrics["stds_d"] == 0.5 and metrics["sparsity"] == pytest.approx(70.0)
     hook.on_step(Progress(step=100, total_steps=100, epoch=1, epochs=1))
@@ -183,7 +184,8 @@ def test_hook_sets_d_every_step_and_reports():
 def test_plot_is_written(tmp_path):
     model = hand_model()
     hook = get_mechanism("stds").apply(model, parse_mechanisms({"stds": {}})["stds"]).hooks[0]
-    history = [{"epoch": e, "test_top1": 50.0 + e, "train_top1": 40.0 + e, **hook.epoch_metrics(model)} for e in (1, 2, 3)]
+    history = [{"epoch": e, "test_top1": 50.0 + e, "train_top1": 40.0 + e, **hook.epoch_metrics(model)}
+               for e in (1, 2, 3)]
     hook.on_train_end(tmp_path, history)
     png = tmp_path / "sparsity.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"

@@ -38,8 +38,9 @@ def test_stds_digits_run_sparsity_rises_plot_eval_export(tmp_path, capsys):
     assert main(["export", str(run / "last.pt"), str(tmp_path / "plain.pt")]) == 0
     plain = torch.load(tmp_path / "plain.pt", weights_only=False)["plain_model"]
     assert not any("parametrizations" in k for k in plain)
-    zeros = sum(int((plain[f"{n}.weight"] == 0).sum()) for n in ("conv_stem", "features.0.0", "features.3.0", "fc1", "fc2"))
-    total = sum(plain[f"{n}.weight"].numel() for n in ("conv_stem", "features.0.0", "features.3.0", "fc1", "fc2"))
+    layers = ("conv_stem", "features.0.0", "features.3.0", "fc1", "fc2")
+    zeros = sum(int((plain[f"{n}.weight"] == 0).sum()) for n in layers)
+    total = sum(plain[f"{n}.weight"].numel() for n in layers)
     assert 100 * zeros / total == pytest.approx(last["sparsity"], abs=1e-3)
 
 
