@@ -80,11 +80,13 @@ def section(title: str, rows: list[Timing], target: float) -> str:
     ratio = rows[1].ratio(rows[0])
     verdict = "meets" if ratio <= target else "MISSES"
     faster = f"; {1 / ratio:.2f}x faster" if target < 1 else ""
-    return f"### {title}\n\n{table(rows, rows[0])}\n\nstep ratio {ratio:.3f}x ({verdict} the target <= {target:.3g}x{faster})\n"
+    return (f"### {title}\n\n{table(rows, rows[0])}\n\n"
+            f"step ratio {ratio:.3f}x ({verdict} the target <= {target:.3g}x{faster})\n")
 
 
 def macs_table(models: list[str]) -> str:
-    out = ["| Dit model | input | MACs sym | MACs full | plain twin | twin MACs | extra sym / full | params | twin params |",
+    out = ["| Dit model | input | MACs sym | MACs full | plain twin | twin MACs | extra sym / full | params "
+           "| twin params |",
            "|---|---|---|---|---|---|---|---|---|"]
     for dit in models:
         twin = timm.create_model(plain_twin(dit))
@@ -103,7 +105,8 @@ def main(argv=None) -> str:
     p.add_argument("--batch", type=int, default=128, help="CIFAR batch (a, b)")
     p.add_argument("--img", type=int, default=32, help="CIFAR image side (a)")
     p.add_argument("--convnext-batch", type=int, default=None, help="ConvNeXt batch (c); default 8 on CPU, 64 on CUDA")
-    p.add_argument("--convnext-img", type=int, default=224, help="ConvNeXt image side (c); the layer alone runs at img/4")
+    p.add_argument("--convnext-img", type=int, default=224,
+                   help="ConvNeXt image side (c); the layer alone runs at img/4")
     p.add_argument("--skip-convnext", action="store_true", help="leave out (c)")
     p.add_argument("--macs-models", default="dit_*", help="glob of the Dit models for (d); '' skips (d)")
     p.add_argument("--warmup", type=int, default=2)

@@ -147,7 +147,8 @@ def write_fake_mnist(root: Path, n_train: int, n_test: int) -> None:
         labels = np.arange(n, dtype=np.uint8) % 10
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         images[np.arange(n), 2 + labels * 2, 4:24] = 255      # a class-dependent bar: learnable
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(np.array([2051, n, 28, 28], ">i4").tobytes() + images.tobytes())
+        header = np.array([2051, n, 28, 28], ">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], ">i4").tobytes() + labels.tobytes())
 
 

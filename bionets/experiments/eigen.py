@@ -131,7 +131,8 @@ def _plot_cosines(path: Path, rows: list[dict], chance: float, chance_best: floa
     fig, (ax,) = new_figure(1, size=5)
     pos = np.arange(len(lead))
     ax.bar(pos - 0.2, [r["abs_cos"] for r in lead], 0.4, label="leading pair |cos|", color="tab:red")
-    ax.bar(pos + 0.2, [r["best_abs_cos"] for r in lead], 0.4, label=f"best match in A's top {top_k}", color="tab:orange")
+    ax.bar(pos + 0.2, [r["best_abs_cos"] for r in lead], 0.4, label=f"best match in A's top {top_k}",
+           color="tab:orange")
     ax.axhline(chance, color="k", ls="--", lw=1, label="chance, one pair")
     ax.axhline(chance_best, color="k", ls=":", lw=1, label=f"chance, best of {top_k}")
     ax.set(xticks=pos, xticklabels=[str(r["class"]) for r in lead], xlabel="class", ylabel="|cos|", ylim=(0, 1),

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bionets.experiments import register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, as_float, band_plot, count_parameters, fit, load_images, matched_hidden,
-                                               mean_spread, new_figure, quadratic_model, stratified_subset,
-                                               two_layer_mlp, write_csv)
+from bionets.experiments.quadratic_fit import (accuracy, as_float, band_plot, count_parameters, fit, load_images,
+                                               matched_hidden, mean_spread, new_figure, quadratic_model,
+                                               stratified_subset, two_layer_mlp, write_csv)
 
 COLORS = {"quadratic": "tab:red", "mlp": "tab:blue"}
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

@@ -37,8 +37,8 @@ from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
 from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, as_float, band_plot, check_choice, fit, mean_spread, new_figure,
-                                               predict, quadratic_model, two_layer_mlp, write_csv)
+from bionets.experiments.quadratic_fit import (accuracy, as_float, band_plot, check_choice, fit, mean_spread,
+                                               new_figure, predict, quadratic_model, two_layer_mlp, write_csv)
 
 CASES = ("identical", "different")
 COLORS = {"quadratic": "tab:red", "mlp": "tab:blue"}
@@ -113,13 +113,15 @@ def bayes_decision(means: torch.Tensor, covs: torch.Tensor, x: torch.Tensor) -> 
 
 
 def _log_ratio(means: torch.Tensor, covs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    m, v, c = (torch.as_tensor(a, dtype=x.dtype) for a in log_density_ratio(means.double().numpy(), covs.double().numpy()))
+    ratio = log_density_ratio(means.double().numpy(), covs.double().numpy())
+    m, v, c = (torch.as_tensor(a, dtype=x.dtype) for a in ratio)
     return torch.einsum("ni,ij,nj->n", x, m, x) + x @ v + c
 
 
 def sample_sizes(n_min: int, n_max: int, points: int) -> list[int]:
     if not 2 <= n_min <= n_max or points < 1:
-        raise BionetsError(f"need 2 <= n_min <= n_max and points >= 1, got n_min={n_min}, n_max={n_max}, points={points}")
+        raise BionetsError(f"need 2 <= n_min <= n_max and points >= 1, got n_min={n_min}, n_max={n_max}, "
+                           f"points={points}")
     return sorted({round(v) for v in np.geomspace(n_min, n_max, points)})
 
 
@@ -162,7 +164,8 @@ def _plot_boundaries(path: Path, fitted: dict, problems: dict, train_sets: dict,
             hi = (means + 3 * covs.diagonal(dim1=1, dim2=2).sqrt()).max(0).values.numpy()
             g0, g1 = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
             grid = torch.from_numpy(np.stack([g0.ravel(), g1.ravel()], 1))
-            ax.contour(g0, g1, _log_ratio(means, covs, grid).reshape(g0.shape).numpy(), levels=[0], colors="k", linestyles="--")
+            bayes = _log_ratio(means, covs, grid).reshape(g0.shape).numpy()
+            ax.contour(g0, g1, bayes, levels=[0], colors="k", linestyles="--")
             for name, color in COLORS.items():
                 with torch.no_grad():
                     z = fitted[case, name, n](grid)[:, 0].reshape(g0.shape).numpy()
@@ -177,9 +180,9 @@ def _plot_boundaries(path: Path, fitted: dict, problems: dict, train_sets: dict,
 
 
 @register_experiment("gaussian")
-def gaussian(out_dir: Path, *, dim: int = 2, cases: tuple[str, ...] | list[str] = CASES, n_min: int = 8, n_max: int = 2048,
-             points: int = 9, seeds: int = 5, hidden: int = 32, weight_decay: float = 1e-3, max_iter: int = 300,
-             n_test: int = 20000, separation: float = 2.0, data_seed: int = 0,
+def gaussian(out_dir: Path, *, dim: int = 2, cases: tuple[str, ...] | list[str] = CASES, n_min: int = 8,
+             n_max: int = 2048, points: int = 9, seeds: int = 5, hidden: int = 32, weight_decay: float = 1e-3,
+             max_iter: int = 300, n_test: int = 20000, separation: float = 2.0, data_seed: int = 0,
              boundary_n: list[int] | None = None) -> str:
     """Quadratic neuron vs two-layer MLP (``hidden`` ReLU units) on two Gaussian classes in ``dim`` dims.
 
