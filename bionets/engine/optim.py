@@ -74,6 +74,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    from bionets.mechanisms.registry import load_builtin  # mechanisms register optimizers (gradr)
+
+    load_builtin()
     if cfg.name in OPTIMIZERS:
         return OPTIMIZERS[cfg.name](model, cfg)
     if cfg.name not in TIMM_OPTIMIZERS:

@@ -31,6 +31,11 @@ class ArrMemory(nn.Module):
         self.register_buffer("mean", torch.zeros(layers, classes, dim))
         self.register_buffer("seen", torch.zeros(layers, classes, dtype=torch.uint8))  # uint8: DDP broadcasts it
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The identity: the memory holds state only, so a model that runs its children in turn
+        (an ``nn.Sequential`` that ARR added it to) passes through it unchanged."""
+        return x
+
     def extra_repr(self) -> str:
         j, k, d = self.mean.shape
         return f"layers={j}, classes={k}, dim={d}"

@@ -58,10 +58,17 @@ def _is_vit(model: nn.Module) -> bool:
 
 
 def _classifier(model: nn.Module) -> nn.Module:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    """The classifier layer: timm's ``get_classifier()``, else ``fc``/``classifier``/``head`` (the last
+    Linear of a Sequential), else the model's last Linear module."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else next(
+        (getattr(model, a) for a in ("fc", "classifier", "head") if isinstance(getattr(model, a, None), nn.Module)), None)
+    if isinstance(head, nn.Sequential):
+        head = next((m for m in reversed(head) if isinstance(m, nn.Linear)), None)
     if not isinstance(head, nn.Linear | nn.Conv2d):
-        raise BionetsError(f"arr cannot find the classifier of {type(model).__name__} (no get_classifier()/fc "
-                           "Linear layer): use layers=blocks for a ViT or a model with a Linear classifier")
+        head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+    if head is None:
+        raise BionetsError(f"arr cannot find the classifier of {type(model).__name__} (no Linear layer): "
+                           "use layers=blocks for a ViT, or give the model a Linear classifier")
     return head
 
 

@@ -63,20 +63,23 @@ def register_mechanism(name: str, config: type[Section], order: int = 50):
 
 
 def get_mechanism(name: str) -> Mechanism:
-    _load_builtin()
+    load_builtin()
     if name not in MECHANISMS:
         raise unknown("mechanism", name, MECHANISMS)
     return MECHANISMS[name]
 
 
 def parse_mechanisms(section: dict) -> dict[str, Section]:
-    """Validate a raw ``mechanisms:`` mapping into typed sections (errors name the bad key)."""
+    """Validate a raw ``mechanisms:`` mapping into typed sections (errors name the bad key).
+
+    ``name: {}`` or ``name: null`` applies a mechanism with its defaults; ``name: false`` removes
+    one that a ``base:`` config applied (``mechanisms.raa=false`` on the command line)."""
     from bionets.config import validate_section  # late: config imports this module
 
     if not isinstance(section, dict):
         raise BionetsError(f"'mechanisms' must be a mapping of mechanism name to options, got {section!r}")
     return {name: validate_section(get_mechanism(name).config, opts or {}, f"mechanisms.{name}")
-            for name, opts in section.items()}
+            for name, opts in section.items() if opts is not False}
 
 
 def apply_mechanisms(model: nn.Module, sections: dict[str, Section]) -> tuple[nn.Module, list[Hook], list[Report]]:
@@ -91,7 +94,7 @@ def apply_mechanisms(model: nn.Module, sections: dict[str, Section]) -> tuple[nn
     return model, hooks, reports
 
 
-def _load_builtin() -> None:
+def load_builtin() -> None:
     """Import the built-in mechanism modules so that they register themselves."""
     import importlib
     import pkgutil

@@ -25,7 +25,7 @@ from bionets.configbase import Section
 from bionets.engine.hooks import Hook, Progress
 from bionets.engine.optim import register_optimizer
 from bionets.layers.gradr import apply_gradr, create_gradr
-from bionets.layers.stds import apply_stds, soft_thresholds, sparsity, threshold_at
+from bionets.layers.stds import apply_stds, pruned_layers, soft_thresholds, sparsity, threshold_at
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 LayerType = Literal["conv", "linear"]
@@ -83,27 +83,30 @@ class StdsHook(SparsityHook):
         return {**super().epoch_metrics(model), **out}
 
 
-def _report(name: str, model: nn.Module, layers: list[str], what: str) -> Report:
+def _report(name: str, model: nn.Module, layers: list[str], done_before: set[str], what: str) -> Report:
+    """One line per newly reparameterized layer (layers done by an earlier call are not changes)."""
     report = Report(name)
-    for layer in layers:
+    for layer in (n for n in layers if n not in done_before):
         report.changes.append(f"{layer}: {what} ({model.get_submodule(layer).weight.numel():,} weights)")
     return report
 
 
 @register_mechanism("stds", StdsConfig, order=30)
 def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
+    done = {n for n, _ in pruned_layers(model)}
     d0 = threshold_at(cfg.schedule, cfg.d_max, 0, 1)   # fixed: theta_0 = sign(w_0)(|w_0| + D_max)
     layers = apply_stds(model, cfg.sparse_function, d0, include=cfg.include, exclude=cfg.exclude, types=cfg.types)
     what = f"STDS {cfg.sparse_function} soft threshold, {cfg.schedule} schedule to D={cfg.d_max:g}"
-    return Applied(model, [StdsHook(cfg, model)], _report("stds", model, layers, what))
+    return Applied(model, [StdsHook(cfg, model)], _report("stds", model, layers, done, what))
 
 
 @register_mechanism("gradr", GradrConfig, order=30)
 def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
+    done = {n for n, _ in pruned_layers(model)}
     layers = apply_gradr(model, cfg.alpha, cfg.target_sparsity, include=cfg.include, exclude=cfg.exclude,
                          types=cfg.types)
     what = f"Grad R sign and strength, alpha={cfg.alpha:g}, target sparsity {cfg.target_sparsity:g}"
-    return Applied(model, [SparsityHook()], _report("gradr", model, layers, what))
+    return Applied(model, [SparsityHook()], _report("gradr", model, layers, done, what))
 
 
 register_optimizer("gradr")(create_gradr)

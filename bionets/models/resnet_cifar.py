@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from bionets.errors import BionetsError, unknown
 from bionets.layers.quadratic import QuadraticChannel
 from bionets.layers.quadratic_pixel import QuadraticPixel
+from bionets.models.cifar_nets import resolve_act
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
@@ -61,13 +62,17 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU; with ``quad`` the Dit form (module docstring)."""
+    """conv3x3-BN-act-conv3x3-BN + shortcut, act; with ``quad`` the Dit form (module docstring).
+
+    The activations are modules (``act1``, ``act2``), so RAA or any other swap can replace them."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B",
-                 quad: nn.Module | None = None, map_size: tuple[int, int] | None = None):
+                 quad: nn.Module | None = None, map_size: tuple[int, int] | None = None,
+                 act_layer: type[nn.Module] = nn.ReLU):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = act_layer()
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if quad is not None:
@@ -82,9 +87,10 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(planes))
+        self.act2 = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         if self.quad is None:
             out = self.bn2(self.conv2(out))
         else:
@@ -93,7 +99,7 @@ class BasicBlock(nn.Module):
                 raise BionetsError(f"this Dit block's LayerNorm spans {size} maps, got {list(out.shape[-2:])}: "
                                    "build the model with img_size equal to the input's size")
             out = (self.bn2(self.conv2(out)) + self.quad(self.quad_norm(out))) / 2
-        return F.relu(out + self.shortcut(x))
+        return self.act2(out + self.shortcut(x))
 
 
 def _halve(size: tuple[int, int]) -> tuple[int, int]:
@@ -115,13 +121,15 @@ class ResNetCifar(nn.Module):
         quad_ablation: 'none' or 'cov' (remove tr(Q Sigma); see QuadraticChannel).
         legacy_transpose: the reference CIFAR layer's spatially transposed output.
         drop_rate: dropout before the classifier.
+        act_layer: the activation (class or name, default ReLU).
     """
 
     def __init__(self, layers=(3, 3, 3), num_classes: int = 10, in_chans: int = 3, img_size=32,
                  widths=(16, 32, 64), shortcut: str = "B", quad_blocks=(), quad_type: str = "channel",
                  quad_impl: str = "sym", quad_ablation: str = "none", legacy_transpose: bool = False,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, act_layer="relu"):
         super().__init__()
+        act = resolve_act(act_layer)
         if shortcut not in SHORTCUTS:
             raise unknown("shortcut option", shortcut, SHORTCUTS)
         if len(layers) != 3 or len(widths) != 3 or min(layers) < 1:
@@ -136,7 +144,7 @@ class ResNetCifar(nn.Module):
 
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.act1 = nn.ReLU()
+        self.act1 = act()
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="act1")]
         in_planes, reduction = widths[0], 1
         for s, (n, planes) in enumerate(zip(layers, widths)):
@@ -147,7 +155,7 @@ class ResNetCifar(nn.Module):
                 quad = None
                 if f"layer{s + 1}.{b}" in quad_blocks:
                     quad = make_quadratic(quad_type, planes, quad_impl, legacy_transpose, quad_ablation)
-                blocks.append(BasicBlock(in_planes, planes, stride if b == 0 else 1, shortcut, quad, size))
+                blocks.append(BasicBlock(in_planes, planes, stride if b == 0 else 1, shortcut, quad, size, act))
                 in_planes = planes
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=planes, reduction=reduction, module=f"layer{s + 1}"))

@@ -1,0 +1,144 @@
+"""bionets.convert on timm and torchvision models, composition, idempotence, errors; bionets bench smoke."""
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import pytest
+
+from bionets.cli import main
+from bionets.conversion import convert
+from bionets.errors import BionetsError
+from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.raa import RAA
+from bionets.layers.stds import soft_thresholds
+from bionets.mechanisms.quadratic import ConvPlusQuadratic
+
+ALL = dict(quadratic=True, activation="raa", sparsity="stds", regularization=True)
+MODELS = {
+    "timm resnet18": lambda: timm.create_model("resnet18", num_classes=10),
+    "timm resnet50": lambda: timm.create_model("resnet50", num_classes=10),
+    "timm convnext_tiny": lambda: timm.create_model("convnext_tiny", num_classes=10),
+    "timm efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=10),
+    "timm vit_small": lambda: timm.create_model("vit_small_patch16_224", num_classes=10, img_size=32, patch_size=8),
+    "torchvision resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+}
+ACTIVATIONS = ("ReLU", "GELU", "SiLU", "Swish")   # torch.nn and timm classes of these names
+
+
+def n_activations(model: nn.Module) -> int:
+    return sum(type(m).__name__ in ACTIVATIONS for m in model.modules())
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def options_for(name: str) -> dict:
+    # a ViT has no convolution that the channel-wise term fits (its only conv is the patch embedding)
+    return {k: v for k, v in ALL.items() if not (k == "quadratic" and "vit" in name)}
+
+
+def convolutions_and_linears(model: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_every_listed_model(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    before, acts = n_params(model), n_activations(model)
+    layers = convolutions_and_linears(model)
+    model, report = convert(model, **options_for(name))
+    by_mech = {r.mechanism: r for r in report.reports}
+
+    assert report.params_added == n_params(model) - before > 0
+    assert acts > 0 and n_activations(model) == 0
+    assert len(by_mech["raa"].changes) == sum(isinstance(m, RAA) for m in model.modules()) == acts
+    assert by_mech["raa"].params_added == sum(n_params(m) for m in model.modules() if isinstance(m, RAA))
+    assert len(by_mech["stds"].changes) == len(soft_thresholds(model)) == layers
+    if "quadratic" in by_mech:
+        quads = [m for m in model.modules() if isinstance(m, ConvPlusQuadratic)]
+        assert len(quads) == len(by_mech["quadratic"].changes) == 1
+        q = quads[0].quad
+        assert by_mech["quadratic"].params_added == n_params(q) == q.out_channels * q.in_channels ** 2
+    assert "total:" in str(report) and len(report.hooks) == 2    # the STDS schedule and ARR's loss
+
+    for hook in report.hooks:
+        hook.attach(model)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    for hook in report.hooks:
+        extra = hook.aux_loss(model, x, logits, y)
+        loss = loss + extra if extra is not None else loss
+    loss.backward()
+    assert logits.shape == (2, 10) and torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "quad" in n or "raa" in n.lower())
+
+
+@pytest.mark.parametrize("name", ["timm resnet18", "torchvision resnet18", "timm vit_small"])
+def test_convert_twice_changes_nothing_more(name):
+    model, _ = convert(MODELS[name](), **options_for(name))
+    keys, count = list(model.state_dict()), n_params(model)
+    model, again = convert(model, **options_for(name))
+    assert again.changes == 0 and again.params_added == 0
+    assert list(model.state_dict()) == keys and n_params(model) == count
+
+
+def test_converted_model_starts_as_the_original():
+    """Q starts at zero and STDS with D = 0 is the identity: only RAA (not an identity) is left out."""
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet18", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = plain(x)
+    model, _ = convert(plain, quadratic=["layer1.*.conv2", "layer2.1.conv1"], sparsity="stds")
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert sum(isinstance(m, QuadraticChannel) for m in model.modules()) == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(activation="swish9"), "convert(activation='swish9'): unknown choice"),
+    (dict(sparsity={"sparse_fn": "st"}), "did you mean: sparse_function"),
+    (dict(quadratic=["nosuch.*"]), "matches no convolution of ResNet"),
+    (dict(sparsity={"include": ["nosuch"]}), "STDS found no conv/linear layer of ResNet matching"),
+    (dict(regularization={"weight": -1}), "weight"),
+])
+def test_bad_conversion_is_one_clear_error(kwargs, message):
+    with pytest.raises(BionetsError) as err:
+        convert(timm.create_model("resnet18", num_classes=10), **kwargs)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_unknown_mechanism_in_a_config_is_one_line(tmp_path, capsys):
+    assert main(["train", f"out_dir={tmp_path}", "mechanisms.raaa={}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown mechanism 'raaa'" in err and "raa" in err and len(err.splitlines()) == 1
+
+
+def test_all_mechanisms_compose_and_train_on_digits(tmp_path):
+    """quadratic + RAA + STDS + ARR on a CIFAR ResNet-20, through the config keys of bionets train.
+
+    RAA's shift vector v sums its gradient over every pixel, so under SGD at lr 0.1 it takes 1/100
+    of the rate (as in the CNN recipes of configs/dnrt)."""
+    import json
+
+    args = ["train", "model.name=resnet20_cifar", "model.kwargs={in_chans: 1, img_size: 8}", "train.epochs=6",
+            "train.progress=false", "optim.lr_mult={'*.v': 0.01}", f"out_dir={tmp_path}", "name=all",
+            "mechanisms={quadratic: {placement: [layer2.1.conv1]}, raa: {}, stds: {d_max: 0.05}, arr: {weight: 1.0}}"]
+    assert main(args) == 0
+    history = [json.loads(line) for line in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_top1"] > history[0]["train_top1"] + 30 and history[-1]["test_top1"] > 85
+    assert history[-1]["sparsity"] > 60 > history[0]["sparsity"]
+
+
+def test_bench_suite_smoke(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--device", "cpu", "--widths", "8", "--batches", "2", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    table = (out / "bench.md").read_text()
+    for mech in ("quadratic", "raa", "stds", "arr"):
+        assert f"| {mech} |" in table
+    assert "x |" in table and (out / "bench.png").stat().st_size > 0
