@@ -25,7 +25,8 @@ from bionets.errors import BionetsError
 from bionets.mechanisms import Report, apply_mechanisms, get_mechanism
 
 SHORTHANDS = {
-    "activation": {"raa": ("raa", {}), "raa_relu": ("raa", {"variant": "relu"})},
+    "activation": {"raa": ("raa", {}), "raa_relu": ("raa", {"base": "relu"})},
+    "regularization": {"arr": ("arr", {})},
     "sparsity": {"stds": ("stds", {}), "st": ("stds", {"sparse_function": "st"}),
                  "identity": ("stds", {"sparse_function": "identity"})},
 }

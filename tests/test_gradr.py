@@ -13,12 +13,7 @@ from bionets.layers.stds import apply_stds, sparsity
 from bionets.mechanisms import get_mechanism, parse_mechanisms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny shapes: threads only add overhead (and contention on a shared CPU)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prior_centre():

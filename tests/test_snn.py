@@ -23,12 +23,7 @@ SPIKING = {  # model -> tiny constructor options
 INPUT = {"snn_digits": (2, 1, 8, 8), "snn_cifar10": (2, 3, 8, 8)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny shapes: threads only add overhead (and contention on a shared CPU)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lif_formula(xs, tau=2.0):

@@ -9,12 +9,7 @@ pytest.importorskip("bionets.engine.trainer")
 from bionets.cli import main  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny shapes: threads only add overhead (and contention on a shared CPU)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stds_digits_run_sparsity_rises_plot_eval_export(tmp_path, capsys):

@@ -33,26 +33,28 @@ class _ShiftedGelu(torch.autograd.Function):
     """``x * Phi(x + s)`` with a hand-written backward that keeps only x and s (s broadcasts).
 
     d/dx = Phi(z) + x phi(z), d/ds = x phi(z) (summed over s's broadcast axes), z = x + s.
-    Phi through erf: torch's ndtr is about ten times slower than erf on the CPU.
+    Phi through erf: torch's ndtr is about ten times slower than erf on the CPU. Each pass after the
+    first works in place: on the CPU, fresh activation-sized buffers cost more than the arithmetic.
     """
 
     @staticmethod
     def forward(ctx, x, s):
         ctx.save_for_backward(x, s)
-        return x * (0.5 + 0.5 * torch.erf((x + s) * SQRT1_2))
+        cdf = torch.add(x, s).mul_(SQRT1_2).erf_().mul_(0.5).add_(0.5)
+        return cdf.mul_(x)
 
     @staticmethod
     def backward(ctx, grad):
         x, s = ctx.saved_tensors
-        z = x + s
-        cdf = 0.5 + 0.5 * torch.erf(z * SQRT1_2)
-        gx_phi = grad * x * torch.exp(-0.5 * z * z) * INV_SQRT_2PI
+        z = torch.add(x, s)
+        gx_phi = torch.mul(z, z).mul_(-0.5).exp_().mul_(INV_SQRT_2PI).mul_(x).mul_(grad)   # grad x phi(z)
+        gx = z.mul_(SQRT1_2).erf_().mul_(0.5).add_(0.5).mul_(grad).add_(gx_phi)          # grad Phi(z) + that
         gs = gx_phi
         if s.shape != gs.shape:                               # reduce over the axes s was broadcast along
             lead = gs.ndim - s.ndim
             dims = [d for d in range(gs.ndim) if d < lead or s.shape[d - lead] == 1]
             gs = gs.sum(dims, keepdim=True).reshape(s.shape)
-        return grad * cdf + gx_phi, gs
+        return gx, gs
 
 
 def _shifted_gelu_expr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ class RAA(nn.Module):
         if variant not in ("vector", "scalar", "matrix") or base not in ("gelu", "relu"):
             raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
         self.num_features, self.variant, self.base, self.compiled = num_features, variant, base, compiled
-        self.c = nn.Parameter(torch.zeros(1))
+        self.c = nn.Parameter(torch.zeros(num_features if variant == "matrix" else 1))
         if variant == "vector":
             self.v = nn.Parameter(torch.zeros(num_features))
         elif variant == "matrix":
@@ -97,10 +99,11 @@ class RAA(nn.Module):
         if self.variant == "scalar":
             return self.c
         if self.variant == "vector":                          # v . x + c, one value per vector
-            v = self.v.view(-1, 1, 1) if dim == 1 else self.v
-            return (x * v).sum(dim, keepdim=True) + self.c
+            if dim == 1:                                      # a contraction, not a product buffer + sum
+                return torch.einsum("nchw,c->nhw", x, self.v).unsqueeze(1) + self.c
+            return (x @ self.v).unsqueeze(-1) + self.c
         if dim == 1:                                          # W x + c per pixel (a 1x1 convolution)
-            return torch.einsum("oc,nc...->no...", self.W, x) + self.c
+            return torch.einsum("oc,nc...->no...", self.W, x) + self.c.view(-1, 1, 1)
         return x @ self.W.T + self.c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,13 +81,13 @@ class ArrHook(Hook):
     def attach(self, model: nn.Module) -> None:
         self.memory = model.arr_memory
         if self.layers == "classifier":
-            _classifier(model).register_forward_pre_hook(lambda m, args: self._keep(args[0]))
+            _classifier(model).register_forward_pre_hook(lambda m, args: self._keep(m, args[0]))
         else:
             for block in model.blocks:
-                block.register_forward_hook(lambda m, args, out: self._keep(out, token=True))
+                block.register_forward_hook(lambda m, args, out: self._keep(m, out, token=True))
 
-    def _keep(self, x: torch.Tensor, token: bool = False) -> None:
-        if not torch.is_grad_enabled():
+    def _keep(self, module: nn.Module, x: torch.Tensor, token: bool = False) -> None:
+        if not (torch.is_grad_enabled() and module.training):   # evaluation (even with gradients) is untouched
             return
         if token:
             x = x[:, 0] if x.shape[1] > 1 and getattr(self, "cls", True) else x.mean(1)
@@ -96,7 +96,7 @@ class ArrHook(Hook):
         self.responses.append(x.flatten(1))
 
     def aux_loss(self, model, images, logits, targets):
-        responses, self.responses = self.responses, []
+        responses, self.responses = self.responses[-self.memory.mean.shape[0]:], []   # this forward's layers only
         if not model.training or not responses:
             return None
         return arr_loss(self.memory, responses, targets, weight=self.cfg.weight, momentum=self.cfg.momentum,

@@ -5,15 +5,19 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from bionets.models.cifar_nets import resolve_act
+
 
 class TinyMLP(nn.Module):
-    """flatten -> Linear -> ReLU -> Linear: no normalization, so DDP and 1-process runs match exactly."""
+    """flatten -> Linear -> act -> Linear: no normalization, so DDP and 1-process runs match exactly.
+    ``act_layer``: a timm or torch.nn activation name (default ReLU)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 8, hidden: int = 64, **_):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 8, hidden: int = 64,
+                 act_layer="relu", **_):
         super().__init__()
         self.num_classes, self.num_features = num_classes, hidden
         self.fc1 = nn.Linear(in_chans * img_size * img_size, hidden)
-        self.act = nn.ReLU()
+        self.act = resolve_act(act_layer)()
         self.head = nn.Linear(hidden, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
