@@ -4,8 +4,8 @@ For every mechanism the suite builds a small plain network, converts a copy with
 :func:`bionets.convert` (or attaches the mechanism's loss hook), and times forward and training
 step of both over a grid of batch sizes and widths, so that the growth of the cost is visible.
 It writes ``bench.md`` (a Markdown table: times, images/s, peak memory, step ratio) and
-``bench.png`` (step ratio against width) into the output folder. CUDA runs use bf16 autocast and
-channels_last.
+``bench.png`` (step ratio against width) into the output folder. CUDA runs use bf16 autocast;
+models with convolutions run channels_last, as the engine runs them.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from bionets.bench import Timing, device_name, measure
 from bionets.conversion import convert
+from bionets.engine.model import use_channels_last
 from bionets.errors import BionetsError
 from bionets.mechanisms import MECHANISMS, get_mechanism
 
@@ -66,11 +67,12 @@ def _loss_with_hooks(model: nn.Module, hooks) -> Callable:
 
 
 def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: int) -> tuple[Timing, Timing]:
-    amp, cl = ("bf16", True) if device.type == "cuda" else ("off", False)
+    amp = "bf16" if device.type == "cuda" else "off"
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     torch.manual_seed(0)
     plain = case.build(width).to(device)
+    cl = use_channels_last("auto", plain, device)   # as the engine does: on for models with convolutions
     converted, report = convert(copy.deepcopy(plain), **case.convert_kwargs)
     converted.to(device)
     for hook in report.hooks:
@@ -105,7 +107,7 @@ def run_suite(out_dir: Path, *, device: str | None = None, mechanisms: list[str]
                             f"{mech.step_ms:.2f} | {ratio:.3f}x | {base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
                             f"{base.peak_mb:.0f} / {mech.peak_mb:.0f} | {mech.images_per_s:.0f} |")
     head = [f"Device: {device_name(dev)}; torch {torch.__version__}; "
-            f"{'bf16 autocast + channels_last' if dev.type == 'cuda' else 'float32'}", "",
+            f"{'bf16 autocast' if dev.type == 'cuda' else 'float32'}, channels_last for conv models", "",
             "| mechanism | baseline | width | batch | base step ms | mech step ms | step ratio | forward ms (base / mech) "
             "| peak MB (base / mech) | mech images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     text = "\n".join(head + rows)

@@ -60,6 +60,7 @@ def test_raa_gradcheck(variant):
     ("resnet18", {}, 17, None),
     ("convnext_atto", {}, 12, None),
     ("vit_tiny_patch16_224", {"img_size": 32}, 12, 12 * 769),
+    ("resnet20_cifar", {}, 19, 7 * 17 + 6 * 33 + 6 * 65),   # stem + two per block, v and c per width
 ])
 def test_swap_on_timm_models(name, kwargs, n_act, added):
     model = timm.create_model(name, num_classes=10, **kwargs)

@@ -113,7 +113,7 @@ class RAA(nn.Module):
                                "this activation module is shared by layers of different widths; exclude it by pattern")
         s = self.shift(x, dim)
         if self.base == "relu":
-            return torch.relu(x + s)                          # max(0, x + shift)
+            return torch.add(x, s).relu_()                    # max(0, x + shift)
         return shifted_gelu(x, s, self.compiled)              # x * Phi(x + shift)
 
 

@@ -1,0 +1,26 @@
+"""Smoke runs of the engine and DNRT benchmarks on tiny sizes: they run and print every ratio."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_engine_smoke():
+    text = load("bench_engine").main(["--device", "cpu", "--images", "64", "--batch", "16", "--repeats", "1",
+                                      "--epochs", "1"])
+    assert "channels_last=True" in text and "steps per epoch" in text
+    assert "ratio" in text and "target <= 1.10x" in text
+
+
+def test_bench_dnrt_smoke():
+    text = load("bench_dnrt").main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--rounds", "1"])
+    for needle in ("vit_tiny (img 32, patch 4) GELU", "vit_tiny (img 32, patch 4) RAA", "resnet20_cifar RAA",
+                   "resnet20_cifar ReLU + ARR"):
+        assert f"| {needle} |" in text
