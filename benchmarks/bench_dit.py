@@ -113,13 +113,17 @@ def main(argv=None) -> str:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-isolate", action="store_true",
                    help="measure every case in this process (default on CPU: one fresh process per case)")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="memory format of every case: auto = on for CUDA only; 'on' is how 'bionets train' runs conv "
+                        "models on any device")
     p.add_argument("--out", help="also write the report to this Markdown file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    opts = {"amp": "bf16" if cuda else "off", "channels_last": cuda, "warmup": args.warmup, "repeats": args.repeats}
+    cl = cuda if args.channels_last == "auto" else args.channels_last == "on"
+    opts = {"amp": "bf16" if cuda else "off", "channels_last": cl, "warmup": args.warmup, "repeats": args.repeats}
     isolate = not cuda and not args.no_isolate
-    parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; channels_last {cuda}; "
+    parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; channels_last {cl}; "
              f"torch {torch.__version__}; median of {args.repeats} after {args.warmup} warm-up; "
              f"{'one process per case' if isolate else 'one process'}\n"]
 
