@@ -1,4 +1,4 @@
-"""DNRT's cost: RAA against GELU (ViT-Tiny) and ReLU (CIFAR ResNet-20), ARR's added step time.
+"""DNRT's cost: RAA against GELU (ViT-Tiny, ResNet-20) and ReLU (ResNet-20), ARR's added step time.
 
     python benchmarks/bench_dnrt.py [--batch 32] [--device cpu] [--rounds 3] [--compiled]
 
@@ -41,6 +41,7 @@ def main(argv=None) -> str:
     amp = "bf16" if dev.type == "cuda" else "off"
     out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it"]
     cases = [("vit_tiny (img 32, patch 4)", "vit_tiny_patch16_224", dict(img_size=32, patch_size=4), "GELU"),
+             ("resnet20_cifar", "resnet20_cifar", dict(act_layer="gelu"), "GELU"),
              ("resnet20_cifar", "resnet20_cifar", {}, "ReLU")]
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
