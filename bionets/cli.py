@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -163,10 +164,25 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "configs
             "bench": cmd_bench}
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides come after options too (``--data-root D train.epochs=2``)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        dest = {"train": "overrides", "experiment": "options"}.get(args.command)
+        if dest is None or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, dest, list(getattr(args, dest)) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:                      # output piped into `head` and closed: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BionetsError as err:
         print(f"bionets: error: {err}", file=sys.stderr)
         return 2

@@ -68,3 +68,15 @@ def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert load_checkpoint(last)["epoch"] >= 1
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_overrides_may_follow_options():
+    from bionets.cli import _parse
+
+    args = _parse(["train", "cifar10/resnet20", "--data-root", "/data", "train.epochs=2", "optim.lr=0.05"])
+    assert args.config == "cifar10/resnet20" and args.data_root == "/data"
+    assert args.overrides == ["train.epochs=2", "optim.lr=0.05"]
+    with pytest.raises(SystemExit):
+        _parse(["train", "--data-root", "/data", "--bogus"])
+    with pytest.raises(SystemExit):
+        _parse(["eval", "ckpt.pt", "train.epochs=2"])
