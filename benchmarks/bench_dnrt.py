@@ -11,21 +11,11 @@ import copy
 
 import timm
 import torch
-from torch import nn
 
 import bionets  # noqa: F401
-from bionets.bench import Timing, device_name, measure, table
+from bionets.bench import Timing, device_name, loss_with_hooks, measure, table
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
-
-
-def arr_loss_fn(model, hooks):
-    def loss(logits, targets):
-        out = nn.functional.cross_entropy(logits, targets)
-        for h in hooks:
-            out = out + h.aux_loss(model, None, logits, targets)
-        return out
-    return loss
 
 
 def main(argv=None) -> str:
@@ -59,7 +49,7 @@ def main(argv=None) -> str:
         model.to(dev)
         for h in report.hooks:
             h.attach(model)
-        models[f"{label} {act} + ARR"] = (model, arr_loss_fn(model, report.hooks))
+        models[f"{label} {act} + ARR"] = (model, loss_with_hooks(model, report.hooks))
         best: dict[str, Timing] = {}
         for _ in range(args.rounds):                   # interleaved rounds: a slow spell hits every case alike
             for case, (m, loss_fn) in models.items():

@@ -21,7 +21,7 @@ import timm
 import torch
 
 import bionets  # noqa: F401
-from bionets.bench import device_name, measure, table
+from bionets.bench import device_name, measure, sync, table
 from bionets.config import load_config
 from bionets.data.fakes import write_cifar
 from bionets.engine.distributed import init_distributed
@@ -50,11 +50,6 @@ def pure_steps(trainer: Trainer, steps: int, rounds: int) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> str:

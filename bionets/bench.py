@@ -62,20 +62,31 @@ def _peak(device: torch.device, base: float) -> float:
     return _rss_peak_mb() - base
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def loss_with_hooks(model: nn.Module, hooks) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy plus every hook's auxiliary loss (ARR's), as the engine adds them in training."""
+    def loss(logits, targets):
+        out = nn.functional.cross_entropy(logits, targets)
+        for hook in hooks:
+            extra = hook.aux_loss(model, None, logits, targets)
+            out = out + extra if extra is not None else out
+        return out
+    return loss
 
 
 def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

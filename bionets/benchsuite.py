@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bionets.bench import Timing, device_name, measure
+from bionets.bench import Timing, device_name, loss_with_hooks, measure
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
 from bionets.errors import BionetsError
@@ -56,16 +56,6 @@ CASES = [
 ]
 
 
-def _loss_with_hooks(model: nn.Module, hooks) -> Callable:
-    def loss(logits, targets):
-        out = nn.functional.cross_entropy(logits, targets)
-        for hook in hooks:
-            extra = hook.aux_loss(model, None, logits, targets)
-            out = out + extra if extra is not None else out
-        return out
-    return loss
-
-
 def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: int) -> tuple[Timing, Timing]:
     amp = "bf16" if device.type == "cuda" else "off"
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -79,7 +69,7 @@ def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: 
         hook.attach(converted)
     base = measure(f"{case.baseline} w{width} b{batch}", plain, x, y, amp=amp, channels_last=cl, repeats=repeats)
     mech = measure(f"+{case.mechanism} w{width} b{batch}", converted, x, y, amp=amp, channels_last=cl,
-                   repeats=repeats, loss_fn=_loss_with_hooks(converted, report.hooks))
+                   repeats=repeats, loss_fn=loss_with_hooks(converted, report.hooks))
     return base, mech
 
 
