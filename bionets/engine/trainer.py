@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from bionets.config import RunConfig
 from bionets.data import build_data
-from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint,
+from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, write_atomic,
                                        seed_everything, set_rng_state)
 from bionets.engine.distributed import Dist, all_reduce_sum, init_distributed
-from bionets.engine.hooks import Hook, Progress
+from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, use_channels_last
 from bionets.engine.optim import create_optimizer, create_scheduler
@@ -274,6 +274,4 @@ class Trainer:
 
 def _write_text(path, text: str) -> None:
     """Atomic small-file write (temp file + rename) so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, lambda f: f.write(text.encode()))
