@@ -145,7 +145,9 @@ def test_jit_trace_and_onnx_export_of_dit_resnet20(tmp_path):
 
 
 def test_dit_resnet20_learns_digits():
-    """~100 SGD steps on sklearn's 8x8 digits (the quadratic parameters at 10x lr, as in the paper)."""
+    """~100 SGD steps on sklearn's 8x8 digits (the quadratic parameters at 10x lr, as in the paper).
+
+    lr 0.02: at 0.05 (quadratic 0.5) one seed in eight diverged; at 0.02 seeds 0-7 reach 0.96-0.98."""
     torch.manual_seed(0)
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -154,8 +156,8 @@ def test_dit_resnet20_learns_digits():
     perm = torch.randperm(len(y))
     train, test = perm[:1500], perm[1500:]
     model = timm.create_model("dit_resnet20", num_classes=10, in_chans=1, img_size=8)
-    opt = torch.optim.SGD(param_groups(model, OptimConfig(lr=0.05, weight_decay=1e-4, lr_mult={"*quad*": 10})),
-                          lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(param_groups(model, OptimConfig(lr=0.02, weight_decay=1e-4, lr_mult={"*quad*": 10})),
+                          lr=0.02, momentum=0.9)
 
     def accuracy():
         model.eval()

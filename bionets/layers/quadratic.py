@@ -250,6 +250,22 @@ def fold_symmetric(q: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.T
     return ((q[:, i, j] + q[:, j, i] * (i != j)) * (i <= j)).t()
 
 
+def _unfold_symmetric(s: torch.Tensor, c: int) -> torch.Tensor:
+    """T [C_out, C, C] from the folded S [C(C+1)/2, C_out] of the 'rows' order:
+    ``T_oij = T_oji = S_ij`` for i < j, ``T_oii = 2 S_ii`` (T_o = Q_o + Q_o^T, dq_o/dx = T_o x)."""
+    pair, diag = _pair_index(c, s.device)
+    return s.t()[:, pair] * diag
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_index(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every (i, j): the position of (min, max) among the 'rows' products, and 2 on the diagonal."""
+    i, j = torch.triu_indices(c, c)
+    pair = torch.empty(c, c, dtype=torch.long)
+    pair[i, j] = pair[j, i] = torch.arange(i.numel())
+    return pair.to(device), (1 + torch.eye(c)).to(device)
+
+
 def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", strategy: str | None = None) -> torch.Tensor:
     """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out].
 
@@ -321,7 +337,7 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Te
 
 class _SymmetricQuadratic(torch.autograd.Function):
     """:func:`_sym_forward` with a backward that recomputes the products chunk by chunk instead of
-    saving them; ``dL/dS_ij = sum g x_i x_j`` and ``d(x_i x_j) = x_j dx_i + x_i dx_j``."""
+    saving them: ``dL/dS_ij = sum g x_i x_j``; ``dL/dx = sum_o g_o T_o x`` with T_o = Q_o + Q_o^T."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -335,7 +351,7 @@ class _SymmetricQuadratic(torch.autograd.Function):
         c = rows.shape[1]
         grad = grad.to(rows.dtype)
         want_x, want_s, _ = ctx.needs_input_grad
-        grad_x = torch.zeros_like(rows) if want_x else None
+        grad_x = (torch.zeros_like(rows) if ctx.strategy == "blocks" else torch.empty_like(rows)) if want_x else None
         grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
         if ctx.strategy == "blocks":
             w, (bi, bj) = _blocks(c)[0], _indices(c, "blocks", rows.device)[2:]
@@ -346,24 +362,27 @@ class _SymmetricQuadratic(torch.autograd.Function):
                 if want_x:
                     grad_x[r] = _block_grad_x(x, g @ s.t(), w, bi, bj)    # g @ S^T: dL/d(x_I[u] x_J[v])
             return grad_x, (grad_s.to(s.dtype) if want_s else None), None
-        # one buffer of a chunk's C(C+1)/2 products (then of their gradients): one matmul each for
-        # dL/dS and dL/d(x_i x_j) instead of one per triangle row (measured ~25% faster on the CPU)
+        # dL/dS = sum_rows g x_i x_j: a chunk's C(C+1)/2 products in one buffer, one matmul
         offs, buf = _row_offsets(c), None
-        for r in _chunks(rows, s.shape[0]):
+        for r in (_chunks(rows, s.shape[0]) if want_s else []):
             x, g = rows[r], grad[r]
             if buf is None or buf.shape[0] != x.shape[0]:
                 buf = x.new_empty(x.shape[0], s.shape[0])
-            if want_s:
-                for i in range(c):
-                    torch.mul(x[:, i:i + 1], x[:, i:], out=buf[:, offs[i]:offs[i + 1]])
-                grad_s += (buf.t() @ g).to(grad_s.dtype)
-            if want_x:
-                gp = torch.mm(g, s.t(), out=buf)                       # dL/d(x_i x_j), i <= j
-                gx = grad_x[r]
-                for i in range(c):
-                    gpi = gp[:, offs[i]:offs[i + 1]]
-                    gx[:, i] += torch.linalg.vecdot(gpi, x[:, i:])     # x_j dx_i
-                    gx[:, i:].addcmul_(gpi, x[:, i:i + 1])             # x_i dx_j
+            for i in range(c):
+                torch.mul(x[:, i:i + 1], x[:, i:], out=buf[:, offs[i]:offs[i + 1]])
+            grad_s += (buf.t() @ g).to(grad_s.dtype)
+        if want_x:
+            # dL/dx_k = sum_{o,j} g_o x_j T_ojk with T_o = Q_o + Q_o^T (symmetric, rebuilt from S):
+            # the outer products g (x) x of a chunk and one matmul. Twice the multiply-adds of
+            # g @ S^T, but no per-triangle-row vector work after it (measured 2x faster at C = 32)
+            t = _unfold_symmetric(s, c).reshape(-1, c)                 # [(o, j), k]
+            step = max(1, 2**21 // t.shape[0])
+            outer = rows.new_empty(min(step, rows.shape[0]), t.shape[0])
+            for r0 in range(0, rows.shape[0], step):
+                x, g = rows[r0:r0 + step], grad[r0:r0 + step]
+                e = outer[:x.shape[0]]
+                torch.mul(g.unsqueeze(2), x.unsqueeze(1), out=e.view(x.shape[0], -1, c))
+                torch.mm(e, t, out=grad_x[r0:r0 + step])
         return grad_x, (grad_s.to(s.dtype) if want_s else None), None
 
 
