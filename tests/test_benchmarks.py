@@ -1,4 +1,4 @@
-"""Smoke runs of the engine and DNRT benchmarks on tiny sizes: they run and print every ratio."""
+"""Smoke runs of the engine, DNRT and Dit benchmarks on tiny sizes: they run and print every ratio."""
 import importlib.util
 from pathlib import Path
 
@@ -24,3 +24,11 @@ def test_bench_dnrt_smoke():
     for needle in ("vit_tiny (img 32, patch 4) GELU", "vit_tiny (img 32, patch 4) RAA", "resnet20_cifar RAA",
                    "resnet20_cifar ReLU + ARR"):
         assert f"| {needle} |" in text
+
+
+def test_bench_dit_smoke():
+    text = load("bench_dit").main(["--device", "cpu", "--batch", "2", "--img", "8", "--repeats", "1", "--warmup", "1",
+                                   "--rounds", "2", "--skip-convnext", "--macs-models", "dit_resnet20",
+                                   "--no-isolate"])
+    assert "| dit_resnet20 step, batch 2 x 3 x 8 x 8 |" in text and "fastest of 2 alternating rounds" in text
+    assert text.count("\nstep ratio ") == 2 and "| dit_resnet20 | 32x32 |" in text

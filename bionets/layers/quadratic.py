@@ -351,9 +351,13 @@ class _SymmetricQuadratic(torch.autograd.Function):
         c = rows.shape[1]
         grad = grad.to(rows.dtype)
         want_x, want_s, _ = ctx.needs_input_grad
-        grad_x = (torch.zeros_like(rows) if ctx.strategy == "blocks" else torch.empty_like(rows)) if want_x else None
         grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
-        if ctx.strategy == "blocks":
+        if ctx.strategy == "rows":
+            if want_s:
+                _rows_grad_s(rows, grad, s, out=grad_s)
+            grad_x = _rows_grad_x(rows, grad, s) if want_x else None
+        else:
+            grad_x = torch.zeros_like(rows) if want_x else None
             w, (bi, bj) = _blocks(c)[0], _indices(c, "blocks", rows.device)[2:]
             for r in _chunks(rows, s.shape[0]):
                 x, g = rows[r], grad[r]
@@ -361,29 +365,69 @@ class _SymmetricQuadratic(torch.autograd.Function):
                     grad_s += (_block_products(x, w, bi, bj).t() @ g).to(grad_s.dtype)
                 if want_x:
                     grad_x[r] = _block_grad_x(x, g @ s.t(), w, bi, bj)    # g @ S^T: dL/d(x_I[u] x_J[v])
-            return grad_x, (grad_s.to(s.dtype) if want_s else None), None
-        # dL/dS = sum_rows g x_i x_j: a chunk's C(C+1)/2 products in one buffer, one matmul
-        offs, buf = _row_offsets(c), None
-        for r in (_chunks(rows, s.shape[0]) if want_s else []):
-            x, g = rows[r], grad[r]
+        return grad_x, (grad_s.to(s.dtype) if want_s else None), None
+
+
+# The CPU backward's layouts were chosen by measurement on the 2-core development machine (float32;
+# the matmuls' speed depends on their shapes): for C <= 32 the products for dL/dS are formed as
+# [products, rows] (each triangle row one contiguous block; 1.8x faster at C = 32, 1.6x slower at
+# C = 96), and for C <= 64 dL/dx comes from the outer products g (x) x (1.4x faster at C = 64,
+# 2x at C = 32, slower at C = 96).
+_PRODUCTS_BY_COLUMN_MAX_C = 32
+_OUTER_GRAD_X_MAX_C = 64
+
+
+def _rows_grad_s(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:
+    """Adds ``dL/dS_ij = sum_rows g x_i x_j`` [C(C+1)/2, C_out] to ``out``: a chunk's products in
+    one buffer, one matmul."""
+    c, offs, buf = rows.shape[1], _row_offsets(rows.shape[1]), None
+    by_column = c <= _PRODUCTS_BY_COLUMN_MAX_C
+    xt = rows.t().contiguous() if by_column else None
+    for r in _chunks(rows, s.shape[0]):
+        if by_column:
+            x = xt[:, r]
+            buf = x.new_empty(s.shape[0], x.shape[1])
+            for i in range(c):
+                torch.mul(x[i:i + 1], x[i:], out=buf[offs[i]:offs[i + 1]])
+            part = buf @ grad[r]
+        else:
+            x = rows[r]
             if buf is None or buf.shape[0] != x.shape[0]:
                 buf = x.new_empty(x.shape[0], s.shape[0])
             for i in range(c):
                 torch.mul(x[:, i:i + 1], x[:, i:], out=buf[:, offs[i]:offs[i + 1]])
-            grad_s += (buf.t() @ g).to(grad_s.dtype)
-        if want_x:
-            # dL/dx_k = sum_{o,j} g_o x_j T_ojk with T_o = Q_o + Q_o^T (symmetric, rebuilt from S):
-            # the outer products g (x) x of a chunk and one matmul. Twice the multiply-adds of
-            # g @ S^T, but no per-triangle-row vector work after it (measured 2x faster at C = 32)
-            t = _unfold_symmetric(s, c).reshape(-1, c)                 # [(o, j), k]
-            step = max(1, 2**21 // t.shape[0])
-            outer = rows.new_empty(min(step, rows.shape[0]), t.shape[0])
-            for r0 in range(0, rows.shape[0], step):
-                x, g = rows[r0:r0 + step], grad[r0:r0 + step]
-                e = outer[:x.shape[0]]
-                torch.mul(g.unsqueeze(2), x.unsqueeze(1), out=e.view(x.shape[0], -1, c))
-                torch.mm(e, t, out=grad_x[r0:r0 + step])
-        return grad_x, (grad_s.to(s.dtype) if want_s else None), None
+            part = buf.t() @ grad[r]
+        out += part.to(out.dtype)
+
+
+def _rows_grad_x(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``dL/dx = sum_o g_o T_o x`` [M, C], T_o = Q_o + Q_o^T."""
+    m, c = rows.shape
+    if c <= _OUTER_GRAD_X_MAX_C:
+        # dL/dx_k = sum_{o,j} (g_o x_j) T_ojk: the outer products g (x) x of a chunk and one matmul.
+        # Twice the multiply-adds of g @ S^T below, but no per-triangle-row vector work after it.
+        t = _unfold_symmetric(s, c).reshape(-1, c)                 # [(o, j), k]
+        step = max(1, 2**21 // t.shape[0])
+        grad_x, outer = rows.new_empty(m, c), rows.new_empty(min(step, m), t.shape[0])
+        for r0 in range(0, m, step):
+            x, g = rows[r0:r0 + step], grad[r0:r0 + step]
+            e = outer[:x.shape[0]]
+            torch.mul(g.unsqueeze(2), x.unsqueeze(1), out=e.view(x.shape[0], -1, c))
+            torch.mm(e, t, out=grad_x[r0:r0 + step])
+        return grad_x
+    # dL/d(x_i x_j) = g @ S^T, then x_j dx_i + x_i dx_j, triangle row by triangle row
+    grad_x, offs, gp = torch.zeros_like(rows), _row_offsets(c), None
+    for r in _chunks(rows, s.shape[0]):
+        x, g = rows[r], grad[r]
+        if gp is None or gp.shape[0] != x.shape[0]:
+            gp = x.new_empty(x.shape[0], s.shape[0])
+        torch.mm(g, s.t(), out=gp)
+        gx = grad_x[r]
+        for i in range(c):
+            gpi = gp[:, offs[i]:offs[i + 1]]
+            gx[:, i] += torch.linalg.vecdot(gpi, x[:, i:])         # x_j dx_i
+            gx[:, i:].addcmul_(gpi, x[:, i:i + 1])                 # x_i dx_j
+    return grad_x
 
 
 def quadratic_terms(model: nn.Module) -> dict[str, QuadraticTerm]:
