@@ -1,5 +1,6 @@
 """RAA against its formula in float64, gradients, the swap on timm models, and training."""
 import math
+import shutil
 
 import pytest
 import timm
@@ -54,6 +55,26 @@ def test_raa_gradcheck(variant):
     raa = randomized(RAA(4, variant)).double()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *p: raa(x), (x, *raa.parameters()))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("variant, base, shape, dim", [("vector", "gelu", (3, 5, 4, 4), 1),
+                                                       ("matrix", "relu", (2, 7, 5), -1),
+                                                       ("scalar", "gelu", (6, 5), -1)])
+def test_compiled_raa_matches_formula_and_eager_gradients(variant, base, shape, dim):
+    """The fused (torch.compile) path: the same values as the direct formula and the same gradients
+    as the eager path."""
+    eager = randomized(RAA(shape[dim], variant, base)).double()
+    fused = RAA(shape[dim], variant, base, compiled=True).double()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = fused(x)
+    torch.testing.assert_close(out, direct(x, eager, dim), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, *fused.parameters()), g)
+    want = torch.autograd.grad(eager(x), (x, *eager.parameters()), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name, kwargs, n_act, added", [

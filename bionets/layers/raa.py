@@ -13,6 +13,7 @@ ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built o
 from __future__ import annotations
 
 import fnmatch
+import types
 from typing import Literal
 
 import torch
@@ -57,21 +58,43 @@ class _ShiftedGelu(torch.autograd.Function):
         return gx, gs
 
 
-def _shifted_gelu_expr(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return x * (0.5 + 0.5 * torch.erf((x + s) * SQRT1_2))
+def shifted_gelu(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x * Phi(x + s)`` (eager, hand-written backward)."""
+    return _ShiftedGelu.apply(x, s)
 
 
-_COMPILED = {}
+def raa_expression(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None, variant: str, base: str,
+                   dim: int) -> torch.Tensor:
+    """The whole RAA (shift and activation) as plain tensor expressions, for ``torch.compile`` to
+    fuse: the shift's reduction over the features and the activation in one kernel per pass.
+    ``weight`` is v (vector), W (matrix) or None (scalar); ``dim`` the feature axis (1 or -1)."""
+    if variant == "scalar":
+        s = c
+    elif variant == "vector":                                  # v . x + c as a sum: fusable, unlike einsum
+        s = (x * (weight.view(-1, 1, 1) if dim == 1 else weight)).sum(dim, keepdim=True) + c
+    elif dim == 1:
+        s = torch.einsum("oc,nc...->no...", weight, x) + c.view(-1, 1, 1)
+    else:
+        s = x @ weight.T + c
+    z = x + s
+    if base == "relu":
+        return torch.clamp_min(z, 0)      # torch.relu here compiles to a CPU kernel ~9x slower (torch 2.14)
+    return x * (0.5 + 0.5 * torch.erf(z * SQRT1_2))
 
 
-def shifted_gelu(x: torch.Tensor, s: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-    """``x * Phi(x + s)``: eager (hand-written backward) or fused by ``torch.compile`` (one kernel
-    for the forward and one for the backward: the fast path, compiled once per shape)."""
-    if not compiled:
-        return _ShiftedGelu.apply(x, s)
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_shifted_gelu_expr, dynamic=False)
-    return _COMPILED["fn"](x, s)
+_COMPILED: dict[int, object] = {}
+
+
+def compiled_raa(width: int):
+    """:func:`raa_expression` compiled for tensors of ``width`` features, with static shapes (a kernel
+    per shape; measured ~10% faster per step than dynamic ones on the CPU). Each width gets its own
+    copy of the function's code, so that torch's limit of 8 compiled versions per function applies
+    to one width's shapes (train and last batch, train and eval), not to all the network's layers."""
+    if width not in _COMPILED:
+        code = raa_expression.__code__.replace(co_name=f"raa_expression_{width}")
+        fn = types.FunctionType(code, raa_expression.__globals__, code.co_name)
+        _COMPILED[width] = torch.compile(fn, dynamic=False)
+    return _COMPILED[width]
 
 
 class RAA(nn.Module):
@@ -111,10 +134,13 @@ class RAA(nn.Module):
         if x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: "
                                "this activation module is shared by layers of different widths; exclude it by pattern")
+        if self.compiled:
+            weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
+            return compiled_raa(self.num_features)(x, self.c, weight, self.variant, self.base, dim)
         s = self.shift(x, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_()                    # max(0, x + shift)
-        return shifted_gelu(x, s, self.compiled)              # x * Phi(x + shift)
+        return shifted_gelu(x, s)                             # x * Phi(x + shift)
 
 
 def _width(module: nn.Module) -> int | None:

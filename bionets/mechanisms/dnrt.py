@@ -29,7 +29,7 @@ class RaaConfig(Section):
     base: Literal["auto", "gelu", "relu"] = "auto"
     types: list[str] = list(DEFAULT_TYPES)
     patterns: list[str] | None = None
-    compiled: bool = False        # fuse x * Phi(x + shift) with torch.compile (the fast path)
+    compiled: bool = False        # fuse the whole RAA (shift and activation) with torch.compile: the fast path
 
 
 class ArrConfig(Section):
