@@ -61,7 +61,8 @@ def model_case(name: str, batch: int, img: int, classes: int, device: str, opts:
 
 
 def layer_case(channels: int, size: int, batch: int, impl: str, device: str, opts: dict) -> Timing:
-    x = torch.randn(batch, channels, size, size, device=device)
+    # the input needs its gradient, as inside a network (the backward computes dL/dx as well as dL/dQ)
+    x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     layer = QuadraticChannel(channels, impl=impl).to(device)
     return measure(f"QuadraticChannel({channels}, impl={impl}) on {batch} x {channels} x {size} x {size}",
                    layer, x, loss_fn=_square_loss, **opts)
