@@ -386,10 +386,12 @@ def _rows_grad_s(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor, out: t
     for r in _chunks(rows, s.shape[0]):
         if by_column:
             x = xt[:, r]
-            buf = x.new_empty(s.shape[0], x.shape[1])
+            if buf is None:                                   # one buffer, reused (a fresh one per chunk
+                buf = x.new_empty(s.shape[0], x.shape[1])     # costs its page faults every time)
+            b = buf[:, :x.shape[1]]
             for i in range(c):
-                torch.mul(x[i:i + 1], x[i:], out=buf[offs[i]:offs[i + 1]])
-            part = buf @ grad[r]
+                torch.mul(x[i:i + 1], x[i:], out=b[offs[i]:offs[i + 1]])
+            part = b @ grad[r]
         else:
             x = rows[r]
             if buf is None or buf.shape[0] != x.shape[0]:
