@@ -1,6 +1,7 @@
 """Dit-CNN cost: training steps of Dit models against their plain twins, and the quadratic layer alone.
 
-(a) Dit-ResNet-20 vs resnet20_cifar on a CIFAR-shaped batch (target step ratio <= 1.15);
+(a) Dit-ResNet-20 vs resnet20_cifar on a CIFAR-shaped batch (target step ratio <= 1.15); also both
+    stepped in turn in one process (``--alternate``), which a drifting host disturbs least;
 (b) QuadraticChannel alone, C=32 at 16x16 (Dit-ResNet's block): impl 'sym' (the C(C+1)/2 distinct
     products) vs 'full' (all C^2 products, the reference formulation) (target full/sym >= 1.5);
 (c) Dit-ConvNeXt-T vs timm's convnext_tiny at 224 (target <= 1.35), and the layer alone at C=96,
@@ -24,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
-from bionets.bench import Timing, device_name, measure, table
+from bionets.bench import Timing, alternating_step_ms, device_name, measure, table, train_step
 from bionets.layers.quadratic import QuadraticChannel
 
 
@@ -52,12 +53,29 @@ def _square_loss(out: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean()
 
 
-def model_case(name: str, batch: int, img: int, classes: int, device: str, opts: dict) -> Timing:
+def _model_and_batch(name: str, batch: int, img: int, classes: int, device: str):
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     size = {"img_size": img} if plain_twin(name).endswith("_cifar") else {}   # the CIFAR family sizes its Dit LayerNorm
-    model = timm.create_model(name, num_classes=classes, **size).to(device)
+    return timm.create_model(name, num_classes=classes, **size).to(device), x, y
+
+
+def model_case(name: str, batch: int, img: int, classes: int, device: str, opts: dict) -> Timing:
+    model, x, y = _model_and_batch(name, batch, img, classes, device)
     return measure(f"{name} step, batch {batch} x 3 x {img} x {img}", model, x, y, **opts)
+
+
+def alternating_ratio(names: tuple[str, str], batch: int, img: int, classes: int, device: str, opts: dict,
+                      repeats: int) -> str:
+    """Both models in this process, stepped in turn: the median step time of each and their ratio."""
+    steps = {}
+    for name in names:
+        model, x, y = _model_and_batch(name, batch, img, classes, device)
+        steps[name] = train_step(model, x, y, amp=opts["amp"], channels_last=opts["channels_last"])[0]
+    ms = alternating_step_ms(steps, torch.device(device), warmup=opts["warmup"], repeats=repeats)
+    base, new = (ms[n] for n in names)
+    return (f"stepped in turn in one process, {repeats} steps each: median {base:.1f} ms vs {new:.1f} ms, "
+            f"ratio {new / base:.3f}x")
 
 
 def layer_case(channels: int, size: int, batch: int, impl: str, device: str, opts: dict) -> Timing:
@@ -113,6 +131,8 @@ def main(argv=None) -> str:
     p.add_argument("--macs-models", default="dit_*", help="glob of the Dit models for (d); '' skips (d)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--alternate", type=int, default=25, metavar="N",
+                   help="(a) also steps both models in turn in one process, N steps each (0: skip)")
     p.add_argument("--rounds", type=int, default=3,
                    help="measure base and new this many times, alternating; keep each one's fastest")
     p.add_argument("--no-isolate", action="store_true",
@@ -143,6 +163,8 @@ def main(argv=None) -> str:
     dev, b, img = str(device), args.batch, args.img
     compare("(a) Dit-ResNet-20 vs its plain twin", model_case, ("resnet20_cifar", b, img, 10, dev, opts),
             ("dit_resnet20", b, img, 10, dev, opts), 1.15)
+    if args.alternate:
+        parts[-1] += "\n" + alternating_ratio(("resnet20_cifar", "dit_resnet20"), b, img, 10, dev, opts, args.alternate) + "\n"
     side = max(1, img // 2)
     compare("(b) quadratic layer of Dit-ResNet: sym vs full (target: sym >= 1.5x faster)", layer_case,
             (32, side, b, "full", dev, opts), (32, side, b, "sym", dev, opts), 1 / 1.5)

@@ -91,11 +91,12 @@ def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeat
     return statistics.median(times)
 
 
-def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
-            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-            amp: str = "off", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
-            optimizer: torch.optim.Optimizer | None = None) -> Timing:
-    """Median forward time and training-step time (forward, backward, SGD step) of ``model``."""
+def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               amp: str = "off", channels_last: bool = False,
+               optimizer: torch.optim.Optimizer | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(one training step: forward, backward, SGD step; one forward without gradients) of ``model``
+    on a resident batch, in the memory format and autocast the benchmark asks for."""
     device = inputs.device
     if channels_last and inputs.ndim == 4:
         model = model.to(memory_format=torch.channels_last)
@@ -106,7 +107,8 @@ def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         targets = torch.zeros(inputs.shape[0], dtype=torch.long, device=device)
     loss_fn = loss_fn or nn.functional.cross_entropy
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    base = _reset_peak(device)
+
+    model.train()
 
     def step():
         with autocast():
@@ -115,16 +117,44 @@ def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         loss.backward()
         opt.step()
 
-    model.train()
-    step_ms = _median_ms(step, device, warmup, repeats)
-    peak = _peak(device, base)
-
     def forward():
         with torch.no_grad(), autocast():
             model(inputs)
 
+    return step, forward
+
+
+def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            amp: str = "off", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
+            optimizer: torch.optim.Optimizer | None = None) -> Timing:
+    """Median forward time and training-step time (forward, backward, SGD step) of ``model``."""
+    device = inputs.device
+    step, forward = train_step(model, inputs, targets, loss_fn=loss_fn, amp=amp, channels_last=channels_last,
+                               optimizer=optimizer)
+    base = _reset_peak(device)
+    step_ms = _median_ms(step, device, warmup, repeats)
+    peak = _peak(device, base)
     forward_ms = _median_ms(forward, device, warmup, repeats)
     return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
+
+
+def alternating_step_ms(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int = 2,
+                        repeats: int = 25) -> dict[str, float]:
+    """Median time of each step function, run in turn (one step of each per round, in one process),
+    so that a slow spell of a shared host hits every case alike."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def table(rows: list[Timing], base: Timing | None = None) -> str:

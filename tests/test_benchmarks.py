@@ -30,6 +30,7 @@ def test_bench_dnrt_smoke():
 def test_bench_dit_smoke():
     text = load("bench_dit").main(["--device", "cpu", "--batch", "2", "--img", "8", "--repeats", "1", "--warmup", "1",
                                    "--rounds", "2", "--skip-convnext", "--macs-models", "dit_resnet20",
-                                   "--no-isolate"])
+                                   "--no-isolate", "--alternate", "2"])
     assert "| dit_resnet20 step, batch 2 x 3 x 8 x 8 |" in text and "fastest of 2 alternating rounds" in text
     assert text.count("\nstep ratio ") == 2 and "| dit_resnet20 | 32x32 |" in text
+    assert "stepped in turn in one process, 2 steps each" in text
