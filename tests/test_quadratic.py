@@ -279,6 +279,24 @@ def test_set_quadratic_switches_named_blocks():
         set_quadratic(nn.Linear(2, 2), False)
 
 
+@pytest.mark.parametrize("c,c_out", [(5, 3), (40, 2), (70, 2)])
+def test_rows_kernels_across_many_chunks(monkeypatch, c, c_out):
+    """Every CPU layout (see _PRODUCTS_BY_COLUMN_MAX_C) cut into 7-row chunks, the last one short,
+    against the all-products form."""
+    from bionets.layers import quadratic
+    monkeypatch.setattr(quadratic, "_chunks", lambda rows, per_row, cpu_rows=0:
+                        [slice(r0, r0 + 7) for r0 in range(0, rows.shape[0], 7)])
+    torch.manual_seed(0)
+    x = torch.randn(30, c, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(c_out, c, c, dtype=torch.float64, requires_grad=True)
+    out = channel_quadratic(x, q, strategy="rows")
+    assert rel_err(out, torch.einsum("oij,mi,mj->mo", q, x, x)) < 1e-12
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, q), g)
+    want = torch.autograd.grad(channel_quadratic(x, q, impl="full"), (x, q), g)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(got, want))
+
+
 def test_cpu_scratch_is_reused_and_freed():
     """The CPU kernels keep their scratch buffers between steps (no page faults per step), per
     thread, and free_scratch lets them go; results do not depend on what the buffers held."""

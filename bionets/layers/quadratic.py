@@ -312,9 +312,10 @@ def free_scratch() -> None:
     _SCRATCH.__dict__.pop("buffers", None)
 
 
-def _chunks(rows: torch.Tensor, products: int):
-    """Row ranges: 4,096 rows on CPU (the products stay in cache), ~128M products on GPU."""
-    step = 4096 if rows.device.type == "cpu" else max(1, 2**27 // products)
+def _chunks(rows: torch.Tensor, per_row: int, cpu_rows: int = 4096):
+    """Row ranges: ``cpu_rows`` rows on the CPU (4,096 keeps a chunk's products in cache); on the GPU
+    about 128M elements of buffers that hold ``per_row`` elements a row."""
+    step = cpu_rows if rows.device.type == "cpu" else max(1, 2**27 // per_row)
     return [slice(r0, r0 + step) for r0 in range(0, rows.shape[0], step)]
 
 
@@ -351,7 +352,9 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Te
             torch.mm(_block_products(rows[r], w, bi, bj), s, out=out[r])
         return out
     offs = _row_offsets(c)
-    for r in _chunks(rows, s.shape[0]):
+    # the CPU buffer holds one triangle row's products: larger chunks, fewer small kernels (the forward
+    # of Dit-ResNet-20's layer measured 15 -> 11 ms with 2^20 elements a chunk instead of 4,096 rows)
+    for r in _chunks(rows, c, cpu_rows=max(4096, 2**20 // c)):
         x, o = rows[r], out[r]
         tmp = _scratch("row_products", (x.shape[0], c), x)
         torch.mm(torch.mul(x[:, :1], x, out=tmp), s[:c], out=o)
@@ -431,13 +434,12 @@ def _rows_grad_x(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor) -> tor
         # dL/dx_k = sum_{o,j} (g_o x_j) T_ojk: the outer products g (x) x of a chunk and one matmul.
         # Twice the multiply-adds of g @ S^T below, but no per-triangle-row vector work after it.
         t = _unfold_symmetric(s, c).reshape(-1, c)                 # [(o, j), k]
-        step = max(1, 2**21 // t.shape[0])
-        grad_x, outer = rows.new_empty(m, c), _scratch("outer", (min(step, m), t.shape[0]), rows)
-        for r0 in range(0, m, step):
-            x, g = rows[r0:r0 + step], grad[r0:r0 + step]
-            e = outer[:x.shape[0]]
-            torch.mul(g.unsqueeze(2), x.unsqueeze(1), out=e.view(x.shape[0], -1, c))
-            torch.mm(e, t, out=grad_x[r0:r0 + step])
+        grad_x = rows.new_empty(m, c)
+        for r in _chunks(rows, t.shape[0], cpu_rows=max(1, 2**21 // t.shape[0])):   # ~8 MB of outer products
+            x = rows[r]
+            e = _scratch("outer", (x.shape[0], t.shape[0]), x)
+            torch.mul(grad[r].unsqueeze(2), x.unsqueeze(1), out=e.view(x.shape[0], -1, c))
+            torch.mm(e, t, out=grad_x[r])
         return grad_x
     # dL/d(x_i x_j) = g @ S^T, then x_j dx_i + x_i dx_j, triangle row by triangle row
     grad_x, offs = torch.zeros_like(rows), _row_offsets(c)
