@@ -296,7 +296,7 @@ def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     """A scratch tensor of ``shape`` for one use inside a CPU pass, kept between calls (per thread,
     role, dtype and device; grown when too small; :func:`free_scratch` lets it go). Fresh
     multi-megabyte buffers pay their page faults at every step: reusing them took a Dit-ResNet-20
-    training step (batch 128, 2 CPU cores) from ~335 to ~310 ms. Held: about 21 MB for that model,
+    training step (batch 128, 2 CPU cores) from ~335 to ~310 ms. Held: about 25 MB for that model,
     about 80 MB for Dit-ConvNeXt-T at batch 8."""
     key = (role, like.dtype, like.device)
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
