@@ -313,7 +313,7 @@ def free_scratch() -> None:
 
 
 def _chunks(rows: torch.Tensor, per_row: int, cpu_rows: int = 4096):
-    """Row ranges: ``cpu_rows`` rows on the CPU (4,096 keeps a chunk's products in cache); on the GPU
+    """Row ranges: ``cpu_rows`` rows on the CPU (each caller picks; 4,096 by default); on the GPU
     about 128M elements of buffers that hold ``per_row`` elements a row."""
     step = cpu_rows if rows.device.type == "cpu" else max(1, 2**27 // per_row)
     return [slice(r0, r0 + step) for r0 in range(0, rows.shape[0], step)]
