@@ -1,9 +1,11 @@
 """DNRT's cost: RAA against GELU (ViT-Tiny, ResNet-20) and ReLU (ResNet-20), ARR's added step time.
 
-    python benchmarks/bench_dnrt.py [--batch 32] [--device cpu] [--rounds 3] [--skip-compiled]
+    python benchmarks/bench_dnrt.py [--batch 32] [--device cpu] [--rounds 3] [--alternate 25] [--skip-compiled]
 
 RAA is timed eager and with ``compiled=True`` (the whole RAA fused by torch.compile; compiling is
-done in the warm-up steps, not timed).
+done in the warm-up steps, not timed). Each model's cases are measured one after another in
+interleaved rounds (the table), then stepped in turn, one step of each per round, in this process
+(``--alternate N`` steps each; on a shared host the figure that varies least).
 
 Targets (issue 3): RAA training step <= 1.15x the plain activation's; ARR adds <= 3%.
 """
@@ -16,7 +18,7 @@ import timm
 import torch
 
 import bionets  # noqa: F401
-from bionets.bench import Timing, device_name, loss_with_hooks, measure, table
+from bionets.bench import Timing, alternating_step_ms, device_name, loss_with_hooks, measure, table, train_step
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
 
@@ -28,6 +30,8 @@ def main(argv=None) -> str:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="measure every case this many times, interleaved; keep "
                    "each case's fastest")
+    p.add_argument("--alternate", type=int, default=25, metavar="N",
+                   help="also step every case in turn in this process, N steps each (0: skip)")
     p.add_argument("--skip-compiled", action="store_true",
                    help="leave out RAA's torch.compile path (e.g. on a CPU machine without a C++ compiler)")
     args = p.parse_args(argv)
@@ -61,6 +65,13 @@ def main(argv=None) -> str:
                 best[case] = t if case not in best or t.step_ms < best[case].step_ms else best[case]
         rows = list(best.values())
         out += ["", table(rows, rows[0])]
+        if args.alternate:
+            steps = {case: train_step(m, x, y, loss_fn=loss_fn, amp=amp, channels_last=cl)[0]
+                     for case, (m, loss_fn) in models.items()}
+            ms = alternating_step_ms(steps, dev, repeats=args.alternate)
+            base = next(iter(ms.values()))
+            out += ["", f"stepped in turn in one process, {args.alternate} steps each (median ms, ratio): "
+                    + "; ".join(f"{case} {t:.1f} ({t / base:.3f}x)" for case, t in ms.items())]
     text = "\n".join(out)
     print(text)
     return text

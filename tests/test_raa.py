@@ -50,11 +50,47 @@ def test_raa_starts_as_exact_gelu_and_relu():
     assert torch.equal(RAA(8, base="relu")(x), torch.relu(x))
 
 
-@pytest.mark.parametrize("variant", ["vector", "matrix"])
-def test_raa_gradcheck(variant):
-    raa = randomized(RAA(4, variant)).double()
+@pytest.mark.parametrize("variant", ["vector", "scalar", "matrix"])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+def test_raa_gradcheck(variant, base):
+    raa = randomized(RAA(4, variant, base)).double()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *p: raa(x), (x, *raa.parameters()))
+
+
+LAYOUTS = {"contiguous": lambda x: x,
+           "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+           "strided": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2)}
+
+
+@pytest.mark.parametrize("variant", ["vector", "scalar"])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_raa_gradients_match_formula_in_every_layout(variant, base, layout):
+    """The hand-written backward (shift included) gives autograd's gradients of the direct formula,
+    for NCHW, channels_last and other strided maps, and for token tensors."""
+    for shape, dim in [((3, 5, 4, 6), 1), ((2, 7, 5), -1)]:
+        raa = randomized(RAA(shape[dim], variant, base)).double()
+        x = torch.randn(*shape, dtype=torch.float64)
+        x = (LAYOUTS[layout](x) if x.ndim == 4 else x).requires_grad_()
+        out = raa(x)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, *raa.parameters()), g)
+        want = torch.autograd.grad(direct(x, raa, dim), (x, *raa.parameters()), g)
+        torch.testing.assert_close(out, direct(x, raa, dim), rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_raa_under_bfloat16_autocast_keeps_the_input_dtype():
+    raa = randomized(RAA(5))
+    x = torch.randn(2, 5, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = raa(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad is not None and raa.v.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), direct(x.bfloat16().float(), raa, 1), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
