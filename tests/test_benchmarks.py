@@ -21,7 +21,8 @@ def test_bench_engine_smoke():
 
 def test_bench_dnrt_smoke():
     text = load("bench_dnrt").main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--rounds", "1",
-                                    "--skip-compiled"])
+                                    "--skip-compiled", "--alternate", "2"])
+    assert text.count("stepped in turn in one process, 2 steps each") == 3 and "resnet20_cifar RAA " in text
     for needle in ("vit_tiny (img 32, patch 4) GELU", "vit_tiny (img 32, patch 4) RAA", "resnet20_cifar RAA",
                    "resnet20_cifar ReLU + ARR"):
         assert f"| {needle} |" in text
