@@ -103,12 +103,23 @@ def test_converted_model_starts_as_the_original():
     (dict(quadratic=["nosuch.*"]), "matches no convolution of ResNet"),
     (dict(sparsity={"include": ["nosuch"]}), "STDS found no conv/linear layer of ResNet matching"),
     (dict(regularization={"weight": -1}), "weight"),
+    (dict(activation={"input_size": [3, 0, 32]}), "input_size"),
 ])
 def test_bad_conversion_is_one_clear_error(kwargs, message):
     with pytest.raises(BionetsError) as err:
         convert(timm.create_model("resnet18", num_classes=10), **kwargs)
     text = str(err.value)
     assert message in text and "\n" not in text
+
+
+def test_convert_torchvision_bottlenecks_with_an_input_size():
+    """torchvision's Bottleneck calls one relu at two widths: with input_size, convert gives each
+    width its own RAA, and the converted model trains (forward and backward)."""
+    from bionets.layers.raa_swap import RAAByWidth
+    model, report = convert(torchvision.models.resnet50(num_classes=10), activation={"input_size": [3, 32, 32]})
+    assert sum(isinstance(m, RAAByWidth) for m in model.modules()) == 16
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert "layer1.0.relu: -> RAA" in str(report)
 
 
 def test_unknown_mechanism_in_a_config_is_one_line(tmp_path, capsys):

@@ -7,7 +7,8 @@ import timm
 import torch
 
 from bionets.errors import BionetsError
-from bionets.layers.raa import RAA, swap_activations
+from bionets.layers.raa import RAA
+from bionets.layers.raa_swap import RAAByWidth, swap_activations
 
 
 def phi(z):
@@ -158,3 +159,41 @@ def test_raa_trains_on_digits():
     acc = (model(x).argmax(1) == y).float().mean().item()
     assert losses[-1] < 0.3 * losses[0] and acc > 0.9
     assert model[1].v.abs().sum() > 0                                        # the threshold learned
+
+
+def _bottleneck_raa_params():
+    """torchvision's resnet50: the stem's relu (64) and, per Bottleneck of width w, one RAA at w
+    (after bn1 and bn2) and one at 4w (after the residual sum): v and c per width."""
+    return 65 + sum(n * ((w + 1) + (4 * w + 1)) for n, w in ((3, 64), (4, 128), (6, 256), (3, 512)))
+
+
+def test_swap_with_example_input_gives_each_width_its_own_raa():
+    """An activation module called at several widths (torchvision's Bottleneck) gets one RAA per
+    width from a probe forward pass; the probe changes neither the mode nor the BN statistics."""
+    import torchvision
+    model = torchvision.models.resnet50(num_classes=10)
+    stats = model.bn1.running_mean.clone()
+    before = sum(p.numel() for p in model.parameters())
+    replaced = swap_activations(model, example_input=torch.randn(2, 3, 32, 32))
+    assert model.training and torch.equal(model.bn1.running_mean, stats)
+    assert len(replaced) == 17 and isinstance(model.relu, RAA)
+    block = model.layer2[0].relu
+    assert isinstance(block, RAAByWidth) and sorted(map(int, block.by_width)) == [128, 512]
+    assert sum(p.numel() for p in model.parameters()) - before == sum(n for _, n in replaced) == _bottleneck_raa_params()
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert all(raa.v.grad is not None for raa in model.modules() if isinstance(raa, RAA))
+
+
+def test_swap_without_example_input_names_the_fix_for_shared_activations():
+    import torchvision
+    model = torchvision.models.resnet50(num_classes=10)
+    swap_activations(model)
+    with pytest.raises(BionetsError, match="called at several widths.*example_input"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_width_probe_reports_a_model_error_in_one_line():
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    with pytest.raises(BionetsError, match=r"width probe: the model failed on an input of shape \[2, 5, 8, 8\]"):
+        swap_activations(model, example_input=torch.randn(2, 5, 8, 8))

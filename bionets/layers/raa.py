@@ -12,7 +12,6 @@ ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built o
 """
 from __future__ import annotations
 
-import fnmatch
 import types
 from typing import Literal
 
@@ -23,7 +22,6 @@ from bionets.errors import BionetsError
 
 Variant = Literal["vector", "scalar", "matrix"]
 Base = Literal["gelu", "relu"]
-DEFAULT_TYPES = ("ReLU", "GELU", "GELUTanh", "SiLU", "Swish")
 
 
 SQRT1_2 = 0.7071067811865476
@@ -214,8 +212,10 @@ class RAA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
         if x.shape[dim] != self.num_features:
-            raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: "
-                               "this activation module is shared by layers of different widths; exclude it by pattern")
+            raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: the "
+                               "activation it replaced is called at several widths; swap with an example input "
+                               "(swap_activations(..., example_input=x), or the raa option input_size: [C, H, W]) "
+                               "so that each width gets its own RAA, or exclude it by pattern")
         if self.compiled:
             weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
             return compiled_raa(self.num_features)(x, self.c, weight, self.variant, self.base, dim)
@@ -225,44 +225,3 @@ class RAA(nn.Module):
         if self.base == "relu":
             return torch.add(x, s).relu_()                    # max(0, x + shift)
         return shifted_gelu(x, s)                             # x * Phi(x + shift)
-
-
-def _width(module: nn.Module) -> int | None:
-    for attr in ("out_features", "out_channels", "num_features", "normalized_shape", "embed_dim"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, (tuple, list)) and len(value) == 1:
-            return int(value[0])
-    return None
-
-
-def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES, patterns: list[str] | None = None,
-                     variant: Variant = "vector", base: Base | Literal["auto"] = "auto",
-                     compiled: bool = False) -> list[tuple[str, int]]:
-    """Replace activation modules (by class name and name glob) with RAA, in place.
-
-    The feature size of each activation is read from the nearest preceding module that has one
-    (Linear, Conv, BatchNorm, LayerNorm). ``base='auto'`` uses the ReLU form for ReLU and the GELU
-    form for GELU and SiLU. Returns (name, parameters added) per replaced module. Activations
-    applied as functions inside ``forward`` (e.g. ``F.relu``) are not modules and are not swapped.
-    """
-    wanted = {t.lower() for t in types}
-    replaced, width, done = [], None, set()
-    for name, module in list(model.named_modules()):
-        w = _width(module)
-        if w is not None and not isinstance(module, RAA):
-            width = w
-        if type(module).__name__.lower() not in wanted or id(module) in done:
-            continue
-        if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
-            continue
-        if width is None:
-            raise BionetsError(f"RAA cannot tell the feature size of activation '{name}' (no Linear/Conv/Norm before it)")
-        form = base if base != "auto" else ("relu" if "relu" in type(module).__name__.lower() else "gelu")
-        raa = RAA(width, variant, form, compiled)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, raa)
-        done.add(id(module))
-        replaced.append((name, sum(p.numel() for p in raa.parameters())))
-    return replaced

@@ -1,7 +1,8 @@
 """Mechanisms ``raa`` and ``arr``: DNRT's activation and regularization, on any timm/torchvision model.
 
 ``mechanisms: {raa: {variant: vector, types: [ReLU, GELU, SiLU], patterns: null}}`` swaps the
-activations for RAA (:mod:`bionets.layers.raa`). ``mechanisms: {arr: {weight: 10, momentum: 0.1,
+activations for RAA (:mod:`bionets.layers.raa`); ``input_size: [C, H, W]`` finds the width of every
+activation call by one forward pass (:mod:`bionets.layers.raa_swap`). ``mechanisms: {arr: {weight: 10, momentum: 0.1,
 form: paper, layers: auto}}`` adds ARR's loss (:mod:`bionets.layers.arr`) through the engine's
 auxiliary-loss hook: ``layers: classifier`` regularizes the pooled features that feed the
 classifier (CNNs, MLPs); ``blocks`` the class token after every transformer block (ViTs; the token
@@ -13,14 +14,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError
 from bionets.layers.arr import ArrMemory, arr_loss
-from bionets.layers.raa import DEFAULT_TYPES, swap_activations
+from bionets.layers.raa_swap import DEFAULT_TYPES, swap_activations
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 
@@ -30,6 +31,7 @@ class RaaConfig(Section):
     types: list[str] = list(DEFAULT_TYPES)
     patterns: list[str] | None = None
     compiled: bool = False        # fuse the whole RAA (shift and activation) with torch.compile: the fast path
+    input_size: list[PositiveInt] | None = None   # [C, H, W] of one input: find every activation's widths by a forward pass
 
 
 class ArrConfig(Section):
@@ -44,8 +46,13 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     from bionets.layers.raa import RAA
 
     already = sum(isinstance(m, RAA) for m in model.modules())
+    example = None
+    if cfg.input_size:
+        p = next(model.parameters(), None)
+        example = torch.zeros(2, *cfg.input_size, device=p.device if p is not None else None,
+                              dtype=p.dtype if p is not None and p.is_floating_point() else None)
     replaced = swap_activations(model, types=tuple(cfg.types), patterns=cfg.patterns, variant=cfg.variant, base=cfg.base,
-                                compiled=cfg.compiled)
+                                compiled=cfg.compiled, example_input=example)
     if not replaced and not already:
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
                            + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}")
