@@ -3,11 +3,12 @@
 ``mechanisms: {raa: {variant: vector, types: [ReLU, GELU, SiLU], patterns: null}}`` swaps the
 activations for RAA (:mod:`bionets.layers.raa`); ``input_size: [C, H, W]`` finds the width of
 every activation call by one forward pass (:mod:`bionets.layers.raa_swap`).
-``mechanisms: {arr: {weight: 10, momentum: 0.1, form: paper, layers: auto}}`` adds ARR's loss (:mod:`bionets.layers.arr`) through the engine's
-auxiliary-loss hook: ``layers: classifier`` regularizes the pooled features that feed the
-classifier (CNNs, MLPs); ``blocks`` the class token after every transformer block (ViTs; the token
-mean for models without a class token); ``auto`` picks ``blocks`` for models with ``blocks`` and a
-``cls_token``/``embed_dim``, else ``classifier``. Evaluation is unaffected.
+``mechanisms: {arr: {weight: 10, momentum: 0.1, form: paper, layers: auto}}`` adds ARR's loss
+(:mod:`bionets.layers.arr`) through the engine's auxiliary-loss hook: ``layers: classifier``
+regularizes the pooled features that feed the classifier (CNNs, MLPs); ``blocks`` the class token
+after every transformer block (ViTs; the token mean for models without a class token); ``auto``
+picks ``blocks`` for models with ``blocks`` and a ``cls_token``/``embed_dim``, else ``classifier``.
+Evaluation is unaffected.
 """
 from __future__ import annotations
 
