@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 from pathlib import Path
 
 import timm
@@ -25,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
-from bionets.bench import Timing, alternating_step_ms, device_name, measure, table, train_step
+from bionets.bench import Timing, alternating_step_times, device_name, measure, paired_ratios, table, train_step
 from bionets.layers.quadratic import QuadraticChannel
 
 
@@ -72,10 +73,11 @@ def alternating_ratio(names: tuple[str, str], batch: int, img: int, classes: int
     for name in names:
         model, x, y = _model_and_batch(name, batch, img, classes, device)
         steps[name] = train_step(model, x, y, amp=opts["amp"], channels_last=opts["channels_last"])[0]
-    ms = alternating_step_ms(steps, torch.device(device), warmup=opts["warmup"], repeats=repeats)
-    base, new = (ms[n] for n in names)
+    times = alternating_step_times(steps, torch.device(device), warmup=opts["warmup"], repeats=repeats)
+    base, new = (statistics.median(times[n]) for n in names)
+    low, mid, high = paired_ratios(times[names[1]], times[names[0]])
     return (f"stepped in turn in one process, {repeats} steps each: median {base:.1f} ms vs {new:.1f} ms, "
-            f"ratio {new / base:.3f}x")
+            f"ratio {new / base:.3f}x; round by round: median {mid:.3f}x, quartiles {low:.3f}-{high:.3f}x")
 
 
 def layer_case(channels: int, size: int, batch: int, impl: str, device: str, opts: dict) -> Timing:

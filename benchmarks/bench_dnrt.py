@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import timm
 import torch
 
 import bionets  # noqa: F401
-from bionets.bench import Timing, alternating_step_ms, device_name, loss_with_hooks, measure, table, train_step
+from bionets.bench import (Timing, alternating_step_times, device_name, loss_with_hooks, measure, paired_ratios, table,
+                           train_step)
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
 
@@ -68,10 +70,14 @@ def main(argv=None) -> str:
         if args.alternate:
             steps = {case: train_step(m, x, y, loss_fn=loss_fn, amp=amp, channels_last=cl)[0]
                      for case, (m, loss_fn) in models.items()}
-            ms = alternating_step_ms(steps, dev, repeats=args.alternate)
-            base = next(iter(ms.values()))
-            out += ["", f"stepped in turn in one process, {args.alternate} steps each (median ms, ratio): "
-                    + "; ".join(f"{case} {t:.1f} ({t / base:.3f}x)" for case, t in ms.items())]
+            times = alternating_step_times(steps, dev, repeats=args.alternate)
+            base = next(iter(times.values()))
+            out += ["", f"stepped in turn in one process, {args.alternate} steps each (median ms; ratio of the medians; "
+                    "round-by-round ratio: median and quartiles):"]
+            for case, ts in times.items():
+                low, mid, high = paired_ratios(ts, base)
+                out.append(f"- {case}: {statistics.median(ts):.1f} ms, {statistics.median(ts) / statistics.median(base):.3f}x; "
+                           f"{mid:.3f}x ({low:.3f}-{high:.3f}x)")
     text = "\n".join(out)
     print(text)
     return text

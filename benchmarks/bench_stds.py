@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
-import statistics
-import time
 from pathlib import Path
 
 import timm
@@ -25,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import bionets  # noqa: F401  (registers the spiking models)
-from bionets.bench import Timing, device_name, measure, table
+from bionets.bench import Timing, alternating_step_ms, device_name, measure, table
 from bionets.layers.stds import apply_stds, export, set_threshold, sparsity
 
 
@@ -58,24 +56,6 @@ def sew_case(stds: str | None, batch: int, img: int, T: int, device: str, opts: 
     return measure(name, model, x, loss_fn=_square_loss, **opts)
 
 
-def _paired_ms(fns, device: torch.device, repeats: int) -> list[float]:
-    """Median ms of each function, the functions timed in turn within every repeat (so that a
-    shared machine's load falls on all of them alike)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(ts) for ts in times]
-
-
 class CsrConv1x1(nn.Module):
     """Inference of a bias-free 1x1 conv on [M, C, 1, 1] with its weight held as a CSR matrix."""
 
@@ -103,7 +83,8 @@ def layer_rows(device: torch.device, rows: int, rate: float, levels: list[float]
             conv.weight.copy_(prune_to(conv.weight, level) if level else conv.weight)
             zero = (conv.weight == 0).float().mean().item()
             csr = CsrConv1x1(conv)
-            dense_ms, csr_ms = _paired_ms([lambda: conv(spikes), lambda: csr(spikes)], device, repeats)
+            fns = {"dense": lambda: conv(spikes), "csr": lambda: csr(spikes)}
+            dense_ms, csr_ms = alternating_step_ms(fns, device, warmup=1, repeats=repeats).values()
             diff = (conv(spikes) - csr(spikes)).abs().max().item()
         out.append(f"| {100 * zero:.1f}% | {dense_ms:.2f} | {csr_ms:.2f} | {dense_ms / csr_ms:.2f}x | {diff:.1e} |")
     return "\n".join(out)
@@ -123,7 +104,8 @@ def model_rows(device: torch.device, batch: int, T: int, level: float, repeats: 
     model.fc1, model.fc2 = CsrConv1x1(model.fc1), CsrConv1x1(model.fc2)
     x = torch.randn(batch, 3, 32, 32, device=device)
     with torch.no_grad():
-        dense_ms, csr_ms = _paired_ms([lambda: dense(x), lambda: model(x)], device, repeats)
+        fns = {"dense": lambda: dense(x), "csr": lambda: model(x)}
+        dense_ms, csr_ms = alternating_step_ms(fns, device, warmup=1, repeats=repeats).values()
         same = torch.allclose(dense(x), model(x))
     return (f"snn_cifar10 exported at {100 * total.total:.1f}% sparsity (fc1 {100 * total.layer('fc1'):.1f}%), "
             f"batch {batch}, T {T}: dense {dense_ms:.1f} ms, fc1/fc2 as CSR {csr_ms:.1f} ms -> "

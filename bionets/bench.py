@@ -139,10 +139,10 @@ def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
 
 
-def alternating_step_ms(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int = 2,
-                        repeats: int = 25) -> dict[str, float]:
-    """Median time of each step function, run in turn (one step of each per round, in one process),
-    so that a slow spell of a shared host hits every case alike."""
+def alternating_step_times(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int = 2,
+                           repeats: int = 25) -> dict[str, list[float]]:
+    """Every step time (ms) of each step function, run in turn (one step of each per round, in one
+    process), so that a slow spell of a shared host hits every case alike."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -154,7 +154,24 @@ def alternating_step_ms(steps: dict[str, Callable[[], None]], device: torch.devi
             fn()
             sync(device)
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def alternating_step_ms(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int = 2,
+                        repeats: int = 25) -> dict[str, float]:
+    """The median of :func:`alternating_step_times` for each step function."""
+    return {k: statistics.median(v) for k, v in alternating_step_times(steps, device, warmup, repeats).items()}
+
+
+def paired_ratios(new: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(lower quartile, median, upper quartile) of the round-by-round ratios ``new[i] / base[i]``
+    of two cases stepped in turn: each pair ran seconds apart, so the host's drift between
+    rounds cancels, and the quartiles show how much the ratio itself varies."""
+    ratios = [a / b for a, b in zip(new, base)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, mid, high = statistics.quantiles(ratios, n=4)
+    return low, mid, high
 
 
 def table(rows: list[Timing], base: Timing | None = None) -> str:

@@ -22,7 +22,7 @@ def test_bench_engine_smoke():
 def test_bench_dnrt_smoke():
     text = load("bench_dnrt").main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--rounds", "1",
                                     "--skip-compiled", "--alternate", "2"])
-    assert text.count("stepped in turn in one process, 2 steps each") == 3 and "resnet20_cifar RAA " in text
+    assert text.count("stepped in turn in one process, 2 steps each") == 3 and "- resnet20_cifar RAA: " in text
     for needle in ("vit_tiny (img 32, patch 4) GELU", "vit_tiny (img 32, patch 4) RAA", "resnet20_cifar RAA",
                    "resnet20_cifar ReLU + ARR"):
         assert f"| {needle} |" in text
@@ -34,4 +34,11 @@ def test_bench_dit_smoke():
                                    "--no-isolate", "--alternate", "2"])
     assert "| dit_resnet20 step, batch 2 x 3 x 8 x 8 |" in text and "fastest of 2 alternating rounds" in text
     assert text.count("\nstep ratio ") == 2 and "| dit_resnet20 | 32x32 |" in text
-    assert "stepped in turn in one process, 2 steps each" in text
+    assert "stepped in turn in one process, 2 steps each" in text and "round by round: median" in text
+
+
+def test_bench_stds_smoke():
+    text = load("bench_stds").main(["--device", "cpu", "--inputs", "2x32", "--T", "1", "--rows", "2", "--levels", "0.95",
+                                    "--model-batch", "1", "--repeats", "1", "--rounds", "1", "--no-isolate"])
+    assert "stmod step ratio" in text and "| 95.0% |" in text
+    assert "snn_cifar10 exported at 95.0% sparsity" in text and "same outputs: True" in text
