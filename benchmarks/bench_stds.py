@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
+import warnings
 from pathlib import Path
 
 import timm
@@ -61,7 +62,9 @@ class CsrConv1x1(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        self.weight = conv.weight.detach().flatten(1).to_sparse_csr()
+        with warnings.catch_warnings():   # torch's notice that sparse CSR support is in beta, once per layer
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.weight = conv.weight.detach().flatten(1).to_sparse_csr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.weight @ x.flatten(1).t()).t()[..., None, None]
