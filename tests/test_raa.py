@@ -92,6 +92,9 @@ def test_raa_under_bfloat16_autocast_keeps_the_input_dtype():
     out.float().sum().backward()
     assert x.grad is not None and raa.v.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), direct(x.bfloat16().float(), raa, 1), rtol=2e-2, atol=2e-2)
+    for base in ("gelu", "relu"):                                  # a bf16 input without autocast
+        half = randomized(RAA(5, base=base))
+        assert half(x.detach().bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
