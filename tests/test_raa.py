@@ -196,6 +196,17 @@ def test_swap_without_example_input_names_the_fix_for_shared_activations():
         model(torch.randn(1, 3, 32, 32))
 
 
+def test_example_input_corrects_widths_of_layers_registered_out_of_call_order():
+    """torchvision's SqueezeExcitation registers fc2 before the relu that follows fc1: the width read
+    from registration order is wrong, the probe's is right (the relu runs at fc1's width)."""
+    import torchvision
+    model = torchvision.models.efficientnet_b0(num_classes=10)
+    se = model.features[1][0].block[1]
+    swap_activations(model, example_input=torch.randn(2, 3, 32, 32))
+    assert isinstance(se.activation, RAA) and se.activation.num_features == se.fc1.out_channels
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
 def test_width_probe_reports_a_model_error_in_one_line():
     model = timm.create_model("resnet20_cifar", num_classes=10)
     with pytest.raises(BionetsError, match=r"width probe: the model failed on an input of shape \[2, 5, 8, 8\]"):

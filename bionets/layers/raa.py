@@ -213,9 +213,10 @@ class RAA(nn.Module):
         dim = 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
         if x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: the "
-                               "activation it replaced is called at several widths; swap with an example input "
-                               "(swap_activations(..., example_input=x), or the raa option input_size: [C, H, W]) "
-                               "so that each width gets its own RAA, or exclude it by pattern")
+                               "width read from the layers registered before the activation it replaced does not match "
+                               "this call (layers registered out of call order, or one module called at several widths); "
+                               "swap with an example input (swap_activations(..., example_input=x), or the raa option "
+                               "input_size: [C, H, W]) so that every call's width is seen, or exclude it by pattern")
         if self.compiled:
             weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
             return compiled_raa(self.num_features)(x, self.c, weight, self.variant, self.base, dim)

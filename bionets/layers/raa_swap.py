@@ -2,12 +2,12 @@
 
 Each swapped module needs its feature width. It is read from the nearest preceding module that
 has one (Linear, Conv, BatchNorm, LayerNorm), which is right when every activation module is
-called once, after the layer before it. Some models call one activation module at several places:
-torchvision's ``Bottleneck`` applies its single ``relu`` after ``bn1`` and ``bn2`` (width w) and
-after the residual sum (width 4w). Given an example input, :func:`swap_activations` runs one
-forward pass to see the width of every call, and a module called at several widths becomes an
-:class:`RAAByWidth`: one RAA per width, shared by the calls of that width (as they shared the
-module).
+called once, after the layer registered before it. Not every model is built so: torchvision's
+``Bottleneck`` applies its single ``relu`` after ``bn1`` and ``bn2`` (width w) and after the
+residual sum (width 4w), and its ``SqueezeExcitation`` registers ``fc2`` before the ``relu`` that
+runs after ``fc1``. Given an example input, :func:`swap_activations` runs one forward pass to see
+the width of every call, and a module called at several widths becomes an :class:`RAAByWidth`:
+one RAA per width, shared by the calls of that width (as they shared the module).
 """
 from __future__ import annotations
 
