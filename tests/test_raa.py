@@ -211,3 +211,21 @@ def test_width_probe_reports_a_model_error_in_one_line():
     model = timm.create_model("resnet20_cifar", num_classes=10)
     with pytest.raises(BionetsError, match=r"width probe: the model failed on an input of shape \[2, 5, 8, 8\]"):
         swap_activations(model, example_input=torch.randn(2, 5, 8, 8))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+def test_eager_raa_inside_a_compiled_model(base):
+    """``torch.compile`` of a whole model (the engine's ``train.compile``) traces the eager RAA's
+    autograd function: the same outputs and gradients as without compiling."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), randomized(RAA(6, base=base)),
+                                torch.nn.Flatten(), torch.nn.Linear(6 * 5 * 5, 4))
+    x = torch.randn(2, 3, 5, 5)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.sum(), list(model.parameters()))
+    got = torch.compile(model)(x)
+    got_grads = torch.autograd.grad(got.sum(), list(model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

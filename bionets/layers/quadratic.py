@@ -216,11 +216,16 @@ def _triangle(c: int) -> tuple[list[int], list[int]]:
     return [i for i in range(c) for _ in range(i, c)], [j for i in range(c) for j in range(i, c)]
 
 
+def _block_width(c: int) -> int:
+    """w = C/2 for even C >= 64, else C."""
+    return c // 2 if c % 2 == 0 and c >= 64 else c
+
+
 @functools.lru_cache(maxsize=None)
 def _blocks(c: int) -> tuple[int, list[int], list[int], list[int], list[int]]:
-    """Block width w (C/2 for even C >= 64, else C), block pairs (I, J), I <= J, and the channel
-    pair (i, j) of every product they form, in order."""
-    w = c // 2 if c % 2 == 0 and c >= 64 else c
+    """Block width w (:func:`_block_width`), block pairs (I, J), I <= J, and the channel pair (i, j)
+    of every product they form, in order."""
+    w = _block_width(c)
     nb = c // w
     bi = [a for a in range(nb) for _ in range(a, nb)]
     bj = [b for a in range(nb) for b in range(a, nb)]
@@ -235,9 +240,12 @@ _INDEX_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 def _indices(c: int, strategy: str, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(i, j) of the strategy's products, plus (I, J) of its block pairs for 'blocks', as tensors on
     ``device``, made once (no host-to-device copy per step). While tracing or exporting they are made
-    afresh, and the graph records them as constants."""
-    lists = _triangle(c) if strategy == "rows" else _blocks(c)[3:] + _blocks(c)[1:3]
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    afresh, and the graph records them as constants (from the uncached functions under
+    torch.compile, which warns on every lru_cache call it traces)."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    triangle, blocks = (_triangle.__wrapped__, _blocks.__wrapped__) if tracing else (_triangle, _blocks)
+    lists = triangle(c) if strategy == "rows" else blocks(c)[3:] + blocks(c)[1:3]
+    if tracing:
         return tuple(torch.tensor(v, dtype=torch.long, device=device) for v in lists)
     key = (c, strategy, str(device))
     if key not in _INDEX_CACHE:
@@ -347,7 +355,7 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Te
     m, c = rows.shape
     out = rows.new_empty(m, s.shape[1])
     if strategy == "blocks":
-        w, (bi, bj) = _blocks(c)[0], _indices(c, "blocks", rows.device)[2:]
+        w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
         for r in _chunks(rows, s.shape[0]):
             torch.mm(_block_products(rows[r], w, bi, bj), s, out=out[r])
         return out
@@ -386,7 +394,7 @@ class _SymmetricQuadratic(torch.autograd.Function):
             grad_x = _rows_grad_x(rows, grad, s) if want_x else None
         else:
             grad_x = torch.zeros_like(rows) if want_x else None
-            w, (bi, bj) = _blocks(c)[0], _indices(c, "blocks", rows.device)[2:]
+            w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
             for r in _chunks(rows, s.shape[0]):
                 x, g = rows[r], grad[r]
                 if want_s:
