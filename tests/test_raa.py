@@ -229,3 +229,14 @@ def test_eager_raa_inside_a_compiled_model(base):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, kwargs", [("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 32}),
+                                          ("resnet20_cifar", {})])
+def test_width_probe_agrees_where_registration_order_is_right(name, kwargs):
+    """On timm's models (one activation module per call, registered in call order; ConvNeXt's MLP
+    on channels-last [N, H, W, C] maps) the probe finds the widths read from the layers."""
+    plain = timm.create_model(name, num_classes=10, **kwargs)
+    probed = timm.create_model(name, num_classes=10, **kwargs)
+    assert swap_activations(probed, example_input=torch.randn(2, 3, 32, 32)) == swap_activations(plain)
+    assert not any(isinstance(m, RAAByWidth) for m in probed.modules())
