@@ -4,12 +4,16 @@ For every mechanism the suite builds a small plain network, converts a copy with
 :func:`bionets.convert` (or attaches the mechanism's loss hook), and times forward and training
 step of both over a grid of batch sizes and widths, so that the growth of the cost is visible.
 It writes ``bench.md`` (a Markdown table: times, images/s, peak memory, step ratio) and
-``bench.png`` (step ratio against width) into the output folder. CUDA runs use bf16 autocast;
-models with convolutions run channels_last, as the engine runs them.
+``bench.png`` (step ratio against width) into the output folder. The step times and their ratio
+come from stepping both models in turn in one process (the step ratio is the median of the
+round-by-round ratios), so a shared machine's slow spells hit both alike; forward time and peak
+memory from :func:`bionets.bench.measure`. CUDA runs use bf16 autocast; models with convolutions
+run channels_last, as the engine runs them.
 """
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bionets.bench import Timing, device_name, loss_with_hooks, measure
+from bionets.bench import (Timing, alternating_step_times, device_name, loss_with_hooks, measure, paired_ratios,
+                           train_step)
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
 from bionets.errors import BionetsError
@@ -56,7 +61,9 @@ CASES = [
 ]
 
 
-def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: int) -> tuple[Timing, Timing]:
+def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: int) -> tuple[Timing, Timing, float]:
+    """(plain timing, converted timing, step ratio); the step times are the medians of the two
+    models stepped in turn, the ratio the median of the round-by-round ratios."""
     amp = "bf16" if device.type == "cuda" else "off"
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -67,10 +74,16 @@ def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: 
     converted.to(device)
     for hook in report.hooks:
         hook.attach(converted)
+    loss = loss_with_hooks(converted, report.hooks)
     base = measure(f"{case.baseline} w{width} b{batch}", plain, x, y, amp=amp, channels_last=cl, repeats=repeats)
     mech = measure(f"+{case.mechanism} w{width} b{batch}", converted, x, y, amp=amp, channels_last=cl,
-                   repeats=repeats, loss_fn=loss_with_hooks(converted, report.hooks))
-    return base, mech
+                   repeats=repeats, loss_fn=loss)
+    steps = {"base": train_step(plain, x, y, amp=amp, channels_last=cl)[0],
+             "mech": train_step(converted, x, y, amp=amp, channels_last=cl, loss_fn=loss)[0]}
+    times = alternating_step_times(steps, device, warmup=1, repeats=max(5, repeats))
+    base.step_ms, mech.step_ms = statistics.median(times["base"]), statistics.median(times["mech"])
+    mech.images_per_s = batch / mech.step_ms * 1e3
+    return base, mech, paired_ratios(times["mech"], times["base"])[1]
 
 
 def run_suite(out_dir: Path, *, device: str | None = None, mechanisms: list[str] | None = None,
@@ -90,8 +103,7 @@ def run_suite(out_dir: Path, *, device: str | None = None, mechanisms: list[str]
             continue
         for batch in batches:
             for width in widths:
-                base, mech = run_case(case, width, batch, dev, repeats)
-                ratio = mech.ratio(base)
+                base, mech, ratio = run_case(case, width, batch, dev, repeats)
                 points.append((case.mechanism, batch, width, ratio))
                 rows.append(f"| {case.mechanism} | {case.baseline} | {width} | {batch} | {base.step_ms:.2f} | "
                             f"{mech.step_ms:.2f} | {ratio:.3f}x | {base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
