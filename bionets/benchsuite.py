@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,8 +81,8 @@ def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: 
     steps = {"base": train_step(plain, x, y, amp=amp, channels_last=cl)[0],
              "mech": train_step(converted, x, y, amp=amp, channels_last=cl, loss_fn=loss)[0]}
     times = alternating_step_times(steps, device, warmup=1, repeats=max(5, repeats))
-    base.step_ms, mech.step_ms = statistics.median(times["base"]), statistics.median(times["mech"])
-    mech.images_per_s = batch / mech.step_ms * 1e3
+    base, mech = (replace(t, step_ms=ms, images_per_s=batch / ms * 1e3)
+                  for t, ms in ((base, statistics.median(times["base"])), (mech, statistics.median(times["mech"]))))
     return base, mech, paired_ratios(times["mech"], times["base"])[1]
 
 
