@@ -173,6 +173,26 @@ def test_channel_switch_and_bad_options():
         QuadraticChannel(3)(torch.randn(1, 4, 2, 2))
 
 
+@pytest.mark.parametrize("c", [16, 72])      # both CPU branches of dL/dx: outer products (C <= 64), triangle rows
+def test_channel_trains_under_cpu_bf16_autocast(c):
+    """Under torch.autocast('cpu', bfloat16) the sym layer's backward once mixed a float32 factor
+    into a bf16 matmul (C <= 64) and raised; gradients now come back in float32, near float64's."""
+    torch.manual_seed(0)
+    layer = QuadraticChannel(c)
+    with torch.no_grad():
+        layer.weight.normal_(std=0.05)
+    x = torch.randn(2, c, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    xd = x.detach().double().requires_grad_()
+    wd = layer.weight.detach().double().requires_grad_()
+    channel_formula(xd, wd).sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    assert rel_err(x.grad, xd.grad) < 3e-2 and rel_err(layer.weight.grad, wd.grad) < 3e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_channel_on_cuda_with_bf16_autocast():
     torch.manual_seed(0)

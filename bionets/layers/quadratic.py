@@ -263,7 +263,7 @@ def _unfold_symmetric(s: torch.Tensor, c: int) -> torch.Tensor:
     """T [C_out, C, C] from the folded S [C(C+1)/2, C_out] of the 'rows' order:
     ``T_oij = T_oji = S_ij`` for i < j, ``T_oii = 2 S_ii`` (T_o = Q_o + Q_o^T, dq_o/dx = T_o x)."""
     pair, diag = _pair_index(c, s.device)
-    return s.t()[:, pair] * diag
+    return s.t()[:, pair] * diag.to(s.dtype)      # 1 and 2: exact in any float dtype
 
 
 @functools.lru_cache(maxsize=None)
