@@ -31,6 +31,16 @@ def test_sequential_means_match_the_loop():
     torch.testing.assert_close(final, ref_final)
 
 
+def test_sequential_means_of_several_layers_at_once_match_the_loop_per_layer():
+    torch.manual_seed(1)
+    m0, r, y = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 16, 2, dtype=torch.float64), torch.randint(0, 4, (16,))
+    after, final = sequential_means(m0, r, y, 0.3)                  # class 4 is absent: its mean stays
+    for j in range(3):
+        ref_after, ref_final = loop_means(m0[j], r[j], y, 0.3)
+        torch.testing.assert_close(after[j], ref_after)
+        torch.testing.assert_close(final[j], ref_final)
+
+
 def test_loss_on_a_hand_made_batch():
     mem = ArrMemory(1, 2, 2)
     mem.mean[0] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])

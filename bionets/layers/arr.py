@@ -44,63 +44,55 @@ class ArrMemory(nn.Module):
 def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample EMA means in batch order, vectorized.
 
-    m0 [K, D] the means before the batch, r [N, D] responses, y [N] classes. Returns
-    (after_each [N, D]: the class mean right after sample i's update; final [K, D]).
+    m0 [..., K, D] the means before the batch, r [..., N, D] responses, y [N] classes (leading
+    dimensions: one per hooked layer). Returns (after_each [..., N, D]: the class mean right after
+    sample i's update; final [..., K, D]). Free of host-device synchronization (no boolean-mask
+    indexing, no tensors made from Python numbers on the device), so on a GPU it only queues kernels.
     """
-    a = momentum
-    n = len(y)
+    a, n = momentum, len(y)
     order = torch.sort(y, stable=True).indices
-    ys, rs = y[order], r[order].double()
+    ys, rs = y[order], r.index_select(-2, order).double()
     start = torch.searchsorted(ys, ys, right=False)                 # first index of each sample's class run
-    pos = torch.arange(n, device=y.device) - start + 1               # 1-based position within its class
-    decay = torch.tensor(1 - a, dtype=torch.float64, device=r.device)
+    pos = (torch.arange(n, device=y.device) - start + 1).double()    # 1-based position within its class
     # m_i = (1-a)^i * (m0 + sum_{l<=i} a (1-a)^(-l) r_l), with a cumulative sum restarted per class
-    scaled = a * rs * decay.pow(-pos.double())[:, None]
-    csum = scaled.cumsum(0)
-    before_run = torch.where((start > 0)[:, None], csum[(start - 1).clamp_min(0)], torch.zeros_like(csum))
-    within = csum - before_run
-    after = decay.pow(pos.double())[:, None] * (m0[ys].double() + within)
-    out = torch.empty_like(after)
-    out[order] = after
-    final = m0.double().clone()
-    last = torch.ones(n, dtype=torch.bool, device=y.device)
-    last[:-1] = ys[1:] != ys[:-1]
-    final[ys[last]] = after[last]
+    csum = (rs * (a * torch.pow(1 - a, -pos))[:, None]).cumsum(-2)
+    before_run = csum.index_select(-2, (start - 1).clamp_min(0)) * (start > 0)[:, None]
+    after = torch.pow(1 - a, pos)[:, None] * (m0.double().index_select(-2, ys) + csum - before_run)
+    out = torch.empty_like(after).index_copy_(-2, order, after)
+    last = torch.full((m0.shape[-2],), -1, dtype=torch.long, device=y.device)
+    last.scatter_reduce_(0, ys, torch.arange(n, device=y.device), "amax")   # each class's last sample (sorted)
+    final = torch.where((last >= 0)[:, None], after.index_select(-2, last.clamp_min(0)), m0.double())
     return out.to(r.dtype), final.to(m0.dtype)
 
 
-def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor from every DDP process in rank order (itself when not distributed)."""
+def gather_across_ranks(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate a tensor from every DDP process in rank order along ``dim`` (itself when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts, dim)
 
 
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,
              momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
-    """The ARR term for a batch of responses (one [N, D] tensor per hooked layer); updates ``memory``."""
-    losses = []
-    for j, r in enumerate(responses):
-        r = r.float()
-        with torch.no_grad():
-            all_r, all_y = gather_across_ranks(r.detach()), gather_across_ranks(targets)
-            m0, seen = memory.mean[j], memory.seen[j].bool()
-            first = torch.zeros_like(seen)
-            first_idx = torch.full((len(seen),), len(all_y), dtype=torch.long, device=all_y.device)
-            first_idx.scatter_reduce_(0, all_y, torch.arange(len(all_y), device=all_y.device), "amin")
-            new = (~seen) & (first_idx < len(all_y))
-            first[new] = True
-            m0 = torch.where(new[:, None], all_r[first_idx.clamp_max(len(all_y) - 1)], m0)
-            after, final = sequential_means(m0, all_r, all_y, momentum)
-            if form == "paper":
-                target_means = m0[targets]
-            else:
-                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-                target_means = after[rank * len(targets):(rank + 1) * len(targets)]
-            if update:
-                memory.mean[j] = final
-                memory.seen[j] |= first.to(torch.uint8)
-        losses.append((r - target_means).abs().mean())
-    return weight * torch.stack(losses).mean()
+    """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, all layers at once);
+    updates ``memory``."""
+    r = torch.stack([t.float() for t in responses])                     # [J, N, D]
+    with torch.no_grad():
+        all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)
+        n = len(all_y)
+        first = torch.full((memory.mean.shape[1],), n, dtype=torch.long, device=all_y.device)
+        first.scatter_reduce_(0, all_y, torch.arange(n, device=all_y.device), "amin")   # each class's first sample
+        new = (memory.seen[:len(r)] == 0) & (first < n)                  # classes this batch shows for the first time
+        m0 = torch.where(new[..., None], all_r.index_select(1, first.clamp_max(n - 1)), memory.mean[:len(r)])
+        after, final = sequential_means(m0, all_r, all_y, momentum)
+        if form == "paper":
+            target_means = m0.index_select(1, targets)
+        else:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            target_means = after[:, rank * len(targets):(rank + 1) * len(targets)]
+        if update:
+            memory.mean[:len(r)] = final
+            memory.seen[:len(r)] |= new.to(torch.uint8)
+    return weight * (r - target_means).abs().mean()
