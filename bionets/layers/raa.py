@@ -12,6 +12,7 @@ ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built o
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import Literal
 
@@ -108,6 +109,27 @@ def _feature_weighted_sum(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.T
     return w.reshape(-1) @ rows.reshape(-1, rows.shape[-1])
 
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def raa_triton() -> types.ModuleType | None:
+    """:mod:`bionets.layers.raa_triton`, or None where Triton is not installed."""
+    try:
+        from bionets.layers import raa_triton as module
+    except ImportError:
+        return None
+    return module
+
+
+def _triton_layout(x: torch.Tensor, dim: int):
+    """x's [N, C, P] layout when the Triton kernels take it (CUDA, a float dtype they compute in
+    float32, not while torch.compile traces the model: Inductor fuses the PyTorch ops itself), else None."""
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or torch.compiler.is_compiling() or raa_triton() is None:
+        return None
+    return raa_triton().ncp_layout(x, dim)
+
+
 class _RaaVector(torch.autograd.Function):
     """RAA's vector and scalar variants, both forms, shift included, in one autograd function.
 
@@ -116,13 +138,18 @@ class _RaaVector(torch.autograd.Function):
     relu form ``y = max(0, z)``: both are ``1[z > 0]``.
     With ``gs`` = grad * dy/dshift summed over each vector's features: dL/dx gains ``v gs``,
     dL/dv = sum over vectors of ``gs x``, dL/dc = sum of ``gs``.
-    Saves x and the shift (gelu) or x and y (relu; y is kept alive by the next layer anyway).
+    Saves x and the shift (gelu) or x and y (relu; y is kept alive by the next layer anyway). On
+    CUDA each direction is one Triton kernel (:mod:`bionets.layers.raa_triton`; saves x and the shift).
     """
 
     @staticmethod
     def forward(ctx, x, v, c, dim, base):
+        ctx.dim, ctx.base, ctx.layout = dim, base, _triton_layout(x, dim)
+        if ctx.layout is not None:                     # CUDA: one fused kernel each way
+            y, s = raa_triton().forward(x, v, c, ctx.layout, relu=base == "relu")
+            ctx.save_for_backward(x, v, c, s)
+            return y
         s = c if v is None else _feature_dot(x, v.to(x.dtype), dim) + c
-        ctx.dim, ctx.base = dim, base
         if base == "relu":
             y = torch.add(x, s).relu_().to(x.dtype)
             ctx.save_for_backward(x, v, c, y)
@@ -135,6 +162,9 @@ class _RaaVector(torch.autograd.Function):
     def backward(ctx, grad):
         x, v, c, saved = ctx.saved_tensors
         dim = ctx.dim
+        if ctx.layout is not None:
+            gx, gv, gc = raa_triton().backward(x, grad, saved, v, ctx.layout, relu=ctx.base == "relu")
+            return gx, None if v is None else gv.to(v.dtype), gc.reshape(c.shape).to(c.dtype), None, None
         if ctx.base == "relu":
             gx = torch.ops.aten.threshold_backward(grad, saved, 0)
             gs = gx

@@ -1,0 +1,24 @@
+"""RAA's CUDA path (Triton kernels), checked on the CPU by Triton's interpreter in a subprocess (the
+interpreter is chosen when the kernels are defined, so it needs its own process)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+def test_triton_kernels_match_autograd_of_the_float64_formula():
+    script = Path(__file__).with_name("triton_interpreted.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checked 16 cases" in done.stdout
+
+
+def test_cpu_tensors_take_the_pytorch_path():
+    from bionets.layers.raa import _triton_layout
+    assert _triton_layout(torch.randn(2, 4, 3, 3), 1) is None

@@ -1,0 +1,49 @@
+"""Run by test_raa_triton.py with TRITON_INTERPRET=1: RAA's Triton kernels on CPU tensors against
+autograd of the direct float64 formula, in every layout the kernels read without a copy."""
+import torch
+
+from bionets.layers import raa_triton
+
+
+def direct(x, v, c, dim, relu):
+    """RAA written out in float64: s = v . x + c (or c), y = x Phi(x + s) or max(0, x + s)."""
+    s = c if v is None else (x * (v.view(-1, 1, 1) if dim == 1 else v)).sum(dim, keepdim=True) + c
+    return torch.clamp_min(x + s, 0) if relu else x * torch.special.ndtr(x + s)
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main():
+    torch.manual_seed(0)
+    layouts = {"nchw": ((3, 5, 4, 6), 1, torch.contiguous_format), "channels_last": ((3, 5, 4, 6), 1, torch.channels_last),
+               "tokens": ((2, 7, 13), -1, torch.contiguous_format), "wide": ((2, 3, 300), -1, torch.contiguous_format)}
+    cases = 0
+    for name, (shape, dim, fmt) in layouts.items():
+        for relu in (False, True):
+            for with_v in (True, False):
+                x = torch.randn(shape).contiguous(memory_format=fmt)
+                width = shape[dim]
+                v = torch.randn(width) * 0.3 if with_v else None
+                c = torch.tensor([0.2])
+                layout = raa_triton.ncp_layout(x, dim)
+                assert layout is not None, name
+                y, s = raa_triton.forward(x, v, c, layout, relu)
+                grad = torch.randn(shape)                          # contiguous: differs from channels_last x
+                gx, gv, gc = raa_triton.backward(x, grad, s, v, layout, relu)
+                xd = x.double().requires_grad_()
+                vd = v.double().requires_grad_() if with_v else None
+                cd = c.double().requires_grad_()
+                yd = direct(xd, vd, cd, dim, relu)
+                yd.backward(grad.double())
+                assert y.stride() == x.stride() and gx.stride() == x.stride(), name
+                errors = [rel_err(y, yd), rel_err(gx, xd.grad), rel_err(gc, cd.grad)] + ([rel_err(gv, vd.grad)] if with_v else [])
+                assert max(errors) < 1e-5, (name, relu, with_v, errors)
+                cases += 1
+    assert raa_triton.ncp_layout(torch.randn(4, 6, 5, 3).transpose(2, 3), 1) is None   # H, W not one stride
+    print(f"checked {cases} cases")
+
+
+if __name__ == "__main__":
+    main()
