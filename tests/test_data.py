@@ -158,6 +158,22 @@ def test_augmentation_replays_per_seed_and_epoch():
     assert plain.indices().tolist() == a.indices().tolist()              # augmentation leaves the order alone
 
 
+def test_in_memory_splits_move_to_a_device_and_build_their_batches_there(tmp_path):
+    """``DataBundle.to`` (the engine calls it on CUDA) moves in-memory splits; every batch is then
+    built on that device with the same CPU random draws. The 'meta' device stands in for a GPU here:
+    a CPU tensor mixed into a meta computation raises, so this finds a tensor left behind."""
+    write_cifar(tmp_path, classes=10, n_train=100, n_test=10)
+    bundle = build_data(DataConfig(name="cifar10", root=str(tmp_path), batch_size=50), seed=3).to("meta")
+    for loader in (bundle.train, bundle.test):
+        x, y = next(iter(loader))
+        assert x.device.type == y.device.type == "meta" and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (10, 3, 32, 32)
+    folder = write_image_folder(tmp_path / "folder", per_class=2, size=8)
+    streamed = build_data(DataConfig(name="imagefolder", root=str(folder), batch_size=2, img_size=8)).to("meta")
+    x, _ = next(iter(streamed.train))
+    assert x.device.type == "cpu"                                         # streaming loaders are left alone
+
+
 def test_ddp_global_batch_is_the_single_process_batch():
     n, global_batch, world = 103, 12, 3
     ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)          # each image holds its own index

@@ -11,7 +11,8 @@ from bionets.errors import BionetsError
 @dataclass
 class DataBundle:
     """Loaders and facts about a dataset. ``train``/``test`` yield (float32 NCHW, int64 targets) on
-    the CPU and have ``len()`` (batches per epoch of this process) and ``set_epoch(epoch)``."""
+    the CPU (or on the device given to :meth:`to`) and have ``len()`` (batches per epoch of this
+    process) and ``set_epoch(epoch)``."""
 
     train: object
     test: object
@@ -22,6 +23,15 @@ class DataBundle:
     classes: list[str]
     mean: tuple[float, ...]   # the normalization applied (zeros/ones when data.normalize is false)
     std: tuple[float, ...]
+
+    def to(self, device) -> DataBundle:
+        """Serve batches from ``device`` where the loaders hold their split in memory (``TensorLoader``:
+        the split moves there once and every batch is gathered, augmented and normalized there, so a
+        GPU's step waits for no host-to-device copy); streaming loaders stay as they are."""
+        for loader in (self.train, self.test):
+            if callable(getattr(loader, "to", None)):
+                loader.to(device)
+        return self
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,23 @@ from torch.utils.data import DistributedSampler
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def to_device_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor (random draws, indices) moved to ``like``'s device; to a GPU through pinned
+    memory, so the copy queues behind the GPU's work instead of waiting for it."""
+    if t.device == like.device:
+        return t
+    if like.device.type == "cuda":
+        return t.pin_memory().to(like.device, non_blocking=True)
+    return t.to(like.device)
+
+
 def random_crop(pad: int, flip: bool) -> Augment:
     """Zero-pad by ``pad``, crop back at a random offset per image, optionally flip left-right:
     torchvision's ``RandomCrop(size, padding=pad)`` (+ ``RandomHorizontalFlip``) on a whole batch.
 
     The crop is two gathers, rows then columns, with per-image offsets (no per-image Python work).
     Apply it to images in [0, 1] before normalization, so the padding is black as in torchvision.
+    The draws come from ``gen`` (a CPU generator) wherever x is, so every device sees the same batches.
     """
 
     def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -29,12 +40,13 @@ def random_crop(pad: int, flip: bool) -> Augment:
         padded = F.pad(x, (pad, pad, pad, pad))
         dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
         dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
-        rows = (dy + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-        cols = (dx + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+        mirror = torch.rand(n, generator=gen) < 0.5 if flip else None
+        dy, dx = to_device_of(torch.cat([dy, dx], 1), x).unbind(1)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+        cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
         out = padded.gather(2, rows).gather(3, cols)
         if flip:
-            mirror = torch.rand(n, generator=gen) < 0.5
-            out = torch.where(mirror.view(n, 1, 1, 1), out.flip(3), out)
+            out = torch.where(to_device_of(mirror, x).view(n, 1, 1, 1), out.flip(3), out)
         return out
 
     return augment
@@ -59,6 +71,12 @@ class TensorLoader:
         self.sampler = DistributedSampler(range(len(targets)), num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True) if train else None
 
+    def to(self, device: torch.device | str) -> TensorLoader:
+        """Hold the split on ``device`` and build every batch there (gather, augment, normalize)."""
+        self.images, self.targets = self.images.to(device), self.targets.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.sampler is not None:
@@ -75,7 +93,7 @@ class TensorLoader:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self.indices()
+        idx = to_device_of(self.indices(), self.images)
         gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) % 2**63)
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]

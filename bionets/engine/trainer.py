@@ -71,8 +71,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce"
             logits = model(images)
         logits = logits.float()
         top1, top5 = topk_correct(logits, targets)
-        sums += torch.stack([task_loss(loss, logits, targets) * len(targets), top1, top5,
-                             torch.tensor(len(targets), device=device)]).double()
+        sums[:3] += torch.stack([task_loss(loss, logits, targets) * len(targets), top1, top5]).double()
+        sums[3] += len(targets)          # a Python number added on the device: no host-to-device copy, no sync
     all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)
     return {"test_loss": sums[0].item() / n, "test_top1": 100 * sums[1].item() / n, "test_top5": 100 * sums[2].item() / n}
@@ -93,6 +93,8 @@ class Trainer:
         seed_everything(t.seed)
         self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,
                                label_smoothing=t.label_smoothing)
+        if self.device.type == "cuda":
+            self.data.to(self.device)       # in-memory splits batch and augment on the GPU
         self.model, self.hooks, self.reports = build_model(cfg, self.data.num_classes, self.data.in_chans, self.device)
         self.channels_last = use_channels_last(t.channels_last, self.model, self.device)
         self.optimizer = create_optimizer(self.model, cfg.optim)
@@ -211,8 +213,8 @@ class Trainer:
                 self.scaler.scale(loss / accum).backward()
             if boundary:
                 self._optimizer_step()
-            sums += torch.stack([loss.detach() * len(targets), topk_correct(logits.detach(), targets, (1,))[0],
-                                 torch.tensor(len(targets), device=device)]).double()
+            sums[:2] += torch.stack([loss.detach() * len(targets), topk_correct(logits.detach(), targets, (1,))[0]]).double()
+            sums[2] += len(targets)
             bar.update()
         bar.close()
         if device.type == "cuda":
