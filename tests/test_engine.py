@@ -1,5 +1,8 @@
 """The training engine: exact resume, atomic checkpoints, hooks, accumulation, metrics."""
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -153,6 +156,25 @@ def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(BionetsError, match="not a bionets checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
+    """A KeyboardInterrupt raised inside torch.save made its zip writer fail while closing, and the run
+    ended on that RuntimeError's traceback (exit 1, not 130). Now the write finishes, then Ctrl-C acts."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    class CtrlCWhilePickled:
+        def __reduce__(self):
+            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C arrives in the middle of torch.save
+            time.sleep(0.05)                        # (a Python handler would run here)
+            return (int, (2,))
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"epoch": CtrlCWhilePickled()})
+    assert load_checkpoint(path)["epoch"] == 2                               # the new checkpoint is complete
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
 
 
 def test_resume_from_another_model_is_one_line(tmp_path):
