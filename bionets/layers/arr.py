@@ -12,7 +12,7 @@ pulls every training sample's responses towards its class's mean::
 ``form='paper'`` compares with the mean before the batch's update (mu^{t-1}, the paper's
 equation); ``form='code'`` with the mean just after the sample's own sequential update (mu^t, the
 reference code). Both are vectorized: the sequential update over a class's samples r_1..r_n is
-``m_i = (1-a)^i m_0 + sum_{l<=i} a (1-a)^(i-l) r_l``, computed with one cumulative sum.
+``m_i = (1-a)^i m_0 + sum_{l<=i} a (1-a)^(i-l) r_l``, computed as a matrix product.
 The memory lives in buffers (saved in checkpoints); under DDP the responses of every process are
 gathered (in rank order) so that every process applies the same update.
 """
@@ -42,27 +42,29 @@ class ArrMemory(nn.Module):
 
 
 def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample EMA means in batch order, vectorized.
+    """Per-sample EMA means in batch order, as two small matrix products.
 
     m0 [..., K, D] the means before the batch, r [..., N, D] responses, y [N] classes (leading
     dimensions: one per hooked layer). Returns (after_each [..., N, D]: the class mean right after
-    sample i's update; final [..., K, D]). Free of host-device synchronization (no boolean-mask
-    indexing, no tensors made from Python numbers on the device), so on a GPU it only queues kernels.
+    sample i's update; final [..., K, D]). With p_i the 1-based position of sample i among its
+    class's samples in the batch and n_k the class's count, unrolling the sequential update gives::
+
+        after_i = (1-a)^p_i m0[y_i] + sum_{l <= i, y_l = y_i} a (1-a)^(p_i - p_l) r_l
+        final_k = (1-a)^n_k m0[k]   + sum_{y_l = k}           a (1-a)^(n_k - p_l) r_l
+
+    Every factor is at most 1 (no float64 needed), nothing is sorted, and nothing waits for the GPU
+    (no boolean-mask indexing, no tensor made from a Python number on the device).
     """
-    a, n = momentum, len(y)
-    order = torch.sort(y, stable=True).indices
-    ys, rs = y[order], r.index_select(-2, order).double()
-    start = torch.searchsorted(ys, ys, right=False)                 # first index of each sample's class run
-    pos = (torch.arange(n, device=y.device) - start + 1).double()    # 1-based position within its class
-    # m_i = (1-a)^i * (m0 + sum_{l<=i} a (1-a)^(-l) r_l), with a cumulative sum restarted per class
-    csum = (rs * (a * torch.pow(1 - a, -pos))[:, None]).cumsum(-2)
-    before_run = csum.index_select(-2, (start - 1).clamp_min(0)) * (start > 0)[:, None]
-    after = torch.pow(1 - a, pos)[:, None] * (m0.double().index_select(-2, ys) + csum - before_run)
-    out = torch.empty_like(after).index_copy_(-2, order, after)
-    last = torch.full((m0.shape[-2],), -1, dtype=torch.long, device=y.device)
-    last.scatter_reduce_(0, ys, torch.arange(n, device=y.device), "amax")   # each class's last sample (sorted)
-    final = torch.where((last >= 0)[:, None], after.index_select(-2, last.clamp_min(0)), m0.double())
-    return out.to(r.dtype), final.to(m0.dtype)
+    a, n, decay = momentum, len(y), 1 - momentum
+    upto = (y[:, None] == y[None, :]).tril()                         # [N, N]: l <= i, same class
+    pos = upto.sum(1).to(r.dtype)                                    # p_i
+    weights = torch.where(upto, a * torch.pow(decay, pos[:, None] - pos[None, :]), 0.0)
+    after = torch.pow(decay, pos)[:, None] * m0.index_select(-2, y) + weights.to(r.dtype) @ r
+    onehot = (torch.arange(m0.shape[-2], device=y.device)[:, None] == y).to(r.dtype)   # [K, N]
+    count = onehot.sum(1)                                            # n_k
+    last_weights = onehot * (a * torch.pow(decay, count[y] - pos))   # row k: a (1-a)^(n_k - p_l) on class k's samples
+    final = torch.pow(decay, count)[:, None] * m0 + (last_weights @ r).to(m0.dtype)
+    return after.to(r.dtype), final
 
 
 def gather_across_ranks(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
