@@ -1,6 +1,7 @@
 """DNRT's cost: RAA against GELU (ViT-Tiny, ResNet-20) and ReLU (ResNet-20), ARR's added step time.
 
     python benchmarks/bench_dnrt.py [--batch 32] [--device cpu] [--rounds 3] [--alternate 25] [--skip-compiled]
+                                    [--vit-img 224]
 
 RAA is timed eager and with ``compiled=True`` (the whole RAA fused by torch.compile; compiling is
 done in the warm-up steps, not timed). Each model's cases are measured one after another in
@@ -34,18 +35,23 @@ def main(argv=None) -> str:
                    "each case's fastest")
     p.add_argument("--alternate", type=int, default=25, metavar="N",
                    help="also step every case in turn in this process, N steps each (0: skip)")
+    p.add_argument("--vit-img", type=int, default=32, help="ViT-Tiny's input side: 32 (patch 4, 64 tokens, the "
+                   "CIFAR shape) or 224 (patch 16, 196 tokens, its ImageNet shape; for a GPU)")
     p.add_argument("--skip-compiled", action="store_true",
                    help="leave out RAA's torch.compile path (e.g. on a CPU machine without a C++ compiler)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     amp = "bf16" if dev.type == "cuda" else "off"
     out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it"]
-    cases = [("vit_tiny (img 32, patch 4)", "vit_tiny_patch16_224", dict(img_size=32, patch_size=4), "GELU"),
+    patch = 4 if args.vit_img <= 64 else 16
+    cases = [(f"vit_tiny (img {args.vit_img}, patch {patch})", "vit_tiny_patch16_224",
+              dict(img_size=args.vit_img, patch_size=patch), "GELU"),
              ("resnet20_cifar", "resnet20_cifar", dict(act_layer="gelu"), "GELU"),
              ("resnet20_cifar", "resnet20_cifar", {}, "ReLU")]
-    x = torch.randn(args.batch, 3, 32, 32, device=dev)
-    y = torch.randint(0, 10, (args.batch,), device=dev)
     for label, name, kwargs, act in cases:
+        side = kwargs.get("img_size", 32)
+        x = torch.randn(args.batch, 3, side, side, device=dev)
+        y = torch.randint(0, 10, (args.batch,), device=dev)
         torch.manual_seed(0)
         plain = timm.create_model(name, num_classes=10, **kwargs).to(dev)
         cl = use_channels_last("auto", plain, dev)     # as the engine does: on for models with convolutions

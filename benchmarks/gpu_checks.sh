@@ -1,0 +1,30 @@
+#!/bin/bash
+# Every GPU check and benchmark in one run, each step under its own time limit, sized for a short
+# GPU lease (about 5 minutes on an H200; the limits add up to more, as caps). From the repository
+# root, with bionets and its dependencies importable:
+#
+#     bash benchmarks/gpu_checks.sh [OUT_DIR]        # default: gpu_checks/
+#
+# Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, stds.md and suite/bench.{md,png}.
+# A failing step is reported (its exit code) and the next one runs.
+set -u
+out=${1:-gpu_checks}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() {
+    local limit=$1; shift
+    echo "=== $* [limit ${limit}s] $(date +%T)"
+    timeout -k 5 "$limit" "$@"
+    echo "=== exit $? $(date +%T)"
+}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+    step 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_raa_triton.py tests/test_quadratic.py -k "cuda or triton"
+    step 60 python3 benchmarks/bench_engine.py --device cuda
+    step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
+    step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
+    step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
+    step 60 python3 -m bionets bench --device cuda --out "$out/suite"
+    step 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
+} 2>&1 | tee "$out/gpu_checks.log"
