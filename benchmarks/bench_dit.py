@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
 from bionets.bench import Timing, alternating_step_times, device_name, measure, paired_ratios, table, train_step
-from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
 
 
 def plain_twin(name: str) -> str:
@@ -145,8 +145,11 @@ def main(argv=None) -> str:
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format of every case: auto = on for CUDA only; 'on' is how 'bionets train' runs conv "
                         "models on any device")
+    p.add_argument("--cuda-strategy", choices=("blocks", "fused"), default="blocks",
+                   help="how the sym form runs on CUDA: 'blocks' (default) or 'fused' (experimental Triton kernels)")
     p.add_argument("--out", help="also write the report to this Markdown file")
     args = p.parse_args(argv)
+    set_cuda_strategy(args.cuda_strategy)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cl = cuda if args.channels_last == "auto" else args.channels_last == "on"
@@ -154,7 +157,7 @@ def main(argv=None) -> str:
     isolate = not cuda and not args.no_isolate
     parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; channels_last {cl}; "
              f"torch {torch.__version__}; median of {args.repeats} after {args.warmup} warm-up, fastest of "
-             f"{args.rounds} alternating rounds; "
+             f"{args.rounds} alternating rounds; CUDA strategy {args.cuda_strategy}; "
              f"{'one process per case' if isolate else 'one process'}\n"]
 
     def compare(title: str, fn, base: tuple, new: tuple, target: float) -> None:

@@ -5,7 +5,8 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR]        # default: gpu_checks/
 #
-# Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, stds.md and suite/bench.{md,png}.
+# Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_fused.md (the quadratic layer's
+# experimental Triton strategy), stds.md and suite/bench.{md,png}.
 # A failing step is reported (its exit code) and the next one runs.
 set -u
 out=${1:-gpu_checks}
@@ -25,6 +26,7 @@ step() {
     step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
+    step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
     step 60 python3 -m bionets bench --device cuda --out "$out/suite"
     step 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
 } 2>&1 | tee "$out/gpu_checks.log"

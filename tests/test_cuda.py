@@ -114,3 +114,23 @@ def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert memory.seen.any()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast):
+    """The experimental 'fused' Triton strategy of the sym form against the default 'blocks' one:
+    values, dL/dx and dL/dQ, in float32 and under bf16 autocast."""
+    from bionets.layers.quadratic import channel_quadratic
+    torch.manual_seed(0)
+    x = torch.randn(500, 24, device="cuda")
+    q = 0.1 * torch.randn(30, 24, 24, device="cuda")
+    results = {}
+    for strategy in ("blocks", "fused"):
+        xs, qs = x.clone().requires_grad_(), q.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = channel_quadratic(xs, qs, strategy=strategy)
+        out.float().square().sum().backward()
+        results[strategy] = (out.float(), xs.grad, qs.grad)
+    tol = 3e-2 if autocast else 1e-4
+    for fused, blocks in zip(results["fused"], results["blocks"]):
+        assert ((fused - blocks).norm() / blocks.norm()).item() < tol

@@ -1,8 +1,10 @@
-"""Run by test_raa_triton.py with TRITON_INTERPRET=1: RAA's Triton kernels on CPU tensors against
-autograd of the direct float64 formula, in every layout the kernels read without a copy."""
+"""Run by test_triton_kernels.py with TRITON_INTERPRET=1: the Triton kernels on CPU tensors against
+autograd of the direct float64 formulas (RAA in every layout its kernels read without a copy; the
+quadratic layer's 'fused' strategy, forward and both gradients)."""
 import torch
 
 from bionets.layers import raa_triton
+from bionets.layers.quadratic import channel_quadratic
 
 
 def direct(x, v, c, dim, relu):
@@ -15,7 +17,7 @@ def rel_err(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def main():
+def check_raa():
     torch.manual_seed(0)
     layouts = {"nchw": ((3, 5, 4, 6), 1, torch.contiguous_format), "channels_last": ((3, 5, 4, 6), 1, torch.channels_last),
                "tokens": ((2, 7, 13), -1, torch.contiguous_format), "wide": ((2, 3, 300), -1, torch.contiguous_format)}
@@ -42,8 +44,29 @@ def main():
                 assert max(errors) < 1e-5, (name, relu, with_v, errors)
                 cases += 1
     assert raa_triton.ncp_layout(torch.randn(4, 6, 5, 3).transpose(2, 3), 1) is None   # H, W not one stride
-    print(f"checked {cases} cases")
+    print(f"checked {cases} RAA cases")
+
+
+def check_quadratic():
+    """channel_quadratic with strategy 'fused' (the Triton matmuls, products formed in registers):
+    q_o = sum_ij Q[o,i,j] x_i x_j, dL/dx and dL/dQ, against float64 autograd of that sum."""
+    torch.manual_seed(1)
+    cases = 0
+    for rows, c, c_out in [(70, 5, 5), (150, 20, 7), (90, 33, 40)]:
+        x = torch.randn(rows, c, requires_grad=True)
+        q = (0.1 * torch.randn(c_out, c, c)).requires_grad_()
+        out = channel_quadratic(x, q, strategy="fused")
+        grad = torch.randn(rows, c_out)
+        out.backward(grad)
+        xd, qd = x.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+        want = torch.einsum("oij,mi,mj->mo", qd, xd, xd)
+        want.backward(grad.double())
+        errors = [rel_err(out, want), rel_err(x.grad, xd.grad), rel_err(q.grad, qd.grad)]
+        assert max(errors) < 1e-5, (rows, c, c_out, errors)
+        cases += 1
+    print(f"checked {cases} quadratic cases")
 
 
 if __name__ == "__main__":
-    main()
+    check_raa()
+    check_quadratic()

@@ -209,6 +209,32 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # in backward.
 
 
+# 'fused' (GPU, experimental): the products formed inside Triton matmul kernels, never stored
+# (:mod:`bionets.layers.quadratic_triton`); in the 'rows' order. Correct, speed not yet measured.
+STRATEGIES = ("rows", "blocks", "fused")
+_CUDA_STRATEGY = "blocks"
+
+
+def set_cuda_strategy(name: str) -> None:
+    """How the sym form runs on CUDA from now on: 'blocks' (default) or 'fused' (experimental Triton kernels)."""
+    global _CUDA_STRATEGY
+    if name not in ("blocks", "fused"):
+        raise unknown("CUDA quadratic strategy", name, ("blocks", "fused"))
+    if name == "fused" and _triton_kernels() is None:
+        raise BionetsError("the 'fused' quadratic strategy needs Triton (pip install triton), which is not installed")
+    _CUDA_STRATEGY = name
+
+
+@functools.cache
+def _triton_kernels():
+    """:mod:`bionets.layers.quadratic_triton`, or None where Triton is not installed."""
+    try:
+        from bionets.layers import quadratic_triton
+    except ImportError:
+        return None
+    return quadratic_triton
+
+
 @functools.lru_cache(maxsize=None)
 def _triangle(c: int) -> tuple[list[int], list[int]]:
     """The pairs (i, j), i <= j, row-major, as Python lists (tensors made from them are constants
@@ -253,6 +279,15 @@ def _indices(c: int, strategy: str, device: torch.device) -> tuple[torch.Tensor,
     return _INDEX_CACHE[key]
 
 
+def _outer_pairs(n: int, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, j) for every k = o C + j, o < n, j < C: the factors of the outer products g_o x_j."""
+    key = ("outer", n, c, str(device))
+    if key not in _INDEX_CACHE:
+        k = torch.arange(n * c, device=device)
+        _INDEX_CACHE[key] = (k // c, k % c)
+    return _INDEX_CACHE[key]
+
+
 def fold_symmetric(q: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """The weight S [P, C_out] of the products x_i x_j listed by (i, j):
     ``S_ij = Q_ij + Q_ji`` for i < j, ``S_ii = Q_ii``, 0 for i > j."""
@@ -278,7 +313,7 @@ def _pair_index(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", strategy: str | None = None) -> torch.Tensor:
     """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out].
 
-    ``strategy`` ('rows' or 'blocks', default by device: see above) only matters for ``impl='sym'``."""
+    ``strategy`` ('rows', 'blocks' or 'fused'; default by device: see above) only matters for ``impl='sym'``."""
     m, c = rows.shape
     if impl == "full":
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
@@ -289,8 +324,10 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # one gather + one matmul: a small graph whose batch size stays dynamic
         i, j = _indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
-    strategy = strategy or ("blocks" if rows.is_cuda else "rows")
-    i, j = _indices(c, strategy, rows.device)[:2]
+    strategy = strategy or (_CUDA_STRATEGY if rows.is_cuda else "rows")
+    if strategy == "fused" and torch.compiler.is_compiling():
+        strategy = "blocks"                                  # Inductor generates its own kernels
+    i, j = _indices(c, "rows" if strategy == "fused" else strategy, rows.device)[:2]
     s = fold_symmetric(q, i, j).to(dtype)
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
         return _SymmetricQuadratic.apply(rows, s, strategy)
@@ -353,6 +390,9 @@ def _block_grad_x(x: torch.Tensor, gp: torch.Tensor, w: int, bi: torch.Tensor, b
 def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
     """``sum_{(i,j)} S_ij x_i x_j`` over the strategy's products, chunk by chunk of rows."""
     m, c = rows.shape
+    if strategy == "fused":
+        i, j = _indices(c, "rows", rows.device)
+        return _triton_kernels().pair_products_matmul(rows, rows, i, j, s)
     out = rows.new_empty(m, s.shape[1])
     if strategy == "blocks":
         w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
@@ -392,6 +432,13 @@ class _SymmetricQuadratic(torch.autograd.Function):
             if want_s:
                 _rows_grad_s(rows, grad, s, out=grad_s)
             grad_x = _rows_grad_x(rows, grad, s) if want_x else None
+        elif ctx.strategy == "fused":
+            kernels, (i, j) = _triton_kernels(), _indices(c, "rows", rows.device)
+            if want_s:
+                grad_s = kernels.pair_products_t_matmul(rows, i, j, grad)            # sum_m x_i x_j g
+            if want_x:                                                               # sum_oj g_o x_j T_ojc
+                o, oj = _outer_pairs(s.shape[1], c, rows.device)
+                grad_x = kernels.pair_products_matmul(grad, rows, o, oj, _unfold_symmetric(s, c).reshape(-1, c))
         else:
             grad_x = torch.zeros_like(rows) if want_x else None
             w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
