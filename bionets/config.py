@@ -40,7 +40,7 @@ class TrainConfig(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     seed: int = 0
     device: str = "auto"                                 # auto | cpu | cuda | cuda:N
-    compile: bool = False                                # torch.compile the model
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False   # torch.compile the model (mode)
     progress: bool = True                                # progress bar (rank 0)
 
     @field_validator("amp", mode="before")
@@ -102,7 +102,14 @@ def _one_line(err: ValidationError, cls: type[Section], prefix: str) -> BionetsE
         return BionetsError(f"unknown config key '{key}'{closest(str(loc[-1]), _fields_at(cls, loc))}")
     if e["type"] == "missing":
         return BionetsError(f"config key '{key}' is required")
-    msg = e["msg"].replace("Value error, ", "")
+    # a field of several accepted types (e.g. bool | Literal[...]) fails once per type, each error's
+    # location ending in the type's tag: name the field and every accepted form
+    union = [x for x in err.errors() if len(x["loc"]) == len(loc) and tuple(x["loc"][:-1]) == loc[:-1]]
+    if len(union) > 1 and len(loc) > 1 and str(loc[-2]) in _fields_at(cls, loc[:-1]):
+        key = key.rsplit(".", 1)[0]
+        msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
+    else:
+        msg = e["msg"].replace("Value error, ", "")
     return BionetsError(f"config key '{key}': {msg} (got {e.get('input')!r})")
 
 

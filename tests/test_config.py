@@ -16,6 +16,8 @@ def test_default_config_loads_and_overrides_apply():
     ("trian.epochs=2", "unknown config key 'trian' (did you mean: train"),
     ("optim.lr=-1", "config key 'optim.lr'"),
     ("train.amp=fp32", "config key 'train.amp'"),
+    ("train.compile=fast", "config key 'train.compile': Input should be a valid boolean"),
+    ("train.channels_last=maybe", "or Input should be 'auto' (got 'maybe')"),
     ("data.batch_size=many", "config key 'data.batch_size'"),
     ("mechanisms.nosuch.x=1", "unknown mechanism 'nosuch'"),
     ("epochs", "must look like key=value"),
@@ -24,6 +26,12 @@ def test_bad_config_is_one_line(override, expected):
     with pytest.raises(BionetsError) as err:
         load_config(None, [override])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_compile_takes_a_switch_or_a_torch_compile_mode():
+    assert load_config(None, ["train.compile=true"]).train.compile is True
+    assert load_config(None, ["train.compile=reduce-overhead"]).train.compile == "reduce-overhead"
+    assert load_config(None, []).train.compile is False
 
 
 def test_unknown_config_name_suggests_nearest():

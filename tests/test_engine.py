@@ -1,6 +1,7 @@
 """The training engine: exact resume, atomic checkpoints, hooks, accumulation, metrics."""
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -175,6 +176,13 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     assert load_checkpoint(path)["epoch"] == 2                               # the new checkpoint is complete
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_mode_reaches_torch_compile(tmp_path):
+    """train.compile takes torch.compile's modes; 'reduce-overhead' (CUDA graphs on a GPU) trains on the CPU too."""
+    summary = train(fast_config(tmp_path, "train.epochs=2", "train.compile=reduce-overhead"), quiet=True)
+    assert summary["final_top1"] > 50
 
 
 def test_resume_from_another_model_is_one_line(tmp_path):

@@ -111,8 +111,8 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
         self.net = self.model
-        if t.compile:
-            self.net = torch.compile(self.net)
+        if t.compile:   # true = torch's default mode; 'reduce-overhead' replays CUDA graphs (launch-bound GPU steps)
+            self.net = torch.compile(self.net, mode=None if t.compile is True else t.compile)
         if dist.enabled:
             self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
