@@ -25,6 +25,7 @@ step() {
     step 60 python3 benchmarks/bench_engine.py --device cuda
     step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
+    step 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead
     step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
     step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
     step 60 python3 -m bionets bench --device cuda --out "$out/suite"
