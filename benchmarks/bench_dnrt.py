@@ -46,11 +46,13 @@ def main(argv=None) -> str:
     dev = torch.device(args.device)
     amp = "bf16" if dev.type == "cuda" else "off"
     out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it"]
+    print(out[0], flush=True)
     patch = 4 if args.vit_img <= 64 else 16
     cases = [(f"vit_tiny (img {args.vit_img}, patch {patch})", "vit_tiny_patch16_224",
               dict(img_size=args.vit_img, patch_size=patch), "GELU"),
              ("resnet20_cifar", "resnet20_cifar", dict(act_layer="gelu"), "GELU"),
              ("resnet20_cifar", "resnet20_cifar", {}, "ReLU")]
+    shown = len(out)
     for label, name, kwargs, act in cases:
         side = kwargs.get("img_size", 32)
         x = torch.randn(args.batch, 3, side, side, device=dev)
@@ -95,9 +97,9 @@ def main(argv=None) -> str:
                     target = 1.03 if "+ ARR" in case else 1.15
                     line += f" {'meets' if mid <= target else 'MISSES'} <= {target}x"
                 out.append(line)
-    text = "\n".join(out)
-    print(text)
-    return text
+        print("\n".join(out[shown:]), flush=True)          # each model as it finishes (a time limit keeps those done)
+        shown = len(out)
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

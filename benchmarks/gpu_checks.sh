@@ -1,7 +1,7 @@
 #!/bin/bash
-# Every GPU check and benchmark in one run, each step under its own time limit, sized for a short
-# GPU lease (about 5 minutes on an H200; the limits add up to more, as caps). From the repository
-# root, with bionets and its dependencies importable:
+# Every GPU check and benchmark in one run, each step under its own time limit, most important first
+# (about 7 minutes on an H200; the limits add up to more, as caps, and a step cut by its limit
+# keeps what it printed). From the repository root, with bionets and its dependencies importable:
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR]        # default: gpu_checks/
 #
