@@ -89,6 +89,8 @@ def pair_products_matmul(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: t
     u, w, rhs = u.contiguous(), w.contiguous(), rhs.contiguous()
     m, (k, n) = u.shape[0], rhs.shape
     out = torch.empty(m, n, dtype=rhs.dtype, device=u.device)
+    if not m:
+        return out
     block_m, block_n, block_k = 64, _block(n, 128), _block(k, 32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _pair_products_matmul_kernel[grid](u, w, a, b, rhs, out, m, k, n, u.stride(0), w.stride(0),
@@ -102,6 +104,8 @@ def pair_products_t_matmul(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, g:
     programs to fill the GPU (per-split partial sums, then one torch sum)."""
     x, g = x.contiguous(), g.contiguous()
     m, k, n = x.shape[0], i.numel(), g.shape[1]
+    if not m:
+        return torch.zeros(k, n, dtype=torch.float32, device=x.device)
     block_m, block_n, block_k = 64, _block(n, 64), 64
     tiles = triton.cdiv(k, block_k) * triton.cdiv(n, block_n)
     splits = max(1, min(triton.cdiv(m, block_m), 512 // tiles))
