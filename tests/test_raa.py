@@ -240,3 +240,37 @@ def test_width_probe_agrees_where_registration_order_is_right(name, kwargs):
     probed = timm.create_model(name, num_classes=10, **kwargs)
     assert swap_activations(probed, example_input=torch.randn(2, 3, 32, 32)) == swap_activations(plain)
     assert not any(isinstance(m, RAAByWidth) for m in probed.modules())
+
+
+def test_a_machine_where_triton_cannot_run_falls_back_to_the_pytorch_path(monkeypatch):
+    """Triton builds its kernels (and a C launcher) at first use; where that fails (no C compiler, an
+    old driver), RAA warns once and computes the same values with its PyTorch path."""
+    import bionets.layers.raa as raa_module
+
+    class Broken:
+        @staticmethod
+        def ncp_layout(x, dim):
+            return (1, 1, 1, 1, 1, 1)
+
+        @staticmethod
+        def forward(*args, **kwargs):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(raa_module, "raa_triton", lambda: Broken)
+    monkeypatch.setattr(raa_module, "_TRITON_FAILED", [])
+    monkeypatch.setattr(raa_module, "_triton_layout",
+                        lambda x, dim: None if raa_module._TRITON_FAILED else Broken.ncp_layout(x, dim))
+    torch.manual_seed(0)
+    layer = RAA(6)
+    with torch.no_grad():
+        layer.v.normal_(0, 0.3)
+    x = torch.randn(3, 6, 4, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="Failed to find C compiler.*PyTorch path"):
+        out = layer(x)
+    out.sum().backward()
+    monkeypatch.setattr(raa_module, "_TRITON_FAILED", ["earlier"])
+    x2 = x.detach().clone().requires_grad_()
+    want = layer(x2)
+    want.sum().backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x.grad, x2.grad)

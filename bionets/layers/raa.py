@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from typing import Literal
 
 import torch
@@ -122,13 +123,29 @@ def raa_triton() -> types.ModuleType | None:
     return module
 
 
+_TRITON_FAILED: list[str] = []     # why the kernels could not run here, once they failed
+
+
 def _triton_layout(x: torch.Tensor, dim: int):
     """x's [N, C, P] layout when the Triton kernels take it (CUDA, a float dtype they compute in
     float32, not while torch.compile traces the model: Inductor fuses the PyTorch ops itself), else None."""
     if (not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or torch.compiler.is_compiling()
-            or raa_triton() is None):
+            or _TRITON_FAILED or raa_triton() is None):
         return None
     return raa_triton().ncp_layout(x, dim)
+
+
+def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
+    """The Triton forward, or None if Triton cannot build or launch its kernels on this machine (it
+    compiles them, and a small C launcher, at first use): then one warning, and the PyTorch path
+    from then on."""
+    try:
+        return raa_triton().forward(x, v, c, layout, relu=relu)
+    except Exception as err:    # noqa: BLE001  (a compiler, driver or Triton version problem: anything)
+        _TRITON_FAILED.append(f"{type(err).__name__}: {err}".splitlines()[0])
+        warnings.warn(f"bionets: RAA's Triton kernels cannot run here ({_TRITON_FAILED[0]}); "
+                      "RAA uses its PyTorch path instead (correct, slower on a GPU)", stacklevel=2)
+        return None
 
 
 class _RaaVector(torch.autograd.Function):
@@ -145,9 +162,11 @@ class _RaaVector(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v, c, dim, base):
-        ctx.dim, ctx.base, ctx.layout = dim, base, _triton_layout(x, dim)
-        if ctx.layout is not None:                     # CUDA: one fused kernel each way
-            y, s = raa_triton().forward(x, v, c, ctx.layout, relu=base == "relu")
+        layout = _triton_layout(x, dim)
+        done = _triton_forward(x, v, c, layout, base == "relu") if layout is not None else None
+        ctx.dim, ctx.base, ctx.layout = dim, base, layout if done is not None else None
+        if done is not None:                           # CUDA: one fused kernel each way
+            y, s = done
             ctx.save_for_backward(x, v, c, s)
             return y
         s = c if v is None else _feature_dot(x, v.to(x.dtype), dim) + c
