@@ -30,6 +30,6 @@ step() {
     step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
     step 60 python3 -m bionets bench --device cuda --out "$out/suite"
     step 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
-    # the whole suite with a GPU present (tests whose device is 'auto' then train on CUDA); needs pytest-xdist
+    # the whole suite on the GPU machine (the CUDA tests again, the rest on its CPU); needs pytest-xdist
     step 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests
 } 2>&1 | tee "$out/gpu_checks.log"

@@ -7,7 +7,7 @@ import torch
 from bionets.config import load_config
 from bionets.engine.trainer import train
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

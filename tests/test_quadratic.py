@@ -193,6 +193,7 @@ def test_channel_trains_under_cpu_bf16_autocast(c):
     assert rel_err(x.grad, xd.grad) < 3e-2 and rel_err(layer.weight.grad, wd.grad) < 3e-2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_channel_on_cuda_with_bf16_autocast():
     torch.manual_seed(0)
