@@ -41,13 +41,15 @@ class ArrMemory(nn.Module):
         return f"layers={j}, classes={k}, dim={d}"
 
 
-def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample EMA means in batch order, as two small matrix products.
+def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentum: float, *,
+                     each: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-sample EMA means in batch order, as small matrix products.
 
     m0 [..., K, D] the means before the batch, r [..., N, D] responses, y [N] classes (leading
     dimensions: one per hooked layer). Returns (after_each [..., N, D]: the class mean right after
-    sample i's update; final [..., K, D]). With p_i the 1-based position of sample i among its
-    class's samples in the batch and n_k the class's count, unrolling the sequential update gives::
+    sample i's update, or None with ``each=False``; final [..., K, D]). With p_i the 1-based position
+    of sample i among its class's samples in the batch and n_k the class's count, unrolling the
+    sequential update gives::
 
         after_i = (1-a)^p_i m0[y_i] + sum_{l <= i, y_l = y_i} a (1-a)^(p_i - p_l) r_l
         final_k = (1-a)^n_k m0[k]   + sum_{y_l = k}           a (1-a)^(n_k - p_l) r_l
@@ -55,15 +57,17 @@ def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentu
     Every factor is at most 1 (no float64 needed), nothing is sorted, and nothing waits for the GPU
     (no boolean-mask indexing, no tensor made from a Python number on the device).
     """
-    a, n, decay = momentum, len(y), 1 - momentum
-    upto = (y[:, None] == y[None, :]).tril()                         # [N, N]: l <= i, same class
-    pos = upto.sum(1).to(r.dtype)                                    # p_i
-    weights = torch.where(upto, a * torch.pow(decay, pos[:, None] - pos[None, :]), 0.0)
-    after = torch.pow(decay, pos)[:, None] * m0.index_select(-2, y) + weights.to(r.dtype) @ r
+    a, decay = momentum, 1 - momentum
     onehot = (torch.arange(m0.shape[-2], device=y.device)[:, None] == y).to(r.dtype)   # [K, N]
-    count = onehot.sum(1)                                            # n_k
+    count = onehot.sum(1)                                                               # n_k
+    pos = onehot.cumsum(1).gather(0, y[None, :]).squeeze(0)                             # p_i
     last_weights = onehot * (a * torch.pow(decay, count[y] - pos))   # row k: a (1-a)^(n_k - p_l) on class k's samples
     final = torch.pow(decay, count)[:, None] * m0 + (last_weights @ r).to(m0.dtype)
+    if not each:
+        return None, final
+    upto = (y[:, None] == y[None, :]).tril()                                            # [N, N]: l <= i, same class
+    weights = torch.where(upto, a * torch.pow(decay, pos[:, None] - pos[None, :]), 0.0)
+    after = torch.pow(decay, pos)[:, None] * m0.index_select(-2, y) + weights.to(r.dtype) @ r
     return after.to(r.dtype), final
 
 
@@ -88,7 +92,7 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         first.scatter_reduce_(0, all_y, torch.arange(n, device=all_y.device), "amin")   # each class's first sample
         new = (memory.seen[:len(r)] == 0) & (first < n)                  # classes this batch shows for the first time
         m0 = torch.where(new[..., None], all_r.index_select(1, first.clamp_max(n - 1)), memory.mean[:len(r)])
-        after, final = sequential_means(m0, all_r, all_y, momentum)
+        after, final = sequential_means(m0, all_r, all_y, momentum, each=form == "code")
         if form == "paper":
             target_means = m0.index_select(1, targets)
         else:
