@@ -141,6 +141,8 @@ def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
     from then on."""
     try:
         return raa_triton().forward(x, v, c, layout, relu=relu)
+    except torch.cuda.OutOfMemoryError:
+        raise                   # the model's problem, not Triton's
     except Exception as err:    # noqa: BLE001  (a compiler, driver or Triton version problem: anything)
         _TRITON_FAILED.append(f"{type(err).__name__}: {err}".splitlines()[0])
         warnings.warn(f"bionets: RAA's Triton kernels cannot run here ({_TRITON_FAILED[0]}); "
