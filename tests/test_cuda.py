@@ -16,7 +16,7 @@ def test_amp_channels_last_training_on_cuda(tmp_path, amp):
     (The engine tests' fast MLP settings, lr 0.2 without warm-up, leave ResNet-20 near 15%.) The bar is
     "well above chance (10%)": on an H200 after 3 epochs bf16 passed 50% but fp16 reached only 39%,
     not yet explained (the same recipe under CPU fp16 autocast with a GradScaler reaches 83%, bf16
-    85%, float32 89%, so the engine's scaler steps are not the cause)."""
+    85%, float32 89%, which points away from the engine's scaler logic)."""
     cfg = load_config(None, [f"out_dir={tmp_path}", f"name={amp}", "train.epochs=5", f"train.amp={amp}",
                              "train.channels_last=true", "train.device=cuda", "train.progress=false"])
     summary = train(cfg, quiet=True)
