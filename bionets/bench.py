@@ -127,13 +127,14 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | N
 def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
             amp: str = "off", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
-            optimizer: torch.optim.Optimizer | None = None) -> Timing:
-    """Median forward time and training-step time (forward, backward, SGD step) of ``model``."""
+            step_repeats: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> Timing:
+    """Median forward time and training-step time (forward, backward, SGD step) of ``model``
+    (``step_repeats`` timed steps, default ``repeats``: 1 where the caller times the steps itself)."""
     device = inputs.device
     step, forward = train_step(model, inputs, targets, loss_fn=loss_fn, amp=amp, channels_last=channels_last,
                                optimizer=optimizer)
     base = _reset_peak(device)
-    step_ms = _median_ms(step, device, warmup, repeats)
+    step_ms = _median_ms(step, device, warmup, step_repeats or repeats)
     peak = _peak(device, base)
     forward_ms = _median_ms(forward, device, warmup, repeats)
     return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)

@@ -75,9 +75,11 @@ def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: 
     for hook in report.hooks:
         hook.attach(converted)
     loss = loss_with_hooks(converted, report.hooks)
-    base = measure(f"{case.baseline} w{width} b{batch}", plain, x, y, amp=amp, channels_last=cl, repeats=repeats)
+    # forward time and peak memory here; the step times come from the two models stepped in turn below
+    base = measure(f"{case.baseline} w{width} b{batch}", plain, x, y, amp=amp, channels_last=cl, repeats=repeats,
+                   step_repeats=1)
     mech = measure(f"+{case.mechanism} w{width} b{batch}", converted, x, y, amp=amp, channels_last=cl,
-                   repeats=repeats, loss_fn=loss)
+                   repeats=repeats, step_repeats=1, loss_fn=loss)
     steps = {"base": train_step(plain, x, y, amp=amp, channels_last=cl)[0],
              "mech": train_step(converted, x, y, amp=amp, channels_last=cl, loss_fn=loss)[0]}
     times = alternating_step_times(steps, device, warmup=1, repeats=max(5, repeats))
