@@ -26,7 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
-from bionets.bench import Timing, alternating_step_times, device_name, measure, paired_ratios, table, train_step
+from bionets.bench import (Timing, alternating_step_times, device_name, measure, paired_ratios, table, train_step,
+                           verdict)
 from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
 
 
@@ -77,9 +78,8 @@ def alternating_ratio(names: tuple[str, str], batch: int, img: int, classes: int
     times = alternating_step_times(steps, torch.device(device), warmup=opts["warmup"], repeats=repeats)
     base, new = (statistics.median(times[n]) for n in names)
     low, mid, high = paired_ratios(times[names[1]], times[names[0]])
-    verdict = "meets" if mid <= target else "MISSES"
     return (f"stepped in turn in one process, {repeats} steps each: median {base:.1f} ms vs {new:.1f} ms, "
-            f"ratio {new / base:.3f}x; round by round: median {mid:.3f}x ({verdict} the target <= {target:.3g}x), "
+            f"ratio {new / base:.3f}x; round by round: median {mid:.3f}x ({verdict(mid, target)}), "
             f"quartiles {low:.3f}-{high:.3f}x")
 
 
@@ -103,10 +103,9 @@ def run_case(isolate: bool, fn, *args) -> Timing:
 def section(title: str, rows: list[Timing], target: float) -> str:
     """A table of (base, new) and the step-time ratio new/base against its target."""
     ratio = rows[1].ratio(rows[0])
-    verdict = "meets" if ratio <= target else "MISSES"
     faster = f"; {1 / ratio:.2f}x faster" if target < 1 else ""
     return (f"### {title}\n\n{table(rows, rows[0])}\n\n"
-            f"step ratio {ratio:.3f}x ({verdict} the target <= {target:.3g}x{faster})\n")
+            f"step ratio {ratio:.3f}x ({verdict(ratio, target)}{faster})\n")
 
 
 def macs_table(models: list[str]) -> str:

@@ -21,7 +21,7 @@ import torch
 
 import bionets  # noqa: F401
 from bionets.bench import (Timing, alternating_step_times, device_name, loss_with_hooks, measure, paired_ratios, table,
-                           train_step)
+                           train_step, verdict)
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
 
@@ -95,7 +95,7 @@ def main(argv=None) -> str:
                         f"{mid:.3f}x ({low:.3f}-{high:.3f}x)")
                 if k:                                      # against issue 3's targets
                     target = 1.03 if "+ ARR" in case else 1.15
-                    line += f" {'meets' if mid <= target else 'MISSES'} <= {target}x"
+                    line += f" ({verdict(mid, target)})"
                 out.append(line)
         print("\n".join(out[shown:]), flush=True)          # each model as it finishes (a time limit keeps those done)
         shown = len(out)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import bionets  # noqa: F401  (registers the spiking models)
-from bionets.bench import Timing, alternating_step_ms, device_name, measure, table
+from bionets.bench import Timing, alternating_step_ms, device_name, measure, table, verdict
 from bionets.layers.stds import apply_stds, export, set_threshold, sparsity
 
 
@@ -149,7 +149,7 @@ def main(argv=None) -> str:
         parts.append(f"### (a) training step at batch {batch}, {img} x {img}, T {args.T}: "
                      f"STDS on every conv vs none\n\n"
                      f"{table(rows, rows[0])}\n\nstmod step ratio {ratio:.3f}x "
-                     f"({'meets' if ratio <= 1.10 else 'MISSES'} the target <= 1.10x)\n")
+                     f"({verdict(ratio, 1.10)})\n")
     levels = [float(v) for v in args.levels.split(",")]
     parts.append(f"### (b) the 16384 -> 2048 layer on {args.rows} rows of spikes (rate {args.rate}), dense vs CSR\n\n"
                  + layer_rows(device, args.rows, args.rate, levels, args.repeats) + "\n")

@@ -140,6 +140,11 @@ def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
 
 
+def verdict(ratio: float, target: float) -> str:
+    """'meets the target <= 1.15x' or 'MISSES the target <= 1.15x' (ratios of new over plain: lower is better)."""
+    return f"{'meets' if ratio <= target else 'MISSES'} the target <= {target:.3g}x"
+
+
 def alternating_step_times(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int = 2,
                            repeats: int = 25) -> dict[str, list[float]]:
     """Every step time (ms) of each step function, run in turn (one step of each per round, in one
