@@ -185,6 +185,18 @@ def test_compile_mode_reaches_torch_compile(tmp_path):
     assert summary["final_top1"] > 50
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_model_keeps_the_mechanisms_hooks(tmp_path):
+    """train.compile with RAA and ARR: ARR's forward hook still captures the responses inside the
+    compiled model and updates its class memory; the run ends where the eager run ends."""
+    mechanisms = "mechanisms={raa: {}, arr: {weight: 1.0}}"
+    compiled = train(fast_config(tmp_path, "train.epochs=2", "train.compile=true", mechanisms, name="c"), quiet=True)
+    eager = train(fast_config(tmp_path, "train.epochs=2", mechanisms, name="e"), quiet=True)
+    assert compiled["final_top1"] == pytest.approx(eager["final_top1"], abs=1.0)
+    memory = {k: v for k, v in load_checkpoint(tmp_path / "c" / "last.pt")["model"].items() if k.startswith("arr_memory")}
+    assert memory["arr_memory.seen"].all() and memory["arr_memory.mean"].abs().sum() > 0
+
+
 def test_resume_from_another_model_is_one_line(tmp_path):
     train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
     cfg = fast_config(tmp_path, "train.epochs=2", "model.kwargs={in_chans: 1, img_size: 8, hidden: 32}",
