@@ -44,6 +44,7 @@ def check_raa():
                 assert max(errors) < 1e-5, (name, relu, with_v, errors)
                 cases += 1
     assert raa_triton.ncp_layout(torch.randn(4, 6, 5, 3).transpose(2, 3), 1) is None   # H, W not one stride
+    assert raa_triton.ncp_layout(torch.randn(3, 8, 4, 6)[:, :5], 1) is None             # not dense: outputs would differ
     print(f"checked {cases} RAA cases")
 
 

@@ -86,8 +86,12 @@ def _raa_backward_kernel(x_ptr, g_ptr, s_ptr, v_ptr, gx_ptr, part_ptr, M, C, P, 
 def ncp_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int, int, int, int] | None:
     """(N, C, P, stride_n, stride_c, stride_p) reading x as [N, C, P] without a copy, or None.
 
-    dim 1 of a 4-D map: P = H W (NCHW and channels_last both qualify); dim -1: contiguous tensors."""
+    dim 1 of a 4-D map: P = H W, for NCHW and channels_last maps; dim -1: contiguous tensors. Only
+    dense layouts qualify: the outputs are made with ``empty_like``, which keeps a dense tensor's
+    strides (a channel slice of a larger map, say, would get other strides than x)."""
     if dim == 1 and x.ndim == 4:
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            return None
         n, c, h, w = x.shape
         sn, sc, sh, sw = x.stride()
         if h == 1 or sh == w * sw:
