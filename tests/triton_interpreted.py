@@ -65,6 +65,15 @@ def check_quadratic():
         errors = [rel_err(out, want), rel_err(x.grad, xd.grad), rel_err(q.grad, qd.grad)]
         assert max(errors) < 1e-5, (rows, c, c_out, errors)
         cases += 1
+    x = torch.randn(40, 6)                                       # only one of the two gradients wanted
+    q = (0.1 * torch.randn(4, 6, 6)).requires_grad_()
+    channel_quadratic(x, q, strategy="fused").sum().backward()
+    want = q.detach().double().requires_grad_()
+    torch.einsum("oij,mi,mj->mo", want, x.double(), x.double()).sum().backward()
+    assert rel_err(q.grad, want.grad) < 1e-5
+    x.requires_grad_()
+    channel_quadratic(x, q.detach(), strategy="fused").sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
     print(f"checked {cases} quadratic cases")
 
 

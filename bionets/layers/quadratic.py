@@ -211,7 +211,6 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # 'fused' (GPU, experimental): the products formed inside Triton matmul kernels, never stored
 # (:mod:`bionets.layers.quadratic_triton`); in the 'rows' order. Correct, speed not yet measured.
-STRATEGIES = ("rows", "blocks", "fused")
 _CUDA_STRATEGY = "blocks"
 
 
@@ -427,18 +426,19 @@ class _SymmetricQuadratic(torch.autograd.Function):
         c = rows.shape[1]
         grad = grad.to(rows.dtype)
         want_x, want_s, _ = ctx.needs_input_grad
+        if ctx.strategy == "fused":
+            kernels, (i, j) = _triton_kernels(), _indices(c, "rows", rows.device)
+            grad_s = kernels.pair_products_t_matmul(rows, i, j, grad).to(s.dtype) if want_s else None   # sum_m x_i x_j g
+            grad_x = None
+            if want_x:                                                               # sum_oj g_o x_j T_ojc
+                o, oj = _outer_pairs(s.shape[1], c, rows.device)
+                grad_x = kernels.pair_products_matmul(grad, rows, o, oj, _unfold_symmetric(s, c).reshape(-1, c))
+            return grad_x, grad_s, None
         grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
         if ctx.strategy == "rows":
             if want_s:
                 _rows_grad_s(rows, grad, s, out=grad_s)
             grad_x = _rows_grad_x(rows, grad, s) if want_x else None
-        elif ctx.strategy == "fused":
-            kernels, (i, j) = _triton_kernels(), _indices(c, "rows", rows.device)
-            if want_s:
-                grad_s = kernels.pair_products_t_matmul(rows, i, j, grad)            # sum_m x_i x_j g
-            if want_x:                                                               # sum_oj g_o x_j T_ojc
-                o, oj = _outer_pairs(s.shape[1], c, rows.device)
-                grad_x = kernels.pair_products_matmul(grad, rows, o, oj, _unfold_symmetric(s, c).reshape(-1, c))
         else:
             grad_x = torch.zeros_like(rows) if want_x else None
             w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
