@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, unknown
+from bionets.layers.triton_kernels import triton_kernels
 
 
 class QuadraticNeuron(nn.Module):
@@ -224,14 +225,9 @@ def set_cuda_strategy(name: str) -> None:
     _CUDA_STRATEGY = name
 
 
-@functools.cache
 def _triton_kernels():
     """:mod:`bionets.layers.quadratic_triton`, or None where Triton is not installed."""
-    try:
-        from bionets.layers import quadratic_triton
-    except ImportError:
-        return None
-    return quadratic_triton
+    return triton_kernels("quadratic_triton")
 
 
 @functools.lru_cache(maxsize=None)

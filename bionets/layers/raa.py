@@ -12,7 +12,6 @@ ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built o
 """
 from __future__ import annotations
 
-import functools
 import types
 import warnings
 from typing import Literal
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError
+from bionets.layers.triton_kernels import triton_kernels
 
 Variant = Literal["vector", "scalar", "matrix"]
 Base = Literal["gelu", "relu"]
@@ -113,14 +113,9 @@ def _feature_weighted_sum(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.T
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
 def raa_triton() -> types.ModuleType | None:
     """:mod:`bionets.layers.raa_triton`, or None where Triton is not installed."""
-    try:
-        from bionets.layers import raa_triton as module
-    except ImportError:
-        return None
-    return module
+    return triton_kernels("raa_triton")
 
 
 _TRITON_FAILED: list[str] = []     # why the kernels could not run here, once they failed
