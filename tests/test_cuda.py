@@ -117,13 +117,15 @@ def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
     assert memory.seen.any()
 
 
+@pytest.mark.parametrize("rows", [500, 40000])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast):
+def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, rows):
     """The experimental 'fused' Triton strategy of the sym form against the default 'blocks' one:
-    values, dL/dx and dL/dQ, in float32 and under bf16 autocast."""
+    values, dL/dx and dL/dQ, in float32 and under bf16 autocast (40000 rows: several row blocks per
+    program of the dL/dQ kernel)."""
     from bionets.layers.quadratic import channel_quadratic
     torch.manual_seed(0)
-    x = torch.randn(500, 24, device="cuda")
+    x = torch.randn(rows, 24, device="cuda")
     q = 0.1 * torch.randn(30, 24, 24, device="cuda")
     results = {}
     for strategy in ("blocks", "fused"):

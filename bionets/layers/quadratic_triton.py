@@ -25,10 +25,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _pair_products_matmul_kernel(u_ptr, w_ptr, a_ptr, b_ptr, rhs_ptr, out_ptr, M, K, N, stride_u, stride_w,
-                                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pair_products_matmul_kernel(u_ptr, w_ptr, a_ptr, b_ptr, rhs_ptr, out_ptr, M, K: tl.constexpr, N,
+                                 stride_u, stride_w, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr):
-    """out[m, n] = sum_k u[m, a_k] w[m, b_k] rhs[k, n]."""
+    """out[m, n] = sum_k u[m, a_k] w[m, b_k] rhs[k, n]. K (the pair count, fixed per layer) is a
+    compile-time constant: Triton 3.6's interpreter cannot run a loop bounded by a runtime argument."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
@@ -51,19 +52,19 @@ def _pair_products_matmul_kernel(u_ptr, w_ptr, a_ptr, b_ptr, rhs_ptr, out_ptr, M
 
 
 @triton.jit
-def _pair_products_t_matmul_kernel(x_ptr, i_ptr, j_ptr, g_ptr, part_ptr, M, K, N, stride_x, rows_per_split,
-                                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pair_products_t_matmul_kernel(x_ptr, i_ptr, j_ptr, g_ptr, part_ptr, M, K, N, stride_x,
+                                   STEPS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr):
-    """part[split, k, n] = sum over this split's rows m of x[m, i_k] x[m, j_k] g[m, n]."""
+    """part[split, k, n] = sum over this split's rows m of x[m, i_k] x[m, j_k] g[m, n]; a split is
+    STEPS row blocks (a compile-time count, as K is above)."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
     i = tl.load(i_ptr + ks, mask=ks < K, other=0)
     j = tl.load(j_ptr + ks, mask=ks < K, other=0)
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    start = split * rows_per_split
-    for m0 in range(start, tl.minimum(start + rows_per_split, M), BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+    for step in range(STEPS):
+        rows = (split * STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows64 = rows.to(tl.int64)
         mk = (ks < K)[:, None] & (rows < M)[None, :]
         left = tl.load(x_ptr + rows64[None, :] * stride_x + i[:, None], mask=mk, other=0.0).to(tl.float32) \
@@ -109,11 +110,11 @@ def pair_products_t_matmul(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, g:
     block_m, block_n, block_k = 64, _block(n, 64), 64
     tiles = triton.cdiv(k, block_k) * triton.cdiv(n, block_n)
     splits = max(1, min(triton.cdiv(m, block_m), 512 // tiles))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    splits = triton.cdiv(m, rows_per_split)
+    steps = triton.next_power_of_2(triton.cdiv(triton.cdiv(m, splits), block_m))   # few distinct compiles
+    splits = triton.cdiv(m, steps * block_m)
     part = torch.empty(splits, k, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n), splits)
-    _pair_products_t_matmul_kernel[grid](x, i, j, g, part, m, k, n, x.stride(0), rows_per_split,
+    _pair_products_t_matmul_kernel[grid](x, i, j, g, part, m, k, n, x.stride(0), STEPS=steps,
                                          IEEE=g.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
                                          BLOCK_K=block_k)
     return part.sum(0)
