@@ -11,6 +11,7 @@
     not counted) and parameters of every registered Dit model, sym and full, beside its plain twin.
 
     python benchmarks/bench_dit.py [--device cpu|cuda] [--batch 128] [--convnext-batch 8] [--rounds 3] [--out FILE]
+                                   [--compile-mode reduce-overhead] [--cuda-strategy fused]
 
 On CUDA every case runs under AMP bf16 with channels_last; on CPU in float32, memory as is.
 """
@@ -26,8 +27,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
-from bionets.bench import (Timing, alternating_step_times, device_name, measure, paired_ratios, table, train_step,
-                           verdict)
+from bionets.bench import (Timing, alternating_step_times, compiled, device_name, measure, paired_ratios, table,
+                           train_step, verdict)
 from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
 
 
@@ -62,9 +63,16 @@ def _model_and_batch(name: str, batch: int, img: int, classes: int, device: str)
     return timm.create_model(name, num_classes=classes, **size).to(device), x, y
 
 
+def _measure(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, opts: dict,
+             **kwargs) -> Timing:
+    """``measure`` with the options of this run, the model compiled first if ``--compile-mode`` asks."""
+    timing = {k: v for k, v in opts.items() if k != "compile_mode"}
+    return measure(name, compiled(model, opts["compile_mode"], opts["channels_last"]), x, y, **timing, **kwargs)
+
+
 def model_case(name: str, batch: int, img: int, classes: int, device: str, opts: dict) -> Timing:
     model, x, y = _model_and_batch(name, batch, img, classes, device)
-    return measure(f"{name} step, batch {batch} x 3 x {img} x {img}", model, x, y, **opts)
+    return _measure(f"{name} step, batch {batch} x 3 x {img} x {img}", model, x, y, opts)
 
 
 def alternating_ratio(names: tuple[str, str], batch: int, img: int, classes: int, device: str, opts: dict,
@@ -74,6 +82,7 @@ def alternating_ratio(names: tuple[str, str], batch: int, img: int, classes: int
     steps = {}
     for name in names:
         model, x, y = _model_and_batch(name, batch, img, classes, device)
+        model = compiled(model, opts["compile_mode"], opts["channels_last"])
         steps[name] = train_step(model, x, y, amp=opts["amp"], channels_last=opts["channels_last"])[0]
     times = alternating_step_times(steps, torch.device(device), warmup=opts["warmup"], repeats=repeats)
     base, new = (statistics.median(times[n]) for n in names)
@@ -87,8 +96,8 @@ def layer_case(channels: int, size: int, batch: int, impl: str, device: str, opt
     # the input needs its gradient, as inside a network (the backward computes dL/dx as well as dL/dQ)
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     layer = QuadraticChannel(channels, impl=impl).to(device)
-    return measure(f"QuadraticChannel({channels}, impl={impl}) on {batch} x {channels} x {size} x {size}",
-                   layer, x, loss_fn=_square_loss, **opts)
+    return _measure(f"QuadraticChannel({channels}, impl={impl}) on {batch} x {channels} x {size} x {size}",
+                    layer, x, None, opts, loss_fn=_square_loss)
 
 
 def run_case(isolate: bool, fn, *args) -> Timing:
@@ -133,6 +142,7 @@ def main(argv=None) -> str:
                    help="ConvNeXt image side (c); the layer alone runs at img/4")
     p.add_argument("--skip-convnext", action="store_true", help="leave out (c)")
     p.add_argument("--macs-models", default="dit_*", help="glob of the Dit models for (d); '' skips (d)")
+    p.add_argument("--skip-resnet", action="store_true", help="leave out (a) and (b)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--alternate", type=int, default=25, metavar="N",
@@ -146,18 +156,24 @@ def main(argv=None) -> str:
                         "models on any device")
     p.add_argument("--cuda-strategy", choices=("blocks", "fused"), default="blocks",
                    help="how the sym form runs on CUDA: 'blocks' (default) or 'fused' (experimental Triton kernels)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile every model and layer in this mode, as train.compile does (compiling is "
+                        "done in the warm-up steps); 'reduce-overhead' replays CUDA graphs")
     p.add_argument("--out", help="also write the report to this Markdown file")
     args = p.parse_args(argv)
     set_cuda_strategy(args.cuda_strategy)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cl = cuda if args.channels_last == "auto" else args.channels_last == "on"
-    opts = {"amp": "bf16" if cuda else "off", "channels_last": cl, "warmup": args.warmup, "repeats": args.repeats}
+    opts = {"amp": "bf16" if cuda else "off", "channels_last": cl, "warmup": args.warmup, "repeats": args.repeats,
+            "compile_mode": args.compile_mode}
     isolate = not cuda and not args.no_isolate
     parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; channels_last {cl}; "
              f"torch {torch.__version__}; median of {args.repeats} after {args.warmup} warm-up, fastest of "
              f"{args.rounds} alternating rounds; CUDA strategy {args.cuda_strategy}; "
+             f"torch.compile {args.compile_mode or 'off'}; "
              f"{'one process per case' if isolate else 'one process'}\n"]
+    print(parts[0], flush=True)
 
     def compare(title: str, fn, base: tuple, new: tuple, target: float) -> None:
         best: list[Timing | None] = [None, None]
@@ -166,16 +182,19 @@ def main(argv=None) -> str:
                 t = run_case(isolate, fn, *case)
                 best[k] = t if best[k] is None or t.step_ms < best[k].step_ms else best[k]
         parts.append(section(title, best, target))
+        print(parts[-1], flush=True)          # each section as it finishes (a time limit keeps those done)
 
     dev, b, img = str(device), args.batch, args.img
-    compare("(a) Dit-ResNet-20 vs its plain twin", model_case, ("resnet20_cifar", b, img, 10, dev, opts),
-            ("dit_resnet20", b, img, 10, dev, opts), 1.15)
-    if args.alternate:
-        parts[-1] += "\n" + alternating_ratio(("resnet20_cifar", "dit_resnet20"), b, img, 10, dev, opts, args.alternate,
-                                              1.15) + "\n"
-    side = max(1, img // 2)
-    compare("(b) quadratic layer of Dit-ResNet: sym vs full (target: sym >= 1.5x faster)", layer_case,
-            (32, side, b, "full", dev, opts), (32, side, b, "sym", dev, opts), 1 / 1.5)
+    if not args.skip_resnet:
+        compare("(a) Dit-ResNet-20 vs its plain twin", model_case, ("resnet20_cifar", b, img, 10, dev, opts),
+                ("dit_resnet20", b, img, 10, dev, opts), 1.15)
+        if args.alternate:
+            parts[-1] += "\n" + alternating_ratio(("resnet20_cifar", "dit_resnet20"), b, img, 10, dev, opts,
+                                                  args.alternate, 1.15) + "\n"
+            print(parts[-1].rsplit("\n", 2)[-2], flush=True)
+        side = max(1, img // 2)
+        compare("(b) quadratic layer of Dit-ResNet: sym vs full (target: sym >= 1.5x faster)", layer_case,
+                (32, side, b, "full", dev, opts), (32, side, b, "sym", dev, opts), 1 / 1.5)
     if not args.skip_convnext:
         b, img = args.convnext_batch or (64 if cuda else 8), args.convnext_img
         compare("(c) Dit-ConvNeXt-T vs timm's convnext_tiny", model_case, ("convnext_tiny", b, img, 1000, dev, opts),
@@ -187,8 +206,8 @@ def main(argv=None) -> str:
         models = [m for m in timm.list_models(args.macs_models) if fnmatch.fnmatch(m, "dit_*")]
         parts.append("### (d) multiply-adds per image (FlopCounterMode FLOPs / 2) and parameters\n\n"
                      + macs_table(models) + "\n")
+        print(parts[-1], flush=True)
     text = "\n".join(parts)
-    print(text)
     if args.out:
         Path(args.out).write_text(text)
     return text

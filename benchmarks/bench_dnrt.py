@@ -1,7 +1,7 @@
 """DNRT's cost: RAA against GELU (ViT-Tiny, ResNet-20) and ReLU (ResNet-20), ARR's added step time.
 
     python benchmarks/bench_dnrt.py [--batch 32] [--device cpu] [--rounds 3] [--alternate 25] [--skip-compiled]
-                                    [--vit-img 224]
+                                    [--vit-img 224] [--compile-mode reduce-overhead] [--cases vit,resnet-gelu]
 
 RAA is timed eager and with ``compiled=True`` (the whole RAA fused by torch.compile; compiling is
 done in the warm-up steps, not timed). Each model's cases are measured one after another in
@@ -20,8 +20,8 @@ import timm
 import torch
 
 import bionets  # noqa: F401
-from bionets.bench import (Timing, alternating_step_times, device_name, loss_with_hooks, measure, paired_ratios, table,
-                           train_step, verdict)
+from bionets.bench import (Timing, alternating_step_times, compiled, device_name, loss_with_hooks, measure,
+                           paired_ratios, table, train_step, verdict)
 from bionets.conversion import convert
 from bionets.engine.model import use_channels_last
 
@@ -40,6 +40,9 @@ def main(argv=None) -> str:
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile every whole model (plain, RAA, ARR) in this mode, as train.compile does; "
                         "drops the per-module RAA compiled case")
+    p.add_argument("--cases", default="vit,resnet-gelu,resnet-relu",
+                   help="comma-separated subset of: vit (ViT-Tiny, GELU), resnet-gelu (ResNet-20 with GELU), "
+                        "resnet-relu (ResNet-20 with ReLU)")
     p.add_argument("--skip-compiled", action="store_true",
                    help="leave out RAA's torch.compile path (e.g. on a CPU machine without a C++ compiler)")
     args = p.parse_args(argv)
@@ -48,12 +51,15 @@ def main(argv=None) -> str:
     out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it"]
     print(out[0], flush=True)
     patch = 4 if args.vit_img <= 64 else 16
-    cases = [(f"vit_tiny (img {args.vit_img}, patch {patch})", "vit_tiny_patch16_224",
-              dict(img_size=args.vit_img, patch_size=patch), "GELU"),
-             ("resnet20_cifar", "resnet20_cifar", dict(act_layer="gelu"), "GELU"),
-             ("resnet20_cifar", "resnet20_cifar", {}, "ReLU")]
+    cases = {"vit": (f"vit_tiny (img {args.vit_img}, patch {patch})", "vit_tiny_patch16_224",
+                     dict(img_size=args.vit_img, patch_size=patch), "GELU"),
+             "resnet-gelu": ("resnet20_cifar", "resnet20_cifar", dict(act_layer="gelu"), "GELU"),
+             "resnet-relu": ("resnet20_cifar", "resnet20_cifar", {}, "ReLU")}
+    chosen = args.cases.split(",")
+    if unknown_cases := sorted(set(chosen) - set(cases)):
+        p.error(f"unknown case(s) {', '.join(unknown_cases)}; choose from {', '.join(cases)}")
     shown = len(out)
-    for label, name, kwargs, act in cases:
+    for label, name, kwargs, act in (cases[c] for c in chosen):
         side = kwargs.get("img_size", 32)
         x = torch.randn(args.batch, 3, side, side, device=dev)
         y = torch.randint(0, 10, (args.batch,), device=dev)
@@ -72,8 +78,7 @@ def main(argv=None) -> str:
             h.attach(model)
         models[f"{label} {act} + ARR"] = (model, loss_with_hooks(model, report.hooks))
         if args.compile_mode:
-            models = {f"{case} (whole model compiled, {args.compile_mode})":
-                      (torch.compile(m.to(memory_format=torch.channels_last) if cl else m, mode=args.compile_mode), fn)
+            models = {f"{case} (whole model compiled, {args.compile_mode})": (compiled(m, args.compile_mode, cl), fn)
                       for case, (m, fn) in models.items()}
         best: dict[str, Timing] = {}
         for _ in range(args.rounds):                   # interleaved rounds: a slow spell hits every case alike

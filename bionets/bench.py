@@ -67,6 +67,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compiled(model: nn.Module, mode: str | None, channels_last: bool) -> nn.Module:
+    """``model`` under ``torch.compile(mode=...)`` as ``train.compile`` runs it, in its memory format
+    first (so the steps do not recompile); unchanged when ``mode`` is None. Compiling happens in the
+    warm-up steps, which are not timed."""
+    if mode is None:
+        return model
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def loss_with_hooks(model: nn.Module, hooks) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Cross-entropy plus every hook's auxiliary loss (ARR's), as the engine adds them in training."""
     def loss(logits, targets):

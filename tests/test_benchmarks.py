@@ -2,6 +2,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,6 +28,24 @@ def test_bench_dnrt_smoke():
     for needle in ("vit_tiny (img 32, patch 4) GELU", "vit_tiny (img 32, patch 4) RAA", "resnet20_cifar RAA",
                    "resnet20_cifar ReLU + ARR"):
         assert f"| {needle} |" in text
+
+
+def test_bench_dnrt_runs_the_chosen_cases_only():
+    text = load("bench_dnrt").main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--rounds", "1",
+                                    "--skip-compiled", "--alternate", "0", "--cases", "resnet-relu"])
+    assert "| resnet20_cifar ReLU |" in text and "vit_tiny" not in text and "GELU" not in text
+    with pytest.raises(SystemExit):
+        load("bench_dnrt").main(["--cases", "vit,resnet"])
+
+
+def test_models_are_compiled_in_their_memory_format_when_asked():
+    import torch
+    from bionets.bench import compiled
+    conv = torch.nn.Conv2d(3, 4, 3)
+    assert compiled(conv, None, True) is conv
+    model = compiled(conv, "reduce-overhead", True)
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bench_dit_smoke():
