@@ -1,13 +1,14 @@
 #!/bin/bash
 # Every GPU check and benchmark in one run, each step under its own time limit, most important first
-# (about 7 minutes on an H200; the limits add up to more, as caps, and a step cut by its limit
-# keeps what it printed). From the repository root, with bionets and its dependencies importable:
+# (about 12 minutes on an H200, most of it compiling; the limits add up to more, as caps, and a step
+# cut by its limit keeps what it printed). From the repository root, with bionets and its
+# dependencies importable:
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR]        # default: gpu_checks/
 #
-# Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_fused.md (the quadratic layer's
-# experimental Triton strategy), stds.md and suite/bench.{md,png}.
-# A failing step is reported (its exit code) and the next one runs.
+# Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
+# graphs), dit_fused.md (the quadratic layer's experimental Triton strategy), stds.md and
+# suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
 set -u
 out=${1:-gpu_checks}
 mkdir -p "$out"
@@ -25,8 +26,11 @@ step() {
     step 60 python3 benchmarks/bench_engine.py --device cuda
     step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
-    step 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead
+    # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
+    step 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit
+    step 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
     step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
+    step 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
     step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
     step 60 python3 -m bionets bench --device cuda --out "$out/suite"
     step 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
