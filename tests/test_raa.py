@@ -214,21 +214,29 @@ def test_width_probe_reports_a_model_error_in_one_line():
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
-@pytest.mark.parametrize("base", ["gelu", "relu"])
-def test_eager_raa_inside_a_compiled_model(base):
-    """``torch.compile`` of a whole model (the engine's ``train.compile``) traces the eager RAA's
-    autograd function: the same outputs and gradients as without compiling."""
+@pytest.mark.parametrize("variant, base", [("vector", "gelu"), ("vector", "relu"), ("scalar", "relu"),
+                                           ("matrix", "gelu")])
+def test_raa_inside_a_compiled_model(variant, base):
+    """``torch.compile`` of a whole model (the engine's ``train.compile``): RAA gives Inductor its
+    plain expression to fuse and differentiate; the same outputs and gradients as the eager module,
+    and under bf16 autocast the activation's output keeps its input's dtype."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), randomized(RAA(6, base=base)),
-                                torch.nn.Flatten(), torch.nn.Linear(6 * 5 * 5, 4))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
+                                randomized(RAA(6, variant, base)), torch.nn.Flatten(), torch.nn.Linear(6 * 5 * 5, 4))
     x = torch.randn(2, 3, 5, 5)
     want = model(x)
     want_grads = torch.autograd.grad(want.sum(), list(model.parameters()))
-    got = torch.compile(model)(x)
+    compiled = torch.compile(model)
+    got = compiled(x)
     got_grads = torch.autograd.grad(got.sum(), list(model.parameters()))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    seen = []
+    model[2].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(model)(x)
+    assert seen == [torch.bfloat16]
 
 
 @pytest.mark.parametrize("name, kwargs", [("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 32}),
