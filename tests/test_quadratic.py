@@ -1,4 +1,6 @@
 """The quadratic layers of Dit-CNN against their equations computed directly in float64."""
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -334,3 +336,44 @@ def test_cpu_scratch_is_reused_and_freed():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     quadratic.free_scratch()
     assert not hasattr(quadratic._SCRATCH, "buffers")
+
+
+# ---------------------------------------------------------------- under torch.compile (CPU)
+
+@pytest.mark.parametrize("strategy", ["rows", "blocks"])
+def test_sym_quadratic_operator_registration(strategy):
+    """The sym form as a torch operator (what a model compiled on the CPU runs): its fake (shape)
+    function, autograd and schema pass torch.library.opcheck."""
+    from bionets.layers.quadratic import _indices, sym_quadratic_op
+    rows = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    products = len(_indices(6, strategy, rows.device)[0])      # 21 pairs i <= j; 'blocks': 36 (one block)
+    s = torch.randn(products, 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(sym_quadratic_op, (rows, s, strategy))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_model_runs_the_quadratic_layer_as_one_operator():
+    """torch.compile of a model holding the sym layer, on the CPU: the layer is one opaque operator
+    (not its unrolled chunk loops), with the same outputs and gradients as the eager model, also when
+    the input needs no gradient."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QuadraticChannel(8))
+    with torch.no_grad():
+        model[1].weight.normal_(std=0.1)
+    x = torch.randn(2, 3, 6, 6)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=backend)
+    got = compiled(x)
+    got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    graph = backend.graphs[0].code
+    assert backend.frame_count == 1 and "bionets.sym_quadratic" in graph and "addmm" not in graph
+    layer = torch.compile(QuadraticChannel(8))
+    rows = torch.randn(2, 8, 3, 3)
+    layer(rows).sum().backward()                               # only dL/dQ wanted
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -324,6 +324,8 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         strategy = "blocks"                                  # Inductor generates its own kernels
     i, j = _indices(c, "rows" if strategy == "fused" else strategy, rows.device)[:2]
     s = fold_symmetric(q, i, j).to(dtype)
+    if torch.compiler.is_compiling() and not rows.is_cuda:
+        return sym_quadratic_op(rows, s, strategy)
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
         return _SymmetricQuadratic.apply(rows, s, strategy)
     return _sym_forward(rows, s, strategy)
@@ -406,9 +408,40 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Te
     return out
 
 
+def _sym_backward(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, strategy: str, want_x: bool,
+                  want_s: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dx, dL/dS) of :func:`_sym_forward`, recomputing the products chunk by chunk instead of
+    saving them: ``dL/dS_ij = sum g x_i x_j``; ``dL/dx = sum_o g_o T_o x`` with T_o = Q_o + Q_o^T.
+    Each is None where not wanted."""
+    c = rows.shape[1]
+    grad = grad.to(rows.dtype)
+    if strategy == "fused":
+        kernels, (i, j) = _triton_kernels(), _indices(c, "rows", rows.device)
+        grad_s = kernels.pair_products_t_matmul(rows, i, j, grad).to(s.dtype) if want_s else None   # sum_m x_i x_j g
+        grad_x = None
+        if want_x:                                                               # sum_oj g_o x_j T_ojc
+            o, oj = _outer_pairs(s.shape[1], c, rows.device)
+            grad_x = kernels.pair_products_matmul(grad, rows, o, oj, _unfold_symmetric(s, c).reshape(-1, c))
+        return grad_x, grad_s
+    grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
+    if strategy == "rows":
+        if want_s:
+            _rows_grad_s(rows, grad, s, out=grad_s)
+        grad_x = _rows_grad_x(rows, grad, s) if want_x else None
+    else:
+        grad_x = torch.zeros_like(rows) if want_x else None
+        w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
+        for r in _chunks(rows, s.shape[0]):
+            x, g = rows[r], grad[r]
+            if want_s:
+                grad_s += (_block_products(x, w, bi, bj).t() @ g).to(grad_s.dtype)
+            if want_x:
+                grad_x[r] = _block_grad_x(x, g @ s.t(), w, bi, bj)    # g @ S^T: dL/d(x_I[u] x_J[v])
+    return grad_x, (grad_s.to(s.dtype) if want_s else None)
+
+
 class _SymmetricQuadratic(torch.autograd.Function):
-    """:func:`_sym_forward` with a backward that recomputes the products chunk by chunk instead of
-    saving them: ``dL/dS_ij = sum g x_i x_j``; ``dL/dx = sum_o g_o T_o x`` with T_o = Q_o + Q_o^T."""
+    """:func:`_sym_forward` with :func:`_sym_backward` (the products recomputed, not saved)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -419,32 +452,51 @@ class _SymmetricQuadratic(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, s = ctx.saved_tensors
-        c = rows.shape[1]
-        grad = grad.to(rows.dtype)
-        want_x, want_s, _ = ctx.needs_input_grad
-        if ctx.strategy == "fused":
-            kernels, (i, j) = _triton_kernels(), _indices(c, "rows", rows.device)
-            grad_s = kernels.pair_products_t_matmul(rows, i, j, grad).to(s.dtype) if want_s else None   # sum_m x_i x_j g
-            grad_x = None
-            if want_x:                                                               # sum_oj g_o x_j T_ojc
-                o, oj = _outer_pairs(s.shape[1], c, rows.device)
-                grad_x = kernels.pair_products_matmul(grad, rows, o, oj, _unfold_symmetric(s, c).reshape(-1, c))
-            return grad_x, grad_s, None
-        grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
-        if ctx.strategy == "rows":
-            if want_s:
-                _rows_grad_s(rows, grad, s, out=grad_s)
-            grad_x = _rows_grad_x(rows, grad, s) if want_x else None
-        else:
-            grad_x = torch.zeros_like(rows) if want_x else None
-            w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
-            for r in _chunks(rows, s.shape[0]):
-                x, g = rows[r], grad[r]
-                if want_s:
-                    grad_s += (_block_products(x, w, bi, bj).t() @ g).to(grad_s.dtype)
-                if want_x:
-                    grad_x[r] = _block_grad_x(x, g @ s.t(), w, bi, bj)    # g @ S^T: dL/d(x_I[u] x_J[v])
-        return grad_x, (grad_s.to(s.dtype) if want_s else None), None
+        return *_sym_backward(rows, s, grad, ctx.strategy, *ctx.needs_input_grad[:2]), None
+
+
+# Inside a model compiled on the CPU the sym form is one opaque operator, run by the kernels above:
+# traced, its chunk loops unrolled into a graph that took ~45 s to compile for Dit-ResNet-20 (2 CPU
+# cores) and ran slower than these kernels. On CUDA Inductor's own kernels are kept (measured faster
+# under CUDA graphs).
+
+@torch.library.custom_op("bionets::sym_quadratic", mutates_args=())
+def sym_quadratic_op(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
+    """``sum_{(i,j)} S_ij x_i x_j`` for every row (:func:`_sym_forward`) as a torch operator."""
+    return _sym_forward(rows, s, strategy)
+
+
+@sym_quadratic_op.register_fake
+def _(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], s.shape[1])
+
+
+@torch.library.custom_op("bionets::sym_quadratic_backward", mutates_args=())
+def sym_quadratic_backward_op(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, strategy: str, want_x: bool,
+                              want_s: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sym_backward` as a torch operator; a gradient not wanted comes back empty."""
+    grad_x, grad_s = _sym_backward(rows, s, grad, strategy, want_x, want_s)
+    return (rows.new_empty(0) if grad_x is None else grad_x), (s.new_empty(0) if grad_s is None else grad_s)
+
+
+@sym_quadratic_backward_op.register_fake
+def _(rows, s, grad, strategy, want_x, want_s):
+    return rows.new_empty(rows.shape if want_x else (0,)), s.new_empty(s.shape if want_s else (0,))
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    rows, s, ctx.strategy = inputs
+    ctx.save_for_backward(rows, s)
+
+
+def _op_backward(ctx, grad: torch.Tensor):
+    rows, s = ctx.saved_tensors
+    want_x, want_s = ctx.needs_input_grad[:2]
+    grad_x, grad_s = sym_quadratic_backward_op(rows, s, grad, ctx.strategy, want_x, want_s)
+    return (grad_x if want_x else None), (grad_s if want_s else None), None
+
+
+sym_quadratic_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 # The CPU backward's layouts were chosen by measurement on the 2-core development machine (float32;
