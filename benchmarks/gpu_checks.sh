@@ -4,17 +4,23 @@
 # cut by its limit keeps what it printed). From the repository root, with bionets and its
 # dependencies importable:
 #
-#     bash benchmarks/gpu_checks.sh [OUT_DIR]        # default: gpu_checks/
+#     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART]   # default: gpu_checks/, every part
+#
+# PART 1 (~6 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs) or 2 (~7 minutes: Dit
+# eager, under CUDA graphs and with the fused strategy, the suite, STDS, all tests) runs half, for
+# machines lent for at most 10 minutes a command.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
 # graphs), dit_fused.md (the quadratic layer's experimental Triton strategy), stds.md and
 # suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
 set -u
 out=${1:-gpu_checks}
+part=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 step() {
-    local limit=$1; shift
+    local in_part=$1 limit=$2; shift 2
+    [[ $part == all || $part == "$in_part" ]] || return 0
     echo "=== $* [limit ${limit}s] $(date +%T)"
     timeout -k 5 "$limit" "$@"
     echo "=== exit $? $(date +%T)"
@@ -22,18 +28,18 @@ step() {
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-    step 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py tests/test_quadratic.py -k "cuda or triton"
-    step 60 python3 benchmarks/bench_engine.py --device cuda
-    step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
-    step 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
+    step 1 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py tests/test_quadratic.py -k "cuda or triton"
+    step 1 60 python3 benchmarks/bench_engine.py --device cuda
+    step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
+    step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
-    step 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit
-    step 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
-    step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
-    step 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
-    step 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
-    step 60 python3 -m bionets bench --device cuda --out "$out/suite"
-    step 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
+    step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit
+    step 1 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
+    step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
+    step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
+    step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
+    step 2 60 python3 -m bionets bench --device cuda --out "$out/suite"
+    step 2 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
     # the whole suite on the GPU machine (the CUDA tests again, the rest on its CPU); needs pytest-xdist
-    step 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests
+    step 2 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests
 } 2>&1 | tee "$out/gpu_checks.log"
