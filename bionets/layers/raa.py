@@ -123,9 +123,8 @@ _TRITON_FAILED: list[str] = []     # why the kernels could not run here, once th
 
 def _triton_layout(x: torch.Tensor, dim: int):
     """x's [N, C, P] layout when the Triton kernels take it (CUDA, a float dtype they compute in
-    float32, not while torch.compile traces the model: Inductor fuses the PyTorch ops itself), else None."""
-    if (not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or torch.compiler.is_compiling()
-            or _TRITON_FAILED or raa_triton() is None):
+    float32), else None. (Inside a compiled model RAA never gets here: see :meth:`RAA.forward`.)"""
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or _TRITON_FAILED or raa_triton() is None:
         return None
     return raa_triton().ncp_layout(x, dim)
 
