@@ -210,8 +210,9 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # in backward.
 
 
-# 'fused' (GPU, experimental): the products formed inside Triton matmul kernels, never stored
-# (:mod:`bionets.layers.quadratic_triton`); in the 'rows' order. Correct, speed not yet measured.
+# 'fused' (GPU, experimental): the products formed inside Triton matmul kernels, never stored, as
+# outer products of 8-channel blocks (:mod:`bionets.layers.quadratic_triton`). Its first version
+# (one gathered column pair per product) did not pay on an H200; this one is not yet measured.
 _CUDA_STRATEGY = "blocks"
 
 
@@ -274,15 +275,6 @@ def _indices(c: int, strategy: str, device: torch.device) -> tuple[torch.Tensor,
     return _INDEX_CACHE[key]
 
 
-def _outer_pairs(n: int, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, j) for every k = o C + j, o < n, j < C: the factors of the outer products g_o x_j."""
-    key = ("outer", n, c, str(device))
-    if key not in _INDEX_CACHE:
-        k = torch.arange(n * c, device=device)
-        _INDEX_CACHE[key] = (k // c, k % c)
-    return _INDEX_CACHE[key]
-
-
 def fold_symmetric(q: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """The weight S [P, C_out] of the products x_i x_j listed by (i, j):
     ``S_ij = Q_ij + Q_ji`` for i < j, ``S_ii = Q_ii``, 0 for i > j."""
@@ -322,8 +314,11 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     strategy = strategy or (_CUDA_STRATEGY if rows.is_cuda else "rows")
     if strategy == "fused" and torch.compiler.is_compiling():
         strategy = "blocks"                                  # Inductor generates its own kernels
-    i, j = _indices(c, "rows" if strategy == "fused" else strategy, rows.device)[:2]
-    s = fold_symmetric(q, i, j).to(dtype)
+    if strategy == "fused":
+        s = _triton_kernels().fold(q).to(dtype)
+    else:
+        i, j = _indices(c, strategy, rows.device)[:2]
+        s = fold_symmetric(q, i, j).to(dtype)
     if torch.compiler.is_compiling() and not rows.is_cuda:
         return sym_quadratic_op(rows, s, strategy)
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
@@ -388,8 +383,7 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Te
     """``sum_{(i,j)} S_ij x_i x_j`` over the strategy's products, chunk by chunk of rows."""
     m, c = rows.shape
     if strategy == "fused":
-        i, j = _indices(c, "rows", rows.device)
-        return _triton_kernels().pair_products_matmul(rows, rows, i, j, s)
+        return _triton_kernels().forward(rows, s)
     out = rows.new_empty(m, s.shape[1])
     if strategy == "blocks":
         w, (bi, bj) = _block_width(c), _indices(c, "blocks", rows.device)[2:]
@@ -416,13 +410,7 @@ def _sym_backward(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, strat
     c = rows.shape[1]
     grad = grad.to(rows.dtype)
     if strategy == "fused":
-        kernels, (i, j) = _triton_kernels(), _indices(c, "rows", rows.device)
-        grad_s = kernels.pair_products_t_matmul(rows, i, j, grad).to(s.dtype) if want_s else None   # sum_m x_i x_j g
-        grad_x = None
-        if want_x:                                                               # sum_oj g_o x_j T_ojc
-            o, oj = _outer_pairs(s.shape[1], c, rows.device)
-            grad_x = kernels.pair_products_matmul(grad, rows, o, oj, _unfold_symmetric(s, c).reshape(-1, c))
-        return grad_x, grad_s
+        return _triton_kernels().backward(rows, s, grad, want_x, want_s)
     grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
     if strategy == "rows":
         if want_s:
