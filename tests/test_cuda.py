@@ -144,6 +144,7 @@ def test_compiled_model_with_the_quadratic_layer_and_raa_matches_eager_on_cuda(m
     """train.compile on a GPU: Inductor compiles the quadratic layer ('blocks' traced) and RAA's plain
     expression; outputs and gradients match the eager model (float32, channels_last), and under bf16
     autocast the step runs and RAA's output keeps bf16. 'reduce-overhead' replays CUDA graphs."""
+    from compile_helpers import assert_compiled_matches_eager, output_dtype_under_bf16_autocast
     from bionets.layers.quadratic import QuadraticChannel
     from bionets.layers.raa import RAA
     torch.manual_seed(0)
@@ -153,20 +154,9 @@ def test_compiled_model_with_the_quadratic_layer_and_raa_matches_eager_on_cuda(m
         model[1].weight.normal_(std=0.05)
         model[2].v.normal_(std=0.2)
     x = torch.randn(4, 3, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
-    want = model(x)
-    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
-    compiled = torch.compile(model, mode=None if mode == "default" else mode)
-    for _ in range(3):                      # CUDA graphs record on a later call than the first
-        got = compiled(x)
-        got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    seen = []
-    model[2].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        torch.compile(model)(x).float().sum().backward()
-    assert seen == [torch.bfloat16]
+    assert_compiled_matches_eager(model, x, mode=None if mode == "default" else mode, calls=3, atol=1e-4,
+                                  grad_tol=1e-3)
+    assert output_dtype_under_bf16_autocast(model, model[2], x) == torch.bfloat16
 
 
 def test_training_under_cuda_graphs_with_raa_and_arr(tmp_path):

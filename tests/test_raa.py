@@ -9,6 +9,7 @@ import torch
 from bionets.errors import BionetsError
 from bionets.layers.raa import RAA
 from bionets.layers.raa_swap import RAAByWidth, swap_activations
+from compile_helpers import assert_compiled_matches_eager, output_dtype_under_bf16_autocast
 
 
 def phi(z):
@@ -224,19 +225,8 @@ def test_raa_inside_a_compiled_model(variant, base):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
                                 randomized(RAA(6, variant, base)), torch.nn.Flatten(), torch.nn.Linear(6 * 5 * 5, 4))
     x = torch.randn(2, 3, 5, 5)
-    want = model(x)
-    want_grads = torch.autograd.grad(want.sum(), list(model.parameters()))
-    compiled = torch.compile(model)
-    got = compiled(x)
-    got_grads = torch.autograd.grad(got.sum(), list(model.parameters()))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    seen = []
-    model[2].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.compile(model)(x)
-    assert seen == [torch.bfloat16]
+    assert_compiled_matches_eager(model, x)
+    assert output_dtype_under_bf16_autocast(model, model[2], x) == torch.bfloat16
 
 
 @pytest.mark.parametrize("name, kwargs", [("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 32}),
