@@ -272,3 +272,20 @@ def test_a_machine_where_triton_cannot_run_falls_back_to_the_pytorch_path(monkey
     want.sum().backward()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_model_with_raa_exports_to_onnx(tmp_path):
+    """A ResNet-20 with RAA (its shifts made non-zero) through torch.onnx.export, which traces RAA's
+    plain expression: ONNX Runtime gives the model's logits."""
+    ort = pytest.importorskip("onnxruntime")
+    from bionets.conversion import convert
+    torch.manual_seed(0)
+    model = convert(timm.create_model("resnet20_cifar", num_classes=10), activation="raa")[0].eval()
+    for module in model.modules():
+        if isinstance(module, RAA):
+            randomized(module)
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "raa.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"])
+    out = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-5)
