@@ -138,36 +138,38 @@ def block_products_t_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g
 _TABLES: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
+def _channel_of_rows(blocks: list[int], first: bool) -> torch.Tensor:
+    """For the W x W rows (s, t) of every listed block: its channel ``block W + s`` (``first``) or
+    ``block W + t``."""
+    lane = torch.arange(WIDTH)
+    lane = lane[None, :, None] if first else lane[None, None, :]
+    return (torch.tensor(blocks)[:, None, None] * WIDTH + lane).expand(-1, WIDTH, WIDTH).reshape(-1)
+
+
 def _tables(c: int, c_out: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Index tables of the block layout for C input and C_out output channels, made once per device:
     the forward's block pairs I <= J (``a``, ``b``) and the channel pair (i, j) of each of its
     product rows (in channels padded to NB W); dL/dx's pairs (O, J) over all output and input blocks
-    (``ga``, ``gb``) and, for each of its rows, the output channel o and input channel j, and
-    ``pos`` / ``diag``: the forward row of the channel pair (min, max) and 1 + [i == j]."""
+    (``ga``, ``gb``) and, for each of its rows, the output channel o and input channel j; ``pos`` /
+    ``diag``: the forward row of the channel pair (min, max) and 1 + [i == j]."""
     key = (c, c_out, str(device))
     if key not in _TABLES:
         w = WIDTH
         nb, nbo = triton.cdiv(c, w), triton.cdiv(c_out, w)
         a = [p for p in range(nb) for _ in range(p, nb)]
         b = [q for p in range(nb) for q in range(p, nb)]
-        lane = torch.arange(w)
-        rows_i = (torch.tensor(a)[:, None, None] * w + lane[None, :, None]).expand(-1, w, w).reshape(-1)
-        rows_j = (torch.tensor(b)[:, None, None] * w + lane[None, None, :]).expand(-1, w, w).reshape(-1)
-        pair_row = {(p, q): k for k, (p, q) in enumerate(zip(a, b))}
-        cp = nb * w
-        ch = torch.arange(cp)
-        lo, hi = torch.minimum(ch[:, None], ch[None, :]), torch.maximum(ch[:, None], ch[None, :])
-        block_pair = torch.tensor([[pair_row[(min(p, q), max(p, q))] for q in range(nb)] for p in range(nb)])
-        pos = block_pair[lo // w, hi // w] * w * w + (lo % w) * w + hi % w
         ga = [o for o in range(nbo) for _ in range(nb)]
         gb = [q for _ in range(nbo) for q in range(nb)]
-        grad_o = (torch.tensor(ga)[:, None, None] * w + lane[None, :, None]).expand(-1, w, w).reshape(-1)
-        grad_j = (torch.tensor(gb)[:, None, None] * w + lane[None, None, :]).expand(-1, w, w).reshape(-1)
-        tables = {"a": a, "b": b, "i": rows_i, "j": rows_j, "ga": ga, "gb": gb, "grad_o": grad_o, "grad_j": grad_j,
-                  "pos": pos, "diag": 1 + torch.eye(cp)}
-        _TABLES[key] = {k: torch.as_tensor(v, dtype=torch.float32 if k == "diag" else
-                                           torch.int32 if k in ("a", "b", "ga", "gb") else torch.long).to(device)
-                        for k, v in tables.items()}
+        row_of_pair = {pair: k for k, pair in enumerate(zip(a, b))}
+        block_pair = torch.tensor([[row_of_pair[min(p, q), max(p, q)] for q in range(nb)] for p in range(nb)])
+        ch = torch.arange(nb * w)
+        lo, hi = torch.minimum(ch[:, None], ch[None, :]), torch.maximum(ch[:, None], ch[None, :])
+        tables = {"a": torch.tensor(a, dtype=torch.int32), "b": torch.tensor(b, dtype=torch.int32),
+                  "ga": torch.tensor(ga, dtype=torch.int32), "gb": torch.tensor(gb, dtype=torch.int32),
+                  "i": _channel_of_rows(a, True), "j": _channel_of_rows(b, False),
+                  "grad_o": _channel_of_rows(ga, True), "grad_j": _channel_of_rows(gb, False),
+                  "pos": block_pair[lo // w, hi // w] * w * w + (lo % w) * w + hi % w, "diag": 1 + torch.eye(nb * w)}
+        _TABLES[key] = {k: v.to(device) for k, v in tables.items()}
     return _TABLES[key]
 
 
