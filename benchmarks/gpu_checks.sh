@@ -1,18 +1,19 @@
 #!/bin/bash
 # Every GPU check and benchmark in one run, each step under its own time limit, most important first
-# (about 12 minutes on an H200, most of it compiling; the limits add up to more, as caps, and a step
+# (about 18 minutes on an H200, most of it compiling; the limits add up to more, as caps, and a step
 # cut by its limit keeps what it printed). From the repository root, with bionets and its
 # dependencies importable:
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART]   # default: gpu_checks/, every part
 #
-# PART 1 (~6 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs) or 2 (~7 minutes: Dit
-# eager, under CUDA graphs and with the fused strategy, the suite, STDS, all tests) runs half, for
-# machines lent for at most 10 minutes a command.
+# PART 1 (~7 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs), 2 (~9 minutes: Dit
+# eager and under CUDA graphs, with the 'blocks' and the 'fused' strategy, the suite, STDS) or 3 (the
+# whole test suite, needs pytest-xdist) runs a part, for machines lent for at most 10 minutes a
+# command.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
-# graphs), dit_fused.md (the quadratic layer's experimental Triton strategy), stds.md and
-# suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
+# graphs), dit_fused.md and dit_fused_compiled.md (the quadratic layer's experimental Triton
+# strategy), stds.md and suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
 set -u
 out=${1:-gpu_checks}
 part=${2:-all}
@@ -35,11 +36,12 @@ step() {
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit
     step 1 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
-    step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
-    step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
     step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
+    step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --cuda-strategy fused --compile-mode reduce-overhead --out "$out/dit_fused_compiled.md"
+    step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
+    step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
     step 2 60 python3 -m bionets bench --device cuda --out "$out/suite"
     step 2 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
     # the whole suite on the GPU machine (the CUDA tests again, the rest on its CPU); needs pytest-xdist
-    step 2 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests
+    step 3 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests
 } 2>&1 | tee "$out/gpu_checks.log"

@@ -139,14 +139,18 @@ def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, 
         assert ((fused - blocks).norm() / blocks.norm()).item() < tol
 
 
+@pytest.mark.parametrize("strategy", ["blocks", "fused"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_model_with_the_quadratic_layer_and_raa_matches_eager_on_cuda(mode):
-    """train.compile on a GPU: Inductor compiles the quadratic layer ('blocks' traced) and RAA's plain
-    expression; outputs and gradients match the eager model (float32, channels_last), and under bf16
-    autocast the step runs and RAA's output keeps bf16. 'reduce-overhead' replays CUDA graphs."""
+def test_compiled_model_with_the_quadratic_layer_and_raa_matches_eager_on_cuda(mode, strategy, monkeypatch):
+    """train.compile on a GPU: Inductor compiles the quadratic layer ('blocks' traced; 'fused' one
+    opaque operator running the Triton kernels) and RAA's plain expression; outputs and gradients
+    match the eager model (float32, channels_last), and under bf16 autocast the step runs and RAA's
+    output keeps bf16. 'reduce-overhead' replays CUDA graphs."""
     from compile_helpers import assert_compiled_matches_eager, output_dtype_under_bf16_autocast
+    from bionets.layers import quadratic
     from bionets.layers.quadratic import QuadraticChannel
     from bionets.layers.raa import RAA
+    monkeypatch.setattr(quadratic, "_CUDA_STRATEGY", strategy)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), QuadraticChannel(16), RAA(16),
                                 torch.nn.Conv2d(16, 8, 1)).cuda().to(memory_format=torch.channels_last)

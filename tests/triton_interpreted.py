@@ -77,6 +77,24 @@ def check_quadratic():
     print(f"checked {cases} quadratic cases")
 
 
+def check_quadratic_compiled():
+    """Under torch.compile the 'fused' strategy is one opaque operator (bionets::sym_quadratic) that
+    runs the Triton kernels: torch.library.opcheck of it, and a compiled call against the eager one."""
+    from bionets.layers.quadratic import sym_quadratic_op
+    from bionets.layers.quadratic_triton import fold
+    torch.manual_seed(2)
+    x = torch.randn(50, 12, requires_grad=True)
+    q = (0.1 * torch.randn(5, 12, 12)).requires_grad_()
+    torch.library.opcheck(sym_quadratic_op, (x, fold(q).detach().requires_grad_(), "fused"))
+    want = channel_quadratic(x, q, strategy="fused")
+    want_grads = torch.autograd.grad(want.square().sum(), (x, q))
+    got = torch.compile(lambda a, b: channel_quadratic(a, b, strategy="fused"))(x, q)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, q))
+    assert max([rel_err(got, want)] + [rel_err(a, b) for a, b in zip(got_grads, want_grads)]) < 1e-5
+    print("checked the compiled quadratic operator")
+
+
 if __name__ == "__main__":
     check_raa()
     check_quadratic()
+    check_quadratic_compiled()

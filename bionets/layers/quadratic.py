@@ -312,15 +312,13 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         i, j = _indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
     strategy = strategy or (_CUDA_STRATEGY if rows.is_cuda else "rows")
-    if strategy == "fused" and torch.compiler.is_compiling():
-        strategy = "blocks"                                  # Inductor generates its own kernels
     if strategy == "fused":
         s = _triton_kernels().fold(q).to(dtype)
     else:
         i, j = _indices(c, strategy, rows.device)[:2]
         s = fold_symmetric(q, i, j).to(dtype)
-    if torch.compiler.is_compiling() and not rows.is_cuda:
-        return sym_quadratic_op(rows, s, strategy)
+    if torch.compiler.is_compiling() and (strategy == "fused" or not rows.is_cuda):
+        return sym_quadratic_op(rows, s, strategy)          # opaque to Inductor: our kernels run inside
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
         return _SymmetricQuadratic.apply(rows, s, strategy)
     return _sym_forward(rows, s, strategy)
@@ -443,10 +441,11 @@ class _SymmetricQuadratic(torch.autograd.Function):
         return *_sym_backward(rows, s, grad, ctx.strategy, *ctx.needs_input_grad[:2]), None
 
 
-# Inside a model compiled on the CPU the sym form is one opaque operator, run by the kernels above:
-# traced, its chunk loops unrolled into a graph that took ~45 s to compile for Dit-ResNet-20 (2 CPU
-# cores) and ran slower than these kernels. On CUDA Inductor's own kernels are kept (measured faster
-# under CUDA graphs).
+# Inside a compiled model the sym form is one opaque operator, run by the kernels above, on the CPU
+# (traced, its chunk loops unrolled into a graph that took ~45 s to compile for Dit-ResNet-20 on 2
+# CPU cores and ran slower than these kernels) and with the 'fused' strategy (Triton kernels, also
+# inside CUDA graphs). CUDA's 'blocks' strategy is traced: Inductor's kernels for it were measured
+# faster under CUDA graphs than the eager ones.
 
 @torch.library.custom_op("bionets::sym_quadratic", mutates_args=())
 def sym_quadratic_op(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:

@@ -200,5 +200,5 @@ def backward(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, want_x: bo
     if want_x:
         st = torch.nn.functional.pad(s.t(), (0, 0, 0, triton.cdiv(c_out, WIDTH) * WIDTH - c_out))  # [O padded, rows]
         unfolded = st[t["grad_o"][:, None], t["pos"][t["grad_j"]]] * t["diag"][t["grad_j"]].to(s.dtype)
-        grad_x = block_products_matmul(grad, rows, t["ga"], t["gb"], unfolded)[:, :c]
+        grad_x = block_products_matmul(grad, rows, t["ga"], t["gb"], unfolded)[:, :c].contiguous()  # padded C: a copy
     return grad_x, grad_s

@@ -2,15 +2,18 @@
 wheels), so the kernel modules are imported on first use."""
 from __future__ import annotations
 
-import functools
 import importlib
 import types
 
+_MODULES: dict[str, types.ModuleType | None] = {}
 
-@functools.cache
+
 def triton_kernels(module: str) -> types.ModuleType | None:
-    """``bionets.layers.<module>`` (a module of Triton kernels), or None where Triton is not installed."""
-    try:
-        return importlib.import_module(f"bionets.layers.{module}")
-    except ImportError:
-        return None
+    """``bionets.layers.<module>`` (a module of Triton kernels), or None where Triton is not installed.
+    (A plain dict, not ``functools.cache``: torch.compile traces through this and warns on caches.)"""
+    if module not in _MODULES:
+        try:
+            _MODULES[module] = importlib.import_module(f"bionets.layers.{module}")
+        except ImportError:
+            _MODULES[module] = None
+    return _MODULES[module]
