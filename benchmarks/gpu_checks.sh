@@ -9,7 +9,9 @@
 # PART 1 (~7 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs), 2 (~9 minutes: Dit
 # eager and under CUDA graphs, with the 'blocks' and the 'fused' strategy, the suite, STDS) or 3 (the
 # whole test suite, needs pytest-xdist) runs a part, for machines lent for at most 10 minutes a
-# command.
+# command. PART new (~8 minutes) runs what the last GPU did not measure: the CUDA tests, the engine,
+# DNRT's ResNet-20 under CUDA graphs, and the rewritten 'fused' quadratic strategy eager and under
+# CUDA graphs.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
 # graphs), dit_fused.md and dit_fused_compiled.md (the quadratic layer's experimental Triton
@@ -20,8 +22,8 @@ part=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 step() {
-    local in_part=$1 limit=$2; shift 2
-    [[ $part == all || $part == "$in_part" ]] || return 0
+    local parts=$1 limit=$2; shift 2
+    [[ $part == all || ,$parts, == *,$part,* ]] || return 0
     echo "=== $* [limit ${limit}s] $(date +%T)"
     timeout -k 5 "$limit" "$@"
     echo "=== exit $? $(date +%T)"
@@ -29,15 +31,15 @@ step() {
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-    step 1 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py tests/test_quadratic.py -k "cuda or triton"
-    step 1 60 python3 benchmarks/bench_engine.py --device cuda
+    step 1,new 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py tests/test_quadratic.py -k "cuda or triton"
+    step 1,new 60 python3 benchmarks/bench_engine.py --device cuda
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit
-    step 1 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
-    step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
-    step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --cuda-strategy fused --compile-mode reduce-overhead --out "$out/dit_fused_compiled.md"
+    step 1,new 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
+    step 2,new 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy fused --out "$out/dit_fused.md"
+    step 2,new 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --cuda-strategy fused --compile-mode reduce-overhead --out "$out/dit_fused_compiled.md"
     step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
     step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
     step 2 60 python3 -m bionets bench --device cuda --out "$out/suite"
