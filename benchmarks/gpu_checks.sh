@@ -31,7 +31,7 @@ step() {
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-    step 1,new 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py tests/test_quadratic.py -k "cuda or triton"
+    step 1,new 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_kernels.py tests/test_quadratic.py -k "cuda or triton"
     step 1,new 60 python3 benchmarks/bench_engine.py --device cuda
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
