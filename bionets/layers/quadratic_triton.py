@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bionets.layers.quadratic import fold_symmetric   # quadratic.py imports this module lazily: no cycle
+
 WIDTH = 8    # block width W: a [64, 64] outer product per pair and row tile stays in registers
 
 
@@ -176,7 +178,6 @@ def _tables(c: int, c_out: int, device: torch.device) -> dict[str, torch.Tensor]
 def fold(q: torch.Tensor) -> torch.Tensor:
     """S [rows of the block layout, C_out] of Q [C_out, C, C]: ``S_ij = Q_ij + Q_ji`` for i < j,
     ``Q_ii`` for i = j, 0 below the diagonal of a diagonal block and for padded channels."""
-    from bionets.layers.quadratic import fold_symmetric
     c_out, c = q.shape[:2]
     t = _tables(c, c_out, q.device)
     pad = triton.cdiv(c, WIDTH) * WIDTH - c
