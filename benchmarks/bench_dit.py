@@ -56,22 +56,24 @@ def _square_loss(out: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean()
 
 
-def _model_and_batch(name: str, batch: int, img: int, classes: int, device: str):
+def _model_and_batch(name: str, batch: int, img: int, classes: int, device: str, quad_impl: str = "sym"):
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    size = {"img_size": img} if plain_twin(name).endswith("_cifar") else {}   # the CIFAR family sizes its Dit LayerNorm
-    return timm.create_model(name, num_classes=classes, **size).to(device), x, y
+    kwargs = {"img_size": img} if plain_twin(name).endswith("_cifar") else {}   # the CIFAR family sizes its Dit LayerNorm
+    if name.startswith("dit_"):
+        kwargs["quad_impl"] = quad_impl
+    return timm.create_model(name, num_classes=classes, **kwargs).to(device), x, y
 
 
 def _measure(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, opts: dict,
              **kwargs) -> Timing:
     """``measure`` with the options of this run, the model compiled first if ``--compile-mode`` asks."""
-    timing = {k: v for k, v in opts.items() if k != "compile_mode"}
+    timing = {k: v for k, v in opts.items() if k not in ("compile_mode", "quad_impl")}
     return measure(name, compiled(model, opts["compile_mode"], opts["channels_last"]), x, y, **timing, **kwargs)
 
 
 def model_case(name: str, batch: int, img: int, classes: int, device: str, opts: dict) -> Timing:
-    model, x, y = _model_and_batch(name, batch, img, classes, device)
+    model, x, y = _model_and_batch(name, batch, img, classes, device, opts["quad_impl"])
     return _measure(f"{name} step, batch {batch} x 3 x {img} x {img}", model, x, y, opts)
 
 
@@ -81,7 +83,7 @@ def alternating_ratio(names: tuple[str, str], batch: int, img: int, classes: int
     the round-by-round ratio (median and quartiles) against the target."""
     steps = {}
     for name in names:
-        model, x, y = _model_and_batch(name, batch, img, classes, device)
+        model, x, y = _model_and_batch(name, batch, img, classes, device, opts["quad_impl"])
         model = compiled(model, opts["compile_mode"], opts["channels_last"])
         steps[name] = train_step(model, x, y, amp=opts["amp"], channels_last=opts["channels_last"])[0]
     times = alternating_step_times(steps, torch.device(device), warmup=opts["warmup"], repeats=repeats)
@@ -159,6 +161,8 @@ def main(argv=None) -> str:
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile every model and layer in this mode, as train.compile does (compiling is "
                         "done in the warm-up steps); 'reduce-overhead' replays CUDA graphs")
+    p.add_argument("--quad-impl", choices=("sym", "full"), default="sym",
+                   help="quadratic form of the Dit models in (a) and (c): 'sym' (default) or 'full' (all C^2 products)")
     p.add_argument("--out", help="also write the report to this Markdown file")
     args = p.parse_args(argv)
     set_cuda_strategy(args.cuda_strategy)
@@ -166,11 +170,11 @@ def main(argv=None) -> str:
     cuda = device.type == "cuda"
     cl = cuda if args.channels_last == "auto" else args.channels_last == "on"
     opts = {"amp": "bf16" if cuda else "off", "channels_last": cl, "warmup": args.warmup, "repeats": args.repeats,
-            "compile_mode": args.compile_mode}
+            "compile_mode": args.compile_mode, "quad_impl": args.quad_impl}
     isolate = not cuda and not args.no_isolate
     parts = [f"# Dit-CNN benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; channels_last {cl}; "
              f"torch {torch.__version__}; median of {args.repeats} after {args.warmup} warm-up, fastest of "
-             f"{args.rounds} alternating rounds; CUDA strategy {args.cuda_strategy}; "
+             f"{args.rounds} alternating rounds; Dit models' quad_impl {args.quad_impl}; CUDA strategy {args.cuda_strategy}; "
              f"torch.compile {args.compile_mode or 'off'}; "
              f"{'one process per case' if isolate else 'one process'}\n"]
     print(parts[0], flush=True)
