@@ -11,7 +11,7 @@
     not counted) and parameters of every registered Dit model, sym and full, beside its plain twin.
 
     python benchmarks/bench_dit.py [--device cpu|cuda] [--batch 128] [--convnext-batch 8] [--rounds 3] [--out FILE]
-                                   [--compile-mode reduce-overhead] [--cuda-strategy fused]
+                                   [--compile-mode reduce-overhead] [--cuda-strategy blocks] [--quad-impl full]
 
 On CUDA every case runs under AMP bf16 with channels_last; on CPU in float32, memory as is.
 """
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bionets  # noqa: F401  (registers the Dit models)
 from bionets.bench import (Timing, alternating_step_times, compiled, device_name, measure, paired_ratios, table,
                            train_step, verdict)
-from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
+from bionets.layers.quadratic import CUDA_STRATEGIES, QuadraticChannel, set_cuda_strategy
 
 
 def plain_twin(name: str) -> str:
@@ -156,8 +156,9 @@ def main(argv=None) -> str:
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format of every case: auto = on for CUDA only; 'on' is how 'bionets train' runs conv "
                         "models on any device")
-    p.add_argument("--cuda-strategy", choices=("blocks", "fused"), default="blocks",
-                   help="how the sym form runs on CUDA: 'blocks' (default) or 'fused' (experimental Triton kernels)")
+    p.add_argument("--cuda-strategy", choices=CUDA_STRATEGIES, default="auto",
+                   help="how the sym form runs on CUDA: 'auto' (default: 'fused' where Triton is installed, up to "
+                        "128 channels), 'blocks' (PyTorch's batched products) or 'fused' (Triton kernels)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile every model and layer in this mode, as train.compile does (compiling is "
                         "done in the warm-up steps); 'reduce-overhead' replays CUDA graphs")

@@ -120,7 +120,7 @@ def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
 @pytest.mark.parametrize("rows, c, c_out", [(500, 24, 30), (40000, 24, 30), (3000, 96, 96)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, rows, c, c_out):
-    """The experimental 'fused' Triton strategy of the sym form against the default 'blocks' one:
+    """The 'fused' Triton strategy of the sym form (CUDA's default) against the 'blocks' one:
     values, dL/dx and dL/dQ, in float32 and under bf16 autocast (40000 rows: several row blocks per
     program of the dL/dQ kernel; C_out = 30: a padded block; C = 96: Dit-ConvNeXt-T's width)."""
     from bionets.layers.quadratic import channel_quadratic

@@ -1,4 +1,4 @@
-"""The CUDA paths written as Triton kernels (RAA; the quadratic layer's experimental 'fused' strategy),
+"""The CUDA paths written as Triton kernels (RAA; the quadratic layer's 'fused' strategy, CUDA's default),
 checked on the CPU by Triton's interpreter in a subprocess (the interpreter is chosen when the
 kernels are defined, so it needs its own process)."""
 import os
@@ -26,13 +26,17 @@ def test_cpu_tensors_take_the_pytorch_path():
     assert _triton_layout(torch.randn(2, 4, 3, 3), 1) is None
 
 
-def test_cuda_strategy_switch_names_the_choices():
+def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_width():
     from bionets.errors import BionetsError
     from bionets.layers import quadratic
-    with pytest.raises(BionetsError, match="blocks"):
+    with pytest.raises(BionetsError, match="auto.*blocks.*fused"):
         quadratic.set_cuda_strategy("tiles")
-    quadratic.set_cuda_strategy("fused")
+    assert quadratic._CUDA_STRATEGY == "auto"
+    widest = quadratic.FUSED_MAX_CHANNELS
+    assert [quadratic._cuda_strategy(c) for c in (16, widest, widest + 1)] == ["fused", "fused", "blocks"]
     try:
-        assert quadratic._CUDA_STRATEGY == "fused"
+        for name in ("blocks", "fused"):
+            quadratic.set_cuda_strategy(name)
+            assert quadratic._cuda_strategy(16) == quadratic._cuda_strategy(512) == name
     finally:
-        quadratic.set_cuda_strategy("blocks")
+        quadratic.set_cuda_strategy("auto")

@@ -129,8 +129,9 @@ class QuadraticChannel(QuadraticTerm):
     Only Q's symmetric part matters, so ``impl='sym'`` (default) computes with the folded upper
     triangle ``S_ij = Q_ij + Q_ji (i < j), S_ii = Q_ii`` and the C(C+1)/2 distinct products
     ``x_i x_j (i <= j)`` (on CPU exactly these, half the multiply-adds of ``impl='full'``; on GPU
-    the products of two channel blocks, 3/4 of C^2, which run faster there: see the note above
-    ``_triangle``), without saving them for backward. ``impl='full'`` forms all C^2 products (the
+    the products of 8-channel block pairs I <= J, formed inside Triton matmul kernels, or without
+    Triton the products of two channel blocks, 3/4 of C^2: see :func:`set_cuda_strategy`), without
+    saving them for backward. ``impl='full'`` forms all C^2 products (the
     reference's batched outer product, kept as the slow reference). Both give Q the same gradient,
     ``dL/dQ_oij = sum_p g_o(p) x_i(p) x_j(p)`` (symmetric in i, j).
 
@@ -199,9 +200,9 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # How the symmetric form is computed. 'rows' (CPU): exactly the C(C+1)/2 pairs i <= j, in the
 # row-major order of ``torch.triu_indices``, one small matmul per triangle row i with the products
-# ``x_i * x[i:]`` (they stay in cache). 'blocks' (GPU): the channels in b blocks of width w; for
-# every block pair I <= J the outer product of x_I and x_J (one broadcast multiply for all pairs,
-# no per-product gather or atomic add), then one matmul; the lower triangle of a diagonal block is
+# ``x_i * x[i:]`` (they stay in cache). 'blocks' (GPU without Triton, or wider than 'fused' goes):
+# the channels in b blocks of width w; for every block pair I <= J the outer product of x_I and x_J
+# (one broadcast multiply for all pairs, no per-product gather or atomic add), then one matmul; the lower triangle of a diagonal block is
 # formed with zero weight, so C^2 (b+1)/(2b) products. b = 2 for even C >= 64 (3/4 of C^2:
 # 6,912 at C = 96), else b = 1: measured on an H100 (bf16, C = 96, 56x56, batch 64), eager
 # PyTorch's batched products run fastest with blocks this wide (16.7 ms per training step of the
@@ -210,20 +211,34 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # in backward.
 
 
-# 'fused' (GPU, experimental): the products formed inside Triton matmul kernels, never stored, as
-# outer products of 8-channel blocks (:mod:`bionets.layers.quadratic_triton`). Its first version
-# (one gathered column pair per product) did not pay on an H200; this one is not yet measured.
-_CUDA_STRATEGY = "blocks"
+# 'fused' (GPU, the default where Triton is installed, for C <= FUSED_MAX_CHANNELS): the products
+# formed inside Triton matmul kernels, never stored, as outer products of 8-channel blocks
+# (:mod:`bionets.layers.quadratic_triton`). On an H200 (bf16, channels_last; benchmarks/RESULTS.md)
+# it took Dit-ConvNeXt-T's step from 1.42x to 1.13x its twin's eager and to 1.20x under CUDA graphs
+# (1.55x with 'blocks'), and Dit-ResNet-20's to 1.22x eager (1.26x) and 1.03-1.06x under graphs
+# (1.11x). Wider layers keep 'blocks' until measured: the kernels unroll a loop over the C / 8 blocks.
+FUSED_MAX_CHANNELS = 128
+_CUDA_STRATEGY = "auto"
+CUDA_STRATEGIES = ("auto", "blocks", "fused")
 
 
 def set_cuda_strategy(name: str) -> None:
-    """How the sym form runs on CUDA from now on: 'blocks' (default) or 'fused' (experimental Triton kernels)."""
+    """How the sym form runs on CUDA from now on: 'auto' (default: 'fused' where Triton is installed
+    and C <= :data:`FUSED_MAX_CHANNELS`, else 'blocks'), 'blocks' (PyTorch's batched products) or
+    'fused' (Triton kernels)."""
     global _CUDA_STRATEGY
-    if name not in ("blocks", "fused"):
-        raise unknown("CUDA quadratic strategy", name, ("blocks", "fused"))
+    if name not in CUDA_STRATEGIES:
+        raise unknown("CUDA quadratic strategy", name, CUDA_STRATEGIES)
     if name == "fused" and _triton_kernels() is None:
         raise BionetsError("the 'fused' quadratic strategy needs Triton (pip install triton), which is not installed")
     _CUDA_STRATEGY = name
+
+
+def _cuda_strategy(c: int) -> str:
+    """The strategy of the sym form for C input channels on CUDA (:func:`set_cuda_strategy`)."""
+    if _CUDA_STRATEGY != "auto":
+        return _CUDA_STRATEGY
+    return "fused" if c <= FUSED_MAX_CHANNELS and _triton_kernels() is not None else "blocks"
 
 
 def _triton_kernels():
@@ -311,7 +326,7 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # one gather + one matmul: a small graph whose batch size stays dynamic
         i, j = _indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
-    strategy = strategy or (_CUDA_STRATEGY if rows.is_cuda else "rows")
+    strategy = strategy or (_cuda_strategy(c) if rows.is_cuda else "rows")
     if strategy == "fused":
         s = _triton_kernels().fold(q).to(dtype)
     else:
