@@ -26,17 +26,31 @@ def test_cpu_tensors_take_the_pytorch_path():
     assert _triton_layout(torch.randn(2, 4, 3, 3), 1) is None
 
 
-def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_width():
+def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_width(monkeypatch):
     from bionets.errors import BionetsError
     from bionets.layers import quadratic
     with pytest.raises(BionetsError, match="auto.*blocks.*fused"):
         quadratic.set_cuda_strategy("tiles")
     assert quadratic._CUDA_STRATEGY == "auto"
+    gpu = torch.device("cuda:0")
+    monkeypatch.setitem(quadratic._FUSED_WORKS, str(gpu), True)      # as if the kernels had built there
     widest = quadratic.FUSED_MAX_CHANNELS
-    assert [quadratic._cuda_strategy(c) for c in (16, widest, widest + 1)] == ["fused", "fused", "blocks"]
+    assert [quadratic._cuda_strategy(c, gpu) for c in (16, widest, widest + 1)] == ["fused", "fused", "blocks"]
+    monkeypatch.setitem(quadratic._FUSED_WORKS, str(gpu), False)
+    assert quadratic._cuda_strategy(16, gpu) == "blocks"
     try:
         for name in ("blocks", "fused"):
             quadratic.set_cuda_strategy(name)
-            assert quadratic._cuda_strategy(16) == quadratic._cuda_strategy(512) == name
+            assert quadratic._cuda_strategy(16, gpu) == quadratic._cuda_strategy(512, gpu) == name
     finally:
         quadratic.set_cuda_strategy("auto")
+
+
+def test_auto_strategy_falls_back_to_blocks_with_one_warning_where_triton_cannot_run(monkeypatch):
+    """Triton's kernels cannot launch on this machine's CPU tensors (outside the interpreter), as on
+    a GPU machine without the C compiler Triton needs: one warning, then 'blocks'."""
+    from bionets.layers import quadratic
+    monkeypatch.setattr(quadratic, "_FUSED_WORKS", {})
+    with pytest.warns(UserWarning, match="Triton kernels cannot run on cpu.*'blocks'"):
+        assert not quadratic._fused_works(torch.device("cpu"))
+    assert quadratic._cuda_strategy(16, torch.device("cpu")) == "blocks"    # remembered: no second try

@@ -74,6 +74,8 @@ def check_quadratic():
     x.requires_grad_()
     channel_quadratic(x, q.detach(), strategy="fused").sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+    from bionets.layers.quadratic import _fused_works
+    assert _fused_works(torch.device("cpu"))                   # the kernels build and run: 'auto' may pick them
     print(f"checked {cases} quadratic cases")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -223,9 +224,9 @@ CUDA_STRATEGIES = ("auto", "blocks", "fused")
 
 
 def set_cuda_strategy(name: str) -> None:
-    """How the sym form runs on CUDA from now on: 'auto' (default: 'fused' where Triton is installed
-    and C <= :data:`FUSED_MAX_CHANNELS`, else 'blocks'), 'blocks' (PyTorch's batched products) or
-    'fused' (Triton kernels)."""
+    """How the sym form runs on CUDA from now on: 'auto' (default: 'fused' where Triton is installed,
+    builds its kernels on the GPU and C <= :data:`FUSED_MAX_CHANNELS`, else 'blocks'), 'blocks'
+    (PyTorch's batched products) or 'fused' (Triton kernels)."""
     global _CUDA_STRATEGY
     if name not in CUDA_STRATEGIES:
         raise unknown("CUDA quadratic strategy", name, CUDA_STRATEGIES)
@@ -234,11 +235,40 @@ def set_cuda_strategy(name: str) -> None:
     _CUDA_STRATEGY = name
 
 
-def _cuda_strategy(c: int) -> str:
-    """The strategy of the sym form for C input channels on CUDA (:func:`set_cuda_strategy`)."""
+def _cuda_strategy(c: int, device: torch.device) -> str:
+    """The strategy of the sym form for C input channels on a CUDA device (:func:`set_cuda_strategy`)."""
     if _CUDA_STRATEGY != "auto":
         return _CUDA_STRATEGY
-    return "fused" if c <= FUSED_MAX_CHANNELS and _triton_kernels() is not None else "blocks"
+    if c > FUSED_MAX_CHANNELS or _triton_kernels() is None:
+        return "blocks"
+    if torch.compiler.is_compiling():
+        return "fused"              # Inductor needs Triton on the GPU too; nothing to try first
+    return "fused" if _fused_works(device) else "blocks"
+
+
+_FUSED_WORKS: dict[str, bool] = {}
+
+
+def _fused_works(device: torch.device) -> bool:
+    """Whether Triton builds and runs the 'fused' kernels on ``device`` (it compiles them, and a
+    small C launcher, at first use): tried once per device on a tiny layer, forward and backward.
+    If not, one warning, and 'auto' picks 'blocks' there from then on."""
+    key = str(device)
+    if key not in _FUSED_WORKS:
+        try:
+            with torch.enable_grad():
+                x = torch.randn(4, 9, device=device, requires_grad=True)
+                q = torch.randn(2, 9, 9, device=device, requires_grad=True)
+                channel_quadratic(x, q, strategy="fused").sum().backward()
+            _FUSED_WORKS[key] = True
+        except torch.cuda.OutOfMemoryError:
+            raise                   # the model's problem, not Triton's
+        except Exception as err:    # noqa: BLE001  (a compiler, driver or Triton version problem: anything)
+            _FUSED_WORKS[key] = False
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            warnings.warn(f"bionets: the quadratic layer's Triton kernels cannot run on {key} ({reason}); "
+                          "it uses its 'blocks' strategy there instead (correct, slower)", stacklevel=2)
+    return _FUSED_WORKS[key]
 
 
 def _triton_kernels():
@@ -326,7 +356,7 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # one gather + one matmul: a small graph whose batch size stays dynamic
         i, j = _indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
-    strategy = strategy or (_cuda_strategy(c) if rows.is_cuda else "rows")
+    strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda else "rows")
     if strategy == "fused":
         s = _triton_kernels().fold(q).to(dtype)
     else:
