@@ -75,7 +75,8 @@ def check_quadratic():
     channel_quadratic(x, q.detach(), strategy="fused").sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
     from bionets.layers.quadratic import _fused_works
-    assert _fused_works(torch.device("cpu"))                   # the kernels build and run: 'auto' may pick them
+    with torch.inference_mode():                               # a first call in evaluation: the try needs autograd
+        assert _fused_works(torch.device("cpu"))               # the kernels build and run: 'auto' may pick them
     print(f"checked {cases} quadratic cases")
 
 

@@ -256,7 +256,7 @@ def _fused_works(device: torch.device) -> bool:
     key = str(device)
     if key not in _FUSED_WORKS:
         try:
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():     # whatever mode the caller is in
                 x = torch.randn(4, 9, device=device, requires_grad=True)
                 q = torch.randn(2, 9, 9, device=device, requires_grad=True)
                 channel_quadratic(x, q, strategy="fused").sum().backward()
