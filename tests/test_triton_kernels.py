@@ -51,6 +51,8 @@ def test_auto_strategy_falls_back_to_blocks_with_one_warning_where_triton_cannot
     a GPU machine without the C compiler Triton needs: one warning, then 'blocks'."""
     from bionets.layers import quadratic
     monkeypatch.setattr(quadratic, "_FUSED_WORKS", {})
+    state = torch.random.get_rng_state()
     with pytest.warns(UserWarning, match="Triton kernels cannot run on cpu.*'blocks'"):
         assert not quadratic._fused_works(torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), state)                  # the try drew no random numbers
     assert quadratic._cuda_strategy(16, torch.device("cpu")) == "blocks"    # remembered: no second try
