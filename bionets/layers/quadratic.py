@@ -17,13 +17,12 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import warnings
 
 import torch
 from torch import nn
 
 from bionets.errors import BionetsError, unknown
-from bionets.layers.triton_kernels import triton_kernels
+from bionets.layers.triton_kernels import run_or_warn, triton_kernels
 
 
 class QuadraticNeuron(nn.Module):
@@ -203,8 +202,8 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # row-major order of ``torch.triu_indices``, one small matmul per triangle row i with the products
 # ``x_i * x[i:]`` (they stay in cache). 'blocks' (GPU without Triton, or wider than 'fused' goes):
 # the channels in b blocks of width w; for every block pair I <= J the outer product of x_I and x_J
-# (one broadcast multiply for all pairs, no per-product gather or atomic add), then one matmul; the lower triangle of a diagonal block is
-# formed with zero weight, so C^2 (b+1)/(2b) products. b = 2 for even C >= 64 (3/4 of C^2:
+# (one broadcast multiply for all pairs, no per-product gather or atomic add), then one matmul;
+# the lower triangle of a diagonal block is formed with zero weight, so C^2 (b+1)/(2b) products. b = 2 for even C >= 64 (3/4 of C^2:
 # 6,912 at C = 96), else b = 1: measured on an H100 (bf16, C = 96, 56x56, batch 64), eager
 # PyTorch's batched products run fastest with blocks this wide (16.7 ms per training step of the
 # layer against 22.7 ms at w = 12, C(C+1)/2-close, and 38 ms for all C^2 products with the
@@ -250,25 +249,19 @@ _FUSED_WORKS: dict[str, bool] = {}
 
 
 def _fused_works(device: torch.device) -> bool:
-    """Whether Triton builds and runs the 'fused' kernels on ``device`` (it compiles them, and a
-    small C launcher, at first use): tried once per device on a tiny layer, forward and backward.
-    If not, one warning, and 'auto' picks 'blocks' there from then on."""
+    """Whether Triton builds and runs the 'fused' kernels on ``device``: tried once per device on a
+    tiny layer, forward and backward. If not, one warning, and 'auto' picks 'blocks' there from then on."""
     key = str(device)
     if key not in _FUSED_WORKS:
-        try:
+        def attempt() -> bool:
             with torch.inference_mode(False), torch.enable_grad():     # whatever mode the caller is in
                 # fixed values, not random ones: the try leaves the caller's random stream alone
                 x = torch.linspace(-1, 1, 36, device=device).view(4, 9).requires_grad_()
                 q = torch.linspace(-1, 1, 162, device=device).view(2, 9, 9).requires_grad_()
                 channel_quadratic(x, q, strategy="fused").sum().backward()
-            _FUSED_WORKS[key] = True
-        except torch.cuda.OutOfMemoryError:
-            raise                   # the model's problem, not Triton's
-        except Exception as err:    # noqa: BLE001  (a compiler, driver or Triton version problem: anything)
-            _FUSED_WORKS[key] = False
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            warnings.warn(f"bionets: the quadratic layer's Triton kernels cannot run on {key} ({reason}); "
-                          "it uses its 'blocks' strategy there instead (correct, slower)", stacklevel=2)
+            return True
+        _FUSED_WORKS[key] = run_or_warn(attempt, f"the quadratic layer's Triton kernels cannot run on {key}",
+                                        "it uses its 'blocks' strategy there instead (correct, slower)")[1] is None
     return _FUSED_WORKS[key]
 
 

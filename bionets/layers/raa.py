@@ -13,14 +13,13 @@ ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built o
 from __future__ import annotations
 
 import types
-import warnings
 from typing import Literal
 
 import torch
 from torch import nn
 
 from bionets.errors import BionetsError
-from bionets.layers.triton_kernels import triton_kernels
+from bionets.layers.triton_kernels import run_or_warn, triton_kernels
 
 Variant = Literal["vector", "scalar", "matrix"]
 Base = Literal["gelu", "relu"]
@@ -130,18 +129,14 @@ def _triton_layout(x: torch.Tensor, dim: int):
 
 
 def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
-    """The Triton forward, or None if Triton cannot build or launch its kernels on this machine (it
-    compiles them, and a small C launcher, at first use): then one warning, and the PyTorch path
-    from then on."""
-    try:
-        return raa_triton().forward(x, v, c, layout, relu=relu)
-    except torch.cuda.OutOfMemoryError:
-        raise                   # the model's problem, not Triton's
-    except Exception as err:    # noqa: BLE001  (a compiler, driver or Triton version problem: anything)
-        _TRITON_FAILED.append(f"{type(err).__name__}: {err}".splitlines()[0])
-        warnings.warn(f"bionets: RAA's Triton kernels cannot run here ({_TRITON_FAILED[0]}); "
-                      "RAA uses its PyTorch path instead (correct, slower on a GPU)", stacklevel=2)
-        return None
+    """The Triton forward, or None if Triton cannot build or launch its kernels on this machine:
+    then one warning, and the PyTorch path from then on."""
+    done, reason = run_or_warn(lambda: raa_triton().forward(x, v, c, layout, relu=relu),
+                               "RAA's Triton kernels cannot run here",
+                               "RAA uses its PyTorch path instead (correct, slower on a GPU)")
+    if reason is not None:
+        _TRITON_FAILED.append(reason)
+    return done
 
 
 class _RaaVector(torch.autograd.Function):
