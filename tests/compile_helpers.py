@@ -1,5 +1,12 @@
-"""Shared check for tests of models under torch.compile: the same outputs and gradients as eager."""
+"""Shared pieces of the tests of models under torch.compile: the same outputs and gradients as eager,
+and the skip where the CPU has no C++ compiler for Inductor."""
+import shutil
+
+import pytest
 import torch
+
+needs_cpu_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                        reason="torch.compile on the CPU needs a C++ compiler")
 
 
 def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, *, mode: str | None = None, calls: int = 1,

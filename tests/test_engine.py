@@ -1,7 +1,6 @@
 """The training engine: exact resume, atomic checkpoints, hooks, accumulation, metrics."""
 import json
 import os
-import shutil
 import signal
 import time
 
@@ -15,6 +14,7 @@ from bionets.engine.optim import OptimConfig, param_groups
 from bionets.engine.trainer import train
 from bionets.errors import BionetsError
 from bionets.mechanisms import Applied, Report, register_mechanism
+from compile_helpers import needs_cpu_compiler
 from engine_helpers import fast_config
 
 
@@ -178,14 +178,14 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 def test_compile_mode_reaches_torch_compile(tmp_path):
     """train.compile takes torch.compile's modes; 'reduce-overhead' (CUDA graphs on a GPU) trains on the CPU too."""
     summary = train(fast_config(tmp_path, "train.epochs=2", "train.compile=reduce-overhead"), quiet=True)
     assert summary["final_top1"] > 50
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 def test_compiled_model_keeps_the_mechanisms_hooks(tmp_path):
     """train.compile with RAA and ARR: ARR's forward hook still captures the responses inside the
     compiled model and updates its class memory; the run ends where the eager run ends."""

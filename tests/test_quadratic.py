@@ -1,5 +1,4 @@
 """The quadratic layers of Dit-CNN against their equations computed directly in float64."""
-import shutil
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from torch.nn import functional as F
 from bionets.errors import BionetsError
 from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, channel_quadratic, set_quadratic
 from bionets.layers.quadratic_pixel import QuadraticPixel
+from compile_helpers import needs_cpu_compiler
 
 
 def rel_err(a, b):
@@ -351,7 +351,7 @@ def test_sym_quadratic_operator_registration(strategy):
     torch.library.opcheck(sym_quadratic_op, (rows, s, strategy))
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 def test_compiled_model_runs_the_quadratic_layer_as_one_operator():
     """torch.compile of a model holding the sym layer, on the CPU: the layer is one opaque operator
     (not its unrolled chunk loops), with the same outputs and gradients as the eager model, also when

@@ -1,6 +1,5 @@
 """RAA against its formula in float64, gradients, the swap on timm models, and training."""
 import math
-import shutil
 
 import pytest
 import timm
@@ -9,7 +8,7 @@ import torch
 from bionets.errors import BionetsError
 from bionets.layers.raa import RAA
 from bionets.layers.raa_swap import RAAByWidth, swap_activations
-from compile_helpers import assert_compiled_matches_eager, output_dtype_under_bf16_autocast
+from compile_helpers import assert_compiled_matches_eager, needs_cpu_compiler, output_dtype_under_bf16_autocast
 
 
 def phi(z):
@@ -98,7 +97,7 @@ def test_raa_under_bfloat16_autocast_keeps_the_input_dtype():
         assert half(x.detach().bfloat16()).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 @pytest.mark.parametrize("variant, base, shape, dim", [("vector", "gelu", (3, 5, 4, 4), 1),
                                                        ("matrix", "relu", (2, 7, 5), -1),
                                                        ("scalar", "gelu", (6, 5), -1)])
@@ -214,7 +213,7 @@ def test_width_probe_reports_a_model_error_in_one_line():
         swap_activations(model, example_input=torch.randn(2, 5, 8, 8))
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@needs_cpu_compiler
 @pytest.mark.parametrize("variant, base", [("vector", "gelu"), ("vector", "relu"), ("scalar", "relu"),
                                            ("matrix", "gelu")])
 def test_raa_inside_a_compiled_model(variant, base):
