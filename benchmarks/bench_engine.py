@@ -7,7 +7,7 @@ so the ratio is what the engine adds: loading and augmenting the data, metrics, 
 are CIFAR-shaped random images written in CIFAR-10's genuine on-disk format and read by the
 engine's own loader.
 
-    python benchmarks/bench_engine.py [--images 2560] [--batch 128] [--device cpu]   # 20 steps an epoch
+    python benchmarks/bench_engine.py [--images N] [--batch 128] [--device cpu]   # 20 steps an epoch (CUDA: 200)
 """
 from __future__ import annotations
 

@@ -139,6 +139,18 @@ def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, 
         assert ((fused - blocks).norm() / blocks.norm()).item() < tol
 
 
+def test_auto_strategy_tries_the_fused_kernels_and_picks_them_on_this_gpu(monkeypatch):
+    """'auto' (the default) tries the fused kernels once on the GPU, without a warning, and keeps them."""
+    import warnings
+    from bionets.layers import quadratic
+    monkeypatch.setattr(quadratic, "_FUSED_WORKS", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            assert quadratic._cuda_strategy(32, torch.device("cuda", torch.cuda.current_device())) == "fused"
+    assert list(quadratic._FUSED_WORKS.values()) == [True]
+
+
 @pytest.mark.parametrize("strategy", ["blocks", "fused"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_model_with_the_quadratic_layer_and_raa_matches_eager_on_cuda(mode, strategy, monkeypatch):
