@@ -323,19 +323,19 @@ def test_rows_kernels_across_many_chunks(monkeypatch, c, c_out):
 def test_cpu_scratch_is_reused_and_freed():
     """The CPU kernels keep their scratch buffers between steps (no page faults per step), per
     thread, and free_scratch lets them go; results do not depend on what the buffers held."""
-    from bionets.layers import quadratic
+    from bionets.layers import scratch
     torch.manual_seed(0)
     x = torch.randn(300, 6, dtype=torch.float64, requires_grad=True)
     q = torch.randn(4, 6, 6, dtype=torch.float64, requires_grad=True)
-    quadratic.free_scratch()
+    scratch.free_scratch()
     first = torch.autograd.grad(channel_quadratic(x, q).square().sum(), (x, q))
-    held = {k: v.data_ptr() for k, v in quadratic._SCRATCH.buffers.items()}
+    held = {k: v.data_ptr() for k, v in scratch._SCRATCH.buffers.items()}
     assert {k[0] for k in held} >= {"row_products", "products", "outer"}
     second = torch.autograd.grad(channel_quadratic(x, q).square().sum(), (x, q))
-    assert {k: v.data_ptr() for k, v in quadratic._SCRATCH.buffers.items()} == held
+    assert {k: v.data_ptr() for k, v in scratch._SCRATCH.buffers.items()} == held
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    quadratic.free_scratch()
-    assert not hasattr(quadratic._SCRATCH, "buffers")
+    scratch.free_scratch()
+    assert not hasattr(scratch._SCRATCH, "buffers")
 
 
 # ---------------------------------------------------------------- under torch.compile (CPU)

@@ -46,7 +46,8 @@ def test_raa_matches_formula_float64(variant, base, shape, dim):
 
 def test_raa_starts_as_exact_gelu_and_relu():
     x = torch.randn(4, 8, 3, 3)
-    assert torch.equal(RAA(8)(x), x * torch.special.ndtr(x))
+    x64 = x.double()
+    torch.testing.assert_close(RAA(8).double()(x64), x64 * torch.special.ndtr(x64), rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(RAA(8)(x), torch.nn.functional.gelu(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(RAA(8, base="relu")(x), torch.relu(x))
 
@@ -62,6 +63,26 @@ def test_raa_gradcheck(variant, base):
 LAYOUTS = {"contiguous": lambda x: x,
            "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
            "strided": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2)}
+
+
+@pytest.mark.parametrize("variant", ["scalar", "matrix"])
+def test_raa_at_a_zero_shifted_input_and_under_a_nan_shift(variant):
+    """Phi(z) comes from gelu(z) / z: at z = x + shift = 0 exactly (0/0) the value and gradients are
+    still the formula's, and a NaN shift still gives NaN (the 0/0 repair must not hide it)."""
+    raa = RAA(3, variant).double()
+    with torch.no_grad():
+        raa.c.fill_(0.5)
+    x = torch.tensor([[-0.5, 1.0, -0.5], [-0.5, -0.5, 2.0]], dtype=torch.float64, requires_grad=True)
+    out = raa(x)
+    got = torch.autograd.grad(out.sum(), (x, raa.c))
+    want = torch.autograd.grad(direct(x, raa, -1).sum(), (x, raa.c))
+    torch.testing.assert_close(out, direct(x, raa, -1), rtol=1e-13, atol=1e-15)
+    assert out[0, 0].item() == -0.25                      # x Phi(0) = x / 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        raa.c.fill_(float("nan"))
+    assert raa(x.detach()).isnan().all()
 
 
 @pytest.mark.parametrize("variant", ["vector", "scalar"])

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import torch
 from torch import nn
 
 from bionets.errors import BionetsError, unknown
+from bionets.layers.scratch import scratch
 from bionets.layers.triton_kernels import run_or_warn, triton_kernels
 
 
@@ -363,29 +363,6 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     return _sym_forward(rows, s, strategy)
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A scratch tensor of ``shape`` for one use inside a CPU pass, kept between calls (per thread,
-    role, dtype and device; grown when too small; :func:`free_scratch` lets it go). Fresh
-    multi-megabyte buffers pay their page faults at every step: reusing them took a Dit-ResNet-20
-    training step (batch 128, 2 CPU cores) from ~335 to ~310 ms. Held: about 25 MB for that model,
-    about 80 MB for Dit-ConvNeXt-T at batch 8."""
-    key = (role, like.dtype, like.device)
-    cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    numel = math.prod(shape)
-    if key not in cache or cache[key].numel() < numel:
-        cache[key] = like.new_empty(numel)
-    return cache[key][:numel].view(shape)
-
-
-def free_scratch() -> None:
-    """Release this thread's scratch buffers of the CPU quadratic kernels (they are reused between
-    training steps; see :func:`_scratch`)."""
-    _SCRATCH.__dict__.pop("buffers", None)
-
-
 def _chunks(rows: torch.Tensor, per_row: int, cpu_rows: int = 4096):
     """Row ranges: ``cpu_rows`` rows on the CPU (each caller picks; 4,096 by default); on the GPU
     about 128M elements of buffers that hold ``per_row`` elements a row."""
@@ -432,7 +409,7 @@ def _sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Te
     # of Dit-ResNet-20's layer measured 15 -> 11 ms with 2^20 elements a chunk instead of 4,096 rows)
     for r in _chunks(rows, c, cpu_rows=max(4096, 2**20 // c)):
         x, o = rows[r], out[r]
-        tmp = _scratch("row_products", (x.shape[0], c), x)
+        tmp = scratch("row_products", (x.shape[0], c), x)
         torch.mm(torch.mul(x[:, :1], x, out=tmp), s[:c], out=o)
         for i in range(1, c):
             o.addmm_(torch.mul(x[:, i:i + 1], x[:, i:], out=tmp[:, :c - i]), s[offs[i]:offs[i + 1]])
@@ -539,17 +516,17 @@ def _rows_grad_s(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor, out: t
     one buffer, one matmul."""
     c, offs = rows.shape[1], _row_offsets(rows.shape[1])
     by_column = c <= _PRODUCTS_BY_COLUMN_MAX_C
-    xt = _scratch("columns", (c, rows.shape[0]), rows).copy_(rows.t()) if by_column else None
+    xt = scratch("columns", (c, rows.shape[0]), rows).copy_(rows.t()) if by_column else None
     for r in _chunks(rows, s.shape[0]):
         if by_column:
             x = xt[:, r]
-            b = _scratch("products", (s.shape[0], x.shape[1]), x)
+            b = scratch("products", (s.shape[0], x.shape[1]), x)
             for i in range(c):
                 torch.mul(x[i:i + 1], x[i:], out=b[offs[i]:offs[i + 1]])
             part = b @ grad[r]
         else:
             x = rows[r]
-            buf = _scratch("products", (x.shape[0], s.shape[0]), x)
+            buf = scratch("products", (x.shape[0], s.shape[0]), x)
             for i in range(c):
                 torch.mul(x[:, i:i + 1], x[:, i:], out=buf[:, offs[i]:offs[i + 1]])
             part = buf.t() @ grad[r]
@@ -566,7 +543,7 @@ def _rows_grad_x(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor) -> tor
         grad_x = rows.new_empty(m, c)
         for r in _chunks(rows, t.shape[0], cpu_rows=max(1, 2**21 // t.shape[0])):   # ~8 MB of outer products
             x = rows[r]
-            e = _scratch("outer", (x.shape[0], t.shape[0]), x)
+            e = scratch("outer", (x.shape[0], t.shape[0]), x)
             torch.mul(grad[r].unsqueeze(2), x.unsqueeze(1), out=e.view(x.shape[0], -1, c))
             torch.mm(e, t, out=grad_x[r])
         return grad_x
@@ -574,7 +551,7 @@ def _rows_grad_x(rows: torch.Tensor, grad: torch.Tensor, s: torch.Tensor) -> tor
     grad_x, offs = torch.zeros_like(rows), _row_offsets(c)
     for r in _chunks(rows, s.shape[0]):
         x, g = rows[r], grad[r]
-        gp = torch.mm(g, s.t(), out=_scratch("products", (x.shape[0], s.shape[0]), x))
+        gp = torch.mm(g, s.t(), out=scratch("products", (x.shape[0], s.shape[0]), x))
         gx = grad_x[r]
         for i in range(c):
             gpi = gp[:, offs[i]:offs[i + 1]]
