@@ -33,7 +33,7 @@ class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
     loss: Literal["ce", "mse_onehot"] = "ce"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    amp: Literal["off", "bf16", "fp16"] = "off"          # autocast dtype on CUDA; ignored on CPU
+    amp: Literal["off", "bf16", "fp16"] = "off"          # autocast dtype (the CPU takes bf16 only)
     channels_last: bool | Literal["auto"] = "auto"       # auto: on for conv nets on CUDA and CPU
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(None, gt=0)

@@ -129,6 +129,37 @@ def test_hooks_are_called_in_order(tmp_path):
     assert records[0]["hook_steps"] == steps_per_epoch + 1
 
 
+class LogitDtypes(Hook):
+    """Records the dtype of the logits the training forward pass produced."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def aux_loss(self, model, images, logits, targets):
+        self.seen.add(logits.dtype)
+
+
+DTYPES = LogitDtypes()
+
+
+@register_mechanism("test_logit_dtypes", Section, order=97)
+def _apply_logit_dtypes(model, cfg):
+    return Applied(model, [DTYPES], Report("test_logit_dtypes"))
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path):
+    """train.amp=bf16 runs the CPU forward under bf16 autocast (the logits come out in bf16) and still
+    learns; fp16, which needs CUDA, is one clear error."""
+    DTYPES.seen.clear()
+    summary = train(fast_config(tmp_path, "train.epochs=3", "train.amp=bf16", "mechanisms={test_logit_dtypes: {}}"),
+                    quiet=True)
+    assert DTYPES.seen == {torch.bfloat16}
+    assert summary["final_top1"] > 80
+    assert weights(tmp_path / "run" / "last.pt")["fc1.weight"].dtype == torch.float32   # weights stay float32
+    with pytest.raises(BionetsError, match="train.amp=fp16 needs CUDA.*train.amp=bf16"):
+        train(fast_config(tmp_path, "train.amp=fp16", name="fp16"), quiet=True)
+
+
 def test_lr_multipliers_select_parameters_by_pattern():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     groups = param_groups(model, OptimConfig(lr=0.1, lr_mult={"1.*": 10.0}))
