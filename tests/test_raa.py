@@ -113,9 +113,15 @@ def test_raa_under_bfloat16_autocast_keeps_the_input_dtype():
     out.float().sum().backward()
     assert x.grad is not None and raa.v.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), direct(x.bfloat16().float(), raa, 1), rtol=2e-2, atol=2e-2)
-    for base in ("gelu", "relu"):                                  # a bf16 input without autocast
-        half = randomized(RAA(5, base=base))
-        assert half(x.detach().bfloat16()).dtype == torch.bfloat16
+    for variant in ("vector", "scalar", "matrix"):
+        for base in ("gelu", "relu"):                              # with and without autocast
+            half, xb = randomized(RAA(5, variant, base)), x.detach().bfloat16().requires_grad_()
+            assert half(xb.detach()).dtype == torch.bfloat16
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = half(xb)
+            assert out.dtype == torch.bfloat16, (variant, base)
+            out.float().sum().backward()
+            assert xb.grad.dtype == torch.bfloat16 and all(p.grad.dtype == torch.float32 for p in half.parameters())
 
 
 @needs_cpu_compiler

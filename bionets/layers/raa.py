@@ -270,10 +270,11 @@ class RAA(nn.Module):
         return f"{self.num_features}, variant={self.variant}, base={self.base}"
 
     def matrix_shift(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """``W x + c`` per vector (a 1x1 convolution on maps)."""
+        """``W x + c`` per vector (a 1x1 convolution on maps), W in x's dtype (as the vector variant's v)."""
+        w = self.W.to(x.dtype)
         if dim == 1:
-            return torch.einsum("oc,nc...->no...", self.W, x) + self.c.view(-1, 1, 1)
-        return x @ self.W.T + self.c
+            return torch.einsum("oc,nc...->no...", w, x) + self.c.view(-1, 1, 1)
+        return x @ w.T + self.c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
@@ -290,9 +291,17 @@ class RAA(nn.Module):
             weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
             fn = raa_expression if torch.compiler.is_compiling() else compiled_raa(self.num_features)
             return fn(x, self.c, weight, self.variant, self.base, dim)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16 map
+            # times a float32 one took 1.1 ms against 0.03): compute in float32, round once
+            with torch.autocast("cpu", enabled=False):
+                return self._eager(x.float(), dim).to(x.dtype)
+        return self._eager(x, dim)
+
+    def _eager(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.variant != "matrix":
             return _RaaVector.apply(x, getattr(self, "v", None), self.c, dim, self.base)
         s = self.matrix_shift(x, dim)
         if self.base == "relu":
-            return torch.add(x, s).relu_()                    # max(0, x + shift)
+            return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype
         return shifted_gelu(x, s)                             # x * Phi(x + shift)
