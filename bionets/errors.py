@@ -22,11 +22,14 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> str:
     return f" (did you mean: {', '.join(near)}?)" if near else ""
 
 
-def unknown(kind: str, name: str, choices: Iterable[str]) -> BionetsError:
-    """The error for an unknown ``kind`` called ``name``, naming the nearest valid choices."""
+def unknown(kind: str, name: str, choices: Iterable[str], listed: Iterable[str] | None = None,
+            see: str = "") -> BionetsError:
+    """The error for an unknown ``kind`` called ``name``, naming the nearest valid choices, or else
+    the first of ``listed`` (default: all choices), then ``see`` (where to find the full list)."""
     choices = sorted(choices)
     hint = closest(name, choices)
     if not hint:
-        shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
+        listed = sorted(listed) if listed is not None else choices
+        shown = ", ".join(listed[:12]) + (", ..." if len(listed) > 12 else "")
         hint = f" (valid: {shown})"
-    return BionetsError(f"unknown {kind} '{name}'{hint}")
+    return BionetsError(f"unknown {kind} '{name}'{hint}" + (f"; {see}" if see else ""))

@@ -15,7 +15,8 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
     import bionets.models  # noqa: F401  (registers bionets' models)
 
     if not timm.is_model(name):
-        raise unknown("model", name, timm.list_models())
+        raise unknown("model", name, timm.list_models(), listed=bionets_models(),
+                      see="'bionets models' lists bionets' models; any timm model name works too")
     if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus
         from bionets.models.cifar_nets import resolve_act
         kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}
