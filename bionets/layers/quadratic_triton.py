@@ -158,11 +158,12 @@ def block_products_t_matmul(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the 'fused' strategy of the sym form
 
 def _pad(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """``t`` zero-padded at the end of each dimension in ``dims`` to a multiple of W."""
+    """``t`` zero-padded at the end of each dimension in ``dims`` to a multiple of W (``t`` itself
+    where no padding is needed: a zero pad still copies, one kernel launch each way)."""
     pad = [0] * (2 * t.dim())
     for d in dims:
         pad[2 * (t.dim() - 1 - d) + 1] = _blocks(t.shape[d]) * WIDTH - t.shape[d]
-    return torch.nn.functional.pad(t, pad)
+    return torch.nn.functional.pad(t, pad) if any(pad) else t
 
 
 def fold(q: torch.Tensor) -> torch.Tensor:
