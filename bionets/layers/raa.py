@@ -92,7 +92,8 @@ def _shifted_gelu_grads(x: torch.Tensor, s: torch.Tensor, grad: torch.Tensor) ->
     z = _shifted(x, s)
     grad = grad.to(z.dtype)
     gx = torch.ops.aten.gelu_backward(grad, z)
-    gphi = torch.addcmul(_ZERO, z, z, value=-0.5 / math.log(2), out=z).exp2_().mul_(grad)   # grad exp(-z^2/2), in z's buffer
+    # grad exp(-z^2 / 2) = grad 2^(-z^2 / (2 ln 2)), in z's buffer
+    gphi = torch.addcmul(_ZERO, z, z, value=-0.5 / math.log(2), out=z).exp2_().mul_(grad)
     gx.addcmul_(gphi, s, value=-INV_SQRT_2PI)
     return gx, gphi.mul_(x)
 
