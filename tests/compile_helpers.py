@@ -9,17 +9,19 @@ needs_cpu_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which
                                         reason="torch.compile on the CPU needs a C++ compiler")
 
 
-def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, *, mode: str | None = None, calls: int = 1,
-                                  atol: float = 1e-5, grad_tol: float = 1e-4) -> None:
-    """``torch.compile(model, mode=mode)`` called ``calls`` times (CUDA graphs record on a later call
-    than the first) gives the eager outputs and parameter gradients (loss: sum of squares)."""
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, *, mode: str | None = None,
+                                  backend="inductor", calls: int = 1, rtol: float = 1e-4, atol: float = 1e-5,
+                                  grad_tol: float = 1e-4) -> None:
+    """``torch.compile(model, mode=mode, backend=backend)`` called ``calls`` times (CUDA graphs record
+    on a later call than the first) gives the eager outputs and parameter gradients (loss: sum of
+    squares). A counting backend (torch._dynamo.testing) lets the caller inspect the graphs."""
     want = model(x)
     want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
-    compiled = torch.compile(model, mode=mode)
+    compiled = torch.compile(model, mode=mode, backend=backend)
     for _ in range(calls):
         got = compiled(x)
         got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol)
 

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from bionets.errors import BionetsError
 from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, channel_quadratic, set_quadratic
 from bionets.layers.quadratic_pixel import QuadraticPixel
-from compile_helpers import needs_cpu_compiler
+from compile_helpers import assert_compiled_matches_eager, needs_cpu_compiler
 
 
 def rel_err(a, b):
@@ -361,16 +361,9 @@ def test_compiled_model_runs_the_quadratic_layer_as_one_operator():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QuadraticChannel(8))
     with torch.no_grad():
         model[1].weight.normal_(std=0.1)
-    x = torch.randn(2, 3, 6, 6)
-    want = model(x)
-    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
     backend = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, backend=backend)
-    got = compiled(x)
-    got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 6, 6), backend=backend, rtol=1e-5, atol=1e-6,
+                                  grad_tol=1e-5)
     graph = backend.graphs[0].code
     assert backend.frame_count == 1 and "bionets.sym_quadratic" in graph and "addmm" not in graph
     layer = torch.compile(QuadraticChannel(8))
