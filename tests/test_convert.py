@@ -122,6 +122,15 @@ def test_convert_torchvision_bottlenecks_with_an_input_size():
     assert "layer1.0.relu: -> RAA" in str(report)
 
 
+def test_raa_report_notes_the_learning_rate_of_v():
+    """The vector variant's v sums its gradient over every pixel (SGD at 0.1 diverged on a CIFAR
+    ResNet): its report says which multiplier to set; the scalar variant, without v, says nothing."""
+    text = str(convert(timm.create_model("resnet18", num_classes=10), activation="raa")[1])
+    assert "note: v sums its gradient" in text and "optim.lr_mult: {'*.v': 0.01}" in text
+    scalar = str(convert(timm.create_model("resnet18", num_classes=10), activation={"variant": "scalar"})[1])
+    assert "note:" not in scalar
+
+
 def test_unknown_mechanism_in_a_config_is_one_line(tmp_path, capsys):
     assert main(["train", f"out_dir={tmp_path}", "mechanisms.raaa={}"]) == 2
     err = capsys.readouterr().err.strip()

@@ -26,15 +26,17 @@ from bionets.errors import BionetsError, unknown
 
 @dataclass
 class Report:
-    """What one mechanism changed in a model: a line per change and the parameters it added."""
+    """What one mechanism changed in a model: a line per change, the parameters it added, and notes
+    on training it (printed after the changes)."""
 
     mechanism: str
     changes: list[str] = field(default_factory=list)
     params_added: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         head = f"{self.mechanism}: {len(self.changes)} change(s), +{self.params_added:,} parameters"
-        return "\n".join([head] + [f"  {c}" for c in self.changes])
+        return "\n".join([head] + [f"  {c}" for c in self.changes] + [f"  note: {n}" for n in self.notes])
 
 
 @dataclass
