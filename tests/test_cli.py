@@ -22,6 +22,7 @@ def cli(*args):
     (["train", "train.epoch=1"], "unknown config key 'train.epoch' (did you mean: epochs?)"),
     (["train", "data.name=cifar11"], "unknown dataset 'cifar11'"),
     (["eval", "/nonexistent/best.pt"], "does not exist"),
+    (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):

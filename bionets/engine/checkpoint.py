@@ -72,6 +72,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint on the CPU; a missing, truncated or foreign file is one BionetsError."""
     path = Path(path)
+    if path.is_dir():
+        found = [n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        hint = f": pass {path / found[0]}" if found else ", and it holds no best.pt or last.pt"
+        raise BionetsError(f"checkpoint '{path}' is a directory{hint} (a .pt file written by 'bionets train')")
     if not path.is_file():
         raise BionetsError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by 'bionets train'")
     try:
