@@ -160,6 +160,12 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path):
         train(fast_config(tmp_path, "train.amp=fp16", name="fp16"), quiet=True)
 
 
+def test_a_diverged_run_stops_with_one_line_before_writing_its_checkpoint(tmp_path):
+    with pytest.raises(BionetsError, match=r"training diverged: the training loss of epoch 1 is nan .*lower optim.lr"):
+        train(fast_config(tmp_path, "train.epochs=3", "optim.lr=1e12"), quiet=True)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_lr_multipliers_select_parameters_by_pattern():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     groups = param_groups(model, OptimConfig(lr=0.1, lr_mult={"1.*": 10.0}))

@@ -6,6 +6,7 @@ checkpoints, metrics reduced over ranks). Mechanisms reach it only through :mod:
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class Trainer:
         try:
             while self.state.epoch < cfg.train.epochs:
                 record = self.train_epoch()
+                self._stop_if_diverged(record["train_loss"])
                 record.update(self.eval_epoch())
                 for hook in self.hooks:
                     record.update(hook.epoch_metrics(self.model))
@@ -187,6 +189,16 @@ class Trainer:
                 print(f"done: final test top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}% "
                       f"in {summary['train_time_s']:.1f}s; run directory {self.run_dir}")
         return summary
+
+    def _stop_if_diverged(self, train_loss: float) -> None:
+        """One error line, before any checkpoint of the epoch is written, when its training loss is
+        not finite (the same on every rank: the loss is reduced over them)."""
+        if math.isfinite(train_loss):
+            return
+        last = self.run_dir / "last.pt"
+        kept = f"; {last} keeps epoch {self.state.epoch}" if self.state.epoch and last.is_file() else ""
+        raise BionetsError(f"training diverged: the training loss of epoch {self.state.epoch + 1} is {train_loss} "
+                           f"(optim.lr={self.cfg.optim.lr}): lower optim.lr or set train.clip_grad{kept}")
 
     def train_epoch(self) -> dict:
         t, model, device = self.cfg.train, self.net, self.device
