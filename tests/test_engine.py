@@ -10,7 +10,7 @@ import torch
 from bionets.configbase import Section
 from bionets.engine.checkpoint import load_checkpoint, save_checkpoint
 from bionets.engine.hooks import Hook
-from bionets.engine.optim import OptimConfig, param_groups
+from bionets.engine.optim import OptimConfig, lr_mult_summary, param_groups
 from bionets.engine.trainer import train
 from bionets.errors import BionetsError
 from bionets.mechanisms import Applied, Report, register_mechanism
@@ -171,6 +171,10 @@ def test_lr_multipliers_select_parameters_by_pattern():
     groups = param_groups(model, OptimConfig(lr=0.1, lr_mult={"1.*": 10.0}))
     by_lr = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
     assert by_lr == {(0.1, 5e-4): 1, (0.1, 0.0): 1, (1.0, 5e-4): 1, (1.0, 0.0): 1}
+    # the start-of-run line counts each pattern's tensors (the first matching pattern wins)
+    line = lr_mult_summary(model, OptimConfig(lr_mult={"1.*": 10.0, "*.weight": 2.0, "*.v": 0.01}))
+    assert line == "optim.lr_mult: '1.*' x10 on 2 tensor(s); '*.weight' x2 on 1 tensor(s); '*.v' matches no parameter"
+    assert lr_mult_summary(model, OptimConfig()) == ""
 
 
 def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):

@@ -73,6 +73,23 @@ def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.
             for (mult, wd), ps in groups.items()]
 
 
+def lr_mult_summary(model: nn.Module, cfg: OptimConfig) -> str:
+    """One line saying how many trainable tensors each ``lr_mult`` pattern gave its multiplier (the
+    first matching pattern wins), so that a pattern matching nothing shows at the start of a run;
+    '' without patterns."""
+    if not cfg.lr_mult:
+        return ""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    taken = {pat: 0 for pat in cfg.lr_mult}
+    for name in names:
+        pat = next((pat for pat in cfg.lr_mult if fnmatch.fnmatch(name, pat)), None)
+        if pat is not None:
+            taken[pat] += 1
+    parts = [f"'{pat}' x{cfg.lr_mult[pat]:g} on {n} tensor(s)" if n else f"'{pat}' matches no parameter"
+             for pat, n in taken.items()]
+    return "optim.lr_mult: " + "; ".join(parts)
+
+
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     from bionets.mechanisms.registry import load_builtin  # mechanisms register optimizers (gradr)
 

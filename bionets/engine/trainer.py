@@ -27,7 +27,7 @@ from bionets.engine.distributed import Dist, all_reduce_sum, init_distributed
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, use_channels_last
-from bionets.engine.optim import create_optimizer, create_scheduler
+from bionets.engine.optim import create_optimizer, create_scheduler, lr_mult_summary
 from bionets.errors import BionetsError
 
 
@@ -279,6 +279,8 @@ class Trainer:
               + f", run directory {self.run_dir}")
         for report in self.reports:
             print(report)
+        if lr_line := lr_mult_summary(self.model, self.cfg.optim):
+            print(lr_line)
         if self.cfg.resume:
             print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch}")
 
