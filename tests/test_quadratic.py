@@ -306,8 +306,8 @@ def test_set_quadratic_switches_named_blocks():
 def test_rows_kernels_across_many_chunks(monkeypatch, c, c_out):
     """Every CPU layout (see _PRODUCTS_BY_COLUMN_MAX_C) cut into 7-row chunks, the last one short,
     against the all-products form."""
-    from bionets.layers import quadratic
-    monkeypatch.setattr(quadratic, "_chunks", lambda rows, per_row, cpu_rows=0:
+    from bionets.layers import quadratic_sym
+    monkeypatch.setattr(quadratic_sym, "_chunks", lambda rows, per_row, cpu_rows=0:
                         [slice(r0, r0 + 7) for r0 in range(0, rows.shape[0], 7)])
     torch.manual_seed(0)
     x = torch.randn(30, c, dtype=torch.float64, requires_grad=True)
@@ -344,9 +344,9 @@ def test_cpu_scratch_is_reused_and_freed():
 def test_sym_quadratic_operator_registration(strategy):
     """The sym form as a torch operator (what a model compiled on the CPU runs): its fake (shape)
     function, autograd and schema pass torch.library.opcheck."""
-    from bionets.layers.quadratic import _indices, sym_quadratic_op
+    from bionets.layers.quadratic_sym import indices, sym_quadratic_op
     rows = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
-    products = len(_indices(6, strategy, rows.device)[0])      # 21 pairs i <= j; 'blocks': 36 (one block)
+    products = len(indices(6, strategy, rows.device)[0])      # 21 pairs i <= j; 'blocks': 36 (one block)
     s = torch.randn(products, 4, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(sym_quadratic_op, (rows, s, strategy))
 

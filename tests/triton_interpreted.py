@@ -85,7 +85,7 @@ def check_quadratic():
 def check_quadratic_compiled():
     """Under torch.compile the 'fused' strategy is one opaque operator (bionets::sym_quadratic) that
     runs the Triton kernels: torch.library.opcheck of it, and a compiled call against the eager one."""
-    from bionets.layers.quadratic import sym_quadratic_op
+    from bionets.layers.quadratic_sym import sym_quadratic_op
     from bionets.layers.quadratic_triton import fold
     torch.manual_seed(2)
     x = torch.randn(50, 12, requires_grad=True)
