@@ -1,11 +1,11 @@
 """Shared pieces of the tests of models under torch.compile: the same outputs and gradients as eager,
 and the skip where the CPU has no C++ compiler for Inductor."""
-import shutil
-
 import pytest
 import torch
 
-needs_cpu_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+from bionets.toolchain import _cpu_compiler_problem
+
+needs_cpu_compiler = pytest.mark.skipif(_cpu_compiler_problem() is not None,
                                         reason="torch.compile on the CPU needs a C++ compiler")
 
 

@@ -166,6 +166,18 @@ def test_a_diverged_run_stops_with_one_line_before_writing_its_checkpoint(tmp_pa
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_compile_without_a_cpu_compiler_is_one_line(tmp_path, monkeypatch):
+    """Where Inductor finds no C++ compiler, train.compile on the CPU (and RAA's compiled=True) stop
+    with one line before any work, not deep inside the first compiled call."""
+    from bionets import toolchain
+    from bionets.layers.raa import RAA
+    monkeypatch.setattr(toolchain, "_cpu_compiler_problem", lambda: "InvalidCxxCompiler: none found")
+    with pytest.raises(BionetsError, match="train.compile on the CPU needs a C.. compiler .*set train.compile=false"):
+        train(fast_config(tmp_path, "train.compile=true"), quiet=True)
+    with pytest.raises(BionetsError, match=r"RAA\(compiled=True\) on the CPU needs a C.. compiler"):
+        RAA(4, compiled=True)(torch.randn(2, 4))
+
+
 def test_lr_multipliers_select_parameters_by_pattern():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     groups = param_groups(model, OptimConfig(lr=0.1, lr_mult={"1.*": 10.0}))

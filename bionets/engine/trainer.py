@@ -29,6 +29,7 @@ from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, use_channels_last
 from bionets.engine.optim import create_optimizer, create_scheduler, lr_mult_summary
 from bionets.errors import BionetsError
+from bionets.toolchain import require_cpu_compiler
 
 
 def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -97,6 +98,8 @@ class Trainer:
         if t.amp == "fp16" and self.device.type == "cpu":
             raise BionetsError("train.amp=fp16 needs CUDA (its loss scaling and fast fp16 kernels): on the CPU use "
                                "train.amp=bf16 or train.amp=off")
+        if t.compile and self.device.type == "cpu":
+            require_cpu_compiler("train.compile", "set train.compile=false")
         resume = load_checkpoint(cfg.resume) if cfg.resume else None
         seed_everything(t.seed)
         self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,

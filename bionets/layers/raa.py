@@ -23,6 +23,7 @@ from torch import nn
 from bionets.errors import BionetsError
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import run_or_warn, triton_kernels
+from bionets.toolchain import require_cpu_compiler
 
 Variant = Literal["vector", "scalar", "matrix"]
 Base = Literal["gelu", "relu"]
@@ -290,6 +291,8 @@ class RAA(nn.Module):
             # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
             # the hand-written autograd function below
             weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
+            if not torch.compiler.is_compiling() and x.device.type == "cpu":
+                require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
             fn = raa_expression if torch.compiler.is_compiling() else compiled_raa(self.num_features)
             return fn(x, self.c, weight, self.variant, self.base, dim)
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):

@@ -1,0 +1,29 @@
+"""What torch.compile needs on this machine, checked before a run depends on it: on the CPU,
+Inductor builds C++ kernels and fails deep inside the first compiled call when no compiler works."""
+from __future__ import annotations
+
+import functools
+
+from bionets.errors import BionetsError
+
+
+@functools.cache
+def _cpu_compiler_problem() -> str | None:
+    """Why Inductor has no working C++ compiler here (one line), or None (checked once: ~70 ms)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:                 # another torch layout: let torch.compile report it itself
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as err:    # noqa: BLE001  (whatever Inductor's compiler probe raises)
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return None
+
+
+def require_cpu_compiler(what: str, instead: str) -> None:
+    """One BionetsError naming ``what`` and the way out ``instead`` where no C++ compiler works."""
+    problem = _cpu_compiler_problem()
+    if problem:
+        raise BionetsError(f"{what} on the CPU needs a C++ compiler for torch.compile, and none works here "
+                           f"({problem}): install one (g++ or clang++) or {instead}")
