@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.add_argument("options", nargs="*", metavar="key=value")
     x.add_argument("--out", help="output directory (default runs/experiments/NAME)")
+    x.add_argument("--options", dest="list_options", action="store_true",
+                   help="list NAME's options with their defaults, and run nothing")
 
     b = sub.add_parser("bench", help="time every mechanism against its plain baseline (Markdown table + plot)")
     b.add_argument("--device", help="cpu or cuda (default: cuda when present)")
@@ -124,6 +127,13 @@ def cmd_experiment(args) -> int:
     fn = get_experiment(args.name)
     params = inspect.signature(fn).parameters
     valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
+    if args.list_options:
+        doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        print(f"{args.name}: {doc}" if doc else args.name)
+        for name in valid:        # JSON, which the key=value parser (YAML) reads back
+            default = params[name].default
+            print(f"  {name}={json.dumps(list(default) if isinstance(default, tuple) else default, default=str)}")
+        return 0
     options = {}
     for item in args.options:
         if "=" not in item:

@@ -32,6 +32,17 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr
 
 
+def test_experiment_options_are_listed_in_a_form_the_command_line_reads_back(capsys):
+    import yaml
+
+    assert main(["experiment", "gaussian", "--options"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gaussian: Quadratic neuron vs two-layer MLP")
+    options = dict(line.strip().split("=", 1) for line in lines[1:])
+    assert yaml.safe_load(options["cases"]) == ["identical", "different"] and options["boundary_n"] == "null"
+    assert "n_max" in options and "seeds" in options
+
+
 def test_corrupt_checkpoint_exits_2(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")

@@ -39,6 +39,8 @@ def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor
 @register_experiment("responses")
 def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channels: int = 8, classes: int = 4,
               data_root: str | None = None) -> str:
+    """Violin plots of a checkpoint's aggregated responses (the features ARR works on), per class
+    and channel, beside those of a ``compare`` checkpoint (e.g. the same model without DNRT)."""
     if not checkpoint:
         raise BionetsError("experiment responses needs checkpoint=PATH (a run's best.pt); add compare=PATH for a second run")
     runs = {Path(checkpoint).parent.name or "run": collect(checkpoint, data_root)}
