@@ -66,11 +66,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.
     named = params if params is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups: dict[tuple[float, float], list] = {}
     for name, p in named:
-        mult = next((m for pat, m in cfg.lr_mult.items() if fnmatch.fnmatch(name, pat)), 1.0)
+        pat = _lr_pattern(name, cfg)
+        mult = cfg.lr_mult[pat] if pat is not None else 1.0
         wd = cfg.weight_decay if (p.ndim > 1 or cfg.decay_norm_and_bias) else 0.0
         groups.setdefault((mult, wd), []).append(p)
     return [{"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": wd}
             for (mult, wd), ps in groups.items()]
+
+
+def _lr_pattern(name: str, cfg: OptimConfig) -> str | None:
+    """The first ``lr_mult`` pattern that parameter ``name`` matches (its multiplier's key), or None."""
+    return next((pat for pat in cfg.lr_mult if fnmatch.fnmatch(name, pat)), None)
 
 
 def lr_mult_summary(model: nn.Module, cfg: OptimConfig) -> str:
@@ -79,11 +85,9 @@ def lr_mult_summary(model: nn.Module, cfg: OptimConfig) -> str:
     '' without patterns."""
     if not cfg.lr_mult:
         return ""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     taken = {pat: 0 for pat in cfg.lr_mult}
-    for name in names:
-        pat = next((pat for pat in cfg.lr_mult if fnmatch.fnmatch(name, pat)), None)
-        if pat is not None:
+    for name, p in model.named_parameters():
+        if p.requires_grad and (pat := _lr_pattern(name, cfg)) is not None:
             taken[pat] += 1
     parts = [f"'{pat}' x{cfg.lr_mult[pat]:g} on {n} tensor(s)" if n else f"'{pat}' matches no parameter"
              for pat, n in taken.items()]
