@@ -8,7 +8,7 @@ from bionets.errors import BionetsError
 
 
 @functools.cache
-def _cpu_compiler_problem() -> str | None:
+def cpu_compiler_problem() -> str | None:
     """Why Inductor has no working C++ compiler here (one line), or None (checked once: ~70 ms)."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -23,7 +23,7 @@ def _cpu_compiler_problem() -> str | None:
 
 def require_cpu_compiler(what: str, instead: str) -> None:
     """One BionetsError naming ``what`` and the way out ``instead`` where no C++ compiler works."""
-    problem = _cpu_compiler_problem()
+    problem = cpu_compiler_problem()
     if problem:
         raise BionetsError(f"{what} on the CPU needs a C++ compiler for torch.compile, and none works here "
                            f"({problem}): install one (g++ or clang++) or {instead}")

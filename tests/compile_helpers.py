@@ -3,9 +3,9 @@ and the skip where the CPU has no C++ compiler for Inductor."""
 import pytest
 import torch
 
-from bionets.toolchain import _cpu_compiler_problem
+from bionets.toolchain import cpu_compiler_problem
 
-needs_cpu_compiler = pytest.mark.skipif(_cpu_compiler_problem() is not None,
+needs_cpu_compiler = pytest.mark.skipif(cpu_compiler_problem() is not None,
                                         reason="torch.compile on the CPU needs a C++ compiler")
 
 

@@ -171,7 +171,7 @@ def test_compile_without_a_cpu_compiler_is_one_line(tmp_path, monkeypatch):
     with one line before any work, not deep inside the first compiled call."""
     from bionets import toolchain
     from bionets.layers.raa import RAA
-    monkeypatch.setattr(toolchain, "_cpu_compiler_problem", lambda: "InvalidCxxCompiler: none found")
+    monkeypatch.setattr(toolchain, "cpu_compiler_problem", lambda: "InvalidCxxCompiler: none found")
     with pytest.raises(BionetsError, match="train.compile on the CPU needs a C.. compiler .*set train.compile=false"):
         train(fast_config(tmp_path, "train.compile=true"), quiet=True)
     with pytest.raises(BionetsError, match=r"RAA\(compiled=True\) on the CPU needs a C.. compiler"):
