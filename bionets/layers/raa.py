@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bionets.errors import BionetsError
+from bionets.layers import raa_cpu
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import run_or_warn, triton_kernels
 from bionets.toolchain import require_cpu_compiler
@@ -169,16 +170,22 @@ class _RaaVector(torch.autograd.Function):
     relu form ``y = max(0, z)``: both are ``1[z > 0]``.
     With ``gs`` = grad * dy/dshift summed over each vector's features: dL/dx gains ``v gs``,
     dL/dv = sum over vectors of ``gs x``, dL/dc = sum of ``gs``.
-    Saves x and the shift (gelu) or x and y (relu; y is kept alive by the next layer anyway). On
-    CUDA each direction is one Triton kernel (:mod:`bionets.layers.raa_triton`; saves x and the shift).
+    Each direction is one fused kernel where one runs: Triton on CUDA (:mod:`bionets.layers.raa_triton`),
+    C++ on the CPU for float32 (:mod:`bionets.layers.raa_cpu`); both save x and the shift. Elsewhere
+    PyTorch ops, saving x and the shift (gelu) or x and y (relu; y is kept alive by the next layer anyway).
     """
 
     @staticmethod
     def forward(ctx, x, v, c, dim, base):
+        ctx.dim, ctx.base, ctx.layout, ctx.kernel = dim, base, None, "torch"
         layout = _triton_layout(x, dim)
         done = _triton_forward(x, v, c, layout, base == "relu") if layout is not None else None
-        ctx.dim, ctx.base, ctx.layout = dim, base, layout if done is not None else None
         if done is not None:                           # CUDA: one fused kernel each way
+            ctx.kernel, ctx.layout = "triton", layout
+        elif raa_cpu.takes(x, v, c, dim):              # float32 on the CPU: the same in C++
+            ctx.kernel = "cpu"
+            done = raa_cpu.ops().forward(x, v, c, dim, base == "relu")
+        if done is not None:
             y, s = done
             ctx.save_for_backward(x, v, c, s)
             return y
@@ -195,9 +202,12 @@ class _RaaVector(torch.autograd.Function):
     def backward(ctx, grad):
         x, v, c, saved = ctx.saved_tensors
         dim = ctx.dim
-        if ctx.layout is not None:
+        if ctx.kernel == "triton":
             gx, gv, gc = raa_triton().backward(x, grad, saved, v, ctx.layout, relu=ctx.base == "relu")
             return gx, None if v is None else gv.to(v.dtype), gc.reshape(c.shape).to(c.dtype), None, None
+        if ctx.kernel == "cpu":
+            gx, gv, gc = raa_cpu.ops().backward(x, grad, saved, v, dim, ctx.base == "relu")
+            return gx, None if v is None else gv, gc.view(c.shape), None, None
         if ctx.base == "relu":
             gx = torch.ops.aten.threshold_backward(grad, saved, 0)
             gs, scale = gx, 1.0

@@ -25,10 +25,11 @@ def triton_kernels(module: str) -> types.ModuleType | None:
 
 
 def run_or_warn(fn: Callable[[], Any], failure: str, instead: str) -> tuple[Any, str | None]:
-    """``(fn(), None)``, or ``(None, reason)`` where Triton cannot build or launch the kernels ``fn``
-    runs (it compiles them, and a small C launcher, at first use: a compiler, driver or version
-    problem), after one warning ``bionets: <failure> (<reason>); <instead>``. CUDA running out of
-    memory is raised: the model's problem, not Triton's."""
+    """``(fn(), None)``, or ``(None, reason)`` where the kernels ``fn`` runs cannot be built or
+    launched here (Triton compiles its kernels and a small C launcher at first use, torch's C++
+    extension builder the CPU kernels: a compiler, driver or version problem), after one warning
+    ``bionets: <failure> (<reason>); <instead>``. CUDA running out of memory is raised: the model's
+    problem, not the toolchain's."""
     try:
         return fn(), None
     except torch.cuda.OutOfMemoryError:

@@ -1,0 +1,361 @@
+// RAA's vector and scalar variants as two fused CPU kernels, one pass over the map each way
+// (built on first use by bionets/layers/raa_cpu.py; registered as torch.ops.bionets_raa_cpu).
+//
+// forward, per feature vector x (one token, or one pixel of a map), c a scalar:
+//     s = v . x + c                         (scalar variant: s = c)
+//     y = x Phi(x + s)   (gelu form)        y = max(0, x + s)   (relu form)
+// backward, with z = x + s and g = dL/dy:
+//     gs    = sum_features g dy/ds          (x phi(z), or 1[z > 0])
+//     dL/dx = g dy/dx|_s + v gs             (Phi(z) + x phi(z), or 1[z > 0])
+//     dL/dv = sum_vectors gs x,  dL/dc = sum_vectors gs
+// The two sums are taken per chunk of CHUNK vectors, then over the chunks in order: a fixed split, so
+// the result does not depend on the number of threads.
+//
+// Phi(z) = (1 + erf(z / sqrt 2)) / 2 with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7; the
+// formula of ATen's own vectorized erf), whose factor exp(-z^2 / 2) is also sqrt(2 pi) phi(z): one
+// exponential per element each way (GELU's backward in ATen takes two).
+//
+// x is read as [N, C, P] with one stride each: features contiguous (channels_last maps, tokens) or
+// pixels contiguous (NCHW maps). float32 only.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+constexpr int64_t CHUNK = 256;   // vectors per task and per row of partial sums
+constexpr int64_t ROWS = 32;     // features-contiguous layout: vectors whose shifts are computed together
+constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+
+struct Layout {
+  int64_t N, C, P, sn, sc, sp;
+  bool rows() const { return sc == 1; }
+  int64_t chunks() const { return rows() ? (N * P + CHUNK - 1) / CHUNK : N * ((P + CHUNK - 1) / CHUNK); }
+};
+
+// dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor; the
+// strides are the memory format's own (a size-1 dimension's stride may be anything)
+Layout layout_of(const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "bionets RAA CPU kernels take float32, got ", x.scalar_type());
+  if (dim == 1) {
+    TORCH_CHECK(x.dim() == 4, "bionets RAA CPU kernels: a map must be 4-D");
+    const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+    if (x.is_contiguous()) return Layout{N, C, P, C * P, P, 1};
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "bionets RAA CPU kernels: map neither NCHW nor channels_last");
+    return Layout{N, C, P, C * P, 1, C};
+  }
+  TORCH_CHECK(x.is_contiguous(), "bionets RAA CPU kernels: features-last tensor not contiguous");
+  const int64_t C = x.size(-1);
+  return Layout{1, C, C ? x.numel() / C : 0, 0, 1, C};
+}
+
+inline float sum_lanes(const Vec& a) {
+  return at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return p + q; }, a);
+}
+
+// Phi(z) and e = exp(-z^2 / 2) (so phi(z) = e / sqrt(2 pi))
+inline Vec normal_cdf(const Vec& z, Vec& e) {
+  const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f * 0.7071067811865476f), z.abs(), Vec(1.f));
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  e = (z * z * Vec(-0.5f)).exp();
+  const Vec tail = Vec(0.5f) * r * t * e;                  // Phi(-|z|)
+  return Vec::blendv(tail, Vec(1.f) - tail, z >= Vec(0.f));
+}
+
+inline Vec forward_elem(const Vec& x, const Vec& s, bool relu) {
+  const Vec z = x + s;
+  if (relu) return at::vec::maximum(z, Vec(0.f));
+  Vec e;
+  return x * normal_cdf(z, e);
+}
+
+// g dy/dx|_s; adds g dy/ds to acc (gelu form: without its factor 1 / sqrt(2 pi), applied to the sum)
+inline Vec backward_elem(const Vec& x, const Vec& g, const Vec& s, bool relu, Vec& acc) {
+  const Vec z = x + s;
+  if (relu) {
+    const Vec d = Vec::blendv(Vec(0.f), g, z > Vec(0.f));
+    acc = acc + d;
+    return d;
+  }
+  Vec e;
+  const Vec cdf = normal_cdf(z, e);
+  const Vec xe = x * e;
+  acc = at::vec::fmadd(g, xe, acc);
+  return g * at::vec::fmadd(xe, Vec(INV_SQRT_2PI), cdf);
+}
+
+// ---- features contiguous (channels_last maps, tokens): x is [M, C], vector m at x + m C
+
+// f(relu, nv) with both as compile-time constants: nv = C / VL where C is a multiple of VL up to 4 of
+// them (loops then unroll, without masks), else 0 (any C: whole vectors and a masked tail)
+template <typename F>
+void dispatch(bool relu, int64_t C, const F& f) {
+  const auto with = [&](auto relu_c) {
+    switch (C % VL ? 0 : C / VL) {
+      case 1: return f(relu_c, std::integral_constant<int64_t, 1>{});
+      case 2: return f(relu_c, std::integral_constant<int64_t, 2>{});
+      case 4: return f(relu_c, std::integral_constant<int64_t, 4>{});
+      default: return f(relu_c, std::integral_constant<int64_t, 0>{});
+    }
+  };
+  relu ? with(std::true_type{}) : with(std::false_type{});
+}
+
+void forward_rows(const float* x, const float* v, float c, float* y, float* s, const Layout& l, bool relu) {
+  const int64_t M = l.N * l.P;
+  dispatch(relu, l.C, [&](auto relu_c, auto nv) {
+    constexpr bool RELU = decltype(relu_c)::value;
+    const int64_t C = nv ? nv * VL : l.C;
+    at::parallel_for(0, (M + ROWS - 1) / ROWS, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t m0 = b * ROWS, m1 = std::min(M, m0 + ROWS);
+        for (int64_t m = m0; m < m1; ++m) {       // the shifts first: independent reductions overlap
+          Vec acc(0.f);
+          for (int64_t k = 0; v && k < C; k += VL) {
+            const int64_t n = nv ? VL : std::min(VL, C - k);
+            acc = at::vec::fmadd(Vec::loadu(x + m * C + k, n), Vec::loadu(v + k, n), acc);
+          }
+          s[m] = c + sum_lanes(acc);
+        }
+        for (int64_t m = m0; m < m1; ++m) {
+          const Vec sm(s[m]);
+          for (int64_t k = 0; k < C; k += VL) {
+            const int64_t n = nv ? VL : std::min(VL, C - k);
+            forward_elem(Vec::loadu(x + m * C + k, n), sm, RELU).store(y + m * C + k, n);
+          }
+        }
+      }
+    });
+  });
+}
+
+// a vector of NV registers: one pass (dL/dx finished in registers, partial dL/dv in registers)
+template <bool RELU, int64_t NV>
+void backward_rows_fixed(const float* x, const float* g, const float* s, const float* v, float* gx, float* pv,
+                         int64_t m0, int64_t m1, float scale) {
+  constexpr int64_t C = NV * VL;
+  Vec vk[NV], a0[NV], a1[NV];
+  for (int64_t j = 0; j < NV; ++j) {
+    vk[j] = v ? Vec::loadu(v + j * VL) : Vec(0.f);
+    a0[j] = a1[j] = Vec(0.f);
+  }
+  float gc = 0.f;
+  for (int64_t m = m0; m < m1; ++m) {
+    const Vec sm(s[m]);
+    Vec xs[NV], d[NV], acc(0.f);
+    for (int64_t j = 0; j < NV; ++j) {
+      xs[j] = Vec::loadu(x + m * C + j * VL);
+      d[j] = backward_elem(xs[j], Vec::loadu(g + m * C + j * VL), sm, RELU, acc);
+    }
+    const float gsm = sum_lanes(acc) * scale;
+    gc += gsm;
+    const Vec gv(gsm);
+    for (int64_t j = 0; j < NV; ++j) {
+      if (v) {
+        d[j] = at::vec::fmadd(vk[j], gv, d[j]);
+        Vec& a = (m & 1) ? a1[j] : a0[j];
+        a = at::vec::fmadd(xs[j], gv, a);
+      }
+      d[j].store(gx + m * C + j * VL);
+    }
+  }
+  for (int64_t j = 0; j < NV; ++j) (a0[j] + a1[j]).store(pv + j * VL);
+  pv[C] = gc;
+}
+
+// any C: whole vectors and a masked tail, in two loops over a block of rows
+template <bool RELU>
+void backward_rows_any(const float* x, const float* g, const float* s, const float* v, float* gx, float* pv,
+                       int64_t M0, int64_t M1, int64_t C, float scale) {
+  float gs[ROWS];
+  std::fill(pv, pv + C + 1, 0.f);
+  for (int64_t m0 = M0; m0 < M1; m0 += ROWS) {
+    const int64_t R = std::min(ROWS, M1 - m0);
+    const float* xb = x + m0 * C; const float* gb = g + m0 * C; float* gxb = gx + m0 * C;
+    for (int64_t r = 0; r < R; ++r) {            // dL/dx without v gs, and gs
+      const Vec sr(s[m0 + r]);
+      Vec acc(0.f);
+      for (int64_t k = 0; k < C; k += VL) {
+        const int64_t n = std::min(VL, C - k);    // lanes past C load 0 and add 0 to acc
+        backward_elem(Vec::loadu(xb + r * C + k, n), Vec::loadu(gb + r * C + k, n), sr, RELU, acc)
+            .store(gxb + r * C + k, n);
+      }
+      gs[r] = sum_lanes(acc) * scale;
+      pv[C] += gs[r];
+    }
+    if (!v) continue;
+    for (int64_t k = 0; k < C; k += VL) {         // dL/dx += v gs; partial dL/dv in registers
+      const int64_t n = std::min(VL, C - k);
+      const Vec vk = Vec::loadu(v + k, n);
+      Vec a0(0.f), a1(0.f);
+      for (int64_t r = 0; r < R; ++r) {
+        const Vec gr(gs[r]);
+        float* gxr = gxb + r * C + k;
+        at::vec::fmadd(vk, gr, Vec::loadu(gxr, n)).store(gxr, n);
+        Vec& a = (r & 1) ? a1 : a0;
+        a = at::vec::fmadd(Vec::loadu(xb + r * C + k, n), gr, a);
+      }
+      (Vec::loadu(pv + k, n) + a0 + a1).store(pv + k, n);
+    }
+  }
+}
+
+void backward_rows(const float* x, const float* g, const float* s, const float* v, float* gx, float* part,
+                   const Layout& l, bool relu) {
+  const int64_t M = l.N * l.P, C = l.C;
+  const float scale = relu ? 1.f : INV_SQRT_2PI;
+  dispatch(relu, C, [&](auto relu_c, auto nv) {
+    constexpr bool RELU = decltype(relu_c)::value;
+    at::parallel_for(0, l.chunks(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const int64_t m0 = ch * CHUNK, m1 = std::min(M, m0 + CHUNK);
+        if constexpr (nv > 0)
+          backward_rows_fixed<RELU, nv>(x, g, s, v, gx, part + ch * (C + 1), m0, m1, scale);
+        else
+          backward_rows_any<RELU>(x, g, s, v, gx, part + ch * (C + 1), m0, m1, C, scale);
+      }
+    });
+  });
+}
+
+// ---- pixels contiguous (NCHW): a task is CHUNK pixels of one image, all channels
+
+void forward_planes(const float* x, const float* v, float c, float* y, float* s, const Layout& l, bool relu) {
+  const int64_t C = l.C, P = l.P, blocks = (P + CHUNK - 1) / CHUNK;
+  at::parallel_for(0, l.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, p0 = (t % blocks) * CHUNK, B = std::min(CHUNK, P - p0);
+      float* sb = s + n * P + p0;
+      std::fill(sb, sb + B, c);
+      for (int64_t k = 0; v && k < C; ++k) {
+        const float* xk = x + n * l.sn + k * l.sc + p0;
+        for (int64_t p = 0; p < B; p += VL) {
+          const int64_t cnt = std::min(VL, B - p);
+          at::vec::fmadd(Vec::loadu(xk + p, cnt), Vec(v[k]), Vec::loadu(sb + p, cnt)).store(sb + p, cnt);
+        }
+      }
+      for (int64_t k = 0; k < C; ++k) {
+        const int64_t o = n * l.sn + k * l.sc + p0;
+        for (int64_t p = 0; p < B; p += VL) {
+          const int64_t cnt = std::min(VL, B - p);
+          forward_elem(Vec::loadu(x + o + p, cnt), Vec::loadu(sb + p, cnt), relu).store(y + o + p, cnt);
+        }
+      }
+    }
+  });
+}
+
+void backward_planes(const float* x, const float* g, const float* s, const float* v, float* gx, float* part,
+                     const Layout& l, bool relu) {
+  const int64_t C = l.C, P = l.P, blocks = (P + CHUNK - 1) / CHUNK;
+  const float scale = relu ? 1.f : INV_SQRT_2PI;
+  at::parallel_for(0, l.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    float gs[CHUNK];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, p0 = (t % blocks) * CHUNK, B = std::min(CHUNK, P - p0);
+      const float* sb = s + n * P + p0;
+      float* pv = part + t * (C + 1);
+      std::fill(gs, gs + B, 0.f);
+      for (int64_t k = 0; k < C; ++k) {           // dL/dx without v gs, and gs
+        const int64_t o = n * l.sn + k * l.sc + p0;
+        for (int64_t p = 0; p < B; p += VL) {
+          const int64_t cnt = std::min(VL, B - p);
+          Vec acc = Vec::loadu(gs + p, cnt);
+          backward_elem(Vec::loadu(x + o + p, cnt), Vec::loadu(g + o + p, cnt), Vec::loadu(sb + p, cnt), relu, acc)
+              .store(gx + o + p, cnt);
+          acc.store(gs + p, cnt);
+        }
+      }
+      Vec total(0.f);
+      for (int64_t p = 0; p < B; p += VL) {
+        const int64_t cnt = std::min(VL, B - p);
+        const Vec gp = Vec::loadu(gs + p, cnt) * Vec(scale);
+        gp.store(gs + p, cnt);
+        total = total + gp;
+      }
+      pv[C] = sum_lanes(total);
+      for (int64_t k = 0; k < C; ++k) {           // dL/dx += v gs; partial dL/dv
+        pv[k] = 0.f;
+        if (!v) continue;
+        const int64_t o = n * l.sn + k * l.sc + p0;
+        Vec acc(0.f);
+        for (int64_t p = 0; p < B; p += VL) {
+          const int64_t cnt = std::min(VL, B - p);
+          const Vec gp = Vec::loadu(gs + p, cnt);
+          at::vec::fmadd(Vec(v[k]), gp, Vec::loadu(gx + o + p, cnt)).store(gx + o + p, cnt);
+          acc = at::vec::fmadd(Vec::loadu(x + o + p, cnt), gp, acc);
+        }
+        pv[k] = sum_lanes(acc);
+      }
+    }
+  });
+}
+
+const float* v_data(const std::optional<at::Tensor>& v, const Layout& l) {
+  if (!v) return nullptr;
+  TORCH_CHECK(v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == l.C,
+              "bionets RAA CPU kernels: v must be a contiguous float32 vector of the feature size");
+  return v->data_ptr<float>();
+}
+
+// (y, s): s holds the shift of each vector, [N * P]
+std::tuple<at::Tensor, at::Tensor> raa_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
+                                               const at::Tensor& c, int64_t dim, bool relu) {
+  const Layout l = layout_of(x, dim);
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.numel() == 1, "bionets RAA CPU kernels: c must be one float32");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor s = at::empty({l.N * l.P}, x.options());
+  const auto run = l.rows() ? forward_rows : forward_planes;
+  run(x.const_data_ptr<float>(), v_data(v, l), *c.const_data_ptr<float>(), y.data_ptr<float>(), s.data_ptr<float>(),
+      l, relu);
+  return {y, s};
+}
+
+// (dL/dx, dL/dv (empty for the scalar variant), dL/dc [1])
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::Tensor& g,
+                                                            const at::Tensor& s, const std::optional<at::Tensor>& v,
+                                                            int64_t dim, bool relu) {
+  const Layout l = layout_of(x, dim);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.N * l.P,
+              "bionets RAA CPU kernels: the saved shift does not match x");
+  // the gradient is read with x's strides: one copy where it arrives in another layout
+  const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == at::kFloat ? g : at::empty_like(x).copy_(g);
+  at::Tensor gx = at::empty_like(x);
+  std::vector<float> part(l.chunks() * (l.C + 1));
+  const auto run = l.rows() ? backward_rows : backward_planes;
+  run(x.const_data_ptr<float>(), grad.const_data_ptr<float>(), s.const_data_ptr<float>(), v_data(v, l),
+      gx.data_ptr<float>(), part.data(), l, relu);
+  // the partial sums added in chunk order: the same result on any number of threads
+  std::vector<double> total(l.C + 1, 0.0);
+  for (int64_t ch = 0; ch < l.chunks(); ++ch)
+    for (int64_t k = 0; k <= l.C; ++k) total[k] += part[ch * (l.C + 1) + k];
+  at::Tensor gv = at::empty({v ? l.C : 0}, x.options()), gc = at::empty({1}, x.options());
+  for (int64_t k = 0; k < gv.numel(); ++k) gv.data_ptr<float>()[k] = static_cast<float>(total[k]);
+  *gc.data_ptr<float>() = static_cast<float>(total[l.C]);
+  return {gx, gv, gc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bionets_raa_cpu, m) {
+  m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
+  m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bionets_raa_cpu, CPU, m) {
+  m.impl("forward", raa_forward);
+  m.impl("backward", raa_backward);
+}

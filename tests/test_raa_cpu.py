@@ -1,0 +1,118 @@
+"""RAA's fused C++ kernels for float32 CPU tensors against the direct formula in float64, in every
+layout they take, and the PyTorch path where they cannot be built."""
+import pytest
+import torch
+
+import bionets.layers.raa_cpu as raa_cpu
+from bionets.layers.raa import RAA
+from test_raa import LAYOUTS, direct, randomized
+
+pytestmark = pytest.mark.skipif(raa_cpu.ops() is None, reason="RAA's CPU kernels cannot be built here (warned)")
+
+# (shape, feature dim): C below, at and above a vector register, odd sizes that leave tails, maps larger
+# than one chunk of 256 vectors (threads split them), tokens
+SHAPES = [((3, 5, 4, 6), 1), ((2, 16, 9, 9), 1), ((2, 32, 5, 5), 1), ((4, 37, 11, 13), 1), ((2, 64, 8, 8), 1), ((33, 1, 3, 3), 1),
+          ((2, 7, 5), -1), ((3, 300, 40), -1), ((5, 20), -1)]
+
+
+def _grads(raa, x, dim, g):
+    out = raa(x)
+    return (out, *torch.autograd.grad(out, (x, *raa.parameters()), g))
+
+
+@pytest.mark.parametrize("variant", ["vector", "scalar"])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_kernels_match_formula_float64(variant, base, layout):
+    """Output and every gradient within float32 rounding of the float64 formula: a relative error
+    below 1e-4 of each tensor's largest entry (1e-7 to 2e-6 measured, as the PyTorch path in float32;
+    dL/dc sums thousands of terms of both signs)."""
+    torch.manual_seed(0)
+    for shape, dim in SHAPES:
+        if dim == -1 and layout != "contiguous":
+            continue
+        raa = randomized(RAA(shape[dim], variant, base))
+        x = LAYOUTS[layout](torch.randn(*shape)).requires_grad_()
+        assert raa_cpu.takes(x, getattr(raa, "v", None), raa.c, dim)
+        g = torch.randn(shape)
+        got = _grads(raa, x, dim, g)
+        raa64 = RAA(shape[dim], variant, base).double()
+        raa64.load_state_dict(raa.state_dict())
+        x64 = x.detach().double().requires_grad_()
+        out64 = direct(x64, raa64, dim)
+        want = (out64, *torch.autograd.grad(out64, (x64, *raa64.parameters()), g.double()))
+        assert got[0].stride() == x.stride()
+        for a, b in zip(got, want):
+            assert a.dtype == torch.float32
+            err = (a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)
+            assert err < 1e-4, (shape, err)
+
+
+def test_cpu_kernels_take_a_gradient_in_another_layout():
+    """A gradient arriving NCHW for a channels_last map (or the other way) is read correctly."""
+    torch.manual_seed(0)
+    raa = randomized(RAA(12))
+    for fmt, other in [(torch.channels_last, torch.contiguous_format), (torch.contiguous_format, torch.channels_last)]:
+        x = torch.randn(2, 12, 5, 7).contiguous(memory_format=fmt).requires_grad_()
+        g = torch.randn(2, 12, 5, 7)
+        want = torch.autograd.grad(raa(x), x, g.contiguous(memory_format=fmt))[0]
+        got = torch.autograd.grad(raa(x), x, g.contiguous(memory_format=other))[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cpu_kernels_edge_values():
+    """z = x + shift = 0 gives Phi = 1/2 exactly; huge |z| gives 0 or x; a NaN shift gives NaN."""
+    raa = RAA(4)
+    with torch.no_grad():
+        raa.c.fill_(0.5)
+    x = torch.tensor([[-0.5, 1.0, -0.5, 0.0], [-0.5, -0.5, 2.0, 1e30], [-1e30, 3.0, 0.0, 0.0]]).view(3, 4)
+    out = raa(x)
+    assert out[0, 0].item() == -0.25 and out[0, 2].item() == -0.25
+    assert out[1, 3].item() == x[1, 3].item() and out[2, 0].item() == 0.0
+    with torch.no_grad():
+        raa.c.fill_(float("nan"))
+    assert raa(x).isnan().all()
+
+
+def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
+    """dL/dv and dL/dc are summed over fixed chunks of vectors, so the result does not depend on how
+    many threads split the map (a run is reproducible from one machine to the next)."""
+    torch.manual_seed(0)
+    raa = randomized(RAA(16))
+    x = torch.randn(8, 16, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_grads(raa, x, 1, torch.ones(8, 16, 16, 16)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch):
+    """BIONETS_CPU_KERNELS=0 uses the PyTorch path without trying; where the build fails (no compiler),
+    one warning names why and RAA gives the same values through the PyTorch path."""
+    torch.manual_seed(0)
+    raa = randomized(RAA(6))
+    x = torch.randn(3, 6, 4, 4, requires_grad=True)
+    want = _grads(raa, x, 1, torch.ones(3, 6, 4, 4))
+
+    monkeypatch.setattr(raa_cpu, "_STATE", {})
+    monkeypatch.setenv("BIONETS_CPU_KERNELS", "0")
+    assert not raa_cpu.takes(x, raa.v, raa.c, 1)
+    torch.testing.assert_close(_grads(raa, x, 1, torch.ones(3, 6, 4, 4)), want, rtol=1e-5, atol=1e-6)
+
+    def broken():
+        raise RuntimeError("Error building extension 'bionets_raa_cpu': c++: command not found\nmore lines")
+
+    monkeypatch.setattr(raa_cpu, "_STATE", {})
+    monkeypatch.setenv("BIONETS_CPU_KERNELS", "1")
+    monkeypatch.setattr(raa_cpu, "build", broken)
+    with pytest.warns(UserWarning, match="CPU kernels cannot be built here.*command not found.*PyTorch path"):
+        got = _grads(raa, x, 1, torch.ones(3, 6, 4, 4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert raa_cpu.ops() is None                     # tried once, not at every call
