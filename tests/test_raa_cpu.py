@@ -3,11 +3,12 @@ layout they take, and the PyTorch path where they cannot be built."""
 import pytest
 import torch
 
-import bionets.layers.raa_cpu as raa_cpu
+import bionets.layers.cpu_kernels as cpu_kernels
+import bionets.layers.raa as raa_module
 from bionets.layers.raa import RAA
 from test_raa import LAYOUTS, direct, randomized
 
-pytestmark = pytest.mark.skipif(raa_cpu.ops() is None, reason="RAA's CPU kernels cannot be built here (warned)")
+pytestmark = pytest.mark.skipif(cpu_kernels.ops("raa_cpu") is None, reason="RAA's CPU kernels cannot be built here (warned)")
 
 # (shape, feature dim): C below, at and above a vector register, odd sizes that leave tails, maps larger
 # than one chunk of 256 vectors (threads split them), tokens
@@ -33,7 +34,7 @@ def test_cpu_kernels_match_formula_float64(variant, base, layout):
             continue
         raa = randomized(RAA(shape[dim], variant, base))
         x = LAYOUTS[layout](torch.randn(*shape)).requires_grad_()
-        assert raa_cpu.takes(x, getattr(raa, "v", None), raa.c, dim)
+        assert raa_module._cpu_kernels(x, getattr(raa, "v", None), raa.c, dim) is not None
         g = torch.randn(shape)
         got = _grads(raa, x, dim, g)
         raa64 = RAA(shape[dim], variant, base).double()
@@ -101,18 +102,21 @@ def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch)
     x = torch.randn(3, 6, 4, 4, requires_grad=True)
     want = _grads(raa, x, 1, torch.ones(3, 6, 4, 4))
 
-    monkeypatch.setattr(raa_cpu, "_STATE", {})
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
     monkeypatch.setenv("BIONETS_CPU_KERNELS", "0")
-    assert not raa_cpu.takes(x, raa.v, raa.c, 1)
+    assert raa_module._cpu_kernels(x, raa.v, raa.c, 1) is None
     torch.testing.assert_close(_grads(raa, x, 1, torch.ones(3, 6, 4, 4)), want, rtol=1e-5, atol=1e-6)
 
-    def broken():
-        raise RuntimeError("Error building extension 'bionets_raa_cpu': c++: command not found\nmore lines")
+    tried = []
 
-    monkeypatch.setattr(raa_cpu, "_STATE", {})
+    def broken(name):
+        tried.append(name)
+        raise RuntimeError(f"building bionets_{name}: c++: command not found\nmore lines")
+
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
     monkeypatch.setenv("BIONETS_CPU_KERNELS", "1")
-    monkeypatch.setattr(raa_cpu, "build", broken)
+    monkeypatch.setattr(cpu_kernels, "build", broken)
     with pytest.warns(UserWarning, match="CPU kernels cannot be built here.*command not found.*PyTorch path"):
         got = _grads(raa, x, 1, torch.ones(3, 6, 4, 4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert raa_cpu.ops() is None                     # tried once, not at every call
+    assert cpu_kernels.ops("raa_cpu") is None and tried == ["raa_cpu"]        # tried once, not at every call

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bionets.errors import BionetsError
-from bionets.layers import raa_cpu
+from bionets.layers import cpu_kernels
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import run_or_warn, triton_kernels
 from bionets.toolchain import require_cpu_compiler
@@ -162,6 +162,21 @@ def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
     return done
 
 
+def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
+    """RAA's C++ kernels (``raa_cpu.cpp``, :mod:`bionets.layers.cpu_kernels`) where they compute RAA
+    for x, else None: float32 CPU tensors (v and c too), x a 4-D map with the features on dim 1
+    (NCHW or channels_last) or a contiguous tensor with them last."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or c.dtype != torch.float32 or not x.numel():
+        return None
+    if v is not None and v.dtype != torch.float32:
+        return None
+    if dim == 1:
+        layout_ok = x.ndim == 4 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    else:
+        layout_ok = x.is_contiguous()
+    return cpu_kernels.ops("raa_cpu") if layout_ok else None
+
+
 class _RaaVector(torch.autograd.Function):
     """RAA's vector and scalar variants, both forms, shift included, in one autograd function.
 
@@ -171,7 +186,7 @@ class _RaaVector(torch.autograd.Function):
     With ``gs`` = grad * dy/dshift summed over each vector's features: dL/dx gains ``v gs``,
     dL/dv = sum over vectors of ``gs x``, dL/dc = sum of ``gs``.
     Each direction is one fused kernel where one runs: Triton on CUDA (:mod:`bionets.layers.raa_triton`),
-    C++ on the CPU for float32 (:mod:`bionets.layers.raa_cpu`); both save x and the shift. Elsewhere
+    C++ on the CPU for float32 (``raa_cpu.cpp``); both save x and the shift. Elsewhere
     PyTorch ops, saving x and the shift (gelu) or x and y (relu; y is kept alive by the next layer anyway).
     """
 
@@ -182,9 +197,9 @@ class _RaaVector(torch.autograd.Function):
         done = _triton_forward(x, v, c, layout, base == "relu") if layout is not None else None
         if done is not None:                           # CUDA: one fused kernel each way
             ctx.kernel, ctx.layout = "triton", layout
-        elif raa_cpu.takes(x, v, c, dim):              # float32 on the CPU: the same in C++
+        elif (kernels := _cpu_kernels(x, v, c, dim)) is not None:     # float32 on the CPU: the same in C++
             ctx.kernel = "cpu"
-            done = raa_cpu.ops().forward(x, v, c, dim, base == "relu")
+            done = kernels.forward(x, v, c, dim, base == "relu")
         if done is not None:
             y, s = done
             ctx.save_for_backward(x, v, c, s)
@@ -206,7 +221,7 @@ class _RaaVector(torch.autograd.Function):
             gx, gv, gc = raa_triton().backward(x, grad, saved, v, ctx.layout, relu=ctx.base == "relu")
             return gx, None if v is None else gv.to(v.dtype), gc.reshape(c.shape).to(c.dtype), None, None
         if ctx.kernel == "cpu":
-            gx, gv, gc = raa_cpu.ops().backward(x, grad, saved, v, dim, ctx.base == "relu")
+            gx, gv, gc = cpu_kernels.ops("raa_cpu").backward(x, grad, saved, v, dim, ctx.base == "relu")
             return gx, None if v is None else gv, gc.view(c.shape), None, None
         if ctx.base == "relu":
             gx = torch.ops.aten.threshold_backward(grad, saved, 0)

@@ -1,5 +1,5 @@
 // RAA's vector and scalar variants as two fused CPU kernels, one pass over the map each way
-// (built on first use by bionets/layers/raa_cpu.py; registered as torch.ops.bionets_raa_cpu).
+// (built on first use by bionets/layers/cpu_kernels.py; registered as torch.ops.bionets_raa_cpu).
 //
 // forward, per feature vector x (one token, or one pixel of a map), c a scalar:
 //     s = v . x + c                         (scalar variant: s = c)

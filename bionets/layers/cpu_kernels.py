@@ -1,0 +1,115 @@
+"""C++ kernels for the layers' CPU paths, built on this machine at first use.
+
+Where a layer's CPU cost is passes over memory and per-op dispatch rather than arithmetic, PyTorch
+ops cannot fuse it and its eager path stays slow; each ``<name>.cpp`` beside this module holds such
+kernels, vectorized with ATen's ``Vectorized`` and threaded with ``at::parallel_for``, and registers
+them as ``torch.ops.bionets_<name>``:
+
+* ``raa_cpu``: RAA's vector and scalar variants, one pass each way (:mod:`bionets.layers.raa`);
+* ``quadratic_cpu``: the products and the input gradient of the quadratic layer's symmetric form,
+  around PyTorch's matmuls (:mod:`bionets.layers.quadratic_sym`).
+
+torch's C++ extension builder (``torch.utils.cpp_extension``, with the ``ninja`` package) compiles a
+source at its layer's first CPU call, once per machine: about 10 s on 2 cores, with one line on
+stderr, cached under ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
+named by the vector instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash
+of the source, so a cache shared between machines never hands one a kernel it cannot run.
+
+Where no C++ compiler works, the layer warns once and keeps to its PyTorch path (correct, slower).
+The environment variable ``BIONETS_CPU_KERNELS=0`` takes the PyTorch paths without trying.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from bionets.layers.triton_kernels import run_or_warn
+
+USERS = {"raa_cpu": "RAA", "quadratic_cpu": "the quadratic layer"}     # kernel source -> whose
+
+# torch's own capability names -> the flags and the define that select ATen's Vectorized for them
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+}
+
+_STATE: dict[str, object] = {}     # name -> its loaded operators, or a string: why they cannot be built
+
+
+def enabled() -> bool:
+    """False where ``BIONETS_CPU_KERNELS=0`` asks for the PyTorch paths."""
+    return os.environ.get("BIONETS_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def source(name: str) -> Path:
+    return Path(__file__).with_name(f"{name}.cpp")
+
+
+def extension_name(name: str) -> tuple[str, list[str]]:
+    """(the build's name, its compiler flags): ``bionets_<name>_<capability>_<hash of source and flags>``."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(capability, [])
+    digest = hashlib.sha256(source(name).read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    return f"bionets_{name}_{capability.lower()}_{digest}", flags
+
+
+def build(name: str):
+    """Compile and load ``<name>.cpp`` (or load the cached build): ``torch.ops.bionets_<name>``. A
+    failure is raised as one RuntimeError line: the missing compiler, or the compiler's first error."""
+    _quiet_import()
+    from torch.utils import cpp_extension
+    ext, flags = extension_name(name)
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH (install g++, or set CXX)")
+    if shutil.which("ninja") is None:            # torch's builder runs ninja: the pip package's, where not on PATH
+        try:
+            from ninja import BIN_DIR
+        except ImportError:
+            BIN_DIR = ""
+        if BIN_DIR:
+            os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    if not any(root.glob(f"{ext}/{ext}.so")) and not any(root.glob(f"*/{ext}/{ext}.so")):
+        print(f"bionets: building {USERS[name]}'s CPU kernels (once per machine, ~10 s)", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name=ext, sources=[str(source(name))], extra_cflags=["-O3", "-fopenmp", *flags],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as err:    # noqa: BLE001  (the builder raises RuntimeError with the whole log, or OSError)
+        lines = str(err).splitlines() or [type(err).__name__]
+        first_error = next((ln.strip() for ln in lines if "error" in ln.lower() and "[1/" not in ln), lines[0])
+        raise RuntimeError(f"building {ext} failed: {first_error[:300]}") from err
+    return getattr(torch.ops, f"bionets_{name}")
+
+
+def _quiet_import() -> None:
+    """Import torch.utils.cpp_extension without its warning about a missing CUDA runtime (meant for
+    CUDA extensions; these are CPU-only)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
+def ops(name: str):
+    """``torch.ops.bionets_<name>``, or None where the kernels cannot be built here (after one warning
+    naming why) or are switched off. Built at the first call only."""
+    if name not in _STATE:
+        if not enabled():
+            _STATE[name] = "BIONETS_CPU_KERNELS=0"
+        else:
+            done, reason = run_or_warn(lambda: build(name), f"{USERS[name]}'s CPU kernels cannot be built here",
+                                       f"{USERS[name]} uses its PyTorch path instead (correct, slower); set "
+                                       "BIONETS_CPU_KERNELS=0 to skip the attempt")
+            _STATE[name] = done if done is not None else reason
+    state = _STATE[name]
+    return None if isinstance(state, str) else state
