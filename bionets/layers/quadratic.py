@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, unknown
+from bionets.layers import cpu_kernels
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
                                           triton_module)
 from bionets.layers.triton_kernels import run_or_warn
@@ -262,11 +263,23 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
         return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
     dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
-    rows = rows.to(dtype)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         # one gather + one matmul: a small graph whose batch size stays dynamic
+        rows = rows.to(dtype)
         i, j = indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
+    if dtype in (torch.bfloat16, torch.float16) and not rows.is_cuda and cpu_kernels.ops("quadratic_cpu") is not None:
+        # bf16 on the CPU: the float32 C++ kernels, the output rounded once (element-wise products
+        # in bf16 are slow on the CPU: Dit-ResNet-20's layer under bf16 autocast took 2x as long)
+        with torch.autocast("cpu", enabled=False):
+            return _channel_quadratic_sym(rows.float(), q.float(), strategy).to(dtype)
+    return _channel_quadratic_sym(rows.to(dtype), q, strategy)
+
+
+def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | None) -> torch.Tensor:
+    """The sym form of :func:`channel_quadratic` in ``rows``' dtype, by strategy and mode."""
+    m, c = rows.shape
+    dtype = rows.dtype
     strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda else "rows")
     if strategy == "fused":
         s = triton_module().fold(q).to(dtype)
