@@ -120,3 +120,29 @@ def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch)
         got = _grads(raa, x, 1, torch.ones(3, 6, 4, 4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert cpu_kernels.ops("raa_cpu") is None and tried == ["raa_cpu"]        # tried once, not at every call
+
+
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("variant", ["vector", "scalar"])
+def test_cpu_kernels_read_and_write_bf16(base, variant):
+    """bf16 maps with contiguous features (channels_last, tokens; what CPU bf16 autocast gives RAA)
+    go through the kernels in bf16 without a float32 copy: the output and dL/dx are the float32
+    kernels' on the same bf16 values, rounded once (relative error within bf16's 2^-8), dL/dv and
+    dL/dc the float32 ones; an NCHW bf16 map takes the float32 copy and gives the same."""
+    torch.manual_seed(0)
+    for shape, dim, fmt in [((4, 16, 6, 6), 1, torch.channels_last), ((3, 20, 5, 7), 1, torch.channels_last),
+                            ((2, 9, 33), -1, None), ((3, 16, 4, 4), 1, torch.contiguous_format)]:
+        raa = randomized(RAA(shape[dim], variant, base))
+        x = torch.randn(shape).bfloat16()
+        g = torch.randn(shape).bfloat16()
+        if fmt is not None:
+            x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+        direct_ok = raa_module._cpu_kernels(x, getattr(raa, "v", None), raa.c, dim) is not None
+        assert direct_ok == (fmt != torch.contiguous_format)
+        got = _grads(raa, x.requires_grad_(), dim, g)
+        want = _grads(raa, x.detach().float().requires_grad_(), dim, g.float())
+        assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[1].stride() == x.stride()
+        for a, b in zip(got[:2], want[:2]):
+            assert ((a.float() - b).abs().max() / b.abs().max()) < 2 ** -8
+        for a, b in zip(got[2:], want[2:]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -164,16 +164,21 @@ def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
 
 def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
     """RAA's C++ kernels (``raa_cpu.cpp``, :mod:`bionets.layers.cpu_kernels`) where they compute RAA
-    for x, else None: float32 CPU tensors (v and c too), x a 4-D map with the features on dim 1
-    (NCHW or channels_last) or a contiguous tensor with them last."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or c.dtype != torch.float32 or not x.numel():
+    for x, else None: a CPU tensor x, float32 with v and c, as a 4-D map with the features on dim 1
+    (NCHW or channels_last) or a contiguous tensor with them last; bf16 x with the features
+    contiguous in memory (channels_last maps, tokens)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.numel():
         return None
-    if v is not None and v.dtype != torch.float32:
+    if c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
         return None
-    if dim == 1:
-        layout_ok = x.ndim == 4 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-    else:
+    if dim != 1:
         layout_ok = x.is_contiguous()
+    elif x.ndim != 4:
+        layout_ok = False
+    elif x.is_contiguous():             # the kernels read it as NCHW: features contiguous only with 1 pixel
+        layout_ok = x.dtype == torch.float32 or x.shape[2] * x.shape[3] == 1
+    else:
+        layout_ok = x.is_contiguous(memory_format=torch.channels_last)
     return cpu_kernels.ops("raa_cpu") if layout_ok else None
 
 
@@ -320,9 +325,11 @@ class RAA(nn.Module):
                 require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
             fn = raa_expression if torch.compiler.is_compiling() else compiled_raa(self.num_features)
             return fn(x, self.c, weight, self.variant, self.base, dim)
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+                and not (self.variant != "matrix" and _cpu_kernels(x, getattr(self, "v", None), self.c, dim))):
             # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16 map
-            # times a float32 one took 1.1 ms against 0.03): compute in float32, round once
+            # times a float32 one took 1.1 ms against 0.03): compute in float32, round once (the C++
+            # kernels, where they take the map, read and write bf16 themselves)
             with torch.autocast("cpu", enabled=False):
                 return self._eager(x.float(), dim).to(x.dtype)
         return self._eager(x, dim)

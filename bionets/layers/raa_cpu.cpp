@@ -16,7 +16,8 @@
 // exponential per element each way (GELU's backward in ATen takes two).
 //
 // x is read as [N, C, P] with one stride each: features contiguous (channels_last maps, tokens) or
-// pixels contiguous (NCHW maps). float32 only.
+// pixels contiguous (NCHW maps). float32, or bf16 with the features contiguous (computed in float32;
+// the shift and the parameters' gradients are float32).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -46,7 +47,8 @@ struct Layout {
 // dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor; the
 // strides are the memory format's own (a size-1 dimension's stride may be anything)
 Layout layout_of(const at::Tensor& x, int64_t dim) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "bionets RAA CPU kernels take float32, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "bionets RAA CPU kernels take float32 or bf16, got ", x.scalar_type());
   if (dim == 1) {
     TORCH_CHECK(x.dim() == 4, "bionets RAA CPU kernels: a map must be 4-D");
     const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
@@ -62,6 +64,14 @@ Layout layout_of(const at::Tensor& x, int64_t dim) {
 inline float sum_lanes(const Vec& a) {
   return at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return p + q; }, a);
 }
+
+// x, y, g and dL/dx in their own dtype: float32, or bf16 (computed in float32, rounded once on the way out)
+inline Vec load(const float* p, int64_t n = VL) { return Vec::loadu(p, n); }
+inline Vec load(const at::BFloat16* p, int64_t n = VL) {
+  return std::get<0>(at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(p, n)));
+}
+inline void store(const Vec& a, float* p, int64_t n = VL) { a.store(p, n); }
+inline void store(const Vec& a, at::BFloat16* p, int64_t n = VL) { at::vec::convert_float_bfloat16(a, Vec(0.f)).store(p, n); }
 
 // Phi(z) and e = exp(-z^2 / 2) (so phi(z) = e / sqrt(2 pi))
 inline Vec normal_cdf(const Vec& z, Vec& e) {
@@ -114,7 +124,8 @@ void dispatch(bool relu, int64_t C, const F& f) {
   relu ? with(std::true_type{}) : with(std::false_type{});
 }
 
-void forward_rows(const float* x, const float* v, float c, float* y, float* s, const Layout& l, bool relu) {
+template <typename T>
+void forward_rows(const T* x, const float* v, float c, T* y, float* s, const Layout& l, bool relu) {
   const int64_t M = l.N * l.P;
   dispatch(relu, l.C, [&](auto relu_c, auto nv) {
     constexpr bool RELU = decltype(relu_c)::value;
@@ -126,7 +137,7 @@ void forward_rows(const float* x, const float* v, float c, float* y, float* s, c
           Vec acc(0.f);
           for (int64_t k = 0; v && k < C; k += VL) {
             const int64_t n = nv ? VL : std::min(VL, C - k);
-            acc = at::vec::fmadd(Vec::loadu(x + m * C + k, n), Vec::loadu(v + k, n), acc);
+            acc = at::vec::fmadd(load(x + m * C + k, n), Vec::loadu(v + k, n), acc);
           }
           s[m] = c + sum_lanes(acc);
         }
@@ -134,7 +145,7 @@ void forward_rows(const float* x, const float* v, float c, float* y, float* s, c
           const Vec sm(s[m]);
           for (int64_t k = 0; k < C; k += VL) {
             const int64_t n = nv ? VL : std::min(VL, C - k);
-            forward_elem(Vec::loadu(x + m * C + k, n), sm, RELU).store(y + m * C + k, n);
+            store(forward_elem(load(x + m * C + k, n), sm, RELU), y + m * C + k, n);
           }
         }
       }
@@ -143,8 +154,8 @@ void forward_rows(const float* x, const float* v, float c, float* y, float* s, c
 }
 
 // a vector of NV registers: one pass (dL/dx finished in registers, partial dL/dv in registers)
-template <bool RELU, int64_t NV>
-void backward_rows_fixed(const float* x, const float* g, const float* s, const float* v, float* gx, float* pv,
+template <typename T, bool RELU, int64_t NV>
+void backward_rows_fixed(const T* x, const T* g, const float* s, const float* v, T* gx, float* pv,
                          int64_t m0, int64_t m1, float scale) {
   constexpr int64_t C = NV * VL;
   Vec vk[NV], a0[NV], a1[NV];
@@ -157,8 +168,8 @@ void backward_rows_fixed(const float* x, const float* g, const float* s, const f
     const Vec sm(s[m]);
     Vec xs[NV], d[NV], acc(0.f);
     for (int64_t j = 0; j < NV; ++j) {
-      xs[j] = Vec::loadu(x + m * C + j * VL);
-      d[j] = backward_elem(xs[j], Vec::loadu(g + m * C + j * VL), sm, RELU, acc);
+      xs[j] = load(x + m * C + j * VL);
+      d[j] = backward_elem(xs[j], load(g + m * C + j * VL), sm, RELU, acc);
     }
     const float gsm = sum_lanes(acc) * scale;
     gc += gsm;
@@ -169,63 +180,63 @@ void backward_rows_fixed(const float* x, const float* g, const float* s, const f
         Vec& a = (m & 1) ? a1[j] : a0[j];
         a = at::vec::fmadd(xs[j], gv, a);
       }
-      d[j].store(gx + m * C + j * VL);
+      store(d[j], gx + m * C + j * VL);
     }
   }
   for (int64_t j = 0; j < NV; ++j) (a0[j] + a1[j]).store(pv + j * VL);
   pv[C] = gc;
 }
 
-// any C: whole vectors and a masked tail, in two loops over a block of rows
-template <bool RELU>
-void backward_rows_any(const float* x, const float* g, const float* s, const float* v, float* gx, float* pv,
-                       int64_t M0, int64_t M1, int64_t C, float scale) {
+// any C: whole vectors and a masked tail, in two loops over a block of rows (dL/dx held in float32
+// in tmp, [ROWS, C], between them)
+template <typename T, bool RELU>
+void backward_rows_any(const T* x, const T* g, const float* s, const float* v, T* gx, float* pv,
+                       int64_t M0, int64_t M1, int64_t C, float scale, float* tmp) {
   float gs[ROWS];
   std::fill(pv, pv + C + 1, 0.f);
   for (int64_t m0 = M0; m0 < M1; m0 += ROWS) {
     const int64_t R = std::min(ROWS, M1 - m0);
-    const float* xb = x + m0 * C; const float* gb = g + m0 * C; float* gxb = gx + m0 * C;
+    const T* xb = x + m0 * C; const T* gb = g + m0 * C; T* gxb = gx + m0 * C;
     for (int64_t r = 0; r < R; ++r) {            // dL/dx without v gs, and gs
       const Vec sr(s[m0 + r]);
       Vec acc(0.f);
       for (int64_t k = 0; k < C; k += VL) {
         const int64_t n = std::min(VL, C - k);    // lanes past C load 0 and add 0 to acc
-        backward_elem(Vec::loadu(xb + r * C + k, n), Vec::loadu(gb + r * C + k, n), sr, RELU, acc)
-            .store(gxb + r * C + k, n);
+        backward_elem(load(xb + r * C + k, n), load(gb + r * C + k, n), sr, RELU, acc).store(tmp + r * C + k, n);
       }
       gs[r] = sum_lanes(acc) * scale;
       pv[C] += gs[r];
     }
-    if (!v) continue;
     for (int64_t k = 0; k < C; k += VL) {         // dL/dx += v gs; partial dL/dv in registers
       const int64_t n = std::min(VL, C - k);
-      const Vec vk = Vec::loadu(v + k, n);
+      const Vec vk = v ? Vec::loadu(v + k, n) : Vec(0.f);
       Vec a0(0.f), a1(0.f);
       for (int64_t r = 0; r < R; ++r) {
         const Vec gr(gs[r]);
-        float* gxr = gxb + r * C + k;
-        at::vec::fmadd(vk, gr, Vec::loadu(gxr, n)).store(gxr, n);
+        store(at::vec::fmadd(vk, gr, Vec::loadu(tmp + r * C + k, n)), gxb + r * C + k, n);
         Vec& a = (r & 1) ? a1 : a0;
-        a = at::vec::fmadd(Vec::loadu(xb + r * C + k, n), gr, a);
+        a = at::vec::fmadd(load(xb + r * C + k, n), gr, a);
       }
       (Vec::loadu(pv + k, n) + a0 + a1).store(pv + k, n);
     }
   }
 }
 
-void backward_rows(const float* x, const float* g, const float* s, const float* v, float* gx, float* part,
-                   const Layout& l, bool relu) {
+template <typename T>
+void backward_rows(const T* x, const T* g, const float* s, const float* v, T* gx, float* part, const Layout& l,
+                   bool relu) {
   const int64_t M = l.N * l.P, C = l.C;
   const float scale = relu ? 1.f : INV_SQRT_2PI;
   dispatch(relu, C, [&](auto relu_c, auto nv) {
     constexpr bool RELU = decltype(relu_c)::value;
     at::parallel_for(0, l.chunks(), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> tmp(nv > 0 ? 0 : ROWS * C);
       for (int64_t ch = begin; ch < end; ++ch) {
         const int64_t m0 = ch * CHUNK, m1 = std::min(M, m0 + CHUNK);
         if constexpr (nv > 0)
-          backward_rows_fixed<RELU, nv>(x, g, s, v, gx, part + ch * (C + 1), m0, m1, scale);
+          backward_rows_fixed<T, RELU, nv>(x, g, s, v, gx, part + ch * (C + 1), m0, m1, scale);
         else
-          backward_rows_any<RELU>(x, g, s, v, gx, part + ch * (C + 1), m0, m1, C, scale);
+          backward_rows_any<T, RELU>(x, g, s, v, gx, part + ch * (C + 1), m0, m1, C, scale, tmp.data());
       }
     });
   });
@@ -317,10 +328,17 @@ std::tuple<at::Tensor, at::Tensor> raa_forward(const at::Tensor& x, const std::o
   const Layout l = layout_of(x, dim);
   TORCH_CHECK(c.scalar_type() == at::kFloat && c.numel() == 1, "bionets RAA CPU kernels: c must be one float32");
   at::Tensor y = at::empty_like(x);
-  at::Tensor s = at::empty({l.N * l.P}, x.options());
-  const auto run = l.rows() ? forward_rows : forward_planes;
-  run(x.const_data_ptr<float>(), v_data(v, l), *c.const_data_ptr<float>(), y.data_ptr<float>(), s.data_ptr<float>(),
-      l, relu);
+  at::Tensor s = at::empty({l.N * l.P}, x.options().dtype(at::kFloat));
+  const float* vp = v_data(v, l);
+  const float c0 = *c.const_data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(l.rows(), "bionets RAA CPU kernels: bf16 maps must be channels_last");
+    forward_rows(x.const_data_ptr<at::BFloat16>(), vp, c0, y.data_ptr<at::BFloat16>(), s.data_ptr<float>(), l, relu);
+  } else if (l.rows()) {
+    forward_rows(x.const_data_ptr<float>(), vp, c0, y.data_ptr<float>(), s.data_ptr<float>(), l, relu);
+  } else {
+    forward_planes(x.const_data_ptr<float>(), vp, c0, y.data_ptr<float>(), s.data_ptr<float>(), l, relu);
+  }
   return {y, s};
 }
 
@@ -332,17 +350,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_backward(const at::Tensor& x,
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.N * l.P,
               "bionets RAA CPU kernels: the saved shift does not match x");
   // the gradient is read with x's strides: one copy where it arrives in another layout
-  const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == at::kFloat ? g : at::empty_like(x).copy_(g);
+  const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == x.scalar_type() ? g : at::empty_like(x).copy_(g);
   at::Tensor gx = at::empty_like(x);
   std::vector<float> part(l.chunks() * (l.C + 1));
-  const auto run = l.rows() ? backward_rows : backward_planes;
-  run(x.const_data_ptr<float>(), grad.const_data_ptr<float>(), s.const_data_ptr<float>(), v_data(v, l),
-      gx.data_ptr<float>(), part.data(), l, relu);
+  const float* vp = v_data(v, l);
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(l.rows(), "bionets RAA CPU kernels: bf16 maps must be channels_last");
+    backward_rows(x.const_data_ptr<at::BFloat16>(), grad.const_data_ptr<at::BFloat16>(), s.const_data_ptr<float>(), vp,
+                  gx.data_ptr<at::BFloat16>(), part.data(), l, relu);
+  } else if (l.rows()) {
+    backward_rows(x.const_data_ptr<float>(), grad.const_data_ptr<float>(), s.const_data_ptr<float>(), vp,
+                  gx.data_ptr<float>(), part.data(), l, relu);
+  } else {
+    backward_planes(x.const_data_ptr<float>(), grad.const_data_ptr<float>(), s.const_data_ptr<float>(), vp,
+                    gx.data_ptr<float>(), part.data(), l, relu);
+  }
   // the partial sums added in chunk order: the same result on any number of threads
   std::vector<double> total(l.C + 1, 0.0);
   for (int64_t ch = 0; ch < l.chunks(); ++ch)
     for (int64_t k = 0; k <= l.C; ++k) total[k] += part[ch * (l.C + 1) + k];
-  at::Tensor gv = at::empty({v ? l.C : 0}, x.options()), gc = at::empty({1}, x.options());
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor gv = at::empty({v ? l.C : 0}, f32), gc = at::empty({1}, f32);
   for (int64_t k = 0; k < gv.numel(); ++k) gv.data_ptr<float>()[k] = static_cast<float>(total[k]);
   *gc.data_ptr<float>() = static_cast<float>(total[l.C]);
   return {gx, gv, gc};
