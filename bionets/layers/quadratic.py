@@ -278,8 +278,7 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
 
 def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | None) -> torch.Tensor:
     """The sym form of :func:`channel_quadratic` in ``rows``' dtype, by strategy and mode."""
-    m, c = rows.shape
-    dtype = rows.dtype
+    c, dtype = rows.shape[1], rows.dtype
     strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda else "rows")
     if strategy == "fused":
         s = triton_module().fold(q).to(dtype)
