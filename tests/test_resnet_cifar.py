@@ -187,8 +187,10 @@ def test_bad_input_is_one_clear_error():
         timm.create_model("dit_resnet20", quad_type="spatial")
     with pytest.raises(BionetsError, match="in_chans=1"):
         timm.create_model("dit_resnet20", in_chans=1, img_size=8)(torch.randn(2, 3, 8, 8))
-    with pytest.raises(BionetsError, match="img_size"):
+    with pytest.raises(BionetsError, match=r"built for 32x32 inputs.*got 28x28: pass img_size=28.*model.kwargs.img_size=28"):
         timm.create_model("dit_resnet20")(torch.randn(2, 3, 28, 28))
+    with pytest.raises(BionetsError, match=r"img_size=\(8, 12\)"):
+        timm.create_model("dit_resnet20")(torch.randn(2, 3, 8, 12))
     with pytest.raises(BionetsError, match="channel-wise term only"):
         timm.create_model("dit_resnet20", quad_type="pixel", quad_ablation="cov")
 

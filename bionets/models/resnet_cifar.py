@@ -135,6 +135,7 @@ class ResNetCifar(nn.Module):
         if len(layers) != 3 or len(widths) != 3 or min(layers) < 1:
             raise BionetsError(f"ResNetCifar needs 3 stages of >= 1 block, got layers={list(layers)} widths={list(widths)}")
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = size
         names = [f"layer{s + 1}.{b}" for s, n in enumerate(layers) for b in range(n)]
         for name in quad_blocks:
             if name not in names:
@@ -174,6 +175,12 @@ class ResNetCifar(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise BionetsError(f"{type(self).__name__} was built for in_chans={self.in_chans}, got input of shape "
                                f"{list(x.shape)}: pass in_chans={x.shape[1] if x.ndim == 4 else '?'} when creating it")
+        if self.quad_blocks and tuple(x.shape[-2:]) != self.img_size:
+            h, w = x.shape[-2:]
+            size = f"img_size={h}" if h == w else f"img_size=({h}, {w})"
+            raise BionetsError(f"{type(self).__name__} with Dit blocks was built for {self.img_size[0]}x{self.img_size[1]} "
+                               f"inputs (each Dit block's LayerNorm spans its map), got {h}x{w}: pass {size} when "
+                               f"creating it (in a bionets config: model.kwargs.{size.replace(' ', '')})")
         x = self.act1(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
 
