@@ -326,7 +326,7 @@ class RAA(nn.Module):
             fn = raa_expression if torch.compiler.is_compiling() else compiled_raa(self.num_features)
             return fn(x, self.c, weight, self.variant, self.base, dim)
         if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-                and not (self.variant != "matrix" and _cpu_kernels(x, getattr(self, "v", None), self.c, dim))):
+                and (self.variant == "matrix" or _cpu_kernels(x, getattr(self, "v", None), self.c, dim) is None)):
             # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16 map
             # times a float32 one took 1.1 ms against 0.03): compute in float32, round once (the C++
             # kernels, where they take the map, read and write bf16 themselves)
