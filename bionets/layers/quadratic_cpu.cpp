@@ -1,5 +1,5 @@
-// The element-wise halves of the quadratic layer's symmetric form on the CPU, around PyTorch's matmuls
-// (built on first use by bionets/layers/cpu_kernels.py; registered as torch.ops.bionets_quadratic_cpu).
+// The quadratic layer's symmetric form on the CPU, forward and backward (built on first use by
+// bionets/layers/cpu_kernels.py; registered as torch.ops.bionets_quadratic_cpu).
 //
 // With K = C(C+1)/2 products x_i x_j (i <= j) per row of x [m, C], in row-major triangle order
 // (i = 0: j = 0..C-1; i = 1: j = 1..C-1; ...), and S [K, C_out] the folded weight
@@ -8,10 +8,14 @@
 //     dL/dS           = P^T g
 //     dL/dx        gp = g S^T                     gp_ij = dL/d(x_i x_j)
 //                  dx_k = sum_{j >= k} gp_kj x_j + sum_{i <= k} gp_ik x_i      (pair_grads_to_x)
-// The matmuls are PyTorch's (MKL); these kernels replace the C per-triangle-row PyTorch ops per chunk
-// of rows that formed P and unfolded gp. float32, rows contiguous (any row stride).
+// The rows are split into blocks; each thread takes consecutive blocks, forms a block's products in
+// its own buffer (sized by the caller to stay in cache) and hands them to PyTorch's matmul (MKL),
+// single-threaded inside the parallel region. float32, rows of x contiguous (any row stride).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -33,128 +37,180 @@ void check_rows(const at::Tensor& t, const char* what) {
               "bionets quadratic CPU kernels: ", what, " must be float32 [rows, columns] with contiguous rows");
 }
 
-// out [m, K] <- the products x_i x_j, i <= j, of every row of x [m, C]
-void products(const at::Tensor& x, at::Tensor& out) {
-  check_rows(x, "x");
-  check_rows(out, "out");
-  const int64_t m = x.size(0), C = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
-  TORCH_CHECK(out.size(0) == m && out.size(1) == C * (C + 1) / 2, "bionets quadratic CPU kernels: out must be [m, C(C+1)/2]");
-  const float* xp = x.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * ldx;
-      float* o = op + r * ldo;
-      for (int64_t i = 0; i < C; ++i) {            // triangle row i: x_i x[i:]
-        const Vec xi(xr[i]);
-        const int64_t n = C - i;
-        for (int64_t k = 0; k < n; k += VL) {
-          const int64_t cnt = std::min(VL, n - k);
-          (xi * Vec::loadu(xr + i + k, cnt)).store(o + k, cnt);
-        }
-        o += n;
+// P [n, K] (row stride K) <- the products x_i x_j, i <= j, of n rows of x
+void products(const float* xp, int64_t ldx, int64_t C, int64_t n, float* o) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * ldx;
+    for (int64_t i = 0; i < C; ++i) {              // triangle row i: x_i x[i:]
+      const Vec xi(xr[i]);
+      const int64_t len = C - i;
+      for (int64_t k = 0; k < len; k += VL) {
+        const int64_t cnt = std::min(VL, len - k);
+        (xi * Vec::loadu(xr + i + k, cnt)).store(o + k, cnt);
       }
+      o += len;
     }
-  });
+  }
 }
 
 // C = NV vector registers: dx accumulated in registers. Triangle row i read as base[j] = gp_ij with
 // base = (its start) - i, so that lane j of each load is column j (lanes j < i, other pairs' values,
 // masked out); the first sum, per i a dot product, goes through rowdot.
 template <int64_t NV>
-void pair_grads_fixed(const float* xp, const float* gpp, float* dp, int64_t m, int64_t ldx, int64_t ldg, int64_t ldd) {
-  constexpr int64_t C = NV * VL;
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    float lanes[VL], rowdot[C];
-    for (int64_t l = 0; l < VL; ++l) lanes[l] = static_cast<float>(l);
-    const Vec lane = Vec::loadu(lanes);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * ldx;
-      const float* g = gpp + r * ldg;
-      Vec xs[NV], acc[NV];
-      for (int64_t k = 0; k < NV; ++k) {
-        xs[k] = Vec::loadu(xr + k * VL);
-        acc[k] = Vec(0.f);
-      }
-      int64_t start = 0;
-      for (int64_t i = 0; i < C; ++i) {
-        const float* base = g + start - i;
-        const Vec xi(xr[i]);
-        const int64_t k0 = i / VL;
-        Vec dot(0.f);
-        for (int64_t k = k0; k < NV; ++k) {
-          Vec val = Vec::loadu(base + k * VL);
-          if (k == k0) val = Vec::blendv(Vec(0.f), val, lane >= Vec(static_cast<float>(i - k * VL)));
-          acc[k] = at::vec::fmadd(val, xi, acc[k]);      // sum_{i <= k} gp_ik x_i, lane k
-          dot = at::vec::fmadd(val, xs[k], dot);         // sum_{j >= i} gp_ij x_j
-        }
-        rowdot[i] = sum_lanes(dot);
-        start += C - i;
-      }
-      for (int64_t k = 0; k < NV; ++k) (acc[k] + Vec::loadu(rowdot + k * VL)).store(dp + r * ldd + k * VL);
+void pair_grads_fixed(const float* xp, int64_t ldx, const float* gpp, int64_t n, float* dp, int64_t ldd) {
+  constexpr int64_t C = NV * VL, K = C * (C + 1) / 2;
+  float lanes[VL], rowdot[C];
+  for (int64_t l = 0; l < VL; ++l) lanes[l] = static_cast<float>(l);
+  const Vec lane = Vec::loadu(lanes);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * ldx;
+    const float* g = gpp + r * K;
+    Vec xs[NV], acc[NV];
+    for (int64_t k = 0; k < NV; ++k) {
+      xs[k] = Vec::loadu(xr + k * VL);
+      acc[k] = Vec(0.f);
     }
-  });
+    int64_t start = 0;
+    for (int64_t i = 0; i < C; ++i) {
+      const float* base = g + start - i;
+      const Vec xi(xr[i]);
+      const int64_t k0 = i / VL;
+      Vec dot(0.f);
+      for (int64_t k = k0; k < NV; ++k) {
+        Vec val = Vec::loadu(base + k * VL);
+        if (k == k0) val = Vec::blendv(Vec(0.f), val, lane >= Vec(static_cast<float>(i - k * VL)));
+        acc[k] = at::vec::fmadd(val, xi, acc[k]);      // sum_{i <= k} gp_ik x_i, lane k
+        dot = at::vec::fmadd(val, xs[k], dot);         // sum_{j >= i} gp_ij x_j
+      }
+      rowdot[i] = sum_lanes(dot);
+      start += C - i;
+    }
+    for (int64_t k = 0; k < NV; ++k) (acc[k] + Vec::loadu(rowdot + k * VL)).store(dp + r * ldd + k * VL);
+  }
 }
 
 // any C: dx accumulated in memory, triangle row by triangle row
-void pair_grads_any(const float* xp, const float* gpp, float* dp, int64_t m, int64_t C, int64_t ldx, int64_t ldg,
-                    int64_t ldd) {
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * ldx;
-      const float* g = gpp + r * ldg;
-      float* a = acc.data();
-      std::fill(a, a + C, 0.f);
-      for (int64_t i = 0; i < C; ++i) {
-        const Vec xi(xr[i]);
-        const int64_t n = C - i;
-        Vec dot(0.f);
-        for (int64_t k = 0; k < n; k += VL) {
-          const int64_t cnt = std::min(VL, n - k);
-          const Vec gk = Vec::loadu(g + k, cnt);
-          dot = at::vec::fmadd(gk, Vec::loadu(xr + i + k, cnt), dot);
-          at::vec::fmadd(gk, xi, Vec::loadu(a + i + k, cnt)).store(a + i + k, cnt);
-        }
-        a[i] += sum_lanes(dot);
-        g += n;
+void pair_grads_any(const float* xp, int64_t ldx, int64_t C, const float* gpp, int64_t n, float* dp, int64_t ldd) {
+  std::vector<float> acc(C);
+  const int64_t K = C * (C + 1) / 2;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * ldx;
+    const float* g = gpp + r * K;
+    float* a = acc.data();
+    std::fill(a, a + C, 0.f);
+    for (int64_t i = 0; i < C; ++i) {
+      const Vec xi(xr[i]);
+      const int64_t len = C - i;
+      Vec dot(0.f);
+      for (int64_t k = 0; k < len; k += VL) {
+        const int64_t cnt = std::min(VL, len - k);
+        const Vec gk = Vec::loadu(g + k, cnt);
+        dot = at::vec::fmadd(gk, Vec::loadu(xr + i + k, cnt), dot);
+        at::vec::fmadd(gk, xi, Vec::loadu(a + i + k, cnt)).store(a + i + k, cnt);
       }
-      std::copy(a, a + C, dp + r * ldd);
+      a[i] += sum_lanes(dot);
+      g += len;
+    }
+    std::copy(a, a + C, dp + r * ldd);
+  }
+}
+
+// dx [n, C] (row stride ldd) <- dL/dx of n rows from gp [n, K] = dL/d(x_i x_j) and x
+void pair_grads_to_x(const float* xp, int64_t ldx, int64_t C, const float* gp, int64_t n, float* dp, int64_t ldd) {
+  switch (C % VL ? 0 : C / VL) {
+    case 1: return pair_grads_fixed<1>(xp, ldx, gp, n, dp, ldd);
+    case 2: return pair_grads_fixed<2>(xp, ldx, gp, n, dp, ldd);
+    case 3: return pair_grads_fixed<3>(xp, ldx, gp, n, dp, ldd);
+    case 4: return pair_grads_fixed<4>(xp, ldx, gp, n, dp, ldd);
+    case 6: return pair_grads_fixed<6>(xp, ldx, gp, n, dp, ldd);
+    case 8: return pair_grads_fixed<8>(xp, ldx, gp, n, dp, ldd);
+    default: return pair_grads_any(xp, ldx, C, gp, n, dp, ldd);
+  }
+}
+
+struct Shapes {
+  int64_t m, C, K, blocks;
+};
+
+// Checks the operands; the rows split into blocks of `block` rows, each thread's products in its own
+// [block, K] slice of `work` (a thread's blocks are consecutive).
+Shapes check(const at::Tensor& x, const at::Tensor& s, const at::Tensor& work, int64_t block) {
+  check_rows(x, "x");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2, "bionets quadratic CPU kernels: S must be float32 [K, C_out]");
+  const int64_t m = x.size(0), C = x.size(1), K = C * (C + 1) / 2;
+  TORCH_CHECK(s.size(0) == K, "bionets quadratic CPU kernels: S must have C(C+1)/2 = ", K, " rows, got ", s.size(0));
+  TORCH_CHECK(block > 0 && work.scalar_type() == at::kFloat && work.is_contiguous() &&
+                  work.numel() >= at::get_num_threads() * block * K,
+              "bionets quadratic CPU kernels: work must hold threads * block * C(C+1)/2 float32 elements");
+  return {m, C, K, (m + block - 1) / block};
+}
+
+// out [m, C_out] <- P S, block by block (each block's products stay in its thread's cache)
+void forward(const at::Tensor& x, const at::Tensor& s, at::Tensor& out, at::Tensor& work, int64_t block) {
+  const Shapes sh = check(x, s, work, block);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == sh.m && out.size(1) == s.size(1),
+              "bionets quadratic CPU kernels: out must be float32 [m, C_out]");
+  at::parallel_for(0, sh.blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;   // worker threads do not inherit the caller's mode
+    at::Tensor p = work.narrow(0, at::get_thread_num() * block * sh.K, block * sh.K).view({block, sh.K});
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, n = std::min(block, sh.m - r0);
+      products(x.const_data_ptr<float>() + r0 * x.stride(0), x.stride(0), sh.C, n, p.data_ptr<float>());
+      at::Tensor o = out.narrow(0, r0, n);
+      at::mm_out(o, p.narrow(0, 0, n), s);
     }
   });
 }
 
-// dx [m, C] <- dL/dx from gp [m, K] = dL/d(x_i x_j) and x [m, C]
-void pair_grads_to_x(const at::Tensor& gp, const at::Tensor& x, at::Tensor& dx) {
-  check_rows(gp, "gp");
-  check_rows(x, "x");
-  check_rows(dx, "dx");
-  const int64_t m = x.size(0), C = x.size(1);
-  TORCH_CHECK(gp.size(0) == m && gp.size(1) == C * (C + 1) / 2 && dx.size(0) == m && dx.size(1) == C,
-              "bionets quadratic CPU kernels: gp must be [m, C(C+1)/2] and dx [m, C]");
-  const float* xp = x.const_data_ptr<float>();
-  const float* gpp = gp.const_data_ptr<float>();
-  float* dp = dx.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldg = gp.stride(0), ldd = dx.stride(0);
-  switch (C % VL ? 0 : C / VL) {
-    case 1: return pair_grads_fixed<1>(xp, gpp, dp, m, ldx, ldg, ldd);
-    case 2: return pair_grads_fixed<2>(xp, gpp, dp, m, ldx, ldg, ldd);
-    case 3: return pair_grads_fixed<3>(xp, gpp, dp, m, ldx, ldg, ldd);
-    case 4: return pair_grads_fixed<4>(xp, gpp, dp, m, ldx, ldg, ldd);
-    case 6: return pair_grads_fixed<6>(xp, gpp, dp, m, ldx, ldg, ldd);
-    case 8: return pair_grads_fixed<8>(xp, gpp, dp, m, ldx, ldg, ldd);
-    default: return pair_grads_any(xp, gpp, dp, m, C, ldx, ldg, ldd);
+// dx [m, C] <- dL/dx (g S^T unfolded) and ds [K, C_out] <- P^T g, block by block; an empty dx or ds
+// is not computed. ds sums each thread's part (in `partial`, [threads, K, C_out]) in thread order.
+void backward(const at::Tensor& x, const at::Tensor& s, const at::Tensor& g, at::Tensor& dx, at::Tensor& ds,
+              at::Tensor& work, at::Tensor& partial, int64_t block) {
+  const Shapes sh = check(x, s, work, block);
+  const bool want_x = dx.numel() > 0, want_s = ds.numel() > 0;
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(0) == sh.m && g.size(1) == s.size(1),
+              "bionets quadratic CPU kernels: g must be float32 [m, C_out]");
+  if (want_x) check_rows(dx, "dx");
+  if (want_s) {
+    TORCH_CHECK(ds.scalar_type() == at::kFloat && ds.sizes() == s.sizes() && partial.scalar_type() == at::kFloat &&
+                    partial.dim() == 3 && partial.size(0) >= at::get_num_threads() && partial.size(1) == sh.K &&
+                    partial.size(2) == s.size(1),
+                "bionets quadratic CPU kernels: ds must be float32 like S, partial [threads, K, C_out]");
+    partial.zero_();
   }
+  const at::Tensor st = s.t();
+  at::parallel_for(0, sh.blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;   // worker threads do not inherit the caller's mode
+    const int64_t t = at::get_thread_num();
+    at::Tensor p = work.narrow(0, t * block * sh.K, block * sh.K).view({block, sh.K});
+    at::Tensor part = want_s ? partial.select(0, t) : at::Tensor();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, n = std::min(block, sh.m - r0);
+      const at::Tensor gb = g.narrow(0, r0, n);
+      at::Tensor pb = p.narrow(0, 0, n);
+      if (want_s) {                                  // dL/dS += P^T g
+        products(x.const_data_ptr<float>() + r0 * x.stride(0), x.stride(0), sh.C, n, p.data_ptr<float>());
+        part.addmm_(pb.t(), gb);
+      }
+      if (want_x) {                                  // dL/d(x_i x_j) = g S^T, then dL/dx
+        at::mm_out(pb, gb, st);
+        pair_grads_to_x(x.const_data_ptr<float>() + r0 * x.stride(0), x.stride(0), sh.C, p.const_data_ptr<float>(), n,
+                        dx.data_ptr<float>() + r0 * dx.stride(0), dx.stride(0));
+      }
+    }
+  });
+  if (want_s) at::sum_out(ds, partial.narrow(0, 0, at::get_num_threads()), 0);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(bionets_quadratic_cpu, m) {
-  m.def("products(Tensor x, Tensor(a!) out) -> ()");
-  m.def("pair_grads_to_x(Tensor gp, Tensor x, Tensor(a!) dx) -> ()");
+  m.def("forward(Tensor x, Tensor s, Tensor(a!) out, Tensor(b!) work, int block) -> ()");
+  m.def("backward(Tensor x, Tensor s, Tensor g, Tensor(a!) dx, Tensor(b!) ds, Tensor(c!) work, Tensor(d!) partial, "
+        "int block) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bionets_quadratic_cpu, CPU, m) {
-  m.impl("products", products);
-  m.impl("pair_grads_to_x", pair_grads_to_x);
+  m.impl("forward", forward);
+  m.impl("backward", backward);
 }

@@ -16,8 +16,9 @@ from bionets.layers.triton_kernels import triton_kernels
 
 
 # How the symmetric form is computed. 'rows' (CPU): exactly the C(C+1)/2 pairs i <= j, in the
-# row-major order of ``torch.triu_indices``; for float32, a chunk's products formed by a C++ kernel and
-# one matmul, the input gradient through g S^T and a C++ kernel (``quadratic_cpu.cpp``); without
+# row-major order of ``torch.triu_indices``; for float32, C++ kernels (``quadratic_cpu.cpp``) that
+# split the rows into blocks, each thread forming a block's products in its own cache-sized buffer
+# and passing them to a matmul (q = P S, dL/dS = P^T g, dL/dP = g S^T, unfolded into dL/dx); without
 # those kernels (float64, no compiler), one small matmul per triangle row i with the products
 # ``x_i * x[i:]`` (they stay in cache). 'blocks' (GPU without Triton, or wider than 'fused' goes):
 # the channels in b blocks of width w; for every block pair I <= J the outer product of x_I and x_J
@@ -133,17 +134,25 @@ def _block_grad_x(x: torch.Tensor, gp: torch.Tensor, w: int, bi: torch.Tensor, b
 
 def _cpu_kernels(rows: torch.Tensor, s: torch.Tensor):
     """The C++ kernels of ``quadratic_cpu.cpp`` (:mod:`bionets.layers.cpu_kernels`) where they take
-    these rows (float32 on the CPU, each row contiguous), else None. On Dit-ResNet-20's layer (C = 32,
-    batch 128) they took the forward from 12 to 9 ms and the backward from 30 to 24 (2 cores)."""
+    these rows (float32 on the CPU, each row contiguous), else None."""
     if rows.device.type != "cpu" or rows.dtype != torch.float32 or s.dtype != torch.float32 or rows.stride(1) != 1:
         return None
     return cpu_kernels.ops("quadratic_cpu")
 
 
-def _kernel_chunks(rows: torch.Tensor, k: int) -> list[slice]:
-    """Chunks of rows whose K products fill ~4 MB: the matmuls ran fastest so (at C = 32, 2,048 rows:
-    9.5 ms for the forward, against 8.8-9.6 at 1,024-4,096 rows and 12.4 at 8,192)."""
-    return _chunks(rows, k, cpu_rows=max(64, 2**20 // k))
+def _block_rows(k: int) -> int:
+    """Rows per block of the C++ kernels: a block's K products fill ~2 MB. Against the previous
+    kernels (Python chunks of ~4 MB of products shared by both threads, each matmul threaded by MKL),
+    on 2 cores, the layer's forward and backward took 0.71x the time at C = 16 (32x32 maps, batch
+    128), 0.78x at C = 32, 0.85x at C = 64 and 0.84x at C = 96 (56x56, batch 8); 2^19 elements a
+    block measured as fast as or faster than 2^15 ... 2^21 at those sizes."""
+    return max(8, 2**19 // k)
+
+
+def _kernel_work(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """(each thread's products buffer, one after the other; rows per block) for the C++ kernels."""
+    block = _block_rows(k)
+    return scratch("block_products", (torch.get_num_threads() * block * k,), rows), block
 
 
 def sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -158,10 +167,7 @@ def sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Ten
             torch.mm(_block_products(rows[r], w, bi, bj), s, out=out[r])
         return out
     if (kernels := _cpu_kernels(rows, s)) is not None:
-        for r in _kernel_chunks(rows, s.shape[0]):
-            products = scratch("products", (rows[r].shape[0], s.shape[0]), rows)
-            kernels.products(rows[r], products)
-            torch.mm(products, s, out=out[r])
+        kernels.forward(rows, s, out, *_kernel_work(rows, s.shape[0]))
         return out
     offs = _row_offsets(c)
     # the CPU buffer holds one triangle row's products: larger chunks, fewer small kernels (the forward
@@ -184,18 +190,15 @@ def sym_backward(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, strate
     grad = grad.to(rows.dtype)
     if strategy == "fused":
         return triton_module().backward(rows, s, grad, want_x, want_s)
-    grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
     if strategy == "rows" and (kernels := _cpu_kernels(rows, s)) is not None:
-        grad_x = rows.new_empty(rows.shape) if want_x else None
-        for r in _kernel_chunks(rows, s.shape[0]):
-            x, g = rows[r], grad[r]
-            buf = scratch("products", (x.shape[0], s.shape[0]), x)
-            if want_s:                                   # dL/dS = P^T g
-                kernels.products(x, buf)
-                grad_s.addmm_(buf.t(), g)
-            if want_x:                                   # dL/d(x_i x_j) = g S^T, then dL/dx
-                kernels.pair_grads_to_x(torch.mm(g, s.t(), out=buf), x, grad_x[r])
-    elif strategy == "rows":
+        # dL/dS: each thread's sum over its blocks, then the threads' sums in order
+        grad_x, grad_s = rows.new_empty(rows.shape if want_x else (0,)), s.new_empty(s.shape if want_s else (0,))
+        work, block = _kernel_work(rows, s.shape[0])
+        partial = scratch("grad_s_parts", (torch.get_num_threads(), *s.shape), s)
+        kernels.backward(rows, s, grad, grad_x, grad_s, work, partial, block)
+        return (grad_x if want_x else None), (grad_s if want_s else None)
+    grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
+    if strategy == "rows":
         if want_s:
             _rows_grad_s(rows, grad, s, out=grad_s)
         grad_x = _rows_grad_x(rows, grad, s) if want_x else None
