@@ -6,8 +6,10 @@ kernels, vectorized with ATen's ``Vectorized`` and threaded with ``at::parallel_
 them as ``torch.ops.bionets_<name>``:
 
 * ``raa_cpu``: RAA's vector and scalar variants, one pass each way (:mod:`bionets.layers.raa`);
-* ``quadratic_cpu``: the products and the input gradient of the quadratic layer's symmetric form,
-  around PyTorch's matmuls (:mod:`bionets.layers.quadratic_sym`).
+* ``quadratic_cpu``: the quadratic layer's symmetric form, its products formed block by block beside
+  PyTorch's matmuls (:mod:`bionets.layers.quadratic_sym`);
+* ``map_norm_cpu``: LayerNorm over a channels_last map's [H, W] in place of the copies to NCHW and
+  back (:mod:`bionets.layers.map_norm`).
 
 torch's C++ extension builder (``torch.utils.cpp_extension``, with the ``ninja`` package) compiles a
 source at its layer's first CPU call, once per machine: about 10 s on 2 cores, with one line on
@@ -32,7 +34,7 @@ import torch
 
 from bionets.layers.triton_kernels import run_or_warn
 
-USERS = {"raa_cpu": "RAA", "quadratic_cpu": "the quadratic layer"}     # kernel source -> whose
+USERS = {"raa_cpu": "RAA", "quadratic_cpu": "the quadratic layer", "map_norm_cpu": "the map LayerNorm"}   # source -> whose
 
 # torch's own capability names -> the flags and the define that select ATen's Vectorized for them
 _CAPABILITY_FLAGS = {

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bionets.errors import BionetsError, unknown
+from bionets.layers.map_norm import MapLayerNorm
 from bionets.layers.quadratic import QuadraticChannel
 from bionets.layers.quadratic_pixel import QuadraticPixel
 from bionets.models.cifar_nets import resolve_act
@@ -76,7 +77,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if quad is not None:
-            self.quad_norm = nn.LayerNorm(list(map_size))   # over [H, W], per-position affine
+            self.quad_norm = MapLayerNorm(map_size)   # LayerNorm over [H, W], per-position affine
             self.quad = quad
         else:
             self.quad_norm = self.quad = None

@@ -1,0 +1,71 @@
+"""LayerNorm over the spatial map [H, W] of each channel, with a per-position affine (the norm in
+front of a Dit-ResNet block's quadratic term), that keeps a channels_last map channels_last.
+
+For every sample n and channel c, over the P = H*W positions p:
+
+    y_p = (x_p - mean) / sqrt(var + eps) * w_p + b_p,    mean = sum_p x_p / P,    var = sum_p (x_p - mean)^2 / P
+
+exactly :class:`torch.nn.LayerNorm` with ``normalized_shape = (H, W)`` (same parameters, same
+state-dict keys). PyTorch's LayerNorm normalizes contiguous trailing dimensions: a channels_last
+map is copied to NCHW for it, its output stays NCHW, and the quadratic term, which reads channels
+last, copies it back; the backward copies twice more, and its input gradient arrives NCHW beside the
+convolution's channels_last one. On the CPU, for float32 channels_last maps, this module computes
+the norm in C++ on the map as it lies (``map_norm_cpu.cpp``, :mod:`bionets.layers.cpu_kernels`); every
+other case (GPU, other dtypes or layouts, tracing, torch.compile, no compiler) is PyTorch's LayerNorm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bionets.layers import cpu_kernels
+
+
+class MapLayerNorm(nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` over ``map_size`` = (H, W) of an [N, C, H, W] map (module docstring)."""
+
+    def __init__(self, map_size: tuple[int, int], eps: float = 1e-5):
+        super().__init__(list(map_size), eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _takes(x, self.weight, self.bias) and (kernels := cpu_kernels.ops("map_norm_cpu")) is not None:
+            return _MapNormCpu.apply(x, self.weight, self.bias, self.eps, kernels)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _takes(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether the C++ kernels compute this call: a float32 channels_last [N, C, H, W] map on the CPU
+    (with C > 1: for one channel both layouts are the same and PyTorch's own is as fast), eager."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] > 1
+            and weight is not None and bias is not None and weight.dtype == torch.float32
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [N, C, H, W] map as the [N, H*W, C] tensor its memory holds (a view)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n, h * w, c)
+
+
+class _MapNormCpu(torch.autograd.Function):
+    """The norm by the C++ kernels; saves x, the per-(n, c) mean and 1/std."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, kernels):
+        n, c = x.shape[:2]
+        y = torch.empty_like(x)                               # channels_last, like x
+        mean, rstd = x.new_empty(n, c), x.new_empty(n, c)
+        kernels.forward(_rows(x), weight.contiguous().view(-1), bias.contiguous().view(-1), eps, _rows(y), mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.kernels = kernels
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dx = torch.empty_like(x)
+        dw, db = ctx.kernels.backward(_rows(grad), _rows(x), weight.contiguous().view(-1), mean, rstd, _rows(dx))
+        return dx, dw.view(weight.shape), db.view(weight.shape), None, None

@@ -1,0 +1,93 @@
+"""MapLayerNorm (LayerNorm over a map's [H, W]) through its C++ kernels for channels_last float32 maps,
+against the direct formula in float64, and PyTorch's LayerNorm everywhere else."""
+import pytest
+import torch
+from torch import nn
+
+import bionets.layers.cpu_kernels as cpu_kernels
+import bionets.layers.map_norm as map_norm
+from bionets.layers.map_norm import MapLayerNorm
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.ops("map_norm_cpu") is None,
+                                   reason="the map LayerNorm's CPU kernels cannot be built here (warned)")
+
+
+def _randomized(size) -> MapLayerNorm:
+    norm = MapLayerNorm(size)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+def _grads(norm, x, g):
+    out = norm(x)
+    return (out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), g))
+
+
+def _direct(x, w, b, eps=1e-5):
+    """The formula of the module docstring, written out."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+# channel counts below, at and past a channel group of vector registers, with tails; square and not
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (4, 32, 16, 16), (2, 16, 7, 9), (2, 70, 5, 5), (1, 130, 3, 8), (5, 2, 1, 6)])
+def test_kernels_match_formula_float64(shape):
+    """Output and the three gradients within float32 rounding of the float64 formula (relative error
+    < 1e-5 of each tensor's norm); output and input gradient stay channels_last."""
+    torch.manual_seed(0)
+    norm = _randomized(shape[2:])
+    x = (torch.randn(shape) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert map_norm._takes(x, norm.weight, norm.bias)
+    g = torch.randn(shape)
+    got = _grads(norm, x, g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias))
+    out64 = _direct(x64, w64, b64)
+    want = (out64, *torch.autograd.grad(out64, (x64, w64, b64), g.double()))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and not got[0].is_contiguous()
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernels
+def test_kernels_give_the_same_result_on_any_number_of_threads():
+    """dL/dw and dL/db sum one part per (sample, channel group) in a fixed order."""
+    torch.manual_seed(0)
+    norm = _randomized((8, 8))
+    x = torch.randn(6, 40, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(6, 40, 8, 8)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_grads(norm, x, g))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
+def test_is_torch_layernorm_elsewhere(monkeypatch):
+    """NCHW maps, float64 and switched-off kernels get PyTorch's LayerNorm exactly; the gradient of a
+    channels_last map may arrive NCHW; the state dict is nn.LayerNorm's."""
+    torch.manual_seed(0)
+    norm = _randomized((5, 7))
+    ref = nn.LayerNorm([5, 7])
+    ref.load_state_dict(norm.state_dict())
+    assert set(norm.state_dict()) == {"weight", "bias"} and norm.normalized_shape == (5, 7)
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    assert not map_norm._takes(x, norm.weight, norm.bias)
+    assert not map_norm._takes(x.double(), norm.weight, norm.bias)
+    g = torch.randn(3, 6, 5, 7)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(norm, x, g), _grads(ref, x, g)))
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    want = _grads(ref, x_cl, g)
+    torch.testing.assert_close(_grads(norm, x_cl, g), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
+    monkeypatch.setenv("BIONETS_CPU_KERNELS", "0")
+    assert all(torch.equal(a, b) for a, b in zip(_grads(norm, x_cl, g), want))
