@@ -125,6 +125,31 @@ def test_set_quadratic_turns_the_term_off_at_inference():
         set_quadratic(model, True, ["layer1.0"])
 
 
+
+def test_inference_mode_first_then_training(monkeypatch):
+    """A Dit model evaluated under torch.inference_mode before it ever trains (the layers' cached index
+    tables and scratch buffers are then first made there) still trains afterwards, channels_last
+    (the C++ kernels) and NCHW, with the same outputs as under no_grad."""
+    from bionets.layers import quadratic_sym, scratch
+    monkeypatch.setattr(quadratic_sym, "_INDEX_CACHE", {})
+    quadratic_sym._pair_index.cache_clear()
+    scratch.free_scratch()
+    torch.manual_seed(0)
+    model = timm.create_model("dit_resnet20")
+    with torch.no_grad():
+        model.layer2[0].quad.weight.normal_(std=0.1)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        model, x = model.to(memory_format=fmt), torch.randn(4, 3, 32, 32).contiguous(memory_format=fmt)
+        model.eval()
+        with torch.inference_mode():
+            first = model(x)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), first)
+        model.train()
+        model(x).square().mean().backward()
+        assert model.layer2[0].quad.weight.grad.abs().sum() > 0
+        model.zero_grad()
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")   # torch.jit.trace's deprecation notice
 def test_jit_trace_and_onnx_export_of_dit_resnet20(tmp_path):
     ort = pytest.importorskip("onnxruntime")

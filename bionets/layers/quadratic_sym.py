@@ -76,7 +76,8 @@ def indices(c: int, strategy: str, device: torch.device) -> tuple[torch.Tensor, 
         return tuple(torch.tensor(v, dtype=torch.long, device=device) for v in lists)
     key = (c, strategy, str(device))
     if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = tuple(torch.tensor(v, dtype=torch.long, device=device) for v in lists)
+        with torch.inference_mode(False):     # made in inference mode, autograd could not use them later
+            _INDEX_CACHE[key] = tuple(torch.tensor(v, dtype=torch.long, device=device) for v in lists)
     return _INDEX_CACHE[key]
 
 
@@ -96,10 +97,11 @@ def _unfold_symmetric(s: torch.Tensor, c: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _pair_index(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For every (i, j): the position of (min, max) among the 'rows' products, and 2 on the diagonal."""
-    i, j = torch.triu_indices(c, c)
-    pair = torch.empty(c, c, dtype=torch.long)
-    pair[i, j] = pair[j, i] = torch.arange(i.numel())
-    return pair.to(device), (1 + torch.eye(c)).to(device)
+    with torch.inference_mode(False):         # cached: usable by autograd whatever mode made them
+        i, j = torch.triu_indices(c, c)
+        pair = torch.empty(c, c, dtype=torch.long)
+        pair[i, j] = pair[j, i] = torch.arange(i.numel())
+        return pair.to(device), (1 + torch.eye(c)).to(device)
 
 
 def _chunks(rows: torch.Tensor, per_row: int, cpu_rows: int = 4096):

@@ -24,7 +24,8 @@ def scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tens
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
     numel = math.prod(shape)
     if key not in cache or cache[key].numel() < numel:
-        cache[key] = like.new_empty(numel)
+        with torch.inference_mode(False):     # an inference tensor could not be written outside that mode
+            cache[key] = like.new_empty(numel)
     return cache[key][:numel].view(shape)
 
 
