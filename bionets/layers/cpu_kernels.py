@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bionets.layers.triton_kernels import run_or_warn
+from bionets.layers.kernel_fallback import run_or_warn
 
 USERS = {"raa_cpu": "RAA", "quadratic_cpu": "the quadratic layer", "map_norm_cpu": "the map LayerNorm"}   # source -> whose
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from bionets.errors import BionetsError, unknown
 from bionets.layers import cpu_kernels
+from bionets.layers.kernel_fallback import run_or_warn
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
                                           triton_module)
-from bionets.layers.triton_kernels import run_or_warn
 
 
 class QuadraticNeuron(nn.Module):

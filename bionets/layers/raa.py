@@ -22,8 +22,9 @@ from torch import nn
 
 from bionets.errors import BionetsError
 from bionets.layers import cpu_kernels
+from bionets.layers.kernel_fallback import run_or_warn
 from bionets.layers.scratch import scratch_like
-from bionets.layers.triton_kernels import run_or_warn, triton_kernels
+from bionets.layers.triton_kernels import triton_kernels
 from bionets.toolchain import require_cpu_compiler
 
 Variant = Literal["vector", "scalar", "matrix"]
