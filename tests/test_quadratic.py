@@ -410,3 +410,13 @@ def test_compiled_model_runs_the_quadratic_layer_as_one_operator():
     rows = torch.randn(2, 8, 3, 3)
     layer(rows).sum().backward()                               # only dL/dQ wanted
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_channel_term_on_an_empty_batch(fmt):
+    """A batch of 0 images (the tail of a sharded dataset) gives an empty output and zero gradients."""
+    layer = QuadraticChannel(8, 3)
+    x = torch.randn(0, 8, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == (0, 3, 4, 4) and x.grad.shape == x.shape and not layer.weight.grad.any()

@@ -179,7 +179,7 @@ class QuadraticChannel(QuadraticTerm):
             out = _without_covariance(x, self.weight)
         else:
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-            out = channel_quadratic(rows, self.weight, self.impl).view(n, h, w, -1).permute(0, 3, 1, 2)
+            out = channel_quadratic(rows, self.weight, self.impl).view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         if self.legacy_transpose:
             if h != w:
                 raise BionetsError(f"legacy_transpose needs square maps (the reference's layout bug), got {h}x{w}")
