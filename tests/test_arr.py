@@ -146,3 +146,13 @@ def test_cli_run_with_raa_and_arr(tmp_path):
     cfg = load_config(str(tmp_path / "r" / "config.yaml"))
     assert set(cfg.mechanisms) == {"raa", "arr"}
     assert main(["eval", str(tmp_path / "r" / "best.pt")]) == 0
+
+
+def test_arr_on_an_empty_batch():
+    """An empty batch adds a zero loss (not NaN) and leaves the class means alone."""
+    memory = ArrMemory(1, 3, 4)
+    r = torch.randn(0, 4, requires_grad=True)
+    loss = arr_loss(memory, [r], torch.zeros(0, dtype=torch.long), weight=0.1, momentum=0.9)
+    loss.backward()
+    assert loss.item() == 0.0 and r.grad.shape == (0, 4)
+    assert not memory.seen.any() and not memory.mean.any()

@@ -315,3 +315,15 @@ def test_model_with_raa_exports_to_onnx(tmp_path):
     torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"])
     out = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["vector", "scalar", "matrix"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_raa_on_an_empty_batch(variant, fmt):
+    """A batch of 0 maps gives an empty output and zero parameter gradients, in every layout."""
+    raa = RAA(8, variant)
+    x = torch.randn(0, 8, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+    out = raa(x)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+    assert all(p.grad is None or not p.grad.any() for p in raa.parameters())

@@ -88,6 +88,9 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)
         n = len(all_y)
+    if n == 0:                                  # an empty batch on every rank: no class to pull towards
+        return r.sum() * 0.0
+    with torch.no_grad():
         first = torch.full((memory.mean.shape[1],), n, dtype=torch.long, device=all_y.device)
         first.scatter_reduce_(0, all_y, torch.arange(n, device=all_y.device), "amin")   # each class's first sample
         new = (memory.seen[:len(r)] == 0) & (first < n)                  # classes this batch shows for the first time
@@ -101,4 +104,6 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         if update:
             memory.mean[:len(r)] = final
             memory.seen[:len(r)] |= new.to(torch.uint8)
+    if r.shape[1] == 0:                         # this rank's batch is empty (the others updated the means)
+        return r.sum() * 0.0
     return weight * (r - target_means).abs().mean()
