@@ -113,6 +113,15 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     assert all(isinstance(n.v, float) for n in nodes)         # state reset after the pass
 
 
+@pytest.mark.parametrize("name", list(SPIKING))
+def test_an_empty_batch_gives_an_empty_output(name):
+    model = timm.create_model(name, num_classes=10, **SPIKING[name])
+    shape = INPUT.get(name, (2, 3, 32, 32))
+    out = model(torch.randn(0, *shape[1:]))
+    out.sum().backward()
+    assert out.shape == (0, 10)
+
+
 @pytest.mark.parametrize("cnf", ["ADD", "AND", "IAND"])
 def test_sew_connect_functions_in_both_block_kinds(cnf):
     """g(S, A) with S the identity and A the residual branch: S + A, S * A, S * (1 - A) (IAND = S AND NOT A)."""
