@@ -76,6 +76,13 @@ def check_quadratic():
     x.requires_grad_()
     channel_quadratic(x, q.detach(), strategy="fused").sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+    x = torch.randn(30, 13, requires_grad=True)                  # second derivatives (create_graph), C padded
+    q = (0.1 * torch.randn(3, 13, 13)).requires_grad_()
+    g, = torch.autograd.grad(channel_quadratic(x, q, strategy="fused").square().sum(), x, create_graph=True)
+    got = torch.autograd.grad(g.square().sum(), (x, q))
+    xd, qd = x.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+    g, = torch.autograd.grad(torch.einsum("oij,mi,mj->mo", qd, xd, xd).square().sum(), xd, create_graph=True)
+    assert max(rel_err(a, b) for a, b in zip(got, torch.autograd.grad(g.square().sum(), (xd, qd)))) < 1e-5
     from bionets.layers.quadratic import _fused_works
     with torch.inference_mode():                               # a first call in evaluation: the try needs autograd
         assert _fused_works(torch.device("cpu"))               # the kernels build and run: 'auto' may pick them

@@ -1,5 +1,6 @@
-"""The one way every layer tries its own kernels (Triton on the GPU, C++ on the CPU): run, and where
-the toolchain fails, warn once and let the layer fall back to its PyTorch path."""
+"""Where the layers' own kernels (Triton on the GPU, C++ on the CPU) give way to their PyTorch
+expressions: where the toolchain fails (one warning, then the PyTorch path), and where a second
+derivative is asked for (:func:`differentiable_backward`)."""
 from __future__ import annotations
 
 import warnings
@@ -22,3 +23,24 @@ def run_or_warn(fn: Callable[[], Any], failure: str, instead: str) -> tuple[Any,
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         warnings.warn(f"bionets: {failure} ({reason}); {instead}", stacklevel=3)
         return None, reason
+
+
+def differentiable_backward(expression: Callable[..., torch.Tensor], inputs: tuple, needs: tuple[bool, ...],
+                            grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``expression(*inputs)`` for the output gradient ``grad``, as tensors autograd
+    can differentiate again: what a hand-written backward returns when it is called with
+    ``create_graph=True`` (gradient penalties, MAML, Hessian-vector products). The layers' fused
+    kernels compute first derivatives only; their second derivatives would silently be zero, so
+    under ``create_graph`` a layer differentiates its plain PyTorch expression instead. ``needs``:
+    which inputs want a gradient (``ctx.needs_input_grad``); the others get None."""
+    wanted = [k for k, (t, need) in enumerate(zip(inputs, needs)) if need and t is not None]
+    with torch.enable_grad():
+        # each input through its own alias: partial derivatives, even where one input is computed
+        # from another (RAA's shift from x), and still functions of the inputs for the next derivative
+        inputs = tuple(t.view_as(t) if k in wanted else t for k, t in enumerate(inputs))
+        out = expression(*inputs)
+        found = torch.autograd.grad(out, [inputs[k] for k in wanted], grad, create_graph=True, allow_unused=True)
+    grads: list[torch.Tensor | None] = [None] * len(inputs)
+    for k, g in zip(wanted, found):
+        grads[k] = g
+    return tuple(grads)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bionets.layers import cpu_kernels
+from bionets.layers.kernel_fallback import differentiable_backward
 
 
 class MapLayerNorm(nn.LayerNorm):
@@ -58,13 +59,16 @@ class _MapNormCpu(torch.autograd.Function):
         y = torch.empty_like(x)                               # channels_last, like x
         mean, rstd = x.new_empty(n, c), x.new_empty(n, c)
         kernels.forward(_rows(x), weight.contiguous().view(-1), bias.contiguous().view(-1), eps, _rows(y), mean, rstd)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.kernels = kernels
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.kernels, ctx.eps = kernels, eps
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():                   # create_graph=True: a backward autograd can differentiate
+            return (*differentiable_backward(lambda x, w, b: F.layer_norm(x, w.shape, w, b, ctx.eps), (x, weight, bias),
+                                             ctx.needs_input_grad[:3], grad), None, None)
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx = torch.empty_like(x)
         dw, db = ctx.kernels.backward(_rows(grad), _rows(x), weight.contiguous().view(-1), mean, rstd, _rows(dx))

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from bionets.layers import cpu_kernels
+from bionets.layers.kernel_fallback import differentiable_backward
 from bionets.layers.scratch import scratch
 from bionets.layers.triton_kernels import triton_kernels
 
@@ -228,7 +229,19 @@ class SymmetricQuadratic(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, s = ctx.saved_tensors
+        if torch.is_grad_enabled():                   # create_graph=True: a backward autograd can differentiate
+            i, j = product_pairs(rows.shape[1], ctx.strategy, rows.device)
+            return (*differentiable_backward(lambda x, s: (x[:, i] * x[:, j]) @ s, (rows, s), ctx.needs_input_grad[:2],
+                                             grad), None)
         return *sym_backward(rows, s, grad, ctx.strategy, *ctx.needs_input_grad[:2]), None
+
+
+def product_pairs(c: int, strategy: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel pair (i, j) of every row of the strategy's folded S (for the plain expression
+    ``(x[:, i] * x[:, j]) @ S``)."""
+    if strategy == "fused":
+        return tuple(torch.tensor(v, dtype=torch.long, device=device) for v in triton_module().pairs(c))
+    return indices(c, strategy, device)[:2]
 
 
 # Inside a compiled model the sym form is one opaque operator, run by the kernels above, on the CPU

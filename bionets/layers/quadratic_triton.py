@@ -177,6 +177,16 @@ def fold(q: torch.Tensor) -> torch.Tensor:
     return upper.view(c_out, nb, WIDTH, nb, WIDTH).permute(1, 3, 2, 4, 0)[i, j].reshape(-1, c_out)
 
 
+def pairs(c: int) -> tuple[list[int], list[int]]:
+    """The channel pair (i, j) of every row of :func:`fold`'s S; a padded channel (its rows are zero)
+    given as channel C - 1, so that x_i x_j exists for every row."""
+    nb, last = _blocks(c), c - 1
+    blocks = [(a, b) for a in range(nb) for b in range(a, nb)]
+    i = [min(a * WIDTH + u, last) for a, b in blocks for u in range(WIDTH) for _ in range(WIDTH)]
+    j = [min(b * WIDTH + v, last) for a, b in blocks for _ in range(WIDTH) for v in range(WIDTH)]
+    return i, j
+
+
 def _unfold(s: torch.Tensor, c: int) -> torch.Tensor:
     """The right operand of dL/dx from S (:func:`fold`): row ((p W + s) W + t) of the p-th block pair
     (O, J) holds ``T_o[j, :]`` for o = O W + s, j = J W + t, where T_o = Q_o + Q_o^T (C padded columns)."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from bionets.errors import BionetsError
 from bionets.layers import cpu_kernels
-from bionets.layers.kernel_fallback import run_or_warn
+from bionets.layers.kernel_fallback import differentiable_backward, run_or_warn
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import triton_kernels
 from bionets.toolchain import require_cpu_compiler
@@ -50,6 +50,8 @@ class _ShiftedGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, s = ctx.saved_tensors
+        if torch.is_grad_enabled():                   # create_graph=True: a backward autograd can differentiate
+            return differentiable_backward(lambda x, s: x * torch.special.ndtr(x + s), (x, s), ctx.needs_input_grad, grad)
         gx, gxphi = _shifted_gelu_grads(x, s, grad)
         return gx, _sum_to(gxphi, s.shape).mul_(INV_SQRT_2PI)
 
@@ -224,6 +226,10 @@ class _RaaVector(torch.autograd.Function):
     def backward(ctx, grad):
         x, v, c, saved = ctx.saved_tensors
         dim = ctx.dim
+        if torch.is_grad_enabled():                   # create_graph=True: a backward autograd can differentiate
+            variant = "scalar" if v is None else "vector"
+            return (*differentiable_backward(lambda x, v, c: raa_expression(x, c, v, variant, ctx.base, dim), (x, v, c),
+                                             ctx.needs_input_grad[:3], grad), None, None)
         if ctx.kernel == "triton":
             gx, gv, gc = raa_triton().backward(x, grad, saved, v, ctx.layout, relu=ctx.base == "relu")
             return gx, None if v is None else gv.to(v.dtype), gc.reshape(c.shape).to(c.dtype), None, None
