@@ -96,7 +96,8 @@ class SpikingVotingNet(nn.Module):
     def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """A 1x1 conv as a linear layer over [T, N, F] (T folded into the batch)."""
         t, n, f = x.shape
-        return conv(x.reshape(t * n, f, 1, 1)).view(t, n, conv.out_channels)
+        out = conv(x.reshape(t * n, f, 1, 1))
+        return out.view(t, n, out.shape[1])        # not -1: an empty batch leaves it undetermined
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [N, C, H, W] -> spikes [T, N, C', H', W']."""
