@@ -190,3 +190,40 @@ def test_training_under_cuda_graphs_with_raa_and_arr(tmp_path):
     assert runs["graphs"]["final_top1"] == pytest.approx(runs["eager"]["final_top1"], abs=5.0)
     state = load_checkpoint(tmp_path / "graphs" / "last.pt")["model"]
     assert state["arr_memory.seen"].all() and state["arr_memory.mean"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ["fused", "blocks"])
+def test_second_derivatives_through_the_triton_kernels(strategy):
+    """create_graph through RAA's Triton function and the quadratic layer's CUDA strategies (float32):
+    the same second-order gradients as autograd of the float64 formulas on the CPU."""
+    import copy
+    from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
+    from bionets.layers.raa import RAA
+    torch.manual_seed(0)
+    raa, quad = RAA(8), QuadraticChannel(8, 4)
+    with torch.no_grad():
+        raa.v.normal_(0, 0.3)
+        quad.weight.normal_(0, 0.3)
+    model = torch.nn.Sequential(raa, quad)
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+
+    def second(fn, t, params):
+        t = t.requires_grad_()
+        g, = torch.autograd.grad(fn(t).square().sum(), t, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), (t, *params))
+
+    def formula(m, t):
+        z = m[0].c + (t * m[0].v.view(-1, 1, 1)).sum(1, keepdim=True)
+        y = t * torch.special.ndtr(t + z)
+        return torch.einsum("oij,nihw,njhw->nohw", m[1].weight, y, y)
+
+    ref = copy.deepcopy(model).double()
+    want = second(lambda t: formula(ref, t), x.double(), list(ref.parameters()))
+    set_cuda_strategy(strategy)
+    try:
+        model = model.cuda()
+        got = second(model, x.cuda(), list(model.parameters()))
+    finally:
+        set_cuda_strategy("auto")
+    for a, b in zip(got, want):
+        assert ((a.cpu().double() - b).norm() / b.norm()).item() < 1e-4
