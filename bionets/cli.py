@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", help="dataset folder (sets data.root)")
     t.add_argument("--out-dir", help="parent of the run directory (sets out_dir)")
     t.add_argument("--resume", help="checkpoint to continue from exactly (sets resume)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors (the results are in the run directory: summary.json, metrics.jsonl)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     e.add_argument("checkpoint")
