@@ -27,10 +27,15 @@ from bionets.layers.stds import SparseReparam, no_layer_error, reparameterize, s
 class _SignedGate(torch.autograd.Function):
     """Forward ``s * max(theta, 0)``; backward ``s * grad`` (the gate is ignored)."""
 
+    generate_vmap_rule = True        # plain tensor ops both ways: torch.func.vmap batches them itself
+
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(s)
+    def forward(theta: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return theta.clamp(min=0) * s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:    # this form also runs under torch.func transforms
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

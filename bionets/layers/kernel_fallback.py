@@ -1,6 +1,7 @@
 """Where the layers' own kernels (Triton on the GPU, C++ on the CPU) give way to their PyTorch
 expressions: where the toolchain fails (one warning, then the PyTorch path), and where a second
-derivative is asked for (:func:`differentiable_backward`)."""
+derivative is asked for (:func:`differentiable_backward`), and inside torch.func transforms
+(:func:`under_function_transform`)."""
 from __future__ import annotations
 
 import warnings
@@ -44,3 +45,14 @@ def differentiable_backward(expression: Callable[..., torch.Tensor], inputs: tup
     for k, g in zip(wanted, found):
         grads[k] = g
     return tuple(grads)
+
+
+def under_function_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` is being traced by a torch.func transform (``grad``, ``vmap``, ``jacrev``,
+    ``hessian``, ...: per-sample gradients, functional MAML). The fused kernels' autograd functions
+    cannot run there (the C++ and Triton kernels see one plain tensor, not a batch of them), so the
+    layers use their plain PyTorch expressions, which every transform handles. Pass the input and
+    the parameters: a transform over the parameters alone leaves a captured input unwrapped."""
+    if torch.compiler.is_compiling():      # Dynamo cannot trace the check (a graph break); no transform there
+        return False
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)

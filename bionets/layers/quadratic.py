@@ -21,7 +21,7 @@ from torch import nn
 
 from bionets.errors import BionetsError, unknown
 from bionets.layers import cpu_kernels
-from bionets.layers.kernel_fallback import run_or_warn
+from bionets.layers.kernel_fallback import run_or_warn, under_function_transform
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
                                           triton_module)
 
@@ -263,8 +263,9 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
         return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
     dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        # one gather + one matmul: a small graph whose batch size stays dynamic
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform(rows, q):
+        # one gather + one matmul: a small graph whose batch size stays dynamic (and plain ops, which
+        # torch.func transforms handle)
         rows = rows.to(dtype)
         i, j = indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)

@@ -22,7 +22,7 @@ from torch import nn
 
 from bionets.errors import BionetsError
 from bionets.layers import cpu_kernels
-from bionets.layers.kernel_fallback import differentiable_backward, run_or_warn
+from bionets.layers.kernel_fallback import differentiable_backward, run_or_warn, under_function_transform
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import triton_kernels
 from bionets.toolchain import require_cpu_compiler
@@ -324,14 +324,15 @@ class RAA(nn.Module):
                                "this call (layers registered out of call order, or one module called at several widths); "
                                "swap with an example input (swap_activations(..., example_input=x), or the raa option "
                                "input_size: [C, H, W]) so that every call's width is seen, or exclude it by pattern")
-        if self.compiled or torch.compiler.is_compiling():
+        plain = torch.compiler.is_compiling() or under_function_transform(x, *self._parameters.values())
+        if self.compiled or plain:
             # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
             # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
-            # the hand-written autograd function below
+            # the hand-written autograd function below; the same under torch.func transforms
             weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
-            if not torch.compiler.is_compiling() and x.device.type == "cpu":
+            if not plain and x.device.type == "cpu":
                 require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
-            fn = raa_expression if torch.compiler.is_compiling() else compiled_raa(self.num_features)
+            fn = raa_expression if plain else compiled_raa(self.num_features)
             return fn(x, self.c, weight, self.variant, self.base, dim)
         if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and (self.variant == "matrix" or _cpu_kernels(x, getattr(self, "v", None), self.c, dim) is None)):

@@ -47,16 +47,19 @@ class _SoftThreshold(torch.autograd.Function):
     gradient passes unchanged, also in the flat region) or the true derivative ``1[|theta| > D]``,
     i.e. ``1[w != 0]`` (``st``)."""
 
+    generate_vmap_rule = True        # plain tensor ops both ways: torch.func.vmap batches them itself
+
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, d: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    def forward(theta: torch.Tensor, d: torch.Tensor, straight_through: bool) -> torch.Tensor:
         if d.device.type == "cpu":   # one fused kernel; D is read without a device sync
-            w = torch.nn.functional.softshrink(theta, d.item())
-        else:                        # no .item(): D stays on the device
-            w = theta - theta.clamp(-d, d)
-        ctx.straight_through = straight_through
-        if not straight_through:
-            ctx.save_for_backward(w)
-        return w
+            return torch.nn.functional.softshrink(theta, d.item())
+        return theta - theta.clamp(-d, d)     # no .item(): D stays on the device
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:    # this form also runs under torch.func transforms
+        ctx.straight_through = inputs[2]
+        if not ctx.straight_through:
+            ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -1,0 +1,78 @@
+"""torch.func transforms (grad, vmap: per-sample gradients, functional MAML) over every mechanism:
+inside them the layers with fused kernels use their plain expressions, and the STDS / Grad R
+functions are in the setup_context form that the transforms need. Each against plain autograd."""
+import pytest
+import timm
+import torch
+from torch.func import functional_call, grad, vmap
+
+import bionets
+from bionets.layers.gradr import apply_gradr
+from bionets.layers.map_norm import MapLayerNorm
+from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.raa import RAA
+from bionets.layers.stds import apply_stds
+
+
+def _sparse(apply, *args):
+    """A small conv net with ``apply`` (apply_stds / apply_gradr) on every layer, in place."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    apply(net, *args)
+    return net
+
+
+MODULES = {
+    "raa_vector": lambda: RAA(8),
+    "raa_relu": lambda: RAA(8, base="relu"),
+    "raa_matrix": lambda: RAA(8, "matrix"),
+    "quadratic": lambda: QuadraticChannel(8, 5),
+    "map_norm": lambda: MapLayerNorm((3, 3)),
+    "stds_stmod": lambda: _sparse(apply_stds, "stmod", 0.05),
+    "stds_st": lambda: _sparse(apply_stds, "st", 0.05),
+    "gradr": lambda: _sparse(apply_gradr),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_grad_and_per_sample_grads_match_autograd(name):
+    torch.manual_seed(0)
+    module = MODULES[name]()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    shape = (4, 3, 8, 8) if name.startswith(("stds", "gradr")) else (4, 8, 3, 3)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)      # the layout of the C++ kernels
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    want = torch.autograd.grad(module(x).square().sum(), list(module.parameters()))
+
+    got = grad(lambda p: functional_call(module, p, (x,)).square().sum())(params)      # x captured, not passed
+    per_sample = vmap(grad(lambda p, xb: functional_call(module, p, (xb.unsqueeze(0),)).square().sum()),
+                      in_dims=(None, 0))(params, x)
+    for key, w in zip(params, want):
+        torch.testing.assert_close(got[key], w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(per_sample[key].sum(0), w, rtol=1e-4, atol=1e-4)
+
+
+def test_per_sample_gradients_of_a_dit_resnet_with_raa():
+    """A whole model (eval mode: BatchNorm's batch statistics have no per-sample meaning): each
+    sample's gradient from vmap(grad) equals autograd's on that sample alone."""
+    torch.manual_seed(0)
+    model = timm.create_model("dit_resnet20").eval().to(memory_format=torch.channels_last)
+    bionets.convert(model, activation="raa")
+    with torch.no_grad():
+        model.layer2[0].quad.weight.normal_(std=0.05)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([1, 7])
+
+    def loss(p, xb, yb):
+        out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, yb.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(2):
+        want = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                   list(model.parameters()))
+        for key, w in zip(params, want):
+            assert ((per_sample[key][i] - w).norm() / w.norm().clamp_min(1e-12)).item() < 1e-3, key
