@@ -43,7 +43,7 @@ def _takes(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
             and weight is not None and bias is not None and weight.dtype == torch.float32
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
             and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-                     or under_function_transform(x, weight, bias)))
+                     or under_function_transform()))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -324,7 +324,7 @@ class RAA(nn.Module):
                                "this call (layers registered out of call order, or one module called at several widths); "
                                "swap with an example input (swap_activations(..., example_input=x), or the raa option "
                                "input_size: [C, H, W]) so that every call's width is seen, or exclude it by pattern")
-        plain = torch.compiler.is_compiling() or under_function_transform(x, *self._parameters.values())
+        plain = torch.compiler.is_compiling() or under_function_transform()
         if self.compiled or plain:
             # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
             # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
