@@ -129,30 +129,37 @@ void pair_grads_to_x(const float* xp, int64_t ldx, int64_t C, const float* gp, i
 }
 
 struct Shapes {
-  int64_t m, C, K, blocks;
+  int64_t m, C, K, blocks, threads;     // threads: how many of at::parallel_for's threads get blocks
 };
 
-// Checks the operands; the rows split into blocks of `block` rows, each thread's products in its own
-// [block, K] slice of `work` (a thread's blocks are consecutive).
+// Checks the operands; the rows split into blocks of `block` rows, each working thread's products in
+// its own [block, K] slice of `work` (a thread's blocks are consecutive; at most one thread a block).
 Shapes check(const at::Tensor& x, const at::Tensor& s, const at::Tensor& work, int64_t block) {
   check_rows(x, "x");
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2, "bionets quadratic CPU kernels: S must be float32 [K, C_out]");
   const int64_t m = x.size(0), C = x.size(1), K = C * (C + 1) / 2;
   TORCH_CHECK(s.size(0) == K, "bionets quadratic CPU kernels: S must have C(C+1)/2 = ", K, " rows, got ", s.size(0));
-  TORCH_CHECK(block > 0 && work.scalar_type() == at::kFloat && work.is_contiguous() &&
-                  work.numel() >= at::get_num_threads() * block * K,
-              "bionets quadratic CPU kernels: work must hold threads * block * C(C+1)/2 float32 elements");
-  return {m, C, K, (m + block - 1) / block};
+  TORCH_CHECK(block > 0, "bionets quadratic CPU kernels: block must be positive");
+  const int64_t blocks = (m + block - 1) / block;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  TORCH_CHECK(work.scalar_type() == at::kFloat && work.is_contiguous() && work.numel() >= threads * block * K,
+              "bionets quadratic CPU kernels: work must hold min(threads, blocks) * block * C(C+1)/2 float32 elements");
+  return {m, C, K, blocks, threads};
 }
+
+// This thread's slot in the per-thread buffers: called from inside another parallel region,
+// at::parallel_for runs the whole range on the calling thread, whose number means nothing here.
+inline int64_t slot(bool nested) { return nested ? 0 : at::get_thread_num(); }
 
 // out [m, C_out] <- P S, block by block (each block's products stay in its thread's cache)
 void forward(const at::Tensor& x, const at::Tensor& s, at::Tensor& out, at::Tensor& work, int64_t block) {
   const Shapes sh = check(x, s, work, block);
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == sh.m && out.size(1) == s.size(1),
               "bionets quadratic CPU kernels: out must be float32 [m, C_out]");
+  const bool nested = at::in_parallel_region();
   at::parallel_for(0, sh.blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;   // worker threads do not inherit the caller's mode
-    at::Tensor p = work.narrow(0, at::get_thread_num() * block * sh.K, block * sh.K).view({block, sh.K});
+    at::Tensor p = work.narrow(0, slot(nested) * block * sh.K, block * sh.K).view({block, sh.K});
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, n = std::min(block, sh.m - r0);
       products(x.const_data_ptr<float>() + r0 * x.stride(0), x.stride(0), sh.C, n, p.data_ptr<float>());
@@ -173,15 +180,16 @@ void backward(const at::Tensor& x, const at::Tensor& s, const at::Tensor& g, at:
   if (want_x) check_rows(dx, "dx");
   if (want_s) {
     TORCH_CHECK(ds.scalar_type() == at::kFloat && ds.sizes() == s.sizes() && partial.scalar_type() == at::kFloat &&
-                    partial.dim() == 3 && partial.size(0) >= at::get_num_threads() && partial.size(1) == sh.K &&
+                    partial.dim() == 3 && partial.size(0) >= sh.threads && partial.size(1) == sh.K &&
                     partial.size(2) == s.size(1),
-                "bionets quadratic CPU kernels: ds must be float32 like S, partial [threads, K, C_out]");
+                "bionets quadratic CPU kernels: ds must be float32 like S, partial [min(threads, blocks), K, C_out]");
     partial.zero_();
   }
   const at::Tensor st = s.t();
+  const bool nested = at::in_parallel_region();
   at::parallel_for(0, sh.blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;   // worker threads do not inherit the caller's mode
-    const int64_t t = at::get_thread_num();
+    const int64_t t = slot(nested);
     at::Tensor p = work.narrow(0, t * block * sh.K, block * sh.K).view({block, sh.K});
     at::Tensor part = want_s ? partial.select(0, t) : at::Tensor();
     for (int64_t b = b0; b < b1; ++b) {
@@ -199,7 +207,7 @@ void backward(const at::Tensor& x, const at::Tensor& s, const at::Tensor& g, at:
       }
     }
   });
-  if (want_s) at::sum_out(ds, partial.narrow(0, 0, at::get_num_threads()), 0);
+  if (want_s) at::sum_out(ds, partial.narrow(0, 0, sh.threads), 0);
 }
 
 }  // namespace

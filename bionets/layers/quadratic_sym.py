@@ -152,10 +152,12 @@ def _block_rows(k: int) -> int:
     return max(8, 2**19 // k)
 
 
-def _kernel_work(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """(each thread's products buffer, one after the other; rows per block) for the C++ kernels."""
+def _kernel_work(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """(each working thread's products buffer, one after the other; rows per block; working threads:
+    at most one a block) for the C++ kernels."""
     block = _block_rows(k)
-    return scratch("block_products", (torch.get_num_threads() * block * k,), rows), block
+    threads = max(1, min(torch.get_num_threads(), -(-rows.shape[0] // block)))
+    return scratch("block_products", (threads * block * k,), rows), block, threads
 
 
 def sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -170,7 +172,7 @@ def sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Ten
             torch.mm(_block_products(rows[r], w, bi, bj), s, out=out[r])
         return out
     if (kernels := _cpu_kernels(rows, s)) is not None:
-        kernels.forward(rows, s, out, *_kernel_work(rows, s.shape[0]))
+        kernels.forward(rows, s, out, *_kernel_work(rows, s.shape[0])[:2])
         return out
     offs = _row_offsets(c)
     # the CPU buffer holds one triangle row's products: larger chunks, fewer small kernels (the forward
@@ -196,8 +198,8 @@ def sym_backward(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, strate
     if strategy == "rows" and (kernels := _cpu_kernels(rows, s)) is not None:
         # dL/dS: each thread's sum over its blocks, then the threads' sums in order
         grad_x, grad_s = rows.new_empty(rows.shape if want_x else (0,)), s.new_empty(s.shape if want_s else (0,))
-        work, block = _kernel_work(rows, s.shape[0])
-        partial = scratch("grad_s_parts", (torch.get_num_threads(), *s.shape), s)
+        work, block, threads = _kernel_work(rows, s.shape[0])
+        partial = scratch("grad_s_parts", (threads, *s.shape), s)
         kernels.backward(rows, s, grad, grad_x, grad_s, work, partial, block)
         return (grad_x if want_x else None), (grad_s if want_s else None)
     grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
