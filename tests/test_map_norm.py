@@ -91,3 +91,19 @@ def test_is_torch_layernorm_elsewhere(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_STATE", {})
     monkeypatch.setenv("BIONETS_CPU_KERNELS", "0")
     assert all(torch.equal(a, b) for a, b in zip(_grads(norm, x_cl, g), want))
+
+
+@needs_kernels
+def test_float32_under_cpu_autocast():
+    """Under CPU bf16 autocast a bf16 channels_last map is normalized by the kernels in float32 and
+    comes back float32 (CUDA autocast's policy for LayerNorm), with its gradient in bf16."""
+    torch.manual_seed(0)
+    norm = _randomized((4, 6))
+    x = torch.randn(3, 10, 4, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.layer_norm(x.detach().float(), (4, 6), norm.weight, norm.bias)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
