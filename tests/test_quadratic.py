@@ -195,6 +195,29 @@ def test_channel_trains_under_cpu_bf16_autocast(c):
     assert rel_err(x.grad, xd.grad) < 3e-2 and rel_err(layer.weight.grad, wd.grad) < 3e-2
 
 
+@pytest.mark.parametrize("c,c_out", [(5, 3), (16, 16), (32, 32), (40, 7), (96, 4)])
+def test_cpu_kernels_with_bf16_products_under_autocast(monkeypatch, c, c_out):
+    """Under CPU bf16 autocast the C++ kernels form the products from float32 x, round them to bf16
+    for bf16 matmuls (float32 sums over the blocks, here of 7 rows) and unfold a bf16 dL/d(products):
+    output bf16, every value within bf16 rounding of float64 (relative error < 1e-2, ~3e-3 measured)."""
+    from bionets.layers import cpu_kernels, quadratic_sym
+    if cpu_kernels.ops("quadratic_cpu") is None:
+        pytest.skip("the quadratic layer's CPU kernels cannot be built here (warned)")
+    monkeypatch.setattr(quadratic_sym, "_block_rows", lambda k: 7)
+    torch.manual_seed(0)
+    x = torch.randn(60, c, requires_grad=True)
+    q = (0.1 * torch.randn(c_out, c, c)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channel_quadratic(x, q)
+    g = torch.randn(60, c_out)
+    out.backward(g.bfloat16())
+    xd, qd = x.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+    want = torch.einsum("oij,mi,mj->mo", qd, xd, xd)
+    want.backward(g.double())
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == q.grad.dtype == torch.float32
+    assert max(rel_err(out, want), rel_err(x.grad, xd.grad), rel_err(q.grad, qd.grad)) < 1e-2
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_channel_on_cuda_with_bf16_autocast():

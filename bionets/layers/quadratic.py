@@ -270,16 +270,21 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         i, j = indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
     if dtype in (torch.bfloat16, torch.float16) and not rows.is_cuda and cpu_kernels.ops("quadratic_cpu") is not None:
-        # bf16 on the CPU: the float32 C++ kernels, the output rounded once (element-wise products
-        # in bf16 are slow on the CPU: Dit-ResNet-20's layer under bf16 autocast took 2x as long)
+        # bf16/fp16 on the CPU: the C++ kernels, x in float32 (element-wise products in bf16 are slow
+        # on the CPU: Dit-ResNet-20's layer under bf16 autocast took 2x as long); for bf16 the products
+        # rounded to bf16 for bf16 matmuls (float32 accumulation), fp16 all in float32, rounded once
         with torch.autocast("cpu", enabled=False):
+            if dtype == torch.bfloat16 and strategy in (None, "rows"):
+                return _channel_quadratic_sym(rows.float().contiguous(), q.float(), strategy, s_dtype=dtype)
             return _channel_quadratic_sym(rows.float(), q.float(), strategy).to(dtype)
     return _channel_quadratic_sym(rows.to(dtype), q, strategy)
 
 
-def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | None) -> torch.Tensor:
-    """The sym form of :func:`channel_quadratic` in ``rows``' dtype, by strategy and mode."""
-    c, dtype = rows.shape[1], rows.dtype
+def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | None,
+                           s_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sym form of :func:`channel_quadratic` in ``rows``' dtype (or, on the CPU, in ``s_dtype``:
+    bf16 products and matmuls from float32 rows), by strategy and mode."""
+    c, dtype = rows.shape[1], s_dtype or rows.dtype
     strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda else "rows")
     if strategy == "fused":
         s = triton_module().fold(q).to(dtype)

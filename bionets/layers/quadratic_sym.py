@@ -137,8 +137,10 @@ def _block_grad_x(x: torch.Tensor, gp: torch.Tensor, w: int, bi: torch.Tensor, b
 
 def _cpu_kernels(rows: torch.Tensor, s: torch.Tensor):
     """The C++ kernels of ``quadratic_cpu.cpp`` (:mod:`bionets.layers.cpu_kernels`) where they take
-    these rows (float32 on the CPU, each row contiguous), else None."""
-    if rows.device.type != "cpu" or rows.dtype != torch.float32 or s.dtype != torch.float32 or rows.stride(1) != 1:
+    these rows (float32 on the CPU, each row contiguous; S float32, or bf16 for bf16 products and
+    matmuls), else None."""
+    if (rows.device.type != "cpu" or rows.dtype != torch.float32 or s.dtype not in (torch.float32, torch.bfloat16)
+            or rows.stride(1) != 1):
         return None
     return cpu_kernels.ops("quadratic_cpu")
 
@@ -152,12 +154,13 @@ def _block_rows(k: int) -> int:
     return max(8, 2**19 // k)
 
 
-def _kernel_work(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
-    """(each working thread's products buffer, one after the other; rows per block; working threads:
-    at most one a block) for the C++ kernels."""
+def _kernel_work(rows: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(each working thread's products buffer in S's dtype, one after the other; rows per block;
+    working threads: at most one a block) for the C++ kernels."""
+    k = s.shape[0]
     block = _block_rows(k)
     threads = max(1, min(torch.get_num_threads(), -(-rows.shape[0] // block)))
-    return scratch("block_products", (threads * block * k,), rows), block, threads
+    return scratch("block_products", (threads * block * k,), s), block, threads
 
 
 def sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -165,14 +168,14 @@ def sym_forward(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Ten
     m, c = rows.shape
     if strategy == "fused":
         return triton_module().forward(rows, s)
-    out = rows.new_empty(m, s.shape[1])
+    out = rows.new_empty(m, s.shape[1], dtype=s.dtype)   # S's dtype: bf16 S on the CPU asks for bf16 products
     if strategy == "blocks":
         w, (bi, bj) = _block_width(c), indices(c, "blocks", rows.device)[2:]
         for r in _chunks(rows, s.shape[0]):
             torch.mm(_block_products(rows[r], w, bi, bj), s, out=out[r])
         return out
     if (kernels := _cpu_kernels(rows, s)) is not None:
-        kernels.forward(rows, s, out, *_kernel_work(rows, s.shape[0])[:2])
+        kernels.forward(rows, s, out, *_kernel_work(rows, s)[:2])
         return out
     offs = _row_offsets(c)
     # the CPU buffer holds one triangle row's products: larger chunks, fewer small kernels (the forward
@@ -192,16 +195,18 @@ def sym_backward(rows: torch.Tensor, s: torch.Tensor, grad: torch.Tensor, strate
     saving them: ``dL/dS_ij = sum g x_i x_j``; ``dL/dx = sum_o g_o T_o x`` with T_o = Q_o + Q_o^T.
     Each is None where not wanted."""
     c = rows.shape[1]
+    if strategy == "rows" and (kernels := _cpu_kernels(rows, s)) is not None:
+        # g, dL/dS and the products in S's dtype; dL/dS: each thread's sum over its blocks (float32),
+        # then the threads' sums in order
+        grad = grad.to(s.dtype)
+        grad_x, grad_s = rows.new_empty(rows.shape if want_x else (0,)), s.new_empty(s.shape if want_s else (0,))
+        work, block, threads = _kernel_work(rows, s)
+        partial = scratch("grad_s_parts", (threads, *s.shape), rows)
+        kernels.backward(rows, s, grad, grad_x, grad_s, work, partial, block)
+        return (grad_x if want_x else None), (grad_s if want_s else None)
     grad = grad.to(rows.dtype)
     if strategy == "fused":
         return triton_module().backward(rows, s, grad, want_x, want_s)
-    if strategy == "rows" and (kernels := _cpu_kernels(rows, s)) is not None:
-        # dL/dS: each thread's sum over its blocks, then the threads' sums in order
-        grad_x, grad_s = rows.new_empty(rows.shape if want_x else (0,)), s.new_empty(s.shape if want_s else (0,))
-        work, block, threads = _kernel_work(rows, s.shape[0])
-        partial = scratch("grad_s_parts", (threads, *s.shape), s)
-        kernels.backward(rows, s, grad, grad_x, grad_s, work, partial, block)
-        return (grad_x if want_x else None), (grad_s if want_s else None)
     grad_s = torch.zeros(s.shape, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device) if want_s else None
     if strategy == "rows":
         if want_s:
@@ -233,8 +238,8 @@ class SymmetricQuadratic(torch.autograd.Function):
         rows, s = ctx.saved_tensors
         if torch.is_grad_enabled():                   # create_graph=True: a backward autograd can differentiate
             i, j = product_pairs(rows.shape[1], ctx.strategy, rows.device)
-            return (*differentiable_backward(lambda x, s: (x[:, i] * x[:, j]) @ s, (rows, s), ctx.needs_input_grad[:2],
-                                             grad), None)
+            return (*differentiable_backward(lambda x, s: (x[:, i] * x[:, j]).to(s.dtype) @ s, (rows, s),
+                                             ctx.needs_input_grad[:2], grad), None)
         return *sym_backward(rows, s, grad, ctx.strategy, *ctx.needs_input_grad[:2]), None
 
 
@@ -260,7 +265,7 @@ def sym_quadratic_op(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torc
 
 @sym_quadratic_op.register_fake
 def _(rows: torch.Tensor, s: torch.Tensor, strategy: str) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0], s.shape[1])
+    return rows.new_empty(rows.shape[0], s.shape[1], dtype=s.dtype)
 
 
 @torch.library.custom_op("bionets::sym_quadratic_backward", mutates_args=())
