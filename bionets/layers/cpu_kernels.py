@@ -15,7 +15,7 @@ torch's C++ extension builder (``torch.utils.cpp_extension``, with the ``ninja``
 source at its layer's first CPU call, once per machine: about 10 s on 2 cores, with one line on
 stderr, cached under ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
 named by the vector instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash
-of the source and torch's version, so a cache shared between machines or environments never hands
+of the source, the header they share (``cpu_vec.h``) and torch's version, so a cache shared between machines or environments never hands
 one a kernel it cannot run.
 
 Where no C++ compiler works, the layer warns once and keeps to its PyTorch path (correct, slower).
@@ -54,12 +54,16 @@ def source(name: str) -> Path:
     return Path(__file__).with_name(f"{name}.cpp")
 
 
+HEADER = Path(__file__).with_name("cpu_vec.h")    # included by every source
+
+
 def extension_name(name: str) -> tuple[str, list[str]]:
     """(the build's name, its compiler flags): ``bionets_<name>_<capability>_<hash>``, the hash of the
-    source, the flags and torch's version (a build is bound to the torch it was compiled against)."""
+    source, the shared header, the flags and torch's version (a build is bound to the torch it was
+    compiled against)."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, [])
-    key = source(name).read_bytes() + " ".join([*flags, torch.__version__]).encode()
+    key = source(name).read_bytes() + HEADER.read_bytes() + " ".join([*flags, torch.__version__]).encode()
     digest = hashlib.sha256(key).hexdigest()[:10]
     return f"bionets_{name}_{capability.lower()}_{digest}", flags
 

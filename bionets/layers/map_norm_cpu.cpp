@@ -15,23 +15,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <tuple>
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t VL = Vec::size();
-constexpr int64_t NV = 4;                 // vector registers per channel group
+using namespace bionets_cpu;      // Vec, VL, sum_lanes
+constexpr int64_t NV = 4;         // vector registers per channel group
 constexpr int64_t GROUP = NV * VL;
-
-inline float sum_lanes(const Vec& a) {
-  return at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return p + q; }, a);
-}
 
 struct Dims {
   int64_t N, P, C, groups;

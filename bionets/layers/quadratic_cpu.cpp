@@ -18,9 +18,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -28,21 +28,9 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t VL = Vec::size();
-
-inline float sum_lanes(const Vec& a) {
-  return at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return p + q; }, a);
-}
-
-// The products and dL/d(products) are float32, or bf16 under CPU bf16 autocast (half the matmuls'
-// time); x, dL/dx and all arithmetic here stay float32.
-inline Vec load(const float* p, int64_t n = VL) { return Vec::loadu(p, n); }
-inline Vec load(const at::BFloat16* p, int64_t n = VL) {
-  return std::get<0>(at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(p, n)));
-}
-inline void store(const Vec& a, float* p, int64_t n = VL) { a.store(p, n); }
-inline void store(const Vec& a, at::BFloat16* p, int64_t n = VL) { at::vec::convert_float_bfloat16(a, Vec(0.f)).store(p, n); }
+using namespace bionets_cpu;      // Vec, VL, sum_lanes; load / store: the products and dL/d(products)
+                                  // float32, or bf16 under CPU bf16 autocast (x, dL/dx and the
+                                  // arithmetic stay float32)
 
 void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1,

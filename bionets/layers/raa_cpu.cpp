@@ -20,11 +20,11 @@
 // the shift and the parameters' gradients are float32).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -32,8 +32,8 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t VL = Vec::size();
+using namespace bionets_cpu;      // Vec, VL, sum_lanes; load / store: x, y, g and dL/dx in their own
+                                  // dtype, float32 or bf16 (computed in float32, rounded once on the way out)
 constexpr int64_t CHUNK = 256;   // vectors per task and per row of partial sums
 constexpr int64_t ROWS = 32;     // features-contiguous layout: vectors whose shifts are computed together
 constexpr float INV_SQRT_2PI = 0.3989422804014327f;
@@ -60,18 +60,6 @@ Layout layout_of(const at::Tensor& x, int64_t dim) {
   const int64_t C = x.size(-1);
   return Layout{1, C, C ? x.numel() / C : 0, 0, 1, C};
 }
-
-inline float sum_lanes(const Vec& a) {
-  return at::vec::vec_reduce_all<float>([](const Vec& p, const Vec& q) { return p + q; }, a);
-}
-
-// x, y, g and dL/dx in their own dtype: float32, or bf16 (computed in float32, rounded once on the way out)
-inline Vec load(const float* p, int64_t n = VL) { return Vec::loadu(p, n); }
-inline Vec load(const at::BFloat16* p, int64_t n = VL) {
-  return std::get<0>(at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(p, n)));
-}
-inline void store(const Vec& a, float* p, int64_t n = VL) { a.store(p, n); }
-inline void store(const Vec& a, at::BFloat16* p, int64_t n = VL) { at::vec::convert_float_bfloat16(a, Vec(0.f)).store(p, n); }
 
 // Phi(z) and e = exp(-z^2 / 2) (so phi(z) = e / sqrt(2 pi))
 inline Vec normal_cdf(const Vec& z, Vec& e) {
