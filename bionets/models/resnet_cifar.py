@@ -94,11 +94,7 @@ class BasicBlock(nn.Module):
         out = self.act1(self.bn1(self.conv1(x)))
         if self.quad is None:
             out = self.bn2(self.conv2(out))
-        else:
-            if tuple(out.shape[-2:]) != tuple(self.quad_norm.normalized_shape):
-                size = "x".join(map(str, self.quad_norm.normalized_shape))
-                raise BionetsError(f"this Dit block's LayerNorm spans {size} maps, got {list(out.shape[-2:])}: "
-                                   "build the model with img_size equal to the input's size")
+        else:                        # the map's size is checked once, in ResNetCifar.forward_features
             out = (self.bn2(self.conv2(out)) + self.quad(self.quad_norm(out))) / 2
         return self.act2(out + self.shortcut(x))
 
