@@ -1,10 +1,12 @@
-"""torch.func transforms (grad, vmap: per-sample gradients, functional MAML) over every mechanism:
-inside them the layers with fused kernels use their plain expressions, and the STDS / Grad R
-functions are in the setup_context form that the transforms need. Each against plain autograd."""
+"""torch.func transforms (grad, vmap: per-sample gradients, functional MAML) and forward-mode AD over
+every mechanism: inside them the layers with fused kernels use their plain expressions, and the
+STDS / Grad R functions are in the setup_context form that the transforms need, with a jvp. Each
+against plain autograd."""
 import pytest
 import timm
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, jvp, vmap
 
 import bionets
 from bionets.layers.gradr import apply_gradr
@@ -76,3 +78,33 @@ def test_per_sample_gradients_of_a_dit_resnet_with_raa():
                                    list(model.parameters()))
         for key, w in zip(params, want):
             assert ((per_sample[key][i] - w).norm() / w.norm().clamp_min(1e-12)).item() < 1e-3, key
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_forward_mode_derivatives_match_reverse_mode(name):
+    """Dual tensors (``torch.autograd.forward_ad``) and ``torch.func.jvp``, with respect to the input
+    and to every parameter at once: ``<g, J t>`` from forward mode equals ``<J^T g, t>`` from
+    backward (for STDS / Grad R the surrogate derivative both ways)."""
+    torch.manual_seed(0)
+    module = MODULES[name]()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    shape = (4, 3, 8, 8) if name.startswith(("stds", "gradr")) else (4, 8, 3, 3)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    x_t = torch.randn_like(x)
+
+    x_r = x.clone().requires_grad_()
+    out = module(x_r)
+    g = torch.randn_like(out)
+    back = torch.autograd.grad(out, [x_r, *module.parameters()], g)
+    want = (back[0] * x_t).sum() + sum((b * tangents[k]).sum() for k, b in zip(params, back[1:]))
+
+    _, func_t = jvp(lambda p, xi: functional_call(module, p, (xi,)), (params, x), (tangents, x_t))
+    with forward_ad.dual_level():
+        duals = {k: forward_ad.make_dual(v, tangents[k]) for k, v in params.items()}
+        dual_t = forward_ad.unpack_dual(functional_call(module, duals, (forward_ad.make_dual(x, x_t),))).tangent
+    for tangent in (func_t, dual_t):
+        torch.testing.assert_close((g * tangent).sum(), want, rtol=1e-4, atol=1e-4)

@@ -25,7 +25,8 @@ from bionets.layers.stds import SparseReparam, no_layer_error, reparameterize, s
 
 
 class _SignedGate(torch.autograd.Function):
-    """Forward ``s * max(theta, 0)``; backward ``s * grad`` (the gate is ignored)."""
+    """Forward ``s * max(theta, 0)``; backward ``s * grad`` (the gate is ignored; forward-mode AD's
+    ``jvp`` likewise gives ``s * tangent``)."""
 
     generate_vmap_rule = True        # plain tensor ops both ways: torch.func.vmap batches them itself
 
@@ -36,11 +37,17 @@ class _SignedGate(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:    # this form also runs under torch.func transforms
         ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (s,) = ctx.saved_tensors
         return grad * s, None
+
+    @staticmethod
+    def jvp(ctx, theta_t: torch.Tensor, s_t) -> torch.Tensor:
+        (s,) = ctx.saved_tensors
+        return theta_t * s
 
 
 def prior_centre(alpha: float, target_sparsity: float) -> float:

@@ -1,13 +1,14 @@
 """Where the layers' own kernels (Triton on the GPU, C++ on the CPU) give way to their PyTorch
 expressions: where the toolchain fails (one warning, then the PyTorch path), and where a second
-derivative is asked for (:func:`differentiable_backward`), and inside torch.func transforms
-(:func:`under_function_transform`)."""
+derivative is asked for (:func:`differentiable_backward`), and inside torch.func transforms or
+forward-mode AD (:func:`under_function_transform`)."""
 from __future__ import annotations
 
 import warnings
 from typing import Any, Callable
 
 import torch
+from torch.autograd import forward_ad
 
 
 def run_or_warn(fn: Callable[[], Any], failure: str, instead: str) -> tuple[Any, str | None]:
@@ -48,10 +49,11 @@ def differentiable_backward(expression: Callable[..., torch.Tensor], inputs: tup
 
 
 def under_function_transform() -> bool:
-    """Whether a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``hessian``, ...: per-sample
-    gradients, functional MAML) is running. The fused kernels' autograd functions cannot run inside
-    one (the C++ and Triton kernels see one plain tensor, not a batch of them), so the layers use
-    their plain PyTorch expressions there, which every transform handles. One C call (~0.06 us)."""
+    """Whether a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``, ...:
+    per-sample gradients, functional MAML) or forward-mode AD (``torch.autograd.forward_ad`` dual
+    tensors) is running. The fused kernels' autograd functions cannot run there (the C++ and Triton
+    kernels see one plain tensor, not a batch of them, and have no forward derivative), so the layers
+    use their plain PyTorch expressions, which both handle. Two cheap checks (~0.1 us)."""
     if torch.compiler.is_compiling():      # Dynamo cannot trace the check (a graph break); no transform there
         return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None

@@ -45,7 +45,7 @@ LAYER_TYPES = {"conv": nn.modules.conv._ConvNd, "linear": nn.Linear}
 class _SoftThreshold(torch.autograd.Function):
     """Forward: the soft threshold. Backward: straight through (``stmod``: ``dw/dtheta = 1``, the
     gradient passes unchanged, also in the flat region) or the true derivative ``1[|theta| > D]``,
-    i.e. ``1[w != 0]`` (``st``)."""
+    i.e. ``1[w != 0]`` (``st``). Forward-mode AD (``jvp``) uses the same derivative."""
 
     generate_vmap_rule = True        # plain tensor ops both ways: torch.func.vmap batches them itself
 
@@ -60,6 +60,7 @@ class _SoftThreshold(torch.autograd.Function):
         ctx.straight_through = inputs[2]
         if not ctx.straight_through:
             ctx.save_for_backward(output)
+            ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -67,6 +68,13 @@ class _SoftThreshold(torch.autograd.Function):
             return grad, None, None
         (w,) = ctx.saved_tensors
         return torch.where(w != 0, grad, 0.0), None, None
+
+    @staticmethod
+    def jvp(ctx, theta_t: torch.Tensor, d_t, straight_through_t) -> torch.Tensor:
+        if ctx.straight_through:
+            return theta_t
+        (w,) = ctx.saved_tensors
+        return torch.where(w != 0, theta_t, 0.0)
 
 
 def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function: str = "stmod") -> torch.Tensor:
