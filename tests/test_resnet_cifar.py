@@ -64,6 +64,42 @@ def test_timm_api():
     assert [f.shape[1:] for f in features] == [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
 
 
+def test_timm_feature_api_layer_decay_and_grad_checkpointing():
+    """forward_intermediates / prune_intermediate_layers, group_matcher (timm's layer-wise lr decay)
+    and set_grad_checkpointing, as timm's own ResNet has them."""
+    torch.manual_seed(0)
+    model = timm.create_model("dit_resnet20").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.layer2[0].quad.weight.normal_(std=0.05)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model.eval()
+    final, maps = model.forward_intermediates(x)
+    assert [m.shape[1:] for m in maps] == [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert [m.shape[1] for m in model.forward_intermediates(x, indices=2, intermediates_only=True)] == [32, 64]
+    assert [m.shape[1] for m in model.forward_intermediates(x, indices=[0, -2], stop_early=True)[1]] == [16, 32]
+    with pytest.raises(BionetsError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+    groups = timm.optim.create_optimizer_v2(model, "sgd", lr=1.0, layer_decay=0.5).param_groups
+    assert sorted({g["lr_scale"] for g in groups}) == [0.5 ** k for k in range(10, -1, -1)]   # stem, 9 blocks, head
+
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-5)
+
+    pruned = timm.create_model("dit_resnet20")
+    assert pruned.prune_intermediate_layers(indices=[1, 2]) == [1, 2]
+    assert isinstance(pruned.fc, torch.nn.Identity) and len(pruned.layer3) == 0
+    assert pruned.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 32, 16, 16)
+
+
 def test_dit_with_zero_q_is_the_plain_twin_with_halved_bn2():
     """out = (bn2(conv2(.)) + Q(LN(.))) / 2 with Q = 0 equals the plain block with bn2's affine halved."""
     torch.manual_seed(0)

@@ -21,7 +21,8 @@ Weights use PyTorch's default initialization, as the reference does.
 from __future__ import annotations
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.nn import functional as F
 
@@ -139,6 +140,7 @@ class ResNetCifar(nn.Module):
                 raise unknown("quadratic block", name, names)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.quad_blocks = list(quad_blocks)
+        self.grad_checkpointing = False
 
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -168,7 +170,8 @@ class ResNetCifar(nn.Module):
         self.num_classes = num_classes
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
+        """One clear error for an input this network was not built for (channels, or a Dit block's map size)."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise BionetsError(f"{type(self).__name__} was built for in_chans={self.in_chans}, got input of shape "
                                f"{list(x.shape)}: pass in_chans={x.shape[1] if x.ndim == 4 else '?'} when creating it")
@@ -178,8 +181,58 @@ class ResNetCifar(nn.Module):
             raise BionetsError(f"{type(self).__name__} with Dit blocks was built for {self.img_size[0]}x{self.img_size[1]} "
                                f"inputs (each Dit block's LayerNorm spans its map), got {h}x{w}: pass {size} when "
                                f"creating it (in a bionets config: model.kwargs.{size.replace(' ', '')})")
+
+    def stage_maps(self, x: torch.Tensor, last: int = 3):
+        """The maps of ``feature_info`` in order (the stem's, then layer1..layer3), up to index ``last``;
+        each stage's blocks recomputed in the backward under :meth:`set_grad_checkpointing`."""
         x = self.act1(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        yield x
+        for stage in (self.layer1, self.layer2, self.layer3)[:last]:
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
+            yield x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        for x in self.stage_maps(x):
+            pass
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the maps of ``feature_info`` that ``indices`` selects (None: all four,
+        an int n: the last n, a list: those indices), and the final map unless ``intermediates_only``.
+        ``norm`` has nothing to apply (no final norm); ``stop_early`` stops after the last map taken."""
+        if output_fmt != "NCHW":
+            raise BionetsError(f"{type(self).__name__} gives NCHW maps only, got output_fmt={output_fmt!r}")
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        self.check_input(x)
+        intermediates = []
+        for k, x in enumerate(self.stage_maps(x, last if stop_early or intermediates_only else 3)):
+            if k in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last map ``indices`` takes (and the classifier with ``prune_head``);
+        returns the indices kept (timm's feature API)."""
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        for name in ("layer1", "layer2", "layer3")[last:]:
+            setattr(self, name, nn.Sequential())          # empty: passes its input through
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then each stage
+        (``coarse``) or each block; the classifier comes last."""
+        return dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward instead of keeping its activations (timm's API)."""
+        self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 2).flatten(1)   # the reference's 4x4 pooling of the 8x8 map
