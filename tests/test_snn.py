@@ -122,6 +122,20 @@ def test_an_empty_batch_gives_an_empty_output(name):
     assert out.shape == (0, 10)
 
 
+@pytest.mark.parametrize("name", list(SPIKING))
+def test_reset_classifier_as_timm_defines_it(name):
+    """reset_classifier(n): a fresh classifier for n classes; 0 (or num_classes=0 at creation): the
+    model returns its pre-logits features."""
+    model = timm.create_model(name, num_classes=10, **SPIKING[name]).eval()
+    x = torch.randn(*INPUT.get(name, (2, 3, 32, 32)))
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.num_classes == 3
+    model.reset_classifier(0)
+    torch.testing.assert_close(model(x), pre)
+    assert timm.create_model(name, num_classes=0, **SPIKING[name]).eval()(x).shape == pre.shape
+
+
 @pytest.mark.parametrize("cnf", ["ADD", "AND", "IAND"])
 def test_sew_connect_functions_in_both_block_kinds(cnf):
     """g(S, A) with S the identity and A the residual branch: S + A, S * A, S * (1 - A) (IAND = S AND NOT A)."""

@@ -53,6 +53,8 @@ class SEWResNet(sj.SEWResNet):
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.bn1 = nn.BatchNorm2d(64)
         self.num_features = self.fc.in_features
+        if num_classes == 0:
+            self.fc = nn.Identity()        # timm's convention: no classifier, pre-logits out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [N, C, H, W] -> spikes [T, N, C', H', W']."""
@@ -74,7 +76,7 @@ class SEWResNet(sj.SEWResNet):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -89,8 +89,14 @@ class SpikingVotingNet(nn.Module):
         self.fc1 = nn.Conv2d(self.num_features, hidden, 1, bias=False)
         self.sn1 = lif_node()
         self.drop2 = layer.Dropout(drop_rate, step_mode="m")
-        self.fc2 = nn.Conv2d(hidden, num_classes * voting, 1, bias=False)
+        self.fc2 = self._voting_layer(num_classes)
         self.sn2 = lif_node()
+
+    def _voting_layer(self, num_classes: int) -> nn.Module:
+        """``voting`` output neurons per class; none for ``num_classes=0`` (pre-logits out)."""
+        if num_classes > 0:
+            return nn.Conv2d(self.fc1.out_channels, num_classes * self.voting, 1, bias=False)
+        return nn.Identity()
 
     @staticmethod
     def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +113,7 @@ class SpikingVotingNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Spikes [T, N, ...] -> voted firing rate [N, classes] (averaged over T)."""
         x = self.sn1(self._conv1x1(self.fc1, self.drop1(x.flatten(2))))
-        if pre_logits:
+        if pre_logits or self.num_classes == 0:
             return x.mean(0)
         x = self.sn2(self._conv1x1(self.fc2, self.drop2(x)))
         t, n, _ = x.shape
@@ -122,6 +128,11 @@ class SpikingVotingNet(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.fc2
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh voting layer for ``num_classes`` (0: the model returns the hidden layer's firing rates)."""
+        self.num_classes = num_classes
+        self.fc2 = self._voting_layer(num_classes)
 
 
 def create_voting_net(variant: str, pretrained: bool = False, **kwargs) -> SpikingVotingNet:
