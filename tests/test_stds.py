@@ -52,6 +52,32 @@ def test_straight_through_and_true_gradients():
         assert torch.equal(theta.grad, g * expected(theta.detach())), fn
 
 
+@pytest.mark.parametrize("kind", ["stmod", "st", "gradr"])
+def test_compiled_and_exported_as_one_graph_with_the_same_gradients(kind):
+    """Under torch.compile (fullgraph) and torch.export the reparameterizations are plain ops (the
+    autograd functions would break the graph: a jvp, and D.item() on the CPU), with the same values
+    and the same straight-through / true / Grad R gradients as eager."""
+    from bionets.layers.gradr import apply_gradr
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    if kind == "gradr":
+        apply_gradr(model)
+    else:
+        apply_stds(model, kind, 0.1)
+    x = torch.randn(4, 3, 8, 8)
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for compiled, eager in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(compiled, eager)
+    exported = torch.export.export(model.eval(), (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
 def test_gradcheck_where_the_gradient_is_the_derivative():
     d = torch.tensor(0.4, dtype=torch.float64)
     away = torch.tensor([-2.0, -0.9, -0.3, 0.1, 0.2, 0.7, 1.5], dtype=torch.float64, requires_grad=True)

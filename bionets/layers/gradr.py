@@ -74,7 +74,10 @@ class SignedStrength(SparseReparam):
         self.register_buffer("s", torch.sign(weight.detach()))
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        return _SignedGate.apply(theta, self.s.to(theta.dtype))
+        s = self.s.to(theta.dtype)
+        if torch.compiler.is_compiling():       # plain ops (one graph); gradient s * grad, as the function's
+            return theta * s + (theta.clamp(min=0) * s - theta * s).detach()
+        return _SignedGate.apply(theta, s)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """``theta = s * w`` (``|w_init|`` for the initial weights)."""

@@ -84,6 +84,13 @@ def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function
     if sparse_function not in SPARSE_FUNCTIONS:
         raise unknown("sparse function", sparse_function, SPARSE_FUNCTIONS)
     d = torch.as_tensor(d, dtype=theta.dtype, device=theta.device)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export / the ONNX exporter: plain ops, one graph (Dynamo breaks the
+        # graph at an autograd function with a jvp, and at the CPU path's D.item()); the same forward
+        # and gradient: clamp's derivative makes theta - clamp the true 1[|theta| > D] (st), and
+        # the detached difference passes the gradient straight through (stmod)
+        w = theta - theta.clamp(-d, d)
+        return theta + (w - theta).detach() if sparse_function == "stmod" else w
     return _SoftThreshold.apply(theta, d, sparse_function == "stmod")
 
 
