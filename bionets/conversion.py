@@ -9,9 +9,11 @@
 Each argument takes ``None``/``False`` (leave it), ``True`` or a short string (the mechanism's
 defaults), or a dict of the mechanism's config options (the same keys as the ``mechanisms:``
 section of a run config, so ``bionets train`` applies the same changes to any timm model by name).
-``quadratic`` also takes a list of placement patterns. Converting an already converted model
-changes nothing more. The training-time parts (ARR's loss, STDS's threshold schedule) come back
-as hooks in ``report.hooks`` for a training loop of your own; ``bionets train`` wires them itself.
+``quadratic`` takes placement patterns instead of a short string (one or a list; ``"auto"``: the
+default placement). Converting an already converted model changes nothing more. The training-time
+parts (ARR's loss, STDS's threshold schedule) come back as hooks in ``report.hooks`` for a training
+loop of your own; ``bionets train`` wires them itself. New modules and buffers take the model's
+device and dtype (ARR's class statistics stay float32).
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ def _section(arg: str, value) -> tuple[str, dict] | None:
         return None
     if value is True:
         return MECHANISM_OF[arg], {}
+    if isinstance(value, str) and arg == "quadratic":       # 'auto', or one placement pattern
+        return "quadratic", {"placement": "auto" if value == "auto" else [value]}
     if isinstance(value, str):
         table = SHORTHANDS.get(arg, {})
         if value not in table:
@@ -73,6 +77,9 @@ def _section(arg: str, value) -> tuple[str, dict] | None:
 def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
             regularization=None) -> tuple[nn.Module, ConversionReport]:
     """Apply the chosen mechanisms to ``model`` (in place where possible); return it and a report."""
+    if not isinstance(model, nn.Module):
+        raise BionetsError(f"convert takes a torch.nn.Module, got {type(model).__name__}: create the model first "
+                           "(e.g. timm.create_model(name))")
     sections = {}
     for arg, value in (("quadratic", quadratic), ("activation", activation), ("sparsity", sparsity),
                        ("regularization", regularization)):

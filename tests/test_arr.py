@@ -1,8 +1,10 @@
 """ARR: the loss on a hand-made batch (both forms), buffer updates, state, DDP, eval, CLI."""
 import os
+import pickle
 import socket
 
 import pytest
+import timm
 import torch
 import torch.multiprocessing as mp
 
@@ -110,6 +112,24 @@ def test_bad_options_are_one_line(opts, message):
 def test_arr_without_classifier_is_one_line():
     with pytest.raises(BionetsError, match="cannot find the classifier"):
         apply_mechanisms(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()), parse_mechanisms({"arr": {}}))
+
+
+def test_headless_timm_model_is_one_line_not_a_wrong_layer():
+    """A timm ViT built with num_classes=0 has no classifier: ARR says so, instead of taking the last
+    block's MLP for it."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=0)
+    for layers in ("auto", "classifier"):
+        with pytest.raises(BionetsError, match="get_classifier.. is Identity: create the model with num_classes > 0"):
+            apply_mechanisms(model, parse_mechanisms({"arr": {"layers": layers}}))
+
+
+def test_a_model_with_arr_attached_still_pickles():
+    model, hook = build()
+    model.train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    hook.aux_loss(model, x, model(x), y)
+    copy = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(copy.arr_memory.mean, model.arr_memory.mean)
 
 
 def _ddp_worker(rank, port, r, y, out):

@@ -112,6 +112,45 @@ def test_bad_conversion_is_one_clear_error(kwargs, message):
     assert message in text and "\n" not in text
 
 
+def test_convert_follows_the_models_device_and_dtype():
+    """New RAA parameters, quadratic terms and STDS buffers take the model's dtype (float64 here) and
+    device ('meta': shapes only, as for sizing a large model); ARR's statistics its device, in float32."""
+    model = timm.create_model("resnet18", num_classes=10).double()
+    convert(model, quadratic=True, activation="raa", sparsity="stds", regularization="arr")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.arr_memory.mean.dtype == torch.float32
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).sum().backward()
+
+    meta = timm.create_model("resnet18", num_classes=10).to("meta")
+    convert(meta, quadratic="auto", activation="raa", regularization="arr")
+    assert {t.device.type for t in (*meta.parameters(), *meta.buffers())} == {"meta"}
+    assert meta(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 10)
+
+
+def test_raa_reads_the_features_where_the_layer_before_put_them():
+    """An NHWC MLP (timm's ConvNeXt with conv_mlp=False) whose map height equals the hidden width:
+    RAA after a Linear takes the last dim as the features, not dim 1 (which has the same size)."""
+    from bionets.layers.raa import raa_expression
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", dims=(8, 16, 32, 64), conv_mlp=False, num_classes=3).eval()
+    convert(model, activation="raa")
+    raa = model.stages[0].blocks[0].mlp.act
+    assert raa.dim == -1 and raa.num_features == 32
+    with torch.no_grad():
+        raa.v.normal_(std=0.3)
+        x = torch.randn(2, 32, 32, 32)                    # [N, H, W, C]: H = C = 32
+        torch.testing.assert_close(raa(x), raa_expression(x, raa.c, raa.v, "vector", "gelu", -1))
+        conv_raa = convert(timm.create_model("resnet18", num_classes=3), activation="raa")[0].act1
+        assert conv_raa.dim == 1
+
+
+def test_convert_takes_one_placement_string_and_rejects_a_non_module():
+    model, report = convert(timm.create_model("resnet18", num_classes=10), quadratic="layer1.0.conv2")
+    assert isinstance(model.layer1[0].conv2, ConvPlusQuadratic) and report.changes == 1
+    with pytest.raises(BionetsError, match="convert takes a torch.nn.Module, got str"):
+        convert("resnet18", activation="raa")
+
+
 def test_convert_torchvision_bottlenecks_with_an_input_size():
     """torchvision's Bottleneck calls one relu at two widths: with input_size, convert gives each
     width its own RAA, and the converted model trains (forward and backward)."""

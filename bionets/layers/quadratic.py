@@ -262,7 +262,9 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     if impl == "full":
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
         return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
-    dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
+    device = rows.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
+    dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform():
         # one gather + one matmul: a small graph whose batch size stays dynamic (and plain ops, which
         # torch.func transforms handle)

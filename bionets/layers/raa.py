@@ -289,17 +289,26 @@ def compiled_raa(width: int):
 
 
 class RAA(nn.Module):
-    """RAA over ``num_features``; the feature axis is dim 1 of a 4-D (NCHW) map, else the last dim.
+    """RAA over ``num_features``. The feature axis: ``dim=1`` (the channels of a 4-D NCHW map), ``-1``
+    (the last dim: tokens, MLP inputs, NHWC maps) or None (found per call: dim 1 of a 4-D map whose
+    dim 1 has ``num_features`` entries, else the last dim; :func:`~bionets.layers.raa_swap.swap_activations`
+    sets it from the layer before the activation where that layer decides it, so that an NHWC map
+    whose height happens to equal the width is not read as NCHW).
 
     Extra parameters: ``num_features + 1`` (vector), 1 (scalar), ``num_features^2 + num_features``
     (matrix).
     """
 
-    def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu", compiled: bool = False):
+    dim: int | None = None      # (class default: modules pickled before the option existed)
+
+    def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu", compiled: bool = False,
+                 dim: int | None = None):
         super().__init__()
         if variant not in ("vector", "scalar", "matrix") or base not in ("gelu", "relu"):
             raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
-        self.num_features, self.variant, self.base, self.compiled = num_features, variant, base, compiled
+        if dim not in (None, 1, -1):
+            raise BionetsError(f"RAA's feature axis dim must be 1 (NCHW channels), -1 (last) or None (per call), got {dim!r}")
+        self.num_features, self.variant, self.base, self.compiled, self.dim = num_features, variant, base, compiled, dim
         self.c = nn.Parameter(torch.zeros(num_features if variant == "matrix" else 1))
         if variant == "vector":
             self.v = nn.Parameter(torch.zeros(num_features))
@@ -307,7 +316,7 @@ class RAA(nn.Module):
             self.W = nn.Parameter(torch.zeros(num_features, num_features))
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, variant={self.variant}, base={self.base}"
+        return f"{self.num_features}, variant={self.variant}, base={self.base}" + ("" if self.dim is None else f", dim={self.dim}")
 
     def matrix_shift(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """``W x + c`` per vector (a 1x1 convolution on maps), W in x's dtype (as the vector variant's v)."""
@@ -317,8 +326,8 @@ class RAA(nn.Module):
         return x @ w.T + self.c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
-        if x.shape[dim] != self.num_features:
+        dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
+        if dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: the "
                                "width read from the layers registered before the activation it replaced does not match "
                                "this call (layers registered out of call order, or one module called at several widths); "

@@ -39,6 +39,17 @@ class RAAByWidth(nn.Module):
                            "swap again with an example input that reaches this call")
 
 
+def _feature_axis(module: nn.Module) -> int | None:
+    """The axis that holds the features of this layer's output, where its type decides it: the last
+    (Linear, LayerNorm) or dim 1 of a 4-D map (Conv2d, BatchNorm2d); None for the others (timm's
+    LayerNorm2d, say, is a LayerNorm over dim 1)."""
+    if isinstance(module, nn.Linear) or type(module) is nn.LayerNorm:
+        return -1
+    if isinstance(module, nn.Conv2d | nn.BatchNorm2d):
+        return 1
+    return None
+
+
 def _width(module: nn.Module) -> int | None:
     for attr in ("out_features", "out_channels", "num_features", "normalized_shape", "embed_dim"):
         value = getattr(module, attr, None)
@@ -97,25 +108,32 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
     """
     wanted = {t.lower() for t in types}
     chosen: dict[str, tuple[nn.Module, int]] = {}
-    width, done = None, set()
+    axes: dict[str, int | None] = {}
+    width, axis, done = None, None, set()
     for name, module in list(model.named_modules()):
         w = _width(module)
         if w is not None and not isinstance(module, RAA):
-            width = w
+            width, axis = w, _feature_axis(module)
         if type(module).__name__.lower() not in wanted or id(module) in done:
             continue
         if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
             continue
         if width is None:
             raise BionetsError(f"RAA cannot tell the feature size of activation '{name}' (no Linear/Conv/Norm before it)")
-        chosen[name] = (module, width)
+        chosen[name], axes[name] = (module, width), axis
         done.add(id(module))
     widths = call_widths(model, chosen, example_input) if example_input is not None and chosen else {}
+    like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     replaced = []
     for name, (module, width) in chosen.items():
         form = base if base != "auto" else ("relu" if "relu" in type(module).__name__.lower() else "gelu")
         seen = widths.get(name) or [width]
-        raa = RAA(seen[0], variant, form, compiled) if len(seen) == 1 else RAAByWidth(seen, variant, form, compiled)
+        if len(seen) == 1:      # the layer before decides the axis when the call's width is the one it gives
+            raa = RAA(seen[0], variant, form, compiled, dim=axes[name] if seen[0] == width else None)
+        else:
+            raa = RAAByWidth(seen, variant, form, compiled)
+        if like is not None:                              # the model's device and dtype
+            raa.to(device=like.device, dtype=like.dtype)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, raa)
         replaced.append((name, sum(p.numel() for p in raa.parameters())))

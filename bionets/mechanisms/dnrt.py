@@ -74,12 +74,17 @@ def _is_vit(model: nn.Module) -> bool:
 
 
 def _classifier(model: nn.Module) -> nn.Module:
-    """The classifier layer: timm's ``get_classifier()``, else ``fc``/``classifier``/``head`` (the last
-    Linear of a Sequential), else the model's last Linear module."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else next(
+    """The classifier layer: timm's ``get_classifier()`` (which decides: a timm model built with
+    ``num_classes=0`` has none), else ``fc``/``classifier``/``head`` (the last Linear of a
+    Sequential), else the model's last Linear module (torchvision's ``heads.head``)."""
+    timm_head = hasattr(model, "get_classifier")
+    head = model.get_classifier() if timm_head else next(
         (getattr(model, a) for a in ("fc", "classifier", "head") if isinstance(getattr(model, a, None), nn.Module)), None)
     if isinstance(head, nn.Sequential):
         head = next((m for m in reversed(head) if isinstance(m, nn.Linear)), None)
+    if timm_head and not isinstance(head, nn.Linear | nn.Conv2d):
+        raise BionetsError(f"arr needs the classifier of {type(model).__name__} (its class count and input), but its "
+                           f"get_classifier() is {type(head).__name__}: create the model with num_classes > 0")
     if not isinstance(head, nn.Linear | nn.Conv2d):
         head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
     if head is None:
@@ -97,10 +102,17 @@ class ArrHook(Hook):
     def attach(self, model: nn.Module) -> None:
         self.memory = model.arr_memory
         if self.layers == "classifier":
-            _classifier(model).register_forward_pre_hook(lambda m, args: self._keep(m, args[0]))
+            _classifier(model).register_forward_pre_hook(self._keep_input)
         else:
             for block in model.blocks:
-                block.register_forward_hook(lambda m, args, out: self._keep(m, out, token=True))
+                block.register_forward_hook(self._keep_token)
+
+    # bound methods, not lambdas: a model with the hooks attached can still be pickled (torch.save(model))
+    def _keep_input(self, module: nn.Module, args: tuple) -> None:
+        self._keep(module, args[0])
+
+    def _keep_token(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self._keep(module, out, token=True)
 
     def _keep(self, module: nn.Module, x: torch.Tensor, token: bool = False) -> None:
         if not (torch.is_grad_enabled() and module.training):   # evaluation (even with gradients) is untouched
@@ -131,7 +143,8 @@ def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
     depth = len(model.blocks) if layers == "blocks" else 1
     report = Report("arr")
     if not hasattr(model, "arr_memory"):
-        model.arr_memory = ArrMemory(depth, classes, dim)
+        p = next(model.parameters(), None)
+        model.arr_memory = ArrMemory(depth, classes, dim).to(p.device if p is not None else None)   # float32 statistics
         report.changes.append(f"class memory of {depth} layer(s) x {classes} classes x {dim} features ({layers}); "
                               f"weight {cfg.weight}, momentum {cfg.momentum}, form {cfg.form}")
     hook = ArrHook(cfg, layers)
