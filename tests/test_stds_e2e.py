@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_stds_digits_run_sparsity_rises_plot_eval_export(tmp_path, capsys):
     assert main(["train", "stds/digits_sine", "train.epochs=2", "train.progress=false", f"out_dir={tmp_path}",
-                 "--quiet"]) == 0
+                 "train.ema_decay=0.9", "--quiet"]) == 0
     run = tmp_path / "digits_sine"
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2
@@ -29,6 +29,11 @@ def test_stds_digits_run_sparsity_rises_plot_eval_export(tmp_path, capsys):
     out = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
     assert float(out["sparsity"]) == pytest.approx(last["sparsity"], abs=1e-3)
     assert float(out["test_top1"]) == pytest.approx(last["test_top1"], abs=1e-3)
+    # the EMA model averages theta, not D: it computes with the scheduled D_max
+    assert main(["eval", "--ema", str(run / "last.pt")]) == 0
+    assert "stds_d: 0.3000" in capsys.readouterr().out
+    # best.pt only from epochs at the final threshold (here the last), not the denser first epoch
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 2
 
     assert main(["export", str(run / "last.pt"), str(tmp_path / "plain.pt")]) == 0
     plain = torch.load(tmp_path / "plain.pt", weights_only=False)["plain_model"]

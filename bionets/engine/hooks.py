@@ -8,8 +8,13 @@ A mechanism (``bionets.mechanisms``) turns its config section into a model chang
   to the task loss (``None`` for nothing). ``targets`` are the hard integer labels even when
   mixup/cutmix mixes them for the task loss. Hooks capture features with forward hooks of their own;
 * ``on_step(progress)`` after every optimizer step (schedules such as STDS's threshold D);
+* ``copy_state(model, copy)`` right after, where the run keeps a copy of the model (the EMA model):
+  copy the state ``on_step`` drives (a schedule's value, which an average of weights must not
+  average) from the model to the copy;
 * ``epoch_metrics(model)`` at the end of every epoch on every rank: extra numbers for the console,
   TensorBoard and metrics.jsonl (e.g. sparsity);
+* ``may_be_best()`` then: whether this epoch's model may become ``best.pt`` (STDS: only once its
+  threshold has reached D_max, so that the best model has the sparsity the run asked for);
 * ``on_train_end(run_dir, history)`` on rank 0 after the last epoch (figures), ``history`` being
   the list of per-epoch metric dicts.
 
@@ -51,8 +56,14 @@ class Hook:
     def on_step(self, progress: Progress) -> None:
         pass
 
+    def copy_state(self, model: nn.Module, copy: nn.Module) -> None:
+        pass
+
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
         return {}
+
+    def may_be_best(self) -> bool:
+        return True
 
     def on_train_end(self, run_dir: Path, history: list[dict]) -> None:
         pass

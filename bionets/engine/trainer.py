@@ -170,8 +170,9 @@ class Trainer:
                     record.update(hook.epoch_metrics(self.model))
                 self.state.epoch += 1
                 self.state.history.append(record)
-                improved = record["test_top1"] > self.state.best_top1
-                self.state.best_top1 = max(self.state.best_top1, record["test_top1"])
+                improved = record["test_top1"] > self.state.best_top1 and all(h.may_be_best() for h in self.hooks)
+                if improved:
+                    self.state.best_top1 = record["test_top1"]
                 if main:
                     writer.write(record)
                     ckpt = self._checkpoint()
@@ -258,11 +259,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.scheduler.step_update(self.state.step)
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.state.step)
         progress = self.progress()
         for hook in self.hooks:
             hook.on_step(progress)
+        if self.ema is not None:        # averages the weights; a mechanism's schedule state is copied
+            self.ema.update(self.model, step=self.state.step)
+            for hook in self.hooks:
+                hook.copy_state(self.model, self.ema.module)
 
     def eval_epoch(self) -> dict:
         t = self.cfg.train

@@ -77,6 +77,21 @@ class StdsHook(SparsityHook):
                 p.d.fill_(d)
             self.d = d
 
+    def copy_state(self, model: nn.Module, copy: nn.Module) -> None:
+        """The EMA model computes with the scheduled D (an average of D over the steps lags the
+        schedule: a far less sparse model); only theta is averaged."""
+        if self.d is None:
+            return
+        if getattr(self, "_copy", (None,))[0] is not copy:
+            self._copy = (copy, soft_thresholds(copy))
+        for p in self._copy[1]:
+            p.d.fill_(self.d)
+
+    def may_be_best(self) -> bool:
+        """Only a model at the final threshold (the run's sparsity) competes for best.pt: during a
+        sine or linear schedule, an early, dense epoch often scores higher."""
+        return self.d == self.cfg.d_max
+
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
         layers = soft_thresholds(model)
         out = {"stds_d": layers[0].d.item()} if layers else {}
