@@ -5,6 +5,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A config section. ``extra='forbid'`` turns a misspelt key into an error naming it."""
+    """A config section. ``extra='forbid'`` turns a misspelt key into an error naming it; no number
+    may be infinite or NaN (``d_max=inf`` failed deep in the first step)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)

@@ -56,7 +56,11 @@ def test_train_then_eval_and_export(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test_top1:" in out and "model: test_mlp" in out
     assert main(["export", str(tmp_path / "r" / "best.pt"), str(tmp_path / "plain.pt")]) == 0
-    assert "plain_model" in load_checkpoint(tmp_path / "plain.pt")
+    assert "plain_model" in load_checkpoint(tmp_path / "plain.pt", exported=True)
+    plain = str(tmp_path / "plain.pt")
+    for command in (["eval", plain], ["train", *FAST, f"out_dir={tmp_path}", "--resume", plain]):
+        assert main(command) == 2
+        assert "holds exported plain weights ('bionets export'), not a training run" in capsys.readouterr().err
 
 
 def test_models_and_configs_listings(capsys):

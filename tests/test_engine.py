@@ -256,3 +256,14 @@ def test_resume_from_another_model_is_one_line(tmp_path):
                       f"resume={tmp_path / 'a' / 'last.pt'}", name="b")
     with pytest.raises(BionetsError, match="holds a different model"):
         train(cfg, quiet=True)
+
+
+def test_evaluate_skips_an_empty_batch():
+    """A custom loader may yield an empty batch: it adds nothing (its mean loss, 0/0, made the test loss NaN)."""
+    from bionets.engine.trainer import evaluate
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    full = evaluate(model, [(x, y)], torch.device("cpu"))
+    with_empty = evaluate(model, [(x[:3], y[:3]), (x[:0], y[:0]), (x[3:], y[3:])], torch.device("cpu"))
+    assert with_empty == pytest.approx(full)

@@ -240,6 +240,7 @@ def test_set_threshold_and_state_dict_carry_d():
     ({"stds": {"sparse_function": "soft"}}, "sparse_function"),
     ({"stds": {"schedule": "cosine"}}, "schedule"),
     ({"stds": {"d_max": -1}}, "d_max"),
+    ({"stds": {"d_max": float("inf")}}, "finite number"),
     ({"stds": {"types": ["attention"]}}, "types"),
     ({"stds": {"dmax": 1}}, "did you mean"),
     ({"gradr": {"target_sparsity": 0.3}}, "target_sparsity"),

@@ -69,8 +69,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     write_atomic(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint on the CPU; a missing, truncated or foreign file is one BionetsError."""
+def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
+    """Read a checkpoint on the CPU; a missing, truncated or foreign file is one BionetsError, and so
+    is the plain state dict of ``bionets export`` unless ``exported``."""
     path = Path(path)
     if path.is_dir():
         found = [n for n in ("best.pt", "last.pt") if (path / n).is_file()]
@@ -85,6 +86,9 @@ def load_checkpoint(path: str | Path) -> dict:
                            "use another checkpoint (e.g. best.pt or last.pt of the run)") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BionetsError(f"'{path}' is not a bionets checkpoint (no '{FORMAT}' marker)")
+    if "model" not in state and "plain_model" in state and not exported:
+        raise BionetsError(f"'{path}' holds exported plain weights ('bionets export'), not a training run: eval or resume "
+                           "the run's best.pt or last.pt, or load its 'plain_model' state dict into a plain model")
     return state
 
 

@@ -70,6 +70,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce"
     autocast = autocast_for(amp, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
     for images, targets in loader:
+        if not len(targets):              # an empty batch (a custom loader's): its mean loss would be NaN
+            continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
