@@ -32,6 +32,22 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("option, message", [
+    ("seeds=0", "option seeds=0: Input should be greater than 0"),
+    ("fractions=[0.1,1.5]", "option fractions.1=1.5: Input should be less than or equal to 1"),
+    ("weight_decay=-1", "option weight_decay=-1: Input should be greater than or equal to 0"),
+    ("max_iter=abc", "option max_iter='abc': Input should be a valid integer"),
+    ("device=gpu", "option device='gpu' is not a device"),
+])
+def test_bad_experiment_options_are_one_line_before_any_work(option, message, tmp_path, capsys):
+    """Checked against the experiment's annotations before it trains anything (a fraction of 1.5
+    used to fail after the other fractions had trained; seeds=0 ended on an IndexError)."""
+    assert main(["experiment", "fewshot", option, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.iterdir())
+
+
 def test_experiment_options_are_listed_in_a_form_the_command_line_reads_back(capsys):
     import yaml
 

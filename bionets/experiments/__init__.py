@@ -7,24 +7,45 @@ short summary (printed by the CLI)::
     @register_experiment("gaussian")
     def gaussian(out_dir: Path, *, n_max: int = 1000, seed: int = 0) -> str: ...
 
-Unknown options are an error naming the valid ones (the CLI checks them against the signature).
+Unknown options are an error naming the valid ones (the CLI checks them against the signature);
+values are validated against the annotations (``PositiveInt``, ``Fraction``, ...) before any work,
+a bad one being one error line.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
-from bionets.errors import unknown
+from pydantic import ConfigDict, Field, ValidationError, validate_call
+
+from bionets.errors import BionetsError, unknown
+
+Fraction = Annotated[float, Field(gt=0, le=1)]      # a fraction of a training set
 
 EXPERIMENTS: dict[str, Callable[..., str]] = {}
 
 
 def register_experiment(name: str):
     def wrap(fn: Callable[..., str]):
-        EXPERIMENTS[name] = fn
-        return fn
+        checked = validate_call(fn, config=ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False))
+
+        @functools.wraps(fn)
+        def run(out_dir: Path, **options):
+            try:
+                return checked(out_dir, **options)
+            except ValidationError as err:
+                if err.title != fn.__name__:       # raised inside the experiment: not about its options
+                    raise
+                first = err.errors()[0]
+                option = ".".join(str(part) for part in first["loc"])
+                raise BionetsError(f"experiment {name}: option {option}={first['input']!r}: {first['msg']}") from None
+
+        EXPERIMENTS[name] = run
+        return run
     return wrap
 
 
@@ -36,4 +57,4 @@ def get_experiment(name: str) -> Callable[..., str]:
     return EXPERIMENTS[name]
 
 
-__all__ = ["EXPERIMENTS", "Path", "get_experiment", "register_experiment"]
+__all__ = ["EXPERIMENTS", "Fraction", "Path", "get_experiment", "register_experiment"]

@@ -11,14 +11,16 @@ import csv
 import statistics
 from pathlib import Path
 
+from pydantic import NonNegativeFloat, PositiveInt
+
 from bionets.experiments import register_experiment
 
 VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}", "+both": "{raa: {}, arr: {weight: ARR}}"}
 
 
 @register_experiment("dnrt_seeds")
-def dnrt_seeds(out_dir: Path, *, seeds: int = 5, epochs: int = 15, arr_weight: float = 1.0,
-               config: str = "dnrt/digits") -> str:
+def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 15,
+               arr_weight: NonNegativeFloat = 1.0, config: str = "dnrt/digits") -> str:
     """Baseline, +RAA, +ARR (weight ``arr_weight``) and +both trained on ``config`` for ``seeds``
     seeds of ``epochs`` epochs each: final test top-1, mean and spread per variant."""
     from bionets.config import load_config

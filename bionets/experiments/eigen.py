@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import NonNegativeFloat, PositiveInt
 
-from bionets.experiments import register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, as_float, fit, load_images, new_figure, quadratic_model,
-                                               stratified_subset, write_csv)
+from bionets.errors import BionetsError
+from bionets.experiments import Fraction, register_experiment
+from bionets.experiments.quadratic_fit import (accuracy, experiment_device, fit, load_images, new_figure,
+                                               quadratic_model, stratified_subset, write_csv)
 
 
 def leading_eigenvectors(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +57,9 @@ def _image(vec: torch.Tensor, side: int) -> np.ndarray:
 
 
 @register_experiment("eigen")
-def eigen(out_dir: Path, *, top_k: int = 5, show: int = 3, fraction: float = 1.0, data_root: str | None = None,
-          weight_decay: float = 1e-3, max_iter: int = 300, seed: int = 0, device: str = "cpu") -> str:
+def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fraction: Fraction = 1.0,
+          data_root: str | None = None, weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 300,
+          seed: int = 0, device: str = "cpu") -> str:
     """Eigenvectors of class covariances vs learned quadratic weights, per class.
 
     Trains quadratic neurons (full A, one per class) on ``fraction`` of the training set (digits, or
@@ -66,11 +69,14 @@ def eigen(out_dir: Path, *, top_k: int = 5, show: int = 3, fraction: float = 1.0
     match among A_j's top ``top_k``, signed alike) and ``eigen_cosine.png`` (|cos| of the leading
     pair and of Sigma_j's leading eigenvector's best match per class, with chance levels).
     """
-    fraction, weight_decay = as_float("fraction", fraction), as_float("weight_decay", weight_decay)
+    dev = experiment_device(device)
     data = load_images(data_root)
-    dev = torch.device(device)
     idx = stratified_subset(data["y_train"], fraction, torch.Generator().manual_seed(seed))
     x, y = data["x_train"][idx], data["y_train"][idx]
+    fewest = int(torch.bincount(y, minlength=data["classes"]).min())
+    if fewest < 2:
+        raise BionetsError(f"eigen needs >= 2 training images per class for a class covariance; fraction={fraction} "
+                           f"leaves {fewest}: raise fraction")
     d, classes, side = x.shape[1], data["classes"], data["side"]
     torch.manual_seed(seed)
     model = quadratic_model(d, classes).to(dev)

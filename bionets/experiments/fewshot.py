@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import NonNegativeFloat, PositiveInt
 
-from bionets.experiments import register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, as_float, band_plot, count_parameters, fit, load_images,
-                                               matched_hidden, mean_spread, new_figure, quadratic_model,
+from bionets.experiments import Fraction, register_experiment
+from bionets.experiments.quadratic_fit import (accuracy, band_plot, count_parameters, experiment_device, fit,
+                                               load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
                                                stratified_subset, two_layer_mlp, write_csv)
 
 COLORS = {"quadratic": "tab:red", "mlp": "tab:blue"}
@@ -24,9 +25,9 @@ FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @register_experiment("fewshot")
-def fewshot(out_dir: Path, *, fractions: tuple[float, ...] | list[float] = FRACTIONS, seeds: int = 3,
-            data_root: str | None = None, rank: int | None = None, hidden: int | None = None,
-            weight_decay: float = 1e-3, max_iter: int = 200, device: str = "cpu") -> str:
+def fewshot(out_dir: Path, *, fractions: list[Fraction] = FRACTIONS, seeds: PositiveInt = 3,
+            data_root: str | None = None, rank: PositiveInt | None = None, hidden: PositiveInt | None = None,
+            weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 200, device: str = "cpu") -> str:
     """Test accuracy of quadratic neurons (``rank``: full A if None) and a two-layer MLP (``hidden``
     units; default: parameter-matched) against the fraction of training data, ``seeds`` seeds each.
 
@@ -34,10 +35,9 @@ def fewshot(out_dir: Path, *, fractions: tuple[float, ...] | list[float] = FRACT
     ``fewshot.png`` (mean and +-1 sd band over seeds). MNIST with a full A has 6.1 M quadratic
     weights: use ``device=cuda`` or a low ``rank`` there.
     """
-    fractions = sorted({as_float("fractions", f) for f in fractions})
-    weight_decay = as_float("weight_decay", weight_decay)
+    fractions = sorted(set(fractions))
+    dev = experiment_device(device)
     data = load_images(data_root)
-    dev = torch.device(device)
     x_train, y_train = data["x_train"].to(dev), data["y_train"].to(dev)
     x_test, y_test = data["x_test"].to(dev), data["y_test"].to(dev)
     d, k = x_train.shape[1], data["classes"]

@@ -28,19 +28,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeFloat, PositiveInt
 from scipy import integrate, stats
 
 from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
 from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, as_float, band_plot, check_choice, fit, mean_spread,
-                                               new_figure, predict, quadratic_model, two_layer_mlp, write_csv)
+from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
+                                               quadratic_model, two_layer_mlp, write_csv)
 
 CASES = ("identical", "different")
+SampleSize = Annotated[int, Field(ge=2)]
 COLORS = {"quadratic": "tab:red", "mlp": "tab:blue"}
 
 
@@ -180,10 +183,11 @@ def _plot_boundaries(path: Path, fitted: dict, problems: dict, train_sets: dict,
 
 
 @register_experiment("gaussian")
-def gaussian(out_dir: Path, *, dim: int = 2, cases: tuple[str, ...] | list[str] = CASES, n_min: int = 8,
-             n_max: int = 2048, points: int = 9, seeds: int = 5, hidden: int = 32, weight_decay: float = 1e-3,
-             max_iter: int = 300, n_test: int = 20000, separation: float = 2.0, data_seed: int = 0,
-             boundary_n: list[int] | None = None) -> str:
+def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: list[Literal["identical", "different"]] = CASES,
+             n_min: SampleSize = 8, n_max: SampleSize = 2048, points: PositiveInt = 9, seeds: PositiveInt = 5,
+             hidden: PositiveInt = 32, weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 300,
+             n_test: PositiveInt = 20000, separation: float = 2.0, data_seed: int = 0,
+             boundary_n: list[SampleSize] | None = None) -> str:
     """Quadratic neuron vs two-layer MLP (``hidden`` ReLU units) on two Gaussian classes in ``dim`` dims.
 
     For each case in ``cases`` (identical / different covariances, drawn by
@@ -194,9 +198,6 @@ def gaussian(out_dir: Path, *, dim: int = 2, cases: tuple[str, ...] | list[str] 
     ``gaussian_accuracy.png`` and, for ``dim=2``, ``gaussian_boundaries.png`` (seed 0 at the sizes
     ``boundary_n``, default the smallest, a middle and the largest n).
     """
-    for case in cases:
-        check_choice("cases", case, CASES)
-    weight_decay, separation = as_float("weight_decay", weight_decay), as_float("separation", separation)
     ns = sample_sizes(n_min, n_max, points)
     boundary_n = sorted(set(boundary_n or [ns[0], ns[len(ns) // 2], ns[-1]]))
     ns = sorted(set(ns) | set(boundary_n))

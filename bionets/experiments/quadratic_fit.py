@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -86,18 +85,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (predict(model, x) == y).double().mean().item()
 
 
-def as_float(option: str, value) -> float:
-    """``value`` as a float (YAML reads ``1e-3`` as a string), or a one-line error naming ``option``."""
+def experiment_device(name: str) -> torch.device:
+    """The ``device`` option as a torch device, or one error line (not a device, or no CUDA here)."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise BionetsError(f"option {option}={value!r} must be a number") from None
-
-
-def check_choice(option: str, value, choices: Iterable) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise BionetsError(f"option {option}={value!r} is not one of {choices}")
+        device = torch.device(name)
+    except RuntimeError:
+        raise BionetsError(f"option device={name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BionetsError(f"option device={name} but no CUDA device is available: use device=cpu")
+    return device
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -13,6 +13,7 @@ import csv
 from pathlib import Path
 
 import torch
+from pydantic import PositiveInt
 
 from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
@@ -37,8 +38,8 @@ def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor
 
 
 @register_experiment("responses")
-def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channels: int = 8, classes: int = 4,
-              data_root: str | None = None) -> str:
+def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channels: PositiveInt = 8,
+              classes: PositiveInt = 4, data_root: str | None = None) -> str:
     """Violin plots of a checkpoint's aggregated responses (the features ARR works on), per class
     and channel, beside those of a ``compare`` checkpoint (e.g. the same model without DNRT)."""
     if not checkpoint:
