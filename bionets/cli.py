@@ -81,7 +81,11 @@ def cmd_train(args) -> int:
     for flag, key in ((args.data_root, "data.root"), (args.out_dir, "out_dir"), (args.resume, "resume")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    cfg = load_config(config, overrides)
+    if config is None and args.resume:     # continue the checkpoint's own run
+        from bionets.config import resume_config
+        cfg = resume_config(args.resume, overrides)
+    else:
+        cfg = load_config(config, overrides)
     train(cfg, quiet=args.quiet)
     return 0
 

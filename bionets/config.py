@@ -183,6 +183,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if glued := _glued_key(value):
+            raise BionetsError(f"override '{item}': YAML reads '{glued}' as a key without a value: put a space after "
+                               f"the colon ('{glued.replace(':', ': ', 1)}')")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -191,6 +194,53 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node[part]
         node[parts[-1]] = value
     return data
+
+
+def _glued_key(value) -> str | None:
+    """A mapping key like 'hidden:7' with no value inside ``value``: YAML's reading of ``{hidden:7}``
+    (a flow mapping needs a space after the colon), which would otherwise pass as an option set to null."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                return k
+            if found := _glued_key(v):
+                return found
+    return None
+
+
+# keys a resumed run may change: where things are and how the run is shown, not what it computes
+RESUMABLE_CHANGES = ("name", "out_dir", "resume", "data.root", "data.download", "data.workers", "data.eval_batch_size",
+                     "train.device", "train.progress", "train.compile", "train.channels_last")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
+    """One error line when ``cfg`` changes what the checkpoint's run computes (its optimizer and
+    schedule state would otherwise silently keep the old values): a resumed run continues exactly."""
+    before, after = _flat(config_from_dict(saved).to_dict()), _flat(cfg.to_dict())
+    changed = [k for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise BionetsError(f"--resume {source}: this config changes the run ({shown}{more}), but a resumed run "
+                           "continues its saved optimizer and schedule exactly: resume with the run's own config "
+                           "(omit CONFIG to use the checkpoint's), or start a new run")
+
+
+def resume_config(checkpoint: str, overrides: list[str]) -> RunConfig:
+    """The resolved config saved in ``checkpoint`` with ``overrides`` applied: what ``bionets train
+    --resume CKPT`` runs when no CONFIG is given."""
+    from bionets.engine.checkpoint import load_checkpoint
+
+    return validate_section(RunConfig, apply_overrides(load_checkpoint(checkpoint)["config"], overrides))
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,6 +1,7 @@
 """The training engine: exact resume, atomic checkpoints, hooks, accumulation, metrics."""
 import json
 import os
+import re
 import signal
 import time
 
@@ -41,13 +42,16 @@ class InterruptConfig(Section):
 
 
 class Interrupt(Hook):
-    """Raises KeyboardInterrupt (as Ctrl-C would) when training reaches a given optimizer step."""
+    """Raises KeyboardInterrupt (as Ctrl-C would) when training reaches a given optimizer step, while
+    ``armed`` (a resumed run must keep its config, so the resume disarms it instead)."""
+
+    armed = True
 
     def __init__(self, at_step):
         self.at_step = at_step
 
     def on_step(self, progress):
-        if self.at_step and progress.step == self.at_step:
+        if self.at_step and progress.step == self.at_step and Interrupt.armed:
             raise KeyboardInterrupt
 
 
@@ -58,15 +62,17 @@ def _apply_interrupt(model, cfg):
 
 def test_resume_is_exact(tmp_path):
     """2 epochs straight == 1 epoch, interrupted, then resumed (augmentation, EMA and cosine included)."""
-    extra = ["train.epochs=2", "train.ema_decay=0.9", "data.augment=true"]
-    train(fast_config(tmp_path, *extra, name="straight"), quiet=True)
     steps_per_epoch = 1437 // 64
+    extra = ["train.epochs=2", "train.ema_decay=0.9", "data.augment=true",
+             f"mechanisms={{test_interrupt: {{at_step: {steps_per_epoch + 3}}}}}"]
+    Interrupt.armed = False
+    train(fast_config(tmp_path, *extra, name="straight"), quiet=True)
+    Interrupt.armed = True
     with pytest.raises(KeyboardInterrupt):
-        train(fast_config(tmp_path, *extra, f"mechanisms={{test_interrupt: {{at_step: {steps_per_epoch + 3}}}}}",
-                          name="split"), quiet=True)
+        train(fast_config(tmp_path, *extra, name="split"), quiet=True)
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
-    train(fast_config(tmp_path, *extra, f"resume={tmp_path / 'split' / 'last.pt'}",
-                      "mechanisms={test_interrupt: {at_step: 0}}", name="split"), quiet=True)
+    Interrupt.armed = False
+    train(fast_config(tmp_path, *extra, f"resume={tmp_path / 'split' / 'last.pt'}", name="split"), quiet=True)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
     for key in a["model"]:
@@ -250,12 +256,42 @@ def test_compiled_model_keeps_the_mechanisms_hooks(tmp_path):
     assert memory["arr_memory.seen"].all() and memory["arr_memory.mean"].abs().sum() > 0
 
 
-def test_resume_from_another_model_is_one_line(tmp_path):
+@pytest.mark.parametrize("change, shown", [
+    ("model.kwargs={in_chans: 1, img_size: 8, hidden: 32}", "model.kwargs.hidden: None -> 32"),
+    ("train.epochs=2", "train.epochs: 1 -> 2"),
+    ("optim.lr=0.01", "optim.lr: 0.2 -> 0.01"),
+    ("optim.name=adamw", "optim.name: 'sgd' -> 'adamw'"),
+])
+def test_resume_refuses_a_config_that_changes_the_run(tmp_path, change, shown):
+    """The saved optimizer and scheduler states would silently override a new lr, epochs or schedule
+    (and a new optimizer failed on its state dict): one line naming the change instead."""
     train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
-    cfg = fast_config(tmp_path, "train.epochs=2", "model.kwargs={in_chans: 1, img_size: 8, hidden: 32}",
-                      f"resume={tmp_path / 'a' / 'last.pt'}", name="b")
-    with pytest.raises(BionetsError, match="holds a different model"):
+    cfg = fast_config(tmp_path, "train.epochs=1", change, f"resume={tmp_path / 'a' / 'last.pt'}", name="b")
+    with pytest.raises(BionetsError, match=f"this config changes the run \\({re.escape(shown)}"):
         train(cfg, quiet=True)
+
+
+def test_resume_without_a_config_continues_the_checkpoints_run(tmp_path, capsys):
+    """bionets train --resume CKPT: the checkpoint's own config (the default digits run would not match);
+    settings that do not change the run (progress, device) may be overridden; the metrics log is the
+    checkpoint's history, not the history plus a repeat of the epochs after it."""
+    from bionets.cli import main
+    train(fast_config(tmp_path, "train.epochs=3", name="a"), quiet=True)
+    last = tmp_path / "a" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["epoch"], ckpt["step"], ckpt["history"] = 1, ckpt["step"] // 3, ckpt["history"][:1]   # as if stopped after epoch 1
+    save_checkpoint(tmp_path / "a" / "epoch1.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert main(["train", "--resume", str(tmp_path / "a" / "epoch1.pt"), "train.device=cpu", "--quiet"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert main(["train", "--resume", str(last), "optim.lr=1", "--quiet"]) == 2
+    assert "optim.lr: 0.2 -> 1" in capsys.readouterr().err
+
+
+def test_a_glued_yaml_mapping_in_an_override_is_one_line(tmp_path):
+    """{hidden:7} is YAML for {'hidden:7': None}: it used to pass, silently training the default width."""
+    with pytest.raises(BionetsError, match="YAML reads 'hidden:7' as a key without a value: put a space"):
+        fast_config(tmp_path, "model.kwargs={hidden:7}")
 
 
 def test_evaluate_skips_an_empty_batch():

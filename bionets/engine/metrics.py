@@ -17,13 +17,21 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 
 
 class MetricsWriter:
-    """Writes one record per epoch; only rank 0 makes one."""
+    """Writes one record per epoch; only rank 0 makes one.
 
-    def __init__(self, run_dir: Path):
+    It starts from ``history``, the run's records so far (a fresh run: none; a resumed run: the
+    checkpoint's): ``metrics.jsonl`` is rewritten to hold exactly those, and TensorBoard drops its
+    events from the next epoch on. So resuming from an older checkpoint (``best.pt``), or into a run
+    directory used before, does not log epochs twice."""
+
+    def __init__(self, run_dir: Path, history: list[dict]):
         from torch.utils.tensorboard import SummaryWriter
 
+        from bionets.engine.checkpoint import write_atomic
+
         self.jsonl = run_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        write_atomic(self.jsonl, lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=len(history) + 1)
 
     def write(self, record: dict) -> None:
         epoch = record["epoch"]
@@ -36,13 +44,6 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 FORMATS = {"train_loss": "{:.4f}", "train_top1": "{:.2f}", "test_loss": "{:.4f}", "test_top1": "{:.2f}",

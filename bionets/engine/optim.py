@@ -116,7 +116,9 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int):
-    """A timm scheduler stepped after every optimizer update (``step_update(n)``)."""
+    """A timm scheduler stepped after every optimizer update (``step_update(n)``): ``warmup_epochs``
+    may be fractional (a warm-up of that many epochs' steps), and a ``multistep`` milestone m takes
+    effect at the first step of epoch m (0-based, i.e. after m epochs)."""
     if cfg.name not in SCHEDULES:
         raise unknown("schedule", cfg.name, SCHEDULES)
     if cfg.warmup_epochs >= epochs and epochs > 0 and cfg.warmup_epochs > 0:
@@ -126,6 +128,10 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs:
         optimizer, sched=name, num_epochs=epochs,
         decay_epochs=10**9 if cfg.name == "const" else cfg.decay_epochs,
         decay_milestones=list(cfg.milestones), decay_rate=cfg.decay_rate,
-        warmup_epochs=int(cfg.warmup_epochs), warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
         cooldown_epochs=0, step_on_epochs=False, updates_per_epoch=max(1, steps_per_epoch))
+    if cfg.name == "multistep":
+        # timm applies milestone t at index t - 1 (its per-epoch convention); per update that was the
+        # last step of the epoch before the milestone's
+        scheduler.decay_t = [m * max(1, steps_per_epoch) + 1 for m in sorted(cfg.milestones)]
     return scheduler

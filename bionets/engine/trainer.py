@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bionets.config import RunConfig
+from bionets.config import RunConfig, check_resume_config
 from bionets.data import build_data
 from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, write_atomic,
                                        seed_everything, set_rng_state)
@@ -103,6 +103,8 @@ class Trainer:
         if t.compile and self.device.type == "cpu":
             require_cpu_compiler("train.compile", "set train.compile=false")
         resume = load_checkpoint(cfg.resume) if cfg.resume else None
+        if resume is not None:
+            check_resume_config(resume["config"], cfg, cfg.resume)
         seed_everything(t.seed)
         self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,
                                label_smoothing=t.label_smoothing)
@@ -117,6 +119,7 @@ class Trainer:
                                f"train.grad_accum={t.grad_accum}: lower data.batch_size or grad_accum")
         self.steps_per_epoch = micro // t.grad_accum
         self.scheduler = create_scheduler(self.optimizer, cfg.sched, t.epochs, self.steps_per_epoch)
+        self.lr_used = cfg.optim.lr
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and self.device.type == "cuda")
         self.ema = ModelEmaV3(self.model, decay=t.ema_decay) if t.ema_decay else None
         self.autocast = autocast_for(t.amp, self.device)
@@ -158,7 +161,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            writer = MetricsWriter(self.run_dir)
+            writer = MetricsWriter(self.run_dir, self.state.history)
             if not self.quiet:
                 self._announce()
         for hook in self.hooks:
@@ -248,11 +251,13 @@ class Trainer:
         all_reduce_sum(sums)
         n = max(sums[2].item(), 1.0)
         return {"epoch": self.state.epoch + 1, "train_loss": sums[0].item() / n, "train_top1": 100 * sums[1].item() / n,
-                "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0),
+                "lr": self.lr_used,
                 "images_per_s": n / elapsed, "epoch_time": elapsed}
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train
+        group = self.optimizer.param_groups[0]
+        self.lr_used = group["lr"] / group.get("lr_mult", 1.0)      # the base rate of this step (logged per epoch)
         if t.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
