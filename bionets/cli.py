@@ -166,10 +166,15 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from bionets.benchsuite import run_suite
 
-    ints = lambda s: [int(v) for v in s.split(",")] if s else None  # noqa: E731
+    def ints(option: str, text: str | None) -> list[int] | None:
+        try:
+            return [int(v) for v in text.split(",")] if text else None
+        except ValueError:
+            raise BionetsError(f"bench {option} takes comma-separated integers (e.g. 32,64), got {text!r}") from None
+
     print(run_suite(Path(args.out), device=args.device, repeats=args.repeats,
                     mechanisms=args.mechanisms.split(",") if args.mechanisms else None,
-                    widths=ints(args.widths), batches=ints(args.batches)))
+                    widths=ints("--widths", args.widths), batches=ints("--batches", args.batches)))
     print(f"table and plot in {args.out}")
     return 0
 

@@ -318,6 +318,54 @@ def test_wrong_image_folders(tmp_path):
                    "data.auto_augment='rand-q9'", "rand-m9-mstd0.5")
 
 
+def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):
+    """Each used to end in a traceback: a CIFAR label out of range (inside the loss), a corrupt image
+    (inside the DataLoader, in a worker too); and a truncated .gz left a partial idx file behind, so
+    the run failed again after the .gz was replaced."""
+    folder = write_cifar(tmp_path / "c", classes=10)
+    batch = pickle.loads((folder / "data_batch_1").read_bytes())
+    batch["labels"][0] = 12
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "has label 12 outside 0..9")
+
+    raw = write_mnist(tmp_path / "m", gz=True)
+    good = (raw / "train-images-idx3-ubyte.gz").read_bytes()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(good[:50])
+    one_line_error(DataConfig(name="mnist", root=str(tmp_path / "m")), "cannot decompress")
+    assert not (raw / "train-images-idx3-ubyte").exists()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(good)
+    assert build_data(DataConfig(name="mnist", root=str(tmp_path / "m"), batch_size=8)).num_classes == 10
+
+    write_image_folder(tmp_path / "f", per_class=3)
+    next((tmp_path / "f" / "train" / "cat").iterdir()).write_bytes(b"not an image")
+    for workers in (0, 1):
+        bundle = build_data(DataConfig(name="imagefolder", root=str(tmp_path / "f"), batch_size=6, img_size=16,
+                                       workers=workers))
+        with pytest.raises(BionetsError, match=r"^imagefolder image '.*cat.*' cannot be read \(UnidentifiedImageError\)"):
+            batches(bundle.train)
+
+    write_image_folder(tmp_path / "g")
+    (tmp_path / "g" / "val" / "dog").rename(tmp_path / "g" / "val" / "cow")
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2),
+                   "only in train/: ['dog']; only in val/: ['cow']")
+
+
+def test_image_folder_without_augmentation_or_normalization(tmp_path):
+    """augment=false: the training split resized and center-cropped like the validation one;
+    normalize=false: pixel values in [0, 1] and an identity mean/std."""
+    write_image_folder(tmp_path, per_class=2)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), batch_size=4, img_size=16, augment=False, normalize=False)
+    b = build_data(cfg)
+    assert (b.mean, b.std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    x1, _ = next(iter(b.train))
+    dataset = b.train.loader.dataset
+    assert [type(t).__name__ for t in dataset.transform.transforms] == ["Resize", "CenterCrop", "MaybeToTensor",
+                                                                        "Normalize"]
+    assert 0.0 <= x1.min() and x1.max() <= 1.0
+    x2, _ = next(iter(build_data(cfg).train))
+    assert torch.equal(x1.sort(0).values, x2.sort(0).values)      # deterministic images (only the order is shuffled)
+
+
 def test_gaussian_kind_is_validated_with_the_config():
     from pydantic import ValidationError
 

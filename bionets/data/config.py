@@ -41,6 +41,7 @@ class DataConfig(Section):
     img_size: int | None = Field(None, ge=1)  # imagefolder train crop / resize
     crop_pct: float = Field(0.875, gt=0, le=1)
     auto_augment: str | None = None    # timm string, e.g. 'rand-m9-mstd0.5'
+    color_jitter: float = Field(0.4, ge=0)   # imagefolder, without auto_augment (timm's default)
     reprob: float = Field(0.0, ge=0, le=1)   # random erasing
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)

@@ -1,9 +1,11 @@
 """ImageNet-style folders (root/train/<class>/*, root/val/<class>/*) with timm's transforms.
 
 Training images go through timm's ``create_transform(is_training=True)``: RandomResizedCrop to
-``img_size``, horizontal flip, ``auto_augment`` (e.g. RandAugment 'rand-m9-mstd0.5'), random erasing
-``reprob``; validation images are resized to ``img_size / crop_pct`` and center-cropped. Bicubic
-interpolation and ImageNet's mean/std throughout.
+``img_size``, horizontal flip, ``auto_augment`` (e.g. RandAugment 'rand-m9-mstd0.5') or else a
+ColorJitter of ``color_jitter`` (timm's 0.4; 0 for none), random erasing ``reprob``; with
+``augment=false`` they are resized and center-cropped as validation images are (to ``img_size /
+crop_pct``, then ``img_size``). Bicubic interpolation; ImageNet's mean/std, or none with
+``normalize=false``. An unreadable image is one error line naming its file.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 
 from bionets.data.bundle import DataBundle, Placement, make_mixup
 from bionets.data.config import DataConfig
@@ -47,12 +50,32 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        try:
+            yield from self.loader
+        except BionetsError as err:    # from a worker, which DataLoader re-raises under lines of its own
+            raise BionetsError(str(err).strip().splitlines()[-1].split("BionetsError: ")[-1]) from None
+
+
+def load_image(path: str):
+    """torchvision's image loader; a file PIL cannot read is one error naming it."""
+    try:
+        return default_loader(path)
+    except OSError as err:          # PIL's UnidentifiedImageError and truncated files
+        raise BionetsError(f"imagefolder image '{path}' cannot be read ({type(err).__name__}): remove or "
+                           "replace it") from None
+
+
+def normalization(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean and std, or the identity with ``normalize=false``."""
+    if not cfg.normalize:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 
 
 def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder]:
     """The train and val ImageFolders under ``root`` with timm's training / evaluation transforms."""
     size = cfg.img_size or 224
+    mean, std = normalization(cfg)
     splits = []
     for split, training in (("train", True), ("val", False)):
         folder = root / split
@@ -60,19 +83,22 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
             raise BionetsError(f"imagefolder root '{root}' has no '{split}/' folder: expected "
                                f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
         try:
-            transform = create_transform(size, is_training=training, auto_augment=cfg.auto_augment if training else None,
-                                         re_prob=cfg.reprob if training else 0.0, crop_pct=cfg.crop_pct,
-                                         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+            augment = training and cfg.augment
+            transform = create_transform(size, is_training=augment, auto_augment=cfg.auto_augment if augment else None,
+                                         color_jitter=cfg.color_jitter, re_prob=cfg.reprob if augment else 0.0,
+                                         crop_pct=cfg.crop_pct, interpolation="bicubic", mean=mean, std=std)
         except (AssertionError, KeyError, ValueError) as err:
             raise BionetsError(f"data.auto_augment='{cfg.auto_augment}' is not a timm augmentation string ({err}): "
                                "use e.g. 'rand-m9-mstd0.5', 'augmix-m5' or 'v0'") from None
         try:
-            splits.append(ImageFolder(str(folder), transform=transform))
+            splits.append(ImageFolder(str(folder), transform=transform, loader=load_image))
         except (FileNotFoundError, RuntimeError) as err:
             raise BionetsError(f"imagefolder '{folder}': {str(err).splitlines()[0]}") from None
     if splits[0].classes != splits[1].classes:
-        raise BionetsError(f"imagefolder '{root}': train/ and val/ hold different class folders "
-                           f"({len(splits[0].classes)} vs {len(splits[1].classes)})")
+        only_train = sorted(set(splits[0].classes) - set(splits[1].classes))[:3]
+        only_val = sorted(set(splits[1].classes) - set(splits[0].classes))[:3]
+        raise BionetsError(f"imagefolder '{root}': train/ and val/ hold different class folders (only in train/: "
+                           f"{only_train or 'none'}; only in val/: {only_val or 'none'}): give both the same classes")
     return splits[0], splits[1]
 
 
@@ -89,4 +115,4 @@ def build_imagefolder(cfg: DataConfig, at: Placement) -> DataBundle:
     return DataBundle(FolderLoader(train_set, at.batch, train=True, workers=cfg.workers, at=at),
                       FolderLoader(val_set, at.eval_batch, train=False, workers=cfg.workers, at=at),
                       k, 3, cfg.img_size or 224, make_mixup(cfg, k, at.label_smoothing), list(train_set.classes),
-                      tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+                      *normalization(cfg))

@@ -92,8 +92,19 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
         except FORMAT_ERRORS as err:
             raise BionetsError(f"{name} files under '{path / folder}' are not in CIFAR's python-pickle format "
                                f"({type(err).__name__}): re-download them") from None
-        splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), torch.tensor(ds.targets)]
+        targets = check_labels(torch.tensor(ds.targets), classes, f"{name} under '{path / folder}'")
+        splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), targets]
     return (*splits, list(ds.classes))
+
+
+def check_labels(targets: torch.Tensor, classes: int, what: str) -> torch.Tensor:
+    """``targets``, or one error line when one lies outside 0..classes-1 (training would fail on it
+    deep inside the loss)."""
+    bad = targets[(targets < 0) | (targets >= classes)]
+    if len(bad):
+        raise BionetsError(f"{what} has label {int(bad[0])} outside 0..{classes - 1}: the files are corrupt or "
+                           "from another dataset; re-download them")
+    return targets
 
 
 def _gunzip_missing(raw: Path) -> None:
@@ -104,6 +115,7 @@ def _gunzip_missing(raw: Path) -> None:
             try:
                 extract_archive(str(raw / f"{name}.gz"), str(raw))
             except (OSError, EOFError) as err:
+                (raw / name).unlink(missing_ok=True)      # a partial file would pass for the decompressed one
                 raise BionetsError(f"cannot decompress '{raw / name}.gz' ({type(err).__name__}: {err}): "
                                    "decompress it by hand or re-download it") from None
 
@@ -130,7 +142,7 @@ def load_mnist(root: str | None, download: bool) -> tuple:
             raise bad_format from None
         if ds.data.ndim != 3 or len(ds.data) != len(ds.targets):
             raise bad_format
-        splits += [ds.data.unsqueeze(1).contiguous(), ds.targets.clone()]
+        splits += [ds.data.unsqueeze(1).contiguous(), check_labels(ds.targets.clone(), 10, f"MNIST under '{raw}'")]
     return (*splits, list(datasets.MNIST.classes))
 
 
