@@ -27,6 +27,7 @@ DEFAULT_CONFIG = "digits"
 class ModelConfig(Section):
     name: str = "resnet20_cifar"            # any timm model name (bionets registers its own)
     kwargs: dict[str, Any] = {}              # passed to timm.create_model
+    init: str | None = None                  # start from these weights: a checkpoint of bionets train or export
 
 
 class TrainConfig(Section):

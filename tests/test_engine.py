@@ -303,3 +303,24 @@ def test_evaluate_skips_an_empty_batch():
     full = evaluate(model, [(x, y)], torch.device("cpu"))
     with_empty = evaluate(model, [(x[:3], y[:3]), (x[:0], y[:0]), (x[3:], y[3:])], torch.device("cpu"))
     assert with_empty == pytest.approx(full)
+
+
+def test_model_init_starts_from_saved_weights_with_or_without_mechanisms(tmp_path):
+    """model.init: plain weights into the same model, into the model with mechanisms added (RAA's
+    ReLU form and STDS at D = 0 start as the identity, so the outputs are the trained model's), into
+    a classifier of another size (re-initialized), and a model they do not fit (one line)."""
+    from bionets.engine.model import build_model
+    train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
+    saved = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    init = f"model.init={tmp_path / 'a' / 'last.pt'}"
+    cpu = torch.device("cpu")
+    plain, _, reports = build_model(fast_config(tmp_path, init), 10, 1, cpu)
+    assert all(torch.equal(v, saved[k]) for k, v in plain.state_dict().items())
+    assert "weights from" in str(reports[-1])
+    mech, _, _ = build_model(fast_config(tmp_path, init, "mechanisms={raa: {}, stds: {}, arr: {}}"), 10, 1, cpu)
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(mech.eval()(x), plain.eval()(x))
+    other, _, reports = build_model(fast_config(tmp_path, init), 3, 1, cpu)
+    assert other.get_classifier().out_features == 3 and "classifier re-initialized" in str(reports[-1])
+    with pytest.raises(BionetsError, match="does not fit this model, with or without its mechanisms"):
+        build_model(fast_config(tmp_path, init, "model.kwargs={in_chans: 1, img_size: 8, hidden: 32}"), 10, 1, cpu)

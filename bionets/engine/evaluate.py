@@ -24,7 +24,7 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     cfg = config_from_dict(raw)
     device = device or pick_device(cfg.train.device)
     data = build_data(cfg.data, seed=cfg.train.seed)
-    model, hooks, _ = build_model(cfg, data.num_classes, data.in_chans, device)
+    model, hooks, _ = build_model(cfg, data.num_classes, data.in_chans, device, init=False)
     if ema and state.get("ema") is None:
         from bionets.errors import BionetsError
         raise BionetsError(f"checkpoint '{path}' has no EMA weights (train with train.ema_decay=...)")

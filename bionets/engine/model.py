@@ -30,16 +30,60 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def build_model(cfg, num_classes: int, in_chans: int, device: torch.device) -> tuple[nn.Module, list[Hook], list[Report]]:
-    """The configured model with its mechanisms applied, on ``device``, hooks attached."""
+def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
+                init: bool = True) -> tuple[nn.Module, list[Hook], list[Report]]:
+    """The configured model with its mechanisms applied, on ``device``, hooks attached; with ``init``,
+    starting from the weights of ``model.init`` (:func:`load_initial_weights`)."""
     model = create_model(cfg.model.name, num_classes, in_chans, dict(cfg.model.kwargs))
+    weights = initial_weights(cfg.model.init) if init and cfg.model.init else None
+    loaded = weights is not None and load_initial_weights(model, weights, cfg.model.init, final=False)
     model, hooks, reports = apply_mechanisms(model, cfg.mechanisms)
+    if weights is not None:
+        reports.append(loaded or load_initial_weights(model, weights, cfg.model.init, final=True))
     model.to(device)
     if use_channels_last(cfg.train.channels_last, model, device):
         model.to(memory_format=torch.channels_last)
     for hook in hooks:
         hook.attach(model)
     return model, hooks, reports
+
+
+def initial_weights(path: str) -> dict:
+    """The model weights of a checkpoint written by ``bionets train`` (its ``model``) or ``bionets
+    export`` (its ``plain_model``)."""
+    from bionets.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, exported=True)
+    return state["model"] if "model" in state else state["plain_model"]
+
+
+def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool) -> Report | None:
+    """Load ``weights`` into ``model`` where they fit it: the same tensors, except a classifier of
+    another size (fine-tuning for other classes) and buffers the weights lack (ARR's class memory),
+    which keep their fresh initialization. Called
+    before the mechanisms are applied (plain weights: the mechanisms then start from them, STDS
+    from the trained weights, RAA and the quadratic term from their identity) and, if they did not
+    fit there, after (a checkpoint trained with the same mechanisms); ``final``: the last try,
+    which raises one error line instead of returning None."""
+    own = model.state_dict()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is head for k in m.state_dict()}
+    resized = [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
+    params = {k for k, _ in model.named_parameters()}
+    missing, extra = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    fresh = [k for k in missing if k not in params]
+    missing = [k for k in missing if k in params]
+    if missing or extra or set(resized) - head_keys:
+        if not final:
+            return None
+        odd = (missing and f"missing {missing[:2]}") or (extra and f"unexpected {extra[:2]}") or \
+            f"other shapes at {sorted(set(resized) - head_keys)[:2]}"
+        raise BionetsError(f"model.init '{source}' does not fit this model, with or without its mechanisms ({odd}): "
+                           "give weights of the same model (and mechanisms, or none)")
+    model.load_state_dict({k: v for k, v in weights.items() if k not in resized}, strict=False)
+    note = f"; classifier re-initialized ({len(resized)} tensors of another size)" if resized else ""
+    note += f"; {len(fresh)} buffer(s) kept fresh ({fresh[0]}, ...)" if fresh else ""
+    return Report("model.init", [f"weights from {source} ({len(weights) - len(resized)} tensors){note}"])
 
 
 def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:

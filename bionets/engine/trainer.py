@@ -110,7 +110,8 @@ class Trainer:
                                label_smoothing=t.label_smoothing)
         if self.device.type == "cuda":
             self.data.to(self.device)       # in-memory splits batch and augment on the GPU
-        self.model, self.hooks, self.reports = build_model(cfg, self.data.num_classes, self.data.in_chans, self.device)
+        self.model, self.hooks, self.reports = build_model(cfg, self.data.num_classes, self.data.in_chans, self.device,
+                                                           init=resume is None)
         self.channels_last = use_channels_last(t.channels_last, self.model, self.device)
         self.optimizer = create_optimizer(self.model, cfg.optim)
         micro = len(self.data.train)
