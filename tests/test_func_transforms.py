@@ -35,16 +35,22 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODULES))
-def test_grad_and_per_sample_grads_match_autograd(name):
+def module_input_params(name):
+    """MODULES[name] with random parameters, a channels_last input (the layout of the C++ kernels)
+    and its parameters as a detached dict."""
     torch.manual_seed(0)
     module = MODULES[name]()
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.3)
     shape = (4, 3, 8, 8) if name.startswith(("stds", "gradr")) else (4, 8, 3, 3)
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)      # the layout of the C++ kernels
-    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    return module, x, {k: v.detach() for k, v in module.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_grad_and_per_sample_grads_match_autograd(name):
+    module, x, params = module_input_params(name)
     want = torch.autograd.grad(module(x).square().sum(), list(module.parameters()))
 
     got = grad(lambda p: functional_call(module, p, (x,)).square().sum())(params)      # x captured, not passed
@@ -85,14 +91,7 @@ def test_forward_mode_derivatives_match_reverse_mode(name):
     """Dual tensors (``torch.autograd.forward_ad``) and ``torch.func.jvp``, with respect to the input
     and to every parameter at once: ``<g, J t>`` from forward mode equals ``<J^T g, t>`` from
     backward (for STDS / Grad R the surrogate derivative both ways)."""
-    torch.manual_seed(0)
-    module = MODULES[name]()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.3)
-    shape = (4, 3, 8, 8) if name.startswith(("stds", "gradr")) else (4, 8, 3, 3)
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    params = {k: v.detach() for k, v in module.named_parameters()}
+    module, x, params = module_input_params(name)
     tangents = {k: torch.randn_like(v) for k, v in params.items()}
     x_t = torch.randn_like(x)
 
