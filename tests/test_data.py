@@ -232,6 +232,9 @@ def test_gaussian_classes_statistics():
     assert not torch.allclose(covs[0], covs[1])
     eig = torch.linalg.eigvalsh(covs)
     assert eig.min() >= 0.25 - 1e-9 and eig.max() <= 2.5 + 1e-9
+    for seed in range(6):        # one dimension: the two means on opposite sides (random signs coincided half the time)
+        one_d = gaussian_classes(GaussianConfig(dim=1, separation=4.0, seed=seed))[0]
+        assert sorted(one_d[:, 0].tolist()) == [-2.0, 2.0]
     same = gaussian_classes(GaussianConfig(dim=3, kind="identical"))[1]
     assert torch.equal(same[0], same[1])
     x, y = sample_gaussian(means, covs, 40001, torch.Generator().manual_seed(0))
@@ -348,6 +351,17 @@ def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):
     (tmp_path / "g" / "val" / "dog").rename(tmp_path / "g" / "val" / "cow")
     one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2),
                    "only in train/: ['dog']; only in val/: ['cow']")
+
+
+def test_image_folder_random_erasing_mode(tmp_path):
+    """Random erasing fills with per-pixel noise by default, as timm's train.py and the DeiT / ConvNeXt
+    recipes do (timm's create_transform alone defaults to a constant)."""
+    write_image_folder(tmp_path, per_class=2)
+    for mode in ("pixel", "const"):
+        cfg = DataConfig(name="imagefolder", root=str(tmp_path), batch_size=4, img_size=16, reprob=0.25,
+                         **({} if mode == "pixel" else {"remode": mode}))
+        erasing = build_data(cfg).train.loader.dataset.transform.transforms[-1]
+        assert type(erasing).__name__ == "RandomErasing" and erasing.mode == mode
 
 
 def test_image_folder_without_augmentation_or_normalization(tmp_path):

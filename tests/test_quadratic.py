@@ -173,9 +173,11 @@ def test_channel_switch_and_bad_options():
         QuadraticChannel(3, ablation="trace")
     with pytest.raises(BionetsError, match="3 input channels, got 4"):
         QuadraticChannel(3)(torch.randn(1, 4, 2, 2))
+    with pytest.raises(BionetsError, match=r"takes \[N, C, H, W\] maps, got shape \[3, 4, 4\]"):
+        QuadraticChannel(3)(torch.randn(3, 4, 4))
 
 
-@pytest.mark.parametrize("c", [16, 72])      # both CPU branches of dL/dx: outer products (C <= 64), triangle rows
+@pytest.mark.parametrize("c", [1, 16, 72])      # both CPU branches of dL/dx: outer products (C <= 64), triangle rows
 def test_channel_trains_under_cpu_bf16_autocast(c):
     """Under torch.autocast('cpu', bfloat16) the sym layer's backward once mixed a float32 factor
     into a bf16 matmul (C <= 64) and raised; gradients now come back in float32, near float64's."""

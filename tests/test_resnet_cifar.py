@@ -241,6 +241,16 @@ def test_dit_resnet20_learns_digits():
     assert model.layer2[0].quad.weight.abs().max() > 0          # the quadratic term learned
 
 
+def test_quad_blocks_as_one_string_and_pixel_options_checked():
+    """quad_blocks='layer2.0' was read letter by letter ('unknown quadratic block l'); the pixel term
+    silently ignored quad_impl and legacy_transpose."""
+    model = timm.create_model("resnet20_cifar", quad_blocks="layer2.0")
+    assert model.quad_blocks == ["layer2.0"] and model.layer2[0].quad is not None
+    for option in ({"quad_impl": "full"}, {"legacy_transpose": True}, {"quad_ablation": "cov"}):
+        with pytest.raises(BionetsError, match=f"{next(iter(option))}=.* applies to the channel-wise term only"):
+            timm.create_model("dit_resnet20", quad_type="pixel", **option)
+
+
 def test_bad_input_is_one_clear_error():
     with pytest.raises(BionetsError, match="unknown quadratic block 'layer2.3'.*layer2"):
         timm.create_model("dit_resnet20", quad_blocks=["layer2.3"])

@@ -25,6 +25,8 @@ def gaussian_classes(cfg: GaussianConfig) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed)
     k, d = cfg.num_classes, cfg.dim
     directions = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    if d == 1 and k == 2:      # random signs put both means at one point half the time: one on each side
+        directions = torch.tensor([[1.0], [-1.0]], dtype=torch.float64) * directions[0].sign()
     means = cfg.separation * directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12) / 2
     if cfg.kind == "identical":
         covs = _random_spd(d, gen).expand(k, d, d).clone()

@@ -2,7 +2,9 @@
 
 Training images go through timm's ``create_transform(is_training=True)``: RandomResizedCrop to
 ``img_size``, horizontal flip, ``auto_augment`` (e.g. RandAugment 'rand-m9-mstd0.5') or else a
-ColorJitter of ``color_jitter`` (timm's 0.4; 0 for none), random erasing ``reprob``; with
+ColorJitter of ``color_jitter`` (timm's 0.4; 0 for none), random erasing ``reprob`` filled per
+``remode`` (timm's train.py default 'pixel': per-pixel normal noise, as the DeiT and ConvNeXt
+recipes use); with
 ``augment=false`` they are resized and center-cropped as validation images are (to ``img_size /
 crop_pct``, then ``img_size``). Bicubic interpolation; ImageNet's mean/std, or none with
 ``normalize=false``. An unreadable image is one error line naming its file.
@@ -86,6 +88,7 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
             augment = training and cfg.augment
             transform = create_transform(size, is_training=augment, auto_augment=cfg.auto_augment if augment else None,
                                          color_jitter=cfg.color_jitter, re_prob=cfg.reprob if augment else 0.0,
+                                         re_mode=cfg.remode,
                                          crop_pct=cfg.crop_pct, interpolation="bicubic", mean=mean, std=std)
         except (AssertionError, KeyError, ValueError) as err:
             raise BionetsError(f"data.auto_augment='{cfg.auto_augment}' is not a timm augmentation string ({err}): "

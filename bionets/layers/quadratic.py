@@ -170,6 +170,9 @@ class QuadraticChannel(QuadraticTerm):
         self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, in_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise BionetsError(f"QuadraticChannel takes [N, C, H, W] maps, got shape {list(x.shape)} (a single image: "
+                               "x.unsqueeze(0))")
         n, c, h, w = x.shape
         if c != self.in_channels:
             raise BionetsError(f"QuadraticChannel expects {self.in_channels} input channels, got {c} (input {list(x.shape)})")
@@ -259,6 +262,8 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     ``strategy`` ('rows', 'blocks' or 'fused'; default by device: :func:`set_cuda_strategy`, and the
     comments of :mod:`bionets.layers.quadratic_sym`) only matters for ``impl='sym'``."""
     m, c = rows.shape
+    if rows.stride(-1) != 1:        # one channel: [M, 1] rows can be dense with any column stride; the kernels want 1
+        rows = rows.clone(memory_format=torch.contiguous_format)
     if impl == "full":
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
         return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()

@@ -64,6 +64,7 @@ class DitConvNeXt(ConvNeXt):
                   for b, block in enumerate(stage.blocks)}
         if quad_blocks is None:
             quad_blocks = [name for name in DIT_PLACEMENT if name in blocks]
+        quad_blocks = [quad_blocks] if isinstance(quad_blocks, str) else quad_blocks
         for name in quad_blocks:
             if name not in blocks:
                 raise unknown("quadratic block", name, blocks)

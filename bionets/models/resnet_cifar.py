@@ -45,8 +45,11 @@ def make_quadratic(quad_type: str, channels: int, impl: str = "sym", legacy_tran
     if quad_type == "channel":
         return QuadraticChannel(channels, impl=impl, legacy_transpose=legacy_transpose, ablation=ablation)
     if quad_type == "pixel":
-        if ablation != "none":
-            raise BionetsError(f"quad_ablation='{ablation}' applies to the channel-wise term only (got quad_type='pixel')")
+        chosen = {"quad_ablation": (ablation, "none"), "quad_impl": (impl, "sym"),
+                  "legacy_transpose": (legacy_transpose, False)}
+        for option, (value, default) in chosen.items():
+            if value != default:
+                raise BionetsError(f"{option}={value!r} applies to the channel-wise term only (got quad_type='pixel')")
         return QuadraticPixel(channels, kernel_size=pixel_kernel_size, groups=pixel_groups, linear=False)
     raise unknown("quad_type", quad_type, QUAD_TYPES)
 
@@ -135,6 +138,7 @@ class ResNetCifar(nn.Module):
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.img_size = size
         names = [f"layer{s + 1}.{b}" for s, n in enumerate(layers) for b in range(n)]
+        quad_blocks = [quad_blocks] if isinstance(quad_blocks, str) else quad_blocks
         for name in quad_blocks:
             if name not in names:
                 raise unknown("quadratic block", name, names)
