@@ -15,22 +15,29 @@ from bionets.layers.arr import ArrMemory, arr_loss, sequential_means
 from bionets.mechanisms import apply_mechanisms, parse_mechanisms
 
 
-def loop_means(m0, r, y, a):
-    """The reference code's per-sample loop: update, then read the class mean."""
-    m, after = m0.clone(), []
+def loop_means(m0, r, y, a, each="after"):
+    """The reference code's per-sample loop: the class mean read right before or right after each
+    sample's update."""
+    m, seen = m0.clone(), []
     for ri, yi in zip(r, y):
+        if each == "before":
+            seen.append(m[yi].clone())
         m[yi] = (1 - a) * m[yi] + a * ri
-        after.append(m[yi].clone())
-    return torch.stack(after), m
+        if each == "after":
+            seen.append(m[yi].clone())
+    return torch.stack(seen), m
 
 
 def test_sequential_means_match_the_loop():
     torch.manual_seed(0)
     m0, r, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 4, (20,))
-    after, final = sequential_means(m0, r, y, 0.1)
-    ref_after, ref_final = loop_means(m0, r, y, 0.1)
-    torch.testing.assert_close(after, ref_after)
-    torch.testing.assert_close(final, ref_final)
+    for each in ("after", "before"):
+        means, final = sequential_means(m0, r, y, 0.1, each=each)
+        ref_means, ref_final = loop_means(m0, r, y, 0.1, each)
+        torch.testing.assert_close(means, ref_means)
+        torch.testing.assert_close(final, ref_final)
+        odd, _ = sequential_means(m0, r, y, 0.1, each=each, rows=slice(1, None, 3))    # some samples only
+        torch.testing.assert_close(odd, ref_means[1::3])
 
 
 def test_sequential_means_of_several_layers_at_once_match_the_loop_per_layer():
@@ -49,9 +56,10 @@ def test_loss_on_a_hand_made_batch():
     mem.seen[0] = True
     r = torch.tensor([[2.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
     y = torch.tensor([0, 1, 0])
-    # paper: against the means before the update: |(1,0)| + |(0,2)| + |(0,0)| -> mean over 6 elements = 3/6
+    # paper: against each class mean just before the sample's own update: (1,1), (0,0), then class 0's
+    # mean after the first sample, (1.5,1): |(1,0)| + |(0,2)| + |(-.5,0)| -> mean over 6 elements = 3.5/6
     loss = arr_loss(mem, [r], y, weight=2.0, momentum=0.5, form="paper")
-    assert loss.item() == pytest.approx(2.0 * 3 / 6)
+    assert loss.item() == pytest.approx(2.0 * 3.5 / 6)
     # the update: class 0 sees (2,1) then (1,1): (1,1) -> (1.5,1) -> (1.25,1); class 1 -> (0,1)
     torch.testing.assert_close(mem.mean[0], torch.tensor([[1.25, 1.0], [0.0, 1.0]]))
     # code form: against the mean just after each sample's own update
@@ -109,6 +117,15 @@ def test_bad_options_are_one_line(opts, message):
         build(**opts)
 
 
+def test_arr_loss_called_directly_checks_its_arguments():
+    memory, r, y = ArrMemory(1, 3, 2), torch.randn(4, 2), torch.tensor([0, 1, 2, 1])
+    for kwargs in ({"form": "bogus"}, {"momentum": 1.5}, {"weight": -1.0}):
+        with pytest.raises(BionetsError, match="arr_loss needs form in"):
+            arr_loss(memory, [r], y, **{"weight": 1.0, "momentum": 0.1, **kwargs})
+    with pytest.raises(BionetsError, match="a target outside 0..2"):
+        arr_loss(memory, [r], torch.tensor([0, 1, 5, 1]), weight=1.0, momentum=0.1)
+
+
 def test_arr_without_classifier_is_one_line():
     with pytest.raises(BionetsError, match="cannot find the classifier"):
         apply_mechanisms(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()), parse_mechanisms({"arr": {}}))
@@ -135,25 +152,31 @@ def test_a_model_with_arr_attached_still_pickles():
 def _ddp_worker(rank, port, r, y, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    mem = ArrMemory(1, 3, 2)
-    half = len(y) // 2
-    arr_loss(mem, [r[rank * half:(rank + 1) * half]], y[rank * half:(rank + 1) * half], weight=1.0, momentum=0.1)
-    out[rank] = mem.mean.clone()
+    for form in ("paper", "code"):
+        mem = ArrMemory(1, 3, 2)
+        # the samplers deal a global batch out: process r takes positions r, r + 2, r + 4, ...
+        loss = arr_loss(mem, [r[rank::2]], y[rank::2], weight=1.0, momentum=0.1, form=form)
+        out[rank, form] = (mem.mean.clone(), loss.item())
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_hold_identical_memory():
+def test_two_gloo_processes_update_as_one_process_does_on_the_global_batch():
+    """Both processes end with the memory one process computes from the whole batch in its order,
+    and their losses average to its loss (ARR depends on the order: the first sample of a class
+    sets its mean, and the means are updated sample by sample)."""
     torch.manual_seed(0)
-    r, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
+    r, y = torch.randn(12, 2), torch.tensor([0, 1, 1, 0, 2, 0, 2, 1, 0, 0, 1, 2])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(port, r, y, out), nprocs=2)
-    single = ArrMemory(1, 3, 2)
-    arr_loss(single, [r], y, weight=1.0, momentum=0.1)       # the union, in rank order
-    torch.testing.assert_close(out[0], out[1])
-    torch.testing.assert_close(out[0], single.mean)
+    for form in ("paper", "code"):
+        single = ArrMemory(1, 3, 2)
+        loss = arr_loss(single, [r], y, weight=1.0, momentum=0.1, form=form)
+        torch.testing.assert_close(out[0, form][0], out[1, form][0])
+        torch.testing.assert_close(out[0, form][0], single.mean)
+        assert (out[0, form][1] + out[1, form][1]) / 2 == pytest.approx(loss.item())
 
 
 def test_cli_run_with_raa_and_arr(tmp_path):

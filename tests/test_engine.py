@@ -324,3 +324,43 @@ def test_model_init_starts_from_saved_weights_with_or_without_mechanisms(tmp_pat
     assert other.get_classifier().out_features == 3 and "classifier re-initialized" in str(reports[-1])
     with pytest.raises(BionetsError, match="does not fit this model, with or without its mechanisms"):
         build_model(fast_config(tmp_path, init, "model.kwargs={in_chans: 1, img_size: 8, hidden: 32}"), 10, 1, cpu)
+
+
+class Labels(Hook):
+    """Records the labels the training loop gives the hooks."""
+
+    def __init__(self):
+        self.seen = []
+
+    def aux_loss(self, model, images, logits, targets):
+        self.seen.append(targets.clone())
+
+
+LABELS = Labels()
+
+
+@register_mechanism("test_labels", Section, order=96)
+def _apply_labels(model, cfg):
+    return Applied(model, [LABELS], Report("test_labels"))
+
+
+def test_hooks_get_each_mixed_images_larger_share_as_its_label(tmp_path):
+    """Under mixup/cutmix the hooks (ARR) get the class with the larger share of each mixed image;
+    they used to get the first image's class, even where the other one dominated."""
+    from bionets.engine.distributed import init_distributed
+    from bionets.engine.trainer import Trainer
+    LABELS.seen.clear()
+    trainer = Trainer(fast_config(tmp_path, "train.epochs=1", "data.mixup=0.8", "data.cutmix=1.0",
+                                  "mechanisms={test_labels: {}}"), init_distributed("cpu"), quiet=True)
+    mixup, soft_seen = trainer.data.mixup, []
+
+    def recording(images, targets):
+        images, soft = mixup(images, targets)
+        soft_seen.append((targets.clone(), soft.clone()))
+        return images, soft
+
+    trainer.data.mixup = recording
+    trainer.fit()
+    assert len(LABELS.seen) == len(soft_seen) > 0
+    assert all(torch.equal(labels, soft.argmax(1)) for labels, (_, soft) in zip(LABELS.seen, soft_seen))
+    assert any(not torch.equal(labels, first) for labels, (first, _) in zip(LABELS.seen, soft_seen))

@@ -5,8 +5,10 @@ A mechanism (``bionets.mechanisms``) turns its config section into a model chang
 
 * ``attach(model)`` once, after the model is built and moved to its device, before DDP wraps it;
 * ``aux_loss(model, images, logits, targets)`` after every training forward pass: a scalar added
-  to the task loss (``None`` for nothing). ``targets`` are the hard integer labels even when
-  mixup/cutmix mixes them for the task loss. Hooks capture features with forward hooks of their own;
+  to the task loss (``None`` for nothing). ``targets`` are hard integer labels, also when
+  mixup/cutmix mixes the images: then the class with the larger share of each mixed image (ARR
+  pulls its response towards that class's mean). Hooks capture features with forward hooks of their
+  own;
 * ``on_step(progress)`` after every optimizer step (schedules such as STDS's threshold D);
 * ``copy_state(model, copy)`` right after, where the run keeps a copy of the model (the EMA model):
   copy the state ``on_step`` drives (a schedule's value, which an average of weights must not

@@ -226,9 +226,10 @@ class Trainer:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if self.channels_last and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
-            soft = None
+            soft, labels = None, targets
             if self.data.mixup is not None:
                 images, soft = self.data.mixup(images, targets)
+                labels = soft.argmax(1)          # the class with the larger share of each mixed image, for the hooks
             boundary = (i + 1) % accum == 0
             sync = nullcontext() if boundary or not self.dist.enabled else model.no_sync()
             with sync:
@@ -236,7 +237,7 @@ class Trainer:
                     logits = model(images)
                     loss = task_loss(t.loss, logits.float(), soft if soft is not None else targets, t.label_smoothing)
                     for hook in self.hooks:
-                        extra = hook.aux_loss(self.model, images, logits, targets)
+                        extra = hook.aux_loss(self.model, images, logits, labels)
                         if extra is not None:
                             loss = loss + extra
                 self.scaler.scale(loss / accum).backward()

@@ -9,18 +9,24 @@ pulls every training sample's responses towards its class's mean::
                                                         response of a class initializes m_k)
     L_ARR = weight * (1/J) * sum_j mean_elements |r_j - m_{j,y}|      (m detached)
 
-``form='paper'`` compares with the mean before the batch's update (mu^{t-1}, the paper's
-equation); ``form='code'`` with the mean just after the sample's own sequential update (mu^t, the
-reference code). Both are vectorized: the sequential update over a class's samples r_1..r_n is
-``m_i = (1-a)^i m_0 + sum_{l<=i} a (1-a)^(i-l) r_l``, computed as a matrix product.
-The memory lives in buffers (saved in checkpoints); under DDP the responses of every process are
-gathered (in rank order) so that every process applies the same update.
+``form='paper'`` compares each sample with its class's mean just before the sample's own update
+(mu^{t-1}, the paper's equation: the means after the batch's earlier samples of that class);
+``form='code'`` with the mean just after it (mu^t, the reference code). Both are vectorized: the
+sequential update over a class's samples r_1..r_n is ``m_i = (1-a)^i m_0 + sum_{l<=i} a (1-a)^(i-l)
+r_l``, computed as a matrix product. The memory lives in buffers (saved in checkpoints); under DDP
+the responses of every process are gathered in the order of the global batch (process r holds its
+positions r, r + W, r + 2W, ..., as the samplers deal them), so every process applies the update one
+process would apply to the whole batch.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from bionets.errors import BionetsError
+
+FORMS = ("paper", "code")
 
 
 class ArrMemory(nn.Module):
@@ -42,17 +48,19 @@ class ArrMemory(nn.Module):
 
 
 def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentum: float, *,
-                     each: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                     each: str | None = "after", rows: slice = slice(None)) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per-sample EMA means in batch order, as small matrix products.
 
     m0 [..., K, D] the means before the batch, r [..., N, D] responses, y [N] classes (leading
-    dimensions: one per hooked layer). Returns (after_each [..., N, D]: the class mean right after
-    sample i's update, or None with ``each=False``; final [..., K, D]). With p_i the 1-based position
-    of sample i among its class's samples in the batch and n_k the class's count, unrolling the
-    sequential update gives::
+    dimensions: one per hooked layer). Returns (each sample's class mean [..., N, D] right ``'after'``
+    or right ``'before'`` its own update, or None with ``each=None``, for the samples ``rows``
+    only; final [..., K, D]). With p_i
+    the 1-based position of sample i among its class's samples in the batch and n_k the class's
+    count, unrolling the sequential update gives::
 
-        after_i = (1-a)^p_i m0[y_i] + sum_{l <= i, y_l = y_i} a (1-a)^(p_i - p_l) r_l
-        final_k = (1-a)^n_k m0[k]   + sum_{y_l = k}           a (1-a)^(n_k - p_l) r_l
+        after_i  = (1-a)^p_i     m0[y_i] + sum_{l <= i, y_l = y_i} a (1-a)^(p_i - p_l) r_l
+        before_i = (1-a)^(p_i-1) m0[y_i] + sum_{l < i,  y_l = y_i} a (1-a)^(p_i - 1 - p_l) r_l
+        final_k  = (1-a)^n_k     m0[k]   + sum_{y_l = k}           a (1-a)^(n_k - p_l) r_l
 
     Every factor is at most 1 (no float64 needed), nothing is sorted, and nothing waits for the GPU
     (no boolean-mask indexing, no tensor made from a Python number on the device).
@@ -63,27 +71,44 @@ def sequential_means(m0: torch.Tensor, r: torch.Tensor, y: torch.Tensor, momentu
     pos = onehot.cumsum(1).gather(0, y[None, :]).squeeze(0)                             # p_i
     last_weights = onehot * (a * torch.pow(decay, count[y] - pos))   # row k: a (1-a)^(n_k - p_l) on class k's samples
     final = torch.pow(decay, count)[:, None] * m0 + (last_weights @ r).to(m0.dtype)
-    if not each:
+    if each is None:
         return None, final
-    upto = (y[:, None] == y[None, :]).tril()                                            # [N, N]: l <= i, same class
-    weights = torch.where(upto, a * torch.pow(decay, pos[:, None] - pos[None, :]), 0.0)
-    after = torch.pow(decay, pos)[:, None] * m0.index_select(-2, y) + weights.to(r.dtype) @ r
-    return after.to(r.dtype), final
+    lag = 0 if each == "after" else 1
+    i = torch.arange(len(y), device=y.device)[rows]                         # the samples asked for
+    upto = (y[i, None] == y[None, :]) & (torch.arange(len(y), device=y.device) <= i[:, None] - lag)   # l <= i / l < i
+    weights = torch.where(upto, a * torch.pow(decay, pos[i, None] - lag - pos[None, :]), 0.0)
+    means = torch.pow(decay, pos[i] - lag)[:, None] * m0.index_select(-2, y[i]) + weights.to(r.dtype) @ r
+    return means.to(r.dtype), final
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def gather_across_ranks(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Concatenate a tensor from every DDP process in rank order along ``dim`` (itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Every DDP process's ``t`` along ``dim`` in the global batch's order: process r's i-th entry at
+    position i W + r (the samplers deal the batch so); ``t`` itself when not distributed."""
+    rank, size = world()
+    if size == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim)
+    return torch.stack(parts, dim + 1).flatten(dim, dim + 1)
 
 
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,
              momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, all layers at once);
     updates ``memory``."""
+    if form not in FORMS or not 0 <= momentum < 1 or not weight >= 0:
+        raise BionetsError(f"arr_loss needs form in {FORMS}, 0 <= momentum < 1 and weight >= 0, got form={form!r}, "
+                           f"momentum={momentum}, weight={weight}")
+    classes = memory.mean.shape[1]
+    if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
+        raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
     r = torch.stack([t.float() for t in responses])                     # [J, N, D]
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)
@@ -95,12 +120,9 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         first.scatter_reduce_(0, all_y, torch.arange(n, device=all_y.device), "amin")   # each class's first sample
         new = (memory.seen[:len(r)] == 0) & (first < n)                  # classes this batch shows for the first time
         m0 = torch.where(new[..., None], all_r.index_select(1, first.clamp_max(n - 1)), memory.mean[:len(r)])
-        after, final = sequential_means(m0, all_r, all_y, momentum, each=form == "code")
-        if form == "paper":
-            target_means = m0.index_select(1, targets)
-        else:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            target_means = after[:, rank * len(targets):(rank + 1) * len(targets)]
+        rank, size = world()
+        target_means, final = sequential_means(m0, all_r, all_y, momentum, each="before" if form == "paper" else "after",
+                                               rows=slice(rank, None, size))    # this process's samples
         if update:
             memory.mean[:len(r)] = final
             memory.seen[:len(r)] |= new.to(torch.uint8)
