@@ -364,3 +364,10 @@ def test_hooks_get_each_mixed_images_larger_share_as_its_label(tmp_path):
     assert len(LABELS.seen) == len(soft_seen) > 0
     assert all(torch.equal(labels, soft.argmax(1)) for labels, (_, soft) in zip(LABELS.seen, soft_seen))
     assert any(not torch.equal(labels, first) for labels, (first, _) in zip(LABELS.seen, soft_seen))
+
+
+def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
+    """model.kwargs.img_size=16 on 8x8 digits failed deep inside the first Linear layer."""
+    with pytest.raises(BionetsError, match=r"failed on the first training batch, of shape \[64, 1, 8, 8\] from data "
+                                           r"'digits' \(RuntimeError: .*check model.kwargs"):
+        train(fast_config(tmp_path, "model.kwargs={in_chans: 1, img_size: 16}"), quiet=True)

@@ -194,7 +194,7 @@ def test_spec_parameter_count_and_bad_options():
     # convs 3*256*9 + 5*256*256*9, 1x1 convs 16384*2048 + 2048*100 (no bias), 6 BatchNorms
     assert count_parameters("snn_cifar10") == 6912 + 5 * 589824 + 16384 * 2048 + 2048 * 100 + 6 * 512
     assert count_parameters("sew_resnet18") == 11689512                # as torchvision's ResNet-18
-    for bad in (dict(T=0), dict(T=-2)):
+    for bad in (dict(T=0), dict(T=-2), dict(T=True)):      # True passed as an int and crashed later
         for name in ("snn_digits", "snn_cifar10", "sew_resnet18"):
             with pytest.raises(BionetsError, match="T must be"):
                 create_model(name, 10, 3, bad)

@@ -234,7 +234,7 @@ class Trainer:
             sync = nullcontext() if boundary or not self.dist.enabled else model.no_sync()
             with sync:
                 with self.autocast():
-                    logits = model(images)
+                    logits = model(images) if self.state.step or i else self._first_forward(model, images)
                     loss = task_loss(t.loss, logits.float(), soft if soft is not None else targets, t.label_smoothing)
                     for hook in self.hooks:
                         extra = hook.aux_loss(self.model, images, logits, labels)
@@ -255,6 +255,19 @@ class Trainer:
         return {"epoch": self.state.epoch + 1, "train_loss": sums[0].item() / n, "train_top1": 100 * sums[1].item() / n,
                 "lr": self.lr_used,
                 "images_per_s": n / elapsed, "epoch_time": elapsed}
+
+    def _first_forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The run's first forward pass, where a model that does not fit the data (in_chans, img_size
+        set in model.kwargs) fails inside PyTorch: one line naming both, not a traceback."""
+        try:
+            return model(images)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise BionetsError(f"model '{self.cfg.model.name}' failed on the first training batch, of shape "
+                               f"{list(images.shape)} from data '{self.cfg.data.name}' ({type(err).__name__}: "
+                               f"{first[:200]}): check model.kwargs (in_chans, img_size, ...) against the data") from None
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train

@@ -42,7 +42,7 @@ def if_kwargs() -> dict:
 
 
 def check_time_steps(T: int) -> int:
-    if not isinstance(T, int) or T < 1:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise BionetsError(f"spiking model time steps T must be an integer >= 1 (the paper uses 8 on CIFAR, "
                            f"4 on ImageNet), got {T!r}")
     return T
