@@ -1,4 +1,4 @@
-"""The ``bionets`` command: train, eval, models, configs, experiment, export.
+"""The ``bionets`` command: train, eval, models, configs, experiment, export, bench.
 
 Every user error ends with one line on stderr and exit status 2, never a traceback.
 """

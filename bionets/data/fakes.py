@@ -19,8 +19,9 @@ def write_cifar(root: Path, classes: int = 10, n_train: int = 50, n_test: int = 
     if classes == 10:
         folder = root / "cifar-10-batches-py"
         folder.mkdir(parents=True)
-        for i in range(1, 6):
-            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train // 5, "labels")))
+        for i in range(1, 6):                  # n_train images over the 5 files, the first n_train % 5 one more
+            size = n_train // 5 + (i <= n_train % 5)
+            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(size, "labels")))
         (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test, "labels")))
         (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
     else:

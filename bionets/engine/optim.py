@@ -122,7 +122,8 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs:
     if cfg.name not in SCHEDULES:
         raise unknown("schedule", cfg.name, SCHEDULES)
     if cfg.warmup_epochs >= epochs and epochs > 0 and cfg.warmup_epochs > 0:
-        raise BionetsError(f"sched.warmup_epochs={cfg.warmup_epochs} must be below train.epochs={epochs}")
+        raise BionetsError(f"sched.warmup_epochs={cfg.warmup_epochs} must be below train.epochs={epochs}: lower it "
+                           f"(e.g. sched.warmup_epochs=0 for a run this short)")
     name = {"const": "step"}.get(cfg.name, cfg.name)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=name, num_epochs=epochs,
