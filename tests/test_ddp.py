@@ -1,4 +1,6 @@
-"""torchrun with 2 gloo processes learns the same weights as 1 process with the same global batch."""
+"""torchrun with 2 gloo processes learns the same weights as 1 process with the same global batch,
+ARR included (its class memory depends on the order of the samples: the processes gather them in
+the global batch's order)."""
 import os
 import socket
 import subprocess
@@ -10,7 +12,7 @@ from bionets.engine.checkpoint import load_checkpoint
 
 ARGS = ["train", "model.name=test_mlp", "model.kwargs={in_chans: 1, img_size: 8}", "data.batch_size=64",
         "data.augment=false", "train.epochs=2", "train.progress=false", "optim.lr=0.05", "sched.warmup_epochs=0",
-        "train.device=cpu"]
+        "train.device=cpu", "mechanisms={arr: {weight: 1.0}}"]
 
 
 def free_port() -> int:
