@@ -371,3 +371,15 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
     with pytest.raises(BionetsError, match=r"failed on the first training batch, of shape \[64, 1, 8, 8\] from data "
                                            r"'digits' \(RuntimeError: .*check model.kwargs"):
         train(fast_config(tmp_path, "model.kwargs={in_chans: 1, img_size: 16}"), quiet=True)
+
+
+def test_channels_last_leaves_layout_free_weights_contiguous(tmp_path):
+    """1x1 kernels and one-input-channel kernels are the same memory in both layouts: they keep
+    contiguous strides, as their gradients may come (under DDP a mismatch was a copy per step)."""
+    from bionets.engine.model import build_model
+    model, _, _ = build_model(fast_config(tmp_path, "model.name=snn_digits", "model.kwargs={T: 1}"), 10, 1,
+                              torch.device("cpu"))
+    weights = {n: p for n, p in model.named_parameters() if p.ndim == 4}
+    assert weights["fc1.weight"].stride() == (256, 1, 1, 1) and weights["conv_stem.weight"].stride() == (9, 9, 3, 1)
+    assert weights["features.0.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not weights["features.0.0.weight"].is_contiguous()
