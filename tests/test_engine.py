@@ -373,12 +373,14 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
         train(fast_config(tmp_path, "model.kwargs={in_chans: 1, img_size: 16}"), quiet=True)
 
 
-def test_channels_last_leaves_layout_free_weights_contiguous(tmp_path):
-    """1x1 kernels and one-input-channel kernels are the same memory in both layouts: they keep
-    contiguous strides, as their gradients may come (under DDP a mismatch was a copy per step)."""
-    from bionets.engine.model import build_model
+def test_layout_free_weights_get_contiguous_strides_for_ddp(tmp_path):
+    """1x1 kernels and one-input-channel kernels are the same memory in both layouts: before DDP
+    wraps a channels_last model they get contiguous strides, as their gradients may come (a
+    mismatch was a copy into DDP's bucket per step)."""
+    from bionets.engine.model import build_model, keep_layout_free_weights_contiguous
     model, _, _ = build_model(fast_config(tmp_path, "model.name=snn_digits", "model.kwargs={T: 1}"), 10, 1,
                               torch.device("cpu"))
+    keep_layout_free_weights_contiguous(model)
     weights = {n: p for n, p in model.named_parameters() if p.ndim == 4}
     assert weights["fc1.weight"].stride() == (256, 1, 1, 1) and weights["conv_stem.weight"].stride() == (9, 9, 3, 1)
     assert weights["features.0.0.weight"].is_contiguous(memory_format=torch.channels_last)

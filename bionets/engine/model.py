@@ -43,7 +43,6 @@ def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
     model.to(device)
     if use_channels_last(cfg.train.channels_last, model, device):
         model.to(memory_format=torch.channels_last)
-        keep_layout_free_weights_contiguous(model)
     for hook in hooks:
         hook.attach(model)
     return model, hooks, reports
@@ -89,11 +88,12 @@ def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final:
 
 def keep_layout_free_weights_contiguous(model: nn.Module) -> None:
     """Give 4-D weights whose memory is the same in both layouts (1x1 kernels, or one input
-    channel) their contiguous strides back after ``to(channels_last)``. The convolution takes its
-    memory format from a channels_last input anyway; but such a weight's gradient can come back with
-    contiguous strides (a 1x1 conv applied to a contiguous input, as the spiking nets' 1x1 'linear'
-    layers are; the stem of a one-channel input), which DDP then copied into its channels_last bucket
-    view at every step ("grad strides do not match bucket view strides")."""
+    channel) their contiguous strides back after ``to(channels_last)``, before DDP wraps the model.
+    Such a weight's gradient can come back with contiguous strides (a 1x1 conv applied to a
+    contiguous input, as the spiking nets' 1x1 'linear' layers are; the stem of a one-channel input),
+    which DDP then copied into its channels_last bucket view at every step ("grad strides do not
+    match bucket view strides"). Only under DDP: the convolution may pick another kernel for the
+    other strides, so single-process runs keep the numerics they had."""
     for p in model.parameters():      # (is_contiguous() holds for both strides: size-1 dims are ignored)
         if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2] * p.shape[3] == 1):
             wanted = (p.shape[1] * p.shape[2] * p.shape[3], p.shape[2] * p.shape[3], p.shape[3], 1)

@@ -26,7 +26,7 @@ from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_st
 from bionets.engine.distributed import Dist, all_reduce_sum, init_distributed
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
-from bionets.engine.model import build_model, use_channels_last
+from bionets.engine.model import build_model, keep_layout_free_weights_contiguous, use_channels_last
 from bionets.engine.optim import create_optimizer, create_scheduler, lr_mult_summary
 from bionets.errors import BionetsError
 from bionets.toolchain import require_cpu_compiler
@@ -131,6 +131,8 @@ class Trainer:
         if t.compile:   # true = torch's default mode; 'reduce-overhead' replays CUDA graphs (launch-bound GPU steps)
             self.net = torch.compile(self.net, mode=None if t.compile is True else t.compile)
         if dist.enabled:
+            if self.channels_last:
+                keep_layout_free_weights_contiguous(self.model)
             self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- checkpoints -------------------------------------------------------------------------
