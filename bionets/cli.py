@@ -81,12 +81,13 @@ def cmd_train(args) -> int:
     for flag, key in ((args.data_root, "data.root"), (args.out_dir, "out_dir"), (args.resume, "resume")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    if config is None and args.resume:     # continue the checkpoint's own run
+    if config is None and args.resume:     # continue the checkpoint's own run, reading the file once
         from bionets.config import resume_config
-        cfg = resume_config(args.resume, overrides)
+        from bionets.engine.checkpoint import load_checkpoint
+        saved = load_checkpoint(args.resume)
+        train(resume_config(saved, overrides), quiet=args.quiet, checkpoint=saved)
     else:
-        cfg = load_config(config, overrides)
-    train(cfg, quiet=args.quiet)
+        train(load_config(config, overrides), quiet=args.quiet)
     return 0
 
 

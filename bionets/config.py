@@ -236,12 +236,10 @@ def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
                            "(omit CONFIG to use the checkpoint's), or start a new run")
 
 
-def resume_config(checkpoint: str, overrides: list[str]) -> RunConfig:
-    """The resolved config saved in ``checkpoint`` with ``overrides`` applied: what ``bionets train
-    --resume CKPT`` runs when no CONFIG is given."""
-    from bionets.engine.checkpoint import load_checkpoint
-
-    return validate_section(RunConfig, apply_overrides(load_checkpoint(checkpoint)["config"], overrides))
+def resume_config(saved: dict, overrides: list[str]) -> RunConfig:
+    """The resolved config of a loaded checkpoint (``saved``) with ``overrides`` applied: what
+    ``bionets train --resume CKPT`` runs when no CONFIG is given."""
+    return validate_section(RunConfig, apply_overrides(saved["config"], overrides))
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:

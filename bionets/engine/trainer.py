@@ -86,13 +86,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce"
     return {"test_loss": sums[0].item() / n, "test_top1": 100 * sums[1].item() / n, "test_top5": 100 * sums[2].item() / n}
 
 
-def train(cfg: RunConfig, *, quiet: bool = False) -> dict:
-    """Train ``cfg`` to the end (or resume it); return the summary also written to summary.json."""
-    return Trainer(cfg, init_distributed(cfg.train.device), quiet=quiet).fit()
+def train(cfg: RunConfig, *, quiet: bool = False, checkpoint: dict | None = None) -> dict:
+    """Train ``cfg`` to the end (or resume it from ``cfg.resume``, whose contents the caller may have
+    loaded already: ``checkpoint``); return the summary also written to summary.json."""
+    return Trainer(cfg, init_distributed(cfg.train.device), quiet=quiet, checkpoint=checkpoint).fit()
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist: Dist, quiet: bool = False):
+    def __init__(self, cfg: RunConfig, dist: Dist, quiet: bool = False, checkpoint: dict | None = None):
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         self.quiet = quiet or not dist.is_main
         self.run_dir = cfg.run_dir
@@ -102,7 +103,7 @@ class Trainer:
                                "train.amp=bf16 or train.amp=off")
         if t.compile and self.device.type == "cpu":
             require_cpu_compiler("train.compile", "set train.compile=false")
-        resume = load_checkpoint(cfg.resume) if cfg.resume else None
+        resume = (checkpoint if checkpoint is not None else load_checkpoint(cfg.resume)) if cfg.resume else None
         if resume is not None:
             check_resume_config(resume["config"], cfg, cfg.resume)
         seed_everything(t.seed)

@@ -66,6 +66,7 @@ class StdsHook(SparsityHook):
         self.cfg = cfg
         self.layers = soft_thresholds(model)
         self.d: float | None = None
+        self.copies: dict[int, list] = {}     # id(EMA model) -> its STDS parametrizations
 
     def attach(self, model: nn.Module) -> None:
         self.layers = soft_thresholds(model)
@@ -82,9 +83,9 @@ class StdsHook(SparsityHook):
         schedule: a far less sparse model); only theta is averaged."""
         if self.d is None:
             return
-        if getattr(self, "_copy", (None,))[0] is not copy:
-            self._copy = (copy, soft_thresholds(copy))
-        for p in self._copy[1]:
+        if id(copy) not in self.copies:
+            self.copies[id(copy)] = soft_thresholds(copy)
+        for p in self.copies[id(copy)]:
             p.d.fill_(self.d)
 
     def may_be_best(self) -> bool:
