@@ -107,3 +107,15 @@ def test_float32_under_cpu_autocast():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     out.square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+
+
+def test_a_map_of_another_size_is_refused_in_any_layout():
+    """A channels_last 9x1 map has the 3x3 norm's nine positions: the kernels must not take it (they
+    normalized it with the 3x3 weights), PyTorch's LayerNorm names the shape, as for NCHW."""
+    norm = _randomized((3, 3))
+    for shape in ((2, 4, 9, 1), (2, 4, 1, 9), (2, 4, 4, 4)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(shape).contiguous(memory_format=fmt)
+            assert not map_norm._takes(x, norm.weight, norm.bias)
+            with pytest.raises(RuntimeError, match="normalized_shape"):
+                norm(x)

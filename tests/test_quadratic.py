@@ -385,6 +385,33 @@ def test_rows_without_cpu_kernels_gives_the_same_result(monkeypatch):
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_low_precision_on_the_cpu_is_rounded_once(monkeypatch, kernels):
+    """bf16 (autocast or a bf16 module) and fp16 on the CPU, with the C++ kernels or without them: the
+    sums in float32, one rounding (~3e-3 relative; without the kernels the per-triangle-row sums in
+    bf16 gave 2e-2 at C = 200). A float64 input under bf16 autocast stays float64, as autocast leaves it."""
+    from bionets.layers import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
+    monkeypatch.setenv("BIONETS_CPU_KERNELS", kernels)
+    torch.manual_seed(0)
+    x = torch.randn(128, 200, dtype=torch.float64)
+    q = torch.randn(4, 200, 200, dtype=torch.float64)
+    g = torch.randn(128, 4, dtype=torch.float64)
+    x64 = x.clone().requires_grad_()
+    want = channel_quadratic(x64, q)
+    want_dx, = torch.autograd.grad(want, x64, g)
+    for dtype, autocast in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)):
+        xl = (x.float() if autocast else x.to(dtype)).requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = channel_quadratic(xl, q.float() if autocast else q.to(dtype))
+        dx, = torch.autograd.grad(out, xl, g.to(out.dtype))
+        assert out.dtype == dtype
+        assert rel_err(out.double(), want) < 6e-3 and rel_err(dx.double(), want_dx) < 6e-3, (dtype, autocast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channel_quadratic(x, q)
+    assert out.dtype == torch.float64 and rel_err(out, want) < 1e-12
+
+
 def test_cpu_scratch_is_reused_and_freed():
     """The CPU kernels keep their scratch buffers between steps (no page faults per step), per
     thread, and free_scratch lets them go; results do not depend on what the buffers held."""

@@ -146,3 +146,15 @@ def test_cpu_kernels_read_and_write_bf16(base, variant):
             assert ((a.float() - b).abs().max() / b.abs().max()) < 2 ** -8
         for a, b in zip(got[2:], want[2:]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_nan_stays_in_its_element_with_a_scalar_shift():
+    """With a scalar shift dL/dx_j depends on x_j alone: one NaN input gives one NaN gradient, also in
+    the kernels' any-width loop (C = 5, not a multiple of the vector width), where 0 * NaN spread it."""
+    for layout in ("tokens", "channels_last"):
+        raa = RAA(5, "scalar", dim=-1 if layout == "tokens" else 1)
+        x = torch.randn(2, 5) if layout == "tokens" else torch.randn(2, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+        x[(0, 1) if layout == "tokens" else (0, 1, 2, 0)] = float("nan")
+        x.requires_grad_()
+        raa(x).sum().backward()
+        assert torch.isnan(x.grad).sum().item() == 1, layout

@@ -42,11 +42,12 @@ class MapLayerNorm(nn.LayerNorm):
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-    """Whether the C++ kernels compute this call: a float32 channels_last [N, C, H, W] map on the CPU
-    (with C > 1: for one channel both layouts are the same and PyTorch's own is as fast), eager (not
-    traced, compiled or under a torch.func transform)."""
+    """Whether the C++ kernels compute this call: a float32 channels_last [N, C, H, W] map of the
+    norm's (H, W) on the CPU (with C > 1: for one channel both layouts are the same and PyTorch's own
+    is as fast), eager (not traced, compiled or under a torch.func transform). Any other map goes to
+    PyTorch's LayerNorm, which names a shape that does not fit."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] > 1
-            and weight is not None and bias is not None and weight.dtype == torch.float32
+            and weight is not None and x.shape[2:] == weight.shape and bias is not None and weight.dtype == torch.float32
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
             and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
                      or under_function_transform()))

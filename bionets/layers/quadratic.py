@@ -268,7 +268,8 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
         return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
     device = rows.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
+    autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
+                and rows.dtype != torch.float64)                          # which autocast leaves alone
     dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform():
         # one gather + one matmul: a small graph whose batch size stays dynamic (and plain ops, which
@@ -276,12 +277,13 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         rows = rows.to(dtype)
         i, j = indices(c, "rows", rows.device)
         return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
-    if dtype in (torch.bfloat16, torch.float16) and not rows.is_cuda and cpu_kernels.ops("quadratic_cpu") is not None:
-        # bf16/fp16 on the CPU: the C++ kernels, x in float32 (element-wise products in bf16 are slow
-        # on the CPU: Dit-ResNet-20's layer under bf16 autocast took 2x as long); for bf16 the products
-        # rounded to bf16 for bf16 matmuls (float32 accumulation), fp16 all in float32, rounded once
+    if dtype in (torch.bfloat16, torch.float16) and device == "cpu":
+        # bf16/fp16 on the CPU: x in float32 (element-wise products in bf16 are slow on the CPU:
+        # Dit-ResNet-20's layer under bf16 autocast took 2x as long). With the C++ kernels, for bf16 the
+        # products rounded to bf16 for bf16 matmuls (float32 accumulation); else all in float32, rounded
+        # once (the PyTorch path's per-triangle-row sums in bf16 had ~10x the kernels' error)
         with torch.autocast("cpu", enabled=False):
-            if dtype == torch.bfloat16 and strategy in (None, "rows"):
+            if dtype == torch.bfloat16 and strategy in (None, "rows") and cpu_kernels.ops("quadratic_cpu") is not None:
                 return _channel_quadratic_sym(rows.float().contiguous(), q.float(), strategy, s_dtype=dtype)
             return _channel_quadratic_sym(rows.float(), q.float(), strategy).to(dtype)
     return _channel_quadratic_sym(rows.to(dtype), q, strategy)

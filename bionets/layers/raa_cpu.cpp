@@ -201,7 +201,8 @@ void backward_rows_any(const T* x, const T* g, const float* s, const float* v, T
       Vec a0(0.f), a1(0.f);
       for (int64_t r = 0; r < R; ++r) {
         const Vec gr(gs[r]);
-        store(at::vec::fmadd(vk, gr, Vec::loadu(tmp + r * C + k, n)), gxb + r * C + k, n);
+        const Vec t = Vec::loadu(tmp + r * C + k, n);
+        store(v ? at::vec::fmadd(vk, gr, t) : t, gxb + r * C + k, n);   // no v: no 0 * gs (a NaN gs stays in its element)
         Vec& a = (r & 1) ? a1 : a0;
         a = at::vec::fmadd(load(xb + r * C + k, n), gr, a);
       }
