@@ -161,13 +161,15 @@ def test_convert_torchvision_bottlenecks_with_an_input_size():
     assert "layer1.0.relu: -> RAA" in str(report)
 
 
-def test_raa_report_notes_the_learning_rate_of_v():
-    """The vector variant's v sums its gradient over every pixel (SGD at 0.1 diverged on a CIFAR
-    ResNet): its report says which multiplier to set; the scalar variant, without v, says nothing."""
-    text = str(convert(timm.create_model("resnet18", num_classes=10), activation="raa")[1])
-    assert "note: v sums its gradient" in text and "optim.lr_mult: {'*.v': 0.01}" in text
-    scalar = str(convert(timm.create_model("resnet18", num_classes=10), activation={"variant": "scalar"})[1])
-    assert "note:" not in scalar
+def test_raa_report_notes_the_learning_rate_of_v_and_c():
+    """The shift's v and scalar c sum their gradients over every pixel (SGD at 0.1 diverged on a CIFAR
+    ResNet): the report says which multipliers to set; the matrix variant (a c per feature, as a
+    norm's bias) says nothing."""
+    for variant in ("vector", "scalar"):
+        text = str(convert(timm.create_model("resnet18", num_classes=10), activation={"variant": variant})[1])
+        assert "note: v and c sum their gradients" in text and "optim.lr_mult: {'*.v': 0.01, '*.c': 0.01}" in text
+    matrix = str(convert(timm.create_model("resnet18", num_classes=10), activation={"variant": "matrix"})[1])
+    assert "note:" not in matrix
 
 
 def test_unknown_mechanism_in_a_config_is_one_line(tmp_path, capsys):
@@ -179,12 +181,12 @@ def test_unknown_mechanism_in_a_config_is_one_line(tmp_path, capsys):
 def test_all_mechanisms_compose_and_train_on_digits(tmp_path):
     """quadratic + RAA + STDS + ARR on a CIFAR ResNet-20, through the config keys of bionets train.
 
-    RAA's shift vector v sums its gradient over every pixel, so under SGD at lr 0.1 it takes 1/100
-    of the rate (as in the CNN recipes of configs/dnrt)."""
+    RAA's shift v . x + c sums its gradients over every pixel, so under SGD at lr 0.1 v and c take
+    1/100 of the rate (as in the CNN recipes of configs/dnrt)."""
     import json
 
     args = ["train", "model.name=resnet20_cifar", "model.kwargs={in_chans: 1, img_size: 8}", "train.epochs=6",
-            "train.progress=false", "optim.lr_mult={'*.v': 0.01}", f"out_dir={tmp_path}", "name=all",
+            "train.progress=false", "optim.lr_mult={'*.v': 0.01, '*.c': 0.01}", f"out_dir={tmp_path}", "name=all",
             "mechanisms={quadratic: {placement: [layer2.1.conv1]}, raa: {}, stds: {d_max: 0.05}, arr: {weight: 1.0}}"]
     assert main(args) == 0
     history = [json.loads(line) for line in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]

@@ -195,6 +195,25 @@ def test_lr_multipliers_select_parameters_by_pattern():
     assert lr_mult_summary(model, OptimConfig()) == ""
 
 
+@pytest.mark.parametrize("sched", ["cosine", "multistep", "step"])
+def test_lr_multipliers_hold_through_the_warm_up(sched):
+    """A group at 10x (or 0.01x) the base rate keeps that ratio at every step, warm-up included, as the
+    paper's code trains Dit's quadratic parameters at 0.1 against 0.01 in its warm-up epoch (timm's
+    schedulers warmed every group up from the same warmup_lr: 1x at the first step)."""
+    from bionets.engine.optim import SchedConfig, create_optimizer, create_scheduler
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = create_optimizer(model, OptimConfig(lr=0.1, lr_mult={"1.*": 10.0, "0.bias": 0.01}))
+    sched = create_scheduler(opt, SchedConfig(name=sched, warmup_epochs=2, warmup_lr=0.01, milestones=[3], decay_epochs=3),
+                             epochs=5, steps_per_epoch=4)
+    seen = []
+    for step in range(20):
+        lrs = {g["lr_scale"]: g["lr"] for g in opt.param_groups}
+        assert lrs[10.0] == pytest.approx(10 * lrs[1.0]) and lrs[0.01] == pytest.approx(0.01 * lrs[1.0])
+        seen.append(lrs[1.0])
+        sched.step_update(step + 1)
+    assert seen[0] == pytest.approx(0.01) and max(seen) > 0.08 and seen[-1] < max(seen)
+
+
 def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"x": torch.ones(3)})

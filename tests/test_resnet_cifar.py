@@ -139,7 +139,7 @@ def test_placement_options_and_lr_mult_selects_exactly_the_quadratic_parameters(
     assert model.layer1[2].quad_norm.normalized_shape == (32, 32)
     assert model.layer3[0].quad_norm.normalized_shape == (8, 8)
     groups = param_groups(model, OptimConfig(lr=0.1, lr_mult={"*quad*": 10}))
-    fast = [p for g in groups if g["lr_mult"] == 10 for p in g["params"]]
+    fast = [p for g in groups if g["lr_scale"] == 10 for p in g["params"]]
     assert sorted(map(id, fast)) == sorted(id(p) for n, p in model.named_parameters() if n in quad)
     assert count_parameters("dit_resnet20", quad_type="pixel") == 274_394 + 2 * (32 * 32 * 9 + 64) + 512
 

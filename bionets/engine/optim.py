@@ -70,8 +70,16 @@ def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.
         mult = cfg.lr_mult[pat] if pat is not None else 1.0
         wd = cfg.weight_decay if (p.ndim > 1 or cfg.decay_norm_and_bias) else 0.0
         groups.setdefault((mult, wd), []).append(p)
-    return [{"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": wd}
-            for (mult, wd), ps in groups.items()]
+    return [group(ps, cfg.lr, mult, weight_decay=wd) for (mult, wd), ps in groups.items()]
+
+
+def group(params: list, lr: float, mult: float = 1.0, **options) -> dict:
+    """A parameter group at ``mult`` times the base rate ``lr`` throughout the schedule, warm-up
+    included: timm's schedulers compute one base schedule (from ``initial_lr``) and multiply it by
+    each group's ``lr_scale``. (A group's own ``lr`` as its base would warm up every group from the
+    same ``warmup_lr``: a 10x group reached 10x only at the end of the warm-up, and a 0.01x group
+    started 10x above its peak.)"""
+    return {"params": params, "lr": lr * mult, "initial_lr": lr, "lr_scale": mult, **options}
 
 
 def _lr_pattern(name: str, cfg: OptimConfig) -> str | None:

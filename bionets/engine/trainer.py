@@ -275,7 +275,8 @@ class Trainer:
     def _optimizer_step(self) -> None:
         t = self.cfg.train
         group = self.optimizer.param_groups[0]
-        self.lr_used = group["lr"] / group.get("lr_mult", 1.0)      # the base rate of this step (logged per epoch)
+        # the base rate of this step (logged per epoch); 'lr_mult' in checkpoints written before 'lr_scale'
+        self.lr_used = group["lr"] / group.get("lr_scale", group.get("lr_mult", 1.0))
         if t.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)

@@ -134,7 +134,7 @@ class GradR(torch.optim.Adam):
 
 def create_gradr(model: nn.Module, cfg) -> GradR:
     """The ``gradr`` optimizer for a model given Grad R's parametrization (``mechanisms: {gradr: ...}``)."""
-    from bionets.engine.optim import param_groups
+    from bionets.engine.optim import group, param_groups
 
     found = strengths(model)
     if not found:
@@ -144,7 +144,6 @@ def create_gradr(model: nn.Module, cfg) -> GradR:
     groups: dict[tuple[float, float], list] = {}
     for _, p, reparam in found:
         groups.setdefault((reparam.alpha, reparam.mu), []).append(p)
-    prior_groups = [{"params": ps, "alpha": a, "mu": mu, "weight_decay": 0.0, "lr": cfg.lr, "lr_mult": 1.0}
-                    for (a, mu), ps in groups.items()]
+    prior_groups = [group(ps, cfg.lr, alpha=a, mu=mu, weight_decay=0.0) for (a, mu), ps in groups.items()]
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
     return GradR(prior_groups + param_groups(model, cfg, rest), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
