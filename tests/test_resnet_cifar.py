@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import bionets  # noqa: F401  (registers the models)
@@ -311,3 +312,17 @@ def test_cli_trains_dit_resnet20_on_digits(tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
     state = load_checkpoint(tmp_path / "dit" / "last.pt")["model"]
     assert state["layer2.0.quad.weight"].shape == (32, 32, 32) and state["layer2.0.quad.weight"].abs().max() > 0
+
+
+def test_head_pool_sets_the_classifier_input():
+    """head_pool=2 is the Dit reference's head (2x2 map, 256 features), 1 global average pooling (64);
+    a bad value is one line."""
+    x = torch.randn(2, 3, 32, 32)
+    for pool, width in ((2, 256), (1, 64)):
+        model = timm.create_model("resnet32_cifar", head_pool=pool)
+        assert model.fc.in_features == width == model.head_hidden_size
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True),
+                                   F.adaptive_avg_pool2d(feats, pool).flatten(1))
+    with pytest.raises(BionetsError, match="head_pool must be an int >= 1"):
+        timm.create_model("resnet20_cifar", head_pool=0)

@@ -3,8 +3,9 @@
 The 3-stage CIFAR design: conv3x3 -> 16 + BN + ReLU, three stages of BasicBlocks with 16/32/64
 channels (strides 1/2/2, n = 3/5/9/18 blocks for depth 20/32/56/110), projection shortcuts
 (1x1 conv + BN, He's option B) where the shape changes or He's zero-padding option A, and the
-Dit-CNN reference head: the final 8x8 map average-pooled to 2x2 -> 64*2*2 = 256 features -> Linear.
-(Adaptive pooling to 2x2, so 8x8 inputs such as sklearn's digits work too.)
+Dit-CNN reference head: the final 8x8 map average-pooled to 2x2 -> 64*2*2 = 256 features -> Linear
+(``head_pool=1``: He et al.'s global average pooling, 64 features). (Adaptive pooling, so 8x8 inputs
+such as sklearn's digits work too.)
 
 A Dit-ResNet is the same network with the channel-wise quadratic term in the blocks named by
 ``quad_blocks`` (default: the first block of stage 2, ``'layer2.0'``, as in the paper)::
@@ -122,17 +123,25 @@ class ResNetCifar(nn.Module):
         quad_ablation: 'none' or 'cov' (remove tr(Q Sigma); see QuadraticChannel).
         legacy_transpose: the reference CIFAR layer's spatially transposed output.
         drop_rate: dropout before the classifier.
+        head_pool: the final map average-pooled to head_pool x head_pool for the classifier: 2, the
+            Dit-CNN reference's head (64*2*2 = 256 features); 1, global average pooling (He et al.'s
+            CIFAR ResNet and the long-tailed recipes', 64 features).
         act_layer: the activation (class or name, default ReLU).
     """
+
+    head_pool: int = 2      # (class default: models pickled before the option existed)
 
     def __init__(self, layers=(3, 3, 3), num_classes: int = 10, in_chans: int = 3, img_size=32,
                  widths=(16, 32, 64), shortcut: str = "B", quad_blocks=(), quad_type: str = "channel",
                  quad_impl: str = "sym", quad_ablation: str = "none", legacy_transpose: bool = False,
-                 drop_rate: float = 0.0, act_layer="relu"):
+                 drop_rate: float = 0.0, act_layer="relu", head_pool: int = 2):
         super().__init__()
         act = resolve_act(act_layer)
         if shortcut not in SHORTCUTS:
             raise unknown("shortcut option", shortcut, SHORTCUTS)
+        if isinstance(head_pool, bool) or not isinstance(head_pool, int) or head_pool < 1:
+            raise BionetsError(f"ResNetCifar's head_pool must be an int >= 1 (2: the Dit-CNN head, 1: global average "
+                               f"pooling), got {head_pool!r}")
         if len(layers) != 3 or len(widths) != 3 or min(layers) < 1:
             raise BionetsError(f"ResNetCifar needs 3 stages of >= 1 block, got layers={list(layers)} widths={list(widths)}")
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -164,7 +173,8 @@ class ResNetCifar(nn.Module):
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=planes, reduction=reduction, module=f"layer{s + 1}"))
         self.num_features = in_planes            # channels of the final map (timm's convention)
-        self.head_hidden_size = in_planes * 4    # 2x2 pooled map, flattened: the classifier's input
+        self.head_pool = head_pool
+        self.head_hidden_size = in_planes * head_pool**2    # the pooled map, flattened: the classifier's input
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
@@ -239,7 +249,7 @@ class ResNetCifar(nn.Module):
         self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 2).flatten(1)   # the reference's 4x4 pooling of the 8x8 map
+        x = F.adaptive_avg_pool2d(x, self.head_pool).flatten(1)   # 2: the reference's 4x4 pooling of the 8x8 map
         x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
         return x if pre_logits else self.fc(x)
 
