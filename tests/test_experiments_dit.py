@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from bionets.errors import BionetsError
 from bionets.experiments.eigen import chance_abs_cos, eigen
 from bionets.experiments.fewshot import fewshot
 from bionets.experiments.gaussian import bayes_accuracy, gaussian, log_density_ratio
@@ -161,6 +162,35 @@ def test_fewshot_and_eigen_on_mnist_files(tmp_path):
     eigen(tmp_path / "e", top_k=2, show=1, data_root=str(tmp_path / "data"), max_iter=5)
     rows = read_csv(tmp_path / "e" / "eigen.csv")
     assert len(rows) == 10 * 2 and float(rows[0]["chance_abs_cos"]) == pytest.approx(chance_abs_cos(784))
+
+
+def write_gray_folders(root, per_class, size=12, odd=False):
+    """train/ and val/ class folders of grayscale PNGs with a class-dependent bar (learnable)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                image = rng.integers(0, 100, (size, size), dtype=np.uint8)
+                image[2 + 3 * c, 2:10] = 255
+                side = size + 1 if odd and i == 0 else size
+                Image.fromarray(image).resize((side, size)).save(root / split / f"c{c}" / f"{i}.png")
+
+
+def test_fewshot_and_eigen_on_image_folders(tmp_path):
+    """data_root with train/<class>/ and val/<class>/ (Arabic MNIST exported as images, say): read as
+    grayscale through the imagefolder code path, named after the folder; other sizes are one line."""
+    write_gray_folders(tmp_path / "arabic", 20)
+    fewshot(tmp_path / "f", fractions=[1.0], seeds=1, data_root=str(tmp_path / "arabic"), rank=2, hidden=8, max_iter=30)
+    rows = read_csv(tmp_path / "f" / "fewshot.csv")
+    assert {r["dataset"] for r in rows} == {"arabic"} and {int(r["n_train"]) for r in rows} == {60}
+    assert all(float(r["test_acc"]) > 0.6 for r in rows)
+    eigen(tmp_path / "e", top_k=2, show=1, data_root=str(tmp_path / "arabic"), max_iter=5)
+    assert len(read_csv(tmp_path / "e" / "eigen.csv")) == 3 * 2
+    write_gray_folders(tmp_path / "odd", 4, odd=True)
+    with pytest.raises(BionetsError, match="must all be square and of one size"):
+        fewshot(tmp_path / "g", fractions=[1.0], seeds=1, data_root=str(tmp_path / "odd"), max_iter=1)
 
 
 def test_experiment_cli(tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, DistributedSampler
@@ -78,12 +79,8 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
     """The train and val ImageFolders under ``root`` with timm's training / evaluation transforms."""
     size = cfg.img_size or 224
     mean, std = normalization(cfg)
-    splits = []
-    for split, training in (("train", True), ("val", False)):
-        folder = root / split
-        if not folder.is_dir():
-            raise BionetsError(f"imagefolder root '{root}' has no '{split}/' folder: expected "
-                               f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+    transforms = []
+    for training in (True, False):
         try:
             augment = training and cfg.augment
             transform = create_transform(size, is_training=augment, auto_augment=cfg.auto_augment if augment else None,
@@ -93,6 +90,19 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
         except (AssertionError, KeyError, ValueError) as err:
             raise BionetsError(f"data.auto_augment='{cfg.auto_augment}' is not a timm augmentation string ({err}): "
                                "use e.g. 'rand-m9-mstd0.5', 'augmix-m5' or 'v0'") from None
+        transforms.append(transform)
+    return split_folders(root, transforms)
+
+
+def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, ImageFolder]:
+    """The ImageFolders of ``root/train`` and ``root/val`` (a transform each), which must hold the same
+    class folders; a missing or empty folder is one error line."""
+    splits = []
+    for split, transform in zip(("train", "val"), transforms):
+        folder = root / split
+        if not folder.is_dir():
+            raise BionetsError(f"imagefolder root '{root}' has no '{split}/' folder: expected "
+                               f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
         try:
             splits.append(ImageFolder(str(folder), transform=transform, loader=load_image))
         except (FileNotFoundError, RuntimeError) as err:
@@ -119,3 +129,20 @@ def build_imagefolder(cfg: DataConfig, at: Placement) -> DataBundle:
                       FolderLoader(val_set, at.eval_batch, train=False, workers=cfg.workers, at=at),
                       k, 3, cfg.img_size or 224, make_mixup(cfg, k, at.label_smoothing), list(train_set.classes),
                       *normalization(cfg))
+
+
+def load_gray_folders(root: str | None) -> tuple:
+    """(train images uint8 N1HW, train targets, val images, val targets, class names) of the images
+    under ``root/train/<class>/`` and ``root/val/<class>/`` as grayscale, all of one square size (say
+    Arabic MNIST exported as images), for the theory experiments' linear models."""
+    path = require_root(root, "imagefolder", False)
+    splits = split_folders(path)
+    images = [[np.asarray(image.convert("L")) for image, _ in ds] for ds in splits]
+    sizes = {im.shape for split in images for im in split}
+    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+        raise BionetsError(f"the images under '{path}' must all be square and of one size (found "
+                           f"{sorted(sizes)[:4]}): resize them (e.g. to 28x28)")
+    out = []
+    for ds, split in zip(splits, images):
+        out += [torch.from_numpy(np.stack(split)).unsqueeze(1), torch.tensor(ds.targets)]
+    return (*out, list(splits[0].classes))

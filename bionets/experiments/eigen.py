@@ -63,7 +63,7 @@ def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fract
     """Eigenvectors of class covariances vs learned quadratic weights, per class.
 
     Trains quadratic neurons (full A, one per class) on ``fraction`` of the training set (digits, or
-    MNIST under ``data_root``), then writes ``eigen.csv`` (class, k, sigma_eigenvalue, a_eigenvalue,
+    MNIST or grayscale image folders under ``data_root``), then writes ``eigen.csv`` (class, k, sigma_eigenvalue, a_eigenvalue,
     abs_cos, best_abs_cos, best_rank, a_mean_abs_cos, chance_abs_cos, chance_best_abs_cos),
     ``eigen_vectors.png`` (per class Sigma_j's ``show`` leading eigenvectors, each beside its best
     match among A_j's top ``top_k``, signed alike) and ``eigen_cosine.png`` (|cos| of the leading

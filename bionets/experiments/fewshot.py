@@ -3,7 +3,8 @@
 Liu et al. (NeurIPS 2024), Fig. 2: one quadratic neuron per class, ``s_j(x) = x^T A_j x + w_j.x + b_j``,
 prediction ``argmax_j s_j(x)``, trained with softmax cross-entropy, against a two-layer ReLU MLP,
 as the fraction of the training set used shrinks. By default on sklearn's bundled 8x8 digits (a
-fixed stratified 80/20 split of bionets.data), on MNIST with ``data_root=DIR``. Each (fraction, seed) draws its own
+fixed stratified 80/20 split of bionets.data), on MNIST or on image folders such as Arabic MNIST
+(``DIR/train/<class>/``, ``DIR/val/<class>/``) with ``data_root=DIR``. Each (fraction, seed) draws its own
 stratified subset (at least one image per class); both models see the same subset and are fitted by
 full-batch L-BFGS with the same L2 penalty (see ``quadratic_fit``). The MLP's hidden width defaults
 to the one giving it the quadratic model's parameter count, so neither wins by size.

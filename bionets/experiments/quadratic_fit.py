@@ -131,14 +131,21 @@ def new_figure(ncols: int, nrows: int = 1, size: float = 4.0) -> tuple[Figure, l
 
 def load_images(data_root: str | None) -> dict:
     """Flattened images in [0, 1]: sklearn's bundled 8x8 digits (bionets.data's fixed stratified
-    80/20 split) when ``data_root`` is None, else MNIST's own train/test split under ``data_root``.
+    80/20 split) when ``data_root`` is None; else under ``data_root`` grayscale image folders
+    ``train/<class>/`` and ``val/<class>/`` where it has them (Arabic MNIST, say; named after the
+    folder), or MNIST's own train/test split (torchvision's files).
 
     Returns ``{"name", "x_train", "y_train", "x_test", "y_test", "side", "classes"}``.
     """
+    from bionets.data.imagefolder import load_gray_folders
     from bionets.data.sources import load_digits_split, load_mnist
 
-    name = "digits" if data_root is None else "mnist"
-    x, y, xt, yt, classes = load_digits_split() if data_root is None else load_mnist(str(data_root), False)
+    if data_root is None:
+        name, (x, y, xt, yt, classes) = "digits", load_digits_split()
+    elif (Path(data_root).expanduser() / "train").is_dir():
+        name, (x, y, xt, yt, classes) = Path(data_root).expanduser().resolve().name, load_gray_folders(str(data_root))
+    else:
+        name, (x, y, xt, yt, classes) = "mnist", load_mnist(str(data_root), False)
 
     def flat(images: torch.Tensor) -> torch.Tensor:
         return images.flatten(1).float() / (255.0 if images.dtype == torch.uint8 else 1.0)
