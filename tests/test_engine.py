@@ -195,6 +195,19 @@ def test_lr_multipliers_select_parameters_by_pattern():
     assert lr_mult_summary(model, OptimConfig()) == ""
 
 
+def test_no_weight_decay_on_what_a_timm_model_lists():
+    """timm's no_weight_decay() (a ViT's pos_embed and cls_token) joins the 1-D parameters without decay,
+    as in timm's and DeiT's recipes; decay_norm_and_bias decays every parameter."""
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    free = {id(p) for g in param_groups(model, OptimConfig(weight_decay=0.05)) if g["weight_decay"] == 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in free}
+    assert {"pos_embed", "cls_token"} <= names and "patch_embed.proj.weight" not in names
+    assert names == {n for n, p in model.named_parameters() if p.ndim <= 1} | {"pos_embed", "cls_token"}
+    groups = param_groups(model, OptimConfig(weight_decay=0.05, decay_norm_and_bias=True))
+    assert all(g["weight_decay"] == 0.05 for g in groups)
+
+
 @pytest.mark.parametrize("sched", ["cosine", "multistep", "step"])
 def test_lr_multipliers_hold_through_the_warm_up(sched):
     """A group at 10x (or 0.01x) the base rate keeps that ratio at every step, warm-up included, as the

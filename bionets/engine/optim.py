@@ -2,7 +2,8 @@
 
 ``optim.lr_mult`` maps glob patterns of parameter names to learning-rate multipliers (Dit-CNN trains
 its quadratic parameters at 10x the base rate: ``lr_mult: {"*quad*": 10}``). Parameters matching no
-pattern keep the base rate. 1-D parameters (norms, biases) get no weight decay unless
+pattern keep the base rate. 1-D parameters (norms, biases) and those the model names in timm's
+``no_weight_decay()`` (a ViT's ``pos_embed`` and ``cls_token``) get no weight decay unless
 ``decay_norm_and_bias`` is set, as in timm's recipes.
 
 A mechanism that needs its own optimizer (STDS's Grad R) registers a factory::
@@ -64,11 +65,12 @@ def register_optimizer(name: str):
 def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
     """Split trainable parameters into groups by lr multiplier and weight-decay eligibility."""
     named = params if params is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[float, float], list] = {}
     for name, p in named:
         pat = _lr_pattern(name, cfg)
         mult = cfg.lr_mult[pat] if pat is not None else 1.0
-        wd = cfg.weight_decay if (p.ndim > 1 or cfg.decay_norm_and_bias) else 0.0
+        wd = cfg.weight_decay if cfg.decay_norm_and_bias or (p.ndim > 1 and name not in exempt) else 0.0
         groups.setdefault((mult, wd), []).append(p)
     return [group(ps, cfg.lr, mult, weight_decay=wd) for (mult, wd), ps in groups.items()]
 
