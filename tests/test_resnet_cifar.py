@@ -280,6 +280,9 @@ def test_reference_checkpoint_conversion():
     converted = convert_reference_state_dict(reference)
     assert converted.keys() == ours.keys()
     model.load_state_dict(converted)
+    q = torch.randn(5, 3, 3)                           # a term of 3 input channels and 5 outputs
+    out = convert_reference_state_dict({"layer2.0.quadratic_layer.quadratic": q.reshape(5, 9)})
+    assert torch.equal(out["layer2.0.quad.weight"], q)
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])

@@ -21,6 +21,8 @@ Weights use PyTorch's default initialization, as the reference does.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -266,8 +268,8 @@ def convert_reference_state_dict(state_dict: dict) -> dict:
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
         if key.endswith("quadratic_layer.quadratic"):
-            c = value.shape[0]
-            key, value = key.replace("quadratic_layer.quadratic", "quad.weight"), value.reshape(c, -1, c)
+            c_in = math.isqrt(value.shape[1])                  # [C_out, C_in * C_in]
+            key, value = key.replace("quadratic_layer.quadratic", "quad.weight"), value.reshape(-1, c_in, c_in)
         key = key.replace(".ln_in.", ".quad_norm.")
         key = "fc." + key[len("linear."):] if key.startswith("linear.") else key
         out[key] = value
