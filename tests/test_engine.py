@@ -417,3 +417,12 @@ def test_layout_free_weights_get_contiguous_strides_for_ddp(tmp_path):
     assert weights["fc1.weight"].stride() == (256, 1, 1, 1) and weights["conv_stem.weight"].stride() == (9, 9, 3, 1)
     assert weights["features.0.0.weight"].is_contiguous(memory_format=torch.channels_last)
     assert not weights["features.0.0.weight"].is_contiguous()
+    # a depthwise weight keeps channels_last strides: its gradient comes back in them
+    convnext = build_model(fast_config(tmp_path, "model.name=test_dit_convnext", "model.kwargs={}"), 10, 3,
+                           torch.device("cpu"))[0].to(memory_format=torch.channels_last)
+    keep_layout_free_weights_contiguous(convnext)
+    dw = convnext.stages[0].blocks[0].conv_dw
+    assert dw.groups > 1 and dw.weight.shape[1] == 1
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    convnext(x).sum().backward()
+    assert dw.weight.grad.stride() == dw.weight.stride()

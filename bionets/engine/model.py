@@ -93,12 +93,21 @@ def keep_layout_free_weights_contiguous(model: nn.Module) -> None:
     contiguous input, as the spiking nets' 1x1 'linear' layers are; the stem of a one-channel input),
     which DDP then copied into its channels_last bucket view at every step ("grad strides do not
     match bucket view strides"). Only under DDP: the convolution may pick another kernel for the
-    other strides, so single-process runs keep the numerics they had."""
-    for p in model.parameters():      # (is_contiguous() holds for both strides: size-1 dims are ignored)
-        if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2] * p.shape[3] == 1):
-            wanted = (p.shape[1] * p.shape[2] * p.shape[3], p.shape[2] * p.shape[3], p.shape[3], 1)
-            if p.stride() != wanted:
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    other strides, so single-process runs keep the numerics they had. Grouped convolutions keep
+    channels_last: a depthwise weight ([C, 1, k, k], ConvNeXt's) gets its gradient in channels_last
+    strides from a channels_last input."""
+    for module in model.modules():    # (is_contiguous() holds for both strides: size-1 dims are ignored)
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            continue
+        for p in module.parameters(recurse=False):
+            _contiguous_if_layout_free(p)
+
+
+def _contiguous_if_layout_free(p: nn.Parameter) -> None:
+    if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2] * p.shape[3] == 1):
+        wanted = (p.shape[1] * p.shape[2] * p.shape[3], p.shape[2] * p.shape[3], p.shape[3], 1)
+        if p.stride() != wanted:
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
 def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
