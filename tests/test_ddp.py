@@ -49,3 +49,42 @@ def test_two_gloo_processes_match_one(tmp_path):
         torch.testing.assert_close(one["model"][key], two["model"][key], rtol=1e-4, atol=1e-5)
     # synchronized metrics: the test split is counted whole across ranks
     assert abs(one["history"][-1]["test_top1"] - two["history"][-1]["test_top1"]) < 0.6
+
+
+SNAPSHOTS = """import shutil, sys
+from pathlib import Path
+import bionets.engine.trainer as trainer
+save = trainer.save_checkpoint
+def keep(path, state):       # every epoch's last.pt kept as epochN.pt
+    save(path, state)
+    if Path(path).name == "last.pt":
+        shutil.copy(path, Path(path).parent / f"epoch{state['epoch']}.pt")
+trainer.save_checkpoint = keep
+from bionets.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_draw_their_own_masks_resume_exactly_and_log_the_saved_ema(tmp_path):
+    """Each rank its own random stream (dropout masks: they were the same on every rank), all of them
+    saved, so a 2-process resume is exact; the logged EMA metrics are those of the saved EMA (each
+    rank's EMA had averaged its own BatchNorm statistics)."""
+    from bionets.engine.evaluate import evaluate_checkpoint
+    (tmp_path / "snap.py").write_text(SNAPSHOTS)
+    args = ["train", "model.name=resnet20_cifar", "model.kwargs={in_chans: 1, img_size: 8, widths: [4, 4, 8], drop_rate: 0.5}",
+            "data.batch_size=64", "train.epochs=2", "train.progress=false", "train.device=cpu", "train.ema_decay=0.9",
+            "sched.warmup_epochs=0", f"out_dir={tmp_path}"]
+    for name, extra in (("straight", []), ("resumed", [f"resume={tmp_path / 'straight' / 'epoch1.pt'}"])):
+        for attempt in range(2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", str(tmp_path / "snap.py"), *args, f"name={name}", *extra]
+            if run(cmd, tmp_path, check=attempt == 1).returncode == 0:
+                break
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    logged = a["history"][-1]
+    saved = evaluate_checkpoint(tmp_path / "straight" / "last.pt", ema=True)
+    assert abs(saved["test_loss"] - logged["ema_test_loss"]) < 1e-4 and saved["test_top1"] == logged["ema_test_top1"]

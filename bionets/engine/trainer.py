@@ -23,7 +23,8 @@ from bionets.config import RunConfig, check_resume_config
 from bionets.data import build_data
 from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, write_atomic,
                                        seed_everything, set_rng_state)
-from bionets.engine.distributed import Dist, all_reduce_sum, init_distributed
+from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
+                                        shutdown)
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, keep_layout_free_weights_contiguous, use_channels_last
@@ -89,7 +90,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce"
 def train(cfg: RunConfig, *, quiet: bool = False, checkpoint: dict | None = None) -> dict:
     """Train ``cfg`` to the end (or resume it from ``cfg.resume``, whose contents the caller may have
     loaded already: ``checkpoint``); return the summary also written to summary.json."""
-    return Trainer(cfg, init_distributed(cfg.train.device), quiet=quiet, checkpoint=checkpoint).fit()
+    dist = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, dist, quiet=quiet, checkpoint=checkpoint).fit()
+    finally:                    # leave the process group before exit (its threads aborted a rank at exit once)
+        if dist.enabled:
+            shutdown()
 
 
 class Trainer:
@@ -113,6 +119,8 @@ class Trainer:
             self.data.to(self.device)       # in-memory splits batch and augment on the GPU
         self.model, self.hooks, self.reports = build_model(cfg, self.data.num_classes, self.data.in_chans, self.device,
                                                            init=resume is None)
+        if dist.rank > 0:       # the same weights everywhere, but each rank its own dropout / drop-path masks
+            seed_everything(rank_seed(t.seed, dist.rank))
         self.channels_last = use_channels_last(t.channels_last, self.model, self.device)
         self.optimizer = create_optimizer(self.model, cfg.optim)
         micro = len(self.data.train)
@@ -137,12 +145,13 @@ class Trainer:
             self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _checkpoint(self) -> dict:
+    def _checkpoint(self, rng: list[dict]) -> dict:
+        """The run's state; ``rng``: every rank's random state, in rank order (rank 0's as 'rng')."""
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "epoch": self.state.epoch, "step": self.state.step, "best_top1": self.state.best_top1,
-                "history": self.state.history, "rng": rng_state()}
+                "history": self.state.history, "rng": rng[0], **({"rng_ranks": rng} if len(rng) > 1 else {})}
 
     def _restore(self, ckpt: dict) -> None:
         load_model_state(self.model, ckpt, self.cfg.resume)
@@ -152,7 +161,13 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.state = RunState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], list(ckpt["history"]))
-        set_rng_state(ckpt["rng"])
+        ranks, rank = ckpt.get("rng_ranks"), self.dist.rank
+        if ranks is not None and len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[rank])
+        else:                   # a checkpoint of another number of processes: rank 0 goes on with its stream
+            set_rng_state(ckpt["rng"])
+            if rank > 0:
+                seed_everything(rank_seed(self.cfg.train.seed, rank, ckpt["step"]))
 
     # -- the loop -------------------------------------------------------------------------------
     def progress(self) -> Progress:
@@ -179,12 +194,13 @@ class Trainer:
                     record.update(hook.epoch_metrics(self.model))
                 self.state.epoch += 1
                 self.state.history.append(record)
+                rng = gather_objects(rng_state())           # every rank's, for an exact resume
                 improved = record["test_top1"] > self.state.best_top1 and all(h.may_be_best() for h in self.hooks)
                 if improved:
                     self.state.best_top1 = record["test_top1"]
                 if main:
                     writer.write(record)
-                    ckpt = self._checkpoint()
+                    ckpt = self._checkpoint(rng)
                     save_checkpoint(self.run_dir / "last.pt", ckpt)
                     if improved:
                         save_checkpoint(self.run_dir / "best.pt", ckpt)
@@ -297,6 +313,8 @@ class Trainer:
         t = self.cfg.train
         out = evaluate(self.net, self.data.test, self.device, loss=t.loss, amp=t.amp, channels_last=self.channels_last)
         if self.ema is not None:
+            # each rank's EMA averaged its own BatchNorm statistics: evaluate rank 0's, the one saved
+            broadcast_buffers(self.ema.module)
             ema = evaluate(self.ema.module, self.data.test, self.device, loss=t.loss, amp=t.amp,
                            channels_last=self.channels_last)
             out.update({f"ema_{k}": v for k, v in ema.items()})
@@ -330,3 +348,8 @@ class Trainer:
 def _write_text(path, text: str) -> None:
     """Atomic small-file write (temp file + rename) so a crash never leaves half a file."""
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of process ``rank`` > 0 (rank 0 keeps the run's own stream)."""
+    return (seed + 1_000_003 * rank + 7919 * step) % 2**63
