@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="bake reparameterized weights into a plain model state dict")
     ex.add_argument("checkpoint")
     ex.add_argument("output")
+    ex.add_argument("--data-root", default=None,
+                    help="dataset folder, for checkpoints written before 2026-11-26 (later ones need no data)")
     return p
 
 
@@ -159,7 +161,7 @@ def cmd_experiment(args) -> int:
 def cmd_export(args) -> int:
     from bionets.engine.evaluate import export_plain
 
-    report = export_plain(args.checkpoint, args.output)
+    report = export_plain(args.checkpoint, args.output, data_root=args.data_root)
     print(report)
     return 0
 

@@ -79,6 +79,31 @@ def test_train_then_eval_and_export(tmp_path, capsys):
         assert "holds exported plain weights ('bionets export'), not a training run" in capsys.readouterr().err
 
 
+def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
+    """A checkpoint records its data's shape, so export runs where the dataset is not (the usual place
+    to export); the export and model.init leave out ARR's class memory (training-only state), so the
+    exported weights load strictly into the bare model and an ARR run starts a run without ARR."""
+    import shutil
+    import timm
+    import torch
+    from bionets.data.fakes import write_cifar
+    write_cifar(tmp_path / "data", n_train=64)
+    args = ["train", "model.name=test_mlp", "model.kwargs={in_chans: 3, img_size: 32}", "data.name=cifar10",
+            f"data.root={tmp_path / 'data'}", "data.batch_size=32", "train.epochs=1", "sched.warmup_epochs=0", "train.progress=false",
+            f"out_dir={tmp_path}", "--quiet"]
+    assert main([*args, "name=arr", "mechanisms={arr: {weight: 1.0}}"]) == 0
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    assert main(["export", str(tmp_path / "arr" / "last.pt"), str(tmp_path / "plain.pt")]) == 0
+    plain = load_checkpoint(tmp_path / "plain.pt", exported=True)["plain_model"]
+    assert not [k for k in plain if k.startswith("arr_memory")]
+    timm.create_model("test_mlp", in_chans=3, img_size=32).load_state_dict(plain)
+    shutil.move(tmp_path / "moved", tmp_path / "data")
+    assert main([*args, "name=plain", f"model.init={tmp_path / 'arr' / 'last.pt'}"]) == 0
+    start = load_checkpoint(tmp_path / "arr" / "last.pt")["model"]
+    assert not [k for k in load_checkpoint(tmp_path / "plain" / "last.pt")["model"] if k.startswith("arr_memory")]
+    assert any(k.startswith("arr_memory") for k in start) and torch.is_tensor(start["arr_memory.mean"])
+
+
 def test_models_and_configs_listings(capsys):
     assert main(["models", "test_*"]) == 0
     out = capsys.readouterr().out

@@ -10,21 +10,25 @@ from bionets.config import config_from_dict
 from bionets.data import build_data
 from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bionets.engine.distributed import pick_device
-from bionets.engine.model import build_model, use_channels_last
+from bionets.engine.model import build_model, training_only_keys, use_channels_last
 from bionets.engine.trainer import evaluate
 
 
 def model_from_checkpoint(path: str | Path, *, device: torch.device | None = None, data_root: str | None = None,
-                          ema: bool = False):
-    """(model, hooks, config, data bundle) rebuilt from a checkpoint's resolved config and weights."""
+                          ema: bool = False, need_data: bool = True):
+    """(model, hooks, config, data bundle) rebuilt from a checkpoint's resolved config and weights.
+    Without ``need_data`` the data is not loaded where the checkpoint records its class count and
+    input channels (``data_info``, since 2026-11-26): the bundle is then None."""
     state = load_checkpoint(path)
     raw = state["config"]
     if data_root is not None:
         raw = {**raw, "data": {**raw["data"], "root": data_root}}
     cfg = config_from_dict(raw)
     device = device or pick_device(cfg.train.device)
-    data = build_data(cfg.data, seed=cfg.train.seed)
-    model, hooks, _ = build_model(cfg, data.num_classes, data.in_chans, device, init=False)
+    info = state.get("data_info")
+    data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
+    shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])
+    model, hooks, _ = build_model(cfg, *shape, device, init=False)
     if ema and state.get("ema") is None:
         from bionets.errors import BionetsError
         raise BionetsError(f"checkpoint '{path}' has no EMA weights (train with train.ema_decay=...)")
@@ -49,9 +53,11 @@ def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: 
     return result
 
 
-def export_plain(path: str | Path, output: str | Path) -> str:
-    """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save."""
-    model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"))
+def export_plain(path: str | Path, output: str | Path, data_root: str | None = None) -> str:
+    """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save the
+    model's state without its training-only state (ARR's class memory). The dataset is read only for
+    checkpoints that do not record its shape (written before 2026-11-26)."""
+    model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
     baked = 0
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
@@ -60,6 +66,8 @@ def export_plain(path: str | Path, output: str | Path) -> str:
                 baked += 1
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
-    save_checkpoint(Path(output), {"config": cfg.to_dict(), "plain_model": model.state_dict()})
+    drop = set(training_only_keys(model))
+    plain = {k: v for k, v in model.state_dict().items() if k not in drop}
+    save_checkpoint(Path(output), {"config": cfg.to_dict(), "plain_model": plain})
     return (f"exported {cfg.model.name} to {output}: {baked} reparameterized tensor(s) baked, "
             f"{zeros:,} of {total:,} parameters are exactly zero")

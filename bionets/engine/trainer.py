@@ -27,7 +27,7 @@ from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers,
                                         shutdown)
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
-from bionets.engine.model import build_model, keep_layout_free_weights_contiguous, use_channels_last
+from bionets.engine.model import build_model, keep_layout_free_weights_contiguous, training_only_keys, use_channels_last
 from bionets.engine.optim import create_optimizer, create_scheduler, lr_mult_summary
 from bionets.errors import BionetsError
 from bionets.toolchain import require_cpu_compiler
@@ -148,6 +148,8 @@ class Trainer:
     def _checkpoint(self, rng: list[dict]) -> dict:
         """The run's state; ``rng``: every rank's random state, in rank order (rank 0's as 'rng')."""
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "training_only": training_only_keys(self.model),
+                "data_info": {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "epoch": self.state.epoch, "step": self.state.step, "best_top1": self.state.best_top1,

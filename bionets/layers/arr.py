@@ -30,7 +30,11 @@ FORMS = ("paper", "code")
 
 
 class ArrMemory(nn.Module):
-    """Class means of J hooked layers: ``mean`` [J, K, D] and ``seen`` [J, K] buffers."""
+    """Class means of J hooked layers: ``mean`` [J, K, D] and ``seen`` [J, K] buffers. State of
+    training only (``training_only``): exports leave it out, and ``model.init`` into a model without
+    ARR ignores it."""
+
+    training_only = True
 
     def __init__(self, layers: int, classes: int, dim: int):
         super().__init__()
