@@ -303,6 +303,19 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path, change, shown):
         train(cfg, quiet=True)
 
 
+def test_resume_into_a_new_run_directory_gives_tensorboard_the_history(tmp_path):
+    """metrics.jsonl and TensorBoard of a resumed run hold the same epochs, in a new directory too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(fast_config(tmp_path, "train.epochs=2", name="a"), quiet=True)
+    ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
+    ckpt["epoch"], ckpt["step"], ckpt["history"] = 1, ckpt["step"] // 2, ckpt["history"][:1]     # as if stopped after epoch 1
+    save_checkpoint(tmp_path / "epoch1.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    train(fast_config(tmp_path, "train.epochs=2", f"resume={tmp_path / 'epoch1.pt'}", name="b"), quiet=True)
+    events = EventAccumulator(str(tmp_path / "b" / "tb")).Reload()
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("test_top1")] == logged == [1, 2]
+
+
 def test_resume_without_a_config_continues_the_checkpoints_run(tmp_path, capsys):
     """bionets train --resume CKPT: the checkpoint's own config (the default digits run would not match);
     settings that do not change the run (progress, device) may be overridden; the metrics log is the

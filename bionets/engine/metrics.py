@@ -22,7 +22,8 @@ class MetricsWriter:
     It starts from ``history``, the run's records so far (a fresh run: none; a resumed run: the
     checkpoint's): ``metrics.jsonl`` is rewritten to hold exactly those, and TensorBoard drops its
     events from the next epoch on. So resuming from an older checkpoint (``best.pt``), or into a run
-    directory used before, does not log epochs twice."""
+    directory used before, does not log epochs twice; resuming into a new run directory gives its
+    TensorBoard the history too, as its ``metrics.jsonl``."""
 
     def __init__(self, run_dir: Path, history: list[dict]):
         from torch.utils.tensorboard import SummaryWriter
@@ -31,13 +32,18 @@ class MetricsWriter:
 
         self.jsonl = run_dir / "metrics.jsonl"
         write_atomic(self.jsonl, lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+        fresh = not any((run_dir / "tb").glob("events.out.tfevents.*"))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=len(history) + 1)
+        for record in history if fresh else ():
+            self._scalars(record)
 
-    def write(self, record: dict) -> None:
-        epoch = record["epoch"]
+    def _scalars(self, record: dict) -> None:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key, value, epoch)
+                self.tb.add_scalar(key, value, record["epoch"])
+
+    def write(self, record: dict) -> None:
+        self._scalars(record)
         self.tb.flush()
         with self.jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
