@@ -192,6 +192,8 @@ def test_ddp_global_batch_is_the_single_process_batch():
     served = sorted(int(v) for s in shards for x, _ in s for v in x.flatten())
     assert served == list(range(n))                                      # test: every sample once, no padding
     assert [len(s) for s in shards] == [4, 4, 4]
+    few = TensorLoader(ids[:1], torch.zeros(1), 10, train=False, mean=(0.0,), std=(1.0,), rank=2, world_size=3)
+    assert len(few) == 0 and list(few) == []                             # a rank beyond the test split: nothing
     a, b = build_data(DataConfig(name="digits", batch_size=64)), build_data(DataConfig(name="digits", batch_size=64),
                                                                             rank=1, world_size=2)
     assert len(a.train) == len(b.train) == 1437 // 64 and len(batches(b.train)[0][1]) == 32
@@ -289,6 +291,11 @@ def test_wrong_cifar_files(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "readme.txt").write_text("x")
     one_line_error(DataConfig(name="cifar100", root=str(tmp_path / "other")), "no cifar100 under", "cifar-100-python")
+    # a batch whose images and labels differ in number, or whose pixels are not uint8: one line (it
+    # shifted every later label by the difference, or served 0..255 pixels unscaled)
+    for data in (np.zeros((10, 3072), np.uint8), np.zeros((7, 3072), np.int64)):
+        (folder / "data_batch_1").write_bytes(pickle.dumps({"data": data, "labels": [0] * 7}))
+        one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not one uint8 image per label")
 
 
 def test_wrong_mnist_files(tmp_path):

@@ -92,6 +92,9 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
         except FORMAT_ERRORS as err:
             raise BionetsError(f"{name} files under '{path / folder}' are not in CIFAR's python-pickle format "
                                f"({type(err).__name__}): re-download them") from None
+        if ds.data.dtype != np.uint8 or ds.data.ndim != 4 or len(ds.data) != len(ds.targets):
+            raise BionetsError(f"{name} files under '{path / folder}' hold {len(ds.data)} images ({ds.data.dtype}) "
+                               f"and {len(ds.targets)} labels, not one uint8 image per label: re-download them")
         targets = check_labels(torch.tensor(ds.targets), classes, f"{name} under '{path / folder}'")
         splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), targets]
     return (*splits, list(ds.classes))

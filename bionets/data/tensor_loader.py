@@ -86,7 +86,7 @@ class TensorLoader:
         """This process's sample indices for the current epoch, in the order they are served."""
         if self.sampler is not None:
             return torch.tensor(list(self.sampler), dtype=torch.long)
-        return torch.arange(self.rank, len(self.targets), self.world_size)
+        return torch.arange(len(self.targets))[self.rank::self.world_size]     # (empty for a rank beyond them)
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(range(self.rank, len(self.targets), self.world_size))

@@ -74,7 +74,11 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics, say) on every rank."""
     if dist.is_available() and dist.is_initialized():
         for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
+            sent = buffer.contiguous()
+            sent = sent.view(torch.uint8) if sent.dtype == torch.bool else sent     # (gloo has no bool)
+            dist.broadcast(sent, 0)
+            if sent.data_ptr() != buffer.data_ptr():
+                buffer.copy_(sent.view(buffer.dtype) if buffer.dtype == torch.bool else sent)
 
 
 def barrier() -> None:

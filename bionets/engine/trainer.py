@@ -139,6 +139,7 @@ class Trainer:
         self.net = self.model
         if t.compile:   # true = torch's default mode; 'reduce-overhead' replays CUDA graphs (launch-bound GPU steps)
             self.net = torch.compile(self.net, mode=None if t.compile is True else t.compile)
+        self.eval_net = self.net        # evaluated outside DDP, whose forward would hold a collective
         if dist.enabled:
             if self.channels_last:
                 keep_layout_free_weights_contiguous(self.model)
@@ -313,7 +314,11 @@ class Trainer:
 
     def eval_epoch(self) -> dict:
         t = self.cfg.train
-        out = evaluate(self.net, self.data.test, self.device, loss=t.loss, amp=t.amp, channels_last=self.channels_last)
+        # rank 0's BatchNorm statistics, the saved model's (DDP hands them out at each training forward);
+        # then each rank evaluates its shard outside DDP, whose forward would wait on ranks with fewer batches
+        broadcast_buffers(self.model)
+        out = evaluate(self.eval_net, self.data.test, self.device, loss=t.loss, amp=t.amp,
+                       channels_last=self.channels_last)
         if self.ema is not None:
             # each rank's EMA averaged its own BatchNorm statistics: evaluate rank 0's, the one saved
             broadcast_buffers(self.ema.module)
