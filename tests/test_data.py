@@ -404,3 +404,17 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, name, module):
     monkeypatch.setattr(f"torchvision.datasets.{module}.download_and_extract_archive", offline)
     one_line_error(DataConfig(name=name, root=str(tmp_path / "new"), download=True),
                    f"downloading {name} failed", "no network", "--data-root")
+
+
+def test_imagefolder_interpolation_option(tmp_path):
+    """interpolation='random' (timm train.py's default, the Dit-ConvNeXt recipe's) draws bilinear or
+    bicubic for each training crop; validation resizes bicubic; the default stays bicubic."""
+    from bionets.data.imagefolder import image_folders
+    root = write_image_folder(tmp_path / "f")
+    for choice, train_modes in (("random", {"bilinear", "bicubic"}), ("bicubic", {"bicubic"})):
+        cfg = DataConfig(name="imagefolder", root=str(root), img_size=16, interpolation=choice)
+        train, val = image_folders(cfg, root)
+        crop, resize = train.transform.transforms[0], val.transform.transforms[0]
+        modes = crop.interpolation if isinstance(crop.interpolation, (list, tuple)) else [crop.interpolation]
+        assert {m.value for m in modes} == train_modes and resize.interpolation.value == "bicubic"
+        assert train[0][0].shape == (3, 16, 16)

@@ -6,7 +6,9 @@ ColorJitter of ``color_jitter`` (timm's 0.4; 0 for none), random erasing ``repro
 ``remode`` (timm's train.py default 'pixel': per-pixel normal noise, as the DeiT and ConvNeXt
 recipes use); with
 ``augment=false`` they are resized and center-cropped as validation images are (to ``img_size /
-crop_pct``, then ``img_size``). Bicubic interpolation; ImageNet's mean/std, or none with
+crop_pct``, then ``img_size``). Bicubic interpolation, or ``interpolation`` (bilinear; 'random',
+timm train.py's default for training crops: bilinear or bicubic at random, validation bicubic);
+ImageNet's mean/std, or none with
 ``normalize=false``. An unreadable image is one error line naming its file.
 """
 from __future__ import annotations
@@ -86,7 +88,9 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
             transform = create_transform(size, is_training=augment, auto_augment=cfg.auto_augment if augment else None,
                                          color_jitter=cfg.color_jitter, re_prob=cfg.reprob if augment else 0.0,
                                          re_mode=cfg.remode,
-                                         crop_pct=cfg.crop_pct, interpolation="bicubic", mean=mean, std=std)
+                                         crop_pct=cfg.crop_pct, mean=mean, std=std,
+                                         interpolation=cfg.interpolation if augment or cfg.interpolation != "random"
+                                         else "bicubic")     # 'random': a random resize for training crops only
         except (AssertionError, KeyError, ValueError) as err:
             raise BionetsError(f"data.auto_augment='{cfg.auto_augment}' is not a timm augmentation string ({err}): "
                                "use e.g. 'rand-m9-mstd0.5', 'augmix-m5' or 'v0'") from None
