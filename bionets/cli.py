@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from bionets.configbase import load_yaml, quoted
 from bionets.errors import BionetsError, closest
 
 USAGE_EXAMPLES = """examples:
@@ -81,8 +82,8 @@ def cmd_train(args) -> int:
         overrides.insert(0, config)
         config = None
     for flag, key in ((args.data_root, "data.root"), (args.out_dir, "out_dir"), (args.resume, "resume")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
+        if flag is not None:            # a path, quoted: not read as YAML ('runs #2', '2024', 'yes')
+            overrides.append(f"{key}={quoted(flag)}")
     if config is None and args.resume:     # continue the checkpoint's own run, reading the file once
         from bionets.config import resume_config
         from bionets.engine.checkpoint import load_checkpoint
@@ -150,7 +151,11 @@ def cmd_experiment(args) -> int:
         if key not in valid:
             raise BionetsError(f"experiment '{args.name}' has no option '{key}'{closest(key, valid)} "
                                f"(options: {', '.join(valid)})")
-        options[key] = yaml.safe_load(raw)
+        try:
+            options[key] = load_yaml(raw)
+        except yaml.YAMLError:
+            raise BionetsError(f"experiment option '{item}' is not valid YAML (a list is [1, 2], a string "
+                               "with spaces 'a b')") from None
     out = Path(args.out or Path("runs") / "experiments" / args.name)
     out.mkdir(parents=True, exist_ok=True)
     print(fn(out, **options))

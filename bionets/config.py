@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from bionets.configbase import Section
+from bionets.configbase import Section, load_yaml
 from bionets.data.config import DataConfig
 from bionets.engine.optim import OptimConfig, SchedConfig
 from bionets.errors import BionetsError, closest
@@ -135,12 +135,17 @@ def list_configs() -> list[str]:
 
 
 def resolve_config(name: str, relative_to: Path | None = None) -> Path:
-    """A config path from a file path or a bundled config name (``dnrt/digits``)."""
-    candidates = [Path(name), Path(name + ".yaml")]
-    if relative_to is not None:
-        candidates += [relative_to / name, relative_to / (name + ".yaml")]
+    """A config path from a file path or a bundled config name (``dnrt/digits``). A ``base:`` names
+    a file beside the config that names it (``relative_to``) first, then a bundled config, then a
+    path from the current folder: a ``resnet20.yaml`` of the user's own in the current folder must
+    not replace the bundled ``cifar100/resnet20`` that ``cifar100/dit_resnet20`` builds on."""
     root = Path(str(config_root()))
-    candidates += [root / name, root / (name + ".yaml")]
+    here = [Path(name), Path(name + ".yaml")]
+    bundled = [root / name, root / (name + ".yaml")]
+    if relative_to is None:
+        candidates = here + bundled
+    else:
+        candidates = [relative_to / name, relative_to / (name + ".yaml")] + bundled + here
     for path in candidates:
         if path.is_file():
             return path
@@ -149,10 +154,12 @@ def resolve_config(name: str, relative_to: Path | None = None) -> Path:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The config at ``path`` merged over its ``base:`` chain; a top-level file without a ``name``
+    is named after itself (not after its base, whose run directory it would share)."""
     if path.resolve() in seen:
         raise BionetsError(f"config '{path}' inherits from itself through 'base:'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -162,7 +169,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    return merge(_read_yaml(resolve_config(base, path.parent), seen + (path.resolve(),)), data)
+    if not isinstance(base, str):
+        raise BionetsError(f"config '{path}': base must name one config (a bundled name or a path), got {base!r}")
+    merged = merge(_read_yaml(resolve_config(base, path.parent), seen + (path.resolve(),)), data)
+    if not seen and "name" not in data:
+        merged["name"] = path.stem
+    return merged
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -181,7 +193,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise BionetsError(f"override '{item}' must look like key=value (e.g. train.epochs=2)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         if glued := _glued_key(value):

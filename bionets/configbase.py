@@ -1,7 +1,33 @@
-"""The base of every typed config section: unknown keys are errors, values are validated."""
+"""The base of every typed config section (unknown keys are errors, values are validated) and the
+YAML reader of configs and command-line values."""
 from __future__ import annotations
 
+import json
+import re
+
+import yaml
 from pydantic import BaseModel, ConfigDict
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe YAML 1.1, plus floats written without a dot (``1e-3``, YAML 1.2's), which YAML
+    1.1 reads as strings: typed fields converted them, free-form ones (``model.kwargs``,
+    ``optim.kwargs``) passed the string on to fail deep inside timm."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """``text`` parsed as YAML by :class:`_Loader` (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def quoted(text: str) -> str:
+    """``text`` as a YAML string (a JSON one: double quotes, escapes), for a key=value override that
+    must stay this exact string, such as a path."""
+    return json.dumps(str(text))
 
 
 class Section(BaseModel):

@@ -24,6 +24,8 @@ def cli(*args):
     (["eval", "/nonexistent/best.pt"], "does not exist"),
     (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
+    (["experiment", "gaussian", "seeds=[1,"], "is not valid YAML"),
+    (["train", "train.device=gpu"], "train.device=gpu is not a device"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     out = cli(*args, f"out_dir={tmp_path}") if args[0] == "train" else cli(*args)
@@ -102,6 +104,13 @@ def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
     start = load_checkpoint(tmp_path / "arr" / "last.pt")["model"]
     assert not [k for k in load_checkpoint(tmp_path / "plain" / "last.pt")["model"] if k.startswith("arr_memory")]
     assert any(k.startswith("arr_memory") for k in start) and torch.is_tensor(start["arr_memory.mean"])
+
+
+def test_path_flags_are_paths_not_yaml(tmp_path):
+    """--out-dir 'runs #2' is that folder (YAML read ' #2' as a comment), and '2024' a folder name."""
+    for name in ("runs #2", "2024"):
+        assert main(["train", *FAST, "train.epochs=1", "name=r", "--out-dir", str(tmp_path / name), "--quiet"]) == 0
+        assert (tmp_path / name / "r" / "last.pt").is_file()
 
 
 def test_models_and_configs_listings(capsys):

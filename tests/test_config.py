@@ -43,7 +43,8 @@ def test_base_inheritance_and_deep_merge(tmp_path):
     (tmp_path / "base.yaml").write_text("name: b\ntrain: {epochs: 7, seed: 3}\noptim: {lr: 0.2}\n")
     (tmp_path / "child.yaml").write_text("base: base\ntrain: {epochs: 2}\n")
     cfg = load_config(str(tmp_path / "child.yaml"))
-    assert (cfg.train.epochs, cfg.train.seed, cfg.optim.lr, cfg.name) == (2, 3, 0.2, "b")
+    assert (cfg.train.epochs, cfg.train.seed, cfg.optim.lr) == (2, 3, 0.2)
+    assert cfg.name == "child"          # its own: the base's name would share (and overwrite) the base's run directory
     (tmp_path / "loop.yaml").write_text("base: loop\n")
     with pytest.raises(BionetsError, match="inherits from itself"):
         load_config(str(tmp_path / "loop.yaml"))
@@ -59,3 +60,32 @@ def test_merge_and_overrides_do_not_mutate():
     base = {"a": {"b": 1, "c": 2}}
     assert merge(base, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}} and base["a"]["b"] == 1
     assert apply_overrides(base, ["a.d.e=[1, 2]"])["a"]["d"]["e"] == [1, 2] and "d" not in base["a"]
+
+
+def test_a_base_is_found_beside_the_config_that_names_it(tmp_path, monkeypatch):
+    """cifar100/dit_resnet20 builds on the bundled cifar100/resnet20: a resnet20.yaml in the current
+    folder (the user's, or configs/cifar10/) must not replace it (it silently trained CIFAR-10)."""
+    (tmp_path / "resnet20.yaml").write_text("name: mine\ndata: {name: digits}\ntrain: {epochs: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("cifar100/dit_resnet20")
+    assert (cfg.data.name, cfg.train.epochs, cfg.model.name) == ("cifar100", 160, "dit_resnet20")
+    assert load_config("resnet20").name == "mine"                     # a top-level name: the user's file first
+    (tmp_path / "odd.yaml").write_text("base: [resnet20]\n")
+    with pytest.raises(BionetsError, match="base must name one config"):
+        load_config(str(tmp_path / "odd.yaml"))
+
+
+def test_scientific_numbers_without_a_dot_are_numbers_everywhere():
+    """YAML 1.1 reads 1e-3 as a string: typed fields converted it, free-form dicts passed it on."""
+    cfg = load_config(None, ["model.kwargs={drop_rate: 1e-1, width: 64}", "optim.kwargs={trust_coeff: 1e-3}",
+                             "optim.lr=2e-2"])
+    assert cfg.model.kwargs["drop_rate"] == 0.1 and cfg.optim.kwargs["trust_coeff"] == 0.001 and cfg.optim.lr == 0.02
+    assert load_config(None, ["name=1e3x"]).name == "1e3x"
+
+
+def test_lr_multipliers_may_freeze_but_not_ascend(tmp_path):
+    with pytest.raises(BionetsError, match="optim.lr_mult"):
+        load_config(None, ["optim.lr_mult={'*': -1}"])
+    from bionets.engine.trainer import base_rate
+    assert base_rate([{"lr": 0.0, "lr_scale": 0.0}, {"lr": 0.05, "lr_scale": 0.5}]) == 0.1
+    assert base_rate([{"lr": 0.3, "lr_mult": 3.0}]) == pytest.approx(0.1)      # a checkpoint from before lr_scale

@@ -18,3 +18,19 @@ def test_dnrt_seeds_and_responses(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "r" / "responses.csv").open()))
     assert len({r["run"] for r in rows}) == 2 and (tmp_path / "r" / "responses.png").exists()
     assert main(["experiment", "responses"]) == 2                      # checkpoint= is required
+
+
+def test_arr_and_responses_on_a_spiking_net(tmp_path):
+    """A spiking net folds its T time steps into the classifier's batch ([T N, F]): ARR and the
+    responses experiment average each sample's responses over time (both failed on the row count)."""
+    import torch
+    from bionets.layers.arr import per_sample
+    r = torch.arange(12.0).view(6, 2)                                  # T = 3 steps of N = 2 samples
+    torch.testing.assert_close(per_sample(r, 2), r.view(3, 2, 2).mean(0))
+    assert per_sample(r, 6) is r
+    args = ["train", "model.name=snn_digits", "model.kwargs={T: 2}", "train.epochs=2", "train.progress=false",
+            "mechanisms={arr: {weight: 1.0}}", f"out_dir={tmp_path}", "name=snn", "--quiet"]
+    assert main(args) == 0
+    assert main(["experiment", "responses", f"checkpoint={tmp_path / 'snn' / 'last.pt'}", "--out", str(tmp_path / "r")]) == 0
+    rows = list(csv.DictReader((tmp_path / "r" / "responses.csv").open()))
+    assert rows and {r["class"] for r in rows} == {"0", "1", "2", "3"}

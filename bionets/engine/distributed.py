@@ -33,7 +33,10 @@ class Dist:
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BionetsError(f"train.device={name} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BionetsError(f"train.device={name} but no CUDA device is available: use train.device=cpu or auto")
     if device.type == "cuda" and device.index is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -38,7 +39,7 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     nesterov: bool = False
     decay_norm_and_bias: bool = False
-    lr_mult: dict[str, float] = {}
+    lr_mult: dict[str, Annotated[float, Field(ge=0)]] = {}     # 0 freezes; a negative rate would ascend
     kwargs: dict[str, float | int | str | bool] = {}   # extra options of a registered optimizer
 
 

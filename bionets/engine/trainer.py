@@ -293,9 +293,7 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train
-        group = self.optimizer.param_groups[0]
-        # the base rate of this step (logged per epoch); 'lr_mult' in checkpoints written before 'lr_scale'
-        self.lr_used = group["lr"] / group.get("lr_scale", group.get("lr_mult", 1.0))
+        self.lr_used = base_rate(self.optimizer.param_groups)      # this step's (logged per epoch)
         if t.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
@@ -360,3 +358,10 @@ def _write_text(path, text: str) -> None:
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of process ``rank`` > 0 (rank 0 keeps the run's own stream)."""
     return (seed + 1_000_003 * rank + 7919 * step) % 2**63
+
+
+def base_rate(groups: list[dict]) -> float:
+    """The schedule's base learning rate, from a group not frozen by a multiplier of 0 ('lr_mult' in
+    checkpoints written before 'lr_scale')."""
+    scaled = [(g["lr"], g.get("lr_scale", g.get("lr_mult", 1.0))) for g in groups]
+    return next((lr / scale for lr, scale in scaled if scale > 0), 0.0)

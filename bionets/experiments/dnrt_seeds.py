@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import NonNegativeFloat, PositiveInt
 
+from bionets.configbase import quoted
 from bionets.experiments import register_experiment
 
 VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}", "+both": "{raa: {}, arr: {weight: ARR}}"}
@@ -30,7 +31,7 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
     for variant, mech in VARIANTS.items():
         for seed in range(seeds):
             cfg = load_config(config, [f"mechanisms={mech.replace('ARR', str(arr_weight))}", f"train.seed={seed}",
-                                       f"train.epochs={epochs}", "train.progress=false", f"out_dir={out_dir / 'runs'}",
+                                       f"train.epochs={epochs}", "train.progress=false", f"out_dir={quoted(out_dir / 'runs')}",
                                        f"name={variant.strip('+')}_{seed}"])
             s = train(cfg, quiet=True)
             rows.append({"variant": variant, "seed": seed, "final_top1": s["final_top1"], "best_top1": s["best_top1"]})

@@ -16,6 +16,7 @@ import torch
 from pydantic import PositiveInt
 
 from bionets.errors import BionetsError
+from bionets.layers.arr import per_sample
 from bionets.experiments import register_experiment
 
 
@@ -32,6 +33,7 @@ def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor
     with torch.no_grad():
         for x, y in data.test:
             model(x)
+            feats[-1] = per_sample(feats[-1], len(y))       # a spiking net's time steps averaged, as ARR does
             labels.append(y)
     handle.remove()
     return torch.cat(feats), torch.cat(labels)
@@ -68,14 +70,15 @@ def _plot(runs: dict, path: Path, channels: int, classes: int) -> None:
     import matplotlib.pyplot as plt
 
     names = list(runs)
-    fig, axes = plt.subplots(len(names), classes, figsize=(3 * classes, 2.6 * len(names)), squeeze=False)
+    # one y scale per class (column): the two runs' spreads compare by eye
+    fig, axes = plt.subplots(len(names), classes, figsize=(3 * classes, 2.6 * len(names)), squeeze=False, sharey="col")
     for i, name in enumerate(names):
         r, y = runs[name]
         for k in range(classes):
             ax = axes[i][k]
             data = [r[y == k, c].numpy() for c in range(min(channels, r.shape[1]))]
             if all(len(d) > 1 for d in data):
-                ax.violinplot(data, showmeans=True)
+                ax.violinplot(data, positions=range(len(data)), showmeans=True)   # channels 0.., as in the CSV
             ax.set_title(f"{name}: class {k}", fontsize=8)
             ax.set_xlabel("channel", fontsize=7)
     fig.tight_layout()

@@ -103,6 +103,15 @@ def gather_across_ranks(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.stack(parts, dim + 1).flatten(dim, dim + 1)
 
 
+def per_sample(r: torch.Tensor, n: int) -> torch.Tensor:
+    """Responses [k n, D] of a net that folds k time steps into the batch (a spiking net's [T, N, ...]
+    as [T N, ...], time outer, SpikingJelly's layout) averaged over time: [n, D], each sample's
+    firing rate; ``r`` itself when it has n rows, or a row count that is no multiple of n."""
+    if r.shape[0] == n or n == 0 or r.shape[0] % n:
+        return r
+    return r.view(r.shape[0] // n, n, *r.shape[1:]).mean(0)
+
+
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,
              momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, all layers at once);
@@ -111,6 +120,9 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         raise BionetsError(f"arr_loss needs form in {FORMS}, 0 <= momentum < 1 and weight >= 0, got form={form!r}, "
                            f"momentum={momentum}, weight={weight}")
     classes = memory.mean.shape[1]
+    if any(t.shape[0] != len(targets) for t in responses):
+        raise BionetsError(f"arr_loss: {[t.shape[0] for t in responses]} responses for {len(targets)} targets: one row "
+                           "per sample is needed (per_sample() averages a spiking net's time steps)")
     if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
         raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
     r = torch.stack([t.float() for t in responses])                     # [J, N, D]

@@ -21,7 +21,7 @@ from torch import nn
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError
-from bionets.layers.arr import ArrMemory, arr_loss
+from bionets.layers.arr import ArrMemory, arr_loss, per_sample
 from bionets.layers.raa_swap import DEFAULT_TYPES, swap_activations
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
@@ -130,6 +130,7 @@ class ArrHook(Hook):
         responses, self.responses = self.responses[-self.memory.mean.shape[0]:], []   # this forward's layers only
         if not model.training or not responses:
             return None
+        responses = [per_sample(r, len(targets)) for r in responses]     # a spiking net's time steps averaged
         return arr_loss(self.memory, responses, targets, weight=self.cfg.weight, momentum=self.cfg.momentum,
                         form=self.cfg.form)
 
