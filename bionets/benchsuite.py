@@ -41,7 +41,7 @@ def vit(width: int, classes: int = 10) -> nn.Module:
     """A 2-block ViT of embedding ``width`` on 32x32 images with 4x4 patches (64 tokens + class token)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=32, patch_size=4, embed_dim=width, depth=2, num_heads=max(1, width // 64),
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=width, depth=2, num_heads=_heads(width),
                              num_classes=classes)
 
 
@@ -86,6 +86,11 @@ def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: 
     base, mech = (replace(t, step_ms=ms, images_per_s=batch / ms * 1e3)
                   for t, ms in ((base, statistics.median(times["base"])), (mech, statistics.median(times["mech"]))))
     return base, mech, paired_ratios(times["mech"], times["base"])[1]
+
+
+def _heads(width: int) -> int:
+    """About one attention head per 64 features, a divisor of ``width``."""
+    return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
 
 
 def run_suite(out_dir: Path, *, device: str | None = None, mechanisms: list[str] | None = None,

@@ -172,13 +172,23 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from bionets.benchsuite import run_suite
 
     def ints(option: str, text: str | None) -> list[int] | None:
         try:
-            return [int(v) for v in text.split(",")] if text else None
+            values = [int(v) for v in text.split(",")] if text else None
         except ValueError:
-            raise BionetsError(f"bench {option} takes comma-separated integers (e.g. 32,64), got {text!r}") from None
+            values = [0]
+        if values is not None and min(values) < 1:
+            raise BionetsError(f"bench {option} takes comma-separated positive integers (e.g. 32,64), got {text!r}")
+        return values
+
+    if args.repeats < 1:
+        raise BionetsError(f"bench --repeats must be >= 1, got {args.repeats}")
+    if args.device not in (None, "cpu") and not (args.device.split(":")[0] == "cuda" and torch.cuda.is_available()):
+        raise BionetsError(f"bench --device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
 
     print(run_suite(Path(args.out), device=args.device, repeats=args.repeats,
                     mechanisms=args.mechanisms.split(",") if args.mechanisms else None,

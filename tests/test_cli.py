@@ -26,6 +26,8 @@ def cli(*args):
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
     (["experiment", "gaussian", "seeds=[1,"], "is not valid YAML"),
     (["train", "train.device=gpu"], "train.device=gpu is not a device"),
+    (["bench", "--widths", "0"], "bench --widths takes comma-separated positive integers"),
+    (["bench", "--device", "gpu"], "bench --device gpu: use cpu, or cuda"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     out = cli(*args, f"out_dir={tmp_path}") if args[0] == "train" else cli(*args)
