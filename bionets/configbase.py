@@ -15,8 +15,13 @@ class _Loader(yaml.SafeLoader):
     ``optim.kwargs``) passed the string on to fail deep inside timm."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes the strings :class:`_Loader` would read as floats ('1e5')."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                               list("-+0123456789"))
 
 
 def load_yaml(text: str):
@@ -24,10 +29,15 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def dump_yaml(data) -> str:
+    """``data`` as YAML that :func:`load_yaml` reads back the same (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 def quoted(text: str) -> str:
     """``text`` as a YAML string (a JSON one: double quotes, escapes), for a key=value override that
     must stay this exact string, such as a path."""
-    return json.dumps(str(text))
+    return json.dumps(str(text), ensure_ascii=False)       # (ASCII escapes split emoji into surrogates)
 
 
 class Section(BaseModel):

@@ -106,11 +106,18 @@ def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
     start = load_checkpoint(tmp_path / "arr" / "last.pt")["model"]
     assert not [k for k in load_checkpoint(tmp_path / "plain" / "last.pt")["model"] if k.startswith("arr_memory")]
     assert any(k.startswith("arr_memory") for k in start) and torch.is_tensor(start["arr_memory.mean"])
+    # into a run with ARR the memory comes along (it was dropped before the mechanisms were applied)
+    from bionets.config import load_config
+    from bionets.engine.model import build_model
+    cfg = load_config(None, [a for a in args[1:] if a != "--quiet"] + [f"model.init={tmp_path / 'arr' / 'last.pt'}",
+                                                                      "mechanisms={arr: {weight: 1.0}}"])
+    model = build_model(cfg, 10, 3, torch.device("cpu"))[0]
+    assert torch.equal(model.arr_memory.mean, start["arr_memory.mean"]) and start["arr_memory.seen"].any()
 
 
 def test_path_flags_are_paths_not_yaml(tmp_path):
     """--out-dir 'runs #2' is that folder (YAML read ' #2' as a comment), and '2024' a folder name."""
-    for name in ("runs #2", "2024"):
+    for name in ("runs #2", "2024", "runs\U0001F600"):
         assert main(["train", *FAST, "train.epochs=1", "name=r", "--out-dir", str(tmp_path / name), "--quiet"]) == 0
         assert (tmp_path / name / "r" / "last.pt").is_file()
 

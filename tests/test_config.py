@@ -89,3 +89,11 @@ def test_lr_multipliers_may_freeze_but_not_ascend(tmp_path):
     from bionets.engine.trainer import base_rate
     assert base_rate([{"lr": 0.0, "lr_scale": 0.0}, {"lr": 0.05, "lr_scale": 0.5}]) == 0.1
     assert base_rate([{"lr": 0.3, "lr_mult": 3.0}]) == pytest.approx(0.1)      # a checkpoint from before lr_scale
+
+
+def test_a_saved_config_reads_back_the_same(tmp_path):
+    """config.yaml is written so that the config reader gives it back: a string such as '1e5' is
+    quoted (the reader takes 1e5 for a number)."""
+    from bionets.configbase import dump_yaml, load_yaml
+    cfg = load_config(None, ["name='1e5'", "model.kwargs={tag: '2e3', drop_rate: 1e-1}"])
+    assert load_yaml(dump_yaml(cfg.to_dict())) == cfg.to_dict() and cfg.name == "1e5"

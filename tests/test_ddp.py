@@ -88,3 +88,17 @@ def test_ranks_draw_their_own_masks_resume_exactly_and_log_the_saved_ema(tmp_pat
     logged = a["history"][-1]
     saved = evaluate_checkpoint(tmp_path / "straight" / "last.pt", ema=True)
     assert abs(saved["test_loss"] - logged["ema_test_loss"]) < 1e-4 and saved["test_top1"] == logged["ema_test_top1"]
+
+
+def test_a_process_group_set_up_by_the_caller_is_left_to_it(monkeypatch):
+    """train() leaves the process group at its end only if init_distributed set it up: a caller's own
+    group (a script that goes on with collectives after training) stays."""
+    import torch.distributed as dist
+    from bionets.engine.distributed import init_distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        assert not init_distributed("cpu").created
+    finally:
+        dist.destroy_process_group()

@@ -439,3 +439,10 @@ def test_layout_free_weights_get_contiguous_strides_for_ddp(tmp_path):
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     convnext(x).sum().backward()
     assert dw.weight.grad.stride() == dw.weight.stride()
+    # also where STDS parametrizes it: the weight's original lives in a child of the conv
+    stds = build_model(fast_config(tmp_path, "model.name=test_dit_convnext", "model.kwargs={}", "mechanisms={stds: {}}"),
+                       10, 3, torch.device("cpu"))[0].to(memory_format=torch.channels_last)
+    keep_layout_free_weights_contiguous(stds)
+    original = stds.stages[0].blocks[0].conv_dw.parametrizations.weight.original
+    stds(x).sum().backward()
+    assert original.grad.stride() == original.stride()

@@ -345,6 +345,10 @@ def test_raa_computes_in_the_input_dtype_under_autocast(variant):
     torch.testing.assert_close(out, direct(x, raa, -1), rtol=1e-5, atol=1e-5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    from bionets.layers.raa import raa_expression          # the plain expression (compiled models, torch.func) too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = raa_expression(x, raa.c, getattr(raa, "v", getattr(raa, "W", None)), variant, "gelu", -1)
+    torch.testing.assert_close(plain, direct(x, raa, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_matrix_raa_keeps_the_input_dtype_against_parameters_of_another():

@@ -44,7 +44,7 @@ class DataConfig(Section):
     color_jitter: float = Field(0.4, ge=0)   # imagefolder, without auto_augment (timm's default)
     reprob: float = Field(0.0, ge=0, le=1)   # random erasing
     remode: Literal["pixel", "const", "rand"] = "pixel"   # random erasing fill (timm's train.py default)
-    interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"   # imagefolder training resize ('random': timm's train.py default)
+    interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"   # imagefolder resize ('random': timm train.py's, training only)
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     gaussian: GaussianConfig = GaussianConfig()

@@ -20,6 +20,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    created: bool = False       # this process group was set up here (not by the caller)
 
     @property
     def is_main(self) -> bool:
@@ -53,9 +54,10 @@ def init_distributed(device_name: str = "auto") -> Dist:
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, local_rank, device, created)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

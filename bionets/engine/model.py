@@ -39,6 +39,10 @@ def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
     loaded = weights is not None and load_initial_weights(model, weights, cfg.model.init, final=False,
                                                          training_only=training_only)
     model, hooks, reports = apply_mechanisms(model, cfg.mechanisms)
+    if loaded:      # the weights' training-only state (ARR's memory) too, where the mechanisms brought it back
+        own = model.state_dict()
+        model.load_state_dict({k: weights[k] for k in training_only if k in own and own[k].shape == weights[k].shape},
+                              strict=False)
     if weights is not None:
         reports.append(loaded or load_initial_weights(model, weights, cfg.model.init, final=True,
                                                       training_only=training_only))
@@ -110,10 +114,10 @@ def keep_layout_free_weights_contiguous(model: nn.Module) -> None:
     other strides, so single-process runs keep the numerics they had. Grouped convolutions keep
     channels_last: a depthwise weight ([C, 1, k, k], ConvNeXt's) gets its gradient in channels_last
     strides from a channels_last input."""
-    for module in model.modules():    # (is_contiguous() holds for both strides: size-1 dims are ignored)
-        if isinstance(module, nn.Conv2d) and module.groups > 1:
-            continue
-        for p in module.parameters(recurse=False):
+    grouped = {id(p) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1
+               for p in m.parameters()}       # (recursing: an STDS-parametrized weight's original too)
+    for p in model.parameters():      # (is_contiguous() holds for both strides: size-1 dims are ignored)
+        if id(p) not in grouped:
             _contiguous_if_layout_free(p)
 
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-import yaml
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bionets.config import RunConfig, check_resume_config
+from bionets.configbase import dump_yaml
 from bionets.data import build_data
 from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, write_atomic,
                                        seed_everything, set_rng_state)
@@ -93,8 +93,8 @@ def train(cfg: RunConfig, *, quiet: bool = False, checkpoint: dict | None = None
     dist = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, dist, quiet=quiet, checkpoint=checkpoint).fit()
-    finally:                    # leave the process group before exit (its threads aborted a rank at exit once)
-        if dist.enabled:
+    finally:                    # leave a process group set up here before exit (its threads aborted a rank at exit once)
+        if dist.created:
             shutdown()
 
 
@@ -182,7 +182,7 @@ class Trainer:
         writer = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            _write_text(self.run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
             writer = MetricsWriter(self.run_dir, self.state.history)
             if not self.quiet:
                 self._announce()

@@ -274,10 +274,10 @@ def raa_expression(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None
         s = c
     elif variant == "vector":                                  # v . x + c as a sum: fusable, unlike einsum
         s = (x * (weight.view(-1, 1, 1) if dim == 1 else weight)).sum(dim, keepdim=True) + c
-    elif dim == 1:                                             # W in x's dtype, as in eager mode
-        s = torch.einsum("oc,nc...->no...", weight.to(x.dtype), x) + c.view(-1, 1, 1)
-    else:
-        s = x @ weight.to(x.dtype).T + c
+    else:                                                      # W x in x's dtype, as in eager mode
+        with in_own_dtype(x):
+            wx = torch.einsum("oc,nc...->no...", weight.to(x.dtype), x) if dim == 1 else x @ weight.to(x.dtype).T
+        s = wx + (c.view(-1, 1, 1) if dim == 1 else c)
     z = x + s
     if base == "relu":     # torch.relu here compiles to a CPU kernel ~9x slower (torch 2.14)
         return torch.clamp_min(z, 0).to(x.dtype)
@@ -330,11 +330,11 @@ class RAA(nn.Module):
         return f"{self.num_features}, variant={self.variant}, base={self.base}" + ("" if self.dim is None else f", dim={self.dim}")
 
     def matrix_shift(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """``W x + c`` per vector (a 1x1 convolution on maps), W and c in x's dtype (as the vector variant's v)."""
-        w, c = self.W.to(x.dtype), self.c.to(x.dtype)
+        """``W x + c`` per vector (a 1x1 convolution on maps), W in x's dtype (as the vector variant's v)."""
+        w = self.W.to(x.dtype)
         if dim == 1:
-            return torch.einsum("oc,nc...->no...", w, x) + c.view(-1, 1, 1)
-        return x @ w.T + c
+            return torch.einsum("oc,nc...->no...", w, x) + self.c.view(-1, 1, 1)
+        return x @ w.T + self.c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
@@ -370,4 +370,4 @@ class RAA(nn.Module):
             s = self.matrix_shift(x, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype
-        return shifted_gelu(x, s)                             # x * Phi(x + shift)
+        return shifted_gelu(x, s).to(x.dtype)                 # x * Phi(x + shift), in x's dtype
