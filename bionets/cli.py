@@ -177,13 +177,12 @@ def cmd_bench(args) -> int:
     from bionets.benchsuite import run_suite
 
     def ints(option: str, text: str | None) -> list[int] | None:
-        try:
-            values = [int(v) for v in text.split(",")] if text else None
-        except ValueError:
-            values = [0]
-        if values is not None and min(values) < 1:
+        if not text:
+            return None
+        parts = text.split(",")
+        if not all(v.strip().isdigit() and int(v) > 0 for v in parts):
             raise BionetsError(f"bench {option} takes comma-separated positive integers (e.g. 32,64), got {text!r}")
-        return values
+        return [int(v) for v in parts]
 
     if args.repeats < 1:
         raise BionetsError(f"bench --repeats must be >= 1, got {args.repeats}")

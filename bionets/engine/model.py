@@ -35,17 +35,13 @@ def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
     """The configured model with its mechanisms applied, on ``device``, hooks attached; with ``init``,
     starting from the weights of ``model.init`` (:func:`load_initial_weights`)."""
     model = create_model(cfg.model.name, num_classes, in_chans, dict(cfg.model.kwargs))
-    weights, training_only = initial_weights(cfg.model.init) if init and cfg.model.init else (None, set())
-    loaded = weights is not None and load_initial_weights(model, weights, cfg.model.init, final=False,
-                                                         training_only=training_only)
+    weights, training = initial_weights(cfg.model.init) if init and cfg.model.init else (None, {})
+    loaded = weights is not None and load_initial_weights(model, weights, cfg.model.init, final=False)
     model, hooks, reports = apply_mechanisms(model, cfg.mechanisms)
-    if loaded:      # the weights' training-only state (ARR's memory) too, where the mechanisms brought it back
-        own = model.state_dict()
-        model.load_state_dict({k: weights[k] for k in training_only if k in own and own[k].shape == weights[k].shape},
-                              strict=False)
     if weights is not None:
-        reports.append(loaded or load_initial_weights(model, weights, cfg.model.init, final=True,
-                                                      training_only=training_only))
+        reports.append(loaded or load_initial_weights(model, weights, cfg.model.init, final=True))
+        own = model.state_dict()    # the training-only state (ARR's memory) where this run has it too
+        model.load_state_dict({k: v for k, v in training.items() if k in own and own[k].shape == v.shape}, strict=False)
     model.to(device)
     if use_channels_last(cfg.train.channels_last, model, device):
         model.to(memory_format=torch.channels_last)
@@ -61,29 +57,29 @@ def training_only_keys(model: nn.Module) -> list[str]:
             for key in module.state_dict()]
 
 
-def initial_weights(path: str) -> tuple[dict, set[str]]:
-    """(the model weights of a checkpoint written by ``bionets train``, its ``model``, or by ``bionets
-    export``, its ``plain_model``; the keys among them of training-only state)."""
+def initial_weights(path: str) -> tuple[dict, dict]:
+    """The model weights of a checkpoint written by ``bionets train`` (its ``model``) or ``bionets
+    export`` (its ``plain_model``), split into (weights, training-only state such as ARR's memory)."""
     from bionets.engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(path, exported=True)
-    if "model" in state:
-        return state["model"], set(state.get("training_only", ()))
-    return state["plain_model"], set()
+    if "model" not in state:
+        return state["plain_model"], {}
+    training = set(state.get("training_only", ()))
+    weights = state["model"]
+    return ({k: v for k, v in weights.items() if k not in training},
+            {k: v for k, v in weights.items() if k in training})
 
 
-def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool,
-                         training_only: set[str] = frozenset()) -> Report | None:
+def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool) -> Report | None:
     """Load ``weights`` into ``model`` where they fit it: the same tensors, except a classifier of
-    another size (fine-tuning for other classes), buffers the weights lack (ARR's class memory),
-    which keep their fresh initialization, and the weights' ``training_only`` state (ARR's memory
-    again) where this model has none. Called
+    another size (fine-tuning for other classes) and buffers the weights lack (ARR's class memory),
+    which keep their fresh initialization. Called
     before the mechanisms are applied (plain weights: the mechanisms then start from them, STDS
     from the trained weights, RAA and the quadratic term from their identity) and, if they did not
     fit there, after (a checkpoint trained with the same mechanisms); ``final``: the last try,
     which raises one error line instead of returning None."""
     own = model.state_dict()
-    weights = {k: v for k, v in weights.items() if k in own or k not in training_only}
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is head for k in m.state_dict()}
     resized = [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]

@@ -196,6 +196,15 @@ def in_own_dtype(x: torch.Tensor):
     return torch.autocast(device, enabled=False) if on else contextlib.nullcontext()
 
 
+def matrix_shift(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, dim: int) -> torch.Tensor:
+    """The matrix variant's ``W x + c`` per vector (a 1x1 convolution on maps), W x in x's dtype
+    (W cast as the vector variant's v; autocast off, as everywhere in RAA), c as it is."""
+    with in_own_dtype(x):
+        w = w.to(x.dtype)
+        wx = torch.einsum("oc,nc...->no...", w, x) if dim == 1 else x @ w.T
+    return wx + (c.view(-1, 1, 1) if dim == 1 else c)
+
+
 class _RaaVector(torch.autograd.Function):
     """RAA's vector and scalar variants, both forms, shift included, in one autograd function.
 
@@ -274,10 +283,8 @@ def raa_expression(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None
         s = c
     elif variant == "vector":                                  # v . x + c as a sum: fusable, unlike einsum
         s = (x * (weight.view(-1, 1, 1) if dim == 1 else weight)).sum(dim, keepdim=True) + c
-    else:                                                      # W x in x's dtype, as in eager mode
-        with in_own_dtype(x):
-            wx = torch.einsum("oc,nc...->no...", weight.to(x.dtype), x) if dim == 1 else x @ weight.to(x.dtype).T
-        s = wx + (c.view(-1, 1, 1) if dim == 1 else c)
+    else:
+        s = matrix_shift(x, weight, c, dim)
     z = x + s
     if base == "relu":     # torch.relu here compiles to a CPU kernel ~9x slower (torch 2.14)
         return torch.clamp_min(z, 0).to(x.dtype)
@@ -329,13 +336,6 @@ class RAA(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, variant={self.variant}, base={self.base}" + ("" if self.dim is None else f", dim={self.dim}")
 
-    def matrix_shift(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """``W x + c`` per vector (a 1x1 convolution on maps), W in x's dtype (as the vector variant's v)."""
-        w = self.W.to(x.dtype)
-        if dim == 1:
-            return torch.einsum("oc,nc...->no...", w, x) + self.c.view(-1, 1, 1)
-        return x @ w.T + self.c
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
         if dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
@@ -366,8 +366,7 @@ class RAA(nn.Module):
     def _eager(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.variant != "matrix":
             return _RaaVector.apply(x, getattr(self, "v", None), self.c, dim, self.base)
-        with in_own_dtype(x):
-            s = self.matrix_shift(x, dim)
+        s = matrix_shift(x, self.W, self.c, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype
         return shifted_gelu(x, s).to(x.dtype)                 # x * Phi(x + shift), in x's dtype
