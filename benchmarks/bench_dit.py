@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bionets  # noqa: F401  (registers the Dit models)
 from bionets.bench import (Timing, alternating_step_times, compiled, device_name, measure, paired_ratios, table,
                            train_step, verdict)
+from bionets.engine.distributed import parse_device
 from bionets.layers.quadratic import CUDA_STRATEGIES, QuadraticChannel, set_cuda_strategy
 
 
@@ -139,7 +140,7 @@ def macs_table(models: list[str]) -> str:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--batch", type=int, default=128, help="CIFAR batch (a, b)")
     p.add_argument("--img", type=int, default=32, help="CIFAR image side (a)")
     p.add_argument("--convnext-batch", type=int, default=None, help="ConvNeXt batch (c); default 8 on CPU, 64 on CUDA")
@@ -170,7 +171,7 @@ def main(argv=None) -> str:
     p.add_argument("--out", help="also write the report to this Markdown file")
     args = p.parse_args(argv)
     set_cuda_strategy(args.cuda_strategy)
-    device = torch.device(args.device)
+    device = parse_device(args.device, "--device")
     cuda = device.type == "cuda"
     cl = cuda if args.channels_last == "auto" else args.channels_last == "on"
     opts = {"amp": "bf16" if cuda else "off", "channels_last": cl, "warmup": args.warmup, "repeats": args.repeats,

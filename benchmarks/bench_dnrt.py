@@ -23,13 +23,14 @@ import bionets  # noqa: F401
 from bionets.bench import (Timing, alternating_step_times, compiled, device_name, loss_with_hooks, measure,
                            paired_ratios, table, train_step, verdict)
 from bionets.conversion import convert
+from bionets.engine.distributed import parse_device
 from bionets.engine.model import use_channels_last
 
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="measure every case this many times, interleaved; keep "
                    "each case's fastest")
@@ -46,7 +47,7 @@ def main(argv=None) -> str:
     p.add_argument("--skip-compiled", action="store_true",
                    help="leave out RAA's torch.compile path (e.g. on a CPU machine without a C++ compiler)")
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
+    dev = parse_device(args.device, "--device")
     amp = "bf16" if dev.type == "cuda" else "off"
     out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it"]
     print(out[0], flush=True)

@@ -24,7 +24,7 @@ import bionets  # noqa: F401
 from bionets.bench import device_name, measure, sync, table
 from bionets.config import load_config
 from bionets.data.fakes import write_cifar
-from bionets.engine.distributed import init_distributed
+from bionets.engine.distributed import init_distributed, parse_device
 from bionets.engine.trainer import Trainer
 
 
@@ -60,11 +60,11 @@ def main(argv=None) -> str:
                         "(iterator, sampler, the final synchronize) weigh as much as 10%% of it (CIFAR-10 has "
                         "390 steps of 128)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epochs", type=int, default=3, help="measured engine epochs (after one warm-up epoch)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(args.device, "--device")
     amp = "bf16" if device.type == "cuda" else "off"
     images = args.images or args.batch * (200 if device.type == "cuda" else 20)
     x = torch.randn(args.batch, 3, 32, 32, device=device)

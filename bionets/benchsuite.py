@@ -93,9 +93,9 @@ def _heads(width: int) -> int:
     return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
 
 
-def run_suite(out_dir: Path, *, device: str | None = None, mechanisms: list[str] | None = None,
+def run_suite(out_dir: Path, *, device: torch.device | None = None, mechanisms: list[str] | None = None,
               widths: list[int] | None = None, batches: list[int] | None = None, repeats: int = 3) -> str:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths = widths or [32, 64, 128]
     batches = batches or ([32, 128] if dev.type == "cpu" else [128, 512])
     get_mechanism("quadratic")  # loads the registry

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="list NAME's options with their defaults, and run nothing")
 
     b = sub.add_parser("bench", help="time every mechanism against its plain baseline (Markdown table + plot)")
-    b.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    b.add_argument("--device", default="auto", help="auto (default: cuda when present), cpu, cuda or cuda:N")
     b.add_argument("--mechanisms", help="comma-separated subset, e.g. quadratic,raa")
     b.add_argument("--widths", default=None, help="comma-separated widths (default 32,64,128)")
     b.add_argument("--batches", default=None, help="comma-separated batch sizes")
@@ -172,9 +172,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import torch
-
     from bionets.benchsuite import run_suite
+    from bionets.engine.distributed import parse_device
 
     def ints(option: str, text: str | None) -> list[int] | None:
         if not text:
@@ -186,10 +185,9 @@ def cmd_bench(args) -> int:
 
     if args.repeats < 1:
         raise BionetsError(f"bench --repeats must be >= 1, got {args.repeats}")
-    if args.device not in (None, "cpu") and not (args.device.split(":")[0] == "cuda" and torch.cuda.is_available()):
-        raise BionetsError(f"bench --device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
+    device = parse_device(args.device, "--device")
 
-    print(run_suite(Path(args.out), device=args.device, repeats=args.repeats,
+    print(run_suite(Path(args.out), device=device, repeats=args.repeats,
                     mechanisms=args.mechanisms.split(",") if args.mechanisms else None,
                     widths=ints("--widths", args.widths), batches=ints("--batches", args.batches)))
     print(f"table and plot in {args.out}")

@@ -25,9 +25,10 @@ def cli(*args):
     (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
     (["experiment", "gaussian", "seeds=[1,"], "is not valid YAML"),
-    (["train", "train.device=gpu"], "train.device=gpu is not a device"),
+    (["train", "train.device=gpu"], "train.device=gpu is not a device bionets runs on: use auto, cpu"),
+    (["train", "train.device=meta"], "train.device=meta is not a device bionets runs on"),
     (["bench", "--widths", "0"], "bench --widths takes comma-separated positive integers"),
-    (["bench", "--device", "gpu"], "bench --device gpu: use cpu, or cuda"),
+    (["bench", "--device", "gpu"], "--device gpu is not a device bionets runs on: use auto, cpu"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     out = cli(*args, f"out_dir={tmp_path}") if args[0] == "train" else cli(*args)
@@ -36,12 +37,27 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("args, said", [
+    (["train", "train.device=cuda"], "train.device=cuda"),
+    (["experiment", "fewshot", "device=cuda:1"], "option device=cuda:1"),
+    (["bench", "--device", "cuda"], "--device cuda"),
+])
+def test_cuda_asked_for_without_cuda_is_one_line_for_every_command(args, said, tmp_path, capsys, monkeypatch):
+    """One parser serves train.device, experiment options and bench's --device, with one wording."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = [f"out_dir={tmp_path}"] if args[0] == "train" else ["--out", str(tmp_path)]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bionets: error: {said}, but this machine has no CUDA device: use cpu or auto"]
+
+
 @pytest.mark.parametrize("option, message", [
     ("seeds=0", "option seeds=0: Input should be greater than 0"),
     ("fractions=[0.1,1.5]", "option fractions.1=1.5: Input should be less than or equal to 1"),
     ("weight_decay=-1", "option weight_decay=-1: Input should be greater than or equal to 0"),
     ("max_iter=abc", "option max_iter='abc': Input should be a valid integer"),
-    ("device=gpu", "option device='gpu' is not a device"),
+    ("device=gpu", "option device=gpu is not a device bionets runs on"),
 ])
 def test_bad_experiment_options_are_one_line_before_any_work(option, message, tmp_path, capsys):
     """Checked against the experiment's annotations before it trains anything (a fraction of 1.5

@@ -31,15 +31,23 @@ class Dist:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def parse_device(name: str, option: str, local_rank: int = 0) -> torch.device:
+    """``name`` as a torch device, or one error line naming ``option`` as the user spells it.
+
+    ``option`` is ``train.device``, an experiment's ``device`` or ``--device``. ``auto`` is the CUDA
+    device of this local rank when there is one, else the CPU; a bare ``cuda`` is this rank's GPU.
+    """
+    said = f"{option} {name}" if option.startswith("--") else f"{option}={name}"
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise BionetsError(f"train.device={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BionetsError(f"{said} is not a device bionets runs on: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BionetsError(f"train.device={name} but no CUDA device is available: use train.device=cpu or auto")
+        raise BionetsError(f"{said}, but this machine has no CUDA device: use cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -49,9 +57,9 @@ def init_distributed(device_name: str = "auto") -> Dist:
     """Join the process group when launched by torchrun; otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Dist(device=pick_device(device_name))
+        return Dist(device=parse_device(device_name, "train.device"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name, local_rank)
+    device = parse_device(device_name, "train.device", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = not dist.is_initialized()

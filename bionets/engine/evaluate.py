@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 from bionets.config import config_from_dict
 from bionets.data import build_data
 from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from bionets.engine.distributed import pick_device
+from bionets.engine.distributed import parse_device
 from bionets.engine.model import build_model, training_only_keys, use_channels_last
 from bionets.engine.trainer import evaluate
 
@@ -24,7 +24,7 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     if data_root is not None:
         raw = {**raw, "data": {**raw["data"], "root": data_root}}
     cfg = config_from_dict(raw)
-    device = device or pick_device(cfg.train.device)
+    device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
     data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
     shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])

@@ -29,7 +29,8 @@ from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.errors import BionetsError
 from bionets.experiments import Fraction, register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, experiment_device, fit, load_images, new_figure,
+from bionets.engine.distributed import parse_device
+from bionets.experiments.quadratic_fit import (accuracy, fit, load_images, new_figure,
                                                quadratic_model, stratified_subset, write_csv)
 
 
@@ -69,7 +70,7 @@ def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fract
     match among A_j's top ``top_k``, signed alike) and ``eigen_cosine.png`` (|cos| of the leading
     pair and of Sigma_j's leading eigenvector's best match per class, with chance levels).
     """
-    dev = experiment_device(device)
+    dev = parse_device(device, "option device")
     data = load_images(data_root)
     idx = stratified_subset(data["y_train"], fraction, torch.Generator().manual_seed(seed))
     x, y = data["x_train"][idx], data["y_train"][idx]

@@ -17,7 +17,8 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.experiments import Fraction, register_experiment
-from bionets.experiments.quadratic_fit import (accuracy, band_plot, count_parameters, experiment_device, fit,
+from bionets.engine.distributed import parse_device
+from bionets.experiments.quadratic_fit import (accuracy, band_plot, count_parameters, fit,
                                                load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
                                                stratified_subset, two_layer_mlp, write_csv)
 
@@ -37,7 +38,7 @@ def fewshot(out_dir: Path, *, fractions: list[Fraction] = FRACTIONS, seeds: Posi
     weights: use ``device=cuda`` or a low ``rank`` there.
     """
     fractions = sorted(set(fractions))
-    dev = experiment_device(device)
+    dev = parse_device(device, "option device")
     data = load_images(data_root)
     x_train, y_train = data["x_train"].to(dev), data["y_train"].to(dev)
     x_test, y_test = data["x_test"].to(dev), data["y_test"].to(dev)

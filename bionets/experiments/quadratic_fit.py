@@ -85,17 +85,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (predict(model, x) == y).double().mean().item()
 
 
-def experiment_device(name: str) -> torch.device:
-    """The ``device`` option as a torch device, or one error line (not a device, or no CUDA here)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BionetsError(f"option device={name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BionetsError(f"option device={name} but no CUDA device is available: use device=cpu")
-    return device
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
