@@ -18,6 +18,8 @@ def cli(*args):
 @pytest.mark.parametrize("args, message", [
     (["train", "model.name=resnet21_cifar"], "unknown model 'resnet21_cifar' (did you mean:"),
     (["train", "model.name=nope"], "unknown model 'nope' (valid: dit_convnext_base,"),   # bionets' own, not timm's first
+    (["train", "model.name=resnet20"], "(did you mean: dit_resnet20, resnet20_cifar, resnet200?)"),  # ours first
+    (["train", "model.name=convnext_tiy"], "(did you mean: convnext_tiny,"),
     (["train", "data.name=cifar10"], "data.root"),
     (["train", "train.epoch=1"], "unknown config key 'train.epoch' (did you mean: epochs?)"),
     (["train", "data.name=cifar11"], "unknown dataset 'cifar11'"),
