@@ -9,6 +9,7 @@ closest valid one.
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -95,22 +96,27 @@ def _fields_at(cls: type[Section], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+_TYPE_TAG = re.compile(r"(str|int|float|bool|none|(literal|list|dict|tuple|set)\[.*\]|function-[a-z]+\[.*\])")
+
+
+def _untagged(loc: tuple) -> tuple:
+    """A pydantic error location without the tags it adds for a field of several accepted types
+    (``placement.list[str].0`` -> ``placement.0``)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and _TYPE_TAG.fullmatch(p)))
+
+
 def _one_line(err: ValidationError, cls: type[Section], prefix: str) -> BionetsError:
-    e = err.errors()[0]
-    loc = tuple(e["loc"])
+    errors = [dict(x, loc=_untagged(tuple(x["loc"]))) for x in err.errors()]
+    e = errors[0]
+    loc = e["loc"]
     key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
     if e["type"] == "extra_forbidden":
         return BionetsError(f"unknown config key '{key}'{closest(str(loc[-1]), _fields_at(cls, loc))}")
     if e["type"] == "missing":
         return BionetsError(f"config key '{key}' is required")
-    # a field of several accepted types (e.g. bool | Literal[...]) fails once per type, each error's
-    # location ending in the type's tag: name the field and every accepted form
-    union = [x for x in err.errors() if len(x["loc"]) == len(loc) and tuple(x["loc"][:-1]) == loc[:-1]]
-    if len(union) > 1 and len(loc) > 1 and str(loc[-2]) in _fields_at(cls, loc[:-1]):
-        key = key.rsplit(".", 1)[0]
-        msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
-    else:
-        msg = e["msg"].replace("Value error, ", "")
+    # a field of several accepted types (e.g. bool | Literal[...]) fails once per type: name every form
+    union = [x for x in errors if x["loc"] == loc]
+    msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
     return BionetsError(f"config key '{key}': {msg} (got {e.get('input')!r})")
 
 
