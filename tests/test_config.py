@@ -19,6 +19,7 @@ def test_default_config_loads_and_overrides_apply():
     ("train.compile=fast", "config key 'train.compile': Input should be a valid boolean"),
     ("train.channels_last=maybe", "or Input should be 'auto' (got 'maybe')"),
     ("data.batch_size=many", "config key 'data.batch_size'"),
+    ("data.auto_augment=rand-m9-mstd0.5-inc", "section 'inc' has no value, and timm would skip it"),
     # no pydantic type tags in the key (it read 'placement.list[str].0')
     ("mechanisms.quadratic.placement=[1]", "config key 'mechanisms.quadratic.placement.0': Input should be a valid string"),
     ("mechanisms.quadratic.placement=autoo", "'mechanisms.quadratic.placement': Input should be a valid list; or Input "

@@ -1,9 +1,10 @@
 """The ``data:`` section of a run config."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bionets.configbase import Section
 
@@ -48,3 +49,16 @@ class DataConfig(Section):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     gaussian: GaussianConfig = GaussianConfig()
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _sections_have_values(cls, text: str | None) -> str | None:
+        """timm skips a section of the string that holds no number (a misspelt ``-inc``), silently."""
+        if text is None:
+            return text
+        policy, *sections = text.split("-")
+        bare = [s for s in sections if not re.search(r"\d", s) and not (policy == "rand" and s.startswith("t"))]
+        if bare:
+            raise ValueError(f"section '{bare[0]}' has no value, and timm would skip it: write it as in "
+                             "'rand-m9-mstd0.5-inc1' (name then number)")
+        return text
