@@ -199,3 +199,80 @@ def test_arr_on_an_empty_batch():
     loss.backward()
     assert loss.item() == 0.0 and r.grad.shape == (0, 4)
     assert not memory.seen.any() and not memory.mean.any()
+
+
+def _vit_last_block_output(model, x):
+    """ARR's response from the last block and that block's output, for one training forward."""
+    outs = []
+    handle = model.blocks[-1].register_forward_hook(lambda m, a, o: outs.append(o))
+    model.train()
+    model(x)
+    handle.remove()
+    return outs[0]
+
+
+@pytest.mark.parametrize("name, kwargs, reads", [
+    ("vit_tiny_patch16_224", {}, "class token"),
+    ("vit_tiny_patch16_224", {"global_pool": "avg"}, "patch mean"),           # its head reads the mean
+    ("vit_tiny_patch16_224", {"reg_tokens": 2, "global_pool": "avg"}, "patch mean"),
+    ("deit_tiny_distilled_patch16_224", {}, "class token"),                  # two heads: the class head's count
+    ("cait_xxs24_224", {"patch_size": 8}, "patch mean"),                      # class token joins after blocks
+])
+def test_arr_on_a_vit_reads_what_its_head_reads(name, kwargs, reads):
+    """The class token only where the block's output holds one and the head pools by it; it took
+    CaiT's first patch token for its class token, and a mean-pooled ViT's unread class token."""
+    model = timm.create_model(name, num_classes=10, img_size=32, depth=2, **kwargs)
+    model, hooks, _ = apply_mechanisms(model, parse_mechanisms({"arr": {}}))
+    hook = hooks[0]
+    hook.attach(model)
+    out = _vit_last_block_output(model, torch.randn(2, 3, 32, 32))
+    prefix = out.shape[1] - model.patch_embed.num_patches
+    expected = out[:, 0] if reads == "class token" else out[:, prefix:].mean(1)
+    assert hook.layers == "blocks" and len(hook.responses) == 2
+    torch.testing.assert_close(hook.responses[-1], expected)
+    assert model.arr_memory.mean.shape == (2, 10, model.embed_dim)
+
+
+def test_arr_finds_class_layers_inside_heads():
+    """SqueezeNet's classifier is a 1x1 conv in a Sequential (its input is averaged over pixels);
+    LeViT's heads are a (head, head_dist) pair of normed linears."""
+    import torchvision
+    squeeze, hooks, _ = apply_mechanisms(torchvision.models.squeezenet1_1(num_classes=5),
+                                         parse_mechanisms({"arr": {}}))
+    assert squeeze.arr_memory.mean.shape == (1, 5, 512)
+    hooks[0].attach(squeeze)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
+    squeeze.train()
+    assert torch.isfinite(hooks[0].aux_loss(squeeze, x, squeeze(x), y))
+    levit, _, _ = apply_mechanisms(timm.create_model("levit_128s", num_classes=7), parse_mechanisms({"arr": {}}))
+    assert levit.arr_memory.mean.shape[1] == 7
+
+
+def test_hook_attached_twice_and_forwards_without_loss_keep_one_forward():
+    """Attaching again replaces the hooks (twice attached, each block's response came twice and a
+    block's memory took another block's features); forwards without aux_loss do not pile up."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=3)
+    model, hooks, _ = apply_mechanisms(model, parse_mechanisms({"arr": {}}))
+    hooks[0].attach(model)
+    hooks[0].attach(model)
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(3):
+        model(x)
+    assert len(hooks[0].responses) == 3
+
+
+def test_aux_loss_before_attach_is_one_line():
+    model, hooks, _ = apply_mechanisms(timm.create_model("test_mlp", num_classes=10, in_chans=1, img_size=8),
+                                       parse_mechanisms({"arr": {}}))
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(BionetsError, match="call hook.attach.model. once before training"):
+        hooks[0].aux_loss(model, x, model(x), torch.tensor([0, 1]))
+
+
+def test_class_means_stay_float32_when_the_model_is_halved():
+    model, _ = build()
+    model.half()
+    assert model.arr_memory.mean.dtype == torch.float32 and model.arr_memory.seen.dtype == torch.uint8
+    model.double()
+    assert model.arr_memory.mean.dtype == torch.float64

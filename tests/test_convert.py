@@ -203,3 +203,17 @@ def test_bench_suite_smoke(tmp_path):
     for mech in ("quadratic", "raa", "stds", "arr"):
         assert f"| {mech} |" in table
     assert "x |" in table and (out / "bench.png").stat().st_size > 0
+
+
+def test_a_module_held_in_two_places_is_converted_in_both():
+    """One ReLU in two blocks, one conv in two branches: named_modules() names each once, and the
+    second place kept the plain module. Both places now hold the one converted module."""
+    act, conv = torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), act,
+                                torch.nn.Sequential(conv, torch.nn.BatchNorm2d(8), act), torch.nn.Sequential(conv, act))
+    model, report = convert(model, activation="raa", quadratic=["3.0"])
+    assert model[2] is model[3][2] is model[4][1] and type(model[2]).__name__ == "RAA"
+    assert model[3][0] is model[4][0] and isinstance(model[4][0].quad, QuadraticChannel)
+    assert "2, 3.2, 4.1: -> RAA" in str(report) and "3.0, 4.0: conv + channel-wise" in str(report)
+    assert report.params_added == 9 + sum(p.numel() for p in model[3][0].quad.parameters())   # RAA: v (8) and c
+    model(torch.randn(2, 3, 8, 8)).sum().backward()

@@ -202,6 +202,17 @@ def test_hook_sets_d_every_step_and_reports():
     assert hook.epoch_metrics(model)["sparsity"] == pytest.approx(100 * 9 / 10)   # only theta = -2 passes D = 1
 
 
+def test_report_notes_a_d_max_above_nearly_every_weight():
+    """convert(sparsity='stds') keeps the paper's CIFAR default D_max = 1, which prunes all of a timm
+    model's weights (|w| ~ 0.05) by the schedule's end unless training grows them: the report says so."""
+    def notes(**opts):
+        model = nn.Sequential(nn.Linear(64, 64))
+        nn.init.uniform_(model[0].weight, -0.1, 0.1)
+        return get_mechanism("stds").apply(model, parse_mechanisms({"stds": opts})["stds"]).report.notes
+    assert "d_max=1 is above |w| of 100.0% of these weights now" in notes()[0]
+    assert notes(d_max=0.05) == [] and notes(schedule="fixed") == [] and notes(sparse_function="identity") == []
+
+
 def test_plot_is_written(tmp_path):
     model = hand_model()
     hook = get_mechanism("stds").apply(model, parse_mechanisms({"stds": {}})["stds"]).hooks[0]

@@ -18,17 +18,17 @@ from pydantic import PositiveInt
 from bionets.errors import BionetsError
 from bionets.layers.arr import per_sample
 from bionets.experiments import register_experiment
+from bionets.mechanisms.dnrt import classifier_layer
 
 
 def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from bionets.engine.evaluate import model_from_checkpoint
 
     model, _, _, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if head is None:
-        raise BionetsError(f"checkpoint '{checkpoint}': the model has no get_classifier() to read responses from")
+    head = classifier_layer(model)         # the layer ARR's classifier hook reads (one line if none)
     feats, labels = [], []
-    handle = head.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().flatten(1)))
+    handle = head.register_forward_pre_hook(
+        lambda m, args: feats.append((args[0].mean((2, 3)) if args[0].ndim == 4 else args[0]).detach().flatten(1)))
     model.eval()
     with torch.no_grad():
         for x, y in data.test:

@@ -41,6 +41,14 @@ class ArrMemory(nn.Module):
         self.register_buffer("mean", torch.zeros(layers, classes, dim))
         self.register_buffer("seen", torch.zeros(layers, classes, dtype=torch.uint8))  # uint8: DDP broadcasts it
 
+    def _apply(self, fn, recurse=True):
+        """``model.half()`` / ``.bfloat16()`` leave the class means in float32: a running mean of
+        momentum 0.1 in bf16 stops moving once an update is below its 8-bit mantissa's step."""
+        super()._apply(fn, recurse)
+        if self.mean.dtype in (torch.float16, torch.bfloat16):
+            self.mean = self.mean.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The identity: the memory holds state only, so a model that runs its children in turn
         (an ``nn.Sequential`` that ARR added it to) passes through it unchanged."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from bionets.errors import BionetsError
 from bionets.layers.raa import RAA, Base, Variant
+from bionets.layers.replace import replace_module
 
 DEFAULT_TYPES = ("ReLU", "GELU", "GELUTanh", "SiLU", "Swish")
 
@@ -103,8 +104,9 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
     (Linear, Conv, BatchNorm, LayerNorm); with ``example_input``, from one forward pass, and a
     module called at several widths becomes an :class:`RAAByWidth` (see the module docstring).
     ``base='auto'`` uses the ReLU form for ReLU and the GELU form for GELU and SiLU. Returns (name,
-    parameters added) per replaced module. Activations applied as functions inside ``forward``
-    (e.g. ``F.relu``) are not modules and are not swapped.
+    parameters added) per replaced module; a module the model holds in several places is replaced in
+    all of them by one RAA, named by all its names (``"0.2, 1.2"``). Activations applied as functions
+    inside ``forward`` (e.g. ``F.relu``) are not modules and are not swapped.
     """
     wanted = {t.lower() for t in types}
     chosen: dict[str, tuple[nn.Module, int]] = {}
@@ -134,7 +136,6 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
             raa = RAAByWidth(seen, variant, form, compiled)
         if like is not None:                              # the model's device and dtype
             raa.to(device=like.device, dtype=like.dtype)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, raa)
-        replaced.append((name, sum(p.numel() for p in raa.parameters())))
+        held_at = replace_module(model, module, raa)   # wherever the model holds it (one module, shared)
+        replaced.append((", ".join(held_at), sum(p.numel() for p in raa.parameters())))
     return replaced

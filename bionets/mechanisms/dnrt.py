@@ -6,7 +6,8 @@ every activation call by one forward pass (:mod:`bionets.layers.raa_swap`).
 ``mechanisms: {arr: {weight: 10, momentum: 0.1, form: paper, layers: auto}}`` adds ARR's loss
 (:mod:`bionets.layers.arr`) through the engine's auxiliary-loss hook: ``layers: classifier``
 regularizes the pooled features that feed the classifier (CNNs, MLPs); ``blocks`` the class token
-after every transformer block (ViTs; the token mean for models without a class token); ``auto``
+after every transformer block (ViTs; the mean of the patch tokens where a block's output holds no
+class token or the model pools by the mean: see :class:`ArrHook`); ``auto``
 picks ``blocks`` for models with ``blocks`` and a ``cls_token``/``embed_dim``, else ``classifier``.
 Evaluation is unaffected.
 """
@@ -56,7 +57,8 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
                                 compiled=cfg.compiled, example_input=example)
     if not replaced and not already:
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
-                           + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}")
+                           + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__} "
+                           "(activations called as functions in forward, such as F.relu, are no modules to swap)")
     notes = [V_LR_NOTE] if cfg.variant != "matrix" and replaced else []
     report = Report("raa", [f"{name}: -> RAA ({cfg.variant}), +{n}" for name, n in replaced],
                     sum(n for _, n in replaced), notes)
@@ -76,19 +78,21 @@ def _is_vit(model: nn.Module) -> bool:
     return isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList) and hasattr(model, "embed_dim")
 
 
-def _classifier(model: nn.Module) -> nn.Module:
-    """The classifier layer: timm's ``get_classifier()`` (which decides: a timm model built with
-    ``num_classes=0`` has none), else ``fc``/``classifier``/``head`` (the last Linear of a
-    Sequential), else the model's last Linear module (torchvision's ``heads.head``)."""
+def classifier_layer(model: nn.Module) -> nn.Linear | nn.Conv2d:
+    """The layer that gives the classes: timm's ``get_classifier()`` (which decides: a timm model
+    built with ``num_classes=0`` has none; of a distilled model's two heads, the class head), else
+    ``fc``/``classifier``/``head``, else the model's last Linear module (torchvision's
+    ``heads.head``); in a Sequential or a normed head, its last Linear or Conv2d (SqueezeNet's)."""
     timm_head = hasattr(model, "get_classifier")
-    head = model.get_classifier() if timm_head else next(
+    given = model.get_classifier() if timm_head else next(
         (getattr(model, a) for a in ("fc", "classifier", "head") if isinstance(getattr(model, a, None), nn.Module)), None)
-    if isinstance(head, nn.Sequential):
-        head = next((m for m in reversed(head) if isinstance(m, nn.Linear)), None)
-    if timm_head and not isinstance(head, nn.Linear | nn.Conv2d):
+    head = given[0] if isinstance(given, tuple) else given       # DeiT-distilled, LeViT: (head, head_dist)
+    if isinstance(head, nn.Module) and not isinstance(head, nn.Linear | nn.Conv2d):
+        head = next((m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    if timm_head and head is None:
         raise BionetsError(f"arr needs the classifier of {type(model).__name__} (its class count and input), but its "
-                           f"get_classifier() is {type(head).__name__}: create the model with num_classes > 0")
-    if not isinstance(head, nn.Linear | nn.Conv2d):
+                           f"get_classifier() is {type(given).__name__}: create the model with num_classes > 0")
+    if head is None:
         head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
     if head is None:
         raise BionetsError(f"arr cannot find the classifier of {type(model).__name__} (no Linear layer): "
@@ -97,37 +101,66 @@ def _classifier(model: nn.Module) -> nn.Module:
 
 
 class ArrHook(Hook):
-    """Captures the responses with forward hooks; returns ARR's loss in training."""
+    """Captures the responses with forward hooks; returns ARR's loss in training.
+
+    ``layers='classifier'``: the classifier's input, spatially averaged. ``'blocks'``: after every
+    block, what the model's head would read of the tokens: the class token where the block's output
+    holds one and the model pools by it (``global_pool='token'``), else the mean of the patch tokens.
+    Whether a block's output holds prefix (class, register) tokens is read from its token count
+    against the patch embedding's (CaiT and XCiT add the class token after ``blocks``; ConViT
+    part-way through them).
+    """
 
     def __init__(self, cfg: ArrConfig, layers: str):
-        self.cfg, self.layers, self.responses = cfg, layers, []
+        self.cfg, self.layers, self.responses, self.handles = cfg, layers, [], []
 
     def attach(self, model: nn.Module) -> None:
-        self.memory = model.arr_memory
+        """Register the hooks on ``model`` (again: the earlier ones are removed)."""
+        for h in self.handles:
+            h.remove()
+        self.memory, self.responses, self.patches = model.arr_memory, [], None
         if self.layers == "classifier":
-            _classifier(model).register_forward_pre_hook(self._keep_input)
-        else:
-            for block in model.blocks:
-                block.register_forward_hook(self._keep_token)
+            self.handles = [classifier_layer(model).register_forward_pre_hook(self._keep_input)]
+            return
+        self.pool_token = getattr(model, "global_pool", "token") == "token" and getattr(model, "cls_token", None) is not None
+        self.embed_dim = model.embed_dim
+        self.handles = [block.register_forward_hook(self._keep_token) for block in model.blocks]
+        if isinstance(getattr(model, "patch_embed", None), nn.Module):
+            self.handles.append(model.patch_embed.register_forward_hook(self._count_patches))
 
     # bound methods, not lambdas: a model with the hooks attached can still be pickled (torch.save(model))
+    def _count_patches(self, module: nn.Module, args: tuple, out) -> None:
+        out = out[0] if isinstance(out, tuple) else out                   # XCiT: (tokens, (Hp, Wp))
+        self.patches = out[0].numel() // self.embed_dim                   # any layout: [N, D], [H, W, D], [D, H, W]
+
     def _keep_input(self, module: nn.Module, args: tuple) -> None:
-        self._keep(module, args[0])
+        if self._capturing(module):
+            x = args[0]
+            self._keep(x.mean((2, 3)) if x.ndim == 4 else x)
 
-    def _keep_token(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        self._keep(module, out, token=True)
-
-    def _keep(self, module: nn.Module, x: torch.Tensor, token: bool = False) -> None:
-        if not (torch.is_grad_enabled() and module.training):   # evaluation (even with gradients) is untouched
+    def _keep_token(self, module: nn.Module, args: tuple, x: torch.Tensor) -> None:
+        if not self._capturing(module):
             return
-        if token:
-            x = x[:, 0] if x.shape[1] > 1 and getattr(self, "cls", True) else x.mean(1)
-        elif x.ndim == 4:
-            x = x.mean((2, 3))
+        if x.ndim != 3:                                                  # a block of image-shaped tokens
+            self._keep(x.flatten(1, -2).mean(1))
+            return
+        prefix = x.shape[1] - self.patches if self.patches is not None else int(self.pool_token)
+        self._keep(x[:, 0] if prefix > 0 and self.pool_token else x[:, max(prefix, 0):].mean(1))
+
+    @staticmethod
+    def _capturing(module: nn.Module) -> bool:
+        return torch.is_grad_enabled() and module.training     # evaluation (even with gradients) is untouched
+
+    def _keep(self, x: torch.Tensor) -> None:
         self.responses.append(x.flatten(1))
+        if len(self.responses) > len(self.memory.mean):        # forwards without aux_loss: keep the last one's
+            del self.responses[0]
 
     def aux_loss(self, model, images, logits, targets):
-        responses, self.responses = self.responses[-self.memory.mean.shape[0]:], []   # this forward's layers only
+        if not hasattr(self, "memory"):
+            raise BionetsError("ArrHook.aux_loss before attach: call hook.attach(model) once before training "
+                               "(bionets' trainer does)")
+        responses, self.responses = self.responses, []
         if not model.training or not responses:
             return None
         responses = [per_sample(r, len(targets)) for r in responses]     # a spiking net's time steps averaged
@@ -138,12 +171,11 @@ class ArrHook(Hook):
 @register_mechanism("arr", ArrConfig, order=90)
 def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
     layers = cfg.layers if cfg.layers != "auto" else ("blocks" if _is_vit(model) else "classifier")
-    head = _classifier(model) if layers == "classifier" else None
     if layers == "blocks" and not _is_vit(model):
         raise BionetsError(f"arr layers=blocks needs a transformer with .blocks and .embed_dim; {type(model).__name__} has none")
-    classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels if head is not None else \
-        _classifier(model).out_features
-    dim = (head.in_features if isinstance(head, nn.Linear) else head.in_channels) if head is not None else model.embed_dim
+    head = classifier_layer(model)
+    classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+    dim = model.embed_dim if layers == "blocks" else head.in_features if isinstance(head, nn.Linear) else head.in_channels
     depth = len(model.blocks) if layers == "blocks" else 1
     report = Report("arr")
     if not hasattr(model, "arr_memory"):
@@ -151,6 +183,4 @@ def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
         model.arr_memory = ArrMemory(depth, classes, dim).to(p.device if p is not None else None)   # float32 statistics
         report.changes.append(f"class memory of {depth} layer(s) x {classes} classes x {dim} features ({layers}); "
                               f"weight {cfg.weight}, momentum {cfg.momentum}, form {cfg.form}")
-    hook = ArrHook(cfg, layers)
-    hook.cls = getattr(model, "cls_token", None) is not None
-    return Applied(model, [hook], report)
+    return Applied(model, [ArrHook(cfg, layers)], report)

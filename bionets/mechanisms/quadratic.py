@@ -24,6 +24,7 @@ from torch import nn
 from bionets.configbase import Section
 from bionets.errors import BionetsError
 from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.replace import replace_module
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 
@@ -73,11 +74,6 @@ def _auto(model: nn.Module, names: list[str]) -> list[str]:
     return []
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 @register_mechanism("quadratic", QuadraticConfig, order=10)
 def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
     report = Report("quadratic")
@@ -96,10 +92,11 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
             raise BionetsError(f"quadratic placement {cfg.placement} matches no convolution of "
                                f"{type(model).__name__} (eligible: {shown or 'none'})")
     for name in chosen:
-        wrapper = ConvPlusQuadratic(model.get_submodule(name), cfg.impl)
-        _set(model, name, wrapper)
+        conv = model.get_submodule(name)
+        wrapper = ConvPlusQuadratic(conv, cfg.impl)
+        held_at = replace_module(model, conv, wrapper)   # every place that holds it: a shared conv stays shared
         added = sum(p.numel() for p in wrapper.quad.parameters())
-        report.changes.append(f"{name}: conv + channel-wise quadratic term ({wrapper.conv.in_channels} -> "
+        report.changes.append(f"{', '.join(held_at)}: conv + channel-wise quadratic term ({wrapper.conv.in_channels} -> "
                               f"{wrapper.conv.out_channels} channels, +{added:,})")
         report.params_added += added
     return Applied(model, [], report)
