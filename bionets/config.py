@@ -36,7 +36,7 @@ class TrainConfig(Section):
     loss: Literal["ce", "mse_onehot"] = "ce"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: Literal["off", "bf16", "fp16"] = "off"          # autocast dtype (the CPU takes bf16 only)
-    channels_last: bool | Literal["auto"] = "auto"       # auto: on for conv nets on CUDA and CPU
+    channels_last: bool | Literal["auto"] = "auto"       # auto: on for conv nets (see use_channels_last)
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)

@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import timm
 import torch
 
 from bionets.configbase import Section
@@ -446,3 +447,18 @@ def test_layout_free_weights_get_contiguous_strides_for_ddp(tmp_path):
     original = stds.stages[0].blocks[0].conv_dw.parametrizations.weight.original
     stds(x).sum().backward()
     assert original.grad.stride() == original.stride()
+
+
+def test_channels_last_stays_off_on_the_cpu_for_narrow_strided_1x1_convolutions(tmp_path):
+    """oneDNN's weight gradient of a 1x1 stride-2 convolution with a few input channels corrupts the
+    heap in channels_last (a 2-process run of a [4, 4, 8]-wide ResNet-20 aborted in backward): auto
+    keeps such models contiguous on the CPU, an explicit true is one line; CUDA is unaffected."""
+    import bionets.models  # noqa: F401
+    from bionets.engine.model import use_channels_last
+    narrow = timm.create_model("resnet20_cifar", widths=[4, 4, 8], in_chans=1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_channels_last("auto", narrow, cpu) and use_channels_last("auto", narrow, cuda)
+    assert use_channels_last("auto", timm.create_model("resnet20_cifar"), cpu)      # 16 channels and up
+    with pytest.raises(BionetsError, match=r"channels_last=true: .*\(layer2\.0\.shortcut\.0\).*use train\.channels_last=auto"):
+        use_channels_last(True, narrow, cpu)
+    assert not use_channels_last(False, narrow, cpu)

@@ -125,9 +125,26 @@ def _contiguous_if_layout_free(p: nn.Parameter) -> None:
 
 
 def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
+    """Whether to run ``model`` in channels_last: ``auto`` is on for convolutional models, except on
+    the CPU for a model with a narrow strided 1x1 convolution (:func:`cpu_channels_last_hazard`)."""
+    hazard = device.type == "cpu" and cpu_channels_last_hazard(model)
     if setting == "auto":
-        return has_conv(model)
+        return has_conv(model) and not hazard
+    if setting and hazard:
+        raise BionetsError(f"train.channels_last=true: on the CPU the weight gradient of a strided 1x1 convolution "
+                           f"with fewer than 16 input channels ({hazard}) corrupts memory in channels_last "
+                           "(oneDNN in torch 2.14): use train.channels_last=auto or false")
     return bool(setting)
+
+
+def cpu_channels_last_hazard(model: nn.Module) -> str:
+    """The first strided 1x1 convolution with fewer than 16 input channels per group, or ''.
+
+    On the CPU, oneDNN's weight gradient of such a convolution writes past its buffer when input or
+    weight is channels_last (torch 2.14.1, AVX2: found with 2 to 7 input channels, 1x1 stride 2 on an
+    8x8 map; 16 leaves room for AVX-512's wider vectors): glibc then aborts the process, or not."""
+    return next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+                 and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels // m.groups < 16), "")
 
 
 def bionets_models() -> list[str]:
