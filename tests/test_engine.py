@@ -462,3 +462,22 @@ def test_channels_last_stays_off_on_the_cpu_for_narrow_strided_1x1_convolutions(
     with pytest.raises(BionetsError, match=r"channels_last=true: .*\(layer2\.0\.shortcut\.0\).*use train\.channels_last=auto"):
         use_channels_last(True, narrow, cpu)
     assert not use_channels_last(False, narrow, cpu)
+
+
+def test_model_init_reports_which_training_state_it_kept(tmp_path):
+    """ARR's class memory comes from a checkpoint trained with ARR (the report said 'kept fresh' of
+    it) and starts fresh from one trained without (the report said so then too, rightly)."""
+    from bionets.engine.model import build_model
+    for name, mechanisms in (("both", "{raa: {}, arr: {}}"), ("raa", "{raa: {}}")):
+        train(fast_config(tmp_path, "train.epochs=1", f"mechanisms={mechanisms}", name=name), quiet=True)
+    run = ("mechanisms={raa: {}, arr: {}}",)
+    model, _, reports = build_model(fast_config(tmp_path, f"model.init={tmp_path / 'both' / 'last.pt'}", *run), 10, 1,
+                                    torch.device("cpu"))
+    saved = load_checkpoint(tmp_path / "both" / "last.pt")["model"]
+    assert torch.equal(model.arr_memory.mean, saved["arr_memory.mean"]) and model.arr_memory.seen.any()
+    assert "training state from the checkpoint: arr_memory.mean, arr_memory.seen" in str(reports[-1])
+    assert "kept fresh" not in str(reports[-1])
+    model, _, reports = build_model(fast_config(tmp_path, f"model.init={tmp_path / 'raa' / 'last.pt'}", *run), 10, 1,
+                                    torch.device("cpu"))
+    assert not model.arr_memory.seen.any() and "2 buffer(s) kept fresh (arr_memory.mean, ...)" in str(reports[-1])
+    assert "training state" not in str(reports[-1])

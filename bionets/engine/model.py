@@ -39,9 +39,12 @@ def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
     loaded = weights is not None and load_initial_weights(model, weights, cfg.model.init, final=False)
     model, hooks, reports = apply_mechanisms(model, cfg.mechanisms)
     if weights is not None:
-        reports.append(loaded or load_initial_weights(model, weights, cfg.model.init, final=True))
-        own = model.state_dict()    # the training-only state (ARR's memory) where this run has it too
-        model.load_state_dict({k: v for k, v in training.items() if k in own and own[k].shape == v.shape}, strict=False)
+        report = loaded or load_initial_weights(model, weights, cfg.model.init, final=True, training=training)
+        kept = fitting(model, training)     # the training-only state (ARR's memory) where this run has it too
+        model.load_state_dict(kept, strict=False)
+        if kept:
+            report.changes.append(f"training state from the checkpoint: {', '.join(sorted(kept))}")
+        reports.append(report)
     model.to(device)
     if use_channels_last(cfg.train.channels_last, model, device):
         model.to(memory_format=torch.channels_last)
@@ -71,21 +74,30 @@ def initial_weights(path: str) -> tuple[dict, dict]:
             {k: v for k, v in weights.items() if k in training})
 
 
-def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool) -> Report | None:
+def fitting(model: nn.Module, state: dict) -> dict:
+    """The entries of ``state`` that ``model`` has, in the same shape."""
+    own = model.state_dict()
+    return {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+
+
+def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool,
+                         training: dict | None = None) -> Report | None:
     """Load ``weights`` into ``model`` where they fit it: the same tensors, except a classifier of
     another size (fine-tuning for other classes) and buffers the weights lack (ARR's class memory),
     which keep their fresh initialization. Called
     before the mechanisms are applied (plain weights: the mechanisms then start from them, STDS
     from the trained weights, RAA and the quadratic term from their identity) and, if they did not
     fit there, after (a checkpoint trained with the same mechanisms); ``final``: the last try,
-    which raises one error line instead of returning None."""
+    which raises one error line instead of returning None. ``training``: the checkpoint's
+    training-only state, which the caller loads where it fits: no buffer it gives counts as fresh."""
     own = model.state_dict()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is head for k in m.state_dict()}
     resized = [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
     params = {k for k, _ in model.named_parameters()}
     missing, extra = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
-    fresh = [k for k in missing if k not in params]
+    given = fitting(model, training or {})
+    fresh = [k for k in missing if k not in params and k not in given]
     missing = [k for k in missing if k in params]
     if missing or extra or set(resized) - head_keys:
         if not final:
