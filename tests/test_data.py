@@ -265,6 +265,10 @@ def test_root_not_set_missing_or_empty(tmp_path):
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "nope")), "is missing", "nope")
     (tmp_path / "empty").mkdir()
     one_line_error(DataConfig(name="mnist", root=str(tmp_path / "empty")), "is empty", "data.download=true")
+    # nothing downloads an image folder: its error does not suggest it
+    said = one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "nope"), download=True), "is missing",
+                          "put the image folders there")
+    assert "download" not in said
 
 
 def test_unknown_dataset_names_the_nearest():

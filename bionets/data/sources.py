@@ -52,15 +52,16 @@ class CIFAR100Files(datasets.CIFAR100):
     _load_meta = _load_meta_unchecked
 
 
-def require_root(root: str | None, name: str, download: bool) -> Path:
-    """``root`` as a Path; a one-line error when it is unset, or missing/empty without ``download``."""
+def require_root(root: str | None, name: str, download: bool | None) -> Path:
+    """``root`` as a Path; a one-line error when it is unset, or missing/empty without ``download``
+    (None: a dataset that nothing downloads, such as an image folder)."""
     if root is None:
         raise BionetsError(f"data.root is not set for dataset '{name}': pass --data-root DIR or data.root=DIR")
     path = Path(root).expanduser()
     if not download and (not path.is_dir() or not any(path.iterdir())):
         state = "empty" if path.is_dir() else "missing"
-        raise BionetsError(f"data root '{path}' is {state}: put {name} there (see docs/data.md), or set "
-                           f"data.download=true on a machine with internet")
+        fix = ", or set data.download=true on a machine with internet" if download is not None else ""
+        raise BionetsError(f"data root '{path}' is {state}: put {name} there (see docs/data.md){fix}")
     if download:
         path.mkdir(parents=True, exist_ok=True)
     return path
