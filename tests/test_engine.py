@@ -481,3 +481,14 @@ def test_model_init_reports_which_training_state_it_kept(tmp_path):
                                     torch.device("cpu"))
     assert not model.arr_memory.seen.any() and "2 buffer(s) kept fresh (arr_memory.mean, ...)" in str(reports[-1])
     assert "training state" not in str(reports[-1])
+
+
+def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path, capsys):
+    """The bar is closed (cleared) before the error reaches the CLI, whose one-line message then
+    starts a line of its own instead of following the bar's text."""
+    from tqdm import tqdm
+    Interrupt.armed = True
+    with pytest.raises(KeyboardInterrupt) as caught:     # (its traceback holds the epoch's frame, as the CLI's does)
+        train(fast_config(tmp_path, "train.progress=true", "mechanisms={test_interrupt: {at_step: 3}}"))
+    assert caught.tb is not None and not tqdm._instances
+    assert "epoch 1/" in capsys.readouterr().err          # the bar was shown

@@ -239,36 +239,38 @@ class Trainer:
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, top1, n
         n_micro = self.steps_per_epoch * accum
-        bar = tqdm(total=n_micro, desc=f"epoch {self.state.epoch + 1}/{t.epochs}", leave=False,
-                   disable=self.quiet or not t.progress, dynamic_ncols=True)
-        start = time.perf_counter()
-        for i, (images, targets) in enumerate(loader):
-            if i >= n_micro:
-                break
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if self.channels_last and images.ndim == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
-            soft, labels = None, targets
-            if self.data.mixup is not None:
-                images, soft = self.data.mixup(images, targets)
-                labels = soft.argmax(1)          # the class with the larger share of each mixed image, for the hooks
-            boundary = (i + 1) % accum == 0
-            sync = nullcontext() if boundary or not self.dist.enabled else model.no_sync()
-            with sync:
-                with self.autocast():
-                    logits = model(images) if self.state.step or i else self._first_forward(model, images)
-                    loss = task_loss(t.loss, logits.float(), soft if soft is not None else targets, t.label_smoothing)
-                    for hook in self.hooks:
-                        extra = hook.aux_loss(self.model, images, logits, labels)
-                        if extra is not None:
-                            loss = loss + extra
-                self.scaler.scale(loss / accum).backward()
-            if boundary:
-                self._optimizer_step()
-            sums[:2] += torch.stack([loss.detach() * len(targets), topk_correct(logits.detach(), targets, (1,))[0]]).double()
-            sums[2] += len(targets)
-            bar.update()
-        bar.close()
+        # an error closes (clears) the bar: its message gets a line of its own
+        with tqdm(total=n_micro, desc=f"epoch {self.state.epoch + 1}/{t.epochs}", leave=False,
+                  disable=self.quiet or not t.progress, dynamic_ncols=True) as bar:
+            start = time.perf_counter()
+            for i, (images, targets) in enumerate(loader):
+                if i >= n_micro:
+                    break
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if self.channels_last and images.ndim == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                soft, labels = None, targets
+                if self.data.mixup is not None:
+                    images, soft = self.data.mixup(images, targets)
+                    labels = soft.argmax(1)      # the class with the larger share of each mixed image, for the hooks
+                boundary = (i + 1) % accum == 0
+                sync = nullcontext() if boundary or not self.dist.enabled else model.no_sync()
+                with sync:
+                    with self.autocast():
+                        logits = model(images) if self.state.step or i else self._first_forward(model, images)
+                        loss = task_loss(t.loss, logits.float(), soft if soft is not None else targets,
+                                         t.label_smoothing)
+                        for hook in self.hooks:
+                            extra = hook.aux_loss(self.model, images, logits, labels)
+                            if extra is not None:
+                                loss = loss + extra
+                    self.scaler.scale(loss / accum).backward()
+                if boundary:
+                    self._optimizer_step()
+                correct = topk_correct(logits.detach(), targets, (1,))[0]
+                sums[:2] += torch.stack([loss.detach() * len(targets), correct]).double()
+                sums[2] += len(targets)
+                bar.update()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
