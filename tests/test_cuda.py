@@ -117,6 +117,33 @@ def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
     assert memory.seen.any()
 
 
+@pytest.mark.parametrize("classes, dim", [(10, 64), (1000, 40), (3000, 8)])
+@pytest.mark.parametrize("form", ["paper", "code"])
+def test_arr_triton_kernel_matches_the_cpu_operators(form, classes, dim):
+    """ARR's update on CUDA (the Triton kernel; 3000 classes: too many for its tile, the PyTorch
+    operators) against the CPU's PyTorch operators over three batches: losses, gradients, class
+    means and the seen flags, with classes that appear for the first time in later batches."""
+    from bionets.layers import arr
+    torch.manual_seed(0)
+    memories = {dev: arr.ArrMemory(3, classes, dim).to(dev) for dev in ("cpu", "cuda")}
+    for step in range(3):
+        y = torch.randint(0, min(classes, 5 + 3 * step), (48,))
+        responses = [torch.randn(48, dim, requires_grad=True) for _ in range(2)]
+        results = {}
+        for dev, memory in memories.items():
+            r = [t.detach().to(dev).requires_grad_() for t in responses]
+            loss = arr.arr_loss(memory, r, y.to(dev), weight=2.0, momentum=0.1, form=form)
+            loss.backward()
+            results[dev] = (loss.detach().cpu(), [t.grad.cpu() for t in r])
+        torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(results["cuda"][1], results["cpu"][1]):    # sign(r - mean): a class's first response
+            assert (got - want).abs().gt(1e-7).float().mean() < 0.05  # under 'code' is its mean, up to rounding
+        torch.testing.assert_close(memories["cuda"].mean.cpu(), memories["cpu"].mean, rtol=1e-5, atol=1e-5)
+        assert torch.equal(memories["cuda"].seen.cpu(), memories["cpu"].seen)
+    if classes < 3000:
+        assert arr._SCAN_FAILED.get("cuda:0") is False      # the kernel ran
+
+
 @pytest.mark.parametrize("rows, c, c_out", [(500, 24, 30), (40000, 24, 30), (3000, 96, 96)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, rows, c, c_out):

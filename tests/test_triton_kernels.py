@@ -17,6 +17,7 @@ def test_triton_kernels_match_autograd_of_the_float64_formulas():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "checked 16 ARR cases" in done.stdout
     assert "checked 16 RAA cases" in done.stdout and "checked 6 quadratic cases" in done.stdout
     assert "checked the compiled quadratic operator" in done.stdout
 

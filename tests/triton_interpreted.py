@@ -1,9 +1,10 @@
 """Run by test_triton_kernels.py with TRITON_INTERPRET=1: the Triton kernels on CPU tensors against
 autograd of the direct float64 formulas (RAA in every layout its kernels read without a copy; the
-quadratic layer's 'fused' strategy, forward and both gradients)."""
+quadratic layer's 'fused' strategy, forward and both gradients) and against the reference code's
+loop (ARR's class means)."""
 import torch
 
-from bionets.layers import raa_triton
+from bionets.layers import arr_triton, raa_triton
 from bionets.layers.quadratic import channel_quadratic
 
 
@@ -106,7 +107,46 @@ def check_quadratic_compiled():
     print("checked the compiled quadratic operator")
 
 
+def loop_class_means(mean, seen, r, y, a, after):
+    """ARR's update as the reference code loops it, in float64: the first response of a class without
+    a mean starts it; each sample's class mean right after (or before) its own update."""
+    m, known, out = mean.double().clone(), seen.bool().clone(), torch.empty(r.shape, dtype=torch.float64)
+    for j in range(r.shape[0]):
+        for i, k in enumerate(y.tolist()):
+            before = m[j, k].clone() if known[j, k] else r[j, i].double()
+            m[j, k] = (1 - a) * before + a * r[j, i].double()
+            known[j, k] = True
+            out[j, i] = m[j, k] if after else before
+    return out, m, known
+
+
+def check_arr():
+    torch.manual_seed(0)
+    cases = 0
+    # (layers in memory, layers hooked, classes, features, batch): one tile; several feature blocks
+    # (1000 classes: 16 features a program); a partly filled memory
+    for layers, hooked, classes, dim, n in ((1, 1, 10, 64, 40), (3, 2, 5, 7, 17), (1, 1, 1000, 40, 20), (2, 2, 100, 150, 24)):
+        for after in (False, True):
+            for update in (True, False):
+                mean = torch.randn(layers, classes, dim)
+                seen = (torch.rand(layers, classes) < 0.5).to(torch.uint8)
+                r = torch.randn(hooked, n, dim)
+                y = torch.randint(0, min(classes, 12), (n,))
+                want, want_mean, want_seen = loop_class_means(mean[:hooked], seen[:hooked], r, y, 0.1, after)
+                mean0, seen0 = mean.clone(), seen.clone()
+                got = arr_triton.class_means(mean, seen, r, y, 0.1, after=after, update=update)
+                assert rel_err(got, want) < 1e-5, (classes, dim, after)
+                if update:
+                    assert rel_err(mean[:hooked], want_mean) < 1e-5 and torch.equal(seen[:hooked].bool(), want_seen)
+                    assert torch.equal(mean[hooked:], mean0[hooked:]) and torch.equal(seen[hooked:], seen0[hooked:])
+                else:
+                    assert torch.equal(mean, mean0) and torch.equal(seen, seen0)
+                cases += 1
+    print(f"checked {cases} ARR cases")
+
+
 if __name__ == "__main__":
+    check_arr()
     check_raa()
     check_quadratic()
     check_quadratic_compiled()

@@ -16,7 +16,8 @@ sequential update over a class's samples r_1..r_n is ``m_i = (1-a)^i m_0 + sum_{
 r_l``, computed as a matrix product. The memory lives in buffers (saved in checkpoints); under DDP
 the responses of every process are gathered in the order of the global batch (process r holds its
 positions r, r + W, r + 2W, ..., as the samplers deal them), so every process applies the update one
-process would apply to the whole batch.
+process would apply to the whole batch. On CUDA one Triton kernel computes the same update
+(:mod:`bionets.layers.arr_triton`): on a GPU the operators' launches were ARR's cost.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from bionets.errors import BionetsError
+from bionets.layers.kernel_fallback import run_or_warn
+from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
 
@@ -120,6 +123,28 @@ def per_sample(r: torch.Tensor, n: int) -> torch.Tensor:
     return r.view(r.shape[0] // n, n, *r.shape[1:]).mean(0)
 
 
+def _scan_on_gpu(memory: ArrMemory, r: torch.Tensor, y: torch.Tensor, momentum: float, form: str,
+                 update: bool) -> torch.Tensor | None:
+    """The class means of every sample by the Triton kernel (:mod:`bionets.layers.arr_triton`, one
+    launch where the PyTorch path takes some 70: on a GPU the step is bound by launches), updating
+    ``memory``; None where it does not run: off CUDA, while compiling (Inductor fuses the PyTorch
+    path), for a memory too large for its tile, or where Triton cannot build it (one warning)."""
+    mean, seen = memory.mean, memory.seen
+    if not r.is_cuda or torch.compiler.is_compiling() or mean.dtype != torch.float32 or not mean.is_contiguous():
+        return None
+    kernels = triton_kernels("arr_triton")
+    if kernels is None or not kernels.fits(mean.shape[1], mean.shape[2]) or _SCAN_FAILED.get(str(r.device)):
+        return None
+    out, reason = run_or_warn(lambda: kernels.class_means(mean, seen, r, y, momentum, after=form == "code",
+                                                          update=update),
+                              "ARR's Triton kernel cannot run", "ARR uses its PyTorch operators")
+    _SCAN_FAILED[str(r.device)] = reason is not None
+    return out
+
+
+_SCAN_FAILED: dict[str, bool] = {}
+
+
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,
              momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, all layers at once);
@@ -139,17 +164,21 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         n = len(all_y)
     if n == 0:                                  # an empty batch on every rank: no class to pull towards
         return r.sum() * 0.0
+    rank, size = world()
     with torch.no_grad():
-        first = torch.full((memory.mean.shape[1],), n, dtype=torch.long, device=all_y.device)
-        first.scatter_reduce_(0, all_y, torch.arange(n, device=all_y.device), "amin")   # each class's first sample
-        new = (memory.seen[:len(r)] == 0) & (first < n)                  # classes this batch shows for the first time
-        m0 = torch.where(new[..., None], all_r.index_select(1, first.clamp_max(n - 1)), memory.mean[:len(r)])
-        rank, size = world()
-        target_means, final = sequential_means(m0, all_r, all_y, momentum, each="before" if form == "paper" else "after",
-                                               rows=slice(rank, None, size))    # this process's samples
-        if update:
-            memory.mean[:len(r)] = final
-            memory.seen[:len(r)] |= new.to(torch.uint8)
+        target_means = _scan_on_gpu(memory, all_r, all_y, momentum, form, update)
+        if target_means is not None:
+            target_means = target_means[:, rank::size]                   # this process's samples
+        else:
+            first = torch.full((memory.mean.shape[1],), n, dtype=torch.long, device=all_y.device)
+            first.scatter_reduce_(0, all_y, torch.arange(n, device=all_y.device), "amin")   # each class's first sample
+            new = (memory.seen[:len(r)] == 0) & (first < n)              # classes this batch shows for the first time
+            m0 = torch.where(new[..., None], all_r.index_select(1, first.clamp_max(n - 1)), memory.mean[:len(r)])
+            target_means, final = sequential_means(m0, all_r, all_y, momentum, rows=slice(rank, None, size),
+                                                   each="before" if form == "paper" else "after")
+            if update:
+                memory.mean[:len(r)] = final
+                memory.seen[:len(r)] |= new.to(torch.uint8)
     if r.shape[1] == 0:                         # this rank's batch is empty (the others updated the means)
         return r.sum() * 0.0
     return weight * (r - target_means).abs().mean()
