@@ -10,8 +10,8 @@
 # eager and under CUDA graphs, with the default ('fused' Triton kernels) and the 'blocks' strategy
 # of the quadratic layer, the suite, STDS) or 3 (the whole test suite, needs pytest-xdist) runs a
 # part, for machines lent for at most 10 minutes a command. PART new (~5 minutes) runs what the last
-# GPU did not measure: the whole CUDA test file, the engine's 200-step epochs, and Dit eager with the
-# table-free 'fused' kernels.
+# GPU did not measure: the whole CUDA test file, the host-time probe of RAA and the quadratic layer
+# (benchmarks/host_time.py), and DNRT eager with ARR's Triton kernel.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
 # graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
@@ -34,13 +34,14 @@ step() {
     step 1,new 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
-    step 1,new 60 python3 benchmarks/bench_engine.py --device cuda
-    step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
+    step 1 60 python3 benchmarks/bench_engine.py --device cuda
+    step new 60 python3 benchmarks/host_time.py --device cuda
+    step 1,new 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit
     step 1 190 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases resnet-gelu,resnet-relu
-    step 2,new 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
+    step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --out "$out/dit.md"
     step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --compile-mode reduce-overhead --out "$out/dit_compiled.md"
     step 2 100 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 3 --repeats 20 --alternate 50 --cuda-strategy blocks --out "$out/dit_blocks.md"
     step 2 200 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --rounds 1 --repeats 20 --alternate 40 --cuda-strategy blocks --compile-mode reduce-overhead --out "$out/dit_blocks_compiled.md"

@@ -1,0 +1,73 @@
+"""Host time per call of RAA and the quadratic layer (forward and backward) against their plain twins.
+
+On a GPU the eager steps of CIFAR-sized models are bound by the host (issues 3 and 6 miss their
+eager targets there), so this probe times single modules the way those steps call them: bf16
+autocast on CUDA, channels_last, batch 128, 200 calls of ``module(x).float().sum().backward()``;
+"host" is the wall time before the final sync. It then profiles 5 calls of RAA and of the quadratic
+layer (self CPU time per operator, the autograd functions' own Python included)::
+
+    python benchmarks/host_time.py [--device cuda|cpu]
+"""
+import argparse
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from bionets.engine.distributed import parse_device
+from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.raa import RAA
+
+
+def per_call_ms(module: nn.Module, x: torch.Tensor, calls: int = 200):
+    """(host ms, total ms) per forward+backward, and the call itself."""
+    cuda = x.is_cuda
+
+    def call():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
+            y = module(x)
+        y.float().sum().backward()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(10):
+        call()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = (time.perf_counter() - start) / calls * 1e3
+    sync()
+    return host, (time.perf_counter() - start) / calls * 1e3, call
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    dev = parse_device(p.parse_args().device, "--device")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for c, side in ((16, 32), (64, 8)):
+        x = torch.randn(128, c, side, side, device=dev).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        modules = {"ReLU": nn.ReLU(), "GELU": nn.GELU(), "RAA relu": RAA(c, base="relu"), "RAA gelu": RAA(c, base="gelu"),
+                   "conv3x3": nn.Conv2d(c, c, 3, padding=1, bias=False), "QuadraticChannel": QuadraticChannel(c)}
+        calls = {}
+        for name, module in modules.items():
+            module = module.to(dev).to(memory_format=torch.channels_last)
+            host, total, calls[name] = per_call_ms(module, x)
+            print(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call")
+        for name in ("RAA relu", "QuadraticChannel"):
+            with profile(activities=acts) as prof:
+                for _ in range(5):
+                    calls[name]()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            print(f"\n{name}, {c} channels, {side}x{side}: 5 calls")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45))
+
+
+if __name__ == "__main__":
+    main()
