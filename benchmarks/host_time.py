@@ -6,7 +6,7 @@ autocast on CUDA, channels_last, batch 128, 200 calls of ``module(x).float().sum
 "host" is the wall time before the final sync. It then profiles 5 calls of RAA and of the quadratic
 layer (self CPU time per operator, the autograd functions' own Python included)::
 
-    python benchmarks/host_time.py [--device cuda|cpu]
+    python benchmarks/host_time.py [--device cuda|cpu] [--batch 128] [--calls 200]
 """
 import argparse
 import time
@@ -20,7 +20,7 @@ from bionets.layers.quadratic import QuadraticChannel
 from bionets.layers.raa import RAA
 
 
-def per_call_ms(module: nn.Module, x: torch.Tensor, calls: int = 200):
+def per_call_ms(module: nn.Module, x: torch.Tensor, calls: int):
     """(host ms, total ms) per forward+backward, and the call itself."""
     cuda = x.is_cuda
 
@@ -33,7 +33,7 @@ def per_call_ms(module: nn.Module, x: torch.Tensor, calls: int = 200):
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(10):
+    for _ in range(min(10, calls)):
         call()
     sync()
     start = time.perf_counter()
@@ -44,29 +44,36 @@ def per_call_ms(module: nn.Module, x: torch.Tensor, calls: int = 200):
     return host, (time.perf_counter() - start) / calls * 1e3, call
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    dev = parse_device(p.parse_args().device, "--device")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--calls", type=int, default=200)
+    args = p.parse_args(argv)
+    dev = parse_device(args.device, "--device")
+    lines = []
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     for c, side in ((16, 32), (64, 8)):
-        x = torch.randn(128, c, side, side, device=dev).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(args.batch, c, side, side, device=dev).contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
         modules = {"ReLU": nn.ReLU(), "GELU": nn.GELU(), "RAA relu": RAA(c, base="relu"), "RAA gelu": RAA(c, base="gelu"),
                    "conv3x3": nn.Conv2d(c, c, 3, padding=1, bias=False), "QuadraticChannel": QuadraticChannel(c)}
         calls = {}
         for name, module in modules.items():
             module = module.to(dev).to(memory_format=torch.channels_last)
-            host, total, calls[name] = per_call_ms(module, x)
-            print(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call")
+            host, total, calls[name] = per_call_ms(module, x, args.calls)
+            lines.append(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call")
+            print(lines[-1], flush=True)
         for name in ("RAA relu", "QuadraticChannel"):
             with profile(activities=acts) as prof:
                 for _ in range(5):
                     calls[name]()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-            print(f"\n{name}, {c} channels, {side}x{side}: 5 calls")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45))
+            lines += ["", f"{name}, {c} channels, {side}x{side}: 5 calls",
+                      prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45)]
+            print("\n".join(lines[-3:]), flush=True)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

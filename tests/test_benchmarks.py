@@ -62,3 +62,10 @@ def test_bench_stds_smoke():
                                     "--model-batch", "1", "--repeats", "1", "--rounds", "1", "--no-isolate"])
     assert "stmod step ratio" in text and "| 95.0% |" in text
     assert "snn_cifar10 exported at 95.0% sparsity" in text and "same outputs: True" in text
+
+
+def test_host_time_probe_smoke():
+    text = load("host_time").main(["--device", "cpu", "--batch", "2", "--calls", "1"])
+    for needle in ("16 channels, 32x32, RAA relu:", "64 channels, 8x8, QuadraticChannel:", "ms host"):
+        assert needle in text
+    assert "QuadraticChannel, 16 channels, 32x32: 5 calls" in text and "Self CPU" in text
