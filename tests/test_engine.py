@@ -492,3 +492,19 @@ def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path, capsys):
         train(fast_config(tmp_path, "train.progress=true", "mechanisms={test_interrupt: {at_step: 3}}"))
     assert caught.tb is not None and not tqdm._instances
     assert "epoch 1/" in capsys.readouterr().err          # the bar was shown
+
+
+def test_model_init_from_a_checkpoint_that_lists_no_training_state(tmp_path):
+    """Checkpoints written before 2026-11-26 list no training-only state: their ARR memory is still
+    left out of a run without ARR (it was 'unexpected' there, one error line) and kept by one with it."""
+    from bionets.engine.model import build_model
+    train(fast_config(tmp_path, "train.epochs=1", "mechanisms={arr: {}}", name="old"), quiet=True)
+    state = load_checkpoint(tmp_path / "old" / "last.pt")
+    del state["training_only"]
+    save_checkpoint(tmp_path / "old.pt", state)
+    init = f"model.init={tmp_path / 'old.pt'}"
+    plain, _, _ = build_model(fast_config(tmp_path, init), 10, 1, torch.device("cpu"))
+    assert not hasattr(plain, "arr_memory")
+    with_arr, _, reports = build_model(fast_config(tmp_path, init, "mechanisms={arr: {}}"), 10, 1, torch.device("cpu"))
+    assert torch.equal(with_arr.arr_memory.mean, state["model"]["arr_memory.mean"])
+    assert "training state from the checkpoint" in str(reports[-1])

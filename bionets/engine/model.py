@@ -66,10 +66,9 @@ def initial_weights(path: str) -> tuple[dict, dict]:
     from bionets.engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(path, exported=True)
-    if "model" not in state:
-        return state["plain_model"], {}
-    training = set(state.get("training_only", ()))
-    weights = state["model"]
+    weights = state["model"] if "model" in state else state["plain_model"]
+    # checkpoints written before 2026-11-26 list no training-only state: ARR's memory was all of it
+    training = set(state.get("training_only", [k for k in weights if k.startswith("arr_memory.")]))
     return ({k: v for k, v in weights.items() if k not in training},
             {k: v for k, v in weights.items() if k in training})
 
