@@ -269,6 +269,7 @@ def test_root_not_set_missing_or_empty(tmp_path):
     said = one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "nope"), download=True), "is missing",
                           "put the image folders there")
     assert "download" not in said
+    one_line_error(DataConfig(name="imagefolder"), "data.root is not set for dataset 'imagefolder'")
 
 
 def test_unknown_dataset_names_the_nearest():

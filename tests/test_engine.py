@@ -462,6 +462,8 @@ def test_channels_last_stays_off_on_the_cpu_for_narrow_strided_1x1_convolutions(
     with pytest.raises(BionetsError, match=r"channels_last=true: .*\(layer2\.0\.shortcut\.0\).*use train\.channels_last=auto"):
         use_channels_last(True, narrow, cpu)
     assert not use_channels_last(False, narrow, cpu)
+    # evaluation and export of a checkpoint that asked for true (trained on a GPU): forward only, left off
+    assert not use_channels_last(True, narrow, cpu, training=False)
 
 
 def test_model_init_reports_which_training_state_it_kept(tmp_path):

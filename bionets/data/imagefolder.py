@@ -120,7 +120,7 @@ def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, Ima
 
 
 def build_imagefolder(cfg: DataConfig, at: Placement) -> DataBundle:
-    train_set, val_set = image_folders(cfg, require_root(cfg.root, "the image folders", None))
+    train_set, val_set = image_folders(cfg, require_root(cfg.root, "imagefolder", None))
     keep = training_subset(torch.tensor(train_set.targets), cfg.train_fraction, cfg.imbalance_ratio, at.seed)
     if keep is not None:
         train_set.samples = train_set.imgs = [train_set.samples[i] for i in keep.tolist()]
@@ -139,7 +139,7 @@ def load_gray_folders(root: str | None) -> tuple:
     """(train images uint8 N1HW, train targets, val images, val targets, class names) of the images
     under ``root/train/<class>/`` and ``root/val/<class>/`` as grayscale, all of one square size (say
     Arabic MNIST exported as images), for the theory experiments' linear models."""
-    path = require_root(root, "the image folders", None)
+    path = require_root(root, "imagefolder", None)
     splits = split_folders(path)
     images = [[np.asarray(image.convert("L")) for image, _ in ds] for ds in splits]
     sizes = {im.shape for split in images for im in split}

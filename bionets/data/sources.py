@@ -54,14 +54,15 @@ class CIFAR100Files(datasets.CIFAR100):
 
 def require_root(root: str | None, name: str, download: bool | None) -> Path:
     """``root`` as a Path; a one-line error when it is unset, or missing/empty without ``download``
-    (None: a dataset that nothing downloads, such as an image folder)."""
+    (None: the image folders, which nothing downloads)."""
     if root is None:
         raise BionetsError(f"data.root is not set for dataset '{name}': pass --data-root DIR or data.root=DIR")
     path = Path(root).expanduser()
     if not download and (not path.is_dir() or not any(path.iterdir())):
         state = "empty" if path.is_dir() else "missing"
-        fix = ", or set data.download=true on a machine with internet" if download is not None else ""
-        raise BionetsError(f"data root '{path}' is {state}: put {name} there (see docs/data.md){fix}")
+        what, fix = (name, ", or set data.download=true on a machine with internet") if download is not None \
+            else ("the image folders", "")
+        raise BionetsError(f"data root '{path}' is {state}: put {what} there (see docs/data.md){fix}")
     if download:
         path.mkdir(parents=True, exist_ok=True)
     return path

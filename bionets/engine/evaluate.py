@@ -47,7 +47,7 @@ def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: 
     device = next(model.parameters()).device
     result = {"model": cfg.model.name, "dataset": cfg.data.name}
     result.update(evaluate(model, data.test, device, loss=cfg.train.loss, amp=cfg.train.amp,
-                           channels_last=use_channels_last(cfg.train.channels_last, model, device)))
+                           channels_last=use_channels_last(cfg.train.channels_last, model, device, training=False)))
     for hook in hooks:
         result.update(hook.epoch_metrics(model))
     return result

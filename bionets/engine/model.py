@@ -46,7 +46,7 @@ def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
             report.changes.append(f"training state from the checkpoint: {', '.join(sorted(kept))}")
         reports.append(report)
     model.to(device)
-    if use_channels_last(cfg.train.channels_last, model, device):
+    if use_channels_last(cfg.train.channels_last, model, device, training=False):   # the trainer checks it
         model.to(memory_format=torch.channels_last)
     for hook in hooks:
         hook.attach(model)
@@ -82,8 +82,8 @@ def fitting(model: nn.Module, state: dict) -> dict:
 def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool,
                          training: dict | None = None) -> Report | None:
     """Load ``weights`` into ``model`` where they fit it: the same tensors, except a classifier of
-    another size (fine-tuning for other classes) and buffers the weights lack (ARR's class memory),
-    which keep their fresh initialization. Called
+    another size (fine-tuning for other classes) and buffers the weights lack (ARR's class memory:
+    fresh, unless the caller loads it from ``training``). Called
     before the mechanisms are applied (plain weights: the mechanisms then start from them, STDS
     from the trained weights, RAA and the quadratic term from their identity) and, if they did not
     fit there, after (a checkpoint trained with the same mechanisms); ``final``: the last try,
@@ -135,11 +135,13 @@ def _contiguous_if_layout_free(p: nn.Parameter) -> None:
             p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
-def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
+def use_channels_last(setting, model: nn.Module, device: torch.device, training: bool = True) -> bool:
     """Whether to run ``model`` in channels_last: ``auto`` is on for convolutional models, except on
-    the CPU for a model with a narrow strided 1x1 convolution (:func:`cpu_channels_last_hazard`)."""
+    the CPU for a model with a narrow strided 1x1 convolution (:func:`cpu_channels_last_hazard`),
+    where an explicit ``true`` is refused for ``training`` and left off otherwise (evaluation and
+    export of a checkpoint trained on a GPU: the forward pass is unaffected)."""
     hazard = device.type == "cpu" and cpu_channels_last_hazard(model)
-    if setting == "auto":
+    if setting == "auto" or (setting and hazard and not training):
         return has_conv(model) and not hazard
     if setting and hazard:
         raise BionetsError(f"train.channels_last=true: on the CPU the weight gradient of a strided 1x1 convolution "

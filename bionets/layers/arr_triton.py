@@ -12,13 +12,16 @@ instead, in batch order, with each class's mean held in registers::
 
 One program takes one hooked layer j and ``BLOCK_D`` features of every class: a [K, BLOCK_D] tile of
 means that each sample reads and writes through a one-hot row mask, so no step waits on memory
-written by the step before. The tile's size bounds K * D (:func:`fits`); larger memories (ImageNet's
-1000 classes at wide features) take the PyTorch path. Math in float32.
+written by the step before. The tile holds at least 16 features of every class, so up to 1024
+classes at any width (:func:`fits`; 1000 classes not yet timed); more classes take the PyTorch
+path. Math in float32.
 
 Set ``TRITON_INTERPRET=1`` before importing this module to run the kernel on CPU tensors (the tests
 do this in a subprocess).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -72,9 +75,11 @@ def class_means(mean: torch.Tensor, seen: torch.Tensor, r: torch.Tensor, y: torc
     seen_out = torch.empty((layers, classes), dtype=seen.dtype, device=seen.device) if update else out
     block_k = triton.next_power_of_2(classes)
     block_d = max(16, min(triton.next_power_of_2(dim), MAX_TILE // block_k))
-    _arr_scan_kernel[(layers, triton.cdiv(dim, block_d))](
-        r, y, mean, seen, out, seen_out, n, classes, dim, momentum,
-        AFTER=after, UPDATE=update, BLOCK_K=block_k, BLOCK_D=block_d)
+    with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():   # Triton launches on the
+        # current device, not the tensors'
+        _arr_scan_kernel[(layers, triton.cdiv(dim, block_d))](
+            r, y, mean, seen, out, seen_out, n, classes, dim, momentum,
+            AFTER=after, UPDATE=update, BLOCK_K=block_k, BLOCK_D=block_d)
     if update:
         seen[:layers] = seen_out
     return out
