@@ -141,13 +141,13 @@ def use_channels_last(setting, model: nn.Module, device: torch.device, training:
     where an explicit ``true`` is refused for ``training`` and left off otherwise (evaluation and
     export of a checkpoint trained on a GPU: the forward pass is unaffected)."""
     hazard = device.type == "cpu" and cpu_channels_last_hazard(model)
-    if setting == "auto" or (setting and hazard and not training):
+    if setting == "auto":
         return has_conv(model) and not hazard
-    if setting and hazard:
+    if setting and hazard and training:
         raise BionetsError(f"train.channels_last=true: on the CPU the weight gradient of a strided 1x1 convolution "
                            f"with fewer than 16 input channels ({hazard}) corrupts memory in channels_last "
                            "(oneDNN in torch 2.14): use train.channels_last=auto or false")
-    return bool(setting)
+    return bool(setting) and not hazard
 
 
 def cpu_channels_last_hazard(model: nn.Module) -> str:
