@@ -4,7 +4,8 @@ On a GPU the eager steps of CIFAR-sized models are bound by the host (issues 3 a
 eager targets there), so this probe times single modules the way those steps call them: bf16
 autocast on CUDA, channels_last, batch 128, 200 calls of ``module(x).float().sum().backward()``;
 "host" is the wall time before the final sync. It then profiles 5 calls of RAA and of the quadratic
-layer (self CPU time per operator, the autograd functions' own Python included)::
+layer (self CPU time per operator, the autograd functions' own Python included), and splits one RAA
+call into its parts (:func:`raa_parts`)::
 
     python benchmarks/host_time.py [--device cuda|cpu] [--batch 128] [--calls 200]
 """
@@ -17,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bionets.engine.distributed import parse_device
 from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers import raa as raa_module
 from bionets.layers.raa import RAA
 
 
@@ -42,6 +44,67 @@ def per_call_ms(module: nn.Module, x: torch.Tensor, calls: int):
     host = (time.perf_counter() - start) / calls * 1e3
     sync()
     return host, (time.perf_counter() - start) / calls * 1e3, call
+
+
+class _PythonRelu(torch.autograd.Function):
+    """ReLU as a Python autograd function: what such a function costs by itself, on this device's
+    autograd thread (CUDA's backward runs on a worker thread that takes the GIL for it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.aten.threshold_backward(grad, ctx.saved_tensors[0], 0)
+
+
+def host_us(fn, calls: int, cuda: bool) -> float:
+    """Host microseconds per call of ``fn`` (after 10 warm-up calls; the wall time before the sync)."""
+    for _ in range(10):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    if cuda:
+        torch.cuda.synchronize()
+    return host
+
+
+def raa_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
+    """Host time of RAA's (ReLU form) parts on a 16-channel 32x32 channels_last map, float32: where a
+    call's time goes beyond its kernels. The Triton rows need CUDA and Triton."""
+    cuda = dev.type == "cuda"
+    x = torch.randn(batch, 16, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    raa = RAA(16, base="relu").to(dev)
+    v, c = raa.v.detach(), raa.c.detach()
+    parts = {"torch.relu forward": lambda: torch.relu(x),
+             "ReLU forward + backward": lambda: torch.relu(xg).backward(g),
+             "ReLU as a Python autograd function, forward + backward": lambda: _PythonRelu.apply(xg).backward(g),
+             "RAA forward (graph kept)": lambda: raa(xg),
+             "RAA forward + backward": lambda: raa(xg).backward(g)}
+    kernels = raa_module.raa_triton() if cuda else None
+    if kernels is not None:
+        layout = kernels.ncp_layout(x, 1)
+        y, s = kernels.forward(x, v, c, layout, relu=True)
+        parts["raa_triton.forward (2 allocations, 1 launch)"] = lambda: kernels.forward(x, v, c, layout, relu=True)
+        parts["raa_triton.backward (2 allocations, 1 launch, 1 sum)"] = (
+            lambda: kernels.backward(x, g, s, v, layout, relu=True))
+        parts["raa_triton.forward's launch alone"] = lambda: kernels._raa_forward_kernel[(1,)](
+            x, v, c, y, s, 1, 16, 1, 16, 1, 0, HAS_V=True, RELU=True, BLOCK_M=1, BLOCK_C=16)
+    lines = [f"RAA's parts, 16 channels, 32x32, batch {batch}, float32, {dev}: host us per call"]
+    print(lines[0], flush=True)
+    for name, fn in parts.items():
+        lines.append(f"  {name}: {host_us(fn, calls, cuda):.1f} us")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -73,6 +136,7 @@ def main(argv: list[str] | None = None) -> str:
             lines += ["", f"{name}, {c} channels, {side}x{side}: 5 calls",
                       prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45)]
             print("\n".join(lines[-3:]), flush=True)
+    lines += ["", *raa_parts(dev, args.batch, args.calls)]
     return "\n".join(lines)
 
 

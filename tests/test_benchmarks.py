@@ -69,3 +69,4 @@ def test_host_time_probe_smoke():
     for needle in ("16 channels, 32x32, RAA relu:", "64 channels, 8x8, QuadraticChannel:", "ms host"):
         assert needle in text
     assert "QuadraticChannel, 16 channels, 32x32: 5 calls" in text and "Self CPU" in text
+    assert "RAA's parts" in text and "ReLU as a Python autograd function, forward + backward:" in text
