@@ -270,6 +270,7 @@ def test_a_machine_where_triton_cannot_run_falls_back_to_the_pytorch_path(monkey
     """Triton builds its kernels (and a C launcher) at first use; where that fails (no C compiler, an
     old driver), RAA warns once and computes the same values with its PyTorch path."""
     import bionets.layers.raa as raa_module
+    from bionets.layers import kernel_fallback
 
     class Broken:
         @staticmethod
@@ -281,9 +282,9 @@ def test_a_machine_where_triton_cannot_run_falls_back_to_the_pytorch_path(monkey
             raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(raa_module, "raa_triton", lambda: Broken)
-    monkeypatch.setattr(raa_module, "_TRITON_FAILED", [])
+    monkeypatch.setattr(kernel_fallback, "_FAILED", {})
     monkeypatch.setattr(raa_module, "_triton_layout",
-                        lambda x, dim: None if raa_module._TRITON_FAILED else Broken.ncp_layout(x, dim))
+                        lambda x, dim: None if kernel_fallback.failed_on("raa", x.device) else Broken.ncp_layout(x, dim))
     torch.manual_seed(0)
     layer = RAA(6)
     with torch.no_grad():
@@ -292,7 +293,7 @@ def test_a_machine_where_triton_cannot_run_falls_back_to_the_pytorch_path(monkey
     with pytest.warns(UserWarning, match="Failed to find C compiler.*PyTorch path"):
         out = layer(x)
     out.sum().backward()
-    monkeypatch.setattr(raa_module, "_TRITON_FAILED", ["earlier"])
+    assert kernel_fallback.failed_on("raa", x.device) and not kernel_fallback.failed_on("raa", "cuda:1")
     x2 = x.detach().clone().requires_grad_()
     want = layer(x2)
     want.sum().backward()

@@ -1,6 +1,7 @@
 """The CUDA paths written as Triton kernels (RAA; the quadratic layer's 'fused' strategy, CUDA's default),
 checked on the CPU by Triton's interpreter in a subprocess (the interpreter is chosen when the
 kernels are defined, so it needs its own process)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,27 @@ def test_triton_kernels_match_autograd_of_the_float64_formulas():
 def test_cpu_tensors_take_the_pytorch_path():
     from bionets.layers.raa import _triton_layout
     assert _triton_layout(torch.randn(2, 4, 3, 3), 1) is None
+
+
+def test_kernels_launch_on_their_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device; a tensor on another one (a single-process run on
+    cuda:1) switches to its own device for the launch, and only then (no GPU here: the device calls
+    are recorded)."""
+    from bionets.layers.triton_kernels import launch_device
+    switched = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: switched.append(d) or contextlib.nullcontext())
+
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    for t in (OnGpu(0), torch.zeros(1), OnGpu(1)):
+        with launch_device(t):
+            pass
+    assert switched == [torch.device("cuda:1")]
 
 
 def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_width(monkeypatch):

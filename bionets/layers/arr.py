@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bionets.errors import BionetsError
-from bionets.layers.kernel_fallback import run_or_warn
+from bionets.layers.kernel_fallback import failed_on, run_or_fall_back
 from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
@@ -133,16 +133,11 @@ def _scan_on_gpu(memory: ArrMemory, r: torch.Tensor, y: torch.Tensor, momentum: 
     if not r.is_cuda or torch.compiler.is_compiling() or mean.dtype != torch.float32 or not mean.is_contiguous():
         return None
     kernels = triton_kernels("arr_triton")
-    if kernels is None or not kernels.fits(mean.shape[1], mean.shape[2]) or _SCAN_FAILED.get(str(r.device)):
+    if kernels is None or not kernels.fits(mean.shape[1], mean.shape[2]) or failed_on("arr", r.device):
         return None
-    out, reason = run_or_warn(lambda: kernels.class_means(mean, seen, r, y, momentum, after=form == "code",
-                                                          update=update),
-                              "ARR's Triton kernel cannot run", "ARR uses its PyTorch operators")
-    _SCAN_FAILED[str(r.device)] = reason is not None
-    return out
-
-
-_SCAN_FAILED: dict[str, bool] = {}
+    return run_or_fall_back("arr", r.device, lambda: kernels.class_means(mean, seen, r, y, momentum,
+                                                                         after=form == "code", update=update),
+                            "ARR's Triton kernel cannot run", "ARR uses its PyTorch operators")
 
 
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,

@@ -21,11 +21,11 @@ do this in a subprocess).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from bionets.layers.triton_kernels import launch_device
 
 MAX_TILE = 16384            # K_pad * BLOCK_D: 128 float32 registers a thread at 4 warps
 
@@ -75,8 +75,7 @@ def class_means(mean: torch.Tensor, seen: torch.Tensor, r: torch.Tensor, y: torc
     seen_out = torch.empty((layers, classes), dtype=seen.dtype, device=seen.device) if update else out
     block_k = triton.next_power_of_2(classes)
     block_d = max(16, min(triton.next_power_of_2(dim), MAX_TILE // block_k))
-    with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():   # Triton launches on the
-        # current device, not the tensors'
+    with launch_device(r):
         _arr_scan_kernel[(layers, triton.cdiv(dim, block_d))](
             r, y, mean, seen, out, seen_out, n, classes, dim, momentum,
             AFTER=after, UPDATE=update, BLOCK_K=block_k, BLOCK_D=block_d)

@@ -1,5 +1,6 @@
 """Where the layers' own kernels (Triton on the GPU, C++ on the CPU) give way to their PyTorch
-expressions: where the toolchain fails (one warning, then the PyTorch path), and where a second
+expressions: where the toolchain fails (one warning, then the PyTorch path on that device:
+:func:`run_or_fall_back`, :func:`failed_on`), and where a second
 derivative is asked for (:func:`differentiable_backward`), and inside torch.func transforms or
 forward-mode AD (:func:`under_function_transform`)."""
 from __future__ import annotations
@@ -25,6 +26,24 @@ def run_or_warn(fn: Callable[[], Any], failure: str, instead: str) -> tuple[Any,
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         warnings.warn(f"bionets: {failure} ({reason}); {instead}", stacklevel=3)
         return None, reason
+
+
+_FAILED: dict[tuple[str, str], str] = {}    # (kernels, device) -> why they could not run there
+
+
+def failed_on(kernels: str, device: torch.device) -> bool:
+    """Whether the layer's ``kernels`` (a name: 'raa', 'arr') failed on ``device`` earlier in this process."""
+    return (kernels, str(device)) in _FAILED
+
+
+def run_or_fall_back(kernels: str, device: torch.device, fn: Callable[[], Any], failure: str, instead: str) -> Any:
+    """``fn()``, which runs ``kernels`` on ``device``; None where they fail (:func:`run_or_warn`), and
+    from then on :func:`failed_on` is true there, so that the caller takes its PyTorch path without
+    trying again."""
+    done, reason = run_or_warn(fn, failure, instead)
+    if reason is not None:
+        _FAILED[(kernels, str(device))] = reason
+    return done
 
 
 def differentiable_backward(expression: Callable[..., torch.Tensor], inputs: tuple, needs: tuple[bool, ...],

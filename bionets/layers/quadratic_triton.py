@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bionets.layers.triton_kernels import launch_device
+
 WIDTH = 8    # block width W: a [64, 64] outer product per pair and row tile stays in registers
 
 
@@ -128,9 +130,10 @@ def block_products_matmul(u: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor, t
         return out
     block_m, block_n = 64, _block_n(n, 64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _block_products_matmul_kernel[grid](u, w, rhs, out, m, u.shape[1], w.shape[1], n, u.stride(0), w.stride(0),
-                                        NA=_blocks(u.shape[1]), NB=_blocks(w.shape[1]), TRIANGLE=int(triangle),
-                                        W=WIDTH, IEEE=rhs.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n)
+    with launch_device(u):
+        _block_products_matmul_kernel[grid](u, w, rhs, out, m, u.shape[1], w.shape[1], n, u.stride(0), w.stride(0),
+                                            NA=_blocks(u.shape[1]), NB=_blocks(w.shape[1]), TRIANGLE=int(triangle),
+                                            W=WIDTH, IEEE=rhs.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
 
@@ -150,8 +153,9 @@ def block_products_t_matmul(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     splits = triton.cdiv(m, steps * block_m)
     part = torch.empty(splits, pairs * WIDTH * WIDTH, n, dtype=torch.float32, device=x.device)
     grid = (pairs, triton.cdiv(n, block_n), splits)
-    _block_products_t_matmul_kernel[grid](x, g, part, m, x.shape[1], n, x.stride(0), NB=nb, STEPS=steps, W=WIDTH,
-                                          IEEE=g.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n)
+    with launch_device(x):
+        _block_products_t_matmul_kernel[grid](x, g, part, m, x.shape[1], n, x.stride(0), NB=nb, STEPS=steps, W=WIDTH,
+                                              IEEE=g.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n)
     return part.sum(0)
 
 

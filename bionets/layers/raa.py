@@ -23,7 +23,7 @@ from torch import nn
 
 from bionets.errors import BionetsError
 from bionets.layers import cpu_kernels
-from bionets.layers.kernel_fallback import differentiable_backward, run_or_warn, under_function_transform
+from bionets.layers.kernel_fallback import differentiable_backward, failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import triton_kernels
 from bionets.toolchain import require_cpu_compiler
@@ -145,26 +145,20 @@ def raa_triton() -> types.ModuleType | None:
     return triton_kernels("raa_triton")
 
 
-_TRITON_FAILED: list[str] = []     # why the kernels could not run here, once they failed
-
-
 def _triton_layout(x: torch.Tensor, dim: int):
     """x's [N, C, P] layout when the Triton kernels take it (CUDA, a float dtype they compute in
     float32), else None. (Inside a compiled model RAA never gets here: see :meth:`RAA.forward`.)"""
-    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or _TRITON_FAILED or raa_triton() is None:
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or failed_on("raa", x.device) or raa_triton() is None:
         return None
     return raa_triton().ncp_layout(x, dim)
 
 
 def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
-    """The Triton forward, or None if Triton cannot build or launch its kernels on this machine:
-    then one warning, and the PyTorch path from then on."""
-    done, reason = run_or_warn(lambda: raa_triton().forward(x, v, c, layout, relu=relu),
-                               "RAA's Triton kernels cannot run here",
-                               "RAA uses its PyTorch path instead (correct, slower on a GPU)")
-    if reason is not None:
-        _TRITON_FAILED.append(reason)
-    return done
+    """The Triton forward, or None if Triton cannot build or launch its kernels on x's device: then
+    one warning, and the PyTorch path there from then on."""
+    return run_or_fall_back("raa", x.device, lambda: raa_triton().forward(x, v, c, layout, relu=relu),
+                            "RAA's Triton kernels cannot run here",
+                            "RAA uses its PyTorch path instead (correct, slower on a GPU)")
 
 
 def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):

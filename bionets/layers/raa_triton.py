@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bionets.layers.triton_kernels import launch_device
+
 SQRT1_2 = tl.constexpr(0.7071067811865476)        # kernels may read globals only as constexpr
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -115,8 +117,9 @@ def forward(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, layout, re
     block_m, block_c = _blocks(ch)
     y = torch.empty_like(x)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    _raa_forward_kernel[(triton.cdiv(m, block_m),)](x, v if v is not None else c, c, y, s, m, ch, p, sn, sc, sp,
-                                                   HAS_V=v is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    with launch_device(x):
+        _raa_forward_kernel[(triton.cdiv(m, block_m),)](x, v if v is not None else c, c, y, s, m, ch, p, sn, sc, sp,
+                                                       HAS_V=v is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
     return y, s
 
 
@@ -131,7 +134,8 @@ def backward(x: torch.Tensor, grad: torch.Tensor, s: torch.Tensor, v: torch.Tens
     width = ch + 1 if v is not None else 1
     part = torch.empty(grid, width, dtype=torch.float32, device=x.device)
     gx = torch.empty_like(x)
-    _raa_backward_kernel[(grid,)](x, grad, s, v if v is not None else s, gx, part, m, ch, p, sn, sc, sp, width,
-                                  HAS_V=v is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    with launch_device(x):
+        _raa_backward_kernel[(grid,)](x, grad, s, v if v is not None else s, gx, part, m, ch, p, sn, sc, sp, width,
+                                      HAS_V=v is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
     sums = part.sum(0)
     return gx, (sums[:ch] if v is not None else None), sums[-1:]
