@@ -24,6 +24,7 @@ from torch import nn
 from bionets.bench import (Timing, alternating_step_times, device_name, loss_with_hooks, measure, paired_ratios,
                            train_step)
 from bionets.conversion import convert
+from bionets.engine.checkpoint import make_output_dir
 from bionets.engine.model import use_channels_last
 from bionets.errors import BionetsError
 from bionets.mechanisms import MECHANISMS, get_mechanism
@@ -120,7 +121,7 @@ def run_suite(out_dir: Path, *, device: torch.device | None = None, mechanisms: 
             "| mechanism | baseline | width | batch | base step ms | mech step ms | step ratio | forward ms (base / mech) "
             "| peak MB (base / mech) | mech images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     text = "\n".join(head + rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     (out_dir / "bench.md").write_text(text + "\n")
     _plot(points, out_dir / "bench.png")
     return text

@@ -156,8 +156,9 @@ def cmd_experiment(args) -> int:
         except yaml.YAMLError:
             raise BionetsError(f"experiment option '{item}' is not valid YAML (a list is [1, 2], a string "
                                "with spaces 'a b')") from None
-    out = Path(args.out or Path("runs") / "experiments" / args.name)
-    out.mkdir(parents=True, exist_ok=True)
+    from bionets.engine.checkpoint import make_output_dir
+
+    out = make_output_dir(Path(args.out or Path("runs") / "experiments" / args.name), "another --out")
     print(fn(out, **options))
     print(f"outputs in {out}")
     return 0
@@ -173,6 +174,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from bionets.benchsuite import run_suite
+    from bionets.engine.checkpoint import make_output_dir
     from bionets.engine.distributed import parse_device
 
     def ints(option: str, text: str | None) -> list[int] | None:
@@ -186,8 +188,9 @@ def cmd_bench(args) -> int:
     if args.repeats < 1:
         raise BionetsError(f"bench --repeats must be >= 1, got {args.repeats}")
     device = parse_device(args.device, "--device")
+    out = make_output_dir(Path(args.out), "another --out")       # before the measurements, not after
 
-    print(run_suite(Path(args.out), device=device, repeats=args.repeats,
+    print(run_suite(out, device=device, repeats=args.repeats,
                     mechanisms=args.mechanisms.split(",") if args.mechanisms else None,
                     widths=ints("--widths", args.widths), batches=ints("--batches", args.batches)))
     print(f"table and plot in {args.out}")

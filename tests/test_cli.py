@@ -133,6 +133,26 @@ def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
     assert torch.equal(model.arr_memory.mean, start["arr_memory.mean"]) and start["arr_memory.seen"].any()
 
 
+def test_an_output_path_blocked_by_a_file_or_directory_is_one_line(tmp_path):
+    """Output paths that cannot be written ended on NotADirectoryError, IsADirectoryError or
+    FileExistsError tracebacks; each is one line naming the path and what is in the way (bench's
+    before it measures anything)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    blocked = f"'{tmp_path / 'afile'}' is a file"
+    for args, said in ((["train", *FAST, "--out-dir", str(tmp_path / "afile")], blocked),
+                       (["experiment", "eigen", "--out", str(tmp_path / "afile" / "x")], blocked),
+                       (["bench", "--out", str(tmp_path / "afile")], blocked),
+                       (["export", str(tmp_path / "none.pt"), str(tmp_path / "adir")], "does not exist")):
+        out = cli(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and said in out.stderr, out.stderr
+    assert main(["train", *FAST, "train.epochs=1", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    out = cli("export", str(tmp_path / "r" / "last.pt"), str(tmp_path / "adir"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"cannot write '{tmp_path / 'adir'}': it is a directory" in out.stderr
+
+
 def test_path_flags_are_paths_not_yaml(tmp_path):
     """--out-dir 'runs #2' is that folder (YAML read ' #2' as a comment), and '2024' a folder name."""
     for name in ("runs #2", "2024", "runs\U0001F600"):

@@ -317,6 +317,28 @@ def test_resume_into_a_new_run_directory_gives_tensorboard_the_history(tmp_path)
     assert [e.step for e in events.Scalars("test_top1")] == logged == [1, 2]
 
 
+def test_a_new_run_into_a_used_run_directory_takes_the_next_free_name(tmp_path, capsys):
+    """A second run of the same name went into the first one's directory: its checkpoints replaced
+    the earlier run's, and one that failed midway left a mix of both runs' files. Now it runs as
+    NAME-2 (recorded in its config, so a resume continues there) and leaves the first run alone;
+    the files are readable as any new file (umask), not owner-only like a temporary file."""
+    import os
+    train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
+    first = (tmp_path / "a" / "last.pt").read_bytes()
+    summary = train(fast_config(tmp_path, "train.epochs=1", name="a"))
+    assert "run directory " + str(tmp_path / "a-2") + f" ({tmp_path / 'a'} holds an earlier run)" in capsys.readouterr().out
+    assert summary["run_dir"] == str(tmp_path / "a-2") and (tmp_path / "a" / "last.pt").read_bytes() == first
+    assert load_checkpoint(tmp_path / "a-2" / "last.pt")["config"]["name"] == "a-2"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(tmp_path / "a-2" / f).stat().st_mode & 0o777 for f in ("last.pt", "config.yaml")} == {0o666 & ~umask}
+    resumed = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'a-2' / 'last.pt'}", name="a-2"),
+                    quiet=True)
+    assert resumed["run_dir"] == str(tmp_path / "a-2") and not (tmp_path / "a-3").exists()
+    (tmp_path / "b").mkdir()                     # an empty directory holds no run: used as it is
+    assert train(fast_config(tmp_path, "train.epochs=1", name="b"), quiet=True)["run_dir"] == str(tmp_path / "b")
+
+
 def test_resume_without_a_config_continues_the_checkpoints_run(tmp_path, capsys):
     """bionets train --resume CKPT: the checkpoint's own config (the default digits run would not match);
     settings that do not change the run (progress, device) may be overridden; the metrics log is the

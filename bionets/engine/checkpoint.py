@@ -45,15 +45,42 @@ def ctrl_c_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()     # a new file's usual permissions (a temporary file starts at 0600)
+
+
+def make_output_dir(path: Path, option: str = "another path") -> Path:
+    """``path`` made (with its parents) to write into; one error line where it cannot be, naming
+    what is in the way and ``option``, the setting that chooses the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"'{file}' is a file" if file is not None else err.strerror
+        raise BionetsError(f"cannot make the output directory '{path}' ({why}): choose {option}") from None
+    return path
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``: a reader sees
     the old file or the new one, never half, and a failed write leaves no temporary file. A Ctrl-C
-    during the write takes effect once the new file is in place."""
+    during the write takes effect once the new file is in place. The file gets the permissions of
+    any new file (the umask's), not the temporary file's owner-only ones."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise BionetsError(f"cannot write '{path}': it is a directory; give a file path (inside it, say)")
+    make_output_dir(path.parent)
     with ctrl_c_deferred():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            if hasattr(os, "fchmod"):                # (POSIX)
+                os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()

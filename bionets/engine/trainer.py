@@ -10,6 +10,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,8 @@ from tqdm import tqdm
 from bionets.config import RunConfig, check_resume_config
 from bionets.configbase import dump_yaml
 from bionets.data import build_data
-from bionets.engine.checkpoint import (load_checkpoint, load_model_state, rng_state, save_checkpoint, write_atomic,
-                                       seed_everything, set_rng_state)
+from bionets.engine.checkpoint import (load_checkpoint, load_model_state, make_output_dir, rng_state, save_checkpoint,
+                                       seed_everything, set_rng_state, write_atomic)
 from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
                                         shutdown)
 from bionets.engine.hooks import Progress
@@ -102,7 +103,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, dist: Dist, quiet: bool = False, checkpoint: dict | None = None):
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         self.quiet = quiet or not dist.is_main
-        self.run_dir = cfg.run_dir
+        self.run_dir, self.replaced = cfg.run_dir, None
         t = cfg.train
         if t.amp == "fp16" and self.device.type == "cpu":
             raise BionetsError("train.amp=fp16 needs CUDA (its loss scaling and fast fp16 kernels): on the CPU use "
@@ -178,10 +179,12 @@ class Trainer:
         return Progress(self.state.step, self.steps_per_epoch * t.epochs, self.state.epoch, t.epochs)
 
     def fit(self) -> dict:
-        cfg, main = self.cfg, self.dist.is_main
-        writer = None
+        main = self.dist.is_main
+        if not self.cfg.resume:                 # a new run never mixes its files with an earlier run's
+            self._use_name(gather_objects(unused_name(self.cfg.out_dir, self.cfg.name) if main else None)[0])
+        cfg, writer = self.cfg, None
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
             _write_text(self.run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
             writer = MetricsWriter(self.run_dir, self.state.history)
             if not self.quiet:
@@ -327,13 +330,22 @@ class Trainer:
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
 
+    def _use_name(self, name: str) -> None:
+        """Run as ``name`` (its run directory out_dir/name; recorded in the config saved with the run,
+        so that a resume continues there)."""
+        if name != self.cfg.name:
+            self.replaced = self.run_dir
+            self.cfg = self.cfg.model_copy(update={"name": name})
+            self.run_dir = self.cfg.run_dir
+
     def _announce(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
         d = self.dist
         print(f"bionets: model {self.cfg.model.name} ({n_params:,} parameters), data {self.cfg.data.name} "
               f"({self.data.num_classes} classes), {self.cfg.train.epochs} epochs x {self.steps_per_epoch} steps, "
               f"device {self.device}" + (f" x {d.world_size} processes" if d.enabled else "")
-              + f", run directory {self.run_dir}")
+              + f", run directory {self.run_dir}"
+              + (f" ({self.replaced} holds an earlier run)" if self.replaced else ""))
         for report in self.reports:
             print(report)
         if lr_line := lr_mult_summary(self.model, self.cfg.optim):
@@ -350,6 +362,19 @@ class Trainer:
                    "train_time_s": sum(r.get("epoch_time", 0.0) for r in h)}
         summary.update({k: v for k, v in last.items() if k.startswith("ema_") or k in ("sparsity",)})
         return summary
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "tb")
+
+
+def unused_name(out_dir: str, name: str) -> str:
+    """``name`` where its run directory (out_dir/name) holds no run's files yet, else the first of
+    ``name-2``, ``name-3``, ... whose directory holds none: a new run neither overwrites an earlier
+    one nor mixes its files with it."""
+    candidate, k = name, 2
+    while any((Path(out_dir) / candidate / f).exists() for f in RUN_FILES):
+        candidate, k = f"{name}-{k}", k + 1
+    return candidate
 
 
 def _write_text(path, text: str) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
+from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
 from bionets.experiments import Fraction, register_experiment
 from bionets.engine.distributed import parse_device
@@ -101,8 +102,7 @@ def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fract
                          "abs_cos": dots[k, k].abs().item(), "best_abs_cos": dots[k].abs().max().item(),
                          "best_rank": best[k].item() + 1, "a_mean_abs_cos": (a_vec[:, k] @ mean_dir).abs().item(),
                          "chance_abs_cos": chance, "chance_best_abs_cos": chance_best})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(out_dir)
     write_csv(out_dir / "eigen.csv", rows)
     _plot_vectors(out_dir / "eigen_vectors.png", pairs, min(show, top_k), side)
     _plot_cosines(out_dir / "eigen_cosine.png", rows, chance, chance_best, top_k)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
+from bionets.engine.checkpoint import make_output_dir
 from bionets.experiments import Fraction, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, count_parameters, fit,
@@ -57,8 +58,7 @@ def fewshot(out_dir: Path, *, fractions: list[Fraction] = FRACTIONS, seeds: Posi
                 rows.append({"dataset": data["name"], "model": name, "fraction": fraction, "n_train": len(idx),
                              "seed": seed, "test_acc": accuracy(model, x_test, y_test),
                              "params": count_parameters(model)})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(out_dir)
     write_csv(out_dir / "fewshot.csv", rows)
     fig, (ax,) = new_figure(1, size=5)
     band_plot(ax, rows, "fraction", "model", "test_acc", COLORS)

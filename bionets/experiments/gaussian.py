@@ -37,6 +37,7 @@ from scipy import integrate, stats
 
 from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
+from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
@@ -225,8 +226,7 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: list[Literal["identi
                                  "bayes_disagreement": (predict(model, x_test) != bayes_test).double().mean().item()})
                     if seed == 0 and n in boundary_n:
                         fitted[case, name, n], train_sets[case, n] = model.eval(), (x, y)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(out_dir)
     write_csv(out_dir / "gaussian.csv", rows)
     _plot_accuracy(out_dir / "gaussian_accuracy.png", rows, bayes)
     if dim == 2:
