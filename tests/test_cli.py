@@ -23,9 +23,13 @@ def cli(*args):
     (["train", "data.name=cifar10"], "data.root"),
     (["train", "train.epoch=1"], "unknown config key 'train.epoch' (did you mean: epochs?)"),
     (["train", "data.name=cifar11"], "unknown dataset 'cifar11'"),
+    (["train", "model.kwargs={in_chans: 3}"], "model.kwargs.in_chans=3, but the data has 1 channels: leave in_chans "
+     "out of model.kwargs"),
     (["eval", "/nonexistent/best.pt"], "does not exist"),
     (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
+    (["experiment", "fewshot", "data_root=/nonexistent/bionets"], "is missing: put mnist there (see docs/data.md) or "
+     "give its location with data_root=DIR (MNIST's files, or grayscale image folders DIR/train and DIR/val)"),
     (["experiment", "gaussian", "seeds=[1,"], "is not valid YAML"),
     (["train", "train.device=gpu"], "train.device=gpu is not a device bionets runs on: use auto, cpu"),
     (["train", "train.device=meta"], "train.device=meta is not a device bionets runs on"),
@@ -115,6 +119,9 @@ def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
             f"out_dir={tmp_path}", "--quiet"]
     assert main([*args, "name=arr", "mechanisms={arr: {weight: 1.0}}"]) == 0
     shutil.move(tmp_path / "data", tmp_path / "moved")
+    out = cli("eval", str(tmp_path / "arr" / "last.pt"))             # eval has --data-root, not data.download
+    assert out.returncode == 2 and "give its location with --data-root DIR" in out.stderr, out.stderr
+    assert "download" not in out.stderr
     assert main(["export", str(tmp_path / "arr" / "last.pt"), str(tmp_path / "plain.pt")]) == 0
     plain = load_checkpoint(tmp_path / "plain.pt", exported=True)["plain_model"]
     assert not [k for k in plain if k.startswith("arr_memory")]

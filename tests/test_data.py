@@ -261,7 +261,7 @@ def test_gaussian_dataset_is_raw_samples():
 
 def test_root_not_set_missing_or_empty(tmp_path):
     for name in ("cifar10", "cifar100", "mnist", "imagefolder"):
-        one_line_error(DataConfig(name=name), "data.root is not set", "--data-root DIR or data.root=DIR")
+        one_line_error(DataConfig(name=name), "data.root is not set", "pass --data-root DIR")
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "nope")), "is missing", "nope")
     (tmp_path / "empty").mkdir()
     one_line_error(DataConfig(name="mnist", root=str(tmp_path / "empty")), "is empty", "data.download=true")

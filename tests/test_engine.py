@@ -247,7 +247,7 @@ def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
         with pytest.raises(BionetsError, match=msg):
             load_checkpoint(bad)
     torch.save({"model": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(BionetsError, match="not a bionets checkpoint"):
+    with pytest.raises(BionetsError, match="not a bionets checkpoint .*: give a file that 'bionets train'"):
         load_checkpoint(tmp_path / "foreign.pt")
 
 

@@ -8,6 +8,9 @@ files exist (a file in the wrong format still fails, with a one-line error, when
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,27 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # what a file in the wrong format raises inside torchvision's readers (idx: assert on the magic number)
 FORMAT_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AssertionError)
+
+
+_OPTIONS: ContextVar[tuple[str, str | None]] = ContextVar("data_options", default=("--data-root DIR", "data.download=true"))
+
+
+@contextmanager
+def data_options(root: str, download: str | None) -> Iterator[None]:
+    """Name, in the errors below, the settings of the command that reads the data: ``root`` how it
+    sets the data root ('--data-root DIR' for ``bionets train``, the default), ``download`` how it
+    turns downloading on (None: it cannot)."""
+    token = _OPTIONS.set((root, download))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def _fix(internet: str = "") -> str:
+    """'fix --data-root DIR or set data.download=true' in the settings of the command running."""
+    root, download = _OPTIONS.get()
+    return f"fix {root}" + (f" or set {download}{internet}" if download else "")
 
 
 def _exists_only(self) -> bool:
@@ -56,13 +80,15 @@ def require_root(root: str | None, name: str, download: bool | None) -> Path:
     """``root`` as a Path; a one-line error when it is unset, or missing/empty without ``download``
     (None: the image folders, which nothing downloads)."""
     if root is None:
-        raise BionetsError(f"data.root is not set for dataset '{name}': pass --data-root DIR or data.root=DIR")
+        raise BionetsError(f"data.root is not set for dataset '{name}': pass {_OPTIONS.get()[0]}")
     path = Path(root).expanduser()
     if not download and (not path.is_dir() or not any(path.iterdir())):
         state = "empty" if path.is_dir() else "missing"
-        what, fix = (name, ", or set data.download=true on a machine with internet") if download is not None \
-            else ("the image folders", "")
-        raise BionetsError(f"data root '{path}' is {state}: put {what} there (see docs/data.md){fix}")
+        root_option, download_option = _OPTIONS.get()
+        what = name if download is not None else "the image folders"
+        fetch = f", or set {download_option} on a machine with internet" if download is not None and download_option else ""
+        raise BionetsError(f"data root '{path}' is {state}: put {what} there (see docs/data.md) or give its "
+                           f"location with {root_option}{fetch}")
     if download:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -71,8 +97,8 @@ def require_root(root: str | None, name: str, download: bool | None) -> Path:
 def _download_failed(name: str, err: Exception) -> BionetsError:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     cause = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
-    return BionetsError(f"downloading {name} failed ({cause}): copy the files under --data-root "
-                        f"by hand (see docs/data.md)")
+    return BionetsError(f"downloading {name} failed ({cause}): copy the files under the data root "
+                        f"({_OPTIONS.get()[0]}) by hand (see docs/data.md)")
 
 
 def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
@@ -90,7 +116,7 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
             raise BionetsError(f"cannot read {name} under '{path / folder}' ({type(err).__name__}: {err})") from None
         except RuntimeError:
             raise BionetsError(f"no {name} under '{path}' (expected {path / folder} in the python-pickle "
-                               f"format): fix --data-root or set data.download=true") from None
+                               f"format): {_fix()}") from None
         except FORMAT_ERRORS as err:
             raise BionetsError(f"{name} files under '{path / folder}' are not in CIFAR's python-pickle format "
                                f"({type(err).__name__}): re-download them") from None
@@ -141,7 +167,7 @@ def load_mnist(root: str | None, download: bool) -> tuple:
                 raise _download_failed("mnist", err) from None
             if "not found" in str(err).lower():
                 raise BionetsError(f"no MNIST under '{path}' (expected {raw}/{{{','.join(MNIST_FILES)}}}, "
-                                   "optionally .gz): fix --data-root or set data.download=true") from None
+                                   f"optionally .gz): {_fix()}") from None
             raise bad_format from None
         except FORMAT_ERRORS:
             raise bad_format from None

@@ -112,7 +112,8 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
         raise BionetsError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}): "
                            "use another checkpoint (e.g. best.pt or last.pt of the run)") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise BionetsError(f"'{path}' is not a bionets checkpoint (no '{FORMAT}' marker)")
+        raise BionetsError(f"'{path}' is not a bionets checkpoint (no '{FORMAT}' marker): give a file that "
+                           "'bionets train' (best.pt, last.pt) or 'bionets export' wrote")
     if "model" not in state and "plain_model" in state and not exported:
         raise BionetsError(f"'{path}' holds exported plain weights ('bionets export'), not a training run: eval or resume "
                            "the run's best.pt or last.pt, or load its 'plain_model' state dict into a plain model")

@@ -8,6 +8,7 @@ from torch.nn.utils import parametrize
 
 from bionets.config import config_from_dict
 from bionets.data import build_data
+from bionets.data.sources import data_options
 from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bionets.engine.distributed import parse_device
 from bionets.engine.model import build_model, training_only_keys, use_channels_last
@@ -26,7 +27,8 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     cfg = config_from_dict(raw)
     device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
-    data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
+    with data_options("--data-root DIR", None):        # the options of eval and export
+        data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
     shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])
     model, hooks, _ = build_model(cfg, *shape, device, init=False)
     if ema and state.get("ema") is None:

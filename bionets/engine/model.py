@@ -17,6 +17,11 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
     if not timm.is_model(name):
         raise unknown("model", name, timm.list_models(), listed=bionets_models(),
                       see="'bionets models' lists bionets' models; any timm model name works too")
+    for key, data_has in (("in_chans", in_chans), ("num_classes", num_classes)):
+        if key in kwargs and kwargs[key] != data_has:
+            raise BionetsError(f"model.kwargs.{key}={kwargs[key]}, but the data has {data_has} "
+                               f"{'channels' if key == 'in_chans' else 'classes'}: leave {key} out of model.kwargs "
+                               "(bionets sets it from the data)")
     if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus
         from bionets.models.cifar_nets import resolve_act
         kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}

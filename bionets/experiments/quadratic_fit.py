@@ -127,14 +127,15 @@ def load_images(data_root: str | None) -> dict:
     Returns ``{"name", "x_train", "y_train", "x_test", "y_test", "side", "classes"}``.
     """
     from bionets.data.imagefolder import load_gray_folders
-    from bionets.data.sources import load_digits_split, load_mnist
+    from bionets.data.sources import data_options, load_digits_split, load_mnist
 
     if data_root is None:
         name, (x, y, xt, yt, classes) = "digits", load_digits_split()
     elif (Path(data_root).expanduser() / "train").is_dir():
         name, (x, y, xt, yt, classes) = Path(data_root).expanduser().resolve().name, load_gray_folders(str(data_root))
     else:
-        name, (x, y, xt, yt, classes) = "mnist", load_mnist(str(data_root), False)
+        with data_options("data_root=DIR (MNIST's files, or grayscale image folders DIR/train and DIR/val)", None):
+            name, (x, y, xt, yt, classes) = "mnist", load_mnist(str(data_root), False)
 
     def flat(images: torch.Tensor) -> torch.Tensor:
         return images.flatten(1).float() / (255.0 if images.dtype == torch.uint8 else 1.0)
