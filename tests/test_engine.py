@@ -441,33 +441,37 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
         train(fast_config(tmp_path, "model.kwargs={in_chans: 1, img_size: 16}"), quiet=True)
 
 
-def test_layout_free_weights_get_contiguous_strides_for_ddp(tmp_path):
-    """1x1 kernels and one-input-channel kernels are the same memory in both layouts: before DDP
-    wraps a channels_last model they get contiguous strides, as their gradients may come (a
-    mismatch was a copy into DDP's bucket per step)."""
-    from bionets.engine.model import build_model, keep_layout_free_weights_contiguous
-    model, _, _ = build_model(fast_config(tmp_path, "model.name=snn_digits", "model.kwargs={T: 1}"), 10, 1,
-                              torch.device("cpu"))
-    keep_layout_free_weights_contiguous(model)
-    weights = {n: p for n, p in model.named_parameters() if p.ndim == 4}
-    assert weights["fc1.weight"].stride() == (256, 1, 1, 1) and weights["conv_stem.weight"].stride() == (9, 9, 3, 1)
-    assert weights["features.0.0.weight"].is_contiguous(memory_format=torch.channels_last)
-    assert not weights["features.0.0.weight"].is_contiguous()
-    # a depthwise weight keeps channels_last strides: its gradient comes back in them
-    convnext = build_model(fast_config(tmp_path, "model.name=test_dit_convnext", "model.kwargs={}"), 10, 3,
-                           torch.device("cpu"))[0].to(memory_format=torch.channels_last)
-    keep_layout_free_weights_contiguous(convnext)
-    dw = convnext.stages[0].blocks[0].conv_dw
-    assert dw.groups > 1 and dw.weight.shape[1] == 1
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    convnext(x).sum().backward()
-    assert dw.weight.grad.stride() == dw.weight.stride()
-    # also where STDS parametrizes it: the weight's original lives in a child of the conv
+def test_layout_free_weights_get_gradients_in_their_own_strides_for_ddp(tmp_path):
+    """1x1 kernels and one-input-channel kernels are the same memory in both layouts, and their
+    gradients come back in the strides of the layout the convolution chose: channels_last for
+    ResNet-20's 1x1 shortcuts on channels_last maps, contiguous for a spiking net's 1x1 'linear'
+    layers on [N, C, 1, 1] inputs. DDP compares every stride with its bucket's (made from the
+    weight's) and warned in a 2-process run of the default config; under DDP each such gradient
+    now takes its weight's strides (a view: the same memory)."""
+    from bionets.engine.model import build_model, match_layout_free_grad_strides
+    x8 = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    for name, kwargs in (("snn_digits", "{T: 1}"), ("resnet20_cifar", "{}")):
+        model, _, _ = build_model(fast_config(tmp_path, f"model.name={name}", f"model.kwargs={kwargs}"), 10, 1,
+                                  torch.device("cpu"))
+        model.to(memory_format=torch.channels_last)
+        free = {n: p for n, p in model.named_parameters() if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2:].numel() == 1)}
+        for p in free.values():                                      # either strides: the same memory
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+        model(x8).sum().backward()
+        if name == "resnet20_cifar":                                # channels_last maps: channels_last gradients
+            assert any(p.grad.stride() != p.stride() for p in free.values())
+        model.zero_grad()
+        match_layout_free_grad_strides(model)
+        model(x8).sum().backward()
+        assert free and all(p.grad.stride() == p.stride() for p in free.values()), name
+        assert all(torch.isfinite(p.grad).all() for p in free.values())
+    # also where STDS parametrizes a weight: its original lives in a child of the conv
     stds = build_model(fast_config(tmp_path, "model.name=test_dit_convnext", "model.kwargs={}", "mechanisms={stds: {}}"),
                        10, 3, torch.device("cpu"))[0].to(memory_format=torch.channels_last)
-    keep_layout_free_weights_contiguous(stds)
     original = stds.stages[0].blocks[0].conv_dw.parametrizations.weight.original
-    stds(x).sum().backward()
+    original.data = original.data.clone(memory_format=torch.contiguous_format)
+    match_layout_free_grad_strides(stds)
+    stds(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
     assert original.grad.stride() == original.stride()
 
 

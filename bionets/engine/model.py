@@ -1,9 +1,12 @@
 """Building a run's model: timm's registry, then the configured mechanisms, then the device."""
 from __future__ import annotations
 
+import functools
+
 import timm
 import torch
 from torch import nn
+from torch.utils.hooks import unserializable_hook
 
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError, unknown
@@ -116,28 +119,26 @@ def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final:
     return Report("model.init", [f"weights from {source} ({len(weights) - len(resized)} tensors){note}"])
 
 
-def keep_layout_free_weights_contiguous(model: nn.Module) -> None:
-    """Give 4-D weights whose memory is the same in both layouts (1x1 kernels, or one input
-    channel) their contiguous strides back after ``to(channels_last)``, before DDP wraps the model.
-    Such a weight's gradient can come back with contiguous strides (a 1x1 conv applied to a
-    contiguous input, as the spiking nets' 1x1 'linear' layers are; the stem of a one-channel input),
-    which DDP then copied into its channels_last bucket view at every step ("grad strides do not
-    match bucket view strides"). Only under DDP: the convolution may pick another kernel for the
-    other strides, so single-process runs keep the numerics they had. Grouped convolutions keep
-    channels_last: a depthwise weight ([C, 1, k, k], ConvNeXt's) gets its gradient in channels_last
-    strides from a channels_last input."""
-    grouped = {id(p) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1
-               for p in m.parameters()}       # (recursing: an STDS-parametrized weight's original too)
-    for p in model.parameters():      # (is_contiguous() holds for both strides: size-1 dims are ignored)
-        if id(p) not in grouped:
-            _contiguous_if_layout_free(p)
+def match_layout_free_grad_strides(model: nn.Module) -> None:
+    """Give the gradients of 4-D weights whose memory is the same in both layouts (1x1 kernels, one
+    input channel: they differ only in the strides of size-1 dims) their weight's strides, before DDP
+    wraps the model. Such a gradient comes back in the strides of the layout its convolution chose,
+    which the input decides (ResNet-20's 1x1 shortcuts on channels_last maps: channels_last; a spiking
+    net's 1x1 'linear' layers on [N, C, 1, 1] inputs: contiguous): autograd accepts either, but DDP
+    compares every stride with its bucket's and warned "Grad strides do not match bucket view
+    strides". The restriding is a view of the same memory (a tensor hook, before the gradient is
+    stored)."""
+    for p in model.parameters():      # (recursing: an STDS-parametrized weight's original too)
+        if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2] * p.shape[3] == 1):
+            p.register_hook(functools.partial(_with_strides, p.stride()))
 
 
-def _contiguous_if_layout_free(p: nn.Parameter) -> None:
-    if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2] * p.shape[3] == 1):
-        wanted = (p.shape[1] * p.shape[2] * p.shape[3], p.shape[2] * p.shape[3], p.shape[3], 1)
-        if p.stride() != wanted:
-            p.data = p.data.clone(memory_format=torch.contiguous_format)
+@unserializable_hook
+def _with_strides(strides: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` as a view with ``strides``, where they differ from its own only on size-1 dims."""
+    if grad.stride() == strides or any(a != b for a, b, n in zip(grad.stride(), strides, grad.shape) if n != 1):
+        return None
+    return grad.as_strided(grad.shape, strides, grad.storage_offset())
 
 
 def use_channels_last(setting, model: nn.Module, device: torch.device, training: bool = True) -> bool:

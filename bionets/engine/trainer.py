@@ -28,7 +28,7 @@ from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers,
                                         shutdown)
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
-from bionets.engine.model import build_model, keep_layout_free_weights_contiguous, training_only_keys, use_channels_last
+from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import create_optimizer, create_scheduler, lr_mult_summary
 from bionets.errors import BionetsError
 from bionets.toolchain import require_cpu_compiler
@@ -143,7 +143,7 @@ class Trainer:
         self.eval_net = self.net        # evaluated outside DDP, whose forward would hold a collective
         if dist.enabled:
             if self.channels_last:
-                keep_layout_free_weights_contiguous(self.model)
+                match_layout_free_grad_strides(self.model)
             self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- checkpoints -------------------------------------------------------------------------
