@@ -115,9 +115,14 @@ def cmd_models(args) -> int:
         names = [n for n in names if fnmatch.fnmatch(n, args.pattern)]
         if not names:
             raise BionetsError(f"no model matches '{args.pattern}'{closest(args.pattern, bionets_models())}")
+    if args.all and not args.pattern:      # counting builds each model: minutes for all of timm's
+        print("\n".join(names))
+        print(f"{len(names)} models; parameter counts for those a PATTERN matches "
+              "(bionets models --all 'convnext*')", file=sys.stderr)
+        return 0
     width = max(len(n) for n in names)
     for name in names:
-        print(f"{name:<{width}}  {count_parameters(name):>13,}")
+        print(f"{name:<{width}}  {count_parameters(name):>13,}", flush=True)
     return 0
 
 

@@ -174,6 +174,10 @@ def test_models_and_configs_listings(capsys):
     assert main(["configs"]) == 0
     assert "digits" in capsys.readouterr().out.split()
     assert main(["models", "zzz*"]) == 2
+    capsys.readouterr()
+    assert main(["models", "--all"]) == 0              # names only: counting all of timm's took minutes
+    listed = capsys.readouterr()
+    assert "convnext_tiny\n" in listed.out and "parameter counts for those a PATTERN matches" in listed.err
 
 
 def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
