@@ -67,6 +67,13 @@ class RunConfig(Section):
     def _none_is_empty(cls, v):
         return {} if v is None else v
 
+    @field_validator("name")
+    @classmethod
+    def _names_a_directory(cls, v):
+        if not v.strip("/\\ "):
+            raise ValueError("must name the run's directory under out_dir, e.g. name=digits")
+        return v
+
     @model_validator(mode="after")
     def _typed_mechanisms(self):
         from bionets.mechanisms import parse_mechanisms

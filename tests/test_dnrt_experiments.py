@@ -18,6 +18,12 @@ def test_dnrt_seeds_and_responses(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "r" / "responses.csv").open()))
     assert len({r["run"] for r in rows}) == 2 and (tmp_path / "r" / "responses.png").exists()
     assert main(["experiment", "responses"]) == 2                      # checkpoint= is required
+    # a rerun into the same output directory replaces its runs (a run elsewhere would take NAME-2)
+    before = both.stat().st_mtime_ns
+    assert main(["experiment", "dnrt_seeds", "seeds=1", "epochs=1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "dnrt_seeds.csv").open()))
+    assert [r["run_dir"] for r in rows if r["variant"] == "+both"] == [str(out / "runs" / "both_0")]
+    assert both.stat().st_mtime_ns != before and not (out / "runs" / "both_0-2").exists()
 
 
 def test_arr_and_responses_on_a_spiking_net(tmp_path):

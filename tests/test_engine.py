@@ -335,6 +335,12 @@ def test_a_new_run_into_a_used_run_directory_takes_the_next_free_name(tmp_path, 
     resumed = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'a-2' / 'last.pt'}", name="a-2"),
                     quiet=True)
     assert resumed["run_dir"] == str(tmp_path / "a-2") and not (tmp_path / "a-3").exists()
+    capsys.readouterr()
+    # resumed into another run's directory: a free name too, said on stderr even under --quiet
+    moved = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'a-2' / 'last.pt'}", name="a"),
+                  quiet=True)
+    assert moved["run_dir"] == str(tmp_path / "a-3") and (tmp_path / "a" / "last.pt").read_bytes() == first
+    assert f"{tmp_path / 'a'} holds an earlier run; this run writes {tmp_path / 'a-3'}" in capsys.readouterr().err
     (tmp_path / "b").mkdir()                     # an empty directory holds no run: used as it is
     assert train(fast_config(tmp_path, "train.epochs=1", name="b"), quiet=True)["run_dir"] == str(tmp_path / "b")
 
@@ -444,27 +450,28 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
 def test_layout_free_weights_get_gradients_in_their_own_strides_for_ddp(tmp_path):
     """1x1 kernels and one-input-channel kernels are the same memory in both layouts, and their
     gradients come back in the strides of the layout the convolution chose: channels_last for
-    ResNet-20's 1x1 shortcuts on channels_last maps, contiguous for a spiking net's 1x1 'linear'
-    layers on [N, C, 1, 1] inputs. DDP compares every stride with its bucket's (made from the
-    weight's) and warned in a 2-process run of the default config; under DDP each such gradient
+    ResNet-20's 1x1 shortcuts on channels_last maps, whatever the weight's strides. DDP compares
+    every stride with its bucket's (made from the weight's) and warned in a 2-process run of the
+    default config, whose shortcut weights had been made contiguous; under DDP each such gradient
     now takes its weight's strides (a view: the same memory)."""
-    from bionets.engine.model import build_model, match_layout_free_grad_strides
+    from bionets.engine.model import _with_strides, build_model, match_layout_free_grad_strides
+    model = build_model(fast_config(tmp_path, "model.name=resnet20_cifar", "model.kwargs={}"), 10, 1,
+                        torch.device("cpu"))[0].to(memory_format=torch.channels_last)
+    free = {n: p for n, p in model.named_parameters() if p.ndim == 4 and p.shape[2:].numel() == 1}
+    for p in free.values():                                          # either strides: the same memory
+        p.data = p.data.clone(memory_format=torch.contiguous_format)
     x8 = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
-    for name, kwargs in (("snn_digits", "{T: 1}"), ("resnet20_cifar", "{}")):
-        model, _, _ = build_model(fast_config(tmp_path, f"model.name={name}", f"model.kwargs={kwargs}"), 10, 1,
-                                  torch.device("cpu"))
-        model.to(memory_format=torch.channels_last)
-        free = {n: p for n, p in model.named_parameters() if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2:].numel() == 1)}
-        for p in free.values():                                      # either strides: the same memory
-            p.data = p.data.clone(memory_format=torch.contiguous_format)
-        model(x8).sum().backward()
-        if name == "resnet20_cifar":                                # channels_last maps: channels_last gradients
-            assert any(p.grad.stride() != p.stride() for p in free.values())
-        model.zero_grad()
-        match_layout_free_grad_strides(model)
-        model(x8).sum().backward()
-        assert free and all(p.grad.stride() == p.stride() for p in free.values()), name
-        assert all(torch.isfinite(p.grad).all() for p in free.values())
+    model(x8).sum().backward()
+    assert free and all(p.grad.stride() != p.stride() for p in free.values())      # what DDP warned about
+    want = {n: p.grad.clone() for n, p in free.items()}
+    model.zero_grad()
+    match_layout_free_grad_strides(model)
+    model(x8).sum().backward()
+    assert all(p.grad.stride() == p.stride() and torch.equal(p.grad, want[n]) for n, p in free.items())
+    # the other way round (contiguous gradients of channels_last weights), and only where size-1 dims differ
+    g = torch.randn(8, 4, 1, 1)
+    assert _with_strides((4, 1, 4, 4), g).stride() == (4, 1, 4, 4) and torch.equal(_with_strides((4, 1, 4, 4), g), g)
+    assert _with_strides((1, 8, 1, 1), g) is None and _with_strides(g.stride(), g) is None
     # also where STDS parametrizes a weight: its original lives in a child of the conv
     stds = build_model(fast_config(tmp_path, "model.name=test_dit_convnext", "model.kwargs={}", "mechanisms={stds: {}}"),
                        10, 3, torch.device("cpu"))[0].to(memory_format=torch.channels_last)

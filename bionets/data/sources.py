@@ -42,10 +42,10 @@ def data_options(root: str, download: str | None) -> Iterator[None]:
         _OPTIONS.reset(token)
 
 
-def _fix(internet: str = "") -> str:
+def _fix() -> str:
     """'fix --data-root DIR or set data.download=true' in the settings of the command running."""
     root, download = _OPTIONS.get()
-    return f"fix {root}" + (f" or set {download}{internet}" if download else "")
+    return f"fix {root}" + (f" or set {download}" if download else "")
 
 
 def _exists_only(self) -> bool:

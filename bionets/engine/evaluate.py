@@ -27,8 +27,7 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     cfg = config_from_dict(raw)
     device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
-    with data_options("--data-root DIR", None):        # the options of eval and export
-        data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
+    data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
     shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])
     model, hooks, _ = build_model(cfg, *shape, device, init=False)
     if ema and state.get("ema") is None:
@@ -45,7 +44,8 @@ def _ema_weights(ema_state: dict) -> dict:
 
 def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: bool = False) -> dict:
     """Test metrics of a checkpoint plus its mechanisms' metrics (e.g. sparsity)."""
-    model, hooks, cfg, data = model_from_checkpoint(path, data_root=data_root, ema=ema)
+    with data_options("--data-root DIR", None):        # eval's options, in its data errors
+        model, hooks, cfg, data = model_from_checkpoint(path, data_root=data_root, ema=ema)
     device = next(model.parameters()).device
     result = {"model": cfg.model.name, "dataset": cfg.data.name}
     result.update(evaluate(model, data.test, device, loss=cfg.train.loss, amp=cfg.train.amp,
@@ -59,7 +59,8 @@ def export_plain(path: str | Path, output: str | Path, data_root: str | None = N
     """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save the
     model's state without its training-only state (ARR's class memory). The dataset is read only for
     checkpoints that do not record its shape (written before 2026-11-26)."""
-    model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
+    with data_options("--data-root DIR", None):        # export's options, in its data errors
+        model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
     baked = 0
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):

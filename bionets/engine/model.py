@@ -20,11 +20,11 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
     if not timm.is_model(name):
         raise unknown("model", name, timm.list_models(), listed=bionets_models(),
                       see="'bionets models' lists bionets' models; any timm model name works too")
-    for key, data_has in (("in_chans", in_chans), ("num_classes", num_classes)):
-        if key in kwargs and kwargs[key] != data_has:
-            raise BionetsError(f"model.kwargs.{key}={kwargs[key]}, but the data has {data_has} "
-                               f"{'channels' if key == 'in_chans' else 'classes'}: leave {key} out of model.kwargs "
-                               "(bionets sets it from the data)")
+    for key, data_has, unit in (("in_chans", in_chans, "channels"), ("num_classes", num_classes, "classes")):
+        given = kwargs.get(key, data_has)
+        if isinstance(given, int) and (given < data_has or key == "in_chans" and given != data_has):     # (more outputs than classes: allowed)
+            raise BionetsError(f"model.kwargs.{key}={given}, but the data has {data_has} {unit}: leave {key} out of "
+                               "model.kwargs (bionets sets it from the data)")
     if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus
         from bionets.models.cifar_nets import resolve_act
         kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}
@@ -130,10 +130,9 @@ def match_layout_free_grad_strides(model: nn.Module) -> None:
     stored)."""
     for p in model.parameters():      # (recursing: an STDS-parametrized weight's original too)
         if p.ndim == 4 and (p.shape[1] == 1 or p.shape[2] * p.shape[3] == 1):
-            p.register_hook(functools.partial(_with_strides, p.stride()))
+            p.register_hook(unserializable_hook(functools.partial(_with_strides, p.stride())))
 
 
-@unserializable_hook
 def _with_strides(strides: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor | None:
     """``grad`` as a view with ``strides``, where they differ from its own only on size-1 dims."""
     if grad.stride() == strides or any(a != b for a, b, n in zip(grad.stride(), strides, grad.shape) if n != 1):

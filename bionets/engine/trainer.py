@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -180,7 +181,7 @@ class Trainer:
 
     def fit(self) -> dict:
         main = self.dist.is_main
-        if not self.cfg.resume:                 # a new run never mixes its files with an earlier run's
+        if not self._continues_its_own_run():   # a run never mixes its files with another run's
             self._use_name(gather_objects(unused_name(self.cfg.out_dir, self.cfg.name) if main else None)[0])
         cfg, writer = self.cfg, None
         if main:
@@ -330,13 +331,20 @@ class Trainer:
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
 
+    def _continues_its_own_run(self) -> bool:
+        """Whether this run resumes from a checkpoint in its own run directory (and may write there)."""
+        return bool(self.cfg.resume) and Path(self.cfg.resume).resolve().parent == self.run_dir.resolve()
+
     def _use_name(self, name: str) -> None:
         """Run as ``name`` (its run directory out_dir/name; recorded in the config saved with the run,
-        so that a resume continues there)."""
+        so that a resume continues there). A changed name is said even under --quiet (on stderr):
+        the results are not where the caller asked for them."""
         if name != self.cfg.name:
             self.replaced = self.run_dir
             self.cfg = self.cfg.model_copy(update={"name": name})
             self.run_dir = self.cfg.run_dir
+            if self.quiet and self.dist.is_main:
+                print(f"bionets: {self.replaced} holds an earlier run; this run writes {self.run_dir}", file=sys.stderr)
 
     def _announce(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -371,9 +379,9 @@ def unused_name(out_dir: str, name: str) -> str:
     """``name`` where its run directory (out_dir/name) holds no run's files yet, else the first of
     ``name-2``, ``name-3``, ... whose directory holds none: a new run neither overwrites an earlier
     one nor mixes its files with it."""
-    candidate, k = name, 2
+    candidate, stem, k = name, name.rstrip("/\\"), 2
     while any((Path(out_dir) / candidate / f).exists() for f in RUN_FILES):
-        candidate, k = f"{name}-{k}", k + 1
+        candidate, k = f"{stem}-{k}", k + 1
     return candidate
 
 

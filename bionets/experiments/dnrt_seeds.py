@@ -1,13 +1,16 @@
 """``bionets experiment dnrt_seeds``: baseline, +RAA, +ARR and +both over several seeds on digits.
 
 Each variant adds mechanisms to ``configs/dnrt/digits.yaml`` (a 2-layer GELU MLP on the bundled
-digits); every (variant, seed) pair is one real training run through the engine. Writes
-``dnrt_seeds.csv`` (variant, seed, final and best test top-1) and ``dnrt_seeds.png`` and returns
-a table of mean +- standard deviation per variant, whatever the sign of the effect.
+digits); every (variant, seed) pair is one real training run through the engine, in ``runs/<variant>_<seed>``
+under the output directory (which the experiment owns: a rerun there replaces its runs, as it
+replaces its table). Writes ``dnrt_seeds.csv`` (variant, seed, final and best test top-1, run
+directory) and ``dnrt_seeds.png`` and returns a table of mean +- standard deviation per variant,
+whatever the sign of the effect.
 """
 from __future__ import annotations
 
 import csv
+import shutil
 import statistics
 from pathlib import Path
 
@@ -30,11 +33,14 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
     rows = []
     for variant, mech in VARIANTS.items():
         for seed in range(seeds):
+            name = f"{variant.strip('+')}_{seed}"
+            shutil.rmtree(out_dir / "runs" / name, ignore_errors=True)     # an earlier invocation's run
             cfg = load_config(config, [f"mechanisms={mech.replace('ARR', str(arr_weight))}", f"train.seed={seed}",
                                        f"train.epochs={epochs}", "train.progress=false", f"out_dir={quoted(out_dir / 'runs')}",
-                                       f"name={variant.strip('+')}_{seed}"])
+                                       f"name={name}"])
             s = train(cfg, quiet=True)
-            rows.append({"variant": variant, "seed": seed, "final_top1": s["final_top1"], "best_top1": s["best_top1"]})
+            rows.append({"variant": variant, "seed": seed, "final_top1": s["final_top1"], "best_top1": s["best_top1"],
+                         "run_dir": s["run_dir"]})
     with (out_dir / "dnrt_seeds.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
