@@ -326,7 +326,8 @@ def test_a_new_run_into_a_used_run_directory_takes_the_next_free_name(tmp_path, 
     train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
     first = (tmp_path / "a" / "last.pt").read_bytes()
     summary = train(fast_config(tmp_path, "train.epochs=1", name="a"))
-    assert "run directory " + str(tmp_path / "a-2") + f" ({tmp_path / 'a'} holds an earlier run)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"run directory {tmp_path / 'a-2'} ({tmp_path / 'a'} holds an earlier run)" in said
     assert summary["run_dir"] == str(tmp_path / "a-2") and (tmp_path / "a" / "last.pt").read_bytes() == first
     assert load_checkpoint(tmp_path / "a-2" / "last.pt")["config"]["name"] == "a-2"
     umask = os.umask(0)

@@ -27,7 +27,8 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 FORMAT_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AssertionError)
 
 
-_OPTIONS: ContextVar[tuple[str, str | None]] = ContextVar("data_options", default=("--data-root DIR", "data.download=true"))
+_OPTIONS: ContextVar[tuple[str, str | None]] = ContextVar("data_options",
+                                                         default=("--data-root DIR", "data.download=true"))
 
 
 @contextmanager
@@ -86,7 +87,8 @@ def require_root(root: str | None, name: str, download: bool | None) -> Path:
         state = "empty" if path.is_dir() else "missing"
         root_option, download_option = _OPTIONS.get()
         what = name if download is not None else "the image folders"
-        fetch = f", or set {download_option} on a machine with internet" if download is not None and download_option else ""
+        fetch = f", or set {download_option} on a machine with internet" if download is not None and download_option \
+            else ""
         raise BionetsError(f"data root '{path}' is {state}: put {what} there (see docs/data.md) or give its "
                            f"location with {root_option}{fetch}")
     if download:

@@ -22,7 +22,8 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
                       see="'bionets models' lists bionets' models; any timm model name works too")
     for key, data_has, unit in (("in_chans", in_chans, "channels"), ("num_classes", num_classes, "classes")):
         given = kwargs.get(key, data_has)
-        if isinstance(given, int) and (given < data_has or key == "in_chans" and given != data_has):     # (more outputs than classes: allowed)
+        # more outputs than classes is allowed; fewer, or other input channels, cannot train
+        if isinstance(given, int) and (given < data_has or key == "in_chans" and given != data_has):
             raise BionetsError(f"model.kwargs.{key}={given}, but the data has {data_has} {unit}: leave {key} out of "
                                "model.kwargs (bionets sets it from the data)")
     if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus

@@ -148,7 +148,8 @@ def raa_triton() -> types.ModuleType | None:
 def _triton_layout(x: torch.Tensor, dim: int):
     """x's [N, C, P] layout when the Triton kernels take it (CUDA, a float dtype they compute in
     float32), else None. (Inside a compiled model RAA never gets here: see :meth:`RAA.forward`.)"""
-    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or failed_on("raa", x.device) or raa_triton() is None:
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or failed_on("raa", x.device) \
+            or raa_triton() is None:
         return None
     return raa_triton().ncp_layout(x, dim)
 
