@@ -16,10 +16,11 @@ from bionets.engine.trainer import evaluate
 
 
 def model_from_checkpoint(path: str | Path, *, device: torch.device | None = None, data_root: str | None = None,
-                          ema: bool = False, need_data: bool = True):
+                          ema: bool = False, need_data: bool = True, root_option: str = "--data-root DIR"):
     """(model, hooks, config, data bundle) rebuilt from a checkpoint's resolved config and weights.
     Without ``need_data`` the data is not loaded where the checkpoint records its class count and
-    input channels (``data_info``, since 2026-11-26): the bundle is then None."""
+    input channels (``data_info``, since 2026-11-26): the bundle is then None. ``root_option``: how
+    the caller sets ``data_root``, for the data errors (nothing downloads here)."""
     state = load_checkpoint(path)
     raw = state["config"]
     if data_root is not None:
@@ -27,7 +28,8 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     cfg = config_from_dict(raw)
     device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
-    data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
+    with data_options(root_option, None):
+        data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
     shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])
     model, hooks, _ = build_model(cfg, *shape, device, init=False)
     if ema and state.get("ema") is None:
@@ -44,8 +46,7 @@ def _ema_weights(ema_state: dict) -> dict:
 
 def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: bool = False) -> dict:
     """Test metrics of a checkpoint plus its mechanisms' metrics (e.g. sparsity)."""
-    with data_options("--data-root DIR", None):        # eval's options, in its data errors
-        model, hooks, cfg, data = model_from_checkpoint(path, data_root=data_root, ema=ema)
+    model, hooks, cfg, data = model_from_checkpoint(path, data_root=data_root, ema=ema)
     device = next(model.parameters()).device
     result = {"model": cfg.model.name, "dataset": cfg.data.name}
     result.update(evaluate(model, data.test, device, loss=cfg.train.loss, amp=cfg.train.amp,
@@ -59,8 +60,7 @@ def export_plain(path: str | Path, output: str | Path, data_root: str | None = N
     """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save the
     model's state without its training-only state (ARR's class memory). The dataset is read only for
     checkpoints that do not record its shape (written before 2026-11-26)."""
-    with data_options("--data-root DIR", None):        # export's options, in its data errors
-        model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
+    model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
     baked = 0
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):

@@ -22,11 +22,10 @@ from bionets.mechanisms.dnrt import classifier_layer
 
 
 def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from bionets.data.sources import data_options
     from bionets.engine.evaluate import model_from_checkpoint
 
-    with data_options("data_root=DIR", None):
-        model, _, _, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root)
+    model, _, _, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root,
+                                              root_option="data_root=DIR")
     head = classifier_layer(model)         # the layer ARR's classifier hook reads (one line if none)
     feats, labels = [], []
     handle = head.register_forward_pre_hook(
