@@ -9,9 +9,10 @@
 # PART 1 (~7 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs), 2 (~9 minutes: Dit
 # eager and under CUDA graphs, with the default ('fused' Triton kernels) and the 'blocks' strategy
 # of the quadratic layer, the suite, STDS) or 3 (the whole test suite, needs pytest-xdist) runs a
-# part, for machines lent for at most 10 minutes a command. PART new (~5 minutes) runs what the last
-# GPU did not measure: the whole CUDA test file, the host-time probe of RAA and the quadratic layer
-# (benchmarks/host_time.py), and DNRT eager with ARR's Triton kernel.
+# part, for machines lent for at most 10 minutes a command. PART new (~7 minutes) runs what the last
+# GPU did not measure: the whole CUDA test file (which builds RAA's CUDA C++ kernels, about a minute),
+# the host-time probe of RAA and the quadratic layer (benchmarks/host_time.py), and DNRT eager with
+# RAA's CUDA C++ operator and, for comparison, with its Triton kernels.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
 # graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
@@ -37,6 +38,8 @@ step() {
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
     step new 60 python3 benchmarks/host_time.py --device cuda
     step 1,new 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
+    # the same with RAA's Triton kernels in place of its CUDA C++ operator (the default where nvcc builds it)
+    step new 90 env BIONETS_CUDA_KERNELS=0 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit

@@ -58,35 +58,93 @@ def test_raa_on_cuda_under_bf16_autocast_matches_the_float64_cpu_result(base):
             torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=5e-2, atol=0.5)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+# (shape, feature dim, layout): groups of 4 and 32 threads a vector, one thread a vector (NCHW), several
+# passes of a group over the features, more vectors than the backward's fixed grid takes at once, one pixel
+RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
+                  ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 100, 6, 6), 1, "nchw"),
+                  ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw")]
+
+
+def _raa_kernels(kernels, monkeypatch):
+    """Make RAA take its CUDA C++ kernels ('cuda'; skipped where nvcc cannot build them) or its Triton
+    kernels ('triton'), and return the check that a tensor takes them."""
+    import bionets.layers.raa as raa_module
+    if kernels == "triton":
+        monkeypatch.setattr(raa_module, "_cuda_kernels", lambda *args: None)
+        return lambda x, v, c, dim: raa_module._triton_layout(x, dim) is not None
+    from bionets.layers import cuda_kernels
+    if cuda_kernels.ops("raa_cuda") is None:
+        pytest.skip("RAA's CUDA kernels cannot be built here (no nvcc, or the build failed: warned)")
+    return lambda x, v, c, dim: raa_module._cuda_kernels(x, v, c, dim) is not None
+
+
+@pytest.mark.parametrize("kernels", ["cuda", "triton"])
 @pytest.mark.parametrize("variant,base", [("vector", "gelu"), ("vector", "relu"), ("scalar", "gelu")])
-def test_raa_triton_path_in_float32_matches_float64_autograd(layout, variant, base):
-    """RAA's CUDA kernels (raa_triton) in float32, in each layout they read without a copy (the
-    gradient arrives contiguous, so a channels_last map's is re-laid), against float64 on the CPU."""
-    from bionets.layers.raa import RAA, _triton_layout
+def test_raa_kernels_in_float32_match_float64_autograd(kernels, variant, base, monkeypatch):
+    """RAA's CUDA kernels (CUDA C++: raa_cuda.cu; Triton: raa_triton) in float32, in each layout they
+    read without a copy (the gradient arrives contiguous, so a channels_last map's is re-laid),
+    against float64 on the CPU."""
+    from bionets.layers.raa import RAA
+    takes = _raa_kernels(kernels, monkeypatch)
     torch.manual_seed(0)
-    ref = RAA(24, variant=variant, base=base).double()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
-    gpu = RAA(24, variant=variant, base=base).cuda()
-    gpu.load_state_dict(ref.state_dict())
-    x = torch.randn((5, 9, 24) if layout == "tokens" else (5, 24, 7, 9), dtype=torch.float64)
-    xg = x.float().cuda()
-    if layout == "channels_last":
-        xg = xg.contiguous(memory_format=torch.channels_last)
-    assert _triton_layout(xg, -1 if layout == "tokens" else 1) is not None
-    xg.requires_grad_()
-    out = gpu(xg)
-    g = torch.randn_like(x)
-    out.backward(g.float().cuda())
-    xr = x.clone().requires_grad_()
-    want = ref(xr)
-    want.backward(g)
-    torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(xg.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-4)
-    for p, q in zip(gpu.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=1e-4, atol=1e-3)
+    for shape, dim, layout in RAA_CUDA_CASES:
+        ref = RAA(shape[dim], variant=variant, base=base).double()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_(0, 0.2)
+        gpu = RAA(shape[dim], variant=variant, base=base).cuda()
+        gpu.load_state_dict(ref.state_dict())
+        x = torch.randn(shape, dtype=torch.float64)
+        xg = x.float().cuda()
+        if layout == "channels_last":
+            xg = xg.contiguous(memory_format=torch.channels_last)
+        assert takes(xg, getattr(gpu, "v", None), gpu.c, dim), (shape, layout)
+        xg.requires_grad_()
+        out = gpu(xg)
+        g = torch.randn_like(x)
+        out.backward(g.float().cuda())
+        xr = x.clone().requires_grad_()
+        want = ref(xr)
+        want.backward(g)
+        torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+        assert out.stride() == xg.stride() and xg.grad.stride() == xg.stride()
+        torch.testing.assert_close(xg.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+        for p, q in zip(gpu.parameters(), ref.parameters()):
+            scale = q.grad.abs().max().item()
+            torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+def test_raa_cuda_kernels_in_half_precision_and_reproducible(dtype, base, monkeypatch):
+    """The CUDA C++ kernels read and write bf16 and fp16 maps and tokens (computing in float32): the
+    output and dL/dx are the float32 kernels' on the same values to the dtype's rounding, dL/dv and
+    dL/dc float32 and within float32 rounding of them; two backward passes give identical bits (the
+    sums over vectors run in a fixed order)."""
+    from bionets.layers.raa import RAA
+    _raa_kernels("cuda", monkeypatch)
+    torch.manual_seed(0)
+    for shape, dim, fmt in [((8, 32, 16, 16), 1, torch.channels_last), ((6, 64, 192), -1, None),
+                            ((4, 16, 9, 9), 1, torch.contiguous_format)]:
+        raa = RAA(shape[dim], base=base).cuda()
+        with torch.no_grad():
+            raa.v.normal_(0, 0.2)
+            raa.c.fill_(0.1)
+        x = torch.randn(shape, device="cuda").to(dtype)
+        g = torch.randn(shape, device="cuda").to(dtype)
+        if fmt is not None:
+            x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+        runs = []
+        for xin, gin in [(x, g), (x, g), (x.float(), g.float())]:
+            xin = xin.detach().requires_grad_()
+            out = raa(xin)
+            runs.append((out, *torch.autograd.grad(out, (xin, raa.v, raa.c), gin)))
+        assert runs[0][0].dtype == runs[0][1].dtype == dtype and runs[0][2].dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+        for a, b in zip(runs[0][:2], runs[2][:2]):
+            assert ((a.float() - b).abs().max() / b.abs().max()).item() < 2 ** -7
+        for a, b in zip(runs[0][2:], runs[2][2:]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():

@@ -282,6 +282,7 @@ def test_a_machine_where_triton_cannot_run_falls_back_to_the_pytorch_path(monkey
             raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(raa_module, "raa_triton", lambda: Broken)
+    monkeypatch.setattr(raa_module, "_own_kernels", lambda *args: None)      # as on a GPU without nvcc
     monkeypatch.setattr(kernel_fallback, "_FAILED", {})
     monkeypatch.setattr(raa_module, "_triton_layout",
                         lambda x, dim: None if kernel_fallback.failed_on("raa", x.device) else Broken.ncp_layout(x, dim))

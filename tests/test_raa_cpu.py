@@ -158,3 +158,65 @@ def test_a_nan_stays_in_its_element_with_a_scalar_shift():
         x.requires_grad_()
         raa(x).sum().backward()
         assert torch.isnan(x.grad).sum().item() == 1, layout
+
+
+def test_raa_is_one_operator_whose_autograd_is_cpp():
+    """Where the kernels take x, one RAA call is one operator with a C++ backward (no Python autograd
+    function: ~85 us a call here); in inference mode the same operator runs without autograd; with
+    the parameters frozen, or x not needing a gradient, the gradients that are asked for match."""
+    torch.manual_seed(0)
+    raa = randomized(RAA(10))
+    x = torch.randn(3, 10, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = raa(x)
+    assert "RaaFunction" in out.grad_fn.name()
+    with torch.inference_mode():
+        torch.testing.assert_close(raa(x), out.detach(), rtol=0, atol=0)
+    g = torch.randn_like(out)
+    gx, gv, gc = torch.autograd.grad(out, (x, raa.v, raa.c), g)
+    raa.requires_grad_(False)
+    torch.testing.assert_close(torch.autograd.grad(raa(x), x, g)[0], gx, rtol=0, atol=0)
+    raa.requires_grad_(True)
+    got_v, got_c = torch.autograd.grad(raa(x.detach()), (raa.v, raa.c), g)
+    torch.testing.assert_close((got_v, got_c), (gv, gc), rtol=0, atol=0)
+
+
+def test_cuda_kernels_are_skipped_silently_without_nvcc_and_warn_once_where_the_build_fails(monkeypatch, recwarn):
+    """RAA's CUDA C++ kernels need nvcc, which torch's wheels do not bring: without it (or with
+    BIONETS_CUDA_KERNELS=0) no build is tried and nothing is said (the Triton kernels serve); a
+    failing build warns once and is not tried again. Each GPU's compute capability gets its own
+    machine code, and the build's name changes with them."""
+    from bionets.layers import cuda_kernels
+    tried = []
+
+    def broken(name):
+        tried.append(name)
+        raise RuntimeError("building bionets_raa_cuda failed: nvcc fatal: Unsupported gpu architecture")
+
+    monkeypatch.setattr(cuda_kernels, "build", broken)
+    for env, toolkit in [("0", True), ("1", False)]:
+        monkeypatch.setattr(cuda_kernels, "_STATE", {})
+        monkeypatch.setenv("BIONETS_CUDA_KERNELS", env)
+        monkeypatch.setattr(cuda_kernels, "has_cuda_toolkit", lambda: toolkit)
+        assert cuda_kernels.ops("raa_cuda") is None
+    assert not tried and not recwarn.list
+    monkeypatch.setattr(cuda_kernels, "_STATE", {})
+    monkeypatch.setattr(cuda_kernels, "has_cuda_toolkit", lambda: True)
+    with pytest.warns(UserWarning, match="CUDA kernels cannot be built here.*Unsupported gpu.*Triton kernels"):
+        assert cuda_kernels.ops("raa_cuda") is None
+    assert cuda_kernels.ops("raa_cuda") is None and tried == ["raa_cuda"]
+    assert cuda_kernels.arch_flags([(9, 0), (8, 0), (9, 0)]) == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    h100, a100 = cuda_kernels.extension_name("raa_cuda", [(9, 0)]), cuda_kernels.extension_name("raa_cuda", [(8, 0)])
+    assert h100.startswith("bionets_raa_cuda_sm90_") and a100.startswith("bionets_raa_cuda_sm80_") and h100[-10:] != a100[-10:]
+
+
+def test_cuda_sources_compile_where_a_cuda_toolkit_is_installed():
+    """RAA's CUDA C++ sources build and register their operators for two compute capabilities
+    (Ampere, Hopper) on any machine with a CUDA toolkit, GPU or not (about a minute on 2 cores the
+    first time, then cached); machines without one skip this."""
+    from bionets.layers import cuda_kernels
+    if not cuda_kernels.has_cuda_toolkit():
+        pytest.skip("no CUDA toolkit (nvcc and CUDA's headers) that torch's builder finds")
+    ops = cuda_kernels.build("raa_cuda", [(8, 0), (9, 0)])
+    assert all(hasattr(ops, name) for name in ("raa", "forward", "backward"))

@@ -5,7 +5,8 @@ ops cannot fuse it and its eager path stays slow; each ``<name>.cpp`` beside thi
 kernels, vectorized with ATen's ``Vectorized`` and threaded with ``at::parallel_for``, and registers
 them as ``torch.ops.bionets_<name>``:
 
-* ``raa_cpu``: RAA's vector and scalar variants, one pass each way (:mod:`bionets.layers.raa`);
+* ``raa_cpu``: RAA's vector and scalar variants, one pass each way, and the whole activation as
+  one operator with its autograd in C++ (``raa_autograd.h``; :mod:`bionets.layers.raa`);
 * ``quadratic_cpu``: the quadratic layer's symmetric form, its products formed block by block beside
   PyTorch's matmuls (:mod:`bionets.layers.quadratic_sym`);
 * ``map_norm_cpu``: LayerNorm over a channels_last map's [H, W] in place of the copies to NCHW and
@@ -15,8 +16,9 @@ torch's C++ extension builder (``torch.utils.cpp_extension``, with the ``ninja``
 source at its layer's first CPU call, once per machine: about 10 s on 2 cores, with one line on
 stderr, cached under ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
 named by the vector instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash
-of the source, the header they share (``cpu_vec.h``) and torch's version, so a cache shared between machines or environments never hands
-one a kernel it cannot run.
+of the source, the headers beside it (``cpu_vec.h``, ``raa_autograd.h``) and torch's version, so a
+cache shared between machines or environments never hands one a kernel it cannot run. (The GPU's
+own C++ kernels are built the same way: :mod:`bionets.layers.cuda_kernels`.)
 
 Where no C++ compiler works, the layer warns once and keeps to its PyTorch path (correct, slower).
 The environment variable ``BIONETS_CPU_KERNELS=0`` takes the PyTorch paths without trying.
@@ -54,16 +56,14 @@ def source(name: str) -> Path:
     return Path(__file__).with_name(f"{name}.cpp")
 
 
-HEADER = Path(__file__).with_name("cpu_vec.h")    # included by every source
-
-
 def extension_name(name: str) -> tuple[str, list[str]]:
     """(the build's name, its compiler flags): ``bionets_<name>_<capability>_<hash>``, the hash of the
     source, the shared header, the flags and torch's version (a build is bound to the torch it was
     compiled against)."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, [])
-    key = source(name).read_bytes() + HEADER.read_bytes() + " ".join([*flags, torch.__version__]).encode()
+    headers = b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h")))
+    key = source(name).read_bytes() + headers + " ".join([*flags, torch.__version__]).encode()
     digest = hashlib.sha256(key).hexdigest()[:10]
     return f"bionets_{name}_{capability.lower()}_{digest}", flags
 
@@ -71,9 +71,19 @@ def extension_name(name: str) -> tuple[str, list[str]]:
 def build(name: str):
     """Compile and load ``<name>.cpp`` (or load the cached build): ``torch.ops.bionets_<name>``. A
     failure is raised as one RuntimeError line: the missing compiler, or the compiler's first error."""
-    _quiet_import()
-    from torch.utils import cpp_extension
     ext, flags = extension_name(name)
+    compile_extension(ext, [source(name)], f"{USERS[name]}'s CPU kernels", "~10 s",
+                      extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+    return getattr(torch.ops, f"bionets_{name}")
+
+
+def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **options) -> None:
+    """Build ``sources`` as the extension ``ext`` with torch's builder and load it (its operators
+    register themselves), or load the cached build; one line on stderr before a build (``what`` is
+    being built, ``takes`` how long). Failures raise one RuntimeError line: the missing compiler, or
+    the compiler's first error."""
+    quiet_import()
+    from torch.utils import cpp_extension
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH (install g++, or set CXX)")
@@ -86,18 +96,16 @@ def build(name: str):
             os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
     if not any(root.glob(f"{ext}/{ext}.so")) and not any(root.glob(f"*/{ext}/{ext}.so")):
-        print(f"bionets: building {USERS[name]}'s CPU kernels (once per machine, ~10 s)", file=sys.stderr, flush=True)
+        print(f"bionets: building {what} (once per machine, {takes})", file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(name=ext, sources=[str(source(name))], extra_cflags=["-O3", "-fopenmp", *flags],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        cpp_extension.load(name=ext, sources=[str(s) for s in sources], is_python_module=False, verbose=False, **options)
     except Exception as err:    # noqa: BLE001  (the builder raises RuntimeError with the whole log, or OSError)
         lines = str(err).splitlines() or [type(err).__name__]
         first_error = next((ln.strip() for ln in lines if "error" in ln.lower() and "[1/" not in ln), lines[0])
         raise RuntimeError(f"building {ext} failed: {first_error[:300]}") from err
-    return getattr(torch.ops, f"bionets_{name}")
 
 
-def _quiet_import() -> None:
+def quiet_import() -> None:
     """Import torch.utils.cpp_extension without its warning about a missing CUDA runtime (meant for
     CUDA extensions; these are CPU-only)."""
     logger = logging.getLogger("torch.utils.cpp_extension")

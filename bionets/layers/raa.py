@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bionets.errors import BionetsError
-from bionets.layers import cpu_kernels
+from bionets.layers import cpu_kernels, cuda_kernels
 from bionets.layers.kernel_fallback import differentiable_backward, failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import triton_kernels
@@ -182,6 +182,28 @@ def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: 
     return cpu_kernels.ops("raa_cpu") if layout_ok else None
 
 
+def _cuda_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
+    """RAA's CUDA C++ kernels (``raa_cuda.cu``, :mod:`bionets.layers.cuda_kernels`) where they compute
+    RAA for x, else None: a CUDA tensor x in float32, bf16 or fp16 read as [N, C, P] without a copy
+    (the layouts of :func:`bionets.layers.raa_triton.ncp_layout`), v and c float32, at most 8191
+    features; where nvcc is installed (otherwise the Triton kernels serve)."""
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or x.shape[dim] > 8191:
+        return None
+    if c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
+        return None
+    if dim == 1:
+        layout_ok = x.ndim == 4 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    else:
+        layout_ok = x.is_contiguous()
+    return cuda_kernels.ops("raa_cuda") if layout_ok else None
+
+
+def _own_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
+    """RAA's own operators for x (C++ on the CPU, CUDA C++ on the GPU; each one call forward and
+    backward, autograd in C++), or None: then :class:`_RaaVector` (Triton kernels or PyTorch ops)."""
+    return _cuda_kernels(x, v, c, dim) if x.is_cuda else _cpu_kernels(x, v, c, dim)
+
+
 def in_own_dtype(x: torch.Tensor):
     """A context that computes in x's dtype: autocast off where it is on. RAA's sums run in x's dtype
     on every path, as its kernels compute them (autocast ran the PyTorch path's shift v . x, a matmul,
@@ -208,9 +230,10 @@ class _RaaVector(torch.autograd.Function):
     relu form ``y = max(0, z)``: both are ``1[z > 0]``.
     With ``gs`` = grad * dy/dshift summed over each vector's features: dL/dx gains ``v gs``,
     dL/dv = sum over vectors of ``gs x``, dL/dc = sum of ``gs``.
-    Each direction is one fused kernel where one runs: Triton on CUDA (:mod:`bionets.layers.raa_triton`),
-    C++ on the CPU for float32 (``raa_cpu.cpp``); both save x and the shift. Elsewhere
-    PyTorch ops, saving x and the shift (gelu) or x and y (relu; y is kept alive by the next layer anyway).
+    Each direction is one fused Triton kernel on CUDA (:mod:`bionets.layers.raa_triton`), saving x and
+    the shift; elsewhere PyTorch ops, saving x and the shift (gelu) or x and y (relu; y is kept alive
+    by the next layer anyway). (Where RAA's own C++ or CUDA kernels run, :meth:`RAA._eager` calls
+    their operator instead, whose autograd is C++ too: ``raa_autograd.h``.)
     """
 
     @staticmethod
@@ -220,10 +243,6 @@ class _RaaVector(torch.autograd.Function):
         done = _triton_forward(x, v, c, layout, base == "relu") if layout is not None else None
         if done is not None:                           # CUDA: one fused kernel each way
             ctx.kernel, ctx.layout = "triton", layout
-        elif (kernels := _cpu_kernels(x, v, c, dim)) is not None:     # float32 on the CPU: the same in C++
-            ctx.kernel = "cpu"
-            done = kernels.forward(x, v, c, dim, base == "relu")
-        if done is not None:
             y, s = done
             ctx.save_for_backward(x, v, c, s)
             return y
@@ -248,9 +267,6 @@ class _RaaVector(torch.autograd.Function):
         if ctx.kernel == "triton":
             gx, gv, gc = raa_triton().backward(x, grad, saved, v, ctx.layout, relu=ctx.base == "relu")
             return gx, None if v is None else gv.to(v.dtype), gc.reshape(c.shape).to(c.dtype), None, None
-        if ctx.kernel == "cpu":
-            gx, gv, gc = cpu_kernels.ops("raa_cpu").backward(x, grad, saved, v, dim, ctx.base == "relu")
-            return gx, None if v is None else gv, gc.view(c.shape), None, None
         if ctx.base == "relu":
             gx = torch.ops.aten.threshold_backward(grad, saved, 0)
             gs, scale = gx, 1.0
@@ -339,7 +355,7 @@ class RAA(nn.Module):
                                "this call (layers registered out of call order, or one module called at several widths); "
                                "swap with an example input (swap_activations(..., example_input=x), or the raa option "
                                "input_size: [C, H, W]) so that every call's width is seen, or exclude it by pattern")
-        plain = torch.compiler.is_compiling() or under_function_transform()
+        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
         if self.compiled or plain:
             # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
             # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
@@ -360,7 +376,10 @@ class RAA(nn.Module):
 
     def _eager(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.variant != "matrix":
-            return _RaaVector.apply(x, getattr(self, "v", None), self.c, dim, self.base)
+            v = getattr(self, "v", None)
+            if (kernels := _own_kernels(x, v, self.c, dim)) is not None:   # one operator, autograd in C++
+                return kernels.raa(x, v, self.c, dim, self.base == "relu")
+            return _RaaVector.apply(x, v, self.c, dim, self.base)
         s = matrix_shift(x, self.W, self.c, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "cpu_vec.h"
+#include "raa_autograd.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -365,14 +366,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_backward(const at::Tensor& x,
   return {gx, gv, gc};
 }
 
+struct Kernels {
+  static constexpr auto forward = raa_forward;
+  static constexpr auto backward = raa_backward;
+};
+
 }  // namespace
 
 TORCH_LIBRARY(bionets_raa_cpu, m) {
   m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
   m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("raa(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bionets_raa_cpu, CPU, m) {
   m.impl("forward", raa_forward);
   m.impl("backward", raa_backward);
+  m.impl("raa", bionets_raa::raa_no_grad<Kernels>);
+}
+
+TORCH_LIBRARY_IMPL(bionets_raa_cpu, AutogradCPU, m) {
+  m.impl("raa", bionets_raa::raa<Kernels>);
 }

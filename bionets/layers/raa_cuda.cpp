@@ -1,0 +1,40 @@
+// RAA's CUDA operators (torch.ops.bionets_raa_cuda): the kernels of raa_cuda.cu, and `raa`, the
+// whole activation as one operator whose autograd is C++ (raa_autograd.h). Built on first use by
+// bionets/layers/cuda_kernels.py.
+#include <torch/library.h>
+
+#include "raa_autograd.h"
+
+#include <optional>
+#include <tuple>
+
+std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
+                                                    const at::Tensor& c, int64_t dim, bool relu);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
+                                                                 const at::Tensor& s, const std::optional<at::Tensor>& v,
+                                                                 int64_t dim, bool relu);
+
+namespace {
+
+struct Kernels {
+  static constexpr auto forward = raa_cuda_forward;
+  static constexpr auto backward = raa_cuda_backward;
+};
+
+}  // namespace
+
+TORCH_LIBRARY(bionets_raa_cuda, m) {
+  m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
+  m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("raa(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bionets_raa_cuda, CUDA, m) {
+  m.impl("forward", raa_cuda_forward);
+  m.impl("backward", raa_cuda_backward);
+  m.impl("raa", bionets_raa::raa_no_grad<Kernels>);
+}
+
+TORCH_LIBRARY_IMPL(bionets_raa_cuda, AutogradCUDA, m) {
+  m.impl("raa", bionets_raa::raa<Kernels>);
+}

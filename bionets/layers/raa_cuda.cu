@@ -1,0 +1,255 @@
+// RAA's vector and scalar variants as CUDA kernels: one pass over the map each way, plus a small
+// reduction of the parameters' partial sums (built on first use by bionets/layers/cuda_kernels.py;
+// the operators and their C++ autograd are in raa_cuda.cpp).
+//
+// forward, per feature vector x (one token, or one pixel of a map), c a scalar:
+//     s = v . x + c                         (scalar variant: s = c)
+//     y = x Phi(x + s)   (gelu form)        y = max(0, x + s)   (relu form)
+// backward, with z = x + s and g = dL/dy:
+//     gs    = sum_features g dy/ds          (x phi(z), or 1[z > 0])
+//     dL/dx = g dy/dx|_s + v gs             (Phi(z) + x phi(z), or 1[z > 0])
+//     dL/dv = sum_vectors gs x,  dL/dc = sum_vectors gs
+//
+// x is read as [N, C, P] with one stride each (NCHW maps, channels_last maps, token tensors; no
+// copy). A group of G threads takes one vector (G = 1 when the pixels are contiguous, NCHW: then
+// neighbouring threads read neighbouring pixels; else the power of two >= C, at most 32, and the
+// group's threads read neighbouring features); sums over a vector are shuffles within the group.
+// Math in float32 for float32, bf16 and fp16 x; s and the parameters' gradients are float32. The
+// sums over vectors are taken per block in a fixed order and then over the blocks in a fixed order:
+// the same result on every run.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int MAX_BLOCKS = 1024;            // backward: a fixed grid, so the order of the sums is fixed
+constexpr int SHARED_FLOATS = 8192;         // backward: partial sums per block (32 KB)
+constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+
+struct Layout {
+  int64_t M, C, P, sn, sc, sp;              // M = N P vectors
+  int G;                                    // threads per vector
+  __device__ int64_t base(int64_t row) const { return (row / P) * sn + (row % P) * sp; }
+};
+
+__device__ __forceinline__ float group_sum(float a, int G) {
+  for (int offset = G / 2; offset > 0; offset /= 2) a += __shfl_xor_sync(0xffffffffu, a, offset);
+  return a;
+}
+
+template <typename T>
+__device__ __forceinline__ float ld(const T* p) { return static_cast<float>(*p); }
+
+template <typename T, bool RELU, bool HAS_V>
+__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ v, const float* __restrict__ c,
+                               T* __restrict__ y, float* __restrict__ s, Layout l) {
+  const int lane = threadIdx.x % l.G;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / l.G) + threadIdx.x / l.G;
+  const bool valid = row < l.M;
+  const int64_t b = valid ? l.base(row) : 0;
+  float dot = 0.f;
+  if (HAS_V && valid) {
+    for (int64_t k = lane; k < l.C; k += l.G) dot += ld(x + b + k * l.sc) * v[k];
+  }
+  if (HAS_V) dot = group_sum(dot, l.G);                 // every lane of the warp takes part
+  if (!valid) return;
+  const float shift = dot + c[0];
+  if (lane == 0) s[row] = shift;
+  for (int64_t k = lane; k < l.C; k += l.G) {
+    const float xv = ld(x + b + k * l.sc), z = xv + shift;
+    y[b + k * l.sc] = static_cast<T>(RELU ? fmaxf(z, 0.f) : xv * normcdff(z));
+  }
+}
+
+// dy/dx|_s and dy/ds at x, z = x + s
+template <bool RELU>
+__device__ __forceinline__ void slopes(float xv, float z, float& dydx, float& dyds) {
+  if (RELU) {
+    dydx = dyds = z > 0.f ? 1.f : 0.f;
+  } else {
+    dyds = xv * expf(-0.5f * z * z) * INV_SQRT_2PI;            // x phi(z)
+    dydx = normcdff(z) + dyds;                                   // Phi(z) + x phi(z)
+  }
+}
+
+// dL/dx, and per block the partial sums of dL/dv (C of them) and dL/dc (one) in part[block, C + 1]
+template <typename T, bool RELU, bool HAS_V>
+__global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ s,
+                                const float* __restrict__ v, T* __restrict__ gx, float* __restrict__ part, Layout l) {
+  extern __shared__ float acc[];                 // [groups, C + 1]: each entry written by one thread only
+  const int groups = blockDim.x / l.G, group = threadIdx.x / l.G, lane = threadIdx.x % l.G;
+  const int64_t width = l.C + 1;
+  for (int64_t k = threadIdx.x; k < groups * width; k += blockDim.x) acc[k] = 0.f;
+  __syncthreads();
+  float* mine = acc + group * width;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < l.M; first += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = first + group;
+    const bool valid = row < l.M;
+    const int64_t b = valid ? l.base(row) : 0;
+    const float shift = valid ? s[row] : 0.f;
+    float gs = 0.f;
+    if (valid) {
+      for (int64_t k = lane; k < l.C; k += l.G) {
+        const float xv = ld(x + b + k * l.sc);
+        float dydx, dyds;
+        slopes<RELU>(xv, xv + shift, dydx, dyds);
+        gs += ld(g + b + k * l.sc) * dyds;
+      }
+    }
+    gs = group_sum(gs, l.G);                                     // every lane of the warp takes part
+    if (!valid) continue;
+    for (int64_t k = lane; k < l.C; k += l.G) {
+      const float xv = ld(x + b + k * l.sc), gv = ld(g + b + k * l.sc);
+      float dydx, dyds;
+      slopes<RELU>(xv, xv + shift, dydx, dyds);
+      float d = gv * dydx;
+      if (HAS_V) {
+        d += v[k] * gs;
+        mine[k] += gs * xv;
+      }
+      gx[b + k * l.sc] = static_cast<T>(d);
+    }
+    if (lane == 0) mine[l.C] += gs;
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
+    float total = 0.f;
+    for (int j = 0; j < groups; ++j) total += acc[j * width + k];
+    part[blockIdx.x * width + k] = total;
+  }
+}
+
+// dL/dv[k] (k < C; where gv is not null) and dL/dc (k = C): the sum over the blocks of part[block, k],
+// in block order
+__global__ void sum_blocks_kernel(const float* __restrict__ part, float* __restrict__ gv, float* __restrict__ gc,
+                                  int blocks, int64_t C) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k > C || (k < C && gv == nullptr)) return;
+  float total = 0.f;
+  for (int j = 0; j < blocks; ++j) total += part[j * (C + 1) + k];
+  (k < C ? gv[k] : *gc) = total;
+}
+
+// dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor
+Layout layout_of(const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK(x.is_cuda(), "bionets RAA CUDA kernels take CUDA tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "bionets RAA CUDA kernels take float32, bf16 or fp16, got ", x.scalar_type());
+  Layout l{};
+  if (dim == 1) {
+    TORCH_CHECK(x.dim() == 4, "bionets RAA CUDA kernels: a map must be 4-D");
+    const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+    if (x.is_contiguous()) {
+      l = Layout{N * P, C, P, C * P, P, 1, 1};
+    } else {
+      TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "bionets RAA CUDA kernels: map neither NCHW nor channels_last");
+      l = Layout{N * P, C, P, C * P, 1, C, 1};
+    }
+  } else {
+    TORCH_CHECK(x.is_contiguous(), "bionets RAA CUDA kernels: features-last tensor not contiguous");
+    const int64_t C = x.size(-1);
+    l = Layout{C ? x.numel() / C : 0, C, 1, C, 1, 0, 1};
+  }
+  TORCH_CHECK(l.C + 1 <= SHARED_FLOATS, "bionets RAA CUDA kernels take at most ", SHARED_FLOATS - 1, " features");
+  if (l.sc == 1) {                          // the features contiguous: a group of threads per vector
+    while (l.G < 32 && l.G < l.C) l.G *= 2;
+  }
+  return l;
+}
+
+const float* v_data(const std::optional<at::Tensor>& v, const Layout& l) {
+  if (!v) return nullptr;
+  TORCH_CHECK(v->is_cuda() && v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == l.C,
+              "bionets RAA CUDA kernels: v must be a contiguous float32 CUDA vector of the feature size");
+  return v->data_ptr<float>();
+}
+
+// f(T) for x's dtype, T the kernels' element type
+template <typename F>
+void with_dtype(at::ScalarType t, const F& f) {
+  if (t == at::kFloat) return f(float{});
+  if (t == at::kBFloat16) return f(c10::BFloat16{});
+  return f(c10::Half{});
+}
+
+template <typename F>
+void with_flags(bool relu, bool has_v, const F& f) {
+  const auto with_v = [&](auto relu_c) {
+    has_v ? f(relu_c, std::true_type{}) : f(relu_c, std::false_type{});
+  };
+  relu ? with_v(std::true_type{}) : with_v(std::false_type{});
+}
+
+}  // namespace
+
+// (y, s): s holds the shift of each vector, [N * P]
+std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
+                                                    const at::Tensor& c, int64_t dim, bool relu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Layout l = layout_of(x, dim);
+  TORCH_CHECK(c.is_cuda() && c.scalar_type() == at::kFloat && c.numel() == 1, "bionets RAA CUDA kernels: c must be one float32 on the GPU");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor s = at::empty({l.M}, x.options().dtype(at::kFloat));
+  if (l.M == 0 || l.C == 0) return {y, s};
+  const float* vp = v_data(v, l);
+  const int64_t per_block = THREADS / l.G;
+  const auto blocks = static_cast<unsigned>((l.M + per_block - 1) / per_block);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_dtype(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    with_flags(relu, vp != nullptr, [&](auto relu_c, auto has_v) {
+      forward_kernel<T, decltype(relu_c)::value, decltype(has_v)::value><<<blocks, THREADS, 0, stream>>>(
+          static_cast<const T*>(x.const_data_ptr()), vp, c.const_data_ptr<float>(), static_cast<T*>(y.data_ptr()),
+          s.data_ptr<float>(), l);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {y, s};
+}
+
+// (dL/dx, dL/dv (empty for the scalar variant), dL/dc [1])
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
+                                                                 const at::Tensor& s, const std::optional<at::Tensor>& v,
+                                                                 int64_t dim, bool relu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Layout l = layout_of(x, dim);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.M,
+              "bionets RAA CUDA kernels: the saved shift does not match x");
+  // the gradient is read with x's strides: one copy where it arrives in another layout or dtype
+  const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == x.scalar_type() ? g : at::empty_like(x).copy_(g);
+  at::Tensor gx = at::empty_like(x);
+  const int64_t width = l.C + 1;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor gv = at::empty({v ? l.C : 0}, f32), gc = at::empty({1}, f32);
+  const float* vp = v_data(v, l);
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(THREADS / l.G, SHARED_FLOATS / width));
+  const int threads = static_cast<int>(groups * l.G);
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(MAX_BLOCKS, (l.M + groups - 1) / groups)));
+  at::Tensor part = at::empty({blocks, width}, f32);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_dtype(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    with_flags(relu, vp != nullptr, [&](auto relu_c, auto has_v) {
+      backward_kernel<T, decltype(relu_c)::value, decltype(has_v)::value>
+          <<<blocks, threads, groups * width * sizeof(float), stream>>>(
+              static_cast<const T*>(x.const_data_ptr()), static_cast<const T*>(grad.const_data_ptr()),
+              s.const_data_ptr<float>(), vp, static_cast<T*>(gx.data_ptr()), part.data_ptr<float>(), l);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  sum_blocks_kernel<<<static_cast<unsigned>((width + THREADS - 1) / THREADS), THREADS, 0, stream>>>(
+      part.const_data_ptr<float>(), vp ? gv.data_ptr<float>() : nullptr, gc.data_ptr<float>(), blocks, l.C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx, gv, gc};
+}
