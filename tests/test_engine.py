@@ -346,6 +346,14 @@ def test_a_new_run_into_a_used_run_directory_takes_the_next_free_name(tmp_path, 
     assert train(fast_config(tmp_path, "train.epochs=1", name="b"), quiet=True)["run_dir"] == str(tmp_path / "b")
 
 
+def test_runs_started_at_the_same_moment_never_pick_the_same_directory(tmp_path):
+    """Choosing a run's directory claims it (its config.yaml created only if absent, in one step):
+    runs that choose before either has written anything still get different directories."""
+    from bionets.engine.trainer import unused_name
+    assert [unused_name(str(tmp_path), "a") for _ in range(3)] == ["a", "a-2", "a-3"]
+    assert all((tmp_path / name / "config.yaml").exists() for name in ("a", "a-2", "a-3"))
+
+
 def test_resume_without_a_config_continues_the_checkpoints_run(tmp_path, capsys):
     """bionets train --resume CKPT: the checkpoint's own config (the default digits run would not match);
     settings that do not change the run (progress, device) may be overridden; the metrics log is the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -378,11 +379,28 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt
 def unused_name(out_dir: str, name: str) -> str:
     """``name`` where its run directory (out_dir/name) holds no run's files yet, else the first of
     ``name-2``, ``name-3``, ... whose directory holds none: a new run neither overwrites an earlier
-    one nor mixes its files with it."""
+    one nor mixes its files with it. The directory is claimed as it is chosen (:func:`_claim`)."""
     candidate, stem, k = name, name.rstrip("/\\"), 2
-    while any((Path(out_dir) / candidate / f).exists() for f in RUN_FILES):
+    while not _claim(Path(out_dir) / candidate):
         candidate, k = f"{stem}-{k}", k + 1
     return candidate
+
+
+def _claim(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds no run's files and is now this run's: its ``config.yaml`` created
+    (empty, replaced by the run's config at once) only if no file of that name exists, in one step,
+    so that two runs started at the same moment never pick the same directory. True also where the
+    directory cannot be made: the caller's :func:`make_output_dir` then says why."""
+    if any((run_dir / f).exists() for f in RUN_FILES):
+        return False
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(run_dir / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        return not (run_dir / "config.yaml").exists()       # taken a moment ago by another run, or not a directory
+    except OSError:
+        return True
+    return True
 
 
 def _write_text(path, text: str) -> None:
