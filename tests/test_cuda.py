@@ -58,28 +58,34 @@ def test_raa_on_cuda_under_bf16_autocast_matches_the_float64_cpu_result(base):
             torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=5e-2, atol=0.5)
 
 
-# (shape, feature dim, layout): groups of 4 and 32 threads a vector, one thread a vector (NCHW), several
-# passes of a group over the features, more vectors than the backward's fixed grid takes at once, one pixel
+# (shape, feature dim, layout): groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW),
+# several passes of a group over the features, fewer than 8 groups a block (1500 features), more
+# vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 81 vectors a
+# block), one pixel
 RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
                   ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 100, 6, 6), 1, "nchw"),
-                  ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw")]
+                  ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
+                  ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 1500, 3), -1, "tokens"),
+                  ((20, 100, 64, 72), 1, "nchw")]
 
 
 def _raa_kernels(kernels, monkeypatch):
-    """Make RAA take its CUDA C++ kernels ('cuda'; skipped where nvcc cannot build them) or its Triton
-    kernels ('triton'), and return the check that a tensor takes them."""
+    """Make RAA take its CUDA C++ kernels ('cuda'; skipped where there is no CUDA toolkit, failed where
+    one is and the build fails) or its Triton kernels ('triton'), and return the check that a tensor
+    takes them."""
     import bionets.layers.raa as raa_module
     if kernels == "triton":
         monkeypatch.setattr(raa_module, "_cuda_kernels", lambda *args: None)
         return lambda x, v, c, dim: raa_module._triton_layout(x, dim) is not None
     from bionets.layers import cuda_kernels
     if cuda_kernels.ops("raa_cuda") is None:
-        pytest.skip("RAA's CUDA kernels cannot be built here (no nvcc, or the build failed: warned)")
+        assert not cuda_kernels.has_cuda_toolkit(), "RAA's CUDA kernels did not build: see the warning"
+        pytest.skip("no CUDA toolkit here: RAA's CUDA C++ kernels cannot be built")
     return lambda x, v, c, dim: raa_module._cuda_kernels(x, v, c, dim) is not None
 
 
 @pytest.mark.parametrize("kernels", ["cuda", "triton"])
-@pytest.mark.parametrize("variant,base", [("vector", "gelu"), ("vector", "relu"), ("scalar", "gelu")])
+@pytest.mark.parametrize("variant,base", [("vector", "gelu"), ("vector", "relu"), ("scalar", "gelu"), ("scalar", "relu")])
 def test_raa_kernels_in_float32_match_float64_autograd(kernels, variant, base, monkeypatch):
     """RAA's CUDA kernels (CUDA C++: raa_cuda.cu; Triton: raa_triton) in float32, in each layout they
     read without a copy (the gradient arrives contiguous, so a channels_last map's is re-laid),
@@ -122,7 +128,7 @@ def test_raa_cuda_kernels_in_half_precision_and_reproducible(dtype, base, monkey
     dL/dc float32 and within float32 rounding of them; two backward passes give identical bits (the
     sums over vectors run in a fixed order)."""
     from bionets.layers.raa import RAA
-    _raa_kernels("cuda", monkeypatch)
+    takes = _raa_kernels("cuda", monkeypatch)
     torch.manual_seed(0)
     for shape, dim, fmt in [((8, 32, 16, 16), 1, torch.channels_last), ((6, 64, 192), -1, None),
                             ((4, 16, 9, 9), 1, torch.contiguous_format)]:
@@ -134,6 +140,7 @@ def test_raa_cuda_kernels_in_half_precision_and_reproducible(dtype, base, monkey
         g = torch.randn(shape, device="cuda").to(dtype)
         if fmt is not None:
             x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+        assert takes(x, raa.v, raa.c, dim)
         runs = []
         for xin, gin in [(x, g), (x, g), (x.float(), g.float())]:
             xin = xin.detach().requires_grad_()
@@ -145,6 +152,36 @@ def test_raa_cuda_kernels_in_half_precision_and_reproducible(dtype, base, monkey
             assert ((a.float() - b).abs().max() / b.abs().max()).item() < 2 ** -7
         for a, b in zip(runs[0][2:], runs[2][2:]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_raa_cuda_operator_in_inference_mode_with_nan_and_a_wrong_device(monkeypatch):
+    """Inference mode runs the same operator without autograd; a NaN input makes its pixel's shift
+    and outputs NaN in both forms (max(0, NaN) stays NaN, as in ReLU), and the ReLU form's gradient
+    passes it as threshold_backward does; parameters on another device than x give an error, not an
+    illegal memory access."""
+    from bionets.layers.raa import RAA
+    takes = _raa_kernels("cuda", monkeypatch)
+    for base in ("gelu", "relu"):
+        raa = RAA(8, base=base).cuda()
+        x = torch.randn(2, 8, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
+        x[0, 3, 1, 1] = float("nan")
+        assert takes(x, raa.v, raa.c, 1)
+        xg = x.clone().requires_grad_()
+        out = raa(xg)
+        with torch.inference_mode():
+            torch.testing.assert_close(raa(x), out.detach(), rtol=0, atol=0, equal_nan=True)
+        assert out[0, :, 1, 1].isnan().all() and out.isnan().sum() == 8
+        out.backward(torch.ones_like(out))
+        if base == "relu":
+            assert xg.grad[0, 3, 1, 1] == 1
+    ops = _cuda_ops()
+    with pytest.raises(RuntimeError, match="x's device"):
+        ops.raa(torch.randn(2, 8, 3, 3, device="cuda"), torch.zeros(8, device="cuda"), torch.zeros(1), 1, True)
+
+
+def _cuda_ops():
+    from bionets.layers import cuda_kernels
+    return cuda_kernels.ops("raa_cuda")
 
 
 def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
@@ -281,13 +318,16 @@ def test_training_under_cuda_graphs_with_raa_and_arr(tmp_path):
     assert state["arr_memory.seen"].all() and state["arr_memory.mean"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kernels", ["cuda", "triton"])
 @pytest.mark.parametrize("strategy", ["fused", "blocks"])
-def test_second_derivatives_through_the_triton_kernels(strategy):
-    """create_graph through RAA's Triton function and the quadratic layer's CUDA strategies (float32):
-    the same second-order gradients as autograd of the float64 formulas on the CPU."""
+def test_second_derivatives_through_the_gpu_kernels(strategy, kernels, monkeypatch):
+    """create_graph through RAA's CUDA C++ operator or its Triton function, and the quadratic layer's
+    CUDA strategies (float32): the same second-order gradients as autograd of the float64 formulas
+    on the CPU."""
     import copy
     from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
     from bionets.layers.raa import RAA
+    _raa_kernels(kernels, monkeypatch)
     torch.manual_seed(0)
     raa, quad = RAA(8), QuadraticChannel(8, 4)
     with torch.no_grad():

@@ -11,7 +11,8 @@ layer has its own CUDA kernels, it calls one operator per call whose autograd is
 torch's C++ extension builder compiles them with ``nvcc`` at the layer's first CUDA call, once per
 machine (about a minute, with one line on stderr; cached under ``~/.cache/torch_extensions`` or
 ``TORCH_EXTENSIONS_DIR``), for the compute capability of each visible GPU. The build's name hashes
-the sources, the headers beside them, those capabilities and torch's and CUDA's versions.
+the sources, the headers beside them, those capabilities, torch's and CUDA's versions and the
+toolkit's place.
 
 torch's wheels do not bring ``nvcc``: where torch's builder finds no CUDA toolkit (nvcc and CUDA's
 headers under ``CUDA_HOME``, or found from nvcc on PATH) the layers use their Triton kernels,
@@ -54,10 +55,12 @@ def arch_flags(capabilities: list[tuple[int, int]]) -> list[str]:
 
 def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
     """``bionets_<name>_sm<capabilities>_<hash>``, the hash of the sources, the headers beside them,
-    the capabilities and torch's and CUDA's versions."""
+    the capabilities, torch's and CUDA's versions and the toolkit's place (``CUDA_HOME``)."""
     here = Path(__file__).parent
     key = b"".join(p.read_bytes() for p in sources(name)) + b"".join(h.read_bytes() for h in sorted(here.glob("*.h")))
-    key += f"{sorted(set(capabilities))} {torch.__version__} {torch.version.cuda}".encode()
+    cpu_kernels.quiet_import()
+    from torch.utils import cpp_extension
+    key += f"{sorted(set(capabilities))} {torch.__version__} {torch.version.cuda} {cpp_extension.CUDA_HOME}".encode()
     sms = "_".join(f"{a}{b}" for a, b in sorted(set(capabilities)))
     return f"bionets_{name}_sm{sms}_{hashlib.sha256(key).hexdigest()[:10]}"
 

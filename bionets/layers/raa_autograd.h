@@ -23,15 +23,13 @@ namespace bionets_raa {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// RAA as plain ATen operators, in x's dtype (v and c cast to it), features on `dim` (1 or -1)
+// RAA as plain ATen operators, features on `dim` (1 or -1): bionets.layers.raa.raa_expression, whose
+// float32 parameters promote a bf16 or fp16 x (the shift in float32), the result in x's dtype
 inline at::Tensor expression(const at::Tensor& x, const at::Tensor& v, const at::Tensor& c, int64_t dim, bool relu) {
-  at::Tensor s = c.to(x.scalar_type());
-  if (v.defined()) {
-    const at::Tensor vb = dim == 1 ? v.to(x.scalar_type()).view({1, -1, 1, 1}) : v.to(x.scalar_type());
-    s = (x * vb).sum(dim, /*keepdim=*/true) + s;
-  }
+  at::Tensor s = c;
+  if (v.defined()) s = (x * (dim == 1 ? v.view({1, -1, 1, 1}) : v)).sum(dim, /*keepdim=*/true) + c;
   const at::Tensor z = x + s;
-  return relu ? z.clamp_min(0) : x * at::special_ndtr(z);
+  return (relu ? z.clamp_min(0) : x * at::special_ndtr(z)).to(x.scalar_type());
 }
 
 template <typename Kernels>

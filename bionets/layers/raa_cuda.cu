@@ -68,7 +68,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict_
   if (lane == 0) s[row] = shift;
   for (int64_t k = lane; k < l.C; k += l.G) {
     const float xv = ld(x + b + k * l.sc), z = xv + shift;
-    y[b + k * l.sc] = static_cast<T>(RELU ? fmaxf(z, 0.f) : xv * normcdff(z));
+    y[b + k * l.sc] = static_cast<T>(RELU ? (z <= 0.f ? 0.f : z) : xv * normcdff(z));   // max keeping NaN
   }
 }
 
@@ -76,20 +76,21 @@ __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict_
 template <bool RELU>
 __device__ __forceinline__ void slopes(float xv, float z, float& dydx, float& dyds) {
   if (RELU) {
-    dydx = dyds = z > 0.f ? 1.f : 0.f;
+    dydx = dyds = z <= 0.f ? 0.f : 1.f;                         // as threshold_backward: NaN passes
   } else {
     dyds = xv * expf(-0.5f * z * z) * INV_SQRT_2PI;            // x phi(z)
     dydx = normcdff(z) + dyds;                                   // Phi(z) + x phi(z)
   }
 }
 
-// dL/dx, and per block the partial sums of dL/dv (C of them) and dL/dc (one) in part[block, C + 1]
+// dL/dx, and per block the partial sums of dL/dv (C of them, with v) and dL/dc (the last) in
+// part[block, width], width = C + 1 (with v) or 1
 template <typename T, bool RELU, bool HAS_V>
 __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ s,
                                 const float* __restrict__ v, T* __restrict__ gx, float* __restrict__ part, Layout l) {
-  extern __shared__ float acc[];                 // [groups, C + 1]: each entry written by one thread only
+  extern __shared__ float acc[];                 // [groups, width]: each entry written by one thread only
   const int groups = blockDim.x / l.G, group = threadIdx.x / l.G, lane = threadIdx.x % l.G;
-  const int64_t width = l.C + 1;
+  const int64_t width = HAS_V ? l.C + 1 : 1;
   for (int64_t k = threadIdx.x; k < groups * width; k += blockDim.x) acc[k] = 0.f;
   __syncthreads();
   float* mine = acc + group * width;
@@ -120,7 +121,7 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g
       }
       gx[b + k * l.sc] = static_cast<T>(d);
     }
-    if (lane == 0) mine[l.C] += gs;
+    if (lane == 0) mine[width - 1] += gs;
   }
   __syncthreads();
   for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
@@ -130,15 +131,15 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g
   }
 }
 
-// dL/dv[k] (k < C; where gv is not null) and dL/dc (k = C): the sum over the blocks of part[block, k],
-// in block order
+// dL/dv[k] (k < width - 1) and dL/dc (k = width - 1): the sum over the blocks of part[block, k], in
+// block order
 __global__ void sum_blocks_kernel(const float* __restrict__ part, float* __restrict__ gv, float* __restrict__ gc,
-                                  int blocks, int64_t C) {
+                                  int blocks, int64_t width) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k > C || (k < C && gv == nullptr)) return;
+  if (k >= width) return;
   float total = 0.f;
-  for (int j = 0; j < blocks; ++j) total += part[j * (C + 1) + k];
-  (k < C ? gv[k] : *gc) = total;
+  for (int j = 0; j < blocks; ++j) total += part[j * width + k];
+  (k < width - 1 ? gv[k] : *gc) = total;
 }
 
 // dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor
@@ -168,10 +169,10 @@ Layout layout_of(const at::Tensor& x, int64_t dim) {
   return l;
 }
 
-const float* v_data(const std::optional<at::Tensor>& v, const Layout& l) {
+const float* v_data(const std::optional<at::Tensor>& v, const Layout& l, const at::Device& device) {
   if (!v) return nullptr;
-  TORCH_CHECK(v->is_cuda() && v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == l.C,
-              "bionets RAA CUDA kernels: v must be a contiguous float32 CUDA vector of the feature size");
+  TORCH_CHECK(v->device() == device && v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == l.C,
+              "bionets RAA CUDA kernels: v must be a contiguous float32 vector of the feature size on x's device");
   return v->data_ptr<float>();
 }
 
@@ -196,13 +197,14 @@ void with_flags(bool relu, bool has_v, const F& f) {
 // (y, s): s holds the shift of each vector, [N * P]
 std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
                                                     const at::Tensor& c, int64_t dim, bool relu) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const Layout l = layout_of(x, dim);
-  TORCH_CHECK(c.is_cuda() && c.scalar_type() == at::kFloat && c.numel() == 1, "bionets RAA CUDA kernels: c must be one float32 on the GPU");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(c.device() == x.device() && c.scalar_type() == at::kFloat && c.numel() == 1,
+              "bionets RAA CUDA kernels: c must be one float32 on x's device");
   at::Tensor y = at::empty_like(x);
   at::Tensor s = at::empty({l.M}, x.options().dtype(at::kFloat));
   if (l.M == 0 || l.C == 0) return {y, s};
-  const float* vp = v_data(v, l);
+  const float* vp = v_data(v, l, x.device());
   const int64_t per_block = THREADS / l.G;
   const auto blocks = static_cast<unsigned>((l.M + per_block - 1) / per_block);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -222,17 +224,18 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
                                                                  const at::Tensor& s, const std::optional<at::Tensor>& v,
                                                                  int64_t dim, bool relu) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const Layout l = layout_of(x, dim);
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.M,
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(s.device() == x.device() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.M,
               "bionets RAA CUDA kernels: the saved shift does not match x");
+  TORCH_CHECK(g.device() == x.device() && g.sizes() == x.sizes(), "bionets RAA CUDA kernels: the gradient does not match x");
   // the gradient is read with x's strides: one copy where it arrives in another layout or dtype
   const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == x.scalar_type() ? g : at::empty_like(x).copy_(g);
   at::Tensor gx = at::empty_like(x);
-  const int64_t width = l.C + 1;
+  const float* vp = v_data(v, l, x.device());
+  const int64_t width = vp ? l.C + 1 : 1;                 // partial sums per vector group: dL/dv's, dL/dc
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor gv = at::empty({v ? l.C : 0}, f32), gc = at::empty({1}, f32);
-  const float* vp = v_data(v, l);
+  at::Tensor gv = at::empty({vp ? l.C : 0}, f32), gc = at::empty({1}, f32);
   const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(THREADS / l.G, SHARED_FLOATS / width));
   const int threads = static_cast<int>(groups * l.G);
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(MAX_BLOCKS, (l.M + groups - 1) / groups)));
@@ -249,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tenso
     });
   });
   sum_blocks_kernel<<<static_cast<unsigned>((width + THREADS - 1) / THREADS), THREADS, 0, stream>>>(
-      part.const_data_ptr<float>(), vp ? gv.data_ptr<float>() : nullptr, gc.data_ptr<float>(), blocks, l.C);
+      part.const_data_ptr<float>(), gv.data_ptr<float>(), gc.data_ptr<float>(), blocks, width);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, gv, gc};
 }
