@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -120,13 +121,21 @@ def quiet_import() -> None:
 def ops(name: str):
     """``torch.ops.bionets_<name>``, or None where the kernels cannot be built here (after one warning
     naming why) or are switched off. Built at the first call only."""
-    if name not in _STATE:
-        if not enabled():
-            _STATE[name] = "BIONETS_CPU_KERNELS=0"
-        else:
-            done, reason = run_or_warn(lambda: build(name), f"{USERS[name]}'s CPU kernels cannot be built here",
-                                       f"{USERS[name]} uses its PyTorch path instead (correct, slower); set "
-                                       "BIONETS_CPU_KERNELS=0 to skip the attempt")
-            _STATE[name] = done if done is not None else reason
-    state = _STATE[name]
-    return None if isinstance(state, str) else state
+    return built_once(_STATE, name, lambda: None if enabled() else "BIONETS_CPU_KERNELS=0", lambda: build(name),
+                      f"{USERS[name]}'s CPU kernels cannot be built here",
+                      f"{USERS[name]} uses its PyTorch path instead (correct, slower); set BIONETS_CPU_KERNELS=0 "
+                      "to skip the attempt")
+
+
+def built_once(state: dict[str, object], name: str, skip: Callable[[], str | None], build_it: Callable[[], Any],
+               failure: str, instead: str):
+    """``state[name]``: the operators ``build_it()`` returns, built at the first call only; None where
+    ``skip()`` names a reason not to try, or where the build fails (one warning: ``failure``,
+    ``instead``). ``state`` keeps the operators or the reason."""
+    if name not in state:
+        reason = skip()
+        if reason is None:
+            done, reason = run_or_warn(build_it, failure, instead)
+        state[name] = done if reason is None else reason
+    found = state[name]
+    return None if isinstance(found, str) else found

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from bionets.layers import cpu_kernels
-from bionets.layers.kernel_fallback import run_or_warn
 
 USERS = {"raa_cuda": "RAA"}     # sources -> whose
 
@@ -80,18 +79,16 @@ def ops(name: str):
     """``torch.ops.bionets_<name>``, or None where the kernels cannot be built here (where nvcc is
     missing, silently: the layers' Triton kernels serve; else after one warning naming why) or are
     switched off. Built at the first call only."""
-    if name not in _STATE:
-        if not enabled():
-            _STATE[name] = "BIONETS_CUDA_KERNELS=0"
-        elif not has_cuda_toolkit():
-            _STATE[name] = "no CUDA compiler"
-        else:
-            done, reason = run_or_warn(lambda: build(name), f"{USERS[name]}'s CUDA kernels cannot be built here",
-                                       f"{USERS[name]} uses its Triton kernels instead; set BIONETS_CUDA_KERNELS=0 "
-                                       "to skip the attempt")
-            _STATE[name] = done if done is not None else reason
-    state = _STATE[name]
-    return None if isinstance(state, str) else state
+    return cpu_kernels.built_once(_STATE, name, _reason_to_skip, lambda: build(name),
+                                  f"{USERS[name]}'s CUDA kernels cannot be built here",
+                                  f"{USERS[name]} uses its Triton kernels instead; set BIONETS_CUDA_KERNELS=0 to skip "
+                                  "the attempt")
+
+
+def _reason_to_skip() -> str | None:
+    if not enabled():
+        return "BIONETS_CUDA_KERNELS=0"
+    return None if has_cuda_toolkit() else "no CUDA toolkit"
 
 
 def has_cuda_toolkit() -> bool:
