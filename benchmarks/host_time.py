@@ -5,7 +5,7 @@ eager targets there), so this probe times single modules the way those steps cal
 autocast on CUDA, channels_last, batch 128, 200 calls of ``module(x).float().sum().backward()``;
 "host" is the wall time before the final sync. It then profiles 5 calls of RAA and of the quadratic
 layer (self CPU time per operator, the autograd functions' own Python included), and splits one RAA
-call into its parts (:func:`raa_parts`)::
+call and one ARR loss into their parts (:func:`raa_parts`, :func:`arr_parts`)::
 
     python benchmarks/host_time.py [--device cuda|cpu] [--batch 128] [--calls 200]
 """
@@ -113,6 +113,54 @@ def raa_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
     return lines
 
 
+def arr_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
+    """Host time of ARR's parts (10 classes, the ``paper`` form), for one hooked layer of 64 features
+    (ResNet-20's classifier input) and twelve of 192 (ViT-Tiny's blocks): the whole loss forward and
+    backward, the same with its PyTorch operators in place of the Triton kernel, the loss expression
+    alone, the Triton kernel alone (CUDA), and a Linear layer with and without a forward pre-hook
+    (how ARR captures a CNN's classifier input)."""
+    from bionets.layers import arr as arr_module
+    from bionets.layers.arr import ArrMemory, arr_loss
+    cuda = dev.type == "cuda"
+    lines = [f"ARR's parts, batch {batch}, 10 classes, {dev}: host us per call"]
+    print(lines[0], flush=True)
+    for layers, dim in ((1, 64), (12, 192)):
+        memory = ArrMemory(layers, 10, dim).to(dev)
+        rs = [torch.randn(batch, dim, device=dev, requires_grad=True) for _ in range(layers)]
+        y = torch.randint(0, 10, (batch,), device=dev)
+        m = torch.randn(layers, batch, dim, device=dev)
+
+        def with_operators():
+            scan = arr_module._scan_on_gpu
+            arr_module._scan_on_gpu = lambda *args, **kwargs: None
+            try:
+                arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward()
+            finally:
+                arr_module._scan_on_gpu = scan
+
+        linear = nn.Linear(dim, 10).to(dev)
+        hooked = nn.Linear(dim, 10).to(dev)
+        hooked.register_forward_pre_hook(lambda module, args: None)
+        parts = {"arr_loss, forward + backward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward(),
+                 "arr_loss, forward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1),
+                 "arr_loss with the PyTorch operators, forward + backward": with_operators,
+                 "the loss expression alone (stack, |r - m|.mean()), forward + backward":
+                     lambda: (1.0 * (torch.stack([r.float() for r in rs]) - m).abs().mean()).backward(),
+                 "Linear forward": lambda: linear(rs[0]),
+                 "Linear with a forward pre-hook, forward": lambda: hooked(rs[0])}
+        kernels = arr_module.triton_kernels("arr_triton") if cuda else None
+        if kernels is not None:
+            stacked = torch.stack([r.detach() for r in rs])
+            parts["the Triton kernel alone (class_means)"] = lambda: kernels.class_means(
+                memory.mean, memory.seen, stacked, y, 0.1, after=False, update=True)
+        lines.append(f"  {layers} layer(s) of {dim} features:")
+        print(lines[-1], flush=True)
+        for name, fn in parts.items():
+            lines.append(f"    {name}: {host_us(fn, calls, cuda):.1f} us")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
@@ -142,7 +190,7 @@ def main(argv: list[str] | None = None) -> str:
             lines += ["", f"{name}, {c} channels, {side}x{side}: 5 calls",
                       prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=45)]
             print("\n".join(lines[-3:]), flush=True)
-    lines += ["", *raa_parts(dev, args.batch, args.calls)]
+    lines += ["", *raa_parts(dev, args.batch, args.calls), "", *arr_parts(dev, args.batch, args.calls)]
     return "\n".join(lines)
 
 
