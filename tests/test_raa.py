@@ -367,3 +367,14 @@ def test_matrix_raa_keeps_the_input_dtype_against_parameters_of_another():
         for dim, t in ((1, x), (-1, x.movedim(1, -1))):
             y = raa_expression(t.bfloat16(), raa.c, raa.W, "matrix", base, dim)
             assert y.dtype == torch.bfloat16
+
+
+def test_torch_jit_trace_records_the_plain_expression():
+    """torch.jit.trace of a model with RAA records RAA's plain expression (tensor operators that any
+    TorchScript runtime has), not the operator of its own C++ kernels, and gives the same values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), randomized(RAA(8)), randomized(RAA(8, base="relu"))).eval()
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    traced = torch.jit.trace(model, x)
+    assert "bionets_raa" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)

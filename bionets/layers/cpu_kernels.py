@@ -59,7 +59,7 @@ def source(name: str) -> Path:
 
 def extension_name(name: str) -> tuple[str, list[str]]:
     """(the build's name, its compiler flags): ``bionets_<name>_<capability>_<hash>``, the hash of the
-    source, the shared header, the flags and torch's version (a build is bound to the torch it was
+    source, the headers beside it, the flags and torch's version (a build is bound to the torch it was
     compiled against)."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, [])
