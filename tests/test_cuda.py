@@ -246,23 +246,25 @@ def test_arr_triton_kernel_matches_the_cpu_operators(form, classes, dim, monkeyp
 @pytest.mark.parametrize("rows, c, c_out", [(500, 24, 30), (40000, 24, 30), (3000, 96, 96)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, rows, c, c_out):
-    """The 'fused' Triton strategy of the sym form (CUDA's default) against the 'blocks' one:
-    values, dL/dx and dL/dQ, in float32 and under bf16 autocast (40000 rows: several row blocks per
-    program of the dL/dQ kernel; C_out = 30: a padded block; C = 96: Dit-ConvNeXt-T's width)."""
+    """The 'fused' Triton strategy of the sym form (CUDA's default) and the 'gather' one (the plain
+    expression) against the 'blocks' one: values, dL/dx and dL/dQ, in float32 and under bf16 autocast
+    (40000 rows: several row blocks per program of the dL/dQ kernel; C_out = 30: a padded block;
+    C = 96: Dit-ConvNeXt-T's width)."""
     from bionets.layers.quadratic import channel_quadratic
     torch.manual_seed(0)
     x = torch.randn(rows, c, device="cuda")
     q = 0.1 * torch.randn(c_out, c, c, device="cuda")
     results = {}
-    for strategy in ("blocks", "fused"):
+    for strategy in ("blocks", "fused", "gather"):
         xs, qs = x.clone().requires_grad_(), q.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = channel_quadratic(xs, qs, strategy=strategy)
         out.float().square().sum().backward()
         results[strategy] = (out.float(), xs.grad, qs.grad)
     tol = 3e-2 if autocast else 1e-4
-    for fused, blocks in zip(results["fused"], results["blocks"]):
-        assert ((fused - blocks).norm() / blocks.norm()).item() < tol
+    for strategy in ("fused", "gather"):
+        for got, blocks in zip(results[strategy], results["blocks"]):
+            assert ((got - blocks).norm() / blocks.norm()).item() < tol, strategy
 
 
 def test_auto_strategy_tries_the_fused_kernels_and_picks_them_on_this_gpu(monkeypatch):

@@ -52,7 +52,7 @@ def test_kernels_launch_on_their_tensors_cuda_device(monkeypatch):
 def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_width(monkeypatch):
     from bionets.errors import BionetsError
     from bionets.layers import quadratic
-    with pytest.raises(BionetsError, match="auto.*blocks.*fused"):
+    with pytest.raises(BionetsError, match="auto.*blocks.*fused.*gather"):
         quadratic.set_cuda_strategy("tiles")
     assert quadratic._CUDA_STRATEGY == "auto"
     gpu = torch.device("cuda:0")
@@ -62,7 +62,7 @@ def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_w
     monkeypatch.setitem(quadratic._FUSED_WORKS, str(gpu), False)
     assert quadratic._cuda_strategy(16, gpu) == "blocks"
     try:
-        for name in ("blocks", "fused"):
+        for name in ("blocks", "fused", "gather"):
             quadratic.set_cuda_strategy(name)
             assert quadratic._cuda_strategy(16, gpu) == quadratic._cuda_strategy(512, gpu) == name
     finally:

@@ -210,13 +210,16 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # (1.11x). Wider layers keep 'blocks' until measured: the kernels unroll a loop over the C / 8 blocks.
 FUSED_MAX_CHANNELS = 128
 _CUDA_STRATEGY = "auto"
-CUDA_STRATEGIES = ("auto", "blocks", "fused")
+CUDA_STRATEGIES = ("auto", "blocks", "fused", "gather")
 
 
 def set_cuda_strategy(name: str) -> None:
     """How the sym form runs on CUDA from now on: 'auto' (default: 'fused' where Triton is installed,
     builds its kernels on the GPU and C <= :data:`FUSED_MAX_CHANNELS`, else 'blocks'), 'blocks'
-    (PyTorch's batched products) or 'fused' (Triton kernels)."""
+    (PyTorch's batched products), 'fused' (Triton kernels) or 'gather' (the plain expression: the
+    C(C+1)/2 products gathered and multiplied, one matmul; autograd's own backward, which runs no
+    Python: for eager steps bound by the host; it saves the products and both gathered factors, and
+    its dL/dx adds with atomics on CUDA, so it is not bitwise reproducible there)."""
     global _CUDA_STRATEGY
     if name not in CUDA_STRATEGIES:
         raise unknown("CUDA quadratic strategy", name, CUDA_STRATEGIES)
@@ -259,8 +262,8 @@ def _fused_works(device: torch.device) -> bool:
 def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", strategy: str | None = None) -> torch.Tensor:
     """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out].
 
-    ``strategy`` ('rows', 'blocks' or 'fused'; default by device: :func:`set_cuda_strategy`, and the
-    comments of :mod:`bionets.layers.quadratic_sym`) only matters for ``impl='sym'``."""
+    ``strategy`` ('rows', 'blocks', 'fused' or 'gather'; default by device: :func:`set_cuda_strategy`, and
+    the comments of :mod:`bionets.layers.quadratic_sym`) only matters for ``impl='sym'``."""
     m, c = rows.shape
     if rows.stride(-1) != 1:        # one channel: [M, 1] rows can be dense with any column stride; the kernels want 1
         rows = rows.clone(memory_format=torch.contiguous_format)
@@ -298,8 +301,10 @@ def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | 
     if strategy == "fused":
         s = triton_module().fold(q).to(dtype)
     else:
-        i, j = indices(c, strategy, rows.device)[:2]
+        i, j = indices(c, "rows" if strategy == "gather" else strategy, rows.device)[:2]
         s = fold_symmetric(q, i, j).to(dtype)
+    if strategy == "gather":         # x_i x_j (i <= j) gathered, one matmul; autograd differentiates it
+        return (rows.index_select(1, i) * rows.index_select(1, j)) @ s
     if torch.compiler.is_compiling() and (strategy == "fused" or not rows.is_cuda):
         return sym_quadratic_op(rows, s, strategy)          # opaque to Inductor: our kernels run inside
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
