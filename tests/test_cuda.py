@@ -60,13 +60,13 @@ def test_raa_on_cuda_under_bf16_autocast_matches_the_float64_cpu_result(base):
 
 # (shape, feature dim, layout): groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW),
 # several passes of a group over the features, fewer than 8 groups a block (1500 features), more
-# vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 81 vectors a
-# block), one pixel
+# vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a
+# block), one pixel (NCHW maps of more than 64 channels take the Triton kernels)
 RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
-                  ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 100, 6, 6), 1, "nchw"),
+                  ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 64, 6, 6), 1, "nchw"),
                   ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
                   ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 1500, 3), -1, "tokens"),
-                  ((20, 100, 64, 72), 1, "nchw")]
+                  ((60, 64, 48, 48), 1, "nchw")]
 
 
 def _raa_kernels(kernels, monkeypatch):

@@ -185,14 +185,18 @@ def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: 
 def _cuda_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
     """RAA's CUDA C++ kernels (``raa_cuda.cu``, :mod:`bionets.layers.cuda_kernels`) where they compute
     RAA for x, else None: a CUDA tensor x in float32, bf16 or fp16 read as [N, C, P] without a copy
-    (the layouts of :func:`bionets.layers.raa_triton.ncp_layout`), v and c float32, at most 8191
-    features; where nvcc is installed (otherwise the Triton kernels serve)."""
+    (channels_last maps, contiguous tokens, NCHW maps of at most 64 channels), v and c float32, at
+    most 8191 features; where nvcc is installed (otherwise the Triton kernels serve)."""
     if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or x.shape[dim] > 8191:
         return None
     if c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
         return None
-    if dim == 1:
-        layout_ok = x.ndim == 4 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    if dim == 1 and x.ndim == 4 and x.is_contiguous() and x.shape[2] * x.shape[3] > 1:
+        # NCHW: one thread a vector, each with C + 1 partial sums in the backward's 32 KB of shared
+        # memory, so wider maps would run few threads a block: those take the Triton kernels
+        layout_ok = x.shape[1] <= 64
+    elif dim == 1:
+        layout_ok = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
     else:
         layout_ok = x.is_contiguous()
     return cuda_kernels.ops("raa_cuda") if layout_ok else None
