@@ -17,7 +17,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from bionets.engine.distributed import parse_device
-from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
 from bionets.layers import raa as raa_module
 from bionets.layers.raa import RAA
 
@@ -175,10 +175,16 @@ def main(argv: list[str] | None = None) -> str:
         x.requires_grad_()
         modules = {"ReLU": nn.ReLU(), "GELU": nn.GELU(), "RAA relu": RAA(c, base="relu"), "RAA gelu": RAA(c, base="gelu"),
                    "conv3x3": nn.Conv2d(c, c, 3, padding=1, bias=False), "QuadraticChannel": QuadraticChannel(c)}
+        if dev.type == "cuda":        # the layer's 'gather' strategy: the plain expression, autograd's backward
+            modules["QuadraticChannel ('gather')"] = QuadraticChannel(c)
         calls = {}
         for name, module in modules.items():
             module = module.to(dev).to(memory_format=torch.channels_last)
-            host, total, calls[name] = per_call_ms(module, x, args.calls)
+            set_cuda_strategy("gather" if "gather" in name else "auto")
+            try:
+                host, total, calls[name] = per_call_ms(module, x, args.calls)
+            finally:
+                set_cuda_strategy("auto")
             lines.append(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call")
             print(lines[-1], flush=True)
         for name in ("RAA relu", "QuadraticChannel"):
