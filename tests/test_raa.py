@@ -369,6 +369,7 @@ def test_matrix_raa_keeps_the_input_dtype_against_parameters_of_another():
             assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
 def test_torch_jit_trace_records_the_plain_expression():
     """torch.jit.trace of a model with RAA records RAA's plain expression (tensor operators that any
     TorchScript runtime has), not the operator of its own C++ kernels, and gives the same values."""
