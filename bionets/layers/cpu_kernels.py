@@ -13,8 +13,9 @@ them as ``torch.ops.bionets_<name>``:
   back (:mod:`bionets.layers.map_norm`).
 
 torch's C++ extension builder (``torch.utils.cpp_extension``, with the ``ninja`` package) compiles a
-source at its layer's first CPU call, once per machine: about 10 s on 2 cores, with one line on
-stderr, cached under ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
+source at its layer's first CPU call, once per machine: 15-35 s on 2 cores (RAA's, with torch's
+C++ autograd headers, the longest), with one line on stderr, cached under
+``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
 named by the vector instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash
 of the source, the headers beside it (``cpu_vec.h``, ``raa_autograd.h``) and torch's version, so a
 cache shared between machines or environments never hands one a kernel it cannot run. (The GPU's
@@ -38,6 +39,7 @@ import torch
 from bionets.layers.kernel_fallback import run_or_warn
 
 USERS = {"raa_cpu": "RAA", "quadratic_cpu": "the quadratic layer", "map_norm_cpu": "the map LayerNorm"}   # source -> whose
+BUILD_TIME = {"raa_cpu": "~35 s", "quadratic_cpu": "~20 s", "map_norm_cpu": "~20 s"}     # on 2 cores
 
 # torch's own capability names -> the flags and the define that select ATen's Vectorized for them
 _CAPABILITY_FLAGS = {
@@ -73,7 +75,7 @@ def build(name: str):
     """Compile and load ``<name>.cpp`` (or load the cached build): ``torch.ops.bionets_<name>``. A
     failure is raised as one RuntimeError line: the missing compiler, or the compiler's first error."""
     ext, flags = extension_name(name)
-    compile_extension(ext, [source(name)], f"{USERS[name]}'s CPU kernels", "~10 s",
+    compile_extension(ext, [source(name)], f"{USERS[name]}'s CPU kernels", BUILD_TIME[name],
                       extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
     return getattr(torch.ops, f"bionets_{name}")
 
