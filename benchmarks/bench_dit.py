@@ -162,7 +162,8 @@ def main(argv=None) -> str:
                         "models on any device")
     p.add_argument("--cuda-strategy", choices=CUDA_STRATEGIES, default="auto",
                    help="how the sym form runs on CUDA: 'auto' (default: 'fused' where Triton is installed, up to "
-                        "128 channels), 'blocks' (PyTorch's batched products) or 'fused' (Triton kernels)")
+                        "128 channels), 'blocks' (PyTorch's batched products), 'fused' (Triton kernels) or 'gather' "
+                        "(the plain expression, autograd's own backward)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile every model and layer in this mode, as train.compile does (compiling is "
                         "done in the warm-up steps); 'reduce-overhead' replays CUDA graphs")

@@ -27,6 +27,17 @@ from bionets.engine.distributed import parse_device
 from bionets.engine.model import use_channels_last
 
 
+def raa_kernels(dev: torch.device) -> str:
+    """Which kernels the eager RAA runs on ``dev`` (built here, if they build, before any timing)."""
+    from bionets.layers import cpu_kernels, cuda_kernels
+    from bionets.layers.raa import raa_triton
+    if dev.type == "cuda":
+        if cuda_kernels.ops("raa_cuda") is not None:
+            return "its CUDA C++ operator"
+        return "its Triton kernels" if raa_triton() is not None else "PyTorch operators"
+    return "its C++ operator" if cpu_kernels.ops("raa_cpu") is not None else "PyTorch operators"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
@@ -49,7 +60,8 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     dev = parse_device(args.device, "--device")
     amp = "bf16" if dev.type == "cuda" else "off"
-    out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it"]
+    out = [f"device: {device_name(dev)}; batch {args.batch}; amp {amp}; channels_last where the engine uses it; "
+           f"eager RAA through {raa_kernels(dev)}"]
     print(out[0], flush=True)
     patch = 4 if args.vit_img <= 64 else 16
     cases = {"vit": (f"vit_tiny (img {args.vit_img}, patch {patch})", "vit_tiny_patch16_224",

@@ -11,9 +11,9 @@
 # of the quadratic layer, the suite, STDS) or 3 (the whole test suite, needs pytest-xdist) runs a
 # part, for machines lent for at most 10 minutes a command. PART new (~7 minutes) runs what the last
 # GPU did not measure: the whole CUDA test file (which builds RAA's CUDA C++ kernels, about a minute),
-# DNRT eager with RAA's CUDA C++ operator and, for comparison, with its Triton kernels, Dit-ResNet-20
-# eager with the quadratic layer's 'gather' and 'fused' strategies, and the host-time probe of RAA,
-# ARR and the quadratic layer (benchmarks/host_time.py).
+# DNRT eager with RAA's CUDA C++ operator and, for comparison, with its Triton kernels, the host-time
+# probe of RAA, ARR and the quadratic layer (benchmarks/host_time.py), and Dit-ResNet-20 eager with
+# the quadratic layer's 'gather' and 'fused' strategies; its caps add up to 590 s.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
 # graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
@@ -30,20 +30,24 @@ step() {
     timeout -k 5 "$limit" "$@"
     echo "=== exit $? $(date +%T)"
 }
+# torch's builder takes CUDA_HOME from nvcc's place on PATH, which a wrapper script can hide: point
+# it at the toolkit where one is installed in the usual place
+if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-    step 1,new 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
+    python3 -c "from bionets.layers import cuda_kernels as k; from torch.utils import cpp_extension as e; print('CUDA toolkit for RAA kernels:', k.has_cuda_toolkit(), e.CUDA_HOME)"
+    step 1,new 240 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
-    step 1,new 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
+    step 1,new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     # the same with RAA's Triton kernels in place of its CUDA C++ operator (the default where nvcc builds it)
-    step new 90 env BIONETS_CUDA_KERNELS=0 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
+    step new 80 env BIONETS_CUDA_KERNELS=0 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
     # Dit-ResNet-20 eager with the quadratic layer's 'gather' strategy (the plain expression, autograd's backward) and 'fused'
-    step new 80 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 40 --cuda-strategy gather --out "$out/dit_gather.md"
-    step new 80 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 40 --out "$out/dit_fused.md"
-    step new 60 python3 benchmarks/host_time.py --device cuda
+    step new 50 python3 benchmarks/host_time.py --device cuda
+    step new 70 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 40 --cuda-strategy gather --out "$out/dit_gather.md"
+    step new 70 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 40 --out "$out/dit_fused.md"
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit

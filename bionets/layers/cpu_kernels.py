@@ -137,7 +137,7 @@ def built_once(state: dict[str, object], name: str, skip: Callable[[], str | Non
     if name not in state:
         reason = skip()
         if reason is None:
-            done, reason = run_or_warn(build_it, failure, instead)
+            done, reason = run_or_warn(build_it, failure, instead, stacklevel=4)     # names the layer that asked
         state[name] = done if reason is None else reason
     found = state[name]
     return None if isinstance(found, str) else found

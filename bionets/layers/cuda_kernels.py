@@ -66,7 +66,13 @@ def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
 
 def build(name: str, capabilities: list[tuple[int, int]] | None = None):
     """Compile and load ``<name>.cpp`` and ``<name>.cu`` (or load the cached build) for the visible
-    GPUs (or ``capabilities``): ``torch.ops.bionets_<name>``. A failure raises one RuntimeError line."""
+    GPUs (or ``capabilities``): ``torch.ops.bionets_<name>``. A failure raises one RuntimeError line,
+    as does a second build in one process (:func:`ops` builds once)."""
+    loaded = getattr(torch.ops, f"bionets_{name}")
+    if hasattr(loaded, "raa"):
+        # one build a process: a second library registering the same operators aborts the process
+        raise RuntimeError(f"another build of bionets_{name} is loaded in this process already; build it for other "
+                           "compute capabilities in a new process")
     if capabilities is None:
         capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
     cpu_kernels.compile_extension(extension_name(name, capabilities), sources(name), f"{USERS[name]}'s CUDA kernels",

@@ -12,11 +12,12 @@ import torch
 from torch.autograd import forward_ad
 
 
-def run_or_warn(fn: Callable[[], Any], failure: str, instead: str) -> tuple[Any, str | None]:
+def run_or_warn(fn: Callable[[], Any], failure: str, instead: str, stacklevel: int = 3) -> tuple[Any, str | None]:
     """``(fn(), None)``, or ``(None, reason)`` where the kernels ``fn`` runs cannot be built or
     launched here (Triton compiles its kernels and a small C launcher at first use, torch's C++
     extension builder the CPU kernels: a compiler, driver or version problem), after one warning
-    ``bionets: <failure> (<reason>); <instead>``. CUDA running out of memory is raised: the model's
+    ``bionets: <failure> (<reason>); <instead>`` (``stacklevel``: the caller it names, as
+    :func:`warnings.warn` counts). CUDA running out of memory is raised: the model's
     problem, not the toolchain's."""
     try:
         return fn(), None
@@ -24,7 +25,7 @@ def run_or_warn(fn: Callable[[], Any], failure: str, instead: str) -> tuple[Any,
         raise
     except Exception as err:    # noqa: BLE001  (anything Triton's toolchain may raise)
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        warnings.warn(f"bionets: {failure} ({reason}); {instead}", stacklevel=3)
+        warnings.warn(f"bionets: {failure} ({reason}); {instead}", stacklevel=stacklevel)
         return None, reason
 
 
