@@ -274,12 +274,14 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
                 and rows.dtype != torch.float64)                          # which autocast leaves alone
     dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform():
-        # one gather + one matmul: a small graph whose batch size stays dynamic (and plain ops, which
-        # torch.func transforms handle)
+    gather = (strategy or (_CUDA_STRATEGY if rows.is_cuda else None)) == "gather"
+    if gather or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform():
+        # the plain expression, one gather per factor + one matmul, which autograd differentiates
+        # itself: the 'gather' strategy, and a small graph whose batch size stays dynamic for the
+        # tracers and exporters (plain ops, which torch.func transforms handle)
         rows = rows.to(dtype)
         i, j = indices(c, "rows", rows.device)
-        return (rows[:, i] * rows[:, j]) @ fold_symmetric(q, i, j).to(dtype)
+        return (rows.index_select(1, i) * rows.index_select(1, j)) @ fold_symmetric(q, i, j).to(dtype)
     if dtype in (torch.bfloat16, torch.float16) and device == "cpu":
         # bf16/fp16 on the CPU: x in float32 (element-wise products in bf16 are slow on the CPU:
         # Dit-ResNet-20's layer under bf16 autocast took 2x as long). With the C++ kernels, for bf16 the
@@ -301,10 +303,8 @@ def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | 
     if strategy == "fused":
         s = triton_module().fold(q).to(dtype)
     else:
-        i, j = indices(c, "rows" if strategy == "gather" else strategy, rows.device)[:2]
+        i, j = indices(c, strategy, rows.device)[:2]
         s = fold_symmetric(q, i, j).to(dtype)
-    if strategy == "gather":         # x_i x_j (i <= j) gathered, one matmul; autograd differentiates it
-        return (rows.index_select(1, i) * rows.index_select(1, j)) @ s
     if torch.compiler.is_compiling() and (strategy == "fused" or not rows.is_cuda):
         return sym_quadratic_op(rows, s, strategy)          # opaque to Inductor: our kernels run inside
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
