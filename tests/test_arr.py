@@ -80,6 +80,81 @@ def test_first_response_initializes_and_gradient_flows_to_responses_only():
     assert r.grad is not None and not mem.mean.requires_grad
 
 
+def loop_loss(mean, seen, r, y, a, weight, form):
+    """ARR's loss and updated memory by the per-sample loop, in float64, for r [J, N, D]."""
+    mean, seen, total = mean.double().clone(), seen.clone(), 0.0
+    for j in range(r.shape[0]):
+        for ri, k in zip(r[j].double(), y.tolist()):
+            before = mean[j, k].clone() if seen[j, k] else ri
+            mean[j, k] = (1 - a) * before + a * ri if seen[j, k] else ri
+            seen[j, k] = 1
+            total += (ri - (mean[j, k] if form == "code" else before)).abs().sum()
+    return weight * total / r.numel(), mean, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("form", ["paper", "code"])
+def test_own_operator_matches_the_loop_and_the_pytorch_operators(form, layers, dtype, monkeypatch):
+    """ARR's C++ operator (the class-mean scan and the loss in one call, autograd in C++) against the
+    per-sample loop in float64 (loss, memory) and the PyTorch operators (loss, gradients, memory),
+    over batches in which classes appear for the first time; bf16 responses are read without a cast."""
+    from bionets.layers import arr, cpu_kernels
+    own = cpu_kernels.ops("arr_cpu")
+    if own is None:
+        pytest.skip("no C++ compiler here")
+    op, calls = own.arr_loss, []
+    monkeypatch.setattr(own, "arr_loss", lambda *a: calls.append(a[0].dtype) or op(*a))
+    torch.manual_seed(0)
+    memory = ArrMemory(layers, 6, 5)
+    for step in range(3):
+        y = torch.randint(0, 2 + 2 * step, (20,))
+        base = [torch.randn(20, 5).to(dtype) for _ in range(layers)]
+        reference = ArrMemory(layers, 6, 5)
+        reference.load_state_dict(memory.state_dict())
+        want, mean, seen = loop_loss(memory.mean, memory.seen, torch.stack(base), y, 0.2, 1.5, form)
+        r = [t.clone().requires_grad_() for t in base]
+        loss = arr_loss(memory, r, y, weight=1.5, momentum=0.2, form=form)
+        loss.backward()
+        assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want.item(), rel=1e-5)
+        torch.testing.assert_close(memory.mean, mean.float(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(memory.seen, seen)
+        with monkeypatch.context() as m:
+            m.setattr(arr, "_own_operator", lambda *args: None)
+            r_ref = [t.clone().requires_grad_() for t in base]
+            ref_loss = arr_loss(reference, r_ref, y, weight=1.5, momentum=0.2, form=form)
+            ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(memory.mean, reference.mean, rtol=1e-5, atol=1e-6)
+        for got, ref in zip(r, r_ref):       # weight / numel * sign(r - t); a tie (r = t) may round either way
+            assert got.grad.dtype == dtype
+            assert (got.grad.float() - ref.grad.float()).abs().gt(1e-7).float().mean() < 0.05
+    assert calls == [dtype] * 3
+
+
+def test_own_operator_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memory():
+    """dL/dr = weight / numel * sign(r - t); with update=False the memory is untouched, in
+    inference mode the loss is the same without a graph."""
+    from bionets.layers import cpu_kernels
+    if cpu_kernels.ops("arr_cpu") is None:
+        pytest.skip("no C++ compiler here")
+    mem = ArrMemory(1, 2, 2)
+    mem.mean[0] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    mem.seen[0] = 1
+    r = torch.tensor([[2.0, 1.0], [0.0, -2.0], [1.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 1, 0])
+    loss = arr_loss(mem, [r], y, weight=3.0, momentum=0.5, form="paper", update=False)
+    assert loss.item() == pytest.approx(3.0 * 3.5 / 6)
+    loss.backward()
+    # targets (paper): (1,1), (0,0), (1.5,1) -> signs (+,0), (0,-), (-,0)
+    torch.testing.assert_close(r.grad, 0.5 * torch.tensor([[1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]]))
+    torch.testing.assert_close(mem.mean[0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    with torch.inference_mode():
+        again = arr_loss(mem, [r.detach()], y, weight=3.0, momentum=0.5, form="paper")
+    assert again.item() == pytest.approx(loss.item())
+    torch.testing.assert_close(mem.mean[0], torch.tensor([[1.25, 1.0], [0.0, -1.0]]))
+
+
 def build(model="test_mlp", **arr):
     import timm
     m = timm.create_model(model, num_classes=10, in_chans=1, img_size=8)

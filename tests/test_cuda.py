@@ -216,16 +216,23 @@ def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
     assert memory.seen.any()
 
 
+@pytest.mark.parametrize("kernel", ["cuda", "triton"])
 @pytest.mark.parametrize("classes, dim", [(10, 64), (1000, 40), (3000, 8)])
 @pytest.mark.parametrize("form", ["paper", "code"])
-def test_arr_triton_kernel_matches_the_cpu_operators(form, classes, dim, monkeypatch):
-    """ARR's update on CUDA (the Triton kernel; 3000 classes: too many for its tile, the PyTorch
-    operators) against the CPU's PyTorch operators over three batches: losses, gradients, class
-    means and the seen flags, with classes that appear for the first time in later batches."""
+def test_arr_gpu_kernels_match_the_cpu_operators(form, classes, dim, kernel, monkeypatch):
+    """ARR's update and loss on CUDA against the CPU's PyTorch operators over three batches: losses,
+    gradients, class means and the seen flags, with classes that appear for the first time in later
+    batches. ``cuda``: ARR's CUDA C++ operator (every class count here); ``triton``: the Triton
+    kernel (3000 classes: too many for its tile, the PyTorch operators)."""
     from bionets.layers import arr, arr_triton
-    launches = []
-    kernel = arr_triton.class_means
-    monkeypatch.setattr(arr_triton, "class_means", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    own = arr._own_operator
+    if kernel == "cuda" and own(arr.ArrMemory(1, classes, dim).cuda(), [], torch.zeros(1, device="cuda")) is None:
+        pytest.skip("ARR's CUDA C++ operator is not built here (no nvcc)")
+    launches, operator_calls = [], []
+    scan = arr_triton.class_means
+    monkeypatch.setattr(arr_triton, "class_means", lambda *a, **k: launches.append(1) or scan(*a, **k))
+    monkeypatch.setattr(arr, "_own_operator", lambda memory, *a: (
+        operator_calls.append(1) or own(memory, *a)) if kernel == "cuda" and memory.mean.is_cuda else None)
     torch.manual_seed(0)
     memories = {dev: arr.ArrMemory(3, classes, dim).to(dev) for dev in ("cpu", "cuda")}
     for step in range(3):
@@ -242,8 +249,44 @@ def test_arr_triton_kernel_matches_the_cpu_operators(form, classes, dim, monkeyp
             assert (got - want).abs().gt(1e-7).float().mean() < 0.05  # under 'code' is its mean, up to rounding
         torch.testing.assert_close(memories["cuda"].mean.cpu(), memories["cpu"].mean, rtol=1e-5, atol=1e-5)
         assert torch.equal(memories["cuda"].seen.cpu(), memories["cpu"].seen)
-    assert len(launches) == (3 if classes < 3000 else 0)      # the kernel ran where it fits, and worked:
-    assert not kernel_fallback.failed_on("arr", torch.device("cuda:0"))   # no fallback
+    assert len(operator_calls) == (3 if kernel == "cuda" else 0)
+    assert len(launches) == (3 if kernel == "triton" and classes < 3000 else 0)   # the kernel ran where it fits
+    assert not kernel_fallback.failed_on("arr", torch.device("cuda:0"))   # and worked: no fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_arr_cuda_operator_in_half_precision_inference_mode_and_with_a_stray_class(dtype):
+    """Half-precision responses are read as they are (the loss and the means as from their float32
+    values on the CPU; gradients in their dtype), the same result twice to the bit; inference mode
+    updates the memory without a graph; a class outside the memory adds nothing and is not learnt."""
+    from bionets.layers import arr
+    if arr._own_operator(arr.ArrMemory(1, 10, 4).cuda(), [], torch.zeros(1, device="cuda")) is None:
+        pytest.skip("ARR's CUDA C++ operator is not built here (no nvcc)")
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (64,))
+    base = [torch.randn(64, 33).to(dtype) for _ in range(2)]
+    results = []
+    for dev in ("cpu", "cuda", "cuda"):
+        memory = arr.ArrMemory(2, 10, 33).to(dev)
+        r = [t.to(dev).float().requires_grad_() if dev == "cpu" else t.to(dev).requires_grad_() for t in base]
+        loss = arr.arr_loss(memory, r, y.to(dev), weight=1.0, momentum=0.1)
+        loss.backward()
+        results.append((loss.detach().cpu(), memory.mean.cpu(), [t.grad.cpu() for t in r]))
+        assert all(t.grad.dtype == (torch.float32 if dev == "cpu" else dtype) for t in r)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[1][0], results[2][0]) and torch.equal(results[1][1], results[2][1])
+    assert all(torch.equal(a, b) for a, b in zip(results[1][2], results[2][2]))
+    memory = arr.ArrMemory(1, 10, 33).cuda()
+    with torch.inference_mode():
+        first = arr.arr_loss(memory, [base[0].cuda()], y.cuda(), weight=1.0, momentum=0.1)
+    torch.testing.assert_close(memory.mean.cpu(), results[0][1][:1], rtol=1e-5, atol=1e-5)
+    stray = y.cuda().clone()
+    stray[5] = 12                                           # no class 12: nothing to pull towards
+    memory = arr.ArrMemory(1, 10, 33).cuda()
+    r = base[0].cuda().float().requires_grad_()
+    arr.arr_loss(memory, [r], stray, weight=1.0, momentum=0.1).backward()
+    assert not r.grad[5].any() and r.grad.abs().sum() > 0 and first.item() > 0
 
 
 @pytest.mark.parametrize("rows, c, c_out", [(500, 24, 30), (40000, 24, 30), (3000, 96, 96)])

@@ -219,8 +219,9 @@ def test_cuda_kernels_are_skipped_silently_without_nvcc_and_warn_once_where_the_
     assert tried == ["raa_cuda"]                  # nothing compiled
 
 
-def test_cuda_sources_compile_where_a_cuda_toolkit_is_installed():
-    """RAA's CUDA C++ sources build and register their operators for two compute capabilities
+@pytest.mark.parametrize("name, operators", [("raa_cuda", ("raa", "forward", "backward")), ("arr_cuda", ("arr_loss",))])
+def test_cuda_sources_compile_where_a_cuda_toolkit_is_installed(name, operators):
+    """RAA's and ARR's CUDA C++ sources build and register their operators for two compute capabilities
     (Ampere, Hopper) on any machine with a CUDA toolkit, GPU or not (about a minute on 2 cores the
     first time, then cached); machines without one skip this."""
     import subprocess
@@ -230,8 +231,8 @@ def test_cuda_sources_compile_where_a_cuda_toolkit_is_installed():
         pytest.skip("no CUDA toolkit (nvcc and CUDA's headers) that torch's builder finds")
     # in a process of its own: a GPU machine's tests may have loaded the build for its own GPU, and
     # a second library of the same operators cannot load into one process
-    code = ("from bionets.layers import cuda_kernels; ops = cuda_kernels.build('raa_cuda', [(8, 0), (9, 0)]); "
-            "print(all(hasattr(ops, name) for name in ('raa', 'forward', 'backward')))")
+    code = (f"from bionets.layers import cuda_kernels; ops = cuda_kernels.build({name!r}, [(8, 0), (9, 0)]); "
+            f"print(all(hasattr(ops, op) for op in {operators!r}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
 

@@ -16,8 +16,13 @@ sequential update over a class's samples r_1..r_n is ``m_i = (1-a)^i m_0 + sum_{
 r_l``, computed as a matrix product. The memory lives in buffers (saved in checkpoints); under DDP
 the responses of every process are gathered in the order of the global batch (process r holds its
 positions r, r + W, r + 2W, ..., as the samplers deal them), so every process applies the update one
-process would apply to the whole batch. On CUDA one Triton kernel computes the same update
-(:mod:`bionets.layers.arr_triton`): on a GPU the operators' launches were ARR's cost.
+process would apply to the whole batch.
+
+In one process, the loss is one operator of ARR's own where it is built (:func:`_own_operator`: the
+scan in C++ on the CPU, in CUDA C++ on the GPU, and the loss with its autograd in C++:
+``arr_autograd.h``): on a GPU the eager step of a CIFAR-sized model waits on the host, and the loss
+through PyTorch's operators cost ~0.6 ms of host time a step. Elsewhere on CUDA one Triton kernel
+computes the update (:mod:`bionets.layers.arr_triton`), else the PyTorch operators do.
 """
 from __future__ import annotations
 
@@ -26,10 +31,13 @@ import torch.distributed as dist
 from torch import nn
 
 from bionets.errors import BionetsError
-from bionets.layers.kernel_fallback import failed_on, run_or_fall_back
+from bionets.layers import cpu_kernels, cuda_kernels
+from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
+CUDA_MAX_CLASSES = 9830     # arr_cuda.cu: every class's mean of one feature and its flag in 48 KB of shared memory
+_OWN_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 class ArrMemory(nn.Module):
@@ -140,6 +148,29 @@ def _scan_on_gpu(memory: ArrMemory, r: torch.Tensor, y: torch.Tensor, momentum: 
                             "ARR's Triton kernel cannot run", "ARR uses its PyTorch operators")
 
 
+def _own_operator(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor):
+    """ARR's own operators (``arr_cpu.cpp``, or ``arr_cuda.cu`` where nvcc builds it: the class-mean
+    scan and the loss in one call, autograd in C++) where they compute this loss, else None: in one
+    process (DDP gathers the responses first), outside compiling, tracing and torch.func, for a
+    non-empty batch on the memory's device (CPU or CUDA; on CUDA at most 9830 classes)."""
+    mean = memory.mean
+    if (mean.dtype != torch.float32 or not mean.is_contiguous() or not len(targets) or targets.device != mean.device
+            or any(t.device != mean.device for t in responses) or world()[1] > 1):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform():
+        return None
+    if mean.is_cuda:
+        return cuda_kernels.ops("arr_cuda") if mean.shape[1] <= CUDA_MAX_CLASSES else None
+    return cpu_kernels.ops("arr_cpu") if mean.device.type == "cpu" else None
+
+
+def _stacked(responses: list[torch.Tensor]) -> torch.Tensor:
+    """[J, N, D]: the responses in their dtype where they share one the kernels read, else in float32."""
+    if len({t.dtype for t in responses}) > 1 or responses[0].dtype not in _OWN_DTYPES[responses[0].device.type]:
+        responses = [t.float() for t in responses]
+    return responses[0].unsqueeze(0) if len(responses) == 1 else torch.stack(responses)
+
+
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,
              momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, all layers at once);
@@ -153,6 +184,9 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
                            "per sample is needed (per_sample() averages a spiking net's time steps)")
     if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
         raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
+    if (own := _own_operator(memory, responses, targets)) is not None:
+        return own.arr_loss(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight, form == "code",
+                            update)
     r = torch.stack([t.float() for t in responses])                     # [J, N, D]
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)

@@ -7,6 +7,8 @@ them as ``torch.ops.bionets_<name>``:
 
 * ``raa_cpu``: RAA's vector and scalar variants, one pass each way, and the whole activation as
   one operator with its autograd in C++ (``raa_autograd.h``; :mod:`bionets.layers.raa`);
+* ``arr_cpu``: ARR's class-mean scan and loss as one operator with its autograd in C++
+  (``arr_autograd.h``; :mod:`bionets.layers.arr`);
 * ``quadratic_cpu``: the quadratic layer's symmetric form, its products formed block by block beside
   PyTorch's matmuls (:mod:`bionets.layers.quadratic_sym`);
 * ``map_norm_cpu``: LayerNorm over a channels_last map's [H, W] in place of the copies to NCHW and
@@ -17,7 +19,7 @@ source at its layer's first CPU call, once per machine: 15-35 s on 2 cores (RAA'
 C++ autograd headers, the longest), with one line on stderr, cached under
 ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
 named by the vector instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash
-of the source, the headers beside it (``cpu_vec.h``, ``raa_autograd.h``) and torch's version, so a
+of the source, the headers beside it (``cpu_vec.h``, ``raa_autograd.h``, ``arr_autograd.h``) and torch's version, so a
 cache shared between machines or environments never hands one a kernel it cannot run. (The GPU's
 own C++ kernels are built the same way: :mod:`bionets.layers.cuda_kernels`.)
 
@@ -38,8 +40,8 @@ import torch
 
 from bionets.layers.kernel_fallback import run_or_warn
 
-USERS = {"raa_cpu": "RAA", "quadratic_cpu": "the quadratic layer", "map_norm_cpu": "the map LayerNorm"}   # source -> whose
-BUILD_TIME = {"raa_cpu": "~35 s", "quadratic_cpu": "~20 s", "map_norm_cpu": "~20 s"}     # on 2 cores
+USERS = {"raa_cpu": "RAA", "arr_cpu": "ARR", "quadratic_cpu": "the quadratic layer", "map_norm_cpu": "the map LayerNorm"}   # source -> whose
+BUILD_TIME = {"raa_cpu": "~35 s", "arr_cpu": "~35 s", "quadratic_cpu": "~20 s", "map_norm_cpu": "~20 s"}     # on 2 cores
 
 # torch's own capability names -> the flags and the define that select ATen's Vectorized for them
 _CAPABILITY_FLAGS = {

@@ -6,7 +6,9 @@ autograd function, a Triton launch) costs more host time than its kernels take o
 layer has its own CUDA kernels, it calls one operator per call whose autograd is C++ as well:
 
 * ``raa_cuda``: RAA's vector and scalar variants (``raa_cuda.cu``: the kernels; ``raa_cuda.cpp``:
-  the operators, with the autograd of ``raa_autograd.h``; :mod:`bionets.layers.raa`).
+  the operators, with the autograd of ``raa_autograd.h``; :mod:`bionets.layers.raa`);
+* ``arr_cuda``: ARR's class-mean scan and loss (``arr_cuda.cu``, ``arr_cuda.cpp``, with the
+  autograd of ``arr_autograd.h``; :mod:`bionets.layers.arr`).
 
 torch's C++ extension builder compiles them with ``nvcc`` at the layer's first CUDA call, once per
 machine (about a minute, with one line on stderr; cached under ``~/.cache/torch_extensions`` or
@@ -28,7 +30,8 @@ import torch
 
 from bionets.layers import cpu_kernels
 
-USERS = {"raa_cuda": "RAA"}     # sources -> whose
+USERS = {"raa_cuda": "RAA", "arr_cuda": "ARR"}     # sources -> whose
+OPERATOR = {"raa_cuda": "raa", "arr_cuda": "arr_loss"}     # sources -> an operator they register
 
 _STATE: dict[str, object] = {}     # name -> its loaded operators, or a string: why they cannot be built
 
@@ -69,7 +72,7 @@ def build(name: str, capabilities: list[tuple[int, int]] | None = None):
     GPUs (or ``capabilities``): ``torch.ops.bionets_<name>``. A failure raises one RuntimeError line,
     as does a second build in one process (:func:`ops` builds once)."""
     loaded = getattr(torch.ops, f"bionets_{name}")
-    if hasattr(loaded, "raa"):
+    if hasattr(loaded, OPERATOR[name]):
         # one build a process: a second library registering the same operators aborts the process
         raise RuntimeError(f"another build of bionets_{name} is loaded in this process already; build it for other "
                            "compute capabilities in a new process")

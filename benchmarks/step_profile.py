@@ -1,0 +1,100 @@
+"""Where a training step's host time goes: a plain model's step against its twins with RAA, ARR or
+the quadratic layer, operator by operator (torch.profiler, self CPU time per step).
+
+On a GPU the eager steps of CIFAR-sized models wait on the host, so what a mechanism adds to the
+step is what it adds here: each case's wall time per step, its kernel launches per step, and the
+operators whose host time differs most from the plain model's::
+
+    python benchmarks/step_profile.py [--device cuda] [--cases resnet-gelu,resnet-relu,dit] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections import defaultdict
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import bionets  # noqa: F401
+from bionets.bench import loss_with_hooks, train_step
+from bionets.conversion import convert
+from bionets.engine.distributed import parse_device
+from bionets.engine.model import use_channels_last
+
+
+def models_of(case: str, dev: torch.device) -> dict:
+    """{label: (model, loss_fn)}: the plain model first, then its twins."""
+    torch.manual_seed(0)
+    if case == "dit":
+        return {"resnet20_cifar": (timm.create_model("resnet20_cifar", num_classes=10).to(dev), None),
+                "dit_resnet20": (timm.create_model("dit_resnet20", num_classes=10).to(dev), None)}
+    plain = timm.create_model("resnet20_cifar", num_classes=10, **({"act_layer": "gelu"} if case == "resnet-gelu" else {}))
+    plain.to(dev)
+    arr, report = convert(copy.deepcopy(plain), regularization={"weight": 10.0})
+    for h in report.hooks:
+        h.attach(arr)
+    return {case: (plain, None), f"{case} RAA": (convert(copy.deepcopy(plain), activation="raa")[0].to(dev), None),
+            f"{case} + ARR": (arr.to(dev), loss_with_hooks(arr, report.hooks))}
+
+
+def per_step(model, loss_fn, x, y, dev, steps: int) -> tuple[float, dict[str, float], dict[str, float], int, float]:
+    """(wall ms a step, {operator: self CPU us a step}, {operator: calls a step}, kernel launches a step,
+    GPU busy ms a step: the kernels' time, which the wall time exceeds where the step waits on the host)."""
+    cl = use_channels_last("auto", model, dev)
+    step, _ = train_step(model, x, y, loss_fn=loss_fn, amp="bf16" if dev.type == "cuda" else "off", channels_last=cl)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(20):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = (time.perf_counter() - start) / steps * 1e3
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    cpu, calls, busy = defaultdict(float), defaultdict(float), 0.0
+    for e in prof.key_averages():
+        cpu[e.key] += e.self_cpu_time_total / steps
+        calls[e.key] += e.count / steps
+        busy += getattr(e, "self_device_time_total", 0.0) / steps / 1e3
+    launches = int(round(calls.get("cudaLaunchKernel", 0) + calls.get("cuLaunchKernel", 0) + calls.get("cuLaunchKernelEx", 0)))
+    return wall, cpu, calls, launches, busy
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--cases", default="resnet-gelu,dit", help="comma-separated: resnet-gelu, resnet-relu, dit")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=12, help="operators listed per twin")
+    args = p.parse_args(argv)
+    dev = parse_device(args.device, "--device")
+    x = torch.randn(args.batch, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    lines = []
+    for case in args.cases.split(","):
+        shown = len(lines)
+        runs = {label: per_step(m, fn, x, y, dev, args.steps) for label, (m, fn) in models_of(case, dev).items()}
+        (base_label, (base_wall, base_cpu, base_calls, base_launches, base_busy)), *twins = runs.items()
+        lines.append(f"{base_label}: {base_wall:.2f} ms a step, GPU busy {base_busy:.2f} ms, {base_launches} kernel launches")
+        for label, (wall, cpu, calls, launches, busy) in twins:
+            lines.append(f"{label}: {wall:.2f} ms a step ({wall / base_wall:.3f}x), GPU busy {busy:.2f} ms, {launches} "
+                         f"kernel launches ({launches - base_launches:+d}); host us a step by operator, against the "
+                         "plain model:")
+            diff = {k: cpu[k] - base_cpu.get(k, 0.0) for k in set(cpu) | set(base_cpu)}
+            for k in sorted(diff, key=lambda k: -abs(diff[k]))[:args.top]:
+                lines.append(f"    {diff[k]:+8.1f} us  {calls.get(k, 0) - base_calls.get(k, 0):+6.1f} calls  {k[:70]}")
+        print("\n".join(lines[shown:]), flush=True)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

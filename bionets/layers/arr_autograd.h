@@ -1,0 +1,90 @@
+// ARR's loss as one operator whose autograd is C++, shared by its CPU kernel (arr_cpu.cpp) and its
+// CUDA kernel (arr_cuda.cpp): `arr_loss(r, y, mean, seen, momentum, weight, after, update) -> loss`.
+// On an H200 the loss through PyTorch's operators and a Triton launch took ~0.6 ms of host time a
+// step (ResNet-20's eager step: ~11 ms, bound by the host), three times ARR's 3% budget.
+//
+// r [J, N, D]: the responses of J hooked layers (float32, bf16 or fp16); y [N] the classes; mean
+// [J', K, D] float32 and seen [J', K] uint8, J' >= J, the class memory (its first J layers take the
+// batch's updates in place where `update`). In batch order, per layer j and sample i of class k:
+//
+//     before_i = m_k                 (r_i where class k has no mean yet: its first response)
+//     m_k      = (1 - a) before_i + a r_i
+//     t_i      = m_k (after) or before_i (before)
+//     L        = weight / (J N D) * sum |r - t|            (t detached, as in bionets.layers.arr)
+//
+// Kernels (a struct of one static function):
+//     scan(r, y, mean, seen, momentum, scale, after, update) -> (slope, partial)
+// slope [J, N, D] float32 = scale * sign(r - t) = dL/dr (scale = weight / (J N D)), partial [J, D] the
+// sums of |r - t| over the samples, in batch order. A class outside 0..K-1 adds nothing and is not
+// learnt (the CPU kernel refuses it).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace bionets_arr {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+inline void check(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen) {
+  TORCH_CHECK(r.dim() == 3 && y.dim() == 1 && mean.dim() == 3 && seen.dim() == 2,
+              "bionets ARR kernels: r [J, N, D], y [N], mean [J', K, D] and seen [J', K] expected");
+  TORCH_CHECK(y.size(0) == r.size(1) && mean.size(0) >= r.size(0) && mean.size(2) == r.size(2) &&
+                  seen.size(0) == mean.size(0) && seen.size(1) == mean.size(1),
+              "bionets ARR kernels: the responses, classes and class memory do not match in size");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.is_contiguous() && seen.scalar_type() == at::kByte &&
+                  seen.is_contiguous(),
+              "bionets ARR kernels: a contiguous float32 mean and uint8 seen expected");
+  TORCH_CHECK(y.device() == r.device() && mean.device() == r.device() && seen.device() == r.device(),
+              "bionets ARR kernels: the responses, classes and class memory must be on one device");
+}
+
+template <typename Kernels>
+struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean,
+                            const at::Tensor& seen, double momentum, double weight, bool after, bool update) {
+    auto [slope, loss] = compute(r, y, mean, seen, momentum, weight, after, update);
+    ctx->save_for_backward({slope});
+    ctx->saved_data["dtype"] = r.scalar_type();
+    return loss;
+  }
+
+  // dL/dr = slope dL (piecewise constant in r: its own derivative is zero, so create_graph needs nothing more)
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor slope = ctx->get_saved_variables()[0];
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
+    return {(slope * grads[0]).to(dtype), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+  // (slope, loss): the kernel's scan, then the loss from its partial sums
+  static std::tuple<at::Tensor, at::Tensor> compute(const at::Tensor& r_in, const at::Tensor& y_in, const at::Tensor& mean,
+                                                    const at::Tensor& seen, double momentum, double weight, bool after,
+                                                    bool update) {
+    check(r_in, y_in, mean, seen);
+    const at::Tensor r = r_in.contiguous(), y = y_in.to(at::kLong).contiguous();
+    const double scale = r.numel() ? weight / static_cast<double>(r.numel()) : 0.0;
+    auto [slope, partial] = Kernels::scan(r, y, mean, seen, momentum, scale, after, update);
+    if (update) {           // the memory changed in place: its version moves, as an in-place operator's does
+      torch::autograd::impl::bump_version(mean);
+      torch::autograd::impl::bump_version(seen);
+    }
+    return {slope, partial.sum().mul_(scale)};
+  }
+};
+
+// the operator where autograd records it, and where it does not (inference mode)
+template <typename Kernels>
+at::Tensor arr_loss(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen,
+                    double momentum, double weight, bool after, bool update) {
+  return ArrFunction<Kernels>::apply(r, y, mean, seen, momentum, weight, after, update);
+}
+
+template <typename Kernels>
+at::Tensor arr_loss_no_grad(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen,
+                            double momentum, double weight, bool after, bool update) {
+  return std::get<1>(ArrFunction<Kernels>::compute(r, y, mean, seen, momentum, weight, after, update));
+}
+
+}  // namespace bionets_arr

@@ -1,0 +1,102 @@
+// ARR's class-mean scan as one CUDA kernel (the contract is in arr_autograd.h; the operator and its
+// C++ autograd are in arr_cuda.cpp; built on first use by bionets/layers/cuda_kernels.py).
+//
+// One block takes one hooked layer j and BD features of every class: a [K, BD] tile of means in
+// shared memory, one thread a feature. The threads walk the batch in order; each sample reads and
+// writes its class's row of the tile (a thread touches its own column only), and the block agrees
+// on whether the class has a mean yet through a shared flag per class. Math in float32; the sums of
+// |r - t| are each thread's, in batch order, so every run gives the same bits.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t SHARED_BYTES = 48 * 1024;     // without opting in to more: at most 9830 classes (5 bytes each)
+constexpr int MAX_THREADS = 128;
+
+template <typename T>
+__global__ void scan_kernel(const T* __restrict__ r, const int64_t* __restrict__ y, float* __restrict__ mean,
+                            const uint8_t* __restrict__ seen, float* __restrict__ slope, float* __restrict__ partial,
+                            uint8_t* __restrict__ seen_out, int64_t N, int64_t K, int64_t D, float a, float scale,
+                            bool after, bool update) {
+  extern __shared__ float tile[];                                  // [K, BD] means, then K flags
+  const int BD = blockDim.x, t = threadIdx.x;
+  uint8_t* known = reinterpret_cast<uint8_t*>(tile + K * BD);
+  const int64_t j = blockIdx.x, d = static_cast<int64_t>(blockIdx.y) * BD + t;
+  const bool col = d < D;
+  const float* layer_mean = mean + j * K * D;
+  for (int64_t k = 0; k < K; ++k) tile[k * BD + t] = col ? layer_mean[k * D + d] : 0.0f;
+  for (int64_t k = t; k < K; k += BD) known[k] = seen[j * K + k];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t k = y[i];                                        // the same for every thread of the block
+    const int64_t idx = (j * N + i) * D + d;
+    if (k < 0 || k >= K) {                                          // not a class: nothing to learn or pull
+      if (col) slope[idx] = 0.0f;
+      continue;
+    }
+    const bool had = known[k] != 0;
+    if (col) {
+      const float x = static_cast<float>(r[idx]);
+      const float before = had ? tile[k * BD + t] : x;
+      const float next = had ? (1 - a) * before + a * x : x;
+      tile[k * BD + t] = next;
+      const float diff = x - (after ? next : before);
+      sum += fabsf(diff);
+      slope[idx] = diff > 0 ? scale : diff < 0 ? -scale : 0.0f;
+    }
+    __syncthreads();                                               // every thread has read the flag
+    if (t == 0) known[k] = 1;
+    __syncthreads();
+  }
+  if (col) partial[j * D + d] = sum;
+  if (update) {
+    if (col)
+      for (int64_t k = 0; k < K; ++k) mean[j * K * D + k * D + d] = tile[k * BD + t];
+    if (blockIdx.y == 0)                // into a copy: the layer's other blocks may not have read seen yet
+      for (int64_t k = t; k < K; k += BD) seen_out[j * K + k] = known[k];
+  }
+}
+
+// features a block: a power of two, at most MAX_THREADS and D's, with its tile in shared memory
+int block_features(int64_t K, int64_t D) {
+  int bd = 1;
+  while (bd < MAX_THREADS && bd < D && K * (2 * bd) * 4 + K <= SHARED_BYTES) bd *= 2;
+  return bd;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean,
+                                                 const at::Tensor& seen, double momentum, double scale, bool after,
+                                                 bool update) {
+  TORCH_CHECK(r.is_cuda(), "bionets ARR CUDA kernel: CUDA tensors expected");
+  const int64_t J = r.size(0), N = r.size(1), D = r.size(2), K = mean.size(1);
+  TORCH_CHECK(K * 5 <= SHARED_BYTES, "bionets ARR CUDA kernel: at most ", SHARED_BYTES / 5, " classes");
+  const c10::cuda::CUDAGuard guard(r.device());
+  at::Tensor slope = at::empty({J, N, D}, r.options().dtype(at::kFloat));
+  at::Tensor partial = at::empty({J, D}, slope.options());
+  at::Tensor seen_out = update ? at::empty({J, K}, seen.options()) : seen;
+  if (J == 0 || D == 0) return {slope, partial.zero_()};
+  const int bd = block_features(K, D);
+  const dim3 grid(static_cast<unsigned>(J), static_cast<unsigned>((D + bd - 1) / bd));
+  const size_t shared = K * bd * sizeof(float) + K;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "bionets_arr_cuda_scan", [&] {
+    scan_kernel<scalar_t><<<grid, bd, shared, stream>>>(
+        r.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), mean.data_ptr<float>(), seen.const_data_ptr<uint8_t>(),
+        slope.data_ptr<float>(), partial.data_ptr<float>(), seen_out.data_ptr<uint8_t>(), N, K, D,
+        static_cast<float>(momentum), static_cast<float>(scale), after, update);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (update) seen.narrow(0, 0, J).copy_(seen_out);
+  return {slope, partial};
+}
