@@ -292,8 +292,8 @@ def test_arr_cuda_operator_in_half_precision_inference_mode_and_with_a_stray_cla
 @pytest.mark.parametrize("rows, c, c_out", [(500, 24, 30), (40000, 24, 30), (3000, 96, 96)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, rows, c, c_out):
-    """The 'fused' Triton strategy of the sym form (CUDA's default) and the 'gather' one (the plain
-    expression) against the 'blocks' one: values, dL/dx and dL/dQ, in float32 and under bf16 autocast
+    """The 'fused' Triton strategy of the sym form, the 'gather' one and the 'outer' one (CUDA's eager
+    default for C <= 64; plain expressions) against the 'blocks' one: values, dL/dx and dL/dQ, in float32 and under bf16 autocast
     (40000 rows: several row blocks per program of the dL/dQ kernel; C_out = 30: a padded block;
     C = 96: Dit-ConvNeXt-T's width)."""
     from bionets.layers.quadratic import channel_quadratic
@@ -301,27 +301,29 @@ def test_quadratic_fused_strategy_on_cuda_matches_the_blocks_strategy(autocast, 
     x = torch.randn(rows, c, device="cuda")
     q = 0.1 * torch.randn(c_out, c, c, device="cuda")
     results = {}
-    for strategy in ("blocks", "fused", "gather"):
+    for strategy in ("blocks", "fused", "gather", "outer"):
         xs, qs = x.clone().requires_grad_(), q.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = channel_quadratic(xs, qs, strategy=strategy)
         out.float().square().sum().backward()
         results[strategy] = (out.float(), xs.grad, qs.grad)
     tol = 3e-2 if autocast else 1e-4
-    for strategy in ("fused", "gather"):
+    for strategy in ("fused", "gather", "outer"):
         for got, blocks in zip(results[strategy], results["blocks"]):
             assert ((got - blocks).norm() / blocks.norm()).item() < tol, strategy
 
 
 def test_auto_strategy_tries_the_fused_kernels_and_picks_them_on_this_gpu(monkeypatch):
-    """'auto' (the default) tries the fused kernels once on the GPU, without a warning, and keeps them."""
+    """'auto' (the default) takes 'outer' for eager layers of at most 64 channels; for wider ones it
+    tries the fused kernels once on the GPU, without a warning, and keeps them."""
     import warnings
     from bionets.layers import quadratic
     monkeypatch.setattr(quadratic, "_FUSED_WORKS", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.inference_mode():
-            assert quadratic._cuda_strategy(32, torch.device("cuda", torch.cuda.current_device())) == "fused"
+            assert quadratic._cuda_strategy(64, torch.device("cuda", torch.cuda.current_device())) == "outer"
+            assert quadratic._cuda_strategy(96, torch.device("cuda", torch.cuda.current_device())) == "fused"
     assert list(quadratic._FUSED_WORKS.values()) == [True]
 
 

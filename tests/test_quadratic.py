@@ -84,12 +84,12 @@ def test_channel_matches_formula(impl, shape, c_out):
         assert rel_err(layer.float()(x.float()).double(), expected) < 1e-4
 
 
-@pytest.mark.parametrize("strategy", ["rows", "blocks", "gather"])
+@pytest.mark.parametrize("strategy", ["rows", "blocks", "gather", "outer"])
 @pytest.mark.parametrize("c,c_out,m", [(1, 2, 5), (7, 3, 9), (12, 5, 4100), (32, 32, 2100), (40, 4, 50),
                                        (64, 3, 6), (72, 2, 30)])
 def test_the_strategies_match_the_formula_and_gradcheck(strategy, c, c_out, m):
-    """'rows' (CPU default), 'blocks' (GPU without Triton) and 'gather' (the plain expression with
-    autograd's backward, a GPU option) checked on CPU; 4,100 rows span two chunks, C = 64 gives
+    """'rows' (CPU default), 'blocks' (GPU without Triton), 'gather' and 'outer' (plain expressions
+    with autograd's backward; 'outer' the GPU's eager default for C <= 64) checked on CPU; 4,100 rows span two chunks, C = 64 gives
     'blocks' two channel blocks. C = 32, 40 and 72 take each of the CPU backward's
     layouts (see _PRODUCTS_BY_COLUMN_MAX_C); 2,100 rows of 32 x 32 span two outer-product chunks."""
     torch.manual_seed(0)

@@ -15,7 +15,7 @@
 // Kernels (a struct of one static function):
 //     scan(r, y, mean, seen, momentum, scale, after, update) -> (slope, partial)
 // slope [J, N, D] float32 = scale * sign(r - t) = dL/dr (scale = weight / (J N D)), partial [J, D] the
-// sums of |r - t| over the samples, in batch order. A class outside 0..K-1 adds nothing and is not
+// sums of scale |r - t| over the samples, in batch order (the loss is their sum). A class outside 0..K-1 adds nothing and is not
 // learnt (the CPU kernel refuses it).
 #pragma once
 
@@ -70,7 +70,7 @@ struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
       torch::autograd::impl::bump_version(mean);
       torch::autograd::impl::bump_version(seen);
     }
-    return {slope, partial.sum().mul_(scale)};
+    return {slope, partial.sum()};
   }
 };
 

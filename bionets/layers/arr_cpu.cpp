@@ -43,6 +43,7 @@ void scan_layers(const T* r, const int64_t* y, float* mean, uint8_t* seen, float
         }
         known[k] = 1;
       }
+      for (int64_t d = 0; d < D; ++d) part[d] *= scale;
       if (update) {
         std::memcpy(mean + j * K * D, m.data(), K * D * sizeof(float));
         std::memcpy(seen + j * K, known.data(), K);

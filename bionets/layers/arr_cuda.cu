@@ -23,8 +23,8 @@ constexpr int MAX_THREADS = 128;
 
 template <typename T>
 __global__ void scan_kernel(const T* __restrict__ r, const int64_t* __restrict__ y, float* __restrict__ mean,
-                            const uint8_t* __restrict__ seen, float* __restrict__ slope, float* __restrict__ partial,
-                            uint8_t* __restrict__ seen_out, int64_t N, int64_t K, int64_t D, float a, float scale,
+                            const uint8_t* seen, float* __restrict__ slope, float* __restrict__ partial,
+                            uint8_t* seen_out, int64_t N, int64_t K, int64_t D, float a, float scale,
                             bool after, bool update) {
   extern __shared__ float tile[];                                  // [K, BD] means, then K flags
   const int BD = blockDim.x, t = threadIdx.x;
@@ -57,11 +57,11 @@ __global__ void scan_kernel(const T* __restrict__ r, const int64_t* __restrict__
     if (t == 0) known[k] = 1;
     __syncthreads();
   }
-  if (col) partial[j * D + d] = sum;
+  if (col) partial[j * D + d] = sum * scale;
   if (update) {
     if (col)
       for (int64_t k = 0; k < K; ++k) mean[j * K * D + k * D + d] = tile[k * BD + t];
-    if (blockIdx.y == 0)                // into a copy: the layer's other blocks may not have read seen yet
+    if (blockIdx.y == 0)                // (into a copy where the layer's other blocks may not have read seen yet)
       for (int64_t k = t; k < K; k += BD) seen_out[j * K + k] = known[k];
   }
 }
@@ -84,10 +84,12 @@ std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::
   const c10::cuda::CUDAGuard guard(r.device());
   at::Tensor slope = at::empty({J, N, D}, r.options().dtype(at::kFloat));
   at::Tensor partial = at::empty({J, D}, slope.options());
-  at::Tensor seen_out = update ? at::empty({J, K}, seen.options()) : seen;
   if (J == 0 || D == 0) return {slope, partial.zero_()};
   const int bd = block_features(K, D);
   const dim3 grid(static_cast<unsigned>(J), static_cast<unsigned>((D + bd - 1) / bd));
+  // one block a layer writes its flags in place (it read them before); several write a copy
+  const bool copy_seen = update && grid.y > 1;
+  at::Tensor seen_out = copy_seen ? at::empty({J, K}, seen.options()) : seen;
   const size_t shared = K * bd * sizeof(float) + K;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "bionets_arr_cuda_scan", [&] {
@@ -97,6 +99,6 @@ std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::
         static_cast<float>(momentum), static_cast<float>(scale), after, update);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (update) seen.narrow(0, 0, J).copy_(seen_out);
+  if (copy_seen) seen.narrow(0, 0, J).copy_(seen_out);
   return {slope, partial};
 }

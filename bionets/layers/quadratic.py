@@ -181,6 +181,9 @@ class QuadraticChannel(QuadraticTerm):
         if self.ablation == "cov":
             out = _without_covariance(x, self.weight)
         else:
+            if x.is_cuda and self.impl == "sym" and torch.is_autocast_enabled("cuda") and x.dtype != torch.float64:
+                # one copy to the products' dtype and the rows' layout (channels_last), where two would follow
+                x = x.to(torch.get_autocast_dtype("cuda"), memory_format=torch.channels_last)
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
             out = channel_quadratic(rows, self.weight, self.impl).view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         if self.legacy_transpose:
@@ -202,24 +205,33 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return const[:, :, None, None] + torch.einsum("noi,nihw->nohw", lin, x - mu[:, :, None, None])
 
 
-# 'fused' (GPU, the default where Triton is installed, for C <= FUSED_MAX_CHANNELS): the products
-# formed inside Triton matmul kernels, never stored, as outer products of 8-channel blocks
-# (:mod:`bionets.layers.quadratic_triton`). On an H200 (bf16, channels_last; benchmarks/RESULTS.md)
-# it took Dit-ConvNeXt-T's step from 1.42x to 1.13x its twin's eager and to 1.20x under CUDA graphs
-# (1.55x with 'blocks'), and Dit-ResNet-20's to 1.22x eager (1.26x) and 1.03-1.06x under graphs
-# (1.11x). Wider layers keep 'blocks' until measured: the kernels unroll a loop over the C / 8 blocks.
+# 'fused' (GPU, for C <= FUSED_MAX_CHANNELS where Triton is installed: the default of compiled
+# models, and of eager ones above OUTER_MAX_CHANNELS): the products formed inside Triton matmul
+# kernels, never stored, as outer products of 8-channel blocks (:mod:`bionets.layers.quadratic_triton`).
+# On an H200 (bf16, channels_last; benchmarks/RESULTS.md) it took Dit-ConvNeXt-T's step from 1.42x to
+# 1.13x its twin's eager and to 1.20x under CUDA graphs (1.55x with 'blocks'), and Dit-ResNet-20's to
+# 1.22x eager (1.26x) and 1.03-1.06x under graphs (1.11x). Wider layers keep 'blocks' until measured:
+# the kernels unroll a loop over the C / 8 blocks.
+# 'outer' (GPU, the eager default for C <= OUTER_MAX_CHANNELS): all C^2 products, as one batched
+# product, and one matmul with Q; autograd's own backward. Twice the sym form's products, but some
+# 11 kernel launches forward and backward where 'fused' took ~40 and Python around them: an eager
+# Dit-ResNet-20 step on an H200 waits on the host (GPU busy 5 ms of 10-14). It saves the [M, C^2]
+# products (C times the map), so wider layers keep 'fused'.
 FUSED_MAX_CHANNELS = 128
+OUTER_MAX_CHANNELS = 64
 _CUDA_STRATEGY = "auto"
-CUDA_STRATEGIES = ("auto", "blocks", "fused", "gather")
+CUDA_STRATEGIES = ("auto", "blocks", "fused", "gather", "outer")
 
 
 def set_cuda_strategy(name: str) -> None:
-    """How the sym form runs on CUDA from now on: 'auto' (default: 'fused' where Triton is installed,
-    builds its kernels on the GPU and C <= :data:`FUSED_MAX_CHANNELS`, else 'blocks'), 'blocks'
-    (PyTorch's batched products), 'fused' (Triton kernels) or 'gather' (the plain expression: the
-    C(C+1)/2 products gathered and multiplied, one matmul; autograd's own backward, which runs no
-    Python: for eager steps bound by the host; it saves the products and both gathered factors, and
-    its dL/dx adds with atomics on CUDA, so it is not bitwise reproducible there)."""
+    """How the sym form runs on CUDA from now on: 'auto' (default: eager, 'outer' for C <=
+    :data:`OUTER_MAX_CHANNELS`; else 'fused' where Triton is installed, builds its kernels on the
+    GPU and C <= :data:`FUSED_MAX_CHANNELS`; else 'blocks'), 'blocks' (PyTorch's batched products),
+    'fused' (Triton kernels), 'outer' (all C^2 products by one batched product, one matmul, autograd's
+    backward: few launches, for eager steps bound by the host; it saves the products) or 'gather'
+    (the C(C+1)/2 products gathered and multiplied, one matmul, autograd's backward; it saves the
+    products and both gathered factors, and its dL/dx adds with atomics on CUDA, so it is not bitwise
+    reproducible there)."""
     global _CUDA_STRATEGY
     if name not in CUDA_STRATEGIES:
         raise unknown("CUDA quadratic strategy", name, CUDA_STRATEGIES)
@@ -232,6 +244,8 @@ def _cuda_strategy(c: int, device: torch.device) -> str:
     """The strategy of the sym form for C input channels on a CUDA device (:func:`set_cuda_strategy`)."""
     if _CUDA_STRATEGY != "auto":
         return _CUDA_STRATEGY
+    if c <= OUTER_MAX_CHANNELS and not torch.compiler.is_compiling():
+        return "outer"
     if c > FUSED_MAX_CHANNELS or triton_module() is None:
         return "blocks"
     if torch.compiler.is_compiling():
@@ -262,7 +276,7 @@ def _fused_works(device: torch.device) -> bool:
 def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", strategy: str | None = None) -> torch.Tensor:
     """``q_o = sum_ij Q[o,i,j] x_i x_j`` for every row x of ``rows`` [M, C]: [M, C_out].
 
-    ``strategy`` ('rows', 'blocks', 'fused' or 'gather'; default by device: :func:`set_cuda_strategy`, and
+    ``strategy`` ('rows', 'blocks', 'fused', 'gather' or 'outer'; default by device: :func:`set_cuda_strategy`, and
     the comments of :mod:`bionets.layers.quadratic_sym`) only matters for ``impl='sym'``."""
     m, c = rows.shape
     if rows.stride(-1) != 1:        # one channel: [M, 1] rows can be dense with any column stride; the kernels want 1
@@ -274,8 +288,14 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
                 and rows.dtype != torch.float64)                          # which autocast leaves alone
     dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
-    gather = (strategy or (_CUDA_STRATEGY if rows.is_cuda else None)) == "gather"
-    if gather or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform():
+    plain = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform()
+    strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda and not plain else None)
+    if strategy == "outer":
+        # all C^2 products x_i x_j as one batched product [M, C, 1] @ [M, 1, C], then one matmul
+        # with Q: its gradient is the same sum_p g_o x_i x_j, symmetric in i, j, as the folded form's
+        rows = rows.to(dtype)
+        return (rows.unsqueeze(2) @ rows.unsqueeze(1)).flatten(1) @ q.reshape(q.shape[0], c * c).to(dtype).t()
+    if strategy == "gather" or plain:
         # the plain expression, one gather per factor + one matmul, which autograd differentiates
         # itself: the 'gather' strategy, and a small graph whose batch size stays dynamic for the
         # tracers and exporters (plain ops, which torch.func transforms handle)
@@ -299,7 +319,7 @@ def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | 
     """The sym form of :func:`channel_quadratic` in ``rows``' dtype (or, on the CPU, in ``s_dtype``:
     bf16 products and matmuls from float32 rows), by strategy and mode."""
     c, dtype = rows.shape[1], s_dtype or rows.dtype
-    strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda else "rows")
+    strategy = strategy or "rows"
     if strategy == "fused":
         s = triton_module().fold(q).to(dtype)
     else:
