@@ -7,16 +7,17 @@
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART]   # default: gpu_checks/, every part
 #
 # PART 1 (~7 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs), 2 (~9 minutes: Dit
-# eager and under CUDA graphs, with the default ('fused' Triton kernels) and the 'blocks' strategy
-# of the quadratic layer, the suite, STDS) or 3 (the whole test suite, needs pytest-xdist) runs a
-# part, for machines lent for at most 10 minutes a command. PART new (~7 minutes) runs what the last
-# GPU did not measure: the whole CUDA test file (which builds RAA's CUDA C++ kernels, about a minute),
-# DNRT eager with RAA's CUDA C++ operator and, for comparison, with its Triton kernels, the host-time
-# probe of RAA, ARR and the quadratic layer (benchmarks/host_time.py), and Dit-ResNet-20 eager with
-# the quadratic layer's 'gather' and 'fused' strategies; its caps add up to 590 s.
+# eager and under CUDA graphs, with the default strategy of the quadratic layer ('outer' eager for
+# C <= 64, 'fused' Triton kernels compiled and wider) and the 'blocks' one, the suite, STDS) or 3 (the
+# whole test suite, needs pytest-xdist) runs a part, for machines lent for at most 10 minutes a
+# command. PART new (~6 minutes) runs what the last GPU left unchecked or measured once: RAA's and
+# ARR's CUDA C++ operators built side by side (about 35 s on 16 cores), the whole CUDA test file
+# (the last run's was cut after 17 of its ARR and strategy tests), DNRT eager, Dit-ResNet-20 eager
+# with the 'outer' (default) and 'fused' strategies, and where the steps' host time goes
+# (benchmarks/step_profile.py); its caps add up to 560 s.
 #
-# Writes OUT_DIR/gpu_checks.log (everything printed), dit.md, dit_compiled.md (every case under CUDA
-# graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
+# Writes OUT_DIR/gpu_checks.log (everything printed), dit_outer.md and dit_fused.md (part new), dit.md,
+# dit_compiled.md (every case under CUDA graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
 # stds.md and suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
 set -u
 out=${1:-gpu_checks}
@@ -36,18 +37,17 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-    python3 -c "from bionets.layers import cuda_kernels as k; from torch.utils import cpp_extension as e; print('CUDA toolkit for RAA kernels:', k.has_cuda_toolkit(), e.CUDA_HOME)"
-    step 1,new 240 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
+    python3 -c "from bionets.layers import cuda_kernels as k; from torch.utils import cpp_extension as e; print('CUDA toolkit for the CUDA C++ kernels:', k.has_cuda_toolkit(), e.CUDA_HOME)"
+    step new 100 bash -c 'for k in raa_cuda arr_cuda; do python3 -c "from bionets.layers import cuda_kernels as c; print(\"$k built:\", c.ops(\"$k\") is not None)" & done; wait'
+    step 1,new 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
-    step 1,new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
-    # the same with RAA's Triton kernels in place of its CUDA C++ operator (the default where nvcc builds it)
-    step new 80 env BIONETS_CUDA_KERNELS=0 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 60 --skip-compiled
-    # Dit-ResNet-20 eager with the quadratic layer's 'gather' strategy (the plain expression, autograd's backward) and 'fused'
-    step new 50 python3 benchmarks/host_time.py --device cuda
-    step new 70 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 40 --cuda-strategy gather --out "$out/dit_gather.md"
-    step new 70 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 40 --out "$out/dit_fused.md"
+    step 1,new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 120 --skip-compiled
+    # Dit-ResNet-20 eager with the quadratic layer's default strategy ('outer': all C^2 products, few launches) and 'fused'
+    step new 60 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 60 --out "$out/dit_outer.md"
+    step new 60 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 60 --cuda-strategy fused --out "$out/dit_fused.md"
+    step new 60 python3 benchmarks/step_profile.py --device cuda --cases resnet-relu,dit
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit

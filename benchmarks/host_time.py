@@ -175,12 +175,13 @@ def main(argv: list[str] | None = None) -> str:
         x.requires_grad_()
         modules = {"ReLU": nn.ReLU(), "GELU": nn.GELU(), "RAA relu": RAA(c, base="relu"), "RAA gelu": RAA(c, base="gelu"),
                    "conv3x3": nn.Conv2d(c, c, 3, padding=1, bias=False), "QuadraticChannel": QuadraticChannel(c)}
-        if dev.type == "cuda":        # the layer's 'gather' strategy: the plain expression, autograd's backward
-            modules["QuadraticChannel ('gather')"] = QuadraticChannel(c)
+        if dev.type == "cuda":        # the default is 'outer' eager; the other strategies beside it
+            for strategy in ("fused", "gather"):
+                modules[f"QuadraticChannel ('{strategy}')"] = QuadraticChannel(c)
         calls = {}
         for name, module in modules.items():
             module = module.to(dev).to(memory_format=torch.channels_last)
-            set_cuda_strategy("gather" if "gather" in name else "auto")
+            set_cuda_strategy(name.split("'")[1] if "'" in name else "auto")
             try:
                 host, total, calls[name] = per_call_ms(module, x, args.calls)
             finally:

@@ -198,6 +198,27 @@ def test_channel_trains_under_cpu_bf16_autocast(c):
     assert rel_err(x.grad, xd.grad) < 3e-2 and rel_err(layer.weight.grad, wd.grad) < 3e-2
 
 
+@pytest.mark.parametrize("strategy", ["outer", "gather"])
+def test_plain_expression_strategies_under_bf16_autocast(strategy):
+    """'outer' (CUDA's eager default for C <= 64) and 'gather' under bf16 autocast, here on the CPU
+    (the same operators): output and gradients in the products' dtype, within bf16's rounding of
+    the float64 formula."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 24, dtype=torch.float64)
+    q = 0.1 * torch.randn(8, 24, 24, dtype=torch.float64)
+    xs, qs = x.float().requires_grad_(), q.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channel_quadratic(xs, qs, strategy=strategy)
+    assert out.dtype == torch.bfloat16
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.to(out.dtype))
+    x64, q64 = x.clone().requires_grad_(), q.clone().requires_grad_()
+    want = torch.einsum("oij,mi,mj->mo", q64, x64, x64)
+    want.backward(g)
+    assert rel_err(out.double(), want) < 1e-2
+    assert rel_err(xs.grad.double(), x64.grad) < 2e-2 and rel_err(qs.grad.double(), q64.grad) < 2e-2
+
+
 @pytest.mark.parametrize("c,c_out", [(5, 3), (16, 16), (32, 32), (40, 7), (96, 4)])
 def test_cpu_kernels_with_bf16_products_under_autocast(monkeypatch, c, c_out):
     """Under CPU bf16 autocast the C++ kernels form the products from float32 x, round them to bf16
