@@ -199,6 +199,9 @@ def test_arr_loss_called_directly_checks_its_arguments():
             arr_loss(memory, [r], y, **{"weight": 1.0, "momentum": 0.1, **kwargs})
     with pytest.raises(BionetsError, match="a target outside 0..2"):
         arr_loss(memory, [r], torch.tensor([0, 1, 5, 1]), weight=1.0, momentum=0.1)
+    for responses in ([r, r], [torch.randn(4, 3)], [torch.randn(4, 2, 1)]):      # too many layers, wrong widths
+        with pytest.raises(BionetsError, match="for a memory of 1 layer"):
+            arr_loss(memory, responses, y, weight=1.0, momentum=0.1)
 
 
 def test_arr_without_classifier_is_one_line():

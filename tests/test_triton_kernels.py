@@ -49,20 +49,21 @@ def test_kernels_launch_on_their_tensors_cuda_device(monkeypatch):
     assert switched == [torch.device("cuda:1")]
 
 
-def test_cuda_strategy_switch_names_the_choices_and_auto_picks_fused_up_to_its_width(monkeypatch):
+def test_cuda_strategy_switch_names_the_choices_and_auto_picks_outer_then_fused_by_width(monkeypatch):
     from bionets.errors import BionetsError
     from bionets.layers import quadratic
-    with pytest.raises(BionetsError, match="auto.*blocks.*fused.*gather"):
-        quadratic.set_cuda_strategy("tiles")
+    with pytest.raises(BionetsError, match="auto.*blocks.*fused.*gather.*outer"):
+        quadratic.set_cuda_strategy("xyzzy")
     assert quadratic._CUDA_STRATEGY == "auto"
     gpu = torch.device("cuda:0")
     monkeypatch.setitem(quadratic._FUSED_WORKS, str(gpu), True)      # as if the kernels had built there
-    widest = quadratic.FUSED_MAX_CHANNELS
-    assert [quadratic._cuda_strategy(c, gpu) for c in (16, widest, widest + 1)] == ["fused", "fused", "blocks"]
+    outer, widest = quadratic.OUTER_MAX_CHANNELS, quadratic.FUSED_MAX_CHANNELS
+    assert [quadratic._cuda_strategy(c, gpu) for c in (16, outer, outer + 1, widest, widest + 1)] == [
+        "outer", "outer", "fused", "fused", "blocks"]
     monkeypatch.setitem(quadratic._FUSED_WORKS, str(gpu), False)
-    assert quadratic._cuda_strategy(16, gpu) == "blocks"
+    assert [quadratic._cuda_strategy(c, gpu) for c in (16, 96)] == ["outer", "blocks"]
     try:
-        for name in ("blocks", "fused", "gather"):
+        for name in ("blocks", "fused", "gather", "outer"):
             quadratic.set_cuda_strategy(name)
             assert quadratic._cuda_strategy(16, gpu) == quadratic._cuda_strategy(512, gpu) == name
     finally:
@@ -78,4 +79,4 @@ def test_auto_strategy_falls_back_to_blocks_with_one_warning_where_triton_cannot
     with pytest.warns(UserWarning, match="Triton kernels cannot run on cpu.*'blocks'"):
         assert not quadratic._fused_works(torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), state)                  # the try drew no random numbers
-    assert quadratic._cuda_strategy(16, torch.device("cpu")) == "blocks"    # remembered: no second try
+    assert quadratic._cuda_strategy(96, torch.device("cpu")) == "blocks"    # remembered: no second try

@@ -179,6 +179,10 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
         raise BionetsError(f"arr_loss needs form in {FORMS}, 0 <= momentum < 1 and weight >= 0, got form={form!r}, "
                            f"momentum={momentum}, weight={weight}")
     classes = memory.mean.shape[1]
+    layers, _, dim = memory.mean.shape
+    if len(responses) > layers or any(t.ndim != 2 or t.shape[1] != dim for t in responses):
+        raise BionetsError(f"arr_loss: responses of shapes {[tuple(t.shape) for t in responses]} for a memory of "
+                           f"{layers} layer(s) of {dim} features: give at most {layers} [N, {dim}] tensors")
     if any(t.shape[0] != len(targets) for t in responses):
         raise BionetsError(f"arr_loss: {[t.shape[0] for t in responses]} responses for {len(targets)} targets: one row "
                            "per sample is needed (per_sample() averages a spiking net's time steps)")
