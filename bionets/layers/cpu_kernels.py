@@ -15,11 +15,11 @@ them as ``torch.ops.bionets_<name>``:
   back (:mod:`bionets.layers.map_norm`).
 
 torch's C++ extension builder (``torch.utils.cpp_extension``, with the ``ninja`` package) compiles a
-source at its layer's first CPU call, once per machine: 15-35 s on 2 cores (RAA's, with torch's
-C++ autograd headers, the longest), with one line on stderr, cached under
-``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is
-named by the vector instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash
-of the source, the headers beside it (``cpu_vec.h``, ``raa_autograd.h``, ``arr_autograd.h``) and torch's version, so a
+source at its layer's first CPU call, once per machine: 15-35 s on 2 cores (RAA's and ARR's, with
+torch's C++ autograd headers, the longest), with one line on stderr, cached under
+``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``). Each build is named by the vector
+instructions torch itself dispatches to here (AVX512, AVX2 or none) and a hash of the source, the
+headers beside it (``cpu_vec.h``, ``raa_autograd.h``, ``arr_autograd.h``) and torch's version, so a
 cache shared between machines or environments never hands one a kernel it cannot run. (The GPU's
 own C++ kernels are built the same way: :mod:`bionets.layers.cuda_kernels`.)
 
@@ -40,7 +40,8 @@ import torch
 
 from bionets.layers.kernel_fallback import run_or_warn
 
-USERS = {"raa_cpu": "RAA", "arr_cpu": "ARR", "quadratic_cpu": "the quadratic layer", "map_norm_cpu": "the map LayerNorm"}   # source -> whose
+USERS = {"raa_cpu": "RAA", "arr_cpu": "ARR", "quadratic_cpu": "the quadratic layer",   # source -> whose
+         "map_norm_cpu": "the map LayerNorm"}
 BUILD_TIME = {"raa_cpu": "~35 s", "arr_cpu": "~35 s", "quadratic_cpu": "~20 s", "map_norm_cpu": "~20 s"}     # on 2 cores
 
 # torch's own capability names -> the flags and the define that select ATen's Vectorized for them
