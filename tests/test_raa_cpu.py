@@ -210,6 +210,8 @@ def test_cuda_kernels_are_skipped_silently_without_nvcc_and_warn_once_where_the_
         "-gencode=arch=compute_90,code=compute_90"]
     h100, a100 = cuda_kernels.extension_name("raa_cuda", [(9, 0)]), cuda_kernels.extension_name("raa_cuda", [(8, 0)])
     assert h100.startswith("bionets_raa_cuda_sm90_") and a100.startswith("bionets_raa_cuda_sm80_") and h100[-10:] != a100[-10:]
+    monkeypatch.setattr(cuda_kernels, "nvcc_version", lambda home: "Build cuda_99.0")     # another nvcc: another build
+    assert cuda_kernels.extension_name("raa_cuda", [(9, 0)]) != h100
     # a second build into a process that holds one would abort it (the operators registered twice): refused
     import types
     monkeypatch.setattr(torch.ops, "bionets_raa_cuda", types.SimpleNamespace(raa=object()), raising=False)
@@ -217,6 +219,18 @@ def test_cuda_kernels_are_skipped_silently_without_nvcc_and_warn_once_where_the_
     with pytest.raises(RuntimeError, match="another build of bionets_raa_cuda is loaded"):
         real_build("raa_cuda", [(8, 0)])
     assert tried == ["raa_cuda"]                  # nothing compiled
+
+
+def test_the_build_line_comes_from_torchruns_first_process_on_a_machine_only(monkeypatch, capsys, tmp_path):
+    """Every torchrun process builds (or waits for) the kernels; only LOCAL_RANK 0 says so."""
+    from torch.utils import cpp_extension
+    from bionets.layers import cpu_kernels
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        cpu_kernels.compile_extension("bionets_nothing", [], "nothing", "no time")
+        assert ("building nothing" in capsys.readouterr().err) == said
 
 
 @pytest.mark.parametrize("name, operators", [("raa_cuda", ("raa", "forward", "backward")), ("arr_cuda", ("arr_loss",))])

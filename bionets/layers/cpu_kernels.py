@@ -86,7 +86,7 @@ def build(name: str):
 def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **options) -> None:
     """Build ``sources`` as the extension ``ext`` with torch's builder and load it (its operators
     register themselves), or load the cached build; one line on stderr before a build (``what`` is
-    being built, ``takes`` how long). Failures raise one RuntimeError line: the missing compiler, or
+    being built, ``takes`` how long; from torchrun's first process on each machine only). Failures raise one RuntimeError line: the missing compiler, or
     the compiler's first error."""
     quiet_import()
     from torch.utils import cpp_extension
@@ -101,7 +101,8 @@ def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **op
         if BIN_DIR:
             os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
-    if not any(root.glob(f"{ext}/{ext}.so")) and not any(root.glob(f"*/{ext}/{ext}.so")):
+    first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"     # torchrun's processes build it once, together
+    if first_on_machine and not any(root.glob(f"{ext}/{ext}.so")) and not any(root.glob(f"*/{ext}/{ext}.so")):
         print(f"bionets: building {what} (once per machine, {takes})", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name=ext, sources=[str(s) for s in sources], is_python_module=False, verbose=False, **options)

@@ -22,8 +22,10 @@ without a warning; where the build fails, one warning and the same. ``BIONETS_CU
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -57,14 +59,28 @@ def arch_flags(capabilities: list[tuple[int, int]]) -> list[str]:
 
 def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
     """``bionets_<name>_sm<capabilities>_<hash>``, the hash of the sources, the headers beside them,
-    the capabilities, torch's and CUDA's versions and the toolkit's place (``CUDA_HOME``)."""
+    the capabilities, torch's and CUDA's versions, the toolkit's place (``CUDA_HOME``) and its
+    nvcc's version."""
     here = Path(__file__).parent
     key = b"".join(p.read_bytes() for p in sources(name)) + b"".join(h.read_bytes() for h in sorted(here.glob("*.h")))
     cpu_kernels.quiet_import()
     from torch.utils import cpp_extension
     key += f"{sorted(set(capabilities))} {torch.__version__} {torch.version.cuda} {cpp_extension.CUDA_HOME}".encode()
+    key += nvcc_version(cpp_extension.CUDA_HOME).encode()
     sms = "_".join(f"{a}{b}" for a, b in sorted(set(capabilities)))
     return f"bionets_{name}_sm{sms}_{hashlib.sha256(key).hexdigest()[:10]}"
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version(home: str | None) -> str:
+    """The last line of ``nvcc --version`` under ``home`` (its release and build), or '' where it
+    does not answer."""
+    try:
+        done = subprocess.run([str(Path(home or "", "bin", "nvcc")), "--version"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (done.stdout.strip().splitlines() or [""])[-1]
 
 
 def build(name: str, capabilities: list[tuple[int, int]] | None = None):
