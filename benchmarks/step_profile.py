@@ -1,5 +1,6 @@
 """Where a training step's host time goes: a plain model's step against its twins with RAA, ARR or
-the quadratic layer, operator by operator (torch.profiler, self CPU time per step).
+the quadratic layer, operator by operator (torch.profiler, self CPU time per step; on a GPU also
+each kernel's GPU time).
 
 On a GPU the eager steps of CIFAR-sized models wait on the host, so what a mechanism adds to the
 step is what it adds here: each case's wall time per step, its kernel launches per step, and the
@@ -13,6 +14,7 @@ import argparse
 import copy
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -40,9 +42,21 @@ def models_of(case: str, dev: torch.device) -> dict:
             f"{case} + ARR": (arr.to(dev), loss_with_hooks(arr, report.hooks))}
 
 
-def per_step(model, loss_fn, x, y, dev, steps: int) -> tuple[float, dict[str, float], dict[str, float], int, float]:
-    """(wall ms a step, {operator: self CPU us a step}, {operator: calls a step}, kernel launches a step,
-    GPU busy ms a step: the kernels' time, which the wall time exceeds where the step waits on the host)."""
+@dataclass
+class StepProfile:
+    wall_ms: float                       # a step, timed without the profiler
+    host_us: dict[str, float]            # operator -> self CPU us a step
+    gpu_us: dict[str, float]             # operator or kernel -> self GPU us a step
+    calls: dict[str, float]              # operator -> calls a step
+    launches: int                        # kernel launches a step
+
+    @property
+    def busy_ms(self) -> float:
+        """The GPU's busy time a step: the wall time exceeds it where the step waits on the host."""
+        return sum(self.gpu_us.values()) / 1e3
+
+
+def per_step(model, loss_fn, x, y, dev, steps: int) -> StepProfile:
     cl = use_channels_last("auto", model, dev)
     step, _ = train_step(model, x, y, loss_fn=loss_fn, amp="bf16" if dev.type == "cuda" else "off", channels_last=cl)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -59,13 +73,18 @@ def per_step(model, loss_fn, x, y, dev, steps: int) -> tuple[float, dict[str, fl
         for _ in range(steps):
             step()
         sync()
-    cpu, calls, busy = defaultdict(float), defaultdict(float), 0.0
+    host, gpu, calls = defaultdict(float), defaultdict(float), defaultdict(float)
     for e in prof.key_averages():
-        cpu[e.key] += e.self_cpu_time_total / steps
+        host[e.key] += e.self_cpu_time_total / steps
+        gpu[e.key] += getattr(e, "self_device_time_total", 0.0) / steps
         calls[e.key] += e.count / steps
-        busy += getattr(e, "self_device_time_total", 0.0) / steps / 1e3
-    launches = int(round(calls.get("cudaLaunchKernel", 0) + calls.get("cuLaunchKernel", 0) + calls.get("cuLaunchKernelEx", 0)))
-    return wall, cpu, calls, launches, busy
+    launches = round(sum(calls.get(k, 0) for k in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")))
+    return StepProfile(wall, dict(host), dict(gpu), dict(calls), launches)
+
+
+def largest_differences(twin: dict[str, float], base: dict[str, float], top: int) -> list[tuple[str, float]]:
+    diff = {k: twin.get(k, 0.0) - base.get(k, 0.0) for k in set(twin) | set(base)}
+    return sorted(((k, d) for k, d in diff.items() if d), key=lambda kd: -abs(kd[1]))[:top]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -83,15 +102,18 @@ def main(argv: list[str] | None = None) -> str:
     for case in args.cases.split(","):
         shown = len(lines)
         runs = {label: per_step(m, fn, x, y, dev, args.steps) for label, (m, fn) in models_of(case, dev).items()}
-        (base_label, (base_wall, base_cpu, base_calls, base_launches, base_busy)), *twins = runs.items()
-        lines.append(f"{base_label}: {base_wall:.2f} ms a step, GPU busy {base_busy:.2f} ms, {base_launches} kernel launches")
-        for label, (wall, cpu, calls, launches, busy) in twins:
-            lines.append(f"{label}: {wall:.2f} ms a step ({wall / base_wall:.3f}x), GPU busy {busy:.2f} ms, {launches} "
-                         f"kernel launches ({launches - base_launches:+d}); host us a step by operator, against the "
-                         "plain model:")
-            diff = {k: cpu[k] - base_cpu.get(k, 0.0) for k in set(cpu) | set(base_cpu)}
-            for k in sorted(diff, key=lambda k: -abs(diff[k]))[:args.top]:
-                lines.append(f"    {diff[k]:+8.1f} us  {calls.get(k, 0) - base_calls.get(k, 0):+6.1f} calls  {k[:70]}")
+        (base_label, base), *twins = runs.items()
+        lines.append(f"{base_label}: {base.wall_ms:.2f} ms a step, GPU busy {base.busy_ms:.2f} ms, "
+                     f"{base.launches} kernel launches")
+        for label, twin in twins:
+            lines.append(f"{label}: {twin.wall_ms:.2f} ms a step ({twin.wall_ms / base.wall_ms:.3f}x), GPU busy "
+                         f"{twin.busy_ms:.2f} ms, {twin.launches} kernel launches ({twin.launches - base.launches:+d}); "
+                         "host us a step by operator, against the plain model:")
+            for k, d in largest_differences(twin.host_us, base.host_us, args.top):
+                lines.append(f"    {d:+8.1f} us  {twin.calls.get(k, 0) - base.calls.get(k, 0):+6.1f} calls  {k[:70]}")
+            if dev.type == "cuda":
+                lines.append("  GPU us a step by kernel, against the plain model:")
+                lines += [f"    {d:+8.1f} us  {k[:80]}" for k, d in largest_differences(twin.gpu_us, base.gpu_us, args.top)]
         print("\n".join(lines[shown:]), flush=True)
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Smoke runs of the engine, DNRT and Dit benchmarks on tiny sizes: they run and print every ratio."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -70,3 +72,11 @@ def test_host_time_probe_smoke():
         assert needle in text
     assert "QuadraticChannel, 16 channels, 32x32: 5 calls" in text and "Self CPU" in text
     assert "RAA's parts" in text and "ReLU as a Python autograd function, forward + backward:" in text
+
+
+def test_step_profile_smoke():
+    text = load("step_profile").main(["--device", "cpu", "--batch", "2", "--steps", "1", "--top", "2",
+                                      "--cases", "resnet-relu,dit"])
+    for needle in ("resnet-relu: ", "resnet-relu RAA: ", "resnet-relu + ARR: ", "dit_resnet20: ", "host us a step"):
+        assert needle in text
+    assert text.count(" calls  ") == 6                   # the two largest differences for each of the three twins
