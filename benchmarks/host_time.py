@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bionets.engine.distributed import parse_device
 from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
+from bionets.layers.quadratic_sym import triton_module
 from bionets.layers import raa as raa_module
 from bionets.layers.raa import RAA
 
@@ -131,17 +132,17 @@ def arr_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
         m = torch.randn(layers, batch, dim, device=dev)
 
         def with_operators():
-            scan = arr_module._scan_on_gpu
-            arr_module._scan_on_gpu = lambda *args, **kwargs: None
+            scan, own = arr_module._scan_on_gpu, arr_module._own_operator
+            arr_module._scan_on_gpu = arr_module._own_operator = lambda *args, **kwargs: None
             try:
                 arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward()
             finally:
-                arr_module._scan_on_gpu = scan
+                arr_module._scan_on_gpu, arr_module._own_operator = scan, own
 
         linear = nn.Linear(dim, 10).to(dev)
         hooked = nn.Linear(dim, 10).to(dev)
         hooked.register_forward_pre_hook(lambda module, args: None)
-        parts = {"arr_loss, forward + backward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward(),
+        parts = {"arr_loss (ARR's own operator where built), forward + backward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward(),
                  "arr_loss, forward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1),
                  "arr_loss with the PyTorch operators, forward + backward": with_operators,
                  "the loss expression alone (stack, |r - m|.mean()), forward + backward":
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> str:
         modules = {"ReLU": nn.ReLU(), "GELU": nn.GELU(), "RAA relu": RAA(c, base="relu"), "RAA gelu": RAA(c, base="gelu"),
                    "conv3x3": nn.Conv2d(c, c, 3, padding=1, bias=False), "QuadraticChannel": QuadraticChannel(c)}
         if dev.type == "cuda":        # the default is 'outer' eager; the other strategies beside it
-            for strategy in ("fused", "gather"):
+            for strategy in ("fused", "gather") if triton_module() is not None else ("gather",):
                 modules[f"QuadraticChannel ('{strategy}')"] = QuadraticChannel(c)
         calls = {}
         for name, module in modules.items():

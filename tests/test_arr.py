@@ -132,7 +132,7 @@ def test_own_operator_matches_the_loop_and_the_pytorch_operators(form, layers, d
     assert calls == [dtype] * 3
 
 
-def test_own_operator_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memory():
+def test_own_operator_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memory(monkeypatch):
     """dL/dr = weight / numel * sign(r - t); with update=False the memory is untouched, in
     inference mode the loss is the same without a graph."""
     from bionets.layers import cpu_kernels
@@ -149,10 +149,30 @@ def test_own_operator_gradient_is_the_sign_of_the_difference_and_update_false_le
     # targets (paper): (1,1), (0,0), (1.5,1) -> signs (+,0), (0,-), (-,0)
     torch.testing.assert_close(r.grad, 0.5 * torch.tensor([[1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]]))
     torch.testing.assert_close(mem.mean[0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    own = cpu_kernels.ops("arr_cpu")
+    op, calls = own.arr_loss, []
+    monkeypatch.setattr(own, "arr_loss", lambda *a: calls.append(1) or op(*a))
     with torch.inference_mode():
         again = arr_loss(mem, [r.detach()], y, weight=3.0, momentum=0.5, form="paper")
-    assert again.item() == pytest.approx(loss.item())
+    assert calls == [1] and again.item() == pytest.approx(loss.item())
     torch.testing.assert_close(mem.mean[0], torch.tensor([[1.25, 1.0], [0.0, -1.0]]))
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_gradient_penalty_on_arr_alone_differentiates_to_zeros(own, monkeypatch):
+    """ARR's gradient is piecewise constant in r: differentiating it again (create_graph, a gradient
+    penalty) gives zeros, through ARR's operator as through the PyTorch operators."""
+    from bionets.layers import arr, cpu_kernels
+    if own and cpu_kernels.ops("arr_cpu") is None:
+        pytest.skip("no C++ compiler here")
+    if not own:
+        monkeypatch.setattr(arr, "_own_operator", lambda *args: None)
+    r = torch.randn(6, 3, requires_grad=True)
+    loss = arr_loss(ArrMemory(1, 2, 3), [r], torch.tensor([0, 1, 0, 1, 0, 0]), weight=1.0, momentum=0.1)
+    g, = torch.autograd.grad(loss, r, create_graph=True)
+    assert g.requires_grad and g.abs().sum() > 0
+    second, = torch.autograd.grad(g.square().sum(), r)
+    assert not second.any()
 
 
 def build(model="test_mlp", **arr):
@@ -199,7 +219,7 @@ def test_arr_loss_called_directly_checks_its_arguments():
             arr_loss(memory, [r], y, **{"weight": 1.0, "momentum": 0.1, **kwargs})
     with pytest.raises(BionetsError, match="a target outside 0..2"):
         arr_loss(memory, [r], torch.tensor([0, 1, 5, 1]), weight=1.0, momentum=0.1)
-    for responses in ([r, r], [torch.randn(4, 3)], [torch.randn(4, 2, 1)]):      # too many layers, wrong widths
+    for responses in ([r, r], [torch.randn(4, 3)], [torch.randn(4, 2, 1)], []):  # too many, wrong widths, none
         with pytest.raises(BionetsError, match="for a memory of 1 layer"):
             arr_loss(memory, responses, y, weight=1.0, momentum=0.1)
 

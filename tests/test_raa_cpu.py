@@ -227,6 +227,7 @@ def test_the_build_line_comes_from_torchruns_first_process_on_a_machine_only(mon
     from bionets.layers import cpu_kernels
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: f"/usr/bin/{name}")     # a compiler or not
     for rank, said in (("1", False), ("0", True)):
         monkeypatch.setenv("LOCAL_RANK", rank)
         cpu_kernels.compile_extension("bionets_nothing", [], "nothing", "no time")

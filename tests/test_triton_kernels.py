@@ -60,6 +60,8 @@ def test_cuda_strategy_switch_names_the_choices_and_auto_picks_outer_then_fused_
     outer, widest = quadratic.OUTER_MAX_CHANNELS, quadratic.FUSED_MAX_CHANNELS
     assert [quadratic._cuda_strategy(c, gpu) for c in (16, outer, outer + 1, widest, widest + 1)] == [
         "outer", "outer", "fused", "fused", "blocks"]
+    budget = quadratic.OUTER_MAX_BYTES                      # products past it take 'fused' (they are saved)
+    assert [quadratic._cuda_strategy(32, gpu, b) for b in (budget, budget + 1)] == ["outer", "fused"]
     monkeypatch.setitem(quadratic._FUSED_WORKS, str(gpu), False)
     assert [quadratic._cuda_strategy(c, gpu) for c in (16, 96)] == ["outer", "blocks"]
     try:

@@ -159,8 +159,9 @@ def _own_operator(memory: ArrMemory, responses: list[torch.Tensor], targets: tor
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform():
         return None
-    if mean.is_cuda:
-        return cuda_kernels.ops("arr_cuda") if mean.shape[1] <= CUDA_MAX_CLASSES else None
+    if mean.is_cuda:       # (at most 65535 blocks of features, one feature a block at the most classes)
+        fits = mean.shape[1] <= CUDA_MAX_CLASSES and mean.shape[2] <= 65535
+        return cuda_kernels.ops("arr_cuda") if fits else None
     return cpu_kernels.ops("arr_cpu") if mean.device.type == "cpu" else None
 
 
@@ -180,9 +181,9 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
                            f"momentum={momentum}, weight={weight}")
     classes = memory.mean.shape[1]
     layers, _, dim = memory.mean.shape
-    if len(responses) > layers or any(t.ndim != 2 or t.shape[1] != dim for t in responses):
+    if not responses or len(responses) > layers or any(t.ndim != 2 or t.shape[1] != dim for t in responses):
         raise BionetsError(f"arr_loss: responses of shapes {[tuple(t.shape) for t in responses]} for a memory of "
-                           f"{layers} layer(s) of {dim} features: give at most {layers} [N, {dim}] tensors")
+                           f"{layers} layer(s) of {dim} features: give 1 to {layers} [N, {dim}] tensors")
     if any(t.shape[0] != len(targets) for t in responses):
         raise BionetsError(f"arr_loss: {[t.shape[0] for t in responses]} responses for {len(targets)} targets: one row "
                            "per sample is needed (per_sample() averages a spiking net's time steps)")

@@ -45,16 +45,21 @@ struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean,
                             const at::Tensor& seen, double momentum, double weight, bool after, bool update) {
     auto [slope, loss] = compute(r, y, mean, seen, momentum, weight, after, update);
-    ctx->save_for_backward({slope});
+    ctx->save_for_backward({slope, r});
     ctx->saved_data["dtype"] = r.scalar_type();
     return loss;
   }
 
-  // dL/dr = slope dL (piecewise constant in r: its own derivative is zero, so create_graph needs nothing more)
+  // dL/dr = slope dL. Piecewise constant in r, so its derivative is zero; with create_graph it is
+  // tied to r by a zero term (sgn(r) 0, as autograd's |.| ties its own), so that a gradient penalty
+  // on ARR alone differentiates to zeros rather than failing
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor slope = ctx->get_saved_variables()[0];
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &slope = saved[0], &r = saved[1];
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
-    return {(slope * grads[0]).to(dtype), at::Tensor(), at::Tensor(), at::Tensor(),
+    at::Tensor grad = slope * grads[0];
+    if (at::GradMode::is_enabled()) grad = grad + r.sgn().mul(0).to(at::kFloat);
+    return {grad.to(dtype), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 

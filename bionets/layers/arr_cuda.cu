@@ -86,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::
   at::Tensor partial = at::empty({J, D}, slope.options());
   if (J == 0 || D == 0) return {slope, partial.zero_()};
   const int bd = block_features(K, D);
+  TORCH_CHECK((D + bd - 1) / bd <= 65535, "bionets ARR CUDA kernel: too many features for ", K, " classes");
   const dim3 grid(static_cast<unsigned>(J), static_cast<unsigned>((D + bd - 1) / bd));
   // one block a layer writes its flags in place (it read them before); several write a copy
   const bool copy_seen = update && grid.y > 1;

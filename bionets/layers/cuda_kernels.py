@@ -75,8 +75,10 @@ def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
 def nvcc_version(home: str | None) -> str:
     """The last line of ``nvcc --version`` under ``home`` (its release and build), or '' where it
     does not answer."""
+    if home is None:
+        return ""
     try:
-        done = subprocess.run([str(Path(home or "", "bin", "nvcc")), "--version"], capture_output=True, text=True,
+        done = subprocess.run([str(Path(home, "bin", "nvcc")), "--version"], capture_output=True, text=True,
                               timeout=60)
     except (OSError, subprocess.SubprocessError):
         return ""

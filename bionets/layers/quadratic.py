@@ -215,24 +215,26 @@ def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # 'outer' (GPU, the eager default for C <= OUTER_MAX_CHANNELS): all C^2 products, as one batched
 # product, and one matmul with Q; autograd's own backward. Twice the sym form's products, but some
 # 11 kernel launches forward and backward where 'fused' took ~40 and Python around them: an eager
-# Dit-ResNet-20 step on an H200 waits on the host (GPU busy 5-6 ms of 10-14), and it went from
-# 1.25-1.32x its twin's with 'fused' to 1.12-1.16x. It saves the [M, C^2] products (C times the
-# map), so wider layers keep 'fused'.
+# Dit-ResNet-20 step on an H200 waits on the host, and it went from 1.25-1.32x its twin's with
+# 'fused' to 1.12-1.16x. It saves the [M, C^2] products (C times the map: 64 MB for Dit-ResNet-20's
+# layer at batch 128), so wider layers, and maps whose products would pass OUTER_MAX_BYTES (an
+# ImageNet ResNet's 64 channels at 56x56, batch 128: 3.3 GB), keep 'fused'.
 FUSED_MAX_CHANNELS = 128
 OUTER_MAX_CHANNELS = 64
+OUTER_MAX_BYTES = 256 * 2**20
 _CUDA_STRATEGY = "auto"
 CUDA_STRATEGIES = ("auto", "blocks", "fused", "gather", "outer")
 
 
 def set_cuda_strategy(name: str) -> None:
     """How the sym form runs on CUDA from now on: 'auto' (default: eager, 'outer' for C <=
-    :data:`OUTER_MAX_CHANNELS`; else 'fused' where Triton is installed, builds its kernels on the
-    GPU and C <= :data:`FUSED_MAX_CHANNELS`; else 'blocks'), 'blocks' (PyTorch's batched products),
-    'fused' (Triton kernels), 'outer' (all C^2 products by one batched product, one matmul, autograd's
-    backward: few launches, for eager steps bound by the host; it saves the products) or 'gather'
-    (the C(C+1)/2 products gathered and multiplied, one matmul, autograd's backward; it saves the
-    products and both gathered factors, and its dL/dx adds with atomics on CUDA, so it is not bitwise
-    reproducible there)."""
+    :data:`OUTER_MAX_CHANNELS` where the products take at most :data:`OUTER_MAX_BYTES`; else 'fused'
+    where Triton is installed, builds its kernels on the GPU and C <= :data:`FUSED_MAX_CHANNELS`;
+    else 'blocks'), 'blocks' (PyTorch's batched products), 'fused' (Triton kernels), 'outer' (all
+    C^2 products by one batched product, one matmul, autograd's backward: few launches, for eager
+    steps bound by the host; it saves the products) or 'gather' (the C(C+1)/2 products gathered and
+    multiplied, one matmul, autograd's backward; it saves the products and both gathered factors,
+    and its dL/dx adds with atomics on CUDA, so it is not bitwise reproducible there)."""
     global _CUDA_STRATEGY
     if name not in CUDA_STRATEGIES:
         raise unknown("CUDA quadratic strategy", name, CUDA_STRATEGIES)
@@ -241,11 +243,12 @@ def set_cuda_strategy(name: str) -> None:
     _CUDA_STRATEGY = name
 
 
-def _cuda_strategy(c: int, device: torch.device) -> str:
-    """The strategy of the sym form for C input channels on a CUDA device (:func:`set_cuda_strategy`)."""
+def _cuda_strategy(c: int, device: torch.device, products_bytes: int = 0) -> str:
+    """The strategy of the sym form for C input channels on a CUDA device (:func:`set_cuda_strategy`),
+    for a call whose C^2 products would take ``products_bytes``."""
     if _CUDA_STRATEGY != "auto":
         return _CUDA_STRATEGY
-    if c <= OUTER_MAX_CHANNELS and not torch.compiler.is_compiling():
+    if c <= OUTER_MAX_CHANNELS and products_bytes <= OUTER_MAX_BYTES and not torch.compiler.is_compiling():
         return "outer"
     if c > FUSED_MAX_CHANNELS or triton_module() is None:
         return "blocks"
@@ -290,7 +293,8 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
                 and rows.dtype != torch.float64)                          # which autocast leaves alone
     dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
     plain = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform()
-    strategy = strategy or (_cuda_strategy(c, rows.device) if rows.is_cuda and not plain else None)
+    strategy = strategy or (_cuda_strategy(c, rows.device, m * c * c * dtype.itemsize) if rows.is_cuda and not plain
+                            else None)
     if strategy == "outer":
         # all C^2 products x_i x_j as one batched product [M, C, 1] @ [M, 1, C], then one matmul
         # with Q: its gradient is the same sum_p g_o x_i x_j, symmetric in i, j, as the folded form's
