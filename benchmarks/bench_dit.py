@@ -161,9 +161,10 @@ def main(argv=None) -> str:
                    help="memory format of every case: auto = on for CUDA only; 'on' is how 'bionets train' runs conv "
                         "models on any device")
     p.add_argument("--cuda-strategy", choices=CUDA_STRATEGIES, default="auto",
-                   help="how the sym form runs on CUDA: 'auto' (default: 'fused' where Triton is installed, up to "
-                        "128 channels), 'blocks' (PyTorch's batched products), 'fused' (Triton kernels) or 'gather' "
-                        "(the plain expression, autograd's own backward)")
+                   help="how the sym form runs on CUDA: 'auto' (default: eager 'outer' up to 64 channels, else "
+                        "'fused' where Triton is installed, up to 128 channels), 'blocks' (PyTorch's batched "
+                        "products), 'fused' (Triton kernels), 'gather' or 'outer' (plain expressions of C(C+1)/2 "
+                        "or all C^2 products, autograd's own backward)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile every model and layer in this mode, as train.compile does (compiling is "
                         "done in the warm-up steps); 'reduce-overhead' replays CUDA graphs")

@@ -117,7 +117,7 @@ def raa_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
 def arr_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
     """Host time of ARR's parts (10 classes, the ``paper`` form), for one hooked layer of 64 features
     (ResNet-20's classifier input) and twelve of 192 (ViT-Tiny's blocks): the whole loss forward and
-    backward, the same with its PyTorch operators in place of the Triton kernel, the loss expression
+    backward, the same with its PyTorch operators in place of its own operator and the Triton kernel, the loss expression
     alone, the Triton kernel alone (CUDA), and a Linear layer with and without a forward pre-hook
     (how ARR captures a CNN's classifier input)."""
     from bionets.layers import arr as arr_module
@@ -142,7 +142,8 @@ def arr_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
         linear = nn.Linear(dim, 10).to(dev)
         hooked = nn.Linear(dim, 10).to(dev)
         hooked.register_forward_pre_hook(lambda module, args: None)
-        parts = {"arr_loss (ARR's own operator where built), forward + backward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward(),
+        parts = {"arr_loss (ARR's own operator where built), forward + backward":
+                     lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1).backward(),
                  "arr_loss, forward": lambda: arr_loss(memory, rs, y, weight=1.0, momentum=0.1),
                  "arr_loss with the PyTorch operators, forward + backward": with_operators,
                  "the loss expression alone (stack, |r - m|.mean()), forward + backward":

@@ -68,10 +68,14 @@ def extension_name(name: str) -> tuple[str, list[str]]:
     compiled against)."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, [])
-    headers = b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h")))
-    key = source(name).read_bytes() + headers + " ".join([*flags, torch.__version__]).encode()
+    key = source(name).read_bytes() + header_bytes() + " ".join([*flags, torch.__version__]).encode()
     digest = hashlib.sha256(key).hexdigest()[:10]
     return f"bionets_{name}_{capability.lower()}_{digest}", flags
+
+
+def header_bytes() -> bytes:
+    """The headers beside the sources (``*.h``), in name order: part of every build's hash."""
+    return b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h")))
 
 
 def build(name: str):
@@ -86,8 +90,8 @@ def build(name: str):
 def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **options) -> None:
     """Build ``sources`` as the extension ``ext`` with torch's builder and load it (its operators
     register themselves), or load the cached build; one line on stderr before a build (``what`` is
-    being built, ``takes`` how long; from torchrun's first process on each machine only). Failures raise one RuntimeError line: the missing compiler, or
-    the compiler's first error."""
+    being built, ``takes`` how long; from torchrun's first process on each machine only). Failures
+    raise one RuntimeError line: the missing compiler, or the compiler's first error."""
     quiet_import()
     from torch.utils import cpp_extension
     compiler = os.environ.get("CXX", "c++")

@@ -61,8 +61,7 @@ def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
     """``bionets_<name>_sm<capabilities>_<hash>``, the hash of the sources, the headers beside them,
     the capabilities, torch's and CUDA's versions, the toolkit's place (``CUDA_HOME``) and its
     nvcc's version."""
-    here = Path(__file__).parent
-    key = b"".join(p.read_bytes() for p in sources(name)) + b"".join(h.read_bytes() for h in sorted(here.glob("*.h")))
+    key = b"".join(p.read_bytes() for p in sources(name)) + cpu_kernels.header_bytes()
     cpu_kernels.quiet_import()
     from torch.utils import cpp_extension
     key += f"{sorted(set(capabilities))} {torch.__version__} {torch.version.cuda} {cpp_extension.CUDA_HOME}".encode()
