@@ -138,6 +138,7 @@ def _feature_weighted_sum(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.T
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def raa_triton() -> types.ModuleType | None:
@@ -167,9 +168,8 @@ def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: 
     for x, else None: a CPU tensor x, float32 with v and c, as a 4-D map with the features on dim 1
     (NCHW or channels_last) or a contiguous tensor with them last; bf16 x with the features
     contiguous in memory (channels_last maps, tokens)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.numel():
-        return None
-    if c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
+    if not x.is_cpu or x.dtype not in _CPU_DTYPES or not x.numel() or c.dtype != torch.float32 \
+            or (v is not None and v.dtype != torch.float32):
         return None
     if dim != 1:
         layout_ok = x.is_contiguous()
@@ -187,9 +187,8 @@ def _cuda_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim:
     RAA for x, else None: a CUDA tensor x in float32, bf16 or fp16 read as [N, C, P] without a copy
     (channels_last maps, contiguous tokens, NCHW maps of at most 64 channels), v and c float32, at
     most 8191 features; where nvcc is installed (otherwise the Triton kernels serve)."""
-    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or x.shape[dim] > 8191:
-        return None
-    if c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or x.shape[dim] > 8191 \
+            or c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
         return None
     if dim == 1 and x.ndim == 4 and x.is_contiguous() and x.shape[2] * x.shape[3] > 1:
         # NCHW: one thread a vector, each with C + 1 partial sums in the backward's 32 KB of shared
@@ -369,7 +368,7 @@ class RAA(nn.Module):
                 require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
             fn = raa_expression if plain else compiled_raa(self.num_features)
             return fn(x, self.c, weight, self.variant, self.base, dim)
-        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        if (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
                 and (self.variant == "matrix" or _cpu_kernels(x, getattr(self, "v", None), self.c, dim) is None)):
             # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16 map
             # times a float32 one took 1.1 ms against 0.03): compute in float32, round once (the C++
@@ -380,10 +379,11 @@ class RAA(nn.Module):
 
     def _eager(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.variant != "matrix":
-            v = getattr(self, "v", None)
-            if (kernels := _own_kernels(x, v, self.c, dim)) is not None:   # one operator, autograd in C++
-                return kernels.raa(x, v, self.c, dim, self.base == "relu")
-            return _RaaVector.apply(x, v, self.c, dim, self.base)
+            v, c = self.v if self.variant == "vector" else None, self.c
+            if (kernels := _own_kernels(x, v, c, dim)) is not None:   # one operator, autograd in C++
+                # (its overload called directly: ~4 us a call less than through the operator's packet)
+                return kernels.raa.default(x, v, c, dim, self.base == "relu")
+            return _RaaVector.apply(x, v, c, dim, self.base)
         s = matrix_shift(x, self.W, self.c, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype

@@ -1,6 +1,6 @@
-// RAA's vector and scalar variants as CUDA kernels: one pass over the map each way, plus a small
-// reduction of the parameters' partial sums (built on first use by bionets/layers/cuda_kernels.py;
-// the operators and their C++ autograd are in raa_cuda.cpp).
+// RAA's vector and scalar variants as CUDA kernels: one kernel each way, one pass over the map
+// (built on first use by bionets/layers/cuda_kernels.py; the operators and their C++ autograd are in
+// raa_cuda.cpp).
 //
 // forward, per feature vector x (one token, or one pixel of a map), c a scalar:
 //     s = v . x + c                         (scalar variant: s = c)
@@ -15,12 +15,20 @@
 // neighbouring threads read neighbouring pixels; else the power of two >= C, at most 32, and the
 // group's threads read neighbouring features); sums over a vector are shuffles within the group.
 // Math in float32 for float32, bf16 and fp16 x; s and the parameters' gradients are float32. The
-// sums over vectors are taken per block in a fixed order and then over the blocks in a fixed order:
-// the same result on every run.
+// sums over vectors are taken per block in a fixed order, and then over the blocks in block order by
+// the backward's last block to finish: the same result on every run.
+//
+// An eager step of a CIFAR-sized model waits on the host (an H200's: ~3 ms of GPU work in 10-14 ms),
+// where each launch costs 13-19 us and each allocation ~7, so the forward's buffer of shifts, `s`,
+// also holds the backward's scratch: [M shifts | 1 block counter | blocks x width partial sums], the
+// counter zeroed by the forward and again by the backward's last block (so a retained graph's second
+// backward finds it zero). The backward then allocates dL/dx and one buffer for dL/dv and dL/dc, and
+// launches one kernel (before: two allocations and one launch more).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
@@ -54,6 +62,7 @@ __device__ __forceinline__ float ld(const T* p) { return static_cast<float>(*p);
 template <typename T, bool RELU, bool HAS_V>
 __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ v, const float* __restrict__ c,
                                T* __restrict__ y, float* __restrict__ s, Layout l) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *reinterpret_cast<unsigned int*>(s + l.M) = 0u;   // the backward's counter
   const int lane = threadIdx.x % l.G;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / l.G) + threadIdx.x / l.G;
   const bool valid = row < l.M;
@@ -83,11 +92,13 @@ __device__ __forceinline__ void slopes(float xv, float z, float& dydx, float& dy
   }
 }
 
-// dL/dx, and per block the partial sums of dL/dv (C of them, with v) and dL/dc (the last) in
-// part[block, width], width = C + 1 (with v) or 1
+// dL/dx; per block the partial sums of dL/dv (C of them, with v) and dL/dc (the last) in
+// part[block, width], width = C + 1 (with v) or 1; and the last block to finish sums them over the
+// blocks, in block order, into gvc = [dL/dv | dL/dc]. `done` counts the finished blocks (zero on entry).
 template <typename T, bool RELU, bool HAS_V>
 __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ s,
-                                const float* __restrict__ v, T* __restrict__ gx, float* __restrict__ part, Layout l) {
+                                const float* __restrict__ v, T* __restrict__ gx, float* __restrict__ part,
+                                unsigned int* __restrict__ done, float* __restrict__ gvc, Layout l) {
   extern __shared__ float acc[];                 // [groups, width]: each entry written by one thread only
   const int groups = blockDim.x / l.G, group = threadIdx.x / l.G, lane = threadIdx.x % l.G;
   const int64_t width = HAS_V ? l.C + 1 : 1;
@@ -129,17 +140,37 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g
     for (int j = 0; j < groups; ++j) total += acc[j * width + k];
     part[blockIdx.x * width + k] = total;
   }
+  // the last block to finish (its partial sums written and made visible first) sums every block's
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
+    float total = 0.f;
+    for (unsigned j = 0; j < gridDim.x; ++j) total += __ldcg(part + j * width + k);   // from L2, not a stale L1
+    gvc[k] = total;
+  }
+  if (threadIdx.x == 0) *done = 0u;                           // for the next backward of this graph
 }
 
-// dL/dv[k] (k < width - 1) and dL/dc (k = width - 1): the sum over the blocks of part[block, k], in
-// block order
-__global__ void sum_blocks_kernel(const float* __restrict__ part, float* __restrict__ gv, float* __restrict__ gc,
-                                  int blocks, int64_t width) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= width) return;
-  float total = 0.f;
-  for (int j = 0; j < blocks; ++j) total += part[j * width + k];
-  (k < width - 1 ? gv[k] : *gc) = total;
+// the backward's launch: `groups` vectors a block (each with `width` partial sums in shared memory)
+// and `blocks` blocks, decided by the layout alone, so that the forward can size the scratch that the
+// backward uses
+struct Grid {
+  int64_t width, groups;
+  int blocks;
+  int64_t scratch() const { return 1 + blocks * width; }       // the counter, then the partial sums
+};
+
+Grid backward_grid(const Layout& l, bool has_v) {
+  Grid grid{};
+  grid.width = has_v ? l.C + 1 : 1;
+  grid.groups = std::max<int64_t>(1, std::min<int64_t>(THREADS / l.G, SHARED_FLOATS / grid.width));
+  grid.blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(MAX_BLOCKS, (l.M + grid.groups - 1) / grid.groups)));
+  return grid;
 }
 
 // dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor
@@ -194,17 +225,18 @@ void with_flags(bool relu, bool has_v, const F& f) {
 
 }  // namespace
 
-// (y, s): s holds the shift of each vector, [N * P]
+// (y, s): s holds the shift of each vector, [N * P], then the backward's scratch (see the top)
 std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
                                                     const at::Tensor& c, int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(c.device() == x.device() && c.scalar_type() == at::kFloat && c.numel() == 1,
               "bionets RAA CUDA kernels: c must be one float32 on x's device");
-  at::Tensor y = at::empty_like(x);
-  at::Tensor s = at::empty({l.M}, x.options().dtype(at::kFloat));
-  if (l.M == 0 || l.C == 0) return {y, s};
   const float* vp = v_data(v, l, x.device());
+  at::Tensor y = at::empty_like(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (l.M == 0 || l.C == 0) return {y, at::zeros({l.M + backward_grid(l, vp != nullptr).scratch()}, f32)};
+  at::Tensor s = at::empty({l.M + backward_grid(l, vp != nullptr).scratch()}, f32);
   const int64_t per_block = THREADS / l.G;
   const auto blocks = static_cast<unsigned>((l.M + per_block - 1) / per_block);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -226,33 +258,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tenso
                                                                  int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(s.device() == x.device() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.M,
+  const float* vp = v_data(v, l, x.device());
+  const Grid grid = backward_grid(l, vp != nullptr);
+  TORCH_CHECK(s.device() == x.device() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                  s.numel() == l.M + grid.scratch(),
               "bionets RAA CUDA kernels: the saved shift does not match x");
   TORCH_CHECK(g.device() == x.device() && g.sizes() == x.sizes(), "bionets RAA CUDA kernels: the gradient does not match x");
   // the gradient is read with x's strides: one copy where it arrives in another layout or dtype
   const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == x.scalar_type() ? g : at::empty_like(x).copy_(g);
   at::Tensor gx = at::empty_like(x);
-  const float* vp = v_data(v, l, x.device());
-  const int64_t width = vp ? l.C + 1 : 1;                 // partial sums per vector group: dL/dv's, dL/dc
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor gv = at::empty({vp ? l.C : 0}, f32), gc = at::empty({1}, f32);
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(THREADS / l.G, SHARED_FLOATS / width));
-  const int threads = static_cast<int>(groups * l.G);
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(MAX_BLOCKS, (l.M + groups - 1) / groups)));
-  at::Tensor part = at::empty({blocks, width}, f32);
+  // dL/dv and dL/dc in one allocation (two views of it; autograd takes views as gradients as they are)
+  at::Tensor gvc = at::empty({grid.width}, x.options().dtype(at::kFloat));
+  float* scratch = s.data_ptr<float>() + l.M;                 // the forward left it for this
   const auto stream = c10::cuda::getCurrentCUDAStream();
   with_dtype(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     with_flags(relu, vp != nullptr, [&](auto relu_c, auto has_v) {
       backward_kernel<T, decltype(relu_c)::value, decltype(has_v)::value>
-          <<<blocks, threads, groups * width * sizeof(float), stream>>>(
+          <<<grid.blocks, static_cast<int>(grid.groups * l.G), grid.groups * grid.width * sizeof(float), stream>>>(
               static_cast<const T*>(x.const_data_ptr()), static_cast<const T*>(grad.const_data_ptr()),
-              s.const_data_ptr<float>(), vp, static_cast<T*>(gx.data_ptr()), part.data_ptr<float>(), l);
+              s.const_data_ptr<float>(), vp, static_cast<T*>(gx.data_ptr()), scratch + 1,
+              reinterpret_cast<unsigned int*>(scratch), gvc.data_ptr<float>(), l);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  sum_blocks_kernel<<<static_cast<unsigned>((width + THREADS - 1) / THREADS), THREADS, 0, stream>>>(
-      part.const_data_ptr<float>(), gv.data_ptr<float>(), gc.data_ptr<float>(), blocks, width);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gx, gv, gc};
+  return {gx, gvc.narrow(0, 0, grid.width - 1), gvc.narrow(0, grid.width - 1, 1)};
 }
