@@ -190,8 +190,8 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Te
     if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
         raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
     if (own := _own_operator(memory, responses, targets)) is not None:
-        return own.arr_loss(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight, form == "code",
-                            update)
+        return own.arr_loss.default(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight,
+                                    form == "code", update)
     r = torch.stack([t.float() for t in responses])                     # [J, N, D]
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)

@@ -57,10 +57,14 @@ struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &slope = saved[0], &r = saved[1];
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
-    at::Tensor grad = slope * grads[0];
-    if (at::GradMode::is_enabled()) grad = grad + r.sgn().mul(0).to(at::kFloat);
-    return {grad.to(dtype), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    at::Tensor grad;
+    if (at::GradMode::is_enabled()) {
+      grad = (slope * grads[0] + r.sgn().mul(0).to(at::kFloat)).to(dtype);
+    } else {        // one kernel: the product computed in float32, written in r's dtype
+      grad = at::empty(slope.sizes(), slope.options().dtype(dtype));
+      at::mul_out(grad, slope, grads[0]);
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
   // (slope, loss): the kernel's scan, then the loss from its partial sums
