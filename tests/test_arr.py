@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from bionets.cli import main
 from bionets.config import load_config
 from bionets.errors import BionetsError
-from bionets.layers.arr import ArrMemory, arr_loss, sequential_means
+from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, sequential_means
 from bionets.mechanisms import apply_mechanisms, parse_mechanisms
 
 
@@ -220,9 +220,76 @@ def test_arr_loss_called_directly_checks_its_arguments():
             arr_loss(memory, [r], y, **{"weight": 1.0, "momentum": 0.1, **kwargs})
     with pytest.raises(BionetsError, match="a target outside 0..2"):
         arr_loss(memory, [r], torch.tensor([0, 1, 5, 1]), weight=1.0, momentum=0.1)
-    for responses in ([r, r], [torch.randn(4, 3)], [torch.randn(4, 2, 1)], []):  # too many, wrong widths, none
+    # too many, wrong widths, none; as one tensor: too many layers, wrong width, not [J, N, D]
+    for responses in ([r, r], [torch.randn(4, 3)], [torch.randn(4, 2, 1)], [], torch.randn(2, 4, 2), torch.randn(1, 4, 3),
+                      r):
         with pytest.raises(BionetsError, match="for a memory of 1 layer"):
             arr_loss(memory, responses, y, weight=1.0, momentum=0.1)
+    with pytest.raises(BionetsError, match=r"\[3\] responses for 4 targets"):
+        arr_loss(memory, torch.randn(1, 3, 2), y, weight=1.0, momentum=0.1)
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_arr_loss_takes_the_layers_as_one_tensor(own, monkeypatch):
+    """[J, N, D] as one tensor gives the loss, gradients and memory that its J slices give as a list."""
+    from bionets.layers import arr
+    if not own:
+        monkeypatch.setattr(arr, "_own_operator", lambda *args: None)
+    torch.manual_seed(0)
+    base, y = torch.randn(3, 10, 4), torch.randint(0, 5, (10,))
+    results = []
+    for as_one in (True, False):
+        memory, r = ArrMemory(3, 5, 4), base.clone().requires_grad_()
+        loss = arr_loss(memory, r if as_one else list(r.unbind(0)), y, weight=2.0, momentum=0.2)
+        loss.backward()
+        results.append((loss.detach(), r.grad, memory.mean, memory.seen))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_class_tokens_are_the_stacked_slices_with_their_gradients():
+    """class_tokens against torch.stack([x[:, 0] ...]): the same values, gradients checked in float64
+    (first and second order); blocks of different shapes take the plain slices."""
+    torch.manual_seed(0)
+    blocks = [torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.equal(class_tokens(blocks), torch.stack([x[:, 0] for x in blocks]))
+    assert type(class_tokens(blocks).grad_fn).__name__ == "_ClassTokensBackward"
+    torch.autograd.gradcheck(lambda *xs: class_tokens(list(xs)), blocks)
+    torch.autograd.gradgradcheck(lambda *xs: class_tokens(list(xs)), blocks)
+    mixed = blocks[:2] + [torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)]
+    out = class_tokens(mixed)
+    assert torch.equal(out, torch.stack([x[:, 0] for x in mixed])) and type(out.grad_fn).__name__ == "StackBackward0"
+
+
+def test_arr_on_a_vit_through_class_tokens_matches_the_slices(monkeypatch):
+    """The hook takes a ViT's class tokens through class_tokens: the loss and every parameter's
+    gradient are those of the slices taken one block at a time."""
+    from bionets.mechanisms import dnrt
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=8, depth=3).double()
+    model, hooks, _ = apply_mechanisms(model, parse_mechanisms({"arr": {"weight": 5.0}}))
+    hooks[0].attach(model)
+    model.train()
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results, taken = [], []
+    for plain in (False, True):
+        model.load_state_dict(state)
+        model.zero_grad()
+        if plain:
+            monkeypatch.setattr(dnrt, "class_tokens", lambda blocks: torch.stack([b[:, 0] for b in blocks]))
+        else:
+            monkeypatch.setattr(dnrt, "class_tokens", lambda blocks: taken.append(len(blocks)) or class_tokens(blocks))
+        for _ in range(2):          # the second step against the means the first one left
+            model.zero_grad()
+            loss = hooks[0].aux_loss(model, x, model(x), y)
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]      # the head takes none
+        results.append((loss.detach(), grads, model.arr_memory.mean.clone()))
+    assert taken == [3, 3] and results[0][0] > 0 and len(results[0][1]) == len(results[1][1]) > 30
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-12, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_arr_without_classifier_is_one_line():

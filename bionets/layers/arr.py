@@ -148,14 +148,15 @@ def _scan_on_gpu(memory: ArrMemory, r: torch.Tensor, y: torch.Tensor, momentum: 
                             "ARR's Triton kernel cannot run", "ARR uses its PyTorch operators")
 
 
-def _own_operator(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor):
+def _own_operator(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, targets: torch.Tensor):
     """ARR's own operators (``arr_cpu.cpp``, or ``arr_cuda.cu`` where nvcc builds it: the class-mean
     scan and the loss in one call, autograd in C++) where they compute this loss, else None: in one
     process (DDP gathers the responses first), outside compiling, tracing and torch.func, for a
     non-empty batch on the memory's device (CPU or CUDA; on CUDA at most 9830 classes)."""
     mean = memory.mean
+    devices = {responses.device} if isinstance(responses, torch.Tensor) else {t.device for t in responses}
     if (mean.dtype != torch.float32 or not mean.is_contiguous() or not len(targets) or targets.device != mean.device
-            or any(t.device != mean.device for t in responses) or world()[1] > 1):
+            or devices != {mean.device} or world()[1] > 1):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform():
         return None
@@ -165,34 +166,69 @@ def _own_operator(memory: ArrMemory, responses: list[torch.Tensor], targets: tor
     return cpu_kernels.ops("arr_cpu") if mean.device.type == "cpu" else None
 
 
-def _stacked(responses: list[torch.Tensor]) -> torch.Tensor:
+class _ClassTokens(torch.autograd.Function):
+    """Token 0 of J token tensors [N, T, D], stacked: [J, N, D]. The backward writes the J gradients
+    into one zero buffer [J, N, T, D] and hands its views out (one fill and one copy); J slices
+    ``x[:, 0]`` stacked took a fill and a copy each (``select_backward``) and J nodes of autograd's."""
+
+    @staticmethod
+    def forward(ctx, *blocks):
+        ctx.shape, ctx.dtype = (len(blocks), *blocks[0].shape), blocks[0].dtype
+        return torch.stack([x[:, 0] for x in blocks])
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_zeros(ctx.shape, dtype=ctx.dtype)
+        full[:, :, 0] = grad
+        return full.unbind(0)
+
+
+def class_tokens(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack([x[:, 0] for x in blocks])``, the class tokens after J transformer blocks as
+    [J, N, D] (arr_loss takes it as it is), with a backward of two kernels for all J blocks instead
+    of two each, and J autograd nodes fewer: on a GPU the eager step of a small ViT waits on the
+    host. Its cost: the J blocks' gradients [N, T, D] live in one buffer until the backward has
+    passed the first block, where the plain slices' were freed one at a time. Plain slices where
+    the blocks differ in shape, dtype or device, or under torch.compile, tracing or torch.func."""
+    first = blocks[0]
+    plain = (torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
+             or any(x.shape != first.shape or x.dtype != first.dtype or x.device != first.device for x in blocks))
+    return torch.stack([x[:, 0] for x in blocks]) if plain else _ClassTokens.apply(*blocks)
+
+
+def _stacked(responses: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """[J, N, D]: the responses in their dtype where they share one the kernels read, else in float32."""
+    if isinstance(responses, torch.Tensor):
+        return responses if responses.dtype in _OWN_DTYPES[responses.device.type] else responses.float()
     if len({t.dtype for t in responses}) > 1 or responses[0].dtype not in _OWN_DTYPES[responses[0].device.type]:
         responses = [t.float() for t in responses]
     return responses[0].unsqueeze(0) if len(responses) == 1 else torch.stack(responses)
 
 
-def arr_loss(memory: ArrMemory, responses: list[torch.Tensor], targets: torch.Tensor, *, weight: float,
-             momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
-    """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, all layers at once);
-    updates ``memory``."""
+def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, targets: torch.Tensor, *,
+             weight: float, momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
+    """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, or all of them as
+    one [J, N, D] tensor, as :func:`class_tokens` gives them; all layers at once); updates ``memory``."""
     if form not in FORMS or not 0 <= momentum < 1 or not weight >= 0:
         raise BionetsError(f"arr_loss needs form in {FORMS}, 0 <= momentum < 1 and weight >= 0, got form={form!r}, "
                            f"momentum={momentum}, weight={weight}")
-    classes = memory.mean.shape[1]
-    layers, _, dim = memory.mean.shape
-    if not responses or len(responses) > layers or any(t.ndim != 2 or t.shape[1] != dim for t in responses):
-        raise BionetsError(f"arr_loss: responses of shapes {[tuple(t.shape) for t in responses]} for a memory of "
-                           f"{layers} layer(s) of {dim} features: give 1 to {layers} [N, {dim}] tensors")
-    if any(t.shape[0] != len(targets) for t in responses):
-        raise BionetsError(f"arr_loss: {[t.shape[0] for t in responses]} responses for {len(targets)} targets: one row "
+    layers, classes, dim = memory.mean.shape
+    as_one = isinstance(responses, torch.Tensor)
+    shapes = [tuple(t.shape) for t in (responses if not as_one or responses.ndim == 3 else [responses])]
+    if not shapes or len(shapes) > layers or (as_one and responses.ndim != 3) \
+            or any(len(s) != 2 or s[1] != dim for s in shapes):
+        got = f"one tensor of shape {tuple(responses.shape)}" if as_one else f"responses of shapes {shapes}"
+        raise BionetsError(f"arr_loss: {got} for a memory of {layers} layer(s) of {dim} features: give 1 to {layers} "
+                           f"[N, {dim}] tensors, or one [J, N, {dim}] tensor with J <= {layers}")
+    if any(s[0] != len(targets) for s in shapes):
+        raise BionetsError(f"arr_loss: {[s[0] for s in shapes]} responses for {len(targets)} targets: one row "
                            "per sample is needed (per_sample() averages a spiking net's time steps)")
     if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
         raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
     if (own := _own_operator(memory, responses, targets)) is not None:
         return own.arr_loss.default(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight,
                                     form == "code", update)
-    r = torch.stack([t.float() for t in responses])                     # [J, N, D]
+    r = responses.float() if as_one else torch.stack([t.float() for t in responses])      # [J, N, D]
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)
         n = len(all_y)
