@@ -10,9 +10,11 @@
 # eager and under CUDA graphs, with the default strategy of the quadratic layer ('outer' eager for
 # C <= 64, 'fused' Triton kernels compiled and wider) and the 'blocks' one, the suite, STDS) or 3 (the
 # whole test suite, needs pytest-xdist) runs a part, for machines lent for at most 10 minutes a
-# command. PART new (~6 minutes) runs what the last GPU left unchecked or measured once: RAA's and
-# ARR's CUDA C++ operators built side by side (about 35 s on 16 cores), the whole CUDA test file
-# (the last run's was cut after 17 of its ARR and strategy tests), DNRT eager, Dit-ResNet-20 eager
+# command. PART new (~6 minutes) runs what no GPU has run yet or measured once: RAA's and ARR's CUDA
+# C++ operators built side by side (about 35 s on 16 cores), the whole CUDA test file (the
+# sixteenth session's run was cut after 17 of its ARR and strategy tests; since then, untested on
+# a GPU: RAA's backward as one kernel whose last block sums the partial sums, ARR's backward as one
+# kernel, ViT ARR's class tokens through one autograd function), DNRT eager, Dit-ResNet-20 eager
 # with the 'outer' (default) and 'fused' strategies, and where the steps' host time goes
 # (benchmarks/step_profile.py); its caps add up to 560 s.
 #
