@@ -245,11 +245,13 @@ def test_arr_raa_and_the_quadratic_layer_train_without_host_device_syncs():
 @pytest.mark.parametrize("kernel", ["cuda", "triton"])
 @pytest.mark.parametrize("classes, dim", [(10, 64), (1000, 40), (3000, 8)])
 @pytest.mark.parametrize("form", ["paper", "code"])
-def test_arr_gpu_kernels_match_the_cpu_operators(form, classes, dim, kernel, monkeypatch):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_arr_gpu_kernels_match_the_cpu_operators(layers, form, classes, dim, kernel, monkeypatch):
     """ARR's update and loss on CUDA against the CPU's PyTorch operators over three batches: losses,
     gradients, class means and the seen flags, with classes that appear for the first time in later
-    batches. ``cuda``: ARR's CUDA C++ operator (every class count here); ``triton``: the Triton
-    kernel (3000 classes: too many for its tile, the PyTorch operators)."""
+    batches. ``cuda``: ARR's CUDA C++ operator (every class count here; one layer of 10 classes and
+    64 features is one block, which sums the loss itself); ``triton``: the Triton kernel (3000
+    classes: too many for its tile, the PyTorch operators)."""
     from bionets.layers import arr, arr_triton
     own = arr._own_operator
     if kernel == "cuda" and own(arr.ArrMemory(1, classes, dim).cuda(), [], torch.zeros(1, device="cuda")) is None:
@@ -263,7 +265,7 @@ def test_arr_gpu_kernels_match_the_cpu_operators(form, classes, dim, kernel, mon
     memories = {dev: arr.ArrMemory(3, classes, dim).to(dev) for dev in ("cpu", "cuda")}
     for step in range(3):
         y = torch.randint(0, min(classes, 5 + 3 * step), (48,))
-        responses = [torch.randn(48, dim, requires_grad=True) for _ in range(2)]
+        responses = [torch.randn(48, dim, requires_grad=True) for _ in range(layers)]
         results = {}
         for dev, memory in memories.items():
             r = [t.detach().to(dev).requires_grad_() for t in responses]

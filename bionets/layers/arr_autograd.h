@@ -13,10 +13,10 @@
 //     L        = weight / (J N D) * sum |r - t|            (t detached, as in bionets.layers.arr)
 //
 // Kernels (a struct of one static function):
-//     scan(r, y, mean, seen, momentum, scale, after, update) -> (slope, partial)
-// slope [J, N, D] float32 = scale * sign(r - t) = dL/dr (scale = weight / (J N D)), partial [J, D] the
-// sums of scale |r - t| over the samples, in batch order (the loss is their sum). A class outside 0..K-1 adds nothing and is not
-// learnt (the CPU kernel refuses it).
+//     scan(r, y, mean, seen, momentum, scale, after, update) -> (slope, loss)
+// slope [J, N, D] float32 = scale * sign(r - t) = dL/dr (scale = weight / (J N D)), loss [] float32
+// the sum of scale |r - t| (summed per layer and feature in batch order, then over those). A class
+// outside 0..K-1 adds nothing and is not learnt (the CPU kernel refuses it).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,19 +67,19 @@ struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
-  // (slope, loss): the kernel's scan, then the loss from its partial sums
+  // (slope, loss): the kernel's scan
   static std::tuple<at::Tensor, at::Tensor> compute(const at::Tensor& r_in, const at::Tensor& y_in, const at::Tensor& mean,
                                                     const at::Tensor& seen, double momentum, double weight, bool after,
                                                     bool update) {
     check(r_in, y_in, mean, seen);
     const at::Tensor r = r_in.contiguous(), y = y_in.to(at::kLong).contiguous();
     const double scale = r.numel() ? weight / static_cast<double>(r.numel()) : 0.0;
-    auto [slope, partial] = Kernels::scan(r, y, mean, seen, momentum, scale, after, update);
+    auto [slope, loss] = Kernels::scan(r, y, mean, seen, momentum, scale, after, update);
     if (update) {           // the memory changed in place: its version moves, as an in-place operator's does
       torch::autograd::impl::bump_version(mean);
       torch::autograd::impl::bump_version(seen);
     }
-    return {slope, partial.sum()};
+    return {slope, loss};
   }
 };
 

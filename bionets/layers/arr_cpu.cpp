@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> arr_scan(const at::Tensor& r, const at::Tenso
                 seen.data_ptr<uint8_t>(), slope.data_ptr<float>(), partial.data_ptr<float>(), J, N, K, D,
                 static_cast<float>(momentum), static_cast<float>(scale), after, update);
   });
-  return {slope, partial};
+  return {slope, partial.sum()};
 }
 
 struct Kernels {

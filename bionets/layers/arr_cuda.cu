@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,8 +25,8 @@ constexpr int MAX_THREADS = 128;
 template <typename T>
 __global__ void scan_kernel(const T* __restrict__ r, const int64_t* __restrict__ y, float* __restrict__ mean,
                             const uint8_t* seen, float* __restrict__ slope, float* __restrict__ partial,
-                            uint8_t* seen_out, int64_t N, int64_t K, int64_t D, float a, float scale,
-                            bool after, bool update) {
+                            float* __restrict__ loss, uint8_t* seen_out, int64_t N, int64_t K, int64_t D, float a,
+                            float scale, bool after, bool update) {
   extern __shared__ float tile[];                                  // [K, BD] means, then K flags
   const int BD = blockDim.x, t = threadIdx.x;
   uint8_t* known = reinterpret_cast<uint8_t*>(tile + K * BD);
@@ -58,6 +59,14 @@ __global__ void scan_kernel(const T* __restrict__ r, const int64_t* __restrict__
     __syncthreads();
   }
   if (col) partial[j * D + d] = sum * scale;
+  if (loss != nullptr) {               // the only block: the loss is its partial sums' sum, in feature order
+    __syncthreads();
+    if (t == 0) {
+      float total = 0.0f;
+      for (int64_t k = 0; k < D; ++k) total += partial[k];
+      *loss = total;
+    }
+  }
   if (update) {
     if (col)
       for (int64_t k = 0; k < K; ++k) mean[j * K * D + k * D + d] = tile[k * BD + t];
@@ -75,6 +84,8 @@ int block_features(int64_t K, int64_t D) {
 
 }  // namespace
 
+// (slope, loss): the loss summed by the kernel where one block takes the whole memory (a CNN's
+// pooled features: one launch less), else the partial sums' sum
 std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean,
                                                  const at::Tensor& seen, double momentum, double scale, bool after,
                                                  bool update) {
@@ -84,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::
   const c10::cuda::CUDAGuard guard(r.device());
   at::Tensor slope = at::empty({J, N, D}, r.options().dtype(at::kFloat));
   at::Tensor partial = at::empty({J, D}, slope.options());
-  if (J == 0 || D == 0) return {slope, partial.zero_()};
+  if (J == 0 || D == 0) return {slope, at::zeros({}, slope.options())};
   const int bd = block_features(K, D);
   TORCH_CHECK((D + bd - 1) / bd <= 65535, "bionets ARR CUDA kernel: too many features for ", K, " classes");
   const dim3 grid(static_cast<unsigned>(J), static_cast<unsigned>((D + bd - 1) / bd));
@@ -92,14 +103,16 @@ std::tuple<at::Tensor, at::Tensor> arr_cuda_scan(const at::Tensor& r, const at::
   const bool copy_seen = update && grid.y > 1;
   at::Tensor seen_out = copy_seen ? at::empty({J, K}, seen.options()) : seen;
   const size_t shared = K * bd * sizeof(float) + K;
+  const bool one_block = grid.x == 1 && grid.y == 1;
+  at::Tensor loss = one_block ? at::empty({}, slope.options()) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "bionets_arr_cuda_scan", [&] {
     scan_kernel<scalar_t><<<grid, bd, shared, stream>>>(
         r.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), mean.data_ptr<float>(), seen.const_data_ptr<uint8_t>(),
-        slope.data_ptr<float>(), partial.data_ptr<float>(), seen_out.data_ptr<uint8_t>(), N, K, D,
-        static_cast<float>(momentum), static_cast<float>(scale), after, update);
+        slope.data_ptr<float>(), partial.data_ptr<float>(), one_block ? loss.data_ptr<float>() : nullptr,
+        seen_out.data_ptr<uint8_t>(), N, K, D, static_cast<float>(momentum), static_cast<float>(scale), after, update);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (copy_seen) seen.narrow(0, 0, J).copy_(seen_out);
-  return {slope, partial};
+  return {slope, one_block ? loss : partial.sum()};
 }
