@@ -15,10 +15,10 @@
 # sixteenth session's run was cut after 17 of its ARR and strategy tests; since then, untested on
 # a GPU: RAA's backward as one kernel whose last block sums the partial sums, ARR's backward as one
 # kernel, ViT ARR's class tokens through one autograd function), DNRT eager, Dit-ResNet-20 eager
-# with the 'outer' (default) and 'fused' strategies, and where the steps' host time goes
-# (benchmarks/step_profile.py); its caps add up to 560 s.
+# with the 'outer' (default) strategy, and where the steps' host time goes (benchmarks/step_profile.py,
+# ResNet-20 ReLU and ViT-Tiny); its caps add up to 560 s.
 #
-# Writes OUT_DIR/gpu_checks.log (everything printed), dit_outer.md and dit_fused.md (part new), dit.md,
+# Writes OUT_DIR/gpu_checks.log (everything printed), dit_outer.md (part new), dit.md,
 # dit_compiled.md (every case under CUDA graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
 # stds.md and suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
 set -u
@@ -41,15 +41,17 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
     python3 -c "from bionets.layers import cuda_kernels as k; from torch.utils import cpp_extension as e; print('CUDA toolkit for the CUDA C++ kernels:', k.has_cuda_toolkit(), e.CUDA_HOME)"
     step new 100 bash -c 'for k in raa_cuda arr_cuda; do python3 -c "from bionets.layers import cuda_kernels as c; print(\"$k built:\", c.ops(\"$k\") is not None)" & done; wait'
-    step 1,new 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
+    step 1 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
+    # (part new: RAA's and ARR's CUDA tests first, each half under its own limit)
+    step new 120 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "raa or arr"
+    step new 120 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k "cuda and not raa and not arr"
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
     step 1,new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 120 --skip-compiled
     # Dit-ResNet-20 eager with the quadratic layer's default strategy ('outer': all C^2 products, few launches) and 'fused'
     step new 60 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 60 --out "$out/dit_outer.md"
-    step new 60 python3 benchmarks/bench_dit.py --device cuda --macs-models '' --skip-convnext --rounds 2 --repeats 10 --alternate 60 --cuda-strategy fused --out "$out/dit_fused.md"
-    step new 60 python3 benchmarks/step_profile.py --device cuda --cases resnet-relu,dit
+    step new 80 python3 benchmarks/step_profile.py --device cuda --cases resnet-relu,vit
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit

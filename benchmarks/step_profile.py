@@ -6,7 +6,7 @@ On a GPU the eager steps of CIFAR-sized models wait on the host, so what a mecha
 step is what it adds here: each case's wall time per step, its kernel launches per step, and the
 operators whose host time differs most from the plain model's::
 
-    python benchmarks/step_profile.py [--device cuda] [--cases resnet-gelu,resnet-relu,dit] [--steps 10]
+    python benchmarks/step_profile.py [--device cuda] [--cases resnet-gelu,resnet-relu,vit,dit] [--steps 10]
 """
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def models_of(case: str, dev: torch.device) -> dict:
     if case == "dit":
         return {"resnet20_cifar": (timm.create_model("resnet20_cifar", num_classes=10).to(dev), None),
                 "dit_resnet20": (timm.create_model("dit_resnet20", num_classes=10).to(dev), None)}
-    plain = timm.create_model("resnet20_cifar", num_classes=10, **({"act_layer": "gelu"} if case == "resnet-gelu" else {}))
+    if case == "vit":          # ViT-Tiny as bench_dnrt.py's: 32x32 images, patch 4, GELU
+        plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4)
+    else:
+        plain = timm.create_model("resnet20_cifar", num_classes=10, **({"act_layer": "gelu"} if case == "resnet-gelu" else {}))
     plain.to(dev)
     arr, report = convert(copy.deepcopy(plain), regularization={"weight": 10.0})
     for h in report.hooks:
@@ -93,7 +96,7 @@ def largest_differences(twin: dict[str, float], base: dict[str, float], top: int
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--cases", default="resnet-gelu,dit", help="comma-separated: resnet-gelu, resnet-relu, dit")
+    p.add_argument("--cases", default="resnet-gelu,dit", help="comma-separated: resnet-gelu, resnet-relu, vit, dit")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=12, help="operators listed per twin")
