@@ -286,6 +286,9 @@ def test_arr_on_a_vit_through_class_tokens_matches_the_slices(monkeypatch):
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]      # the head takes none
         results.append((loss.detach(), grads, model.arr_memory.mean.clone()))
     assert taken == [3, 3] and results[0][0] > 0 and len(results[0][1]) == len(results[1][1]) > 30
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)     # as the hooks run inside a compiled model
+    model(x)
+    assert hooks[0].blocks == [None] * 3 and len(hooks[0].responses) == 3
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-12, atol=0)
     for a, b in zip(results[0][1], results[1][1]):

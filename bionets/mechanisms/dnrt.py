@@ -146,7 +146,9 @@ class ArrHook(Hook):
             return
         prefix = x.shape[1] - self.patches if self.patches is not None else int(self.pool_token)
         if prefix > 0 and self.pool_token:
-            self._keep(x[:, 0], block=x)
+            # the block too, for class_tokens, except inside a compiled model, where the whole block
+            # outputs would become the graph's outputs and Inductor fuses the slices' gradients anyway
+            self._keep(x[:, 0], block=None if torch.compiler.is_compiling() else x)
         else:
             self._keep(x[:, max(prefix, 0):].mean(1))
 
