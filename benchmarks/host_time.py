@@ -95,8 +95,8 @@ def raa_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
                  lambda: raa_module._RaaVector.apply(xg, raa.v, raa.c, 1, "relu").backward(g)}
     own = raa_module._own_kernels(x, v, c, 1)
     if own is not None:
-        parts["RAA's own operator (C++ autograd), forward + backward"] = lambda: own.raa(xg, raa.v, raa.c, 1, True).backward(g)
-        parts["RAA's own operator, forward only (graph kept)"] = lambda: own.raa(xg, raa.v, raa.c, 1, True)
+        parts["RAA's own operator (C++ autograd), forward + backward"] = lambda: own.raa.default(xg, raa.v, raa.c, 1, True).backward(g)
+        parts["RAA's own operator, forward only (graph kept)"] = lambda: own.raa.default(xg, raa.v, raa.c, 1, True)
     kernels = raa_module.raa_triton() if cuda else None
     if kernels is not None:
         layout = kernels.ncp_layout(x, 1)
