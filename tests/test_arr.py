@@ -136,7 +136,7 @@ def test_own_operator_matches_the_loop_and_the_pytorch_operators(form, layers, d
 def test_own_operator_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memory(monkeypatch):
     """dL/dr = weight / numel * sign(r - t); with update=False the memory is untouched, in
     inference mode the loss is the same without a graph."""
-    from bionets.layers import cpu_kernels
+    from bionets.layers import arr, cpu_kernels
     if cpu_kernels.ops("arr_cpu") is None:
         pytest.skip("no C++ compiler here")
     mem = ArrMemory(1, 2, 2)
@@ -151,6 +151,7 @@ def test_own_operator_gradient_is_the_sign_of_the_difference_and_update_false_le
     torch.testing.assert_close(r.grad, 0.5 * torch.tensor([[1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]]))
     torch.testing.assert_close(mem.mean[0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     own = cpu_kernels.ops("arr_cpu")
+    assert arr._own_operator(ArrMemory(1, 2, 2), [], y) is own      # the probe the CUDA tests skip by
     op, calls = own.arr_loss, []
     monkeypatch.setattr(own, "arr_loss", types.SimpleNamespace(default=lambda *a: calls.append(1) or op(*a)))
     with torch.inference_mode():

@@ -62,12 +62,13 @@ def test_raa_on_cuda_under_bf16_autocast_matches_the_float64_cpu_result(base):
 # (shape, feature dim, layout): groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW),
 # several passes of a group over the features, fewer than 8 groups a block (1500 features), more
 # vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a
-# block), one pixel (NCHW maps of more than 64 channels take the Triton kernels)
+# block), one pixel (NCHW maps of more than 64 channels take the Triton kernels), partial sums too many
+# to keep in the forward's buffer (1024 blocks x 257: the backward allocates them)
 RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
                   ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 64, 6, 6), 1, "nchw"),
                   ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
-                  ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 1500, 3), -1, "tokens"),
-                  ((60, 64, 48, 48), 1, "nchw")]
+                  ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 3, 1500), -1, "tokens"),
+                  ((60, 64, 48, 48), 1, "nchw"), ((8, 1024, 256), -1, "tokens")]
 
 
 def _raa_kernels(kernels, monkeypatch):
@@ -186,26 +187,30 @@ def test_raa_cuda_operator_backward_twice_and_graphs_interleaved(monkeypatch):
     """The backward's scratch (its block counter and partial sums) lives in the forward's saved
     buffer, so: a retained graph's second backward gives the same bits as its first (the last block
     zeroes the counter again), and two graphs' backward passes, run in the other order than their
-    forwards, each give what their graph alone gives."""
+    forwards, each give what their graph alone gives. Both places of the partial sums: in the
+    forward's buffer (16 channels) and allocated by the backward (768 features, 1024 blocks)."""
     from bionets.layers.raa import RAA
     takes = _raa_kernels("cuda", monkeypatch)
     torch.manual_seed(0)
-    raa = RAA(16).cuda()
-    with torch.no_grad():
-        raa.v.normal_(0, 0.2)
-        raa.c.fill_(0.1)
-    xs = [torch.randn(64, 16, 40, 40, device="cuda").contiguous(memory_format=torch.channels_last) for _ in range(2)]
-    assert takes(xs[0], raa.v, raa.c, 1)
-    params = (raa.v, raa.c)
-    alone = [torch.autograd.grad(raa(x), params, torch.ones_like(x)) for x in xs]
-    out = raa(xs[0])
-    first = torch.autograd.grad(out, params, torch.ones_like(out), retain_graph=True)
-    second = torch.autograd.grad(out, params, torch.ones_like(out))
-    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, alone[0]))
-    outs = [raa(x) for x in xs]
-    for k in (1, 0):
-        got = torch.autograd.grad(outs[k], params, torch.ones_like(outs[k]))
-        assert all(torch.equal(a, b) for a, b in zip(got, alone[k]))
+    for width, shape, dim in ((16, (64, 16, 40, 40), 1), (768, (16, 520, 768), -1)):
+        raa = RAA(width, dim=dim).cuda()
+        with torch.no_grad():
+            raa.v.normal_(0, 0.2)
+            raa.c.fill_(0.1)
+        xs = [torch.randn(shape, device="cuda") for _ in range(2)]
+        if dim == 1:
+            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        assert takes(xs[0], raa.v, raa.c, dim)
+        params = (raa.v, raa.c)
+        alone = [torch.autograd.grad(raa(x), params, torch.ones_like(x)) for x in xs]
+        out = raa(xs[0])
+        first = torch.autograd.grad(out, params, torch.ones_like(out), retain_graph=True)
+        second = torch.autograd.grad(out, params, torch.ones_like(out))
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, alone[0]))
+        outs = [raa(x) for x in xs]
+        for k in (1, 0):
+            got = torch.autograd.grad(outs[k], params, torch.ones_like(outs[k]))
+            assert all(torch.equal(a, b) for a, b in zip(got, alone[k]))
 
 
 def _cuda_ops():

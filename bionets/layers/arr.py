@@ -156,7 +156,7 @@ def _own_operator(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tenso
     mean = memory.mean
     devices = {responses.device} if isinstance(responses, torch.Tensor) else {t.device for t in responses}
     if (mean.dtype != torch.float32 or not mean.is_contiguous() or not len(targets) or targets.device != mean.device
-            or devices != {mean.device} or world()[1] > 1):
+            or not devices <= {mean.device} or world()[1] > 1):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform():
         return None
@@ -168,8 +168,10 @@ def _own_operator(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tenso
 
 class _ClassTokens(torch.autograd.Function):
     """Token 0 of J token tensors [N, T, D], stacked: [J, N, D]. The backward writes the J gradients
-    into one zero buffer [J, N, T, D] and hands its views out (one fill and one copy); J slices
-    ``x[:, 0]`` stacked took a fill and a copy each (``select_backward``) and J nodes of autograd's."""
+    into one zero buffer [J, N, T, D] and hands its views out (one fill and one copy for all J); J
+    slices ``x[:, 0]`` stacked took a fill and a copy each (``select_backward``) and J autograd nodes.
+    Autograd then adds each view to its block's other gradient into a new tensor (a slice's own
+    gradient it could add into in place): one addition a block either way."""
 
     @staticmethod
     def forward(ctx, *blocks):
@@ -190,6 +192,8 @@ def class_tokens(blocks: list[torch.Tensor]) -> torch.Tensor:
     host. Its cost: the J blocks' gradients [N, T, D] live in one buffer until the backward has
     passed the first block, where the plain slices' were freed one at a time. Plain slices where
     the blocks differ in shape, dtype or device, or under torch.compile, tracing or torch.func."""
+    if not blocks:
+        raise BionetsError("class_tokens needs at least one block output [N, T, D]")
     first = blocks[0]
     plain = (torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
              or any(x.shape != first.shape or x.dtype != first.dtype or x.device != first.device for x in blocks))
@@ -214,7 +218,10 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
                            f"momentum={momentum}, weight={weight}")
     layers, classes, dim = memory.mean.shape
     as_one = isinstance(responses, torch.Tensor)
-    shapes = [tuple(t.shape) for t in (responses if not as_one or responses.ndim == 3 else [responses])]
+    if as_one:
+        shapes = [tuple(responses.shape[1:])] * len(responses) if responses.ndim == 3 else [tuple(responses.shape)]
+    else:
+        shapes = [tuple(t.shape) for t in responses]
     if not shapes or len(shapes) > layers or (as_one and responses.ndim != 3) \
             or any(len(s) != 2 or s[1] != dim for s in shapes):
         got = f"one tensor of shape {tuple(responses.shape)}" if as_one else f"responses of shapes {shapes}"

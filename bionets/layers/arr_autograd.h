@@ -60,7 +60,7 @@ struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
     at::Tensor grad;
     if (at::GradMode::is_enabled()) {
       grad = (slope * grads[0] + r.sgn().mul(0).to(at::kFloat)).to(dtype);
-    } else {        // one kernel: the product computed in float32, written in r's dtype
+    } else {        // the product computed in float32, written in r's dtype (one kernel on CUDA)
       grad = at::empty(slope.sizes(), slope.options().dtype(dtype));
       at::mul_out(grad, slope, grads[0]);
     }

@@ -6,7 +6,8 @@
 // models wait on the host.
 //
 // Kernels (a struct of two static functions, the same contract as the Python-side kernels):
-//     forward(x, v, c, dim, relu) -> (y, s)          s: each vector's shift, float32
+//     forward(x, v, c, dim, relu) -> (y, s)          s: each vector's shift, float32 (on CUDA followed
+//                                                    by the backward's scratch, which it writes)
 //     backward(x, g, s, v, dim, relu) -> (dL/dx, dL/dv (empty for the scalar variant), dL/dc [1])
 // With create_graph (a backward that autograd differentiates again) the backward differentiates
 // the plain expression instead, as the Python layers do (bionets.layers.kernel_fallback):

@@ -114,6 +114,10 @@ class ArrHook(Hook):
     def __init__(self, cfg: ArrConfig, layers: str):
         self.cfg, self.layers, self.responses, self.blocks, self.handles = cfg, layers, [], [], []
 
+    def __setstate__(self, state: dict) -> None:
+        """A hook pickled (with its model) before it kept the blocks' outputs gets an empty list."""
+        self.__dict__.update({"blocks": [None] * len(state.get("responses", [])), **state})
+
     def attach(self, model: nn.Module) -> None:
         """Register the hooks on ``model`` (again: the earlier ones are removed)."""
         for h in self.handles:
@@ -170,9 +174,9 @@ class ArrHook(Hook):
         responses, blocks, self.responses, self.blocks = self.responses, self.blocks, [], []
         if not model.training or not responses:
             return None
-        if all(b is not None and len(b) == len(targets) for b in blocks):
-            # every response a class token: taken again from the blocks at once, whose backward
-            # costs 2 kernels instead of 3 a block (the slices above then go unused)
+        if all(b is not None and b.shape == blocks[0].shape and len(b) == len(targets) for b in blocks):
+            # every response a class token: taken again from the blocks at once (the slices above
+            # then go unused), whose backward fills and copies once for all blocks, not once a block
             responses = class_tokens(blocks)
         else:
             responses = [per_sample(r, len(targets)) for r in responses]     # a spiking net's time steps averaged
