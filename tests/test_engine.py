@@ -167,6 +167,20 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path):
         train(fast_config(tmp_path, "train.amp=fp16", name="fp16"), quiet=True)
 
 
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(tmp_path, capsys, monkeypatch):
+    """On a CPU whose oneDNN has no native bf16 the run says that float32 is faster; with native
+    bf16, with amp off, or on CUDA it says nothing."""
+    from bionets.engine.trainer import slow_bf16_note
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert (slow_bf16_note("bf16", cpu) is None) == native
+    assert slow_bf16_note("off", cpu) is None and slow_bf16_note("bf16", cuda) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    train(fast_config(tmp_path, "train.epochs=1", "train.amp=bf16"))
+    assert "note: train.amp=bf16 on a CPU without native bf16" in capsys.readouterr().out
+
+
 def test_a_diverged_run_stops_with_one_line_before_writing_its_checkpoint(tmp_path):
     with pytest.raises(BionetsError, match=r"training diverged: the training loss of epoch 1 is nan .*lower optim.lr"):
         train(fast_config(tmp_path, "train.epochs=3", "optim.lr=1e12"), quiet=True)
