@@ -377,9 +377,9 @@ class Trainer:
 
 def slow_bf16_note(amp: str, device: torch.device) -> str | None:
     """A note where ``train.amp=bf16`` runs on a CPU without native bf16 arithmetic (AVX512-BF16 or
-    AMX, as oneDNN reports it): autocast there emulates bf16 and is slower than float32 (a 4-block
-    ViT-Tiny on the digits, this project's 2-core CPU: 62 s an epoch against 4 s with amp off).
-    The GPU recipes (configs/dnrt ViTs) set bf16."""
+    AMX, as oneDNN reports it): autocast there emulates bf16 and is slower than float32 (on the
+    2026-11-27 host, AVX2 only, a 4-block ViT-Tiny on the digits took 62 s an epoch against 4 s with
+    amp off). The GPU recipes (configs/dnrt ViTs) set bf16."""
     if amp != "bf16" or device.type != "cpu":
         return None
     try:

@@ -242,8 +242,9 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
   const float* vp = v_data(v, l, x.device());
   at::Tensor y = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
-  if (l.M == 0 || l.C == 0) return {y, at::zeros({l.M + backward_grid(l, vp != nullptr).scratch()}, f32)};
-  at::Tensor s = at::empty({l.M + backward_grid(l, vp != nullptr).scratch()}, f32);
+  const int64_t size = l.M + backward_grid(l, vp != nullptr).scratch();
+  if (l.M == 0 || l.C == 0) return {y, at::zeros({size}, f32)};
+  at::Tensor s = at::empty({size}, f32);
   const int64_t per_block = THREADS / l.G;
   const auto blocks = static_cast<unsigned>((l.M + per_block - 1) / per_block);
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -115,7 +115,8 @@ class ArrHook(Hook):
         self.cfg, self.layers, self.responses, self.blocks, self.handles = cfg, layers, [], [], []
 
     def __setstate__(self, state: dict) -> None:
-        """A hook pickled (with its model) before it kept the blocks' outputs gets an empty list."""
+        """A hook pickled (with its model) before it kept the blocks' outputs gets a list of them
+        in step with its responses, none kept (those responses then go to arr_loss as a list)."""
         self.__dict__.update({"blocks": [None] * len(state.get("responses", [])), **state})
 
     def attach(self, model: nn.Module) -> None:
