@@ -287,9 +287,14 @@ def test_arr_on_a_vit_through_class_tokens_matches_the_slices(monkeypatch):
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]      # the head takes none
         results.append((loss.detach(), grads, model.arr_memory.mean.clone()))
     assert taken == [3, 3] and results[0][0] > 0 and len(results[0][1]) == len(results[1][1]) > 30
+    model(x)
+    assert all(r is None for r in hooks[0].responses) and all(b is not None for b in hooks[0].blocks)
+    want = hooks[0].taken()                                                  # sliced from the blocks kept
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)     # as the hooks run inside a compiled model
     model(x)
-    assert hooks[0].blocks == [None] * 3 and len(hooks[0].responses) == 3
+    assert hooks[0].blocks == [None] * 3 and all(r is not None for r in hooks[0].responses)
+    for got, expected in zip(hooks[0].taken(), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-12, atol=0)
     for a, b in zip(results[0][1], results[1][1]):
@@ -399,7 +404,7 @@ def test_arr_on_a_vit_reads_what_its_head_reads(name, kwargs, reads):
     prefix = out.shape[1] - model.patch_embed.num_patches
     expected = out[:, 0] if reads == "class token" else out[:, prefix:].mean(1)
     assert hook.layers == "blocks" and len(hook.responses) == 2
-    torch.testing.assert_close(hook.responses[-1], expected)
+    torch.testing.assert_close(hook.taken()[-1], expected)
     assert model.arr_memory.mean.shape == (2, 10, model.embed_dim)
 
 

@@ -116,7 +116,7 @@ class ArrHook(Hook):
 
     def __setstate__(self, state: dict) -> None:
         """A hook pickled (with its model) before it kept the blocks' outputs gets a list of them
-        in step with its responses, none kept (those responses then go to arr_loss as a list)."""
+        in step with its responses, none kept (its responses are all sliced already)."""
         self.__dict__.update({"blocks": [None] * len(state.get("responses", [])), **state})
 
     def attach(self, model: nn.Module) -> None:
@@ -151,9 +151,13 @@ class ArrHook(Hook):
             return
         prefix = x.shape[1] - self.patches if self.patches is not None else int(self.pool_token)
         if prefix > 0 and self.pool_token:
-            # the block too, for class_tokens, except inside a compiled model, where the whole block
+            # the block itself, for class_tokens (its slice taken only if needed: a view and an
+            # autograd node less a block), except inside a compiled model, where the whole block
             # outputs would become the graph's outputs and Inductor fuses the slices' gradients anyway
-            self._keep(x[:, 0], block=None if torch.compiler.is_compiling() else x)
+            if torch.compiler.is_compiling():
+                self._keep(x[:, 0])
+            else:
+                self._keep(None, block=x)
         else:
             self._keep(x[:, max(prefix, 0):].mean(1))
 
@@ -161,12 +165,18 @@ class ArrHook(Hook):
     def _capturing(module: nn.Module) -> bool:
         return torch.is_grad_enabled() and module.training     # evaluation (even with gradients) is untouched
 
-    def _keep(self, x: torch.Tensor, block: torch.Tensor | None = None) -> None:
-        """Keep a response; ``block``: the block output whose class token it is (see aux_loss)."""
-        self.responses.append(x.flatten(1))
+    def _keep(self, x: torch.Tensor | None, block: torch.Tensor | None = None) -> None:
+        """Keep a response, or (x None) the block output whose class token is the response."""
+        self.responses.append(None if x is None else x.flatten(1))
         self.blocks.append(block)
         if len(self.responses) > len(self.memory.mean):        # forwards without aux_loss: keep the last one's
             del self.responses[0], self.blocks[0]
+
+    def taken(self, responses: list | None = None, blocks: list | None = None) -> list[torch.Tensor]:
+        """The responses kept since the last aux_loss, [N, D] each (class tokens sliced from their
+        blocks here)."""
+        responses, blocks = (self.responses, self.blocks) if responses is None else (responses, blocks)
+        return [r if r is not None else b[:, 0] for r, b in zip(responses, blocks)]
 
     def aux_loss(self, model, images, logits, targets):
         if not hasattr(self, "memory"):
@@ -176,11 +186,11 @@ class ArrHook(Hook):
         if not model.training or not responses:
             return None
         if all(b is not None and b.shape == blocks[0].shape and len(b) == len(targets) for b in blocks):
-            # every response a class token: taken again from the blocks at once (the slices above
-            # then go unused), whose backward fills and copies once for all blocks, not once a block
+            # every response a class token: taken from the blocks at once, with a backward that
+            # fills and copies once for all blocks, not once a block
             responses = class_tokens(blocks)
-        else:
-            responses = [per_sample(r, len(targets)) for r in responses]     # a spiking net's time steps averaged
+        else:       # a spiking net's time steps averaged
+            responses = [per_sample(r, len(targets)) for r in self.taken(responses, blocks)]
         return arr_loss(self.memory, responses, targets, weight=self.cfg.weight, momentum=self.cfg.momentum,
                         form=self.cfg.form)
 
