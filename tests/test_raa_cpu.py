@@ -211,7 +211,14 @@ def test_cuda_kernels_are_skipped_silently_without_nvcc_and_warn_once_where_the_
     h100, a100 = cuda_kernels.extension_name("raa_cuda", [(9, 0)]), cuda_kernels.extension_name("raa_cuda", [(8, 0)])
     assert h100.startswith("bionets_raa_cuda_sm90_") and a100.startswith("bionets_raa_cuda_sm80_") and h100[-10:] != a100[-10:]
     monkeypatch.setattr(cuda_kernels, "nvcc_version", lambda home: "Build cuda_99.0")     # another nvcc: another build
-    assert cuda_kernels.extension_name("raa_cuda", [(9, 0)]) != h100
+    other_nvcc = cuda_kernels.extension_name("raa_cuda", [(9, 0)])
+    assert other_nvcc != h100
+    # the same torch version installed elsewhere (another venv): builds of their own, not one rebuilt by turns
+    from bionets.layers import cpu_kernels
+    cpu_name = cpu_kernels.extension_name("raa_cpu")[0]
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
+    assert cpu_kernels.extension_name("raa_cpu")[0] != cpu_name
+    assert cuda_kernels.extension_name("raa_cuda", [(9, 0)]) != other_nvcc
     # a second build into a process that holds one would abort it (the operators registered twice): refused
     import types
     monkeypatch.setattr(torch.ops, "bionets_raa_cuda", types.SimpleNamespace(raa=object()), raising=False)

@@ -64,13 +64,20 @@ def source(name: str) -> Path:
 
 def extension_name(name: str) -> tuple[str, list[str]]:
     """(the build's name, its compiler flags): ``bionets_<name>_<capability>_<hash>``, the hash of the
-    source, the headers beside it, the flags and torch's version (a build is bound to the torch it was
-    compiled against)."""
+    source, the headers beside it, the flags and the torch it is compiled against (:func:`torch_key`)."""
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, [])
-    key = source(name).read_bytes() + header_bytes() + " ".join([*flags, torch.__version__]).encode()
+    key = source(name).read_bytes() + header_bytes() + " ".join([*flags, torch_key()]).encode()
     digest = hashlib.sha256(key).hexdigest()[:10]
     return f"bionets_{name}_{capability.lower()}_{digest}", flags
+
+
+def torch_key() -> str:
+    """torch's version and where it is installed: a build is bound to the torch it was compiled
+    against, and two environments (venvs, conda envs) sharing torch's extension directory with one
+    name per build rebuilt each other's (~80 s at every switch: torch's builder sees other include
+    paths)."""
+    return f"{torch.__version__} {Path(torch.__file__).resolve().parent}"
 
 
 def header_bytes() -> bytes:

@@ -59,12 +59,12 @@ def arch_flags(capabilities: list[tuple[int, int]]) -> list[str]:
 
 def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
     """``bionets_<name>_sm<capabilities>_<hash>``, the hash of the sources, the headers beside them,
-    the capabilities, torch's and CUDA's versions, the toolkit's place (``CUDA_HOME``) and its
-    nvcc's version."""
+    the capabilities, torch (its version and place: :func:`cpu_kernels.torch_key`), CUDA's version,
+    the toolkit's place (``CUDA_HOME``) and its nvcc's version."""
     key = b"".join(p.read_bytes() for p in sources(name)) + cpu_kernels.header_bytes()
     cpu_kernels.quiet_import()
     from torch.utils import cpp_extension
-    key += f"{sorted(set(capabilities))} {torch.__version__} {torch.version.cuda} {cpp_extension.CUDA_HOME}".encode()
+    key += f"{sorted(set(capabilities))} {cpu_kernels.torch_key()} {torch.version.cuda} {cpp_extension.CUDA_HOME}".encode()
     key += nvcc_version(cpp_extension.CUDA_HOME).encode()
     sms = "_".join(f"{a}{b}" for a, b in sorted(set(capabilities)))
     return f"bionets_{name}_sm{sms}_{hashlib.sha256(key).hexdigest()[:10]}"
