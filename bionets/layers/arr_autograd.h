@@ -24,6 +24,11 @@
 
 namespace bionets_arr {
 
+// the operator's schema, as the CPU and the CUDA builds register it
+inline constexpr const char* LOSS_SCHEMA =
+    "arr_loss(Tensor r, Tensor y, Tensor(a!) mean, Tensor(b!) seen, float momentum, float weight, bool after, "
+    "bool update) -> Tensor";
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 

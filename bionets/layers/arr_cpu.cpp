@@ -77,8 +77,7 @@ struct Kernels {
 }  // namespace
 
 TORCH_LIBRARY(bionets_arr_cpu, m) {
-  m.def("arr_loss(Tensor r, Tensor y, Tensor(a!) mean, Tensor(b!) seen, float momentum, float weight, bool after, "
-        "bool update) -> Tensor");
+  m.def(bionets_arr::LOSS_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(bionets_arr_cpu, CPU, m) {

@@ -22,6 +22,9 @@
 
 namespace bionets_raa {
 
+// the whole activation's schema, as the CPU and the CUDA builds register it
+inline constexpr const char* RAA_SCHEMA = "raa(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> Tensor";
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 

@@ -376,7 +376,7 @@ struct Kernels {
 TORCH_LIBRARY(bionets_raa_cpu, m) {
   m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
   m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def("raa(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> Tensor");
+  m.def(bionets_raa::RAA_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(bionets_raa_cpu, CPU, m) {

@@ -27,7 +27,7 @@ TORCH_LIBRARY(bionets_raa_cuda, m) {
   m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
   // (s, the forward's saved state: its shifts and the backward's scratch, which the backward writes)
   m.def("backward(Tensor x, Tensor g, Tensor(a!) s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def("raa(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> Tensor");
+  m.def(bionets_raa::RAA_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(bionets_raa_cuda, CUDA, m) {
