@@ -193,7 +193,7 @@ def test_models_and_configs_listings(capsys):
 
 
 def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "bionets", "train", *FAST, "train.epochs=200",
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bionets", "train", *FAST, "train.epochs=200",
                              f"out_dir={tmp_path}", "name=r"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "r" / "last.pt"
     deadline = time.time() + 120
@@ -201,7 +201,11 @@ def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
         time.sleep(0.2)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:       # a hang: fail with where every thread of the run stood
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail("the run did not stop on Ctrl-C:\n" + proc.communicate()[1][-4000:])
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
     assert load_checkpoint(last)["epoch"] >= 1
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]

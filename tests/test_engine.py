@@ -10,7 +10,7 @@ import timm
 import torch
 
 from bionets.configbase import Section
-from bionets.engine.checkpoint import load_checkpoint, save_checkpoint
+from bionets.engine.checkpoint import ctrl_c_deferred, load_checkpoint, save_checkpoint
 from bionets.engine.hooks import Hook
 from bionets.engine.optim import OptimConfig, lr_mult_summary, param_groups
 from bionets.engine.trainer import train
@@ -283,6 +283,21 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
 
+
+
+def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends(tmp_path):
+    """The epoch's bookkeeping (metrics, last.pt, best.pt) is one deferred block around the checkpoint
+    writes' own: a Ctrl-C during last.pt must not stop the run before best.pt is written."""
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            with ctrl_c_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                steps.append("inner")
+            steps.append("outer")
+    assert steps == ["inner", "outer"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 @needs_cpu_compiler
 def test_compile_mode_reaches_torch_compile(tmp_path):

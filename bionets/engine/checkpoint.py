@@ -26,21 +26,28 @@ from bionets.errors import BionetsError
 FORMAT = "bionets-checkpoint/1"
 
 
+_held: list[int] | None = None        # the Ctrl-Cs held while a ctrl_c_deferred block runs
+
+
 @contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block is done.
     Raised inside ``torch.save``, a KeyboardInterrupt makes its zip writer fail while closing, and
-    the run ended on that RuntimeError's traceback. Only the main thread receives signals; elsewhere
-    this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    the run ended on that RuntimeError's traceback; raised inside TensorBoard's writer, between its
+    queue's put and the wake-up of the thread that drains it, it can stall the writer's close for
+    up to its flush interval (two minutes). A block inside another holds its Ctrl-C for the outer
+    one. Only the main thread receives signals; elsewhere this does nothing."""
+    global _held
+    if threading.current_thread() is not threading.main_thread() or _held is not None:
         yield
         return
-    held: list[int] = []
+    _held = held = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _held = None
     if held:
         raise KeyboardInterrupt
 

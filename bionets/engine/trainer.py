@@ -24,8 +24,8 @@ from tqdm import tqdm
 from bionets.config import RunConfig, check_resume_config
 from bionets.configbase import dump_yaml
 from bionets.data import build_data
-from bionets.engine.checkpoint import (load_checkpoint, load_model_state, make_output_dir, rng_state, save_checkpoint,
-                                       seed_everything, set_rng_state, write_atomic)
+from bionets.engine.checkpoint import (ctrl_c_deferred, load_checkpoint, load_model_state, make_output_dir, rng_state,
+                                       save_checkpoint, seed_everything, set_rng_state, write_atomic)
 from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
                                         shutdown)
 from bionets.engine.hooks import Progress
@@ -207,16 +207,18 @@ class Trainer:
                 if improved:
                     self.state.best_top1 = record["test_top1"]
                 if main:
-                    writer.write(record)
-                    ckpt = self._checkpoint(rng)
-                    save_checkpoint(self.run_dir / "last.pt", ckpt)
-                    if improved:
-                        save_checkpoint(self.run_dir / "best.pt", ckpt)
-                    if not self.quiet:
-                        tqdm.write(console_line(record))
+                    with ctrl_c_deferred():     # a Ctrl-C lands in the training, not in the writers' locks
+                        writer.write(record)
+                        ckpt = self._checkpoint(rng)
+                        save_checkpoint(self.run_dir / "last.pt", ckpt)
+                        if improved:
+                            save_checkpoint(self.run_dir / "best.pt", ckpt)
+                        if not self.quiet:
+                            tqdm.write(console_line(record))
         finally:
             if writer is not None:
-                writer.close()
+                with ctrl_c_deferred():
+                    writer.close()
         summary = self._summary()
         if main:
             for hook in self.hooks:
