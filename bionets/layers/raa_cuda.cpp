@@ -25,7 +25,9 @@ struct Kernels {
 
 TORCH_LIBRARY(bionets_raa_cuda, m) {
   m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
-  // (s, the forward's saved state: its shifts and the backward's scratch, which the backward writes)
+  // (s, the forward's saved state: its shifts and the backward's scratch, which the backward writes;
+  // of the outputs dL/dx, dL/dv, dL/dc the last two are views of one buffer: a caller through
+  // torch.ops who writes into one must clone it first; RAA's autograd hands them to v and c)
   m.def("backward(Tensor x, Tensor g, Tensor(a!) s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
   m.def(bionets_raa::RAA_SCHEMA);
 }

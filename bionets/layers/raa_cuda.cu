@@ -151,9 +151,33 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // One block sums gridDim.x rows of partials a column, read from L2 (not a stale L1): a load takes
+  // hundreds of cycles, so the reads must overlap: a narrow layer's columns are each split into
+  // slices of rows, a thread a slice, as many as the block has threads for (ResNet's 17-65 columns:
+  // 15-3 slices), and every thread keeps UNROLL running sums, a load in flight each. Rows, running
+  // sums and slices are combined in a fixed order: every run gives the same bits.
+  constexpr int UNROLL = 8;
+  const int64_t rows = gridDim.x;
+  const int64_t fit = static_cast<int64_t>(blockDim.x) / width;
+  const int64_t slices = fit < 1 ? 1 : fit < groups ? fit : groups;     // acc holds groups x width
+  for (int64_t t = threadIdx.x; t < slices * width; t += blockDim.x) {
+    const int64_t k = t % width, r = t / width, lo = rows * r / slices, hi = rows * (r + 1) / slices;
+    float sums[UNROLL] = {};
+    int64_t j = lo;
+    for (; j + UNROLL <= hi; j += UNROLL) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) sums[u] += __ldcg(part + (j + u) * width + k);
+    }
+    for (; j < hi; ++j) sums[0] += __ldcg(part + j * width + k);     // (a constant index keeps sums in registers)
+    float total = 0.f;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) total += sums[u];
+    acc[r * width + k] = total;
+  }
+  __syncthreads();
   for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
     float total = 0.f;
-    for (unsigned j = 0; j < gridDim.x; ++j) total += __ldcg(part + j * width + k);   // from L2, not a stale L1
+    for (int64_t r = 0; r < slices; ++r) total += acc[r * width + k];
     gvc[k] = total;
   }
   if (threadIdx.x == 0) *done = 0u;                           // for the next backward of this graph
