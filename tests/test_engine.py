@@ -284,8 +284,7 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
 
 
-
-def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends(tmp_path):
+def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends():
     """The epoch's bookkeeping (metrics, last.pt, best.pt) is one deferred block around the checkpoint
     writes' own: a Ctrl-C during last.pt must not stop the run before best.pt is written."""
     steps = []
@@ -298,6 +297,7 @@ def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends(tmp_pat
             steps.append("outer")
     assert steps == ["inner", "outer"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 
 @needs_cpu_compiler
 def test_compile_mode_reaches_torch_compile(tmp_path):

@@ -153,9 +153,9 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g
   __threadfence();
   // One block sums gridDim.x rows of partials a column, read from L2 (not a stale L1): a load takes
   // hundreds of cycles, so the reads must overlap: a narrow layer's columns are each split into
-  // slices of rows, a thread a slice, as many as the block has threads for (ResNet's 17-65 columns,
-  // channels_last: 15-3 slices), and every thread keeps UNROLL running sums, a load in flight each. Rows, running
-  // sums and slices are combined in a fixed order: every run gives the same bits.
+  // slices of rows, a thread a slice, as many as the block has threads for (ResNet's 17-65
+  // columns, channels_last: 15-3 slices), and every thread keeps UNROLL running sums, a load in
+  // flight each. Rows, running sums and slices are combined in a fixed order: the same bits every run.
   constexpr int UNROLL = 8;
   const int64_t rows = gridDim.x;
   const int64_t fit = static_cast<int64_t>(blockDim.x) / width;
