@@ -13,7 +13,8 @@
 # command. PART new (~6 minutes) runs what no GPU has run yet or measured once: RAA's and ARR's CUDA
 # C++ operators built side by side (about 35 s on 16 cores), the whole CUDA test file (the
 # sixteenth session's run was cut after 17 of its ARR and strategy tests; since then, untested on
-# a GPU: RAA's backward as one kernel whose last block sums the partial sums, ARR's backward as one
+# a GPU: RAA's backward as one kernel whose last block sums the partial sums (8 loads in flight a
+# thread, narrow layers' columns split into slices since the eighteenth session), ARR's backward as one
 # kernel, ViT ARR's class tokens through one autograd function), DNRT eager, Dit-ResNet-20 eager
 # with the 'outer' (default) strategy, and where the steps' host time goes (benchmarks/step_profile.py,
 # ResNet-20 ReLU and ViT-Tiny); its caps add up to 560 s.
