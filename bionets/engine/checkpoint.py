@@ -26,7 +26,7 @@ from bionets.errors import BionetsError
 FORMAT = "bionets-checkpoint/1"
 
 
-_held: list[int] | None = None        # the Ctrl-Cs held while a ctrl_c_deferred block runs
+_deferring = False        # whether a ctrl_c_deferred block runs (an inner one leaves its Ctrl-C to it)
 
 
 @contextmanager
@@ -37,17 +37,17 @@ def ctrl_c_deferred() -> Iterator[None]:
     queue's put and the wake-up of the thread that drains it, it can stall the writer's close for
     up to its flush interval (two minutes). A block inside another holds its Ctrl-C for the outer
     one. Only the main thread receives signals; elsewhere this does nothing."""
-    global _held
-    if threading.current_thread() is not threading.main_thread() or _held is not None:
+    global _deferring
+    if threading.current_thread() is not threading.main_thread() or _deferring:
         yield
         return
-    _held = held = []
+    _deferring, held = True, []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        _held = None
+        _deferring = False
     if held:
         raise KeyboardInterrupt
 

@@ -15,7 +15,7 @@
 // neighbouring threads read neighbouring pixels; else the power of two >= C, at most 32, and the
 // group's threads read neighbouring features); sums over a vector are shuffles within the group.
 // Math in float32 for float32, bf16 and fp16 x; s and the parameters' gradients are float32. The
-// sums over vectors are taken per block in a fixed order, and then over the blocks in block order by
+// sums over vectors are taken per block in a fixed order, and then over the blocks in a fixed order by
 // the backward's last block to finish: the same result on every run.
 //
 // An eager step of a CIFAR-sized model waits on the host (an H200's: ~3 ms of GPU work in 10-14 ms),
@@ -97,7 +97,7 @@ __device__ __forceinline__ void slopes(float xv, float z, float& dydx, float& dy
 
 // dL/dx; per block the partial sums of dL/dv (C of them, with v) and dL/dc (the last) in
 // part[block, width], width = C + 1 (with v) or 1; and the last block to finish sums them over the
-// blocks, in block order, into gvc = [dL/dv | dL/dc]. `done` counts the finished blocks (zero on entry).
+// blocks, in a fixed order, into gvc = [dL/dv | dL/dc]. `done` counts the finished blocks (zero on entry).
 template <typename T, bool RELU, bool HAS_V>
 __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ s,
                                 const float* __restrict__ v, T* __restrict__ gx, float* __restrict__ part,
