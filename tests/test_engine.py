@@ -299,6 +299,28 @@ def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_history(tmp_path, monkeypatch):
+    """Resumed into a new run directory, the run first replays its history into TensorBoard: a
+    Ctrl-C there takes effect after the replay, and the writer is closed, so no event is lost."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bionets.engine.metrics import MetricsWriter
+    train(fast_config(tmp_path, "train.epochs=2", name="a"), quiet=True)
+    replay = MetricsWriter._scalars
+
+    def interrupted_replay(self, record):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        replay(self, record)
+    monkeypatch.setattr(MetricsWriter, "_scalars", interrupted_replay)
+    with pytest.raises(KeyboardInterrupt):
+        train(fast_config(tmp_path, "train.epochs=2", f"resume={tmp_path / 'a' / 'last.pt'}", name="b"), quiet=True)
+    events = EventAccumulator(str(tmp_path / "b" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
 @needs_cpu_compiler
 def test_compile_mode_reaches_torch_compile(tmp_path):
     """train.compile takes torch.compile's modes; 'reduce-overhead' (CUDA graphs on a GPU) trains on the CPU too."""
@@ -377,10 +399,12 @@ def test_a_new_run_into_a_used_run_directory_takes_the_next_free_name(tmp_path, 
 
 def test_runs_started_at_the_same_moment_never_pick_the_same_directory(tmp_path):
     """Choosing a run's directory claims it (its config.yaml created only if absent, in one step):
-    runs that choose before either has written anything still get different directories."""
+    runs that choose before either has written anything still get different directories. The
+    claim holds that run's config at once: a run that dies next leaves no empty config.yaml."""
     from bionets.engine.trainer import unused_name
-    assert [unused_name(str(tmp_path), "a") for _ in range(3)] == ["a", "a-2", "a-3"]
-    assert all((tmp_path / name / "config.yaml").exists() for name in ("a", "a-2", "a-3"))
+    assert [unused_name(str(tmp_path), "a", lambda name: f"name: {name}\n") for _ in range(3)] == ["a", "a-2", "a-3"]
+    assert [(tmp_path / name / "config.yaml").read_text() for name in ("a", "a-2", "a-3")] == \
+        ["name: a\n", "name: a-2\n", "name: a-3\n"]
 
 
 def test_resume_without_a_config_continues_the_checkpoints_run(tmp_path, capsys):

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,17 +184,20 @@ class Trainer:
     def fit(self) -> dict:
         main = self.dist.is_main
         if not self._continues_its_own_run():   # a run never mixes its files with another run's
-            self._use_name(gather_objects(unused_name(self.cfg.out_dir, self.cfg.name) if main else None)[0])
+            chosen = unused_name(self.cfg.out_dir, self.cfg.name, self._config_text) if main else None
+            self._use_name(gather_objects(chosen)[0])
         cfg, writer = self.cfg, None
         if main:
             make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
-            _write_text(self.run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
-            writer = MetricsWriter(self.run_dir, self.state.history)
-            if not self.quiet:
-                self._announce()
-        for hook in self.hooks:
-            hook.on_step(self.progress())
+            _write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
         try:
+            if main:
+                with ctrl_c_deferred():     # TensorBoard replays a resumed run's history: a write like any other
+                    writer = MetricsWriter(self.run_dir, self.state.history)
+                if not self.quiet:
+                    self._announce()
+            for hook in self.hooks:
+                hook.on_step(self.progress())
             while self.state.epoch < cfg.train.epochs:
                 record = self.train_epoch()
                 self._stop_if_diverged(record["train_loss"])
@@ -338,6 +342,10 @@ class Trainer:
         """Whether this run resumes from a checkpoint in its own run directory (and may write there)."""
         return bool(self.cfg.resume) and Path(self.cfg.resume).resolve().parent == self.run_dir.resolve()
 
+    def _config_text(self, name: str) -> str:
+        """The config saved with the run (config.yaml) were it to run as ``name``."""
+        return dump_yaml(self.cfg.model_copy(update={"name": name}).to_dict())
+
     def _use_name(self, name: str) -> None:
         """Run as ``name`` (its run directory out_dir/name; recorded in the config saved with the run,
         so that a resume continues there). A changed name is said even under --quiet (on stderr):
@@ -395,30 +403,35 @@ def slow_bf16_note(amp: str, device: torch.device) -> str | None:
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "tb")
 
 
-def unused_name(out_dir: str, name: str) -> str:
+def unused_name(out_dir: str, name: str, config_text: Callable[[str], str]) -> str:
     """``name`` where its run directory (out_dir/name) holds no run's files yet, else the first of
     ``name-2``, ``name-3``, ... whose directory holds none: a new run neither overwrites an earlier
-    one nor mixes its files with it. The directory is claimed as it is chosen (:func:`_claim`)."""
+    one nor mixes its files with it. The directory is claimed as it is chosen (:func:`_claim`), its
+    config.yaml holding ``config_text(chosen name)``."""
     candidate, stem, k = name, name.rstrip("/\\"), 2
-    while not _claim(Path(out_dir) / candidate):
+    while not _claim(Path(out_dir) / candidate, config_text(candidate)):
         candidate, k = f"{stem}-{k}", k + 1
     return candidate
 
 
-def _claim(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds no run's files and is now this run's: its ``config.yaml`` created
-    (empty, replaced by the run's config at once) only if no file of that name exists, in one step,
-    so that two runs started at the same moment never pick the same directory. True also where the
-    directory cannot be made: the caller's :func:`make_output_dir` then says why."""
+def _claim(run_dir: Path, config: str) -> bool:
+    """Whether ``run_dir`` held no run's files and is now this run's: its ``config.yaml`` created
+    only if no file of that name exists, in one step, so that two runs started at the same moment
+    never pick the same directory, and written at once with the run's ``config`` (one write
+    call, so a run that dies next leaves its config, not an empty file another run would read as
+    the default config). True also where the directory cannot be made: the caller's
+    :func:`make_output_dir` then says why."""
     if any((run_dir / f).exists() for f in RUN_FILES):
         return False
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(run_dir / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        fd = os.open(run_dir / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         return not (run_dir / "config.yaml").exists()       # taken a moment ago by another run, or not a directory
     except OSError:
         return True
+    with os.fdopen(fd, "wb") as f:
+        f.write(config.encode())
     return True
 
 
