@@ -6,9 +6,17 @@ shared CPU); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_t
 Every test runs on the CPU, also on a machine with a GPU, unless it is marked ``cuda`` (the tests of
 ``test_cuda.py`` and the other CUDA checks): the figures, seeds and exact-resume checks of the rest
 are CPU ones, and a GPU's nondeterministic kernels would fail them for no fault of the code.
+
+The processes a test starts (the CLI, torchrun's workers) import bionets from this checkout, as the
+test itself does, whatever copy of bionets is installed (or none).
 """
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +32,9 @@ def cpu_unless_marked_cuda(request, monkeypatch):
     if request.node.get_closest_marker("cuda") is None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # device 'auto' resolves to the CPU
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")                    # and in the processes a test starts
+
+
+@pytest.fixture(autouse=True)
+def subprocesses_import_this_checkout(monkeypatch):
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", ROOT if not path else ROOT + os.pathsep + path)
