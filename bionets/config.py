@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -172,7 +173,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise BionetsError(f"config '{path}' inherits from itself through 'base:'")
     try:
-        data = load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        if zipfile.is_zipfile(path):
+            raise BionetsError(f"config '{path}' is a checkpoint, not a YAML config: continue its run with "
+                               f"'bionets train --resume {path}', or evaluate it with 'bionets eval {path}'") from None
+        raise BionetsError(f"config '{path}' is not a text file: give a YAML config (bionets configs lists them)") from None
+    except OSError as err:
+        raise BionetsError(f"cannot read config '{path}' ({err.strerror}): give a readable YAML file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -256,9 +264,10 @@ def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise BionetsError(f"--resume {source}: this config changes the run ({shown}{more}), but a resumed run "
-                           "continues its saved optimizer and schedule exactly: resume with the run's own config "
-                           "(omit CONFIG to use the checkpoint's), or start a new run")
+        raise BionetsError(f"resuming {source} (--resume, or the config's resume key): this config changes the run "
+                           f"({shown}{more}), but a resumed run continues its saved optimizer and schedule exactly: "
+                           "resume with the run's own config (omit CONFIG to use the checkpoint's), or start a new "
+                           "run (resume=null)")
 
 
 def resume_config(saved: dict, overrides: list[str]) -> RunConfig:

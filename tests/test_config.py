@@ -1,4 +1,6 @@
 """Config loading: typing, one-line errors naming the closest key, overrides, base inheritance."""
+import re
+
 import pytest
 
 from bionets.config import apply_overrides, load_config, merge
@@ -31,6 +33,31 @@ def test_bad_config_is_one_line(override, expected):
     with pytest.raises(BionetsError) as err:
         load_config(None, [override])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_or_binary_file_given_as_config_is_one_line(tmp_path):
+    """A checkpoint passed where a config goes (bionets train runs/x/last.pt) says how to resume it."""
+    from bionets.engine.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "last.pt", {"config": {}, "model": {}})
+    (tmp_path / "binary.yaml").write_bytes(bytes([0x80, 0x81, 0xff]))
+    for path, expected in ((tmp_path / "last.pt", f"is a checkpoint, not a YAML config: continue its run with "
+                                                  f"'bionets train --resume {tmp_path / 'last.pt'}'"),
+                           (tmp_path / "binary.yaml", "is not a text file")):
+        with pytest.raises(BionetsError) as err:
+            load_config(str(path))
+        assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ("{foo: 1}", "optim.kwargs {'foo': 1} does not fit the sgd optimizer"),
+    ("{lr: 0.5}", "optim.kwargs sets lr, which bionets sets itself: use optim.lr= instead"),
+])
+def test_optimizer_options_it_does_not_take_are_one_line(kwargs, expected):
+    from torch import nn
+
+    from bionets.engine.optim import create_optimizer
+    with pytest.raises(BionetsError, match=re.escape(expected)):
+        create_optimizer(nn.Linear(2, 2), load_config(None, [f"optim.kwargs={kwargs}"]).optim)
 
 
 def test_compile_takes_a_switch_or_a_torch_compile_mode():

@@ -242,9 +242,12 @@ def test_lr_multipliers_hold_through_the_warm_up(sched):
     assert seen[0] == pytest.approx(0.01) and max(seen) > 0.08 and seen[-1] < max(seen)
 
 
+RUN = {"config": {}, "model": {}}       # the entries every checkpoint of a run holds
+
+
 def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
     path = tmp_path / "ck.pt"
-    save_checkpoint(path, {"x": torch.ones(3)})
+    save_checkpoint(path, {**RUN, "x": torch.ones(3)})
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
 
     class Boom:
@@ -252,7 +255,7 @@ def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        save_checkpoint(path, {"x": Boom()})
+        save_checkpoint(path, {**RUN, "x": Boom()})
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))          # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]              # no temp file left
     truncated = tmp_path / "trunc.pt"
@@ -265,11 +268,38 @@ def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
+def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, monkeypatch):
+    """A whole model pickled by another script (its class not importable here), a file with the
+    marker but without a run's entries, or with a damaged optimizer state: one error line each."""
+    import sys
+    import types
+    other = types.ModuleType("someone_elses_script")
+    other.Net = type("Net", (), {"__module__": "someone_elses_script"})
+    monkeypatch.setitem(sys.modules, "someone_elses_script", other)
+    torch.save(other.Net(), tmp_path / "whole_model.pt")
+    monkeypatch.delitem(sys.modules, "someone_elses_script")
+    with pytest.raises(BionetsError, match="not a bionets checkpoint \\(it pickles objects of another program"):
+        load_checkpoint(tmp_path / "whole_model.pt")
+    for state, msg in (({"model": {}}, "lacks its 'config' entry"),
+                       ({"config": {}, "model": 3}, "holds a int as its 'model' entry")):
+        save_checkpoint(tmp_path / "bad.pt", state)
+        with pytest.raises(BionetsError, match=msg):
+            load_checkpoint(tmp_path / "bad.pt")
+    train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
+    ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
+    for key, value, msg in (("optimizer", None, "lacks its 'optimizer' entry"),
+                            ("optimizer", {"state": {}}, "its optimizer, schedule, EMA or random state cannot be "
+                                                         "restored \\(KeyError")):
+        save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in {**ckpt, key: value}.items() if v is not None})
+        with pytest.raises(BionetsError, match=msg):
+            train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'bad.pt'}", name="b"), quiet=True)
+
+
 def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     """A KeyboardInterrupt raised inside torch.save made its zip writer fail while closing, and the run
     ended on that RuntimeError's traceback (exit 1, not 130). Now the write finishes, then Ctrl-C acts."""
     path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1})
+    save_checkpoint(path, {**RUN, "epoch": 1})
 
     class CtrlCWhilePickled:
         def __reduce__(self):
@@ -278,7 +308,7 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
             return (int, (2,))
 
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"epoch": CtrlCWhilePickled()})
+        save_checkpoint(path, {**RUN, "epoch": CtrlCWhilePickled()})
     assert load_checkpoint(path)["epoch"] == 2                               # the new checkpoint is complete
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored

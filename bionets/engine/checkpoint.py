@@ -118,13 +118,31 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise BionetsError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}): "
                            "use another checkpoint (e.g. best.pt or last.pt of the run)") from None
+    except (AttributeError, ImportError) as err:    # a pickled object whose class this process cannot find
+        raise BionetsError(f"'{path}' is not a bionets checkpoint (it pickles objects of another program: "
+                           f"{err}): give a file that 'bionets train' (best.pt, last.pt) or 'bionets export' wrote") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BionetsError(f"'{path}' is not a bionets checkpoint (no '{FORMAT}' marker): give a file that "
                            "'bionets train' (best.pt, last.pt) or 'bionets export' wrote")
     if "model" not in state and "plain_model" in state and not exported:
         raise BionetsError(f"'{path}' holds exported plain weights ('bionets export'), not a training run: eval or resume "
                            "the run's best.pt or last.pt, or load its 'plain_model' state dict into a plain model")
+    require_entries(state, path, ("config", "model" if "model" in state or "plain_model" not in state else "plain_model"))
     return state
+
+
+_ENTRY_TYPES = {"config": dict, "model": dict, "plain_model": dict, "optimizer": dict, "scheduler": dict,
+                "scaler": dict, "rng": dict, "epoch": int, "step": int, "best_top1": (int, float), "history": list}
+
+
+def require_entries(state: dict, path: str | Path, keys: tuple[str, ...]) -> None:
+    """One error line where a checkpoint lacks one of ``keys`` or holds it as the wrong kind of
+    value: a file with the marker but not all of a run's state (another program's, or edited)."""
+    for key in keys:
+        if not isinstance(state.get(key), _ENTRY_TYPES[key]):
+            what = "lacks" if key not in state else f"holds a {type(state[key]).__name__} as"
+            raise BionetsError(f"checkpoint '{path}' {what} its '{key}' entry (not as 'bionets train' writes it): "
+                               "use another checkpoint (e.g. best.pt or last.pt of the run)")
 
 
 def load_model_state(model: nn.Module, state: dict, source: str | Path) -> None:

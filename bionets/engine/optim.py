@@ -114,6 +114,9 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     if cfg.name not in TIMM_OPTIMIZERS:
         raise unknown("optimizer", cfg.name, list(TIMM_OPTIMIZERS) + list(OPTIMIZERS))
     extra = dict(cfg.kwargs)
+    if taken := sorted(set(extra) & {"lr", "weight_decay", "params", "opt"}):
+        raise BionetsError(f"optim.kwargs sets {', '.join(taken)}, which bionets sets itself: use "
+                           f"optim.{taken[0] if taken[0] in ('lr', 'weight_decay') else 'name'}= instead")
     if cfg.name in ("sgd", "momentum", "rmsprop", "lars"):
         extra.setdefault("momentum", cfg.momentum)
         extra.setdefault("nesterov", cfg.nesterov) if cfg.name == "sgd" else None
@@ -122,8 +125,12 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
         extra.setdefault("eps", cfg.eps)
     name = "nesterov" if cfg.name == "sgd" and cfg.nesterov else ("momentum" if cfg.name == "sgd" else cfg.name)
     extra.pop("nesterov", None)
-    return create_optimizer_v2(param_groups(model, cfg), opt=name, lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, **extra)
+    try:
+        return create_optimizer_v2(param_groups(model, cfg), opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   **extra)
+    except TypeError as err:        # an option this optimizer does not take
+        raise BionetsError(f"optim.kwargs {dict(cfg.kwargs)} does not fit the {cfg.name} optimizer ({err}): remove "
+                           "the option it names") from None
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int):

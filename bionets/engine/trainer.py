@@ -25,8 +25,9 @@ from tqdm import tqdm
 from bionets.config import RunConfig, check_resume_config
 from bionets.configbase import dump_yaml
 from bionets.data import build_data
-from bionets.engine.checkpoint import (ctrl_c_deferred, load_checkpoint, load_model_state, make_output_dir, rng_state,
-                                       save_checkpoint, seed_everything, set_rng_state, write_atomic)
+from bionets.engine.checkpoint import (ctrl_c_deferred, load_checkpoint, load_model_state, make_output_dir,
+                                       require_entries, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                                       write_atomic)
 from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
                                         shutdown)
 from bionets.engine.hooks import Progress
@@ -115,6 +116,8 @@ class Trainer:
             require_cpu_compiler("train.compile", "set train.compile=false")
         resume = (checkpoint if checkpoint is not None else load_checkpoint(cfg.resume)) if cfg.resume else None
         if resume is not None:
+            require_entries(resume, cfg.resume, ("optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_top1",
+                                                 "history"))
             check_resume_config(resume["config"], cfg, cfg.resume)
         seed_everything(t.seed)
         self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,
@@ -162,6 +165,14 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         load_model_state(self.model, ckpt, self.cfg.resume)
+        try:
+            self._restore_training_state(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise BionetsError(f"checkpoint '{self.cfg.resume}': its optimizer, schedule, EMA or random state cannot be "
+                               f"restored ({type(err).__name__}: {str(err).splitlines()[0][:120]}): resume another "
+                               "checkpoint, or start a new run from its weights with model.init=CKPT") from None
+
+    def _restore_training_state(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
