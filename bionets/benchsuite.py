@@ -94,16 +94,22 @@ def _heads(width: int) -> int:
     return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
 
 
+def check_mechanisms(names: list[str]) -> list[str]:
+    """``names`` (mechanisms to bench), or one error line naming one the suite has no case for."""
+    cases = [c.mechanism for c in CASES]
+    for n in names or [""]:
+        if n.strip() not in cases:
+            raise BionetsError(f"bench has no case for mechanism '{n.strip()}' (cases: {', '.join(cases)})")
+    return [n.strip() for n in names]
+
+
 def run_suite(out_dir: Path, *, device: torch.device | None = None, mechanisms: list[str] | None = None,
               widths: list[int] | None = None, batches: list[int] | None = None, repeats: int = 3) -> str:
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths = widths or [32, 64, 128]
     batches = batches or ([32, 128] if dev.type == "cpu" else [128, 512])
     get_mechanism("quadratic")  # loads the registry
-    names = mechanisms or [c.mechanism for c in CASES]
-    for n in names:
-        if n not in {c.mechanism for c in CASES}:
-            raise BionetsError(f"bench has no case for mechanism '{n}' (cases: {', '.join(c.mechanism for c in CASES)})")
+    names = [c.mechanism for c in CASES] if mechanisms is None else check_mechanisms(mechanisms)
     rows, points = [], []
     for case in (c for c in CASES if c.mechanism in names):
         if case.mechanism not in MECHANISMS:

@@ -24,9 +24,17 @@ USAGE_EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors in one line, as every other error of the command (its
+    subcommands' parsers are of the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bionets", description=__doc__.splitlines()[0],
-                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="bionets", description=__doc__.splitlines()[0],
+                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a config (default: the embedded digits run)")
@@ -161,10 +169,10 @@ def cmd_experiment(args) -> int:
         except yaml.YAMLError:
             raise BionetsError(f"experiment option '{item}' is not valid YAML (a list is [1, 2], a string "
                                "with spaces 'a b')") from None
-    from bionets.engine.checkpoint import make_output_dir
+    from bionets.engine.checkpoint import output_dir
 
-    out = make_output_dir(Path(args.out or Path("runs") / "experiments" / args.name), "another --out")
-    print(fn(out, **options))
+    with output_dir(Path(args.out or Path("runs") / "experiments" / args.name), "another --out") as out:
+        print(fn(out, **options))
     print(f"outputs in {out}")
     return 0
 
@@ -178,8 +186,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bionets.benchsuite import run_suite
-    from bionets.engine.checkpoint import make_output_dir
+    from bionets.benchsuite import check_mechanisms, run_suite
+    from bionets.engine.checkpoint import output_dir
     from bionets.engine.distributed import parse_device
 
     def ints(option: str, text: str | None) -> list[int] | None:
@@ -193,11 +201,11 @@ def cmd_bench(args) -> int:
     if args.repeats < 1:
         raise BionetsError(f"bench --repeats must be >= 1, got {args.repeats}")
     device = parse_device(args.device, "--device")
-    out = make_output_dir(Path(args.out), "another --out")       # before the measurements, not after
-
-    print(run_suite(out, device=device, repeats=args.repeats,
-                    mechanisms=args.mechanisms.split(",") if args.mechanisms else None,
-                    widths=ints("--widths", args.widths), batches=ints("--batches", args.batches)))
+    mechanisms = None if args.mechanisms is None else check_mechanisms(args.mechanisms.split(","))
+    widths, batches = ints("--widths", args.widths), ints("--batches", args.batches)
+    with output_dir(Path(args.out), "another --out") as out:       # before the measurements, not after
+        print(run_suite(out, device=device, repeats=args.repeats, mechanisms=mechanisms, widths=widths,
+                        batches=batches))
     print(f"table and plot in {args.out}")
     return 0
 

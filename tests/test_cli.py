@@ -35,12 +35,30 @@ def cli(*args):
     (["train", "train.device=meta"], "train.device=meta is not a device bionets runs on"),
     (["bench", "--widths", "0"], "bench --widths takes comma-separated positive integers"),
     (["bench", "--device", "gpu"], "--device gpu is not a device bionets runs on: use auto, cpu"),
+    (["bench", "--mechanisms="], "bench has no case for mechanism '' (cases: quadratic, raa, stds, arr)"),
+    (["train", "data.name=cifar10", f"data.root={sys.executable}"], "is a file, not a folder: give the folder"),
+    (["train", "optim.kwargs={foo: 1}"], "optim.kwargs {'foo': 1} does not fit the sgd optimizer"),
+    (["experiment", "dnrt_seeds", "config=digits", "epochs=1"], "epochs=1 must exceed the warm-up of config digits"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     """In this process (a new one costs ~6 s of imports; the test below runs some that way)."""
     assert main(args + [f"out_dir={tmp_path}"] if args[0] == "train" else args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_rejected_option_leaves_no_output_directory_and_argparse_errors_are_one_line(tmp_path, capsys):
+    """An experiment or bench whose options are refused removes the directories it made for its
+    outputs; a malformed option (argparse's error) is one line too, with where to read the usage."""
+    assert main(["experiment", "gaussian", "dim=0", "--out", str(tmp_path / "a" / "b")]) == 2
+    assert main(["bench", "--mechanisms", "raa,nosuch", "--out", str(tmp_path / "c")]) == 2
+    assert list(tmp_path.iterdir()) == []
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--repeats", "x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("bionets bench: error: argument --repeats: invalid int value: 'x' "
+                                       "(see 'bionets bench --help')\n")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,6 +128,9 @@ def test_train_then_eval_and_export(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "r" / "best.pt")]) == 0
     out = capsys.readouterr().out
     assert "test_top1:" in out and "model: test_mlp" in out
+    for overwritten in ("best.pt", "last.pt"):       # export never replaces a run's checkpoint
+        assert main(["export", str(tmp_path / "r" / "best.pt"), str(tmp_path / "r" / overwritten)]) == 2
+        assert "export would overwrite" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "r" / "best.pt"), str(tmp_path / "plain.pt")]) == 0
     assert "plain_model" in load_checkpoint(tmp_path / "plain.pt", exported=True)
     plain = str(tmp_path / "plain.pt")

@@ -83,6 +83,9 @@ def require_root(root: str | None, name: str, download: bool | None) -> Path:
     if root is None:
         raise BionetsError(f"data.root is not set for dataset '{name}': pass {_OPTIONS.get()[0]}")
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BionetsError(f"data root '{path}' is a file, not a folder: give the folder that holds (or is to hold) "
+                           f"the dataset with {_OPTIONS.get()[0]}")
     if not download and (not path.is_dir() or not any(path.iterdir())):
         state = "empty" if path.is_dir() else "missing"
         root_option, download_option = _OPTIONS.get()

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,6 +72,23 @@ def make_output_dir(path: Path, option: str = "another path") -> Path:
         why = f"'{file}' is a file" if file is not None else err.strerror
         raise BionetsError(f"cannot make the output directory '{path}' ({why}): choose {option}") from None
     return path
+
+
+@contextmanager
+def output_dir(path: Path, option: str = "another path") -> Iterator[Path]:
+    """:func:`make_output_dir` for a job that may fail: the directories it made (``path`` and any
+    parent that did not exist) are removed again if the job raises and leaves them empty, so that
+    a rejected option leaves nothing behind."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    make_output_dir(path, option)
+    try:
+        yield path
+    except BaseException:
+        for p in made:                  # the deepest first
+            with suppress(OSError):
+                p.rmdir()               # (only while empty)
+        raise
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:

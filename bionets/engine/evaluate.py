@@ -12,7 +12,8 @@ from bionets.data.sources import data_options
 from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bionets.engine.distributed import parse_device
 from bionets.engine.model import build_model, training_only_keys, use_channels_last
-from bionets.engine.trainer import evaluate
+from bionets.engine.trainer import RUN_FILES, evaluate
+from bionets.errors import BionetsError
 
 
 def model_from_checkpoint(path: str | Path, *, device: torch.device | None = None, data_root: str | None = None,
@@ -33,7 +34,6 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])
     model, hooks, _ = build_model(cfg, *shape, device, init=False)
     if ema and state.get("ema") is None:
-        from bionets.errors import BionetsError
         raise BionetsError(f"checkpoint '{path}' has no EMA weights (train with train.ema_decay=...)")
     weights = {"model": _ema_weights(state["ema"])} if ema else state
     load_model_state(model, {**state, **weights}, path)
@@ -59,7 +59,12 @@ def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: 
 def export_plain(path: str | Path, output: str | Path, data_root: str | None = None) -> str:
     """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save the
     model's state without its training-only state (ARR's class memory). The dataset is read only for
-    checkpoints that do not record its shape (written before 2026-11-26)."""
+    checkpoints that do not record its shape (written before 2026-11-26). ``output`` may not be
+    the checkpoint itself, nor another file of a run directory."""
+    out = Path(output)
+    if out.resolve() == Path(path).resolve() or (out.exists() and out.name in RUN_FILES):
+        raise BionetsError(f"export would overwrite '{output}', a file of a training run: give another output "
+                           "path (e.g. plain.pt)")
     model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
     baked = 0
     for module in list(model.modules()):

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.configbase import quoted
+from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
 
 VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}", "+both": "{raa: {}, arr: {weight: ARR}}"}
@@ -30,6 +31,10 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
     from bionets.config import load_config
     from bionets.engine.trainer import train
 
+    warmup = load_config(config).sched.warmup_epochs
+    if warmup >= epochs:
+        raise BionetsError(f"experiment dnrt_seeds: epochs={epochs} must exceed the warm-up of config {config} "
+                           f"(sched.warmup_epochs={warmup:g}): raise epochs, or give a config with a shorter warm-up")
     rows = []
     for variant, mech in VARIANTS.items():
         for seed in range(seeds):

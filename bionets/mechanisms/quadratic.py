@@ -83,7 +83,8 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
         chosen = [] if done else _auto(model, candidates)
         if not chosen and not done:
             raise BionetsError(f"quadratic placement 'auto' found no stride-1 convolution with equal input and "
-                               f"output channels in {type(model).__name__}: name layers with placement=[...]")
+                               f"output channels in {type(model).__name__} after its stem (its first convolution, "
+                               "which 'auto' leaves alone): name layers with placement=[...]")
     else:
         chosen = [n for n in candidates if any(fnmatch.fnmatch(n, p) for p in cfg.placement)]
         already = [n for n in done if any(fnmatch.fnmatch(n, p) or fnmatch.fnmatch(n + ".conv", p) for p in cfg.placement)]
