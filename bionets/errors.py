@@ -6,6 +6,7 @@ Every message names what was wrong, the value received and what would be right.
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Iterable
 
 
@@ -38,3 +39,17 @@ def unknown(kind: str, name: str, choices: Iterable[str], listed: Iterable[str] 
         shown = ", ".join(listed[:12]) + (", ..." if len(listed) > 12 else "")
         hint = f" (valid: {shown})"
     return BionetsError(f"unknown {kind} '{name}'{hint}" + (f"; {see}" if see else ""))
+
+
+def require_sizes(owner: str, **sizes) -> None:
+    """One error naming every one of ``sizes`` (a layer's widths, counts, kernel sizes) that is not a
+    positive integer; ``owner`` names the layer. (Left to torch, 2.5 channels or -3 features failed
+    deep inside a tensor constructor, and 0 features built a layer that failed at its first call.)"""
+    def positive(value) -> bool:
+        try:
+            return not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:
+            return False
+    bad = [f"{name}={value!r}" for name, value in sizes.items() if not positive(value)]
+    if bad:
+        raise BionetsError(f"{owner} needs positive whole numbers, got {', '.join(bad)}")

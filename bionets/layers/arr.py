@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, require_sizes
 from bionets.layers import cpu_kernels, cuda_kernels
 from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.triton_kernels import triton_kernels
@@ -49,6 +49,7 @@ class ArrMemory(nn.Module):
 
     def __init__(self, layers: int, classes: int, dim: int):
         super().__init__()
+        require_sizes("ArrMemory", layers=layers, classes=classes, dim=dim)
         self.register_buffer("mean", torch.zeros(layers, classes, dim))
         self.register_buffer("seen", torch.zeros(layers, classes, dtype=torch.uint8))  # uint8: DDP broadcasts it
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bionets.errors import require_sizes
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import differentiable_backward, under_function_transform
 
@@ -29,6 +30,8 @@ class MapLayerNorm(nn.LayerNorm):
     """:class:`torch.nn.LayerNorm` over ``map_size`` = (H, W) of an [N, C, H, W] map (module docstring)."""
 
     def __init__(self, map_size: tuple[int, int], eps: float = 1e-5):
+        height, width = map_size
+        require_sizes("MapLayerNorm", height=height, width=width)
         super().__init__(list(map_size), eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

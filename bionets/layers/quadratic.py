@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError, unknown
+from bionets.errors import BionetsError, require_sizes, unknown
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import run_or_warn, under_function_transform
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
@@ -48,9 +48,8 @@ class QuadraticNeuron(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True):
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise BionetsError(f"QuadraticNeuron needs in_features >= 1 and out_features >= 1, "
-                               f"got {in_features} and {out_features}")
+        require_sizes("QuadraticNeuron", in_features=in_features, out_features=out_features,
+                      **({} if rank is None else {"rank": rank}))
         if rank is not None and not 1 <= rank <= in_features:
             raise BionetsError(f"QuadraticNeuron rank={rank} must be between 1 and in_features={in_features} "
                                "(or None for a full A)")
@@ -157,9 +156,8 @@ class QuadraticChannel(QuadraticTerm):
     def __init__(self, in_channels: int, out_channels: int | None = None, impl: str = "sym",
                  legacy_transpose: bool = False, ablation: str = "none"):
         super().__init__()
-        out_channels = out_channels or in_channels
-        if in_channels < 1 or out_channels < 1:
-            raise BionetsError(f"QuadraticChannel needs at least one channel, got in={in_channels} out={out_channels}")
+        out_channels = in_channels if out_channels is None else out_channels
+        require_sizes("QuadraticChannel", in_channels=in_channels, out_channels=out_channels)
         if impl not in IMPLS:
             raise unknown("quadratic impl", impl, IMPLS)
         if ablation not in ABLATIONS:

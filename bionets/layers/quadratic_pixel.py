@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, require_sizes
 from bionets.layers.quadratic import QuadraticTerm
 
 
@@ -38,8 +38,10 @@ class QuadraticPixel(QuadraticTerm):
     def __init__(self, in_channels: int, out_channels: int | None = None, kernel_size: int = 3,
                  groups: int = 1, linear: bool = True):
         super().__init__()
-        out_channels = out_channels or in_channels
-        if kernel_size < 1 or kernel_size % 2 == 0:
+        out_channels = in_channels if out_channels is None else out_channels
+        require_sizes("QuadraticPixel", in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size,
+                      groups=groups)
+        if kernel_size % 2 == 0:
             raise BionetsError(f"QuadraticPixel kernel_size must be odd and >= 1 ('same' padding), got {kernel_size}")
         if in_channels % groups or out_channels % groups:
             raise BionetsError(f"QuadraticPixel groups={groups} must divide in_channels={in_channels} "
@@ -56,8 +58,8 @@ class QuadraticPixel(QuadraticTerm):
         nn.init.zeros_(self.branch_b[1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_channels:
-            raise BionetsError(f"QuadraticPixel expects {self.in_channels} input channels, got {x.shape[1]}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise BionetsError(f"QuadraticPixel expects [N, {self.in_channels}, H, W] maps, got shape {list(x.shape)}")
         if not self.enabled:
             y = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
         else:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, require_sizes
 from bionets.layers import cpu_kernels, cuda_kernels
 from bionets.layers.kernel_fallback import differentiable_backward, failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.scratch import scratch_like
@@ -338,6 +338,7 @@ class RAA(nn.Module):
         super().__init__()
         if variant not in ("vector", "scalar", "matrix") or base not in ("gelu", "relu"):
             raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
+        require_sizes("RAA", num_features=num_features)
         if dim not in (None, 1, -1):
             raise BionetsError(f"RAA's feature axis dim must be 1 (NCHW channels), -1 (last) or None (per call), got {dim!r}")
         self.num_features, self.variant, self.base, self.compiled, self.dim = num_features, variant, base, compiled, dim
@@ -352,7 +353,7 @@ class RAA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
-        if dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
+        if x.ndim == 0 or dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: the "
                                "width read from the layers registered before the activation it replaced does not match "
                                "this call (layers registered out of call order, or one module called at several widths); "
