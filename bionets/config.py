@@ -77,10 +77,16 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _typed_mechanisms(self):
-        from bionets.mechanisms import parse_mechanisms
+        from bionets.mechanisms import get_mechanism, parse_mechanisms
 
         raw = {k: (v.model_dump() if isinstance(v, Section) else v) for k, v in self.mechanisms.items()}
         object.__setattr__(self, "mechanisms", parse_mechanisms(raw))
+        for name in self.mechanisms:
+            needed = get_mechanism(name).optimizer
+            if needed is not None and self.optim.name != needed:
+                raise BionetsError(f"mechanisms.{name} trains with optim.name={needed}, got optim.name="
+                                   f"{self.optim.name}: set optim.name={needed} (without it the mechanism's own "
+                                   "update never runs)")
         return self
 
     @property

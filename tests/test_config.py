@@ -27,6 +27,7 @@ def test_default_config_loads_and_overrides_apply():
     ("mechanisms.quadratic.placement=autoo", "'mechanisms.quadratic.placement': Input should be a valid list; or Input "
                                              "should be 'auto' (got 'autoo')"),
     ("mechanisms.nosuch.x=1", "unknown mechanism 'nosuch'"),
+    ("mechanisms={gradr: {}}", "mechanisms.gradr trains with optim.name=gradr, got optim.name=sgd: set optim.name=gradr"),
     ("epochs", "must look like key=value"),
 ])
 def test_bad_config_is_one_line(override, expected):

@@ -52,14 +52,15 @@ class Mechanism:
     config: type[Section]
     apply: Callable[[nn.Module, Section], Applied]
     order: int
+    optimizer: str | None = None        # the optimizer (optim.name) the mechanism trains with, if it needs its own
 
 
 MECHANISMS: dict[str, Mechanism] = {}
 
 
-def register_mechanism(name: str, config: type[Section], order: int = 50):
+def register_mechanism(name: str, config: type[Section], order: int = 50, optimizer: str | None = None):
     def wrap(fn: Callable[[nn.Module, Section], Applied]):
-        MECHANISMS[name] = Mechanism(name, config, fn, order)
+        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer)
         return fn
     return wrap
 

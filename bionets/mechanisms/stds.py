@@ -131,13 +131,17 @@ def _share_below(model: nn.Module, layers: list[str], d: float) -> float | None:
     return sum(int((w.abs() <= d).sum()) for w in weights) / total if total else None
 
 
-@register_mechanism("gradr", GradrConfig, order=30)
+@register_mechanism("gradr", GradrConfig, order=30, optimizer="gradr")
 def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
     done = {n for n, _ in pruned_layers(model)}
     layers = apply_gradr(model, cfg.alpha, cfg.target_sparsity, include=cfg.include, exclude=cfg.exclude,
                          types=cfg.types)
     what = f"Grad R sign and strength, alpha={cfg.alpha:g}, target sparsity {cfg.target_sparsity:g}"
-    return Applied(model, [SparsityHook()], _report("gradr", model, layers, done, what))
+    report = _report("gradr", model, layers, done, what)
+    if report.changes:
+        report.notes.append("train with the gradr optimizer (optim.name=gradr; in Python "
+                            "bionets.layers.gradr.create_gradr(model, optim_config)): Grad R's prior step is part of it")
+    return Applied(model, [SparsityHook()], report)
 
 
 register_optimizer("gradr")(create_gradr)
