@@ -188,8 +188,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     except OSError as err:
         raise BionetsError(f"cannot read config '{path}' ({err.strerror}): give a readable YAML file") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = (f" at line {mark.line + 1}" if mark else "") + (f" ({problem})" if problem else "")
         raise BionetsError(f"config '{path}' is not valid YAML{where}: fix the file") from None
     if not isinstance(data, dict):
         raise BionetsError(f"config '{path}' must hold a mapping of keys, got {type(data).__name__}")
@@ -221,8 +221,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = load_yaml(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as err:
+            if raw.lstrip()[:1] in ("{", "["):       # meant as a mapping or list: say what is wrong with it
+                problem = getattr(err, "problem", None) or "not valid YAML"
+                raise BionetsError(f"override '{item}': {problem} (a mapping is {{a: 1, b: 2}}, a list "
+                                   "[1, 2])") from None
+            value = raw                                # a plain string that YAML cannot read: kept as it is
         if glued := _glued_key(value):
             raise BionetsError(f"override '{item}': YAML reads '{glued}' as a key without a value: put a space after "
                                f"the colon ('{glued.replace(':', ': ', 1)}')")

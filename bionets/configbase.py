@@ -12,7 +12,23 @@ from pydantic import BaseModel, ConfigDict
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe YAML 1.1, plus floats written without a dot (``1e-3``, YAML 1.2's), which YAML
     1.1 reads as strings: typed fields converted them, free-form ones (``model.kwargs``,
-    ``optim.kwargs``) passed the string on to fail deep inside timm."""
+    ``optim.kwargs``) passed the string on to fail deep inside timm; and a key given twice in one
+    mapping is an error: PyYAML keeps the last silently, and a second ``train:`` section replaced
+    the first one whole."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"key {key!r} appears twice (the second would replace the first)", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from bionets.config import apply_overrides, load_config, merge
+from bionets.configbase import load_yaml
 from bionets.errors import BionetsError
 
 
@@ -27,6 +28,7 @@ def test_default_config_loads_and_overrides_apply():
     ("mechanisms.quadratic.placement=autoo", "'mechanisms.quadratic.placement': Input should be a valid list; or Input "
                                              "should be 'auto' (got 'autoo')"),
     ("mechanisms.nosuch.x=1", "unknown mechanism 'nosuch'"),
+    ("mechanisms={raa: {}, raa: {weight: 1}}", "override 'mechanisms={raa: {}, raa: {weight: 1}}': key 'raa' appears twice"),
     ("mechanisms={gradr: {}}", "mechanisms.gradr trains with optim.name=gradr, got optim.name=sgd: set optim.name=gradr"),
     ("epochs", "must look like key=value"),
 ])
@@ -130,3 +132,12 @@ def test_a_saved_config_reads_back_the_same(tmp_path):
     from bionets.configbase import dump_yaml, load_yaml
     cfg = load_config(None, ["name='1e5'", "model.kwargs={tag: '2e3', drop_rate: 1e-1}"])
     assert load_yaml(dump_yaml(cfg.to_dict())) == cfg.to_dict() and cfg.name == "1e5"
+
+
+def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second train: section replaced the first whole."""
+    (tmp_path / "twice.yaml").write_text("train:\n  epochs: 3\noptim: {lr: 0.1}\ntrain:\n  amp: 'off'\n")
+    with pytest.raises(BionetsError, match=re.escape("is not valid YAML at line 4 (key 'train' appears twice (the "
+                                                     "second would replace the first)): fix the file")):
+        load_config(str(tmp_path / "twice.yaml"))
+    assert load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}   # merges stay
