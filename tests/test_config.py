@@ -53,7 +53,7 @@ def test_a_checkpoint_or_binary_file_given_as_config_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("kwargs, expected", [
     ("{foo: 1}", "optim.kwargs {'foo': 1} does not fit the sgd optimizer"),
-    ("{lr: 0.5}", "optim.kwargs sets lr, which bionets sets itself: use optim.lr= instead"),
+    ("{lr: 0.5}", "optim.kwargs sets lr, which bionets sets itself (from optim.lr, optim.weight_decay"),
 ])
 def test_optimizer_options_it_does_not_take_are_one_line(kwargs, expected):
     from torch import nn

@@ -115,8 +115,8 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
         raise unknown("optimizer", cfg.name, list(TIMM_OPTIMIZERS) + list(OPTIMIZERS))
     extra = dict(cfg.kwargs)
     if taken := sorted(set(extra) & {"lr", "weight_decay", "params", "opt"}):
-        raise BionetsError(f"optim.kwargs sets {', '.join(taken)}, which bionets sets itself: use "
-                           f"optim.{taken[0] if taken[0] in ('lr', 'weight_decay') else 'name'}= instead")
+        raise BionetsError(f"optim.kwargs sets {', '.join(taken)}, which bionets sets itself (from optim.lr, "
+                           "optim.weight_decay, optim.name and the model): remove it from optim.kwargs")
     if cfg.name in ("sgd", "momentum", "rmsprop", "lars"):
         extra.setdefault("momentum", cfg.momentum)
         extra.setdefault("nesterov", cfg.nesterov) if cfg.name == "sgd" else None

@@ -169,7 +169,7 @@ class Trainer:
             self._restore_training_state(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise BionetsError(f"checkpoint '{self.cfg.resume}': its optimizer, schedule, EMA or random state cannot be "
-                               f"restored ({type(err).__name__}: {str(err).splitlines()[0][:120]}): resume another "
+                               f"restored ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}): resume another "
                                "checkpoint, or start a new run from its weights with model.init=CKPT") from None
 
     def _restore_training_state(self, ckpt: dict) -> None:
