@@ -86,6 +86,38 @@ def test_convert_twice_changes_nothing_more(name):
     assert list(model.state_dict()) == keys and n_params(model) == count
 
 
+def test_converting_again_with_other_options_says_it_left_the_layers_as_they_were():
+    """Idempotence keeps a layer's first conversion; the report says so instead of 0 changes alone."""
+    model, _ = convert(timm.create_model("resnet18", num_classes=10), quadratic=True, activation="raa",
+                       sparsity="stds")
+    _, again = convert(model, quadratic=True, activation={"variant": "scalar"}, sparsity={"sparse_function": "st"})
+    notes = [n for r in again.reports for n in r.notes]
+    assert again.changes == 0 and len(notes) == 3
+    assert all("already: left as they are, with their own settings" in n for n in notes)
+
+
+def test_raa_names_the_activation_types_it_left():
+    """MobileNetV2's ReLU6 and MobileNetV3's Hardswish are activations of types RAA was not asked
+    for: the error (nothing replaced) or the report's note names them; their gates are not listed."""
+    with pytest.raises(BionetsError, match="in EfficientNet; it has ReLU6 x35: add their types to types"):
+        convert(timm.create_model("mobilenetv2_100", num_classes=10), activation="raa")
+    _, report = convert(timm.create_model("mobilenetv3_small_100", num_classes=10), activation="raa")
+    assert report.reports[0].notes[1] == ("left as they are: Hardswish x19 (types not asked for; add them to types to "
+                                          "replace them)")
+    model, report = convert(timm.create_model("mobilenetv2_100", num_classes=10),
+                            activation={"types": ["ReLU6"]})
+    assert report.changes == 35 and model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_arr_on_a_transformer_with_two_token_widths_regularizes_its_classifier_input():
+    """CrossViT has blocks and an embed_dim, but a list of two widths: 'auto' takes the classifier's
+    input (it built a memory of dim [96, 192] and failed), and 'blocks' is refused in one line."""
+    model, report = convert(timm.create_model("crossvit_tiny_240", num_classes=10), regularization=True)
+    assert model.arr_memory.mean.shape == (1, 10, 192)          # the input of its last head (the wider branch)
+    with pytest.raises(BionetsError, match="CrossVit has embed_dim=\\[96, 192\\]: use layers=classifier"):
+        convert(timm.create_model("crossvit_tiny_240", num_classes=10), regularization={"layers": "blocks"})
+
+
 def test_converted_model_starts_as_the_original():
     """Q starts at zero and STDS with D = 0 is the identity: only RAA (not an identity) is left out."""
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ Evaluation is unaffected.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -55,14 +56,35 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
                               dtype=p.dtype if p is not None and p.is_floating_point() else None)
     replaced = swap_activations(model, types=tuple(cfg.types), patterns=cfg.patterns, variant=cfg.variant, base=cfg.base,
                                 compiled=cfg.compiled, example_input=example)
+    others = other_activations(model, cfg.types)
     if not replaced and not already:
+        hint = (f"; it has {others}: add their types to types to replace them" if others else
+                " (activations called as functions in forward, such as F.relu, are no modules to swap)")
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
-                           + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__} "
-                           "(activations called as functions in forward, such as F.relu, are no modules to swap)")
+                           + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}{hint}")
     notes = [V_LR_NOTE] if cfg.variant != "matrix" and replaced else []
+    if replaced and others:
+        notes.append(f"left as they are: {others} (types not asked for; add them to types to replace them)")
+    if already and not replaced:
+        notes.append(f"the model carries {already} RAA module(s) already: left as they are, with their own settings")
     report = Report("raa", [f"{name}: -> RAA ({cfg.variant}), +{n}" for name, n in replaced],
                     sum(n for _, n in replaced), notes)
     return Applied(model, [], report)
+
+
+# torch's and timm's modules there that are gates, normalizers or layers, not a neuron's activation
+_NOT_ACTIVATIONS = {"MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "Identity", "Sigmoid",
+                    "Hardsigmoid", "HardSigmoid", "LogSigmoid", "Tanh", "GLU", "Threshold", "GateMlp"}
+
+
+def other_activations(model: nn.Module, types: list[str]) -> str:
+    """The activation modules (torch's and timm's) of other types than ``types`` in ``model``, as
+    'Hardswish x19, ReLU6 x2'; '' if none."""
+    wanted = {t.lower() for t in types}
+    counts = Counter(type(m).__name__ for m in model.modules()
+                     if type(m).__module__.startswith(("torch.nn.modules.activation", "timm.layers.activations"))
+                     and type(m).__name__ not in _NOT_ACTIVATIONS and type(m).__name__.lower() not in wanted)
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
 
 
 # measured: resnet20_cifar with RAA on the digits, SGD lr 0.1: test loss 1e5 after the first epoch,
@@ -75,7 +97,9 @@ V_LR_NOTE = ("v and c sum their gradients over every pixel or token (c over the 
 
 
 def _is_vit(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList) and hasattr(model, "embed_dim")
+    """A transformer whose blocks carry tokens of one width (CrossViT's two branches have two: a list)."""
+    return (isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList)
+            and isinstance(getattr(model, "embed_dim", None), int))
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear | nn.Conv2d:
@@ -199,7 +223,9 @@ class ArrHook(Hook):
 def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
     layers = cfg.layers if cfg.layers != "auto" else ("blocks" if _is_vit(model) else "classifier")
     if layers == "blocks" and not _is_vit(model):
-        raise BionetsError(f"arr layers=blocks needs a transformer with .blocks and .embed_dim; {type(model).__name__} has none")
+        raise BionetsError(f"arr layers=blocks needs a transformer with .blocks and one token width .embed_dim; "
+                           f"{type(model).__name__} has embed_dim={getattr(model, 'embed_dim', None)!r}: use "
+                           "layers=classifier")
     head = classifier_layer(model)
     classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels
     dim = model.embed_dim if layers == "blocks" else head.in_features if isinstance(head, nn.Linear) else head.in_channels

@@ -100,4 +100,7 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
         report.changes.append(f"{', '.join(held_at)}: conv + channel-wise quadratic term ({wrapper.conv.in_channels} -> "
                               f"{wrapper.conv.out_channels} channels, +{added:,})")
         report.params_added += added
+    if done and not chosen:
+        report.notes.append(f"the model carries {len(done)} quadratic term(s) already: left as they are, with their "
+                            "own settings")
     return Applied(model, [], report)

@@ -100,10 +100,14 @@ class StdsHook(SparsityHook):
 
 
 def _report(name: str, model: nn.Module, layers: list[str], done_before: set[str], what: str) -> Report:
-    """One line per newly reparameterized layer (layers done by an earlier call are not changes)."""
+    """One line per newly reparameterized layer (layers done by an earlier call are not changes,
+    but a note says they are left as they were)."""
     report = Report(name)
     for layer in (n for n in layers if n not in done_before):
         report.changes.append(f"{layer}: {what} ({model.get_submodule(layer).weight.numel():,} weights)")
+    if done_before and not report.changes:
+        report.notes.append(f"the model carries {len(done_before)} sparse reparameterization(s) already: left as they "
+                            "are, with their own settings")
     return report
 
 
