@@ -99,11 +99,11 @@ def test_converting_again_with_other_options_says_it_left_the_layers_as_they_wer
 def test_raa_names_the_activation_types_it_left():
     """MobileNetV2's ReLU6 and MobileNetV3's Hardswish are activations of types RAA was not asked
     for: the error (nothing replaced) or the report's note names them; their gates are not listed."""
-    with pytest.raises(BionetsError, match="in EfficientNet; it has ReLU6 x35: add their types to types"):
+    with pytest.raises(BionetsError, match="in EfficientNet; it has ReLU6 x35: to swap them, add their class names"):
         convert(timm.create_model("mobilenetv2_100", num_classes=10), activation="raa")
     _, report = convert(timm.create_model("mobilenetv3_small_100", num_classes=10), activation="raa")
-    assert report.reports[0].notes[1] == ("left as they are: Hardswish x19 (types not asked for; add them to types to "
-                                          "replace them)")
+    assert report.reports[0].notes[1] == ("left as they are: Hardswish x19 (to swap them too, add their class names "
+                                          "to types)")
     model, report = convert(timm.create_model("mobilenetv2_100", num_classes=10),
                             activation={"types": ["ReLU6"]})
     assert report.changes == 35 and model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

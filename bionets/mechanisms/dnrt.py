@@ -58,13 +58,13 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
                                 compiled=cfg.compiled, example_input=example)
     others = other_activations(model, cfg.types)
     if not replaced and not already:
-        hint = (f"; it has {others}: add their types to types to replace them" if others else
+        hint = (f"; it has {others}: to swap them, add their class names to types" if others else
                 " (activations called as functions in forward, such as F.relu, are no modules to swap)")
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
                            + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}{hint}")
     notes = [V_LR_NOTE] if cfg.variant != "matrix" and replaced else []
     if replaced and others:
-        notes.append(f"left as they are: {others} (types not asked for; add them to types to replace them)")
+        notes.append(f"left as they are: {others} (to swap them too, add their class names to types)")
     if already and not replaced:
         notes.append(f"the model carries {already} RAA module(s) already: left as they are, with their own settings")
     report = Report("raa", [f"{name}: -> RAA ({cfg.variant}), +{n}" for name, n in replaced],
