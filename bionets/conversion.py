@@ -10,7 +10,9 @@ Each argument takes ``None``/``False`` (leave it), ``True`` or a short string (t
 defaults), or a dict of the mechanism's config options (the same keys as the ``mechanisms:``
 section of a run config, so ``bionets train`` applies the same changes to any timm model by name).
 ``quadratic`` takes placement patterns instead of a short string (one or a list; ``"auto"``: the
-default placement). Converting an already converted model changes nothing more. The training-time
+default placement). ``sparsity="gradr"`` applies Grad R (the STDS paper's baseline) with its
+defaults, trained by its own optimizer (:func:`bionets.layers.gradr.create_gradr`); a dict of
+``sparsity`` options is STDS's. Converting an already converted model changes nothing more. The training-time
 parts (ARR's loss, STDS's threshold schedule) come back as hooks in ``report.hooks`` for a training
 loop of your own; ``bionets train`` wires them itself. New modules and buffers take the model's
 device and dtype (ARR's class statistics stay float32).
@@ -30,7 +32,7 @@ SHORTHANDS = {
     "activation": {"raa": ("raa", {}), "raa_relu": ("raa", {"base": "relu"})},
     "regularization": {"arr": ("arr", {})},
     "sparsity": {"stds": ("stds", {}), "st": ("stds", {"sparse_function": "st"}),
-                 "identity": ("stds", {"sparse_function": "identity"})},
+                 "identity": ("stds", {"sparse_function": "identity"}), "gradr": ("gradr", {})},
 }
 MECHANISM_OF = {"quadratic": "quadratic", "activation": "raa", "sparsity": "stds", "regularization": "arr"}
 

@@ -118,6 +118,17 @@ def test_arr_on_a_transformer_with_two_token_widths_regularizes_its_classifier_i
         convert(timm.create_model("crossvit_tiny_240", num_classes=10), regularization={"layers": "blocks"})
 
 
+def test_grad_r_through_convert_trains_with_its_own_optimizer():
+    from bionets.engine.optim import OptimConfig
+    from bionets.layers.gradr import create_gradr
+    model, report = convert(timm.create_model("resnet18", num_classes=10), sparsity="gradr")
+    assert report.reports[0].mechanism == "gradr" and report.changes == 21
+    assert "train with the gradr optimizer" in report.reports[0].notes[0]
+    optimizer = create_gradr(model, OptimConfig(name="gradr", lr=1e-3))
+    nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2])).backward()
+    optimizer.step()
+
+
 def test_converted_model_starts_as_the_original():
     """Q starts at zero and STDS with D = 0 is the identity: only RAA (not an identity) is left out."""
     torch.manual_seed(0)
