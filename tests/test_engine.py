@@ -182,9 +182,12 @@ def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(tmp_path, capsys, monkeyp
 
 
 def test_a_diverged_run_stops_with_one_line_before_writing_its_checkpoint(tmp_path):
+    """Failed before its first checkpoint, the run removes the directory it claimed (it held only its
+    config and empty logs), so that the rerun after the fix takes the same name, not run-2."""
     with pytest.raises(BionetsError, match=r"training diverged: the training loss of epoch 1 is nan .*lower optim.lr"):
         train(fast_config(tmp_path, "train.epochs=3", "optim.lr=1e12"), quiet=True)
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()
+    assert train(fast_config(tmp_path, "train.epochs=1"), quiet=True)["run_dir"] == str(tmp_path / "run")
 
 
 def test_compile_without_a_cpu_compiler_is_one_line(tmp_path, monkeypatch):
@@ -330,12 +333,17 @@ def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends():
 
 
 def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_history(tmp_path, monkeypatch):
-    """Resumed into a new run directory, the run first replays its history into TensorBoard: a
-    Ctrl-C there takes effect after the replay, and the writer is closed, so no event is lost."""
+    """A resumed run whose TensorBoard log holds no events (here: deleted) first replays its history
+    into it: a Ctrl-C there takes effect after the replay, and the writer is closed, so no event is
+    lost. Resumed into a new directory, a run interrupted before its first checkpoint removes that
+    directory instead."""
+    import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from bionets.engine.metrics import MetricsWriter
     train(fast_config(tmp_path, "train.epochs=2", name="a"), quiet=True)
+    shutil.rmtree(tmp_path / "a" / "tb")
     replay = MetricsWriter._scalars
 
     def interrupted_replay(self, record):
@@ -343,12 +351,14 @@ def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_histor
         time.sleep(0.01)
         replay(self, record)
     monkeypatch.setattr(MetricsWriter, "_scalars", interrupted_replay)
-    with pytest.raises(KeyboardInterrupt):
-        train(fast_config(tmp_path, "train.epochs=2", f"resume={tmp_path / 'a' / 'last.pt'}", name="b"), quiet=True)
-    events = EventAccumulator(str(tmp_path / "b" / "tb"))
+    for name in ("a", "b"):
+        with pytest.raises(KeyboardInterrupt):
+            train(fast_config(tmp_path, "train.epochs=2", f"resume={tmp_path / 'a' / 'last.pt'}", name=name),
+                  quiet=True)
+    events = EventAccumulator(str(tmp_path / "a" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
-    assert not (tmp_path / "b" / "last.pt").exists()
+    assert not (tmp_path / "b").exists()
 
 
 @needs_cpu_compiler

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,11 +194,11 @@ class Trainer:
         return Progress(self.state.step, self.steps_per_epoch * t.epochs, self.state.epoch, t.epochs)
 
     def fit(self) -> dict:
-        main = self.dist.is_main
-        if not self._continues_its_own_run():   # a run never mixes its files with another run's
+        main, claimed = self.dist.is_main, not self._continues_its_own_run()
+        if claimed:                             # a run never mixes its files with another run's
             chosen = unused_name(self.cfg.out_dir, self.cfg.name, self._config_text) if main else None
             self._use_name(gather_objects(chosen)[0])
-        cfg, writer = self.cfg, None
+        cfg, writer, saved = self.cfg, None, False
         if main:
             make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
             _write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
@@ -226,10 +227,21 @@ class Trainer:
                         writer.write(record)
                         ckpt = self._checkpoint(rng)
                         save_checkpoint(self.run_dir / "last.pt", ckpt)
+                        saved = True
                         if improved:
                             save_checkpoint(self.run_dir / "best.pt", ckpt)
                         if not self.quiet:
                             tqdm.write(console_line(record))
+        except BaseException:
+            if main and claimed and not saved:
+                # failed or interrupted before its first checkpoint: the directory it claimed holds
+                # only its config and empty logs; removed, so that a rerun after the fix takes its name
+                with ctrl_c_deferred():
+                    if writer is not None:
+                        writer.close()
+                        writer = None
+                    _remove_run_files(self.run_dir)
+            raise
         finally:
             if writer is not None:
                 with ctrl_c_deferred():
@@ -444,6 +456,18 @@ def _claim(run_dir: Path, config: str) -> bool:
     with os.fdopen(fd, "wb") as f:
         f.write(config.encode())
     return True
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    """Remove a run's files from ``run_dir``, and the directory if nothing else is left in it."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    with suppress(OSError):
+        run_dir.rmdir()
 
 
 def _write_text(path, text: str) -> None:
