@@ -234,8 +234,8 @@ class Trainer:
                             tqdm.write(console_line(record))
         except BaseException:
             if main and claimed and not saved:
-                # failed or interrupted before its first checkpoint: the directory it claimed holds
-                # only its config and empty logs; removed, so that a rerun after the fix takes its name
+                # failed or interrupted before its first checkpoint: the directory it claimed holds its
+                # config and logs but nothing to resume; removed, so that a rerun after the fix takes its name
                 with ctrl_c_deferred():
                     if writer is not None:
                         writer.close()
