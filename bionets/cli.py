@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bionets: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bionets: interrupted; the last complete checkpoint (last.pt) is intact", file=sys.stderr)
+        print("bionets: interrupted; a run keeps the checkpoint of its last complete epoch (last.pt), if it finished one",
+              file=sys.stderr)
         return 130
 
 
