@@ -141,10 +141,11 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BionetsError(f"'{path}' is not a bionets checkpoint (no '{FORMAT}' marker): give a file that "
                            "'bionets train' (best.pt, last.pt) or 'bionets export' wrote")
-    if "model" not in state and "plain_model" in state and not exported:
+    weights = "plain_model" if "model" not in state and "plain_model" in state else "model"
+    if weights == "plain_model" and not exported:
         raise BionetsError(f"'{path}' holds exported plain weights ('bionets export'), not a training run: eval or resume "
                            "the run's best.pt or last.pt, or load its 'plain_model' state dict into a plain model")
-    require_entries(state, path, ("config", "model" if "model" in state or "plain_model" not in state else "plain_model"))
+    require_entries(state, path, ("config", weights))
     return state
 
 
