@@ -204,6 +204,65 @@ def test_convert_torchvision_bottlenecks_with_an_input_size():
     assert "layer1.0.relu: -> RAA" in str(report)
 
 
+def test_convert_probes_raa_widths_at_the_size_the_model_states():
+    """Without input_size (auto), RAA's widths come from a forward pass at the size the model states:
+    torchvision's resnet50 (one relu at two widths per Bottleneck) and efficientnet_b0 (squeeze-
+    excitation layers registered out of call order) convert and train; input_size=None reads the
+    widths from the layers only, and resnet50's forward then stops with the fix."""
+    from bionets.layers.raa_swap import RAAByWidth
+    for build, by_width in ((torchvision.models.resnet50, 16), (torchvision.models.efficientnet_b0, 0)):
+        model, _ = convert(build(num_classes=10), activation="raa")
+        assert sum(isinstance(m, RAAByWidth) for m in model.modules()) == by_width
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    unprobed, _ = convert(torchvision.models.resnet50(num_classes=10), activation={"input_size": None})
+    with pytest.raises(BionetsError, match="called at several widths"):
+        unprobed(torch.randn(1, 3, 32, 32))
+
+
+def test_stated_input_size_reads_the_model_as_built():
+    """timm keeps the registered pretrained_cfg when img_size or in_chans change: the size comes
+    from the patch embedding and the first convolution instead; torchvision's classifiers state
+    224 x 224; a model of one's own states nothing (no probe)."""
+    from bionets.mechanisms.dnrt import stated_input_size
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10)
+    assert stated_input_size(vit) == [1, 32, 32]
+    assert stated_input_size(timm.create_model("resnet20_cifar", in_chans=1)) == [1, 32, 32]
+    assert stated_input_size(torchvision.models.mobilenet_v3_small()) == [3, 224, 224]
+    assert stated_input_size(nn.Sequential(nn.Linear(4, 4), nn.ReLU())) is None
+
+
+class _Picky(nn.Module):
+    """States a 3 x 8 x 8 input but takes only 3 x 4 x 4."""
+    pretrained_cfg = {"input_size": (3, 8, 8)}
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(48, 5), nn.ReLU(), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x.flatten(1))))
+
+
+def test_raa_falls_back_to_the_layers_widths_when_the_stated_size_fails():
+    """auto: a model that fails at the size it states is swapped by the widths read from its layers,
+    and the report says why (naming the model's error); an input_size given explicitly that fails
+    is an error."""
+    model, report = convert(_Picky(), activation="raa")
+    assert model.act.num_features == 5 and model(torch.randn(2, 3, 4, 4)).shape == (2, 2)
+    assert "the width probe at the model's stated input size [3, 8, 8] failed (RuntimeError: mat1 and mat2" in str(report)
+    with pytest.raises(BionetsError, match=r"width probe: the model failed on an input of shape \[2, 3, 8, 8\]"):
+        convert(_Picky(), activation={"input_size": [3, 8, 8]})
+
+
+def test_raa_names_the_activations_a_forward_calls_as_functions():
+    """torchvision's DenseNet applies its last relu with F.relu: the report says it stays; GoogLeNet
+    calls every relu so: the error says where, not only that nothing was found."""
+    _, report = convert(torchvision.models.densenet121(num_classes=10), activation="raa")
+    assert "left as they are: activations called as functions, relu (in DenseNet.forward) x1" in str(report)
+    with pytest.raises(BionetsError, match=r"in GoogLeNet; its forward calls relu \(in BasicConv2d.forward\) x57"):
+        convert(torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False), activation="raa")
+
+
 def test_raa_report_notes_the_learning_rate_of_v_and_c():
     """The shift's v and scalar c sum their gradients over every pixel (SGD at 0.1 diverged on a CIFAR
     ResNet): the report says which multipliers to set; the matrix variant (a c per feature, as a

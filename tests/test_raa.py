@@ -4,6 +4,8 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bionets.errors import BionetsError
 from bionets.layers.raa import RAA
@@ -232,6 +234,35 @@ def test_example_input_corrects_widths_of_layers_registered_out_of_call_order():
     swap_activations(model, example_input=torch.randn(2, 3, 32, 32))
     assert isinstance(se.activation, RAA) and se.activation.num_features == se.fc1.out_channels
     model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+class _TokenMlp(nn.Module):
+    """A 1x1 conv registered before a GELU that runs on [N, L, C] tokens (timm's PVT-v2 MLP, whose
+    depth-wise conv reshapes back to tokens), and activations called as functions in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(4, 4, 1), nn.GELU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        tokens = self.act(self.conv(x).flatten(2).transpose(1, 2))
+        return self.head(F.relu(tokens) + F.gelu(tokens) + torch.relu(tokens)).mean(1)
+
+
+def test_width_probe_takes_the_feature_axis_from_the_calls_and_counts_functions():
+    """The probe puts RAA on the axis the calls showed (the last: tokens), not the conv's channel
+    axis, and counts the activations called as functions outside activation modules, by caller."""
+    from bionets.layers.raa_swap import find_activations, probe_activations
+    model, x = _TokenMlp(), torch.randn(2, 4, 3, 3)
+    probe = probe_activations(model, find_activations(model), x)
+    assert probe.widths == {"act": [4]} and probe.axes == {"act": {-1}}
+    assert probe.functions == {"relu (in _TokenMlp.forward)": 2, "gelu (in _TokenMlp.forward)": 1}
+    swap_activations(model, example_input=x)
+    assert model.act.dim == -1 and model(x).shape == (2, 2)
+    unprobed = _TokenMlp()
+    swap_activations(unprobed)
+    with pytest.raises(BionetsError, match="RAA built for 4 features got a tensor of shape"):
+        unprobed(x)
 
 
 def test_width_probe_reports_a_model_error_in_one_line():

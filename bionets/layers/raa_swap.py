@@ -12,16 +12,30 @@ one RAA per width, shared by the calls of that width (as they shared the module)
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bionets.errors import BionetsError
 from bionets.layers.raa import RAA, Base, Variant
 from bionets.layers.replace import replace_module
 
 DEFAULT_TYPES = ("ReLU", "GELU", "GELUTanh", "SiLU", "Swish")
+
+
+class ProbeError(BionetsError):
+    """The model failed on the example input of the width probe (``cause``: its error, one line)."""
+
+    def __init__(self, shape: list[int], error: Exception):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        self.cause = f"{type(error).__name__}: {first[:160]}"
+        super().__init__(f"RAA's width probe: the model failed on an input of shape {shape} ({self.cause}); "
+                         "give an example input the model accepts")
 
 
 class RAAByWidth(nn.Module):
@@ -61,38 +75,142 @@ def _width(module: nn.Module) -> int | None:
     return None
 
 
-def call_widths(model: nn.Module, modules: dict[str, tuple[nn.Module, int]],
-                example_input: torch.Tensor) -> dict[str, list[int]]:
-    """The feature width of every call of each module (name -> (module, width read from the layers
-    before it)) in one forward pass of ``example_input``, in eval mode and without gradients (the
-    model's mode and batch-norm statistics are left as they were). A call whose tensor has the
-    expected width on its dim 1 or last dim counts as that width; any other call as its dim 1
-    (4-D maps) or last dim."""
-    seen: dict[str, list[int]] = {name: [] for name in modules}
+@dataclass
+class Activation:
+    """An activation module to swap, the width read from the layers registered before it, and the
+    axis that layer's type puts its features on (None: unknown)."""
 
-    def hook_for(name: str, expected: int):
+    module: nn.Module
+    width: int
+    axis: int | None
+
+
+@dataclass
+class Probe:
+    """What one forward pass saw: the width of every call of each chosen module, and the activation
+    functions called outside any activation module (``F.relu`` in a ``forward``, which no swap
+    reaches), counted as ``'relu (in DenseNet.forward)'``."""
+
+    widths: dict[str, list[int]]
+    axes: dict[str, set[int]] = field(default_factory=dict)     # the feature axes its calls showed unambiguously
+    functions: Counter = field(default_factory=Counter)
+
+
+ACTIVATION_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.gelu,
+                        F.silu}
+
+
+def _is_activation_module(module: nn.Module) -> bool:
+    return isinstance(module, RAA | RAAByWidth) or type(module).__module__.startswith(
+        ("torch.nn.modules.activation", "timm.layers.activations"))
+
+
+class _FunctionCalls(TorchFunctionMode):
+    """Counts the activation functions called while the innermost running module (the top of
+    ``stack``) is no activation module."""
+
+    def __init__(self, stack: list[nn.Module]):
+        super().__init__()
+        self.stack, self.counts = stack, Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in ACTIVATION_FUNCTIONS and not (self.stack and _is_activation_module(self.stack[-1])):
+            owner = type(self.stack[-1]).__name__ if self.stack else "the caller"
+            self.counts[f"{func.__name__} (in {owner}.forward)"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def find_activations(model: nn.Module, types: tuple[str, ...] = DEFAULT_TYPES,
+                     patterns: list[str] | None = None) -> dict[str, Activation]:
+    """The activation modules of ``types`` (class names) whose names match ``patterns`` (globs), by
+    name (a module held in several places: its first name), with the width read from the nearest
+    module registered before each that has one (Linear, Conv, BatchNorm, LayerNorm)."""
+    wanted = {t.lower() for t in types}
+    chosen: dict[str, Activation] = {}
+    width, axis, done = None, None, set()
+    for name, module in list(model.named_modules()):
+        w = _width(module)
+        if w is not None and not isinstance(module, RAA):
+            width, axis = w, _feature_axis(module)
+        if type(module).__name__.lower() not in wanted or id(module) in done:
+            continue
+        if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+            continue
+        if width is None:
+            raise BionetsError(f"RAA cannot tell the feature size of activation '{name}' (no Linear/Conv/Norm before it)")
+        chosen[name] = Activation(module, width, axis)
+        done.add(id(module))
+    return chosen
+
+
+def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_input: torch.Tensor) -> Probe:
+    """One forward pass of ``example_input``, in eval mode and without gradients (the model's mode
+    and batch-norm statistics are left as they were), that sees the feature width of every call of
+    each chosen module and the activation functions called outside activation modules. A call whose
+    tensor has the expected width on its dim 1 or last dim counts as that width; any other call as
+    its dim 1 (4-D maps) or last dim."""
+    seen: dict[str, list[int]] = {name: [] for name in chosen}
+    axes: dict[str, set[int]] = {name: set() for name in chosen}
+    stack: list[nn.Module] = []
+
+    def width_hook(name: str, expected: int):
         def hook(_module, args):
             x = args[0]
-            axes = (x.shape[1], x.shape[-1]) if x.ndim == 4 else (x.shape[-1],)
-            w = expected if expected in axes else axes[0]
+            sizes = (x.shape[1], x.shape[-1]) if x.ndim == 4 else (x.shape[-1],)
+            w = expected if expected in sizes else sizes[0]
             if w not in seen[name]:
                 seen[name].append(w)
+            if sizes.count(w) == 1:                   # an NHWC map whose height is its width shows no axis
+                axes[name].add(1 if sizes[0] == w and x.ndim == 4 else -1)
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(name, w)) for name, (m, w) in modules.items()]
-    training = model.training
+    handles = [a.module.register_forward_pre_hook(width_hook(name, a.width)) for name, a in chosen.items()]
+    def enter(module, _args) -> None:
+        stack.append(module)
+
+    def leave(_module, _args, _out) -> None:    # (a hook that returns something replaces the output)
+        stack.pop()
+
+    for module in model.modules():
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    training, calls = model.training, _FunctionCalls(stack)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), calls:
             model(example_input)
     except Exception as e:   # the model's own error, reported as the probe's
-        raise BionetsError(f"RAA's width probe: the model failed on an input of shape {list(example_input.shape)} "
-                           f"({type(e).__name__}: {e}); give an example input the model accepts") from None
+        raise ProbeError(list(example_input.shape), e) from None
     finally:
         for h in handles:
             h.remove()
         model.train(training)
-    return seen
+    return Probe(seen, axes, calls.counts)
+
+
+def replace_activations(model: nn.Module, chosen: dict[str, Activation], probe: Probe | None = None,
+                        variant: Variant = "vector", base: Base | Literal["auto"] = "auto",
+                        compiled: bool = False) -> list[tuple[str, int]]:
+    """Replace each chosen module by an RAA of its width (with a probe, of the widths its calls
+    showed: one, an RAA on the axis they showed; several, an :class:`RAAByWidth`) on the model's
+    device and in its dtype, wherever the model holds it. Returns (names, parameters added) per module."""
+    like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    replaced = []
+    for name, a in chosen.items():
+        form = base if base != "auto" else ("relu" if "relu" in type(a.module).__name__.lower() else "gelu")
+        seen = probe.widths.get(name) if probe else None
+        shown = probe.axes.get(name, set()) if probe else set()
+        if not seen or len(seen) == 1:
+            # the axis the calls showed, else the one the layer before gives where its width is the call's
+            w = seen[0] if seen else a.width
+            dim = next(iter(shown)) if len(shown) == 1 else a.axis if w == a.width else None
+            raa = RAA(w, variant, form, compiled, dim=dim)
+        else:
+            raa = RAAByWidth(seen, variant, form, compiled)
+        if like is not None:
+            raa.to(device=like.device, dtype=like.dtype)
+        held_at = replace_module(model, a.module, raa)   # wherever the model holds it (one module, shared)
+        replaced.append((", ".join(held_at), sum(p.numel() for p in raa.parameters())))
+    return replaced
 
 
 def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES, patterns: list[str] | None = None,
@@ -106,36 +224,9 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
     ``base='auto'`` uses the ReLU form for ReLU and the GELU form for GELU and SiLU. Returns (name,
     parameters added) per replaced module; a module the model holds in several places is replaced in
     all of them by one RAA, named by all its names (``"0.2, 1.2"``). Activations applied as functions
-    inside ``forward`` (e.g. ``F.relu``) are not modules and are not swapped.
+    inside ``forward`` (e.g. ``F.relu``) are not modules and are not swapped (the probe of
+    :func:`probe_activations` counts them).
     """
-    wanted = {t.lower() for t in types}
-    chosen: dict[str, tuple[nn.Module, int]] = {}
-    axes: dict[str, int | None] = {}
-    width, axis, done = None, None, set()
-    for name, module in list(model.named_modules()):
-        w = _width(module)
-        if w is not None and not isinstance(module, RAA):
-            width, axis = w, _feature_axis(module)
-        if type(module).__name__.lower() not in wanted or id(module) in done:
-            continue
-        if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
-            continue
-        if width is None:
-            raise BionetsError(f"RAA cannot tell the feature size of activation '{name}' (no Linear/Conv/Norm before it)")
-        chosen[name], axes[name] = (module, width), axis
-        done.add(id(module))
-    widths = call_widths(model, chosen, example_input) if example_input is not None and chosen else {}
-    like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
-    replaced = []
-    for name, (module, width) in chosen.items():
-        form = base if base != "auto" else ("relu" if "relu" in type(module).__name__.lower() else "gelu")
-        seen = widths.get(name) or [width]
-        if len(seen) == 1:      # the layer before decides the axis when the call's width is the one it gives
-            raa = RAA(seen[0], variant, form, compiled, dim=axes[name] if seen[0] == width else None)
-        else:
-            raa = RAAByWidth(seen, variant, form, compiled)
-        if like is not None:                              # the model's device and dtype
-            raa.to(device=like.device, dtype=like.dtype)
-        held_at = replace_module(model, module, raa)   # wherever the model holds it (one module, shared)
-        replaced.append((", ".join(held_at), sum(p.numel() for p in raa.parameters())))
-    return replaced
+    chosen = find_activations(model, types, patterns)
+    probe = probe_activations(model, chosen, example_input) if example_input is not None and chosen else None
+    return replace_activations(model, chosen, probe, variant, base, compiled)

@@ -2,7 +2,10 @@
 
 ``mechanisms: {raa: {variant: vector, types: [ReLU, GELU, SiLU], patterns: null}}`` swaps the
 activations for RAA (:mod:`bionets.layers.raa`); ``input_size: [C, H, W]`` finds the width of
-every activation call by one forward pass (:mod:`bionets.layers.raa_swap`).
+every activation call by one forward pass on zeros (:mod:`bionets.layers.raa_swap`): ``auto`` (the
+default) at the size the model states (timm's ``pretrained_cfg``, torchvision's 224 x 224), falling
+back to the widths read from the layers where the model states none or fails on it; ``null`` reads
+them from the layers only.
 ``mechanisms: {arr: {weight: 10, momentum: 0.1, form: paper, layers: auto}}`` adds ARR's loss
 (:mod:`bionets.layers.arr`) through the engine's auxiliary-loss hook: ``layers: classifier``
 regularizes the pooled features that feed the classifier (CNNs, MLPs); ``blocks`` the class token
@@ -24,7 +27,8 @@ from bionets.configbase import Section
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError
 from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample
-from bionets.layers.raa_swap import DEFAULT_TYPES, swap_activations
+from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_activations, probe_activations,
+                                     replace_activations)
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 
@@ -34,7 +38,9 @@ class RaaConfig(Section):
     types: list[str] = list(DEFAULT_TYPES)
     patterns: list[str] | None = None
     compiled: bool = False        # fuse the whole RAA (shift and activation) with torch.compile: the fast path
-    input_size: list[PositiveInt] | None = None   # [C, H, W] of one input: find every activation's widths by a forward pass
+    # [C, H, W] of one input: find every activation call's width by a forward pass on zeros; auto: at the
+    # size the model states (stated_input_size), else from the layers; null: from the layers only
+    input_size: list[PositiveInt] | Literal["auto"] | None = "auto"
 
 
 class ArrConfig(Section):
@@ -49,27 +55,60 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     from bionets.layers.raa import RAA
 
     already = sum(isinstance(m, RAA) for m in model.modules())
-    example = None
-    if cfg.input_size:
-        p = next(model.parameters(), None)
-        example = torch.zeros(2, *cfg.input_size, device=p.device if p is not None else None,
-                              dtype=p.dtype if p is not None and p.is_floating_point() else None)
-    replaced = swap_activations(model, types=tuple(cfg.types), patterns=cfg.patterns, variant=cfg.variant, base=cfg.base,
-                                compiled=cfg.compiled, example_input=example)
+    chosen = find_activations(model, tuple(cfg.types), cfg.patterns)
+    size = stated_input_size(model) if cfg.input_size == "auto" else cfg.input_size
+    probe, notes = Probe({}), []
+    try:
+        probe = probe_activations(model, chosen, _zeros(model, size)) if size else probe
+    except ProbeError as err:
+        if cfg.input_size != "auto":
+            raise
+        notes.append(f"widths read from the layers: the width probe at the model's stated input size {size} failed "
+                     f"({err.cause}); if one activation module runs at several widths, give input_size: [C, H, W]")
+    functions = ", ".join(f"{call} x{n}" for call, n in probe.functions.most_common())
     others = other_activations(model, cfg.types)
-    if not replaced and not already:
+    if not chosen and not already:
         hint = (f"; it has {others}: to swap them, add their class names to types" if others else
+                f"; its forward calls {functions}: functions, not modules, which RAA cannot swap" if functions else
                 " (activations called as functions in forward, such as F.relu, are no modules to swap)")
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
                            + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}{hint}")
-    notes = [V_LR_NOTE] if cfg.variant != "matrix" and replaced else []
+    replaced = replace_activations(model, chosen, probe, cfg.variant, cfg.base, cfg.compiled)
+    if cfg.variant != "matrix" and replaced:
+        notes.insert(0, V_LR_NOTE)
     if replaced and others:
         notes.append(f"left as they are: {others} (to swap them too, add their class names to types)")
+    if functions:
+        notes.append(f"left as they are: activations called as functions, {functions} (no module to swap)")
     if already and not replaced:
         notes.append(f"the model carries {already} RAA module(s) already: left as they are, with their own settings")
     report = Report("raa", [f"{name}: -> RAA ({cfg.variant}), +{n}" for name, n in replaced],
                     sum(n for _, n in replaced), notes)
     return Applied(model, [], report)
+
+
+def stated_input_size(model: nn.Module) -> list[int] | None:
+    """[C, H, W] of one input as the model states it, or None: timm's ``pretrained_cfg`` input size
+    (the height and width of a patch embedding built for another size, the channels of the first
+    convolution: timm leaves the config as registered when ``img_size`` or ``in_chans`` change);
+    for torchvision's classifiers, 224 x 224 (a ViT's own ``image_size``)."""
+    stated = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    module = type(model).__module__.split(".")
+    if stated is None and module[:2] == ["torchvision", "models"] and len(module) == 3:
+        stated = (3, getattr(model, "image_size", 224), getattr(model, "image_size", 224))
+    if stated is None or len(stated) != 3:
+        return None
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    hw = list(img_size) if isinstance(img_size, tuple | list) and len(img_size) == 2 else list(stated[1:])
+    return [first_conv.in_channels if first_conv is not None else stated[0], *hw]
+
+
+def _zeros(model: nn.Module, size: list[int]) -> torch.Tensor:
+    """A batch of two zero inputs of ``size``, on the model's device (in its dtype if floating)."""
+    p = next(model.parameters(), None)
+    return torch.zeros(2, *size, device=p.device if p is not None else None,
+                       dtype=p.dtype if p is not None and p.is_floating_point() else None)
 
 
 # torch's and timm's modules there that are gates, normalizers or layers, not a neuron's activation
