@@ -33,6 +33,7 @@ def test_training_learns_and_writes_run_directory(tmp_path):
         assert key in records[0]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert summary["final_top1"] > 85 and summary["best_top1"] >= summary["final_top1"]
+    assert summary["peak_top1"] == max(r["test_top1"] for r in records) == summary["best_top1"]
     assert {"config.yaml", "last.pt", "best.pt", "summary.json", "tb"} <= {p.name for p in run.iterdir()}
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert any((run / "tb").iterdir())

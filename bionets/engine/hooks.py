@@ -33,12 +33,14 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training stands: optimizer steps done (per process) out of the run's total."""
+    """Where training stands: optimizer steps done (per process) out of the run's total, and the
+    base learning rate of the step just taken (0 where none was: the call at start-up)."""
 
     step: int
     total_steps: int
     epoch: int
     epochs: int
+    lr: float = 0.0
 
     @property
     def fraction(self) -> float:

@@ -189,9 +189,9 @@ class Trainer:
                 seed_everything(rank_seed(self.cfg.train.seed, rank, ckpt["step"]))
 
     # -- the loop -------------------------------------------------------------------------------
-    def progress(self) -> Progress:
+    def progress(self, lr: float = 0.0) -> Progress:
         t = self.cfg.train
-        return Progress(self.state.step, self.steps_per_epoch * t.epochs, self.state.epoch, t.epochs)
+        return Progress(self.state.step, self.steps_per_epoch * t.epochs, self.state.epoch, t.epochs, lr)
 
     def fit(self) -> dict:
         main, claimed = self.dist.is_main, not self._continues_its_own_run()
@@ -338,7 +338,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.scheduler.step_update(self.state.step)
-        progress = self.progress()
+        progress = self.progress(self.lr_used)
         for hook in self.hooks:
             hook.on_step(progress)
         if self.ema is not None:        # averages the weights; a mechanism's schedule state is copied
@@ -402,6 +402,8 @@ class Trainer:
         last = h[-1] if h else {}
         summary = {"run_dir": str(self.run_dir), "epochs": self.state.epoch,
                    "final_top1": last.get("test_top1", float("nan")), "best_top1": self.state.best_top1,
+                   # the best of every epoch, whatever the mechanisms allow best.pt (the STDS paper's "best")
+                   "peak_top1": max((r["test_top1"] for r in h if "test_top1" in r), default=float("nan")),
                    "final_top5": last.get("test_top5", float("nan")),
                    "train_time_s": sum(r.get("epoch_time", 0.0) for r in h)}
         summary.update({k: v for k, v in last.items() if k.startswith("ema_") or k in ("sparsity",)})

@@ -11,13 +11,15 @@ in percent) and draw sparsity and accuracy against training progress at the end
 
 Options (``mechanisms: {stds: {...}}``): ``sparse_function`` stmod | st | identity,
 ``schedule`` sine | linear | fixed, ``d_max`` (>= 0, theta units; does not transfer between
-optimizers), ``include`` / ``exclude`` (glob patterns of layer names), ``types`` (conv, linear).
+optimizers), ``include`` / ``exclude`` (glob patterns of layer names), ``types`` (conv, linear),
+``l1`` (>= 0: the STDS code's L1 prior on theta, its "fixed D + L1 prior" with ``schedule: fixed``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -25,7 +27,8 @@ from bionets.configbase import Section
 from bionets.engine.hooks import Hook, Progress
 from bionets.engine.optim import register_optimizer
 from bionets.layers.gradr import apply_gradr, create_gradr
-from bionets.layers.stds import apply_stds, pruned_layers, soft_thresholds, sparsity, threshold_at
+from bionets.layers.stds import (SoftThreshold, apply_stds, pruned_layers, soft_thresholds, sparsity, threshold_at,
+                                  weight_reparam)
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 LayerType = Literal["conv", "linear"]
@@ -41,6 +44,9 @@ class StdsConfig(LayerChoice):
     sparse_function: Literal["stmod", "st", "identity"] = "stmod"
     schedule: Literal["sine", "linear", "fixed"] = "sine"
     d_max: float = Field(1.0, ge=0)
+    # the STDS code's L1 prior (its "fixed D + L1 prior"): after every optimizer step |theta| shrinks
+    # by lr * l1, clamped at 0; 0 (the paper's STDS): none
+    l1: float = Field(0.0, ge=0)
 
 
 class GradrConfig(LayerChoice):
@@ -60,16 +66,19 @@ class SparsityHook(Hook):
 
 
 class StdsHook(SparsityHook):
-    """Sets D of every STDS layer from the training progress after each optimizer step."""
+    """Sets D of every STDS layer from the training progress after each optimizer step, and with
+    ``l1`` shrinks theta: ``theta <- sign(theta) * max(|theta| - lr * l1, 0)`` (lr: the step's base rate)."""
 
     def __init__(self, cfg: StdsConfig, model: nn.Module):
         self.cfg = cfg
-        self.layers = soft_thresholds(model)
+        self.attach(model)
         self.d: float | None = None
         self.copies: dict[int, list] = {}     # id(EMA model) -> its STDS parametrizations
 
     def attach(self, model: nn.Module) -> None:
         self.layers = soft_thresholds(model)
+        self.thetas = [layer.parametrizations.weight.original for _, layer in pruned_layers(model)
+                       if isinstance(weight_reparam(layer), SoftThreshold)]
 
     def on_step(self, progress: Progress) -> None:
         d = threshold_at(self.cfg.schedule, self.cfg.d_max, progress.step, progress.total_steps)
@@ -77,6 +86,10 @@ class StdsHook(SparsityHook):
             for p in self.layers:
                 p.d.fill_(d)
             self.d = d
+        if self.cfg.l1 and progress.lr:
+            with torch.no_grad():
+                for theta in self.thetas:
+                    theta.copy_(theta.sign() * (theta.abs() - progress.lr * self.cfg.l1).clamp_min(0))
 
     def copy_state(self, model: nn.Module, copy: nn.Module) -> None:
         """The EMA model computes with the scheduled D (an average of D over the steps lags the
@@ -90,8 +103,9 @@ class StdsHook(SparsityHook):
 
     def may_be_best(self) -> bool:
         """Only a model at the final threshold (the run's sparsity) competes for best.pt: during a
-        sine or linear schedule, an early, dense epoch often scores higher."""
-        return self.d == self.cfg.d_max
+        sine or linear schedule, an early, dense epoch often scores higher. The dense baseline
+        (``identity``: w = theta, D unused) lets every epoch compete."""
+        return self.cfg.sparse_function == "identity" or self.d == self.cfg.d_max
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
         layers = soft_thresholds(model)
@@ -116,13 +130,14 @@ def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
     done = {n for n, _ in pruned_layers(model)}
     d0 = threshold_at(cfg.schedule, cfg.d_max, 0, 1)   # fixed: theta_0 = sign(w_0)(|w_0| + D_max)
     layers = apply_stds(model, cfg.sparse_function, d0, include=cfg.include, exclude=cfg.exclude, types=cfg.types)
-    what = f"STDS {cfg.sparse_function} soft threshold, {cfg.schedule} schedule to D={cfg.d_max:g}"
+    what = (f"STDS {cfg.sparse_function} soft threshold, {cfg.schedule} schedule to D={cfg.d_max:g}"
+            + (f", L1 prior {cfg.l1:g}" if cfg.l1 else ""))
     report = _report("stds", model, layers, done, what)
     below = _share_below(model, [n for n in layers if n not in done], cfg.d_max)
     if cfg.schedule != "fixed" and cfg.sparse_function != "identity" and below is not None and below >= 0.9:
         report.notes.append(f"d_max={cfg.d_max:g} is above |w| of {below:.1%} of these weights now: they end at zero "
                             "unless training grows them past it. D is in weight units (the paper: 1-5 on its CIFAR "
-                            "SNN with Adam at lr 1e-4 for 200 epochs, 0.1-5 on ImageNet with SGD): pick it for this "
+                            "SNN with Adam at lr 1e-4 for 2048 epochs, 0.1-5 on ImageNet with SGD): pick it for this "
                             "model and optimizer")
     return Applied(model, [StdsHook(cfg, model)], report)
 
