@@ -251,7 +251,8 @@ class _TokenMlp(nn.Module):
 
 def test_width_probe_takes_the_feature_axis_from_the_calls_and_counts_functions():
     """The probe puts RAA on the axis the calls showed (the last: tokens), not the conv's channel
-    axis, and counts the activations called as functions outside activation modules, by caller."""
+    axis, and counts the activations called as functions outside activation modules, by caller;
+    a TorchScript submodule, which takes no hooks, is run through as it is."""
     from bionets.layers.raa_swap import find_activations, probe_activations
     model, x = _TokenMlp(), torch.randn(2, 4, 3, 3)
     probe = probe_activations(model, find_activations(model), x)
@@ -259,6 +260,8 @@ def test_width_probe_takes_the_feature_axis_from_the_calls_and_counts_functions(
     assert probe.functions == {"relu (in _TokenMlp.forward)": 2, "gelu (in _TokenMlp.forward)": 1}
     swap_activations(model, example_input=x)
     assert model.act.dim == -1 and model(x).shape == (2, 2)
+    scripted = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU())), nn.ReLU())
+    assert probe_activations(scripted, find_activations(scripted), torch.randn(2, 4)).widths == {"2": [4]}
     unprobed = _TokenMlp()
     swap_activations(unprobed)
     with pytest.raises(BionetsError, match="RAA built for 4 features got a tensor of shape"):

@@ -172,7 +172,8 @@ def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_i
         stack.pop()
 
     for module in model.modules():
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        if not isinstance(module, torch.jit.ScriptModule):      # (which take no hooks)
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     training, calls = model.training, _FunctionCalls(stack)
     try:
         model.eval()
