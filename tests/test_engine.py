@@ -246,6 +246,17 @@ def test_lr_multipliers_hold_through_the_warm_up(sched):
     assert seen[0] == pytest.approx(0.01) and max(seen) > 0.08 and seen[-1] < max(seen)
 
 
+def test_a_run_shorter_than_its_milestones_says_the_rate_never_drops(tmp_path, capsys):
+    """cifar10/resnet20 run for 2 epochs keeps its milestones [80, 120]: the start-up lines say so."""
+    from bionets.engine.optim import SchedConfig, schedule_note
+    assert schedule_note(SchedConfig(name="multistep", milestones=[1, 80, 120]), 80).startswith(
+        "note: sched.milestones [80, 120] lie at or past train.epochs=80")
+    assert schedule_note(SchedConfig(name="multistep", milestones=[1]), 2) is None
+    assert schedule_note(SchedConfig(name="cosine"), 2) is None
+    train(fast_config(tmp_path, "train.epochs=1", "sched.name=multistep"))
+    assert "note: sched.milestones [80, 120] lie at or past train.epochs=1" in capsys.readouterr().out
+
+
 RUN = {"config": {}, "model": {}}       # the entries every checkpoint of a run holds
 
 

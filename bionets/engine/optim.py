@@ -133,6 +133,16 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
                            "the option it names") from None
 
 
+def schedule_note(cfg: SchedConfig, epochs: int) -> str | None:
+    """A note where a ``multistep`` milestone lies at or past the run's last epoch (a recipe run
+    shorter, say): the rate never drops there."""
+    late = [m for m in cfg.milestones if m >= epochs]
+    if cfg.name != "multistep" or not late:
+        return None
+    return (f"note: sched.milestones {late} lie at or past train.epochs={epochs}: the learning rate never drops "
+            "there (set sched.milestones for this length)")
+
+
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int):
     """A timm scheduler stepped after every optimizer update (``step_update(n)``): ``warmup_epochs``
     may be fractional (a warm-up of that many epochs' steps), and a ``multistep`` milestone m takes
