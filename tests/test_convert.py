@@ -1,6 +1,7 @@
 """bionets.convert on timm and torchvision models, composition, idempotence, errors; bionets bench smoke."""
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -228,6 +229,9 @@ def test_stated_input_size_reads_the_model_as_built():
     assert stated_input_size(vit) == [1, 32, 32]
     assert stated_input_size(timm.create_model("resnet20_cifar", in_chans=1)) == [1, 32, 32]
     assert stated_input_size(torchvision.models.mobilenet_v3_small()) == [3, 224, 224]
+    assert stated_input_size(timm.create_model("mixer_s16_224", img_size=64)) == [3, 64, 64]     # its stem's
+    assert stated_input_size(timm.create_model("tresnet_m")) == [3, 224, 224]     # in_chans, not the stem conv's 48
+    assert stated_input_size(torchvision.models.segmentation.fcn_resnet50(weights_backbone=None)) == [3, 224, 224]
     assert stated_input_size(nn.Sequential(nn.Linear(4, 4), nn.ReLU())) is None
 
 
@@ -261,6 +265,34 @@ def test_raa_names_the_activations_a_forward_calls_as_functions():
     assert "left as they are: activations called as functions, relu (in DenseNet.forward) x1" in str(report)
     with pytest.raises(BionetsError, match=r"in GoogLeNet; its forward calls relu \(in BasicConv2d.forward\) x57"):
         convert(torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False), activation="raa")
+
+
+class _Silu(nn.Module):
+    def forward(self, x):
+        return F.silu(x)
+
+
+class _GeluActivation(nn.Module):
+    def forward(self, x):
+        return F.gelu(x)
+
+
+def test_raa_names_modules_of_other_types_that_call_an_activation():
+    """A module of one's own that calls F.gelu is an activation of a type not asked for (add it to
+    types), not a function in a forward; one of the types asked for is swapped and not named."""
+    model = nn.Sequential(nn.Linear(4, 4), _Silu(), nn.Linear(4, 4), _GeluActivation(), _GeluActivation(), nn.Linear(4, 2))
+    model, report = convert(model, activation={"types": ["_Silu"], "input_size": [4]})
+    assert isinstance(model[1], RAA) and "_Silu" not in str(report).split("+5")[-1]
+    assert "left as they are: _GeluActivation x2 (to swap them too, add their class names to types)" in str(report)
+    assert "called as functions" not in str(report)
+
+
+def test_raa_input_size_errors_are_one_line():
+    for size, expected in (([], "at least 1 item"), ([True, 8, 8], "valid integer"),
+                           ([3, 2**40, 2**40], "cannot make an input of shape")):
+        with pytest.raises(BionetsError, match=expected) as err:
+            convert(timm.create_model("resnet18", num_classes=3), activation={"input_size": size})
+        assert "\n" not in str(err.value)
 
 
 def test_raa_report_notes_the_learning_rate_of_v_and_c():

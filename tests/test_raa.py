@@ -258,6 +258,7 @@ def test_width_probe_takes_the_feature_axis_from_the_calls_and_counts_functions(
     probe = probe_activations(model, find_activations(model), x)
     assert probe.widths == {"act": [4]} and probe.axes == {"act": {-1}}
     assert probe.functions == {"relu (in _TokenMlp.forward)": 2, "gelu (in _TokenMlp.forward)": 1}
+    assert not probe.activation_like
     swap_activations(model, example_input=x)
     assert model.act.dim == -1 and model(x).shape == (2, 2)
     scripted = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU())), nn.ReLU())
@@ -266,6 +267,29 @@ def test_width_probe_takes_the_feature_axis_from_the_calls_and_counts_functions(
     swap_activations(unprobed)
     with pytest.raises(BionetsError, match="RAA built for 4 features got a tensor of shape"):
         unprobed(x)
+
+
+def test_call_width_reads_nhwc_maps_whose_width_the_layers_got_wrong():
+    """timm's MambaOut registers a 256-wide layer before a GELU that runs on [N, H, W, 128] maps:
+    the square spatial dims of the probe's input tell NHWC (dims 1, 2) from NCHW (dims 2, 3)."""
+    from bionets.layers.raa_swap import _call_width
+    assert _call_width(torch.zeros(2, 56, 56, 128), 256) == (128, -1)
+    assert _call_width(torch.zeros(2, 128, 56, 56), 256) == (128, 1)
+    assert _call_width(torch.zeros(2, 8, 8, 8), 8) == (8, None)             # C = H: no axis shown
+    assert _call_width(torch.zeros(2, 8, 196, 16), 4) == (16, -1)           # no map: the last dim
+    assert _call_width(torch.zeros(2, 5, 7), 3) == (7, -1)
+
+
+def test_probe_leaves_every_module_mode_and_neuron_state_as_it_was():
+    """A model frozen in part (a submodule in eval mode inside a training model) keeps each mode;
+    SpikingJelly's neurons hold no state from the probe's forward pass."""
+    from spikingjelly.activation_based import neuron
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), neuron.LIFNode())
+    model[1].bias.data.fill_(0.7)                    # spikes, so the neurons' state would change
+    model[1].eval()
+    swap_activations(model, example_input=torch.randn(2, 3, 6, 6))
+    assert model.training and not model[1].training and model[3].training
+    assert isinstance(model[3].v, float) and model[3].v == 0.0
 
 
 def test_width_probe_reports_a_model_error_in_one_line():

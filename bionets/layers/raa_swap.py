@@ -12,6 +12,7 @@ one RAA per width, shared by the calls of that width (as they shared the module)
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
@@ -87,13 +88,16 @@ class Activation:
 
 @dataclass
 class Probe:
-    """What one forward pass saw: the width of every call of each chosen module, and the activation
-    functions called outside any activation module (``F.relu`` in a ``forward``, which no swap
-    reaches), counted as ``'relu (in DenseNet.forward)'``."""
+    """What one forward pass saw: the width of every call of each chosen module (and the feature
+    axes its calls showed unambiguously), the activation functions called in a ``forward`` outside
+    any activation module (``F.relu``, which no swap reaches), counted as ``'relu (in
+    DenseNet.forward)'``, and the modules of other types (leaf modules) that call one, as
+    ``{'GELUActivation': 12}`` (modules)."""
 
     widths: dict[str, list[int]]
-    axes: dict[str, set[int]] = field(default_factory=dict)     # the feature axes its calls showed unambiguously
+    axes: dict[str, set[int]] = field(default_factory=dict)
     functions: Counter = field(default_factory=Counter)
+    activation_like: Counter = field(default_factory=Counter)
 
 
 ACTIVATION_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.gelu,
@@ -106,18 +110,49 @@ def _is_activation_module(module: nn.Module) -> bool:
 
 
 class _FunctionCalls(TorchFunctionMode):
-    """Counts the activation functions called while the innermost running module (the top of
-    ``stack``) is no activation module."""
+    """Sorts the activation functions called during a forward pass by the innermost running module
+    (the top of ``stack``): none where it is an activation module or one of ``chosen``; by type
+    where it is another leaf module (an activation of a type not asked for, likely); else as a
+    function called in that module's ``forward``."""
 
-    def __init__(self, stack: list[nn.Module]):
+    def __init__(self, stack: list[nn.Module], chosen: set[int]):
         super().__init__()
-        self.stack, self.counts = stack, Counter()
+        self.stack, self.chosen, self.counts, self.leaves = stack, chosen, Counter(), {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in ACTIVATION_FUNCTIONS and not (self.stack and _is_activation_module(self.stack[-1])):
-            owner = type(self.stack[-1]).__name__ if self.stack else "the caller"
-            self.counts[f"{func.__name__} (in {owner}.forward)"] += 1
+        if func in ACTIVATION_FUNCTIONS:
+            top = self.stack[-1] if self.stack else None
+            if top is None:
+                self.counts[f"{func.__name__} (in the caller)"] += 1
+            elif not (_is_activation_module(top) or id(top) in self.chosen):
+                if next(top.children(), None) is None:
+                    self.leaves.setdefault(type(top).__name__, set()).add(id(top))
+                else:
+                    self.counts[f"{func.__name__} (in {type(top).__name__}.forward)"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _call_width(x: torch.Tensor, expected: int) -> tuple[int, int | None]:
+    """(width, feature axis) of one call: ``expected`` (the layers' width) where dim 1 or the last
+    dim has it (axis None where both do: an NHWC map whose height is its width); else, on a 4-D
+    map, the axis its square spatial dims point to (the probe's input is square: dims 2 and 3 equal
+    in NCHW, dims 1 and 2 in NHWC); else the last dim."""
+    if x.ndim != 4:
+        return x.shape[-1], -1
+    sizes = (x.shape[1], x.shape[-1])
+    if expected in sizes:
+        return expected, None if sizes.count(expected) == 2 else 1 if sizes[0] == expected else -1
+    nchw = x.shape[2] == x.shape[3] and x.shape[1] != x.shape[2]
+    return (x.shape[1], 1) if nchw else (x.shape[-1], -1)
+
+
+def _reset_neurons(model: nn.Module) -> None:
+    """SpikingJelly's neurons keep their state after a forward pass: drop the probe's."""
+    if "spikingjelly" in sys.modules:
+        from spikingjelly.activation_based.base import MemoryModule
+        for m in model.modules():
+            if isinstance(m, MemoryModule):
+                m.reset()
 
 
 def find_activations(model: nn.Module, types: tuple[str, ...] = DEFAULT_TYPES,
@@ -144,37 +179,34 @@ def find_activations(model: nn.Module, types: tuple[str, ...] = DEFAULT_TYPES,
 
 
 def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_input: torch.Tensor) -> Probe:
-    """One forward pass of ``example_input``, in eval mode and without gradients (the model's mode
-    and batch-norm statistics are left as they were), that sees the feature width of every call of
-    each chosen module and the activation functions called outside activation modules. A call whose
-    tensor has the expected width on its dim 1 or last dim counts as that width; any other call as
-    its dim 1 (4-D maps) or last dim."""
+    """One forward pass of ``example_input``, in eval mode and without gradients, that sees the
+    feature width and axis of every call of each chosen module (:func:`_call_width`) and the
+    activation functions called outside activation modules. Every module's mode, the batch-norm
+    statistics and SpikingJelly's neuron states are left as they were."""
     seen: dict[str, list[int]] = {name: [] for name in chosen}
     axes: dict[str, set[int]] = {name: set() for name in chosen}
     stack: list[nn.Module] = []
 
     def width_hook(name: str, expected: int):
         def hook(_module, args):
-            x = args[0]
-            sizes = (x.shape[1], x.shape[-1]) if x.ndim == 4 else (x.shape[-1],)
-            w = expected if expected in sizes else sizes[0]
+            w, axis = _call_width(args[0], expected)
             if w not in seen[name]:
                 seen[name].append(w)
-            if sizes.count(w) == 1:                   # an NHWC map whose height is its width shows no axis
-                axes[name].add(1 if sizes[0] == w and x.ndim == 4 else -1)
+            if axis is not None:
+                axes[name].add(axis)
         return hook
 
-    handles = [a.module.register_forward_pre_hook(width_hook(name, a.width)) for name, a in chosen.items()]
     def enter(module, _args) -> None:
         stack.append(module)
 
     def leave(_module, _args, _out) -> None:    # (a hook that returns something replaces the output)
         stack.pop()
 
+    handles = [a.module.register_forward_pre_hook(width_hook(name, a.width)) for name, a in chosen.items()]
     for module in model.modules():
         if not isinstance(module, torch.jit.ScriptModule):      # (which take no hooks)
             handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    training, calls = model.training, _FunctionCalls(stack)
+    modes, calls = {m: m.training for m in model.modules()}, _FunctionCalls(stack, {id(a.module) for a in chosen.values()})
     try:
         model.eval()
         with torch.no_grad(), calls:
@@ -184,8 +216,10 @@ def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_i
     finally:
         for h in handles:
             h.remove()
-        model.train(training)
-    return Probe(seen, axes, calls.counts)
+        for m, mode in modes.items():
+            m.training = mode
+        _reset_neurons(model)
+    return Probe(seen, axes, calls.counts, Counter({t: len(ids) for t, ids in calls.leaves.items()}))
 
 
 def replace_activations(model: nn.Module, chosen: dict[str, Activation], probe: Probe | None = None,

@@ -17,10 +17,10 @@ Evaluation is unaffected.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import nn
 
 from bionets.configbase import Section
@@ -32,6 +32,9 @@ from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_acti
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 
+Size = Annotated[int, Field(strict=True, gt=0)]      # (strict: true is no size)
+
+
 class RaaConfig(Section):
     variant: Literal["vector", "scalar", "matrix"] = "vector"
     base: Literal["auto", "gelu", "relu"] = "auto"
@@ -40,7 +43,7 @@ class RaaConfig(Section):
     compiled: bool = False        # fuse the whole RAA (shift and activation) with torch.compile: the fast path
     # [C, H, W] of one input: find every activation call's width by a forward pass on zeros; auto: at the
     # size the model states (stated_input_size), else from the layers; null: from the layers only
-    input_size: list[PositiveInt] | Literal["auto"] | None = "auto"
+    input_size: Annotated[list[Size], Field(min_length=1)] | Literal["auto"] | None = "auto"
 
 
 class ArrConfig(Section):
@@ -66,7 +69,9 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
         notes.append(f"widths read from the layers: the width probe at the model's stated input size {size} failed "
                      f"({err.cause}); if one activation module runs at several widths, give input_size: [C, H, W]")
     functions = ", ".join(f"{call} x{n}" for call, n in probe.functions.most_common())
-    others = other_activations(model, cfg.types)
+    # torch's and timm's activations of other types, and modules of other types that call one
+    others = ", ".join(filter(None, [other_activations(model, cfg.types),
+                                     ", ".join(f"{t} x{n}" for t, n in probe.activation_like.most_common())]))
     if not chosen and not already:
         hint = (f"; it has {others}: to swap them, add their class names to types" if others else
                 f"; its forward calls {functions}: functions, not modules, which RAA cannot swap" if functions else
@@ -89,26 +94,40 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
 
 def stated_input_size(model: nn.Module) -> list[int] | None:
     """[C, H, W] of one input as the model states it, or None: timm's ``pretrained_cfg`` input size
-    (the height and width of a patch embedding built for another size, the channels of the first
-    convolution: timm leaves the config as registered when ``img_size`` or ``in_chans`` change);
-    for torchvision's classifiers, 224 x 224 (a ViT's own ``image_size``)."""
+    read as the model was built (timm keeps the registered config when ``img_size`` or ``in_chans``
+    change): the channels of its ``in_chans`` (else of its first convolution), the height and width
+    of the first module with an ``img_size`` (the model's own, a patch embedding's); torchvision's
+    classifiers, segmentation and detection models: 3 x 224 x 224 (a ViT's own ``image_size``)."""
     stated = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     module = type(model).__module__.split(".")
-    if stated is None and module[:2] == ["torchvision", "models"] and len(module) == 3:
+    if stated is None and module[:2] == ["torchvision", "models"] and (
+            len(module) == 3 or module[2] in ("segmentation", "detection")):
         stated = (3, getattr(model, "image_size", 224), getattr(model, "image_size", 224))
     if stated is None or len(stated) != 3:
         return None
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    hw = list(img_size) if isinstance(img_size, tuple | list) and len(img_size) == 2 else list(stated[1:])
-    return [first_conv.in_channels if first_conv is not None else stated[0], *hw]
+    channels = getattr(model, "in_chans", None)
+    if not isinstance(channels, int):
+        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first_conv.in_channels if first_conv is not None else stated[0]
+    hw = list(stated[1:])
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if isinstance(size, int) or isinstance(size, tuple | list) and len(size) == 2:
+            hw = [size, size] if isinstance(size, int) else list(size)
+            break
+    return [channels, *hw]
 
 
 def _zeros(model: nn.Module, size: list[int]) -> torch.Tensor:
     """A batch of two zero inputs of ``size``, on the model's device (in its dtype if floating)."""
     p = next(model.parameters(), None)
-    return torch.zeros(2, *size, device=p.device if p is not None else None,
-                       dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    try:
+        return torch.zeros(2, *size, device=p.device if p is not None else None,
+                           dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    except RuntimeError as err:     # more memory than there is
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise BionetsError(f"RAA's width probe cannot make an input of shape {[2, *size]} ({first}): give a smaller "
+                           "input_size (the widths do not depend on the image size of a CNN)") from None
 
 
 # torch's and timm's modules there that are gates, normalizers or layers, not a neuron's activation
