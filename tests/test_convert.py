@@ -277,14 +277,25 @@ class _GeluActivation(nn.Module):
         return F.gelu(x)
 
 
+class _ScaledRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return F.relu(x) * self.scale
+
+
 def test_raa_names_modules_of_other_types_that_call_an_activation():
-    """A module of one's own that calls F.gelu is an activation of a type not asked for (add it to
-    types), not a function in a forward; one of the types asked for is swapped and not named."""
-    model = nn.Sequential(nn.Linear(4, 4), _Silu(), nn.Linear(4, 4), _GeluActivation(), _GeluActivation(), nn.Linear(4, 2))
+    """A module of one's own (no children, no parameters) that calls F.gelu is an activation of a
+    type not asked for (add it to types); one with parameters calls it as a function in its forward;
+    one of the types asked for is swapped and not named."""
+    model = nn.Sequential(nn.Linear(4, 4), _Silu(), nn.Linear(4, 4), _GeluActivation(), _GeluActivation(),
+                          _ScaledRelu(), nn.Linear(4, 2))
     model, report = convert(model, activation={"types": ["_Silu"], "input_size": [4]})
     assert isinstance(model[1], RAA) and "_Silu" not in str(report).split("+5")[-1]
     assert "left as they are: _GeluActivation x2 (to swap them too, add their class names to types)" in str(report)
-    assert "called as functions" not in str(report)
+    assert "left as they are: activations called as functions, relu (in _ScaledRelu.forward) x1" in str(report)
 
 
 def test_raa_input_size_errors_are_one_line():

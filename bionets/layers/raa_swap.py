@@ -91,8 +91,8 @@ class Probe:
     """What one forward pass saw: the width of every call of each chosen module (and the feature
     axes its calls showed unambiguously), the activation functions called in a ``forward`` outside
     any activation module (``F.relu``, which no swap reaches), counted as ``'relu (in
-    DenseNet.forward)'``, and the modules of other types (leaf modules) that call one, as
-    ``{'GELUActivation': 12}`` (modules)."""
+    DenseNet.forward)'``, and the modules of other types without children or parameters that call
+    one, as ``{'GELUActivation': 12}`` (modules)."""
 
     widths: dict[str, list[int]]
     axes: dict[str, set[int]] = field(default_factory=dict)
@@ -112,8 +112,8 @@ def _is_activation_module(module: nn.Module) -> bool:
 class _FunctionCalls(TorchFunctionMode):
     """Sorts the activation functions called during a forward pass by the innermost running module
     (the top of ``stack``): none where it is an activation module or one of ``chosen``; by type
-    where it is another leaf module (an activation of a type not asked for, likely); else as a
-    function called in that module's ``forward``."""
+    where it is another module without children or parameters (an activation of a type not asked
+    for, likely); else as a function called in that module's ``forward``."""
 
     def __init__(self, stack: list[nn.Module], chosen: set[int]):
         super().__init__()
@@ -125,7 +125,7 @@ class _FunctionCalls(TorchFunctionMode):
             if top is None:
                 self.counts[f"{func.__name__} (in the caller)"] += 1
             elif not (_is_activation_module(top) or id(top) in self.chosen):
-                if next(top.children(), None) is None:
+                if next(top.children(), None) is None and next(top.parameters(), None) is None:
                     self.leaves.setdefault(type(top).__name__, set()).add(id(top))
                 else:
                     self.counts[f"{func.__name__} (in {type(top).__name__}.forward)"] += 1
