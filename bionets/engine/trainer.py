@@ -201,7 +201,8 @@ class Trainer:
         cfg, writer, saved = self.cfg, None, False
         if main:
             make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
-            _write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
+            if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
+                _write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
         try:
             if main:
                 with ctrl_c_deferred():     # TensorBoard replays a resumed run's history: a write like any other
