@@ -282,12 +282,16 @@ def test_call_width_reads_nhwc_maps_whose_width_the_layers_got_wrong():
 
 def test_probe_leaves_every_module_mode_and_neuron_state_as_it_was():
     """A model frozen in part (a submodule in eval mode inside a training model) keeps each mode;
-    SpikingJelly's neurons hold no state from the probe's forward pass."""
+    SpikingJelly's neurons hold no state from the probe's forward pass, and the probe draws no
+    random numbers (its dropout runs in eval mode), so a seeded run is the same with or without it."""
     from spikingjelly.activation_based import neuron
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), neuron.LIFNode())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), neuron.LIFNode(),
+                          nn.Dropout(0.5))
     model[1].bias.data.fill_(0.7)                    # spikes, so the neurons' state would change
     model[1].eval()
-    swap_activations(model, example_input=torch.randn(2, 3, 6, 6))
+    x, rng = torch.randn(2, 3, 6, 6), torch.get_rng_state()
+    swap_activations(model, example_input=x)
+    assert torch.equal(torch.get_rng_state(), rng)
     assert model.training and not model[1].training and model[3].training
     assert isinstance(model[3].v, float) and model[3].v == 0.0
 
