@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -255,6 +256,22 @@ def test_a_run_shorter_than_its_milestones_says_the_rate_never_drops(tmp_path, c
     assert schedule_note(SchedConfig(name="cosine"), 2) is None
     train(fast_config(tmp_path, "train.epochs=1", "sched.name=multistep"))
     assert "note: sched.milestones [80, 120] lie at or past train.epochs=1" in capsys.readouterr().out
+
+
+def test_options_the_optimizer_does_not_take_are_noted():
+    """optim.momentum under AdamW, betas under SGD: set away from their defaults, they change
+    nothing, and the start-up lines say so; no bundled config sets one (checked on all of them)."""
+    import glob
+
+    from bionets.config import load_config
+    from bionets.engine.optim import OptimConfig, unused_options_note
+    assert unused_options_note(OptimConfig(name="adamw", momentum=0.5)) == (
+        "note: optim.name=adamw does not take optim.momentum=0.5 (ignored)")
+    assert "optim.betas=(0.8, 0.99)" in unused_options_note(OptimConfig(name="sgd", betas=(0.8, 0.99)))
+    assert unused_options_note(OptimConfig(name="adamw")) is None
+    assert unused_options_note(OptimConfig(name="sgd", nesterov=True, momentum=0.5)) is None
+    bundled = glob.glob(str(Path(__file__).parent.parent / "configs" / "**" / "*.yaml"), recursive=True)
+    assert len(bundled) > 100 and not [p for p in bundled if unused_options_note(load_config(p).optim)]
 
 
 RUN = {"config": {}, "model": {}}       # the entries every checkpoint of a run holds

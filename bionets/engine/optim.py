@@ -28,6 +28,7 @@ from bionets.errors import BionetsError, unknown
 
 TIMM_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nadam", "rmsprop", "lamb", "lars")
 SCHEDULES = ("cosine", "step", "multistep", "const")
+MOMENTUM_STYLE = ("sgd", "momentum", "rmsprop", "lars")      # take optim.momentum; the others betas and eps
 
 
 class OptimConfig(Section):
@@ -117,7 +118,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     if taken := sorted(set(extra) & {"lr", "weight_decay", "params", "opt"}):
         raise BionetsError(f"optim.kwargs sets {', '.join(taken)}, which bionets sets itself (from optim.lr, "
                            "optim.weight_decay, optim.name and the model): remove it from optim.kwargs")
-    if cfg.name in ("sgd", "momentum", "rmsprop", "lars"):
+    if cfg.name in MOMENTUM_STYLE:
         extra.setdefault("momentum", cfg.momentum)
         extra.setdefault("nesterov", cfg.nesterov) if cfg.name == "sgd" else None
     else:
@@ -131,6 +132,19 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     except TypeError as err:        # an option this optimizer does not take
         raise BionetsError(f"optim.kwargs {dict(cfg.kwargs)} does not fit the {cfg.name} optimizer ({err}): remove "
                            "the option it names") from None
+
+
+def unused_options_note(cfg: OptimConfig) -> str | None:
+    """A note naming the optim options set away from their defaults that the chosen optimizer does
+    not take (momentum under AdamW, betas under SGD, nesterov but under SGD): they change nothing."""
+    if cfg.name not in TIMM_OPTIMIZERS:
+        return None
+    unused = ("betas", "eps") if cfg.name in MOMENTUM_STYLE else ("momentum",)
+    unused += ("nesterov",) if cfg.name != "sgd" else ()
+    changed = [f"{k}={getattr(cfg, k)}" for k in unused if getattr(cfg, k) != OptimConfig.model_fields[k].default]
+    if not changed:
+        return None
+    return f"note: optim.name={cfg.name} does not take optim.{', optim.'.join(changed)} (ignored)"
 
 
 def schedule_note(cfg: SchedConfig, epochs: int) -> str | None:

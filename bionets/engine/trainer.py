@@ -34,7 +34,8 @@ from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers,
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
-from bionets.engine.optim import create_optimizer, create_scheduler, lr_mult_summary, schedule_note
+from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, schedule_note,
+                                  unused_options_note)
 from bionets.errors import BionetsError
 from bionets.toolchain import require_cpu_compiler
 
@@ -395,7 +396,8 @@ class Trainer:
             print(lr_line)
         if self.cfg.resume:
             print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch}")
-        for note in (slow_bf16_note(self.cfg.train.amp, self.device), schedule_note(self.cfg.sched, self.cfg.train.epochs)):
+        for note in (slow_bf16_note(self.cfg.train.amp, self.device), unused_options_note(self.cfg.optim),
+                     schedule_note(self.cfg.sched, self.cfg.train.epochs)):
             if note:
                 print(note)
 
