@@ -327,23 +327,43 @@ def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, m
             train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'bad.pt'}", name="b"), quiet=True)
 
 
-def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
+class _CtrlCWhilePickled:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C arrives in the middle of torch.save
+        time.sleep(0.05)                        # (a Python handler would run here)
+        return (int, (2,))
+
+
+@pytest.fixture
+def sigint_handler():
+    """Sets SIGINT's handler for a test (Python's default: a process started in the background has
+    Ctrl-C ignored from the start), restoring the one before."""
+    before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path, sigint_handler):
     """A KeyboardInterrupt raised inside torch.save made its zip writer fail while closing, and the run
     ended on that RuntimeError's traceback (exit 1, not 130). Now the write finishes, then Ctrl-C acts."""
+    sigint_handler(signal.default_int_handler)
     path = tmp_path / "last.pt"
     save_checkpoint(path, {**RUN, "epoch": 1})
-
-    class CtrlCWhilePickled:
-        def __reduce__(self):
-            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C arrives in the middle of torch.save
-            time.sleep(0.05)                        # (a Python handler would run here)
-            return (int, (2,))
-
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {**RUN, "epoch": CtrlCWhilePickled()})
+        save_checkpoint(path, {**RUN, "epoch": _CtrlCWhilePickled()})
     assert load_checkpoint(path)["epoch"] == 2                               # the new checkpoint is complete
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
+
+
+def test_a_process_that_ignores_ctrl_c_goes_on_ignoring_it_during_a_write(tmp_path, sigint_handler):
+    """Started in the background or under nohup, a run has Ctrl-C ignored: the deferral must not turn
+    a Ctrl-C during a checkpoint write into a KeyboardInterrupt (it found the suite's own test failing
+    when the suite was started in the background)."""
+    sigint_handler(signal.SIG_IGN)
+    save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _CtrlCWhilePickled()})
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends():

@@ -36,9 +36,12 @@ def ctrl_c_deferred() -> Iterator[None]:
     the run ended on that RuntimeError's traceback; raised inside TensorBoard's writer, between its
     queue's put and the wake-up of the thread that drains it, it can stall the writer's close for
     up to its flush interval (two minutes). A block inside another holds its Ctrl-C for the outer
-    one. Only the main thread receives signals; elsewhere this does nothing."""
+    one. The Ctrl-C held acts as the handler before the block would have (Python's raises
+    KeyboardInterrupt). Only the main thread receives signals, and a process that ignores Ctrl-C
+    (started in the background, or under nohup) goes on ignoring it: there this does nothing."""
     global _deferring
-    if threading.current_thread() is not threading.main_thread() or _deferring:
+    current = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or _deferring or current in (signal.SIG_IGN, None):
         yield
         return
     _deferring, held = True, []
@@ -49,7 +52,10 @@ def ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         _deferring = False
     if held:
-        raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        else:                                   # SIG_DFL: the process ends as the signal would have ended it
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def _umask() -> int:
