@@ -213,9 +213,16 @@ def test_models_and_configs_listings(capsys):
     assert "convnext_tiny\n" in listed.out and "parameter counts for those a PATTERN matches" in listed.err
 
 
+def _ctrl_c_acts() -> None:
+    """(In the child) Ctrl-C as at a terminal: a suite started in the background has it ignored, and
+    its children inherit that, so a run would not stop on it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bionets", "train", *FAST, "train.epochs=200",
-                             f"out_dir={tmp_path}", "name=r"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"out_dir={tmp_path}", "name=r"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_acts)
     last = tmp_path / "r" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline:

@@ -366,9 +366,10 @@ def test_a_process_that_ignores_ctrl_c_goes_on_ignoring_it_during_a_write(tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends():
+def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends(sigint_handler):
     """The epoch's bookkeeping (metrics, last.pt, best.pt) is one deferred block around the checkpoint
     writes' own: a Ctrl-C during last.pt must not stop the run before best.pt is written."""
+    sigint_handler(signal.default_int_handler)
     steps = []
     with pytest.raises(KeyboardInterrupt):
         with ctrl_c_deferred():
@@ -381,7 +382,8 @@ def test_ctrl_c_held_by_an_outer_deferral_acts_when_the_outer_block_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_history(tmp_path, monkeypatch):
+def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_history(tmp_path, monkeypatch,
+                                                                                 sigint_handler):
     """A resumed run whose TensorBoard log holds no events (here: deleted) first replays its history
     into it: a Ctrl-C there takes effect after the replay, and the writer is closed, so no event is
     lost. Resumed into a new directory, a run interrupted before its first checkpoint removes that
@@ -391,6 +393,7 @@ def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_histor
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from bionets.engine.metrics import MetricsWriter
+    sigint_handler(signal.default_int_handler)
     train(fast_config(tmp_path, "train.epochs=2", name="a"), quiet=True)
     shutil.rmtree(tmp_path / "a" / "tb")
     replay = MetricsWriter._scalars
