@@ -136,7 +136,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
 
 def unused_options_note(cfg: OptimConfig) -> str | None:
     """A note naming the optim options set away from their defaults that the chosen optimizer does
-    not take (momentum under AdamW, betas under SGD, nesterov but under SGD): they change nothing."""
+    not take (momentum under AdamW, betas under SGD, nesterov under anything but SGD): they change nothing."""
     if cfg.name not in TIMM_OPTIMIZERS:
         return None
     unused = ("betas", "eps") if cfg.name in MOMENTUM_STYLE else ("momentum",)
