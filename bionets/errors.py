@@ -14,6 +14,13 @@ class BionetsError(Exception):
     """A user-facing error: bad config, missing data, corrupt checkpoint, impossible shape."""
 
 
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """Another library's error in one line, for a message of ours: ``'TypeName: first line'`` (at
+    most ``limit`` characters of it; the type alone for an empty message)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+
+
 def closest(name: str, choices: Iterable[str], n: int = 3, first: Iterable[str] = ()) -> str:
     """A ' (did you mean: a, b?)' hint listing the valid names nearest to ``name``; '' if none.
 

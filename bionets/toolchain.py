@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, one_line
 
 
 @functools.cache
@@ -17,7 +17,7 @@ def cpu_compiler_problem() -> str | None:
     try:
         get_cpp_compiler()
     except Exception as err:    # noqa: BLE001  (whatever Inductor's compiler probe raises)
-        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        return one_line(err, 1000)
     return None
 
 

@@ -36,7 +36,7 @@ from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, schedule_note,
                                   unused_options_note)
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
 
 
@@ -324,10 +324,9 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise BionetsError(f"model '{self.cfg.model.name}' failed on the first training batch, of shape "
-                               f"{list(images.shape)} from data '{self.cfg.data.name}' ({type(err).__name__}: "
-                               f"{first[:200]}): check model.kwargs (in_chans, img_size, ...) against the data") from None
+                               f"{list(images.shape)} from data '{self.cfg.data.name}' ({one_line(err)}): check "
+                               "model.kwargs (in_chans, img_size, ...) against the data") from None
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, one_line
 from bionets.layers.raa import RAA, Base, Variant
 from bionets.layers.replace import replace_module
 
@@ -33,8 +33,7 @@ class ProbeError(BionetsError):
     """The model failed on the example input of the width probe (``cause``: its error, one line)."""
 
     def __init__(self, shape: list[int], error: Exception):
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        self.cause = f"{type(error).__name__}: {first[:160]}"
+        self.cause = one_line(error, 160)
         super().__init__(f"RAA's width probe: the model failed on an input of shape {shape} ({self.cause}); "
                          "give an example input the model accepts")
 
@@ -147,7 +146,9 @@ def _call_width(x: torch.Tensor, expected: int) -> tuple[int, int | None]:
 
 
 def _reset_neurons(model: nn.Module) -> None:
-    """SpikingJelly's neurons keep their state after a forward pass: drop the probe's."""
+    """SpikingJelly's neurons keep their state after a forward pass: drop the probe's. (Not
+    ``functional.reset_net``: it calls any module's ``reset()``, with a warning for those that are no
+    neuron, and caches the module list, which the swap that follows changes.)"""
     if "spikingjelly" in sys.modules:
         from spikingjelly.activation_based.base import MemoryModule
         for m in model.modules():

@@ -25,7 +25,7 @@ from torch import nn
 
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, one_line
 from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample
 from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_activations, probe_activations,
                                      replace_activations)
@@ -125,9 +125,8 @@ def _zeros(model: nn.Module, size: list[int]) -> torch.Tensor:
         return torch.zeros(2, *size, device=p.device if p is not None else None,
                            dtype=p.dtype if p is not None and p.is_floating_point() else None)
     except RuntimeError as err:     # more memory than there is
-        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
-        raise BionetsError(f"RAA's width probe cannot make an input of shape {[2, *size]} ({first}): give a smaller "
-                           "input_size (the widths do not depend on the image size of a CNN)") from None
+        raise BionetsError(f"RAA's width probe cannot make an input of shape {[2, *size]} ({one_line(err, 120)}): give "
+                           "a smaller input_size (the widths do not depend on the image size of a CNN)") from None
 
 
 # torch's and timm's modules there that are gates, normalizers or layers, not a neuron's activation

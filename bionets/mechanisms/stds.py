@@ -88,8 +88,8 @@ class StdsHook(SparsityHook):
             self.d = d
         if self.cfg.l1 and progress.lr:
             with torch.no_grad():
-                for theta in self.thetas:
-                    theta.copy_(theta.sign() * (theta.abs() - progress.lr * self.cfg.l1).clamp_min(0))
+                for theta in self.thetas:       # softshrink: sign(theta) max(|theta| - lambda, 0)
+                    theta.copy_(torch.nn.functional.softshrink(theta, progress.lr * self.cfg.l1))
 
     def copy_state(self, model: nn.Module, copy: nn.Module) -> None:
         """The EMA model computes with the scheduled D (an average of D over the steps lags the
