@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", help="parent of the run directory (sets out_dir)")
     t.add_argument("--resume", help="checkpoint to continue from exactly (sets resume)")
     t.add_argument("--quiet", action="store_true",
-                   help="print nothing but errors (the results are in the run directory: summary.json, metrics.jsonl)")
+                   help="print nothing but errors, and one line on stderr where the run directory asked for "
+                        "holds an earlier run and this run goes to another (the results are in the run "
+                        "directory: summary.json, metrics.jsonl)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     e.add_argument("checkpoint")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from bionets.configbase import Section, load_yaml
 from bionets.data.config import DataConfig
@@ -62,6 +62,8 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     mechanisms: dict[str, Any] = {}
     resume: str | None = None
+    # start-up notes from reading the config (not part of it: never saved, never compared on resume)
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("mechanisms", mode="before")
     @classmethod
@@ -212,8 +214,10 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a raw config mapping."""
+def apply_overrides(data: dict, overrides: list[str], notes: list[str] | None = None) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a raw config mapping. A mapping value
+    replaces the mapping there (``mechanisms={raa: {}}`` leaves no other mechanism); where that drops
+    keys, a line saying which is appended to ``notes``."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -236,6 +240,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
+        old = node.get(parts[-1])
+        if notes is not None and isinstance(old, dict) and isinstance(value, dict):
+            if dropped := [str(k) for k in old if k not in value]:
+                notes.append(f"note: the override {key.strip()}={{...}} replaces that whole mapping, so it drops "
+                             f"{', '.join(dropped)}; to change one entry, use {key.strip()}.KEY=VALUE")
         node[parts[-1]] = value
     return data
 
@@ -283,15 +292,21 @@ def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
 def resume_config(saved: dict, overrides: list[str]) -> RunConfig:
     """The resolved config of a loaded checkpoint (``saved``) with ``overrides`` applied: what
     ``bionets train --resume CKPT`` runs when no CONFIG is given."""
-    return validate_section(RunConfig, apply_overrides(saved["config"], overrides))
+    notes = []
+    cfg = validate_section(RunConfig, apply_overrides(saved["config"], overrides, notes))
+    cfg._notes = notes
+    return cfg
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config by path or bundled name (None: the embedded default) with overrides."""
     path = resolve_config(name or DEFAULT_CONFIG)
-    data = apply_overrides(_read_yaml(path), overrides or [])
+    notes = []
+    data = apply_overrides(_read_yaml(path), overrides or [], notes)
     data.setdefault("name", path.stem)
-    return validate_section(RunConfig, data)
+    cfg = validate_section(RunConfig, data)
+    cfg._notes = notes
+    return cfg
 
 
 def config_from_dict(data: dict) -> RunConfig:

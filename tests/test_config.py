@@ -97,6 +97,17 @@ def test_merge_and_overrides_do_not_mutate():
     assert apply_overrides(base, ["a.d.e=[1, 2]"])["a"]["d"]["e"] == [1, 2] and "d" not in base["a"]
 
 
+def test_a_mapping_override_that_drops_keys_says_which():
+    """'model.kwargs={hidden: 32}' on dnrt/digits replaced the mapping and silently dropped its
+    img_size and act_layer (a documented example then trained another model than meant)."""
+    cfg = load_config("dnrt/digits", ["model.kwargs={hidden: 32}", "model.kwargs.act_layer=relu"])
+    assert cfg.model.kwargs == {"hidden": 32, "act_layer": "relu"}
+    assert cfg._notes == ["note: the override model.kwargs={...} replaces that whole mapping, so it drops img_size, "
+                          "act_layer; to change one entry, use model.kwargs.KEY=VALUE"]
+    assert load_config("dnrt/digits", ["model.kwargs.hidden=32"])._notes == []
+    assert load_config("dnrt/digits", ["model.kwargs={img_size: 8, act_layer: gelu, hidden: 7}"])._notes == []
+
+
 def test_a_base_is_found_beside_the_config_that_names_it(tmp_path, monkeypatch):
     """cifar100/dit_resnet20 builds on the bundled cifar100/resnet20: a resnet20.yaml in the current
     folder (the user's, or configs/cifar10/) must not replace it (it silently trained CIFAR-10)."""

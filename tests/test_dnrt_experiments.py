@@ -40,3 +40,22 @@ def test_arr_and_responses_on_a_spiking_net(tmp_path):
     assert main(["experiment", "responses", f"checkpoint={tmp_path / 'snn' / 'last.pt'}", "--out", str(tmp_path / "r")]) == 0
     rows = list(csv.DictReader((tmp_path / "r" / "responses.csv").open()))
     assert rows and {r["class"] for r in rows} == {"0", "1", "2", "3"}
+
+
+def test_dnrt_seeds_on_a_config_that_needs_data(tmp_path, capsys):
+    """Any config with its dataset under data_root (MNIST's idx files here); without it, one line
+    naming the experiment's option, not bionets train's --data-root."""
+    from bionets.data.fakes import write_mnist
+
+    root = write_mnist(tmp_path / "data").parent.parent
+    config = tmp_path / "mnist.yaml"
+    config.write_text("base: dnrt/digits\nmodel: {kwargs: {img_size: 28, in_chans: 1}}\n"
+                      "data: {name: mnist, batch_size: 8}\n")
+    args = ["experiment", "dnrt_seeds", f"config={config}", "seeds=1", "epochs=1", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == ("bionets: error: data.root is not set for dataset 'mnist': pass "
+                                               "data_root=DIR")
+    assert main(args + [f"data_root={root}"]) == 0
+    assert "DNRT on mnist" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "out" / "dnrt_seeds.csv").open()))
+    assert len(rows) == 4 and all(0 <= float(r["final_top1"]) <= 100 for r in rows)

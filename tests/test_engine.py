@@ -601,6 +601,14 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
         train(fast_config(tmp_path, "model.kwargs={in_chans: 1, img_size: 16}"), quiet=True)
 
 
+def test_a_timm_size_check_is_one_line(tmp_path):
+    """timm's ViT asserts the input size (an AssertionError, where PyTorch raises RuntimeError)."""
+    with pytest.raises(BionetsError, match=r"failed on the first training batch, of shape \[64, 1, 8, 8\] from data "
+                                           r"'digits' \(AssertionError: Input height \(8\) doesn't match model \(16\)"):
+        train(fast_config(tmp_path, "model.name=vit_tiny_patch16_224",
+                          "model.kwargs={in_chans: 1, img_size: 16, patch_size: 4, depth: 1}"), quiet=True)
+
+
 def test_layout_free_weights_get_gradients_in_their_own_strides_for_ddp(tmp_path):
     """1x1 kernels and one-input-channel kernels are the same memory in both layouts, and their
     gradients come back in the strides of the layout the convolution chose: channels_last for

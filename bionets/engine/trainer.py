@@ -318,12 +318,13 @@ class Trainer:
 
     def _first_forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The run's first forward pass, where a model that does not fit the data (in_chans, img_size
-        set in model.kwargs) fails inside PyTorch: one line naming both, not a traceback."""
+        set in model.kwargs) fails inside PyTorch, or at timm's own size check (an AssertionError):
+        one line naming both, not a traceback."""
         try:
             return model(images)
         except torch.cuda.OutOfMemoryError:
             raise
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, AssertionError) as err:
             raise BionetsError(f"model '{self.cfg.model.name}' failed on the first training batch, of shape "
                                f"{list(images.shape)} from data '{self.cfg.data.name}' ({one_line(err)}): check "
                                "model.kwargs (in_chans, img_size, ...) against the data") from None
@@ -395,8 +396,8 @@ class Trainer:
             print(lr_line)
         if self.cfg.resume:
             print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch}")
-        for note in (slow_bf16_note(self.cfg.train.amp, self.device), unused_options_note(self.cfg.optim),
-                     schedule_note(self.cfg.sched, self.cfg.train.epochs)):
+        for note in (*self.cfg._notes, slow_bf16_note(self.cfg.train.amp, self.device),
+                     unused_options_note(self.cfg.optim), schedule_note(self.cfg.sched, self.cfg.train.epochs)):
             if note:
                 print(note)
 

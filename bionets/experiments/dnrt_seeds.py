@@ -1,4 +1,4 @@
-"""``bionets experiment dnrt_seeds``: baseline, +RAA, +ARR and +both over several seeds on digits.
+"""``bionets experiment dnrt_seeds``: baseline, +RAA, +ARR and +both over several seeds (on digits by default).
 
 Each variant adds mechanisms to ``configs/dnrt/digits.yaml`` (a 2-layer GELU MLP on the bundled
 digits); every (variant, seed) pair is one real training run through the engine, in ``runs/<variant>_<seed>``
@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.configbase import quoted
+from bionets.data.sources import data_options
 from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
 
@@ -25,13 +26,16 @@ VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}
 
 @register_experiment("dnrt_seeds")
 def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 15,
-               arr_weight: NonNegativeFloat = 1.0, config: str = "dnrt/digits") -> str:
-    """Baseline, +RAA, +ARR (weight ``arr_weight``) and +both trained on ``config`` for ``seeds``
-    seeds of ``epochs`` epochs each: final test top-1, mean and spread per variant."""
+               arr_weight: NonNegativeFloat = 1.0, config: str = "dnrt/digits", data_root: str | None = None) -> str:
+    """Baseline, +RAA, +ARR (weight ``arr_weight``) and +both trained on ``config`` (its dataset under
+    ``data_root``, where it needs one) for ``seeds`` seeds of ``epochs`` epochs each: final test
+    top-1, mean and spread per variant."""
     from bionets.config import load_config
     from bionets.engine.trainer import train
 
-    warmup = load_config(config).sched.warmup_epochs
+    where = [f"data.root={quoted(data_root)}"] if data_root is not None else []
+    base = load_config(config, where)
+    warmup, data = base.sched.warmup_epochs, base.data.name
     if warmup >= epochs:
         raise BionetsError(f"experiment dnrt_seeds: epochs={epochs} must exceed the warm-up of config {config} "
                            f"(sched.warmup_epochs={warmup:g}): raise epochs, or give a config with a shorter warm-up")
@@ -42,26 +46,27 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
             shutil.rmtree(out_dir / "runs" / name, ignore_errors=True)     # an earlier invocation's run
             cfg = load_config(config, [f"mechanisms={mech.replace('ARR', str(arr_weight))}", f"train.seed={seed}",
                                        f"train.epochs={epochs}", "train.progress=false", f"out_dir={quoted(out_dir / 'runs')}",
-                                       f"name={name}"])
-            s = train(cfg, quiet=True)
+                                       f"name={name}", *where])
+            with data_options("data_root=DIR", None):          # (the data errors name this experiment's option)
+                s = train(cfg, quiet=True)
             rows.append({"variant": variant, "seed": seed, "final_top1": s["final_top1"], "best_top1": s["best_top1"],
                          "run_dir": s["run_dir"]})
     with (out_dir / "dnrt_seeds.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"DNRT on digits ({config}, {seeds} seeds, {epochs} epochs, ARR weight {arr_weight}): final test top-1",
+    lines = [f"DNRT on {data} ({config}, {seeds} seeds, {epochs} epochs, ARR weight {arr_weight}): final test top-1",
              "| variant | mean | std | min | max |", "|---|---|---|---|---|"]
     stats = {}
     for variant in VARIANTS:
         accs = [r["final_top1"] for r in rows if r["variant"] == variant]
         stats[variant] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0)
         lines.append(f"| {variant} | {stats[variant][0]:.2f} | {stats[variant][1]:.2f} | {min(accs):.2f} | {max(accs):.2f} |")
-    _plot(stats, out_dir / "dnrt_seeds.png")
+    _plot(stats, data, out_dir / "dnrt_seeds.png")
     return "\n".join(lines)
 
 
-def _plot(stats: dict, path: Path) -> None:
+def _plot(stats: dict, data: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -72,7 +77,7 @@ def _plot(stats: dict, path: Path) -> None:
     low = min(stats[n][0] - stats[n][1] for n in names)
     ax.set_ylim(max(0, low - 2), 100)
     ax.set_ylabel("final test top-1 (%)")
-    ax.set_title("DNRT on digits: mean +- std over seeds")
+    ax.set_title(f"DNRT on {data}: mean +- std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -65,6 +65,7 @@ class VGGCifar(nn.Module):
 def resnet18_cifar(pretrained: bool = False, act_layer="relu", in_chans: int = 3, **kwargs) -> ResNet:
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
     act = resolve_act(act_layer)
+    kwargs.setdefault("num_classes", 10)                 # CIFAR-10's, as the other *_cifar models
     model = ResNet(BasicBlock, [2, 2, 2, 2], in_chans=in_chans, act_layer=lambda inplace=False: act(), **kwargs)
     model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
