@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from bionets.configbase import Section, load_yaml
+from bionets.configbase import Section, Seed, load_yaml
 from bionets.data.config import DataConfig
 from bionets.engine.optim import OptimConfig, SchedConfig
 from bionets.errors import BionetsError, closest
@@ -41,7 +41,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"                                 # auto | cpu | cuda | cuda:N
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False   # torch.compile the model (mode)
     progress: bool = True                                # progress bar (rank 0)
@@ -89,6 +89,9 @@ class RunConfig(Section):
                 raise BionetsError(f"mechanisms.{name} trains with optim.name={needed}, got optim.name="
                                    f"{self.optim.name}: set optim.name={needed} (without it the mechanism's own "
                                    "update never runs)")
+        if self.sched.min_lr > self.optim.lr:
+            raise BionetsError(f"sched.min_lr={self.sched.min_lr:g} is above optim.lr={self.optim.lr:g}: the schedule "
+                               "would raise the rate to it; set sched.min_lr below optim.lr (default 0)")
         return self
 
     @property

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+# a random seed: what torch.manual_seed and NumPy take (a larger one overflowed inside them)
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class _Loader(yaml.SafeLoader):

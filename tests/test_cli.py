@@ -95,11 +95,17 @@ def test_cuda_asked_for_without_cuda_is_one_line_for_every_command(args, said, t
     ("weight_decay=-1", "option weight_decay=-1: Input should be greater than or equal to 0"),
     ("max_iter=abc", "option max_iter='abc': Input should be a valid integer"),
     ("device=gpu", "option device=gpu is not a device bionets runs on"),
+    ("fractions=[]", "option fractions=[]: List should have at least 1 item"),
+    ("gaussian separation=-1", "option separation=-1: Input should be greater than 0"),
+    ("gaussian data_seed=99999999999999999999", "option data_seed=99999999999999999999: Input should be less than"),
+    ("gaussian cases=[]", "option cases=[]: List should have at least 1 item"),
 ])
 def test_bad_experiment_options_are_one_line_before_any_work(option, message, tmp_path, capsys):
     """Checked against the experiment's annotations before it trains anything (a fraction of 1.5
-    used to fail after the other fractions had trained; seeds=0 ended on an IndexError)."""
-    assert main(["experiment", "fewshot", option, "--out", str(tmp_path)]) == 2
+    used to fail after the other fractions had trained; seeds=0 ended on an IndexError; an empty list
+    left an empty CSV; a separation of -1 failed inside the data's own config)."""
+    name, option = option.split(" ") if " " in option else ("fewshot", option)
+    assert main(["experiment", name, option, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not list(tmp_path.iterdir())

@@ -31,6 +31,12 @@ def test_default_config_loads_and_overrides_apply():
     ("mechanisms={raa: {}, raa: {weight: 1}}", "override 'mechanisms={raa: {}, raa: {weight: 1}}': key 'raa' appears twice"),
     ("mechanisms={gradr: {}}", "mechanisms.gradr trains with optim.name=gradr, got optim.name=sgd: set optim.name=gradr"),
     ("epochs", "must look like key=value"),
+    # bounds the libraries would otherwise enforce with a traceback, or not at all
+    ("optim.betas=[2, -1]", "config key 'optim.betas.0': Input should be less than 1 (got 2)"),
+    ("train.seed=99999999999999999999", "config key 'train.seed': Input should be less than 9223372036854775808"),
+    ("sched.milestones=[-5, 0]", "config key 'sched.milestones.0': Input should be greater than or equal to 1"),
+    ("sched.decay_rate=100", "config key 'sched.decay_rate': Input should be less than or equal to 1"),
+    ("sched.min_lr=10", "sched.min_lr=10 is above optim.lr=0.1: the schedule would raise the rate"),
 ])
 def test_bad_config_is_one_line(override, expected):
     with pytest.raises(BionetsError) as err:

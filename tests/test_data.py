@@ -342,6 +342,14 @@ def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):
     batch["labels"][0] = 12
     (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "has label 12 outside 0..9")
+    # labels that are not integers: strings failed inside torch, fractions trained as some class
+    for labels in (["cat"] * len(batch["labels"]), [1.5] * len(batch["labels"])):
+        (folder / "data_batch_1").write_bytes(pickle.dumps({**batch, "labels": labels}))
+        one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "labels that are not one integer")
+    # a pickle naming a module or a class that does not exist (ImportError, AttributeError)
+    for bad in (b"cnosuchmodule\nFoo\n)R.", b"cbuiltins\nnotathing\n)R."):
+        (folder / "data_batch_1").write_bytes(bad)
+        one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not in CIFAR's python-pickle format")
 
     raw = write_mnist(tmp_path / "m", gz=True)
     good = (raw / "train-images-idx3-ubyte.gz").read_bytes()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from bionets.configbase import Section
+from bionets.configbase import Section, Seed
 
 
 class GaussianConfig(Section):
@@ -23,7 +23,7 @@ class GaussianConfig(Section):
     n_train: int = Field(1000, ge=1)
     n_test: int = Field(5000, ge=1)
     separation: float = Field(1.0, gt=0)  # each class mean lies separation/2 from the origin
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DataConfig(Section):

@@ -23,8 +23,10 @@ from bionets.errors import BionetsError
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-# what a file in the wrong format raises inside torchvision's readers (idx: assert on the magic number)
-FORMAT_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AssertionError)
+# what a file in the wrong format raises inside torchvision's readers (idx: assert on the magic number;
+# a pickle naming a class that does not exist: ImportError or AttributeError)
+FORMAT_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AssertionError,
+                 ImportError, AttributeError)
 
 
 _OPTIONS: ContextVar[tuple[str, str | None]] = ContextVar("data_options",
@@ -128,14 +130,23 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
         if ds.data.dtype != np.uint8 or ds.data.ndim != 4 or len(ds.data) != len(ds.targets):
             raise BionetsError(f"{name} files under '{path / folder}' hold {len(ds.data)} images ({ds.data.dtype}) "
                                f"and {len(ds.targets)} labels, not one uint8 image per label: re-download them")
-        targets = check_labels(torch.tensor(ds.targets), classes, f"{name} under '{path / folder}'")
+        targets = check_labels(ds.targets, classes, f"{name} under '{path / folder}'")
         splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), targets]
     return (*splits, list(ds.classes))
 
 
-def check_labels(targets: torch.Tensor, classes: int, what: str) -> torch.Tensor:
-    """``targets``, or one error line when one lies outside 0..classes-1 (training would fail on it
-    deep inside the loss)."""
+def check_labels(targets, classes: int, what: str) -> torch.Tensor:
+    """``targets`` as a tensor, or one error line when they are not integers (strings would fail
+    inside torch, fractions would pass as some class) or one lies outside 0..classes-1 (training
+    would fail on it deep inside the loss)."""
+    try:
+        targets = torch.as_tensor(targets)
+    except FORMAT_ERRORS:
+        targets = None
+    if targets is None or targets.ndim != 1 or targets.is_floating_point() or targets.is_complex() or \
+            targets.dtype == torch.bool:
+        raise BionetsError(f"{what} holds labels that are not one integer per image: the files are corrupt or "
+                           "from another dataset; re-download them")
     bad = targets[(targets < 0) | (targets >= classes)]
     if len(bad):
         raise BionetsError(f"{what} has label {int(bad[0])} outside 0..{classes - 1}: the files are corrupt or "

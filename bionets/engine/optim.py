@@ -28,6 +28,7 @@ from bionets.errors import BionetsError, unknown
 
 TIMM_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nadam", "rmsprop", "lamb", "lars")
 SCHEDULES = ("cosine", "step", "multistep", "const")
+Beta = Annotated[float, Field(ge=0, lt=1)]                   # Adam's betas: running-average factors
 MOMENTUM_STYLE = ("sgd", "momentum", "rmsprop", "lars")      # take optim.momentum; the others betas and eps
 
 
@@ -36,7 +37,7 @@ class OptimConfig(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     nesterov: bool = False
     decay_norm_and_bias: bool = False
@@ -49,9 +50,9 @@ class SchedConfig(Section):
     warmup_epochs: float = Field(0, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(0.0, ge=0)
-    milestones: list[int] = [80, 120]   # multistep: epochs where lr is multiplied by decay_rate
+    milestones: list[Annotated[int, Field(ge=1)]] = [80, 120]   # multistep: epochs where lr is multiplied by decay_rate
     decay_epochs: int = Field(30, ge=1)  # step: period
-    decay_rate: float = Field(0.1, gt=0)
+    decay_rate: float = Field(0.1, gt=0, le=1)   # above 1 the rate would grow
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]] = {}

@@ -18,13 +18,15 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError, validate_call
 
 from bionets.errors import BionetsError, unknown
 
 Fraction = Annotated[float, Field(gt=0, le=1)]      # a fraction of a training set
+T = TypeVar("T")
+NonEmpty = Annotated[list[T], Field(min_length=1)]  # NonEmpty[X]: a list option that needs a value
 
 EXPERIMENTS: dict[str, Callable[..., str]] = {}
 
@@ -57,4 +59,4 @@ def get_experiment(name: str) -> Callable[..., str]:
     return EXPERIMENTS[name]
 
 
-__all__ = ["EXPERIMENTS", "Fraction", "Path", "get_experiment", "register_experiment"]
+__all__ = ["EXPERIMENTS", "Fraction", "NonEmpty", "Path", "get_experiment", "register_experiment"]

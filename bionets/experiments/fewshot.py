@@ -17,7 +17,7 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.engine.checkpoint import make_output_dir
-from bionets.experiments import Fraction, register_experiment
+from bionets.experiments import Fraction, NonEmpty, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, count_parameters, fit,
                                                load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
@@ -28,7 +28,7 @@ FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @register_experiment("fewshot")
-def fewshot(out_dir: Path, *, fractions: list[Fraction] = FRACTIONS, seeds: PositiveInt = 3,
+def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: PositiveInt = 3,
             data_root: str | None = None, rank: PositiveInt | None = None, hidden: PositiveInt | None = None,
             weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 200, device: str = "cpu") -> str:
     """Test accuracy of quadratic neurons (``rank``: full A if None) and a two-layer MLP (``hidden``

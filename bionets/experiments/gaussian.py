@@ -32,14 +32,15 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from scipy import integrate, stats
 
 from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
 from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
-from bionets.experiments import register_experiment
+from bionets.configbase import Seed
+from bionets.experiments import NonEmpty, register_experiment
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
                                                quadratic_model, two_layer_mlp, write_csv)
 
@@ -184,10 +185,10 @@ def _plot_boundaries(path: Path, fitted: dict, problems: dict, train_sets: dict,
 
 
 @register_experiment("gaussian")
-def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: list[Literal["identical", "different"]] = CASES,
+def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["identical", "different"]] = CASES,
              n_min: SampleSize = 8, n_max: SampleSize = 2048, points: PositiveInt = 9, seeds: PositiveInt = 5,
              hidden: PositiveInt = 32, weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 300,
-             n_test: PositiveInt = 20000, separation: float = 2.0, data_seed: int = 0,
+             n_test: PositiveInt = 20000, separation: PositiveFloat = 2.0, data_seed: Seed = 0,
              boundary_n: list[SampleSize] | None = None) -> str:
     """Quadratic neuron vs two-layer MLP (``hidden`` ReLU units) on two Gaussian classes in ``dim`` dims.
 
