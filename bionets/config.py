@@ -75,6 +75,12 @@ class RunConfig(Section):
     def _names_a_directory(cls, v):
         if not v.strip("/\\ "):
             raise ValueError("must name the run's directory under out_dir, e.g. name=digits")
+        parts = Path(v).parts
+        if Path(v).is_absolute() or ".." in parts:
+            raise ValueError("must name a directory under out_dir (no '..', not an absolute path): set out_dir "
+                             "for where the runs go")
+        if any(len(part.encode()) > 255 for part in parts):
+            raise ValueError("has a folder name over 255 bytes, more than file systems allow: choose a shorter name")
         return v
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,10 @@ def test_an_output_path_blocked_by_a_file_or_directory_is_one_line(tmp_path, cap
     assert main(["train", *FAST, "train.epochs=1", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
     assert main(["export", str(tmp_path / "r" / "last.pt"), str(tmp_path / "adir")]) == 2
     assert f"cannot write '{tmp_path / 'adir'}': it is a directory" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():        # a folder that exists but takes no new file (even as root)
+        assert main(["export", str(tmp_path / "r" / "last.pt"), "/proc/x.pt"]) == 2
+        assert capsys.readouterr().err.strip() == ("bionets: error: cannot write '/proc/x.pt' (No such file or "
+                                                   "directory): give a path in a folder you can write to")
 
 
 def test_path_flags_are_paths_not_yaml(tmp_path):

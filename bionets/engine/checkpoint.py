@@ -107,7 +107,11 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise BionetsError(f"cannot write '{path}': it is a directory; give a file path (inside it, say)")
     make_output_dir(path.parent)
     with ctrl_c_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as err:
+            raise BionetsError(f"cannot write '{path}' ({err.strerror or type(err).__name__}): give a path in a "
+                               "folder you can write to") from None
         try:
             if hasattr(os, "fchmod"):                # (POSIX)
                 os.fchmod(fd, _FILE_MODE)
