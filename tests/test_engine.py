@@ -321,10 +321,20 @@ def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, m
     ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
     for key, value, msg in (("optimizer", None, "lacks its 'optimizer' entry"),
                             ("optimizer", {"state": {}}, "its optimizer, schedule, EMA or random state cannot be "
-                                                         "restored \\(KeyError")):
+                                                         "restored \\(KeyError"),
+                            ("history", [1, 2], "holds a list of non-records as its 'history' entry"),
+                            ("epoch", -1, "is at epoch -1, step 22, outside its run's 0..1 epochs"),
+                            ("epoch", 999, "is at epoch 999, step 22, outside its run's 0..1 epochs")):
         save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in {**ckpt, key: value}.items() if v is not None})
         with pytest.raises(BionetsError, match=msg):
             train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'bad.pt'}", name="b"), quiet=True)
+    # bytes changed inside a tensor: torch.load read them as they were, the zip's CRC-32 tells
+    data = bytearray((tmp_path / "a" / "last.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(255 - b for b in data[middle:middle + 200])
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(BionetsError, match="is corrupt or truncated \\(BadZipFile\\)"):
+        load_checkpoint(tmp_path / "flipped.pt")
 
 
 class _CtrlCWhilePickled:

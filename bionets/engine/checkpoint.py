@@ -141,6 +141,7 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
     if not path.is_file():
         raise BionetsError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by 'bionets train'")
     try:
+        _check_crc(path)
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise BionetsError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}): "
@@ -159,6 +160,16 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
     return state
 
 
+def _check_crc(path: Path) -> None:
+    """A zip checkpoint (what torch.save writes) whose bytes changed on disk raises BadZipFile: torch.load
+    does not check the CRC-32 that torch.save stores with each tensor, so flipped bytes inside a tensor
+    loaded silently. Reading the file once more costs ~1 s a GB."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if (bad := archive.testzip()) is not None:
+                raise zipfile.BadZipFile(f"bad CRC-32 for {bad}")
+
+
 _ENTRY_TYPES = {"config": dict, "model": dict, "plain_model": dict, "optimizer": dict, "scheduler": dict,
                 "scaler": dict, "rng": dict, "epoch": int, "step": int, "best_top1": (int, float), "history": list}
 
@@ -167,8 +178,11 @@ def require_entries(state: dict, path: str | Path, keys: tuple[str, ...]) -> Non
     """One error line where a checkpoint lacks one of ``keys`` or holds it as the wrong kind of
     value: a file with the marker but not all of a run's state (another program's, or edited)."""
     for key in keys:
-        if not isinstance(state.get(key), _ENTRY_TYPES[key]):
-            what = "lacks" if key not in state else f"holds a {type(state[key]).__name__} as"
+        value = state.get(key)
+        rows_bad = key == "history" and isinstance(value, list) and not all(isinstance(r, dict) for r in value)
+        if not isinstance(value, _ENTRY_TYPES[key]) or rows_bad:
+            what = ("lacks" if key not in state else "holds a list of non-records as" if rows_bad
+                    else f"holds a {type(value).__name__} as")
             raise BionetsError(f"checkpoint '{path}' {what} its '{key}' entry (not as 'bionets train' writes it): "
                                "use another checkpoint (e.g. best.pt or last.pt of the run)")
 

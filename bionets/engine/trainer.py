@@ -121,6 +121,10 @@ class Trainer:
             require_entries(resume, cfg.resume, ("optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_top1",
                                                  "history"))
             check_resume_config(resume["config"], cfg, cfg.resume)
+            if not 0 <= resume["epoch"] <= t.epochs or resume["step"] < 0:
+                raise BionetsError(f"checkpoint '{cfg.resume}' is at epoch {resume['epoch']}, step {resume['step']}, "
+                                   f"outside its run's 0..{t.epochs} epochs (edited or written by another program): "
+                                   "use another checkpoint (e.g. best.pt or last.pt of the run)")
         seed_everything(t.seed)
         self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,
                                label_smoothing=t.label_smoothing)
