@@ -60,3 +60,20 @@ def require_sizes(owner: str, **sizes) -> None:
     bad = [f"{name}={value!r}" for name, value in sizes.items() if not positive(value)]
     if bad:
         raise BionetsError(f"{owner} needs positive whole numbers, got {', '.join(bad)}")
+
+
+def name_list(value, what: str) -> list[str]:
+    """``value`` (names or glob patterns) as a list; a bare string is an error, since it would be read
+    a character at a time (``include="layer1*"`` matched every layer through its ``*``)."""
+    if isinstance(value, str):
+        raise BionetsError(f"{what} takes a list of names or glob patterns, got the string {value!r}: write "
+                           f"[{value!r}]")
+    return list(value)
+
+
+def require_module(model, who: str) -> None:
+    """One error where ``who`` is handed something other than a torch module."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise BionetsError(f"{who} takes a torch.nn.Module, got {type(model).__name__}")

@@ -176,6 +176,8 @@ def test_channel_switch_and_bad_options():
         QuadraticChannel(3)(torch.randn(1, 4, 2, 2))
     with pytest.raises(BionetsError, match=r"takes \[N, C, H, W\] maps, got shape \[3, 4, 4\]"):
         QuadraticChannel(3)(torch.randn(3, 4, 4))
+    with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
+        QuadraticChannel(3)(torch.ones(1, 3, 2, 2, dtype=torch.long))    # (zeros, silently)
 
 
 @pytest.mark.parametrize("c", [1, 16, 72])      # both CPU branches of dL/dx: outer products (C <= 64), triangle rows

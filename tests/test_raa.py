@@ -171,6 +171,13 @@ def test_raa_bad_input():
         RAA(4, variant="diag")
     with pytest.raises(BionetsError, match="built for 4 features"):
         RAA(4)(torch.randn(2, 5))
+    with pytest.raises(BionetsError, match="RAA takes floating-point input, got torch.int64"):
+        RAA(4)(torch.tensor([[3, 5, 7, 9]]))          # (it returned [[2, 4, 7, 9]])
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with pytest.raises(BionetsError, match=r"patterns takes a list .*got the string '1\*': write \['1\*'\]"):
+        swap_activations(model, patterns="1*")        # ('*' alone matched every activation)
+    with pytest.raises(BionetsError, match="swap_activations takes a torch.nn.Module, got int"):
+        swap_activations(5)
 
 
 def test_raa_trains_on_digits():

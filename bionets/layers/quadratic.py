@@ -172,6 +172,8 @@ class QuadraticChannel(QuadraticTerm):
             raise BionetsError(f"QuadraticChannel takes [N, C, H, W] maps, got shape {list(x.shape)} (a single image: "
                                "x.unsqueeze(0))")
         n, c, h, w = x.shape
+        if not x.is_floating_point():           # (integer maps gave zeros silently)
+            raise BionetsError(f"QuadraticChannel takes floating-point input, got {x.dtype}: convert it (x.float())")
         if c != self.in_channels:
             raise BionetsError(f"QuadraticChannel expects {self.in_channels} input channels, got {c} (input {list(x.shape)})")
         if not self.enabled:

@@ -359,6 +359,8 @@ class RAA(nn.Module):
                                "this call (layers registered out of call order, or one module called at several widths); "
                                "swap with an example input (swap_activations(..., example_input=x), or the raa option "
                                "input_size: [C, H, W]) so that every call's width is seen, or exclude it by pattern")
+        if not x.is_floating_point():            # (integers were rounded silently; nn.GELU refuses them)
+            raise BionetsError(f"RAA takes floating-point input, got {x.dtype}: convert it (x.float())")
         plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
         if self.compiled or plain:
             # inside a compiled model (train.compile) the plain expression, which Inductor fuses and

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bionets.errors import BionetsError, one_line
+from bionets.errors import BionetsError, name_list, one_line, require_module
 from bionets.layers.raa import RAA, Base, Variant
 from bionets.layers.replace import replace_module
 
@@ -161,7 +161,9 @@ def find_activations(model: nn.Module, types: tuple[str, ...] = DEFAULT_TYPES,
     """The activation modules of ``types`` (class names) whose names match ``patterns`` (globs), by
     name (a module held in several places: its first name), with the width read from the nearest
     module registered before each that has one (Linear, Conv, BatchNorm, LayerNorm)."""
-    wanted = {t.lower() for t in types}
+    require_module(model, "find_activations")
+    wanted = {t.lower() for t in name_list(types, "types")}
+    patterns = name_list(patterns, "patterns") if patterns is not None else None
     chosen: dict[str, Activation] = {}
     width, axis, done = None, None, set()
     for name, module in list(model.named_modules()):
@@ -263,6 +265,7 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
     inside ``forward`` (e.g. ``F.relu``) are not modules and are not swapped (the probe of
     :func:`probe_activations` counts them).
     """
+    require_module(model, "swap_activations")
     chosen = find_activations(model, types, patterns)
     probe = probe_activations(model, chosen, example_input) if example_input is not None and chosen else None
     return replace_activations(model, chosen, probe, variant, base, compiled)

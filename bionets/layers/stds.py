@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bionets.errors import BionetsError, unknown
+from bionets.errors import BionetsError, name_list, require_module, unknown
 
 SPARSE_FUNCTIONS = ("stmod", "st", "identity")
 SCHEDULES = ("sine", "linear", "fixed")
@@ -157,7 +157,9 @@ def _types(types: Iterable[str]) -> tuple[type, ...]:
 def select_layers(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
                   types: Iterable[str] = ("conv", "linear")) -> list[str]:
     """Names of the layers of ``types`` whose name matches an ``include`` glob and no ``exclude`` glob."""
-    include, exclude, classes = list(include), list(exclude), _types(types)
+    require_module(model, "select_layers")
+    include, exclude = name_list(include, "include"), name_list(exclude, "exclude")
+    classes = _types(name_list(types, "types"))
     return [name for name, m in model.named_modules()
             if isinstance(m, classes) and isinstance(getattr(m, "weight", None), torch.Tensor)
             and any(fnmatch.fnmatch(name, p) for p in include) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
@@ -210,6 +212,7 @@ def apply_stds(model: nn.Module, sparse_function: str = "stmod", d: float = 0.0,
     Returns the names of the reparameterized layers (those done before included); raises
     :class:`BionetsError` if no layer is eligible.
     """
+    require_module(model, "apply_stds")
     check_sparse_function(sparse_function)
     check_threshold(d)
     names = select_layers(model, include, exclude, types)
