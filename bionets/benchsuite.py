@@ -26,7 +26,7 @@ from bionets.bench import (Timing, alternating_step_times, device_name, loss_wit
 from bionets.conversion import convert
 from bionets.engine.checkpoint import make_output_dir
 from bionets.engine.model import use_channels_last
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, one_line
 from bionets.mechanisms import MECHANISMS, get_mechanism
 
 
@@ -117,7 +117,13 @@ def run_suite(out_dir: Path, *, device: torch.device | None = None, mechanisms: 
             continue
         for batch in batches:
             for width in widths:
-                base, mech, ratio = run_case(case, width, batch, dev, repeats)
+                try:
+                    base, mech, ratio = run_case(case, width, batch, dev, repeats)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+                        raise
+                    raise BionetsError(f"bench ran out of memory at width {width}, batch {batch} on {dev} "
+                                       f"({one_line(err, 120)}): use smaller --widths or --batches") from None
                 points.append((case.mechanism, batch, width, ratio))
                 rows.append(f"| {case.mechanism} | {case.baseline} | {width} | {batch} | {base.step_ms:.2f} | "
                             f"{mech.step_ms:.2f} | {ratio:.3f}x | {base.forward_ms:.2f} / {mech.forward_ms:.2f} | "

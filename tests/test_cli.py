@@ -260,3 +260,18 @@ def test_overrides_may_follow_options():
         _parse(["train", "--data-root", "/data", "--bogus"])
     with pytest.raises(SystemExit):
         _parse(["eval", "ckpt.pt", "train.epochs=2"])
+
+
+def test_bench_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A width too large for the device ended on the allocator's traceback (raised here by a stand-in:
+    a real 19 TB request could succeed under memory overcommit and take the machine down)."""
+    import bionets.benchsuite
+
+    def too_big(case, width, batch, device, repeats):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 19199999999808 bytes")
+    monkeypatch.setattr(bionets.benchsuite, "run_case", too_big)
+    assert main(["bench", "--widths", "99999999999", "--mechanisms", "raa", "--batches", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip().startswith("bionets: error: bench ran out of memory at width 99999999999, "
+                                                      "batch 1 on cpu (RuntimeError: DefaultCPUAllocator")
+    assert not (tmp_path / "b").exists()
