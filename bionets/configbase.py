@@ -7,7 +7,7 @@ import re
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # a random seed: what torch.manual_seed and NumPy take (a larger one overflowed inside them)
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
@@ -62,6 +62,14 @@ def quoted(text: str) -> str:
 
 class Section(BaseModel):
     """A config section. ``extra='forbid'`` turns a misspelt key into an error naming it; no number
-    may be infinite or NaN (``d_max=inf`` failed deep in the first step)."""
+    may be infinite or NaN (``d_max=inf`` failed deep in the first step), and no number true or false
+    (pydantic reads ``train.epochs=true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v, info):
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError("takes a number, not true or false")
+        return v

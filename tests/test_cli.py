@@ -97,6 +97,7 @@ def test_cuda_asked_for_without_cuda_is_one_line_for_every_command(args, said, t
     ("max_iter=abc", "option max_iter='abc': Input should be a valid integer"),
     ("device=gpu", "option device=gpu is not a device bionets runs on"),
     ("fractions=[]", "option fractions=[]: List should have at least 1 item"),
+    ("seeds=true", "option seeds=True: takes a number, not true or false"),
     ("gaussian separation=-1", "option separation=-1: Input should be greater than 0"),
     ("gaussian data_seed=99999999999999999999", "option data_seed=99999999999999999999: Input should be less than"),
     ("gaussian cases=[]", "option cases=[]: List should have at least 1 item"),

@@ -37,6 +37,8 @@ def test_default_config_loads_and_overrides_apply():
     ("sched.milestones=[-5, 0]", "config key 'sched.milestones.0': Input should be greater than or equal to 1"),
     ("sched.decay_rate=100", "config key 'sched.decay_rate': Input should be less than or equal to 1"),
     ("sched.min_lr=10", "sched.min_lr=10 is above optim.lr=0.1: the schedule would raise the rate"),
+    ("train.epochs=true", "config key 'train.epochs': takes a number, not true or false (got True)"),
+    ("mechanisms.arr.weight=false", "config key 'mechanisms.arr.weight': takes a number, not true or false"),
     ("name=../../escape", "config key 'name': must name a directory under out_dir (no '..', not an absolute path)"),
     ("name=" + "a" * 300, "config key 'name': has a folder name over 255 bytes"),
 ])

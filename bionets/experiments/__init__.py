@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -37,6 +38,10 @@ def register_experiment(name: str):
 
         @functools.wraps(fn)
         def run(out_dir: Path, **options):
+            numbers = {k for k, t in typing.get_type_hints(fn).items() if t in (int, float)}
+            for option, value in options.items():       # (pydantic reads seeds=true as 1)
+                if isinstance(value, bool) and option in numbers:
+                    raise BionetsError(f"experiment {name}: option {option}={value!r}: takes a number, not true or false")
             try:
                 return checked(out_dir, **options)
             except ValidationError as err:
