@@ -221,6 +221,11 @@ def test_arr_loss_called_directly_checks_its_arguments():
             arr_loss(memory, [r], y, **{"weight": 1.0, "momentum": 0.1, **kwargs})
     with pytest.raises(BionetsError, match="a target outside 0..2"):
         arr_loss(memory, [r], torch.tensor([0, 1, 5, 1]), weight=1.0, momentum=0.1)
+    # targets as a list, one-hot, or [N, 1]: AttributeError or a C++ error before
+    for targets, got in (([0, 1, 2, 1], "a list"), (torch.eye(3)[y], "a torch.float32 tensor of shape \\(4, 3\\)"),
+                         (y[:, None], "a torch.int64 tensor of shape \\(4, 1\\)")):
+        with pytest.raises(BionetsError, match=f"arr_loss takes targets as a 1-D integer tensor of class indices, got {got}"):
+            arr_loss(memory, [r], targets, weight=1.0, momentum=0.1)
     # too many, wrong widths, none; as one tensor: too many layers, wrong width, not [J, N, D]
     for responses in ([r, r], [torch.randn(4, 3)], [torch.randn(4, 2, 1)], [], torch.randn(2, 4, 2), torch.randn(1, 4, 3),
                       r):

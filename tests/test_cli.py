@@ -98,6 +98,7 @@ def test_cuda_asked_for_without_cuda_is_one_line_for_every_command(args, said, t
     ("device=gpu", "option device=gpu is not a device bionets runs on"),
     ("fractions=[]", "option fractions=[]: List should have at least 1 item"),
     ("seeds=true", "option seeds=True: takes a number, not true or false"),
+    ("rank=false", "option rank=False: takes a number, not true or false"),
     ("gaussian separation=-1", "option separation=-1: Input should be greater than 0"),
     ("gaussian data_seed=99999999999999999999", "option data_seed=99999999999999999999: Input should be less than"),
     ("gaussian cases=[]", "option cases=[]: List should have at least 1 item"),

@@ -311,7 +311,8 @@ def test_bad_arguments_are_one_line():
     cases = [lambda: SoftThreshold("soft"), lambda: SoftThreshold("stmod", -0.1),
              lambda: threshold_at("cosine", 1.0, 0, 10), lambda: apply_stds(nn.Sequential(nn.ReLU())),
              lambda: apply_stds(nn.Linear(2, 2), include=["head*"]), lambda: set_threshold(nn.Linear(2, 2), -1.0),
-             lambda: apply_stds(nn.Linear(2, 2), include="x*"), lambda: apply_stds("model")]
+             lambda: apply_stds(nn.Linear(2, 2), include="x*"), lambda: apply_stds("model"), lambda: sparsity(5),
+             lambda: export(5)]
     for case in cases:
         with pytest.raises(BionetsError) as err:
             case()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,9 @@ def register_experiment(name: str):
 
         @functools.wraps(fn)
         def run(out_dir: Path, **options):
-            numbers = {k for k, t in typing.get_type_hints(fn).items() if t in (int, float)}
+            numbers = {k for k, t in typing.get_type_hints(fn).items()
+                       if t in (int, float) or typing.get_origin(t) in (typing.Union, types.UnionType)
+                       and set(typing.get_args(t)) <= {int, float, type(None)}}
             for option, value in options.items():       # (pydantic reads seeds=true as 1)
                 if isinstance(value, bool) and option in numbers:
                     raise BionetsError(f"experiment {name}: option {option}={value!r}: takes a number, not true or false")

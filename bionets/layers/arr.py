@@ -217,6 +217,11 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
     if form not in FORMS or not 0 <= momentum < 1 or not weight >= 0:
         raise BionetsError(f"arr_loss needs form in {FORMS}, 0 <= momentum < 1 and weight >= 0, got form={form!r}, "
                            f"momentum={momentum}, weight={weight}")
+    if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.is_floating_point() or targets.is_complex():
+        got = f"a {type(targets).__name__}" if not isinstance(targets, torch.Tensor) else \
+            f"a {targets.dtype} tensor of shape {tuple(targets.shape)}"
+        raise BionetsError(f"arr_loss takes targets as a 1-D integer tensor of class indices, got {got} (one-hot "
+                           "targets: targets.argmax(1))")
     layers, classes, dim = memory.mean.shape
     as_one = isinstance(responses, torch.Tensor)
     if as_one:

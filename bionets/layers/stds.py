@@ -278,6 +278,7 @@ class Sparsity:
 @torch.no_grad()
 def sparsity(model: nn.Module) -> Sparsity:
     """Count the exact zeros of every pruned layer's effective weight."""
+    require_module(model, "sparsity")
     zeros, sizes = {}, {}
     for name, m in pruned_layers(model):
         w = m.weight
@@ -288,6 +289,7 @@ def sparsity(model: nn.Module) -> Sparsity:
 
 def export(model: nn.Module) -> nn.Module:
     """Bake every sparse parametrization into a plain ``weight`` (the effective one, zeros included)."""
+    require_module(model, "export")
     for _, m in pruned_layers(model):
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     _invalidate_spiking_reset_cache(model)
