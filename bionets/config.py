@@ -302,9 +302,7 @@ def resume_config(saved: dict, overrides: list[str]) -> RunConfig:
     """The resolved config of a loaded checkpoint (``saved``) with ``overrides`` applied: what
     ``bionets train --resume CKPT`` runs when no CONFIG is given."""
     notes = []
-    cfg = validate_section(RunConfig, apply_overrides(saved["config"], overrides, notes))
-    cfg._notes = notes
-    return cfg
+    return _with_notes(apply_overrides(saved["config"], overrides, notes), notes)
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -313,6 +311,11 @@ def load_config(name: str | None = None, overrides: list[str] | None = None) -> 
     notes = []
     data = apply_overrides(_read_yaml(path), overrides or [], notes)
     data.setdefault("name", path.stem)
+    return _with_notes(data, notes)
+
+
+def _with_notes(data: dict, notes: list[str]) -> RunConfig:
+    """The run config of ``data``, carrying the start-up ``notes`` of reading it."""
     cfg = validate_section(RunConfig, data)
     cfg._notes = notes
     return cfg

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import types
+import typing
 from typing import Annotated
 
 import yaml
@@ -11,6 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # a random seed: what torch.manual_seed and NumPy take (a larger one overflowed inside them)
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+def takes_a_number(annotation) -> bool:
+    """Whether ``annotation`` is int or float, or one of them or None (``float | None``): where
+    pydantic reads true and false as 1 and 0, which no config key or experiment option means."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(annotation)) if union else {annotation}
+    return bool(kinds & {int, float}) and kinds <= {int, float, type(None)}
 
 
 class _Loader(yaml.SafeLoader):
@@ -70,6 +80,6 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, v, info):
-        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+        if isinstance(v, bool) and takes_a_number(cls.model_fields[info.field_name].annotation):
             raise ValueError("takes a number, not true or false")
         return v

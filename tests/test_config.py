@@ -39,6 +39,7 @@ def test_default_config_loads_and_overrides_apply():
     ("sched.min_lr=10", "sched.min_lr=10 is above optim.lr=0.1: the schedule would raise the rate"),
     ("train.epochs=true", "config key 'train.epochs': takes a number, not true or false (got True)"),
     ("mechanisms.arr.weight=false", "config key 'mechanisms.arr.weight': takes a number, not true or false"),
+    ("train.clip_grad=true", "config key 'train.clip_grad': takes a number, not true or false"),
     ("name=../../escape", "config key 'name': must name a directory under out_dir (no '..', not an absolute path)"),
     ("name=" + "a" * 300, "config key 'name': has a folder name over 255 bytes"),
 ])

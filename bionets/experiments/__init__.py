@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Annotated, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError, validate_call
 
+from bionets.configbase import takes_a_number
 from bionets.errors import BionetsError, unknown
 
 Fraction = Annotated[float, Field(gt=0, le=1)]      # a fraction of a training set
@@ -39,9 +39,7 @@ def register_experiment(name: str):
 
         @functools.wraps(fn)
         def run(out_dir: Path, **options):
-            numbers = {k for k, t in typing.get_type_hints(fn).items()
-                       if t in (int, float) or typing.get_origin(t) in (typing.Union, types.UnionType)
-                       and set(typing.get_args(t)) <= {int, float, type(None)}}
+            numbers = {k for k, t in typing.get_type_hints(fn).items() if takes_a_number(t)}
             for option, value in options.items():       # (pydantic reads seeds=true as 1)
                 if isinstance(value, bool) and option in numbers:
                     raise BionetsError(f"experiment {name}: option {option}={value!r}: takes a number, not true or false")
