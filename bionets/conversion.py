@@ -11,7 +11,7 @@ defaults), or a dict of the mechanism's config options (the same keys as the ``m
 section of a run config, so ``bionets train`` applies the same changes to any timm model by name).
 ``quadratic`` takes placement patterns instead of a short string (one or a list; ``"auto"``: the
 default placement). ``sparsity="gradr"`` applies Grad R (the STDS paper's baseline) with its
-defaults, trained by its own optimizer (:func:`bionets.layers.gradr.create_gradr`); a dict of
+defaults, trained by its own optimizer (:func:`bionets.mechanisms.stds.create_gradr`); a dict of
 ``sparsity`` options is STDS's. Converting an already converted model changes nothing more. The training-time
 parts (ARR's loss, STDS's threshold schedule) come back as hooks in ``report.hooks`` for a training
 loop of your own; ``bionets train`` wires them itself. New modules and buffers take the model's

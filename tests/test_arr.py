@@ -442,6 +442,32 @@ def test_hook_attached_twice_and_forwards_without_loss_keep_one_forward():
     assert len(hooks[0].responses) == 3
 
 
+def test_a_deep_copy_needs_the_hook_attached_and_then_keeps_one_capture():
+    """A deep copy of a model copies its ARR captures, each feeding a copy of the hook: the hook the
+    loop holds saw nothing (it returned None, ARR silently off). Now that is an error, and attaching
+    to the copy drops the copied capture."""
+    from copy import deepcopy
+    model, hook = build()
+    copy = deepcopy(model).train()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(BionetsError, match="saw no training forward pass since its last aux_loss"):
+        hook.aux_loss(copy, x, copy(x), y)
+    hook.attach(copy)
+    head = copy.get_classifier()
+    assert len(head._forward_pre_hooks) == 1
+    assert hook.aux_loss(copy, x, copy(x), y) is not None and copy.arr_memory.seen.any()
+    assert not model.arr_memory.seen.any()
+
+
+def test_targets_for_part_of_a_batch_are_one_line_outside_spiking_nets():
+    """A plain model's rows are its samples: 4 targets for 8 rows are a mistake, not 2 time steps."""
+    model, hook = build()
+    model.train()
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(BionetsError, match=r"\[8\] responses for 4 targets"):
+        hook.aux_loss(model, x, model(x), torch.randint(0, 10, (4,)))
+
+
 def test_aux_loss_before_attach_is_one_line():
     model, hooks, _ = apply_mechanisms(timm.create_model("test_mlp", num_classes=10, in_chans=1, img_size=8),
                                        parse_mechanisms({"arr": {}}))

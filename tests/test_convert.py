@@ -91,10 +91,28 @@ def test_converting_again_with_other_options_says_it_left_the_layers_as_they_wer
     """Idempotence keeps a layer's first conversion; the report says so instead of 0 changes alone."""
     model, _ = convert(timm.create_model("resnet18", num_classes=10), quadratic=True, activation="raa",
                        sparsity="stds")
-    _, again = convert(model, quadratic=True, activation={"variant": "scalar"}, sparsity={"sparse_function": "st"})
+    _, again = convert(model, quadratic=True, activation={"variant": "scalar"}, sparsity="stds")
     notes = [n for r in again.reports for n in r.notes]
     assert again.changes == 0 and len(notes) == 3
     assert all("already: left as they are, with their own settings" in n for n in notes)
+
+
+def test_converting_again_with_another_schedule_or_arr_memory_is_one_line():
+    """STDS's hook drives every STDS layer of the model, and ARR's hook fills the one memory: other
+    settings for them would apply silently to the layers converted before (the report said 'left
+    as they are'), so they are refused; the same settings are fine."""
+    model, _ = convert(timm.create_model("resnet18", num_classes=10), sparsity={"d_max": 0.05, "schedule": "fixed"})
+    with pytest.raises(BionetsError, match=r"made with other settings \(sparse_function 'stmod' -> 'st', schedule "
+                                           r"'fixed' -> 'linear', d_max 0.05 -> 0.5\)"):
+        convert(model, sparsity={"d_max": 0.5, "schedule": "linear", "sparse_function": "st"})
+    convert(model, sparsity={"d_max": 0.05, "schedule": "fixed"})
+    vit, _ = convert(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2),
+                     regularization={"layers": "classifier"})
+    with pytest.raises(BionetsError, match="ARR's class memory already, 1 layer.s. x 10 classes x 192 features, "
+                                           "where arr layers=blocks needs 2 x 10 x 192"):
+        convert(vit, regularization={"layers": "blocks"})
+    _, again = convert(vit, regularization={"layers": "classifier"})
+    assert again.changes == 0 and "memory already: kept" in again.reports[0].notes[0]
 
 
 def test_raa_names_the_activation_types_it_left():
@@ -121,7 +139,7 @@ def test_arr_on_a_transformer_with_two_token_widths_regularizes_its_classifier_i
 
 def test_grad_r_through_convert_trains_with_its_own_optimizer():
     from bionets.engine.optim import OptimConfig
-    from bionets.layers.gradr import create_gradr
+    from bionets.mechanisms.stds import create_gradr
     model, report = convert(timm.create_model("resnet18", num_classes=10), sparsity="gradr")
     assert report.reports[0].mechanism == "gradr" and report.changes == 21
     assert "train with the gradr optimizer" in report.reports[0].notes[0]

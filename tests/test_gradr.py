@@ -8,7 +8,8 @@ from torch.nn.utils import parametrize
 
 from bionets.engine.optim import OptimConfig, create_optimizer
 from bionets.errors import BionetsError
-from bionets.layers.gradr import SignedStrength, apply_gradr, create_gradr, prior_centre, strengths
+from bionets.layers.gradr import SignedStrength, apply_gradr, prior_centre, strengths
+from bionets.mechanisms.stds import create_gradr
 from bionets.layers.stds import apply_stds, sparsity
 from bionets.mechanisms import get_mechanism, parse_mechanisms
 

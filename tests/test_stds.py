@@ -1,5 +1,6 @@
 """STDS's soft-threshold reparameterization against its equations, computed directly in float64."""
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -253,7 +254,7 @@ def test_report_notes_a_d_max_above_nearly_every_weight():
         model = nn.Sequential(nn.Linear(64, 64))
         nn.init.uniform_(model[0].weight, -0.1, 0.1)
         return get_mechanism("stds").apply(model, parse_mechanisms({"stds": opts})["stds"]).report.notes
-    assert "d_max=1 is above |w| of 100.0% of these weights now" in notes()[0]
+    assert "d_max=1 is above |w| of 100.0% of these weights at the start" in notes()[0]
     assert notes(d_max=0.05) == [] and notes(schedule="fixed") == [] and notes(sparse_function="identity") == []
 
 
@@ -278,6 +279,29 @@ def test_export_bakes_effective_weights():
     assert torch.equal(model[0](x), y)
     assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias",
                                        "3.running_mean", "3.running_var", "3.num_batches_tracked"}
+
+
+def test_exporting_a_deep_copy_leaves_the_model_as_it_was():
+    """PyTorch's deep copy shares a parametrized module's class, and removing the parametrization
+    deletes ``weight`` from that class: the original lost its weight before export took a class of
+    its own."""
+    model = hand_model()
+    x = torch.randn(3, 4)
+    y = model[0](x)
+    copy = export(deepcopy(model))
+    assert parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(copy[0])
+    assert torch.equal(model[0](x), y) and torch.equal(copy[0](x), y)
+
+
+def test_sparsity_of_an_exported_model_names_its_layers():
+    model = hand_model()
+    before = sparsity(model).metrics()
+    export(model)
+    with pytest.raises(BionetsError, match=r"no STDS or Grad R layer to count .*sparsity\(model, layers="):
+        sparsity(model)
+    assert sparsity(model, layers=["0", "2"]).metrics() == before
+    with pytest.raises(BionetsError, match="no layer with a weight matches 'fc'"):
+        sparsity(model, layers=["fc"])
 
 
 def test_set_threshold_and_state_dict_carry_d():

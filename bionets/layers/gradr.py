@@ -131,19 +131,3 @@ class GradR(torch.optim.Adam):
         super().step()
         return loss
 
-
-def create_gradr(model: nn.Module, cfg) -> GradR:
-    """The ``gradr`` optimizer for a model given Grad R's parametrization (``mechanisms: {gradr: ...}``)."""
-    from bionets.engine.optim import group, param_groups
-
-    found = strengths(model)
-    if not found:
-        raise BionetsError("optim.name 'gradr' trains Grad R strengths, but the model has none: add "
-                           "'mechanisms: {gradr: {alpha: 1e-3, target_sparsity: 0.95}}' to the config")
-    ids = {id(p) for _, p, _ in found}
-    groups: dict[tuple[float, float], list] = {}
-    for _, p, reparam in found:
-        groups.setdefault((reparam.alpha, reparam.mu), []).append(p)
-    prior_groups = [group(ps, cfg.lr, alpha=a, mu=mu, weight_decay=0.0) for (a, mu), ps in groups.items()]
-    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
-    return GradR(prior_groups + param_groups(model, cfg, rest), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -276,21 +276,52 @@ class Sparsity:
 
 
 @torch.no_grad()
-def sparsity(model: nn.Module) -> Sparsity:
-    """Count the exact zeros of every pruned layer's effective weight."""
+def sparsity(model: nn.Module, layers: Iterable[str] | None = None) -> Sparsity:
+    """Count the exact zeros of every pruned layer's effective weight, or of the ``weight`` of the
+    layers whose names match the glob patterns ``layers`` (an exported model's: its weights are plain
+    again)."""
     require_module(model, "sparsity")
+    if layers is None:
+        chosen = pruned_layers(model)
+        if not chosen:
+            raise BionetsError(f"sparsity: {type(model).__name__} has no STDS or Grad R layer to count (an exported "
+                               "model's weights are plain again): name the layers, sparsity(model, layers=[...])")
+    else:
+        chosen = _layers_with_weight(model, name_list(layers, "sparsity(layers=...)"))
     zeros, sizes = {}, {}
-    for name, m in pruned_layers(model):
+    for name, m in chosen:
         w = m.weight
         zeros[name] = int((w == 0).sum())
         sizes[name] = w.numel()
     return Sparsity(zeros, sizes)
 
 
+def _layers_with_weight(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """The layers with a ``weight`` tensor whose names match a glob pattern; each pattern must match one."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in layers):
+            raise BionetsError(f"sparsity: no layer with a weight matches '{pat}' (names as in model.named_modules(): "
+                               f"{', '.join(n for n, _ in layers[:6]) or 'none'}{', ...' if len(layers) > 6 else ''})")
+    return [(n, m) for n, m in layers if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+
+
 def export(model: nn.Module) -> nn.Module:
-    """Bake every sparse parametrization into a plain ``weight`` (the effective one, zeros included)."""
+    """Bake every sparse parametrization into a plain ``weight`` (the effective one, zeros included).
+    Exporting a ``copy.deepcopy`` of a model leaves the model itself as it was."""
     require_module(model, "export")
     for _, m in pruned_layers(model):
+        _own_parametrized_class(m)
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     _invalidate_spiking_reset_cache(model)
     return model
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a parametrized class of its own. A deep copy of a parametrized module shares
+    its class with the original (PyTorch's ``__deepcopy__`` keeps ``type(self)``), and removing a
+    parametrization deletes its property from that class: exporting the copy would leave the
+    original without its ``weight``."""
+    cls = type(module)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)

@@ -1,6 +1,6 @@
 """Mechanisms ``raa`` and ``arr``: DNRT's activation and regularization, on any timm/torchvision model.
 
-``mechanisms: {raa: {variant: vector, types: [ReLU, GELU, SiLU], patterns: null}}`` swaps the
+``mechanisms: {raa: {variant: vector, types: [ReLU, GELU, GELUTanh, SiLU, Swish], patterns: null}}`` swaps the
 activations for RAA (:mod:`bionets.layers.raa`); ``input_size: [C, H, W]`` finds the width of
 every activation call by one forward pass on zeros (:mod:`bionets.layers.raa_swap`): ``auto`` (the
 default) at the size the model states (timm's ``pretrained_cfg``, torchvision's 224 x 224), falling
@@ -195,21 +195,24 @@ class ArrHook(Hook):
     def __init__(self, cfg: ArrConfig, layers: str):
         self.cfg, self.layers, self.responses, self.blocks, self.handles = cfg, layers, [], [], []
 
-    def __setstate__(self, state: dict) -> None:
-        """A hook pickled (with its model) before it kept the blocks' outputs gets a list of them
-        in step with its responses, none kept (its responses are all sliced already)."""
-        self.__dict__.update({"blocks": [None] * len(state.get("responses", [])), **state})
-
     def attach(self, model: nn.Module) -> None:
-        """Register the hooks on ``model`` (again: the earlier ones are removed)."""
+        """Register the hooks on ``model`` (again: the earlier ones are removed, and so are those
+        that a ``copy.deepcopy`` of a model carried over from the model's ARR hook)."""
         for h in self.handles:
             h.remove()
         self.memory, self.responses, self.blocks, self.patches = model.arr_memory, [], [], None
+        # a spiking net folds its time steps into the batch (SpikingJelly's multi-step mode): its
+        # responses are averaged over them; any other model's rows must match the targets one to one
+        self.time_folded = any(getattr(m, "step_mode", None) == "m" for m in model.modules())
         if self.layers == "classifier":
-            self.handles = [classifier_layer(model).register_forward_pre_hook(self._keep_input)]
+            head = classifier_layer(model)
+            _drop_copied_captures(head._forward_pre_hooks)
+            self.handles = [head.register_forward_pre_hook(self._keep_input)]
             return
         self.pool_token = getattr(model, "global_pool", "token") == "token" and getattr(model, "cls_token", None) is not None
         self.embed_dim = model.embed_dim
+        for block in model.blocks:
+            _drop_copied_captures(block._forward_hooks)
         self.handles = [block.register_forward_hook(self._keep_token) for block in model.blocks]
         if isinstance(getattr(model, "patch_embed", None), nn.Module):
             self.handles.append(model.patch_embed.register_forward_hook(self._count_patches))
@@ -264,16 +267,29 @@ class ArrHook(Hook):
             raise BionetsError("ArrHook.aux_loss before attach: call hook.attach(model) once before training "
                                "(bionets' trainer does)")
         responses, blocks, self.responses, self.blocks = self.responses, self.blocks, [], []
-        if not model.training or not responses:
+        if not model.training or not torch.is_grad_enabled():
             return None
+        if not responses:
+            raise BionetsError("ARR's hook saw no training forward pass since its last aux_loss: call aux_loss once "
+                               "after each forward, and attach the hook to the model you train (hook.attach(model) "
+                               "again for a copy.deepcopy or a reloaded model; ARR's memory is that model's)")
         if all(b is not None and b.shape == blocks[0].shape and len(b) == len(targets) for b in blocks):
             # every response a class token: taken from the blocks at once, with a backward that
             # fills and copies once for all blocks, not once a block
             responses = class_tokens(blocks)
         else:       # a spiking net's time steps averaged
-            responses = [per_sample(r, len(targets)) for r in self.taken(responses, blocks)]
+            responses = self.taken(responses, blocks)
+            if self.time_folded:
+                responses = [per_sample(r, len(targets)) for r in responses]
         return arr_loss(self.memory, responses, targets, weight=self.cfg.weight, momentum=self.cfg.momentum,
                         form=self.cfg.form)
+
+
+def _drop_copied_captures(hooks: dict) -> None:
+    """Remove from a module's hook dict the captures of ARR hooks: a deep copy of a model copies its
+    hooks with it, each feeding a copy of the ArrHook that no training loop reads."""
+    for key in [k for k, fn in hooks.items() if isinstance(getattr(fn, "__self__", None), ArrHook)]:
+        del hooks[key]
 
 
 @register_mechanism("arr", ArrConfig, order=90)
@@ -288,7 +304,14 @@ def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
     dim = model.embed_dim if layers == "blocks" else head.in_features if isinstance(head, nn.Linear) else head.in_channels
     depth = len(model.blocks) if layers == "blocks" else 1
     report = Report("arr")
-    if not hasattr(model, "arr_memory"):
+    if hasattr(model, "arr_memory"):
+        have = tuple(model.arr_memory.mean.shape)
+        if have != (depth, classes, dim):
+            raise BionetsError(f"the model carries ARR's class memory already, {have[0]} layer(s) x {have[1]} classes "
+                               f"x {have[2]} features, where arr layers={layers} needs {depth} x {classes} x {dim}: "
+                               "apply ARR to a fresh model, or with the layers it had")
+        report.notes.append("the model carries ARR's class memory already: kept, with its class means")
+    else:
         p = next(model.parameters(), None)
         model.arr_memory = ArrMemory(depth, classes, dim).to(p.device if p is not None else None)   # float32 statistics
         report.changes.append(f"class memory of {depth} layer(s) x {classes} classes x {dim} features ({layers}); "

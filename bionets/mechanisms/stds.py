@@ -25,8 +25,9 @@ from torch import nn
 
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook, Progress
-from bionets.engine.optim import register_optimizer
-from bionets.layers.gradr import apply_gradr, create_gradr
+from bionets.engine.optim import OptimConfig, group, param_groups, register_optimizer
+from bionets.errors import BionetsError
+from bionets.layers.gradr import GradR, apply_gradr, strengths
 from bionets.layers.stds import (SoftThreshold, apply_stds, pruned_layers, soft_thresholds, sparsity, threshold_at,
                                   weight_reparam)
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
@@ -128,18 +129,39 @@ def _report(name: str, model: nn.Module, layers: list[str], done_before: set[str
 @register_mechanism("stds", StdsConfig, order=30)
 def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
     done = {n for n, _ in pruned_layers(model)}
+    settings = _schedule_settings(cfg)
+    _check_same_schedule(model, done, settings)
     d0 = threshold_at(cfg.schedule, cfg.d_max, 0, 1)   # fixed: theta_0 = sign(w_0)(|w_0| + D_max)
     layers = apply_stds(model, cfg.sparse_function, d0, include=cfg.include, exclude=cfg.exclude, types=cfg.types)
+    for name in layers:
+        if isinstance(reparam := weight_reparam(model.get_submodule(name)), SoftThreshold):
+            reparam.schedule = settings         # what the hooks drive them by
     what = (f"STDS {cfg.sparse_function} soft threshold, {cfg.schedule} schedule to D={cfg.d_max:g}"
             + (f", L1 prior {cfg.l1:g}" if cfg.l1 else ""))
     report = _report("stds", model, layers, done, what)
     below = _share_below(model, [n for n in layers if n not in done], cfg.d_max)
     if cfg.schedule != "fixed" and cfg.sparse_function != "identity" and below is not None and below >= 0.9:
-        report.notes.append(f"d_max={cfg.d_max:g} is above |w| of {below:.1%} of these weights now: they end at zero "
-                            "unless training grows them past it. D is in weight units (the paper: 1-5 on its CIFAR "
-                            "SNN with Adam at lr 1e-4 for 2048 epochs, 0.1-5 on ImageNet with SGD): pick it for this "
-                            "model and optimizer")
+        report.notes.append(f"d_max={cfg.d_max:g} is above |w| of {below:.1%} of these weights at the start: only "
+                            "those that training grows past it survive the schedule (as they do in long runs: the "
+                            "paper uses 1-5 on its CIFAR SNN with Adam at lr 1e-4 for 2048 epochs, 0.1-5 on ImageNet "
+                            "with SGD; weights that stay near their initial size end at zero). D is in weight "
+                            "units: pick it for this model and optimizer")
     return Applied(model, [StdsHook(cfg, model)], report)
+
+
+def _schedule_settings(cfg: StdsConfig) -> dict:
+    return {"sparse_function": cfg.sparse_function, "schedule": cfg.schedule, "d_max": cfg.d_max, "l1": cfg.l1}
+
+
+def _check_same_schedule(model: nn.Module, done: set[str], settings: dict) -> None:
+    """One STDS schedule a model: every hook drives all of its STDS layers, so applying STDS again
+    with other settings would silently drive the earlier layers by the new schedule."""
+    for name in sorted(done):
+        had = getattr(weight_reparam(model.get_submodule(name)), "schedule", None)
+        if had is not None and had != settings:
+            differ = ", ".join(f"{k} {had[k]!r} -> {settings[k]!r}" for k in settings if had[k] != settings[k])
+            raise BionetsError(f"the model's STDS layers (e.g. '{name}') were made with other settings ({differ}): "
+                               "apply STDS to a fresh model, or with the settings it had")
 
 
 def _share_below(model: nn.Module, layers: list[str], d: float) -> float | None:
@@ -159,11 +181,25 @@ def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
     report = _report("gradr", model, layers, done, what)
     if report.changes:
         report.notes.append("train with the gradr optimizer (optim.name=gradr; in Python "
-                            "bionets.layers.gradr.create_gradr(model, optim_config)): Grad R's prior step is part of it")
+                            "bionets.mechanisms.stds.create_gradr(model, optim_config)): Grad R's prior step is "
+                            "part of it")
     return Applied(model, [SparsityHook()], report)
 
 
-register_optimizer("gradr")(create_gradr)
+@register_optimizer("gradr")
+def create_gradr(model: nn.Module, cfg: OptimConfig) -> GradR:
+    """The ``gradr`` optimizer for a model given Grad R's parametrization (``mechanisms: {gradr: ...}``)."""
+    found = strengths(model)
+    if not found:
+        raise BionetsError("optim.name 'gradr' trains Grad R strengths, but the model has none: add "
+                           "'mechanisms: {gradr: {alpha: 1e-3, target_sparsity: 0.95}}' to the config")
+    ids = {id(p) for _, p, _ in found}
+    groups: dict[tuple[float, float], list] = {}
+    for _, p, reparam in found:
+        groups.setdefault((reparam.alpha, reparam.mu), []).append(p)
+    prior_groups = [group(ps, cfg.lr, alpha=a, mu=mu, weight_decay=0.0) for (a, mu), ps in groups.items()]
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    return GradR(prior_groups + param_groups(model, cfg, rest), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def plot_sparsity(history: list[dict], path: Path) -> None:
