@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint")
     ex.add_argument("output")
     ex.add_argument("--data-root", default=None,
-                    help="dataset folder, for checkpoints written before 2026-11-26 (later ones need no data)")
+                    help="dataset folder, for a checkpoint that does not record its class count and input channels "
+                         "(bionets train's record them)")
     return p
 
 

@@ -110,7 +110,7 @@ class CountingHook(Hook):
         self.steps.append((progress.step, progress.total_steps))
 
     def epoch_metrics(self, model):
-        return {"hook_steps": float(len(self.steps))}
+        return {"hook_steps": float(len(self.steps)), "hook_steps/per_layer": 1.0}
 
     def on_train_end(self, run_dir, history):
         self.ended = len(history)
@@ -128,7 +128,7 @@ def _apply_counting(model, cfg):
 
 def test_hooks_are_called_in_order(tmp_path):
     HOOKS.clear()
-    train(fast_config(tmp_path, "train.epochs=2", "mechanisms={test_counting: {weight: 0.5}}"), quiet=True)
+    summary = train(fast_config(tmp_path, "train.epochs=2", "mechanisms={test_counting: {weight: 0.5}}"), quiet=True)
     hook = HOOKS[0]
     steps_per_epoch = 1437 // 64
     assert hook.steps[0] == (0, 2 * steps_per_epoch)              # called once before the first step
@@ -136,6 +136,9 @@ def test_hooks_are_called_in_order(tmp_path):
     assert hook.aux_calls == 2 * steps_per_epoch and hook.ended == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["hook_steps"] == steps_per_epoch + 1
+    # the summary takes the last epoch's mechanism metrics, not the per-layer ones nor the engine's own
+    assert summary["hook_steps"] == 2 * steps_per_epoch + 1 and "hook_steps/per_layer" not in summary
+    assert "train_loss" not in summary and "test_top1" not in summary
 
 
 class LogitDtypes(Hook):
@@ -503,7 +506,7 @@ def test_runs_started_at_the_same_moment_never_pick_the_same_directory(tmp_path)
     """Choosing a run's directory claims it (its config.yaml created only if absent, in one step):
     runs that choose before either has written anything still get different directories. The
     claim holds that run's config at once: a run that dies next leaves no empty config.yaml."""
-    from bionets.engine.trainer import unused_name
+    from bionets.engine.rundir import unused_name
     assert [unused_name(str(tmp_path), "a", lambda name: f"name: {name}\n") for _ in range(3)] == ["a", "a-2", "a-3"]
     assert [(tmp_path / name / "config.yaml").read_text() for name in ("a", "a-2", "a-3")] == \
         ["name: a\n", "name: a-2\n", "name: a-3\n"]
@@ -534,7 +537,7 @@ def test_a_glued_yaml_mapping_in_an_override_is_one_line(tmp_path):
 
 def test_evaluate_skips_an_empty_batch():
     """A custom loader may yield an empty batch: it adds nothing (its mean loss, 0/0, made the test loss NaN)."""
-    from bionets.engine.trainer import evaluate
+    from bionets.engine.evaluate import evaluate
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -699,19 +702,3 @@ def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path, capsys):
         train(fast_config(tmp_path, "train.progress=true", "mechanisms={test_interrupt: {at_step: 3}}"))
     assert caught.tb is not None and not tqdm._instances
     assert "epoch 1/" in capsys.readouterr().err          # the bar was shown
-
-
-def test_model_init_from_a_checkpoint_that_lists_no_training_state(tmp_path):
-    """Checkpoints written before 2026-11-26 list no training-only state: their ARR memory is still
-    left out of a run without ARR (it was 'unexpected' there, one error line) and kept by one with it."""
-    from bionets.engine.model import build_model
-    train(fast_config(tmp_path, "train.epochs=1", "mechanisms={arr: {}}", name="old"), quiet=True)
-    state = load_checkpoint(tmp_path / "old" / "last.pt")
-    del state["training_only"]
-    save_checkpoint(tmp_path / "old.pt", state)
-    init = f"model.init={tmp_path / 'old.pt'}"
-    plain, _, _ = build_model(fast_config(tmp_path, init), 10, 1, torch.device("cpu"))
-    assert not hasattr(plain, "arr_memory")
-    with_arr, _, reports = build_model(fast_config(tmp_path, init, "mechanisms={arr: {}}"), 10, 1, torch.device("cpu"))
-    assert torch.equal(with_arr.arr_memory.mean, state["model"]["arr_memory.mean"])
-    assert "training state from the checkpoint" in str(reports[-1])

@@ -94,11 +94,6 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
                 buffer.copy_(sent.view(buffer.dtype) if buffer.dtype == torch.bool else sent)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,26 +1,76 @@
-"""``bionets eval`` and ``bionets export``: rebuild a checkpoint's model from its saved config."""
+"""Evaluation: a model's test metrics (every epoch of training, and ``bionets eval``), and
+``bionets export``; both commands rebuild a checkpoint's model from its saved config."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import parametrize
 
 from bionets.config import config_from_dict
 from bionets.data import build_data
 from bionets.data.sources import data_options
 from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from bionets.engine.distributed import parse_device
+from bionets.engine.distributed import all_reduce_sum, parse_device
+from bionets.engine.metrics import topk_correct
 from bionets.engine.model import build_model, training_only_keys, use_channels_last
-from bionets.engine.trainer import RUN_FILES, evaluate
+from bionets.engine.rundir import RUN_FILES
 from bionets.errors import BionetsError
 
+
+def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (hard or soft targets) or MSE against one-hot targets (spiking firing rates)."""
+    if kind == "mse_onehot":
+        if targets.ndim == 1:
+            targets = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits, targets)
+    if targets.ndim == 2:  # soft targets from mixup/cutmix (label smoothing already folded in)
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def autocast_for(amp: str, device: torch.device):
+    """A context factory for ``train.amp``: autocast in bf16 or fp16 on CUDA, in bf16 on the CPU
+    (where the CPU has native bf16 arithmetic, AVX512-BF16 or AMX, convolutions and matmuls run
+    faster: ResNet-20's step 1.5x here; elsewhere it is emulated and slower), a no-op for 'off' and
+    for fp16 on the CPU (evaluating an fp16-trained checkpoint there; training refuses it)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None or (device.type == "cpu" and dtype == torch.float16):
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce", amp: str = "off",
+             channels_last: bool = False) -> dict:
+    """Test loss, top-1 and top-5 (percent), reduced over DDP ranks."""
+    model.eval()
+    autocast = autocast_for(amp, device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
+    for images, targets in loader:
+        if not len(targets):              # an empty batch (a custom loader's): its mean loss would be NaN
+            continue
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        top1, top5 = topk_correct(logits, targets)
+        sums[:3] += torch.stack([task_loss(loss, logits, targets) * len(targets), top1, top5]).double()
+        sums[3] += len(targets)          # a Python number added on the device: no host-to-device copy, no sync
+    all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    return {"test_loss": sums[0].item() / n, "test_top1": 100 * sums[1].item() / n, "test_top5": 100 * sums[2].item() / n}
 
 def model_from_checkpoint(path: str | Path, *, device: torch.device | None = None, data_root: str | None = None,
                           ema: bool = False, need_data: bool = True, root_option: str = "--data-root DIR"):
     """(model, hooks, config, data bundle) rebuilt from a checkpoint's resolved config and weights.
     Without ``need_data`` the data is not loaded where the checkpoint records its class count and
-    input channels (``data_info``, since 2026-11-26): the bundle is then None. ``root_option``: how
+    input channels (``data_info``; every checkpoint ``bionets train`` writes): the bundle is then None. ``root_option``: how
     the caller sets ``data_root``, for the data errors (nothing downloads here)."""
     state = load_checkpoint(path)
     raw = state["config"]
@@ -59,7 +109,7 @@ def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: 
 def export_plain(path: str | Path, output: str | Path, data_root: str | None = None) -> str:
     """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save the
     model's state without its training-only state (ARR's class memory). The dataset is read only for
-    checkpoints that do not record its shape (written before 2026-11-26). ``output`` may not be
+    checkpoints that do not record its shape (not written by ``bionets train``). ``output`` may not be
     the checkpoint itself, nor another file of a run directory."""
     out = Path(output)
     if out.resolve() == Path(path).resolve() or (out.exists() and out.name in RUN_FILES):

@@ -14,7 +14,8 @@ A mechanism (``bionets.mechanisms``) turns its config section into a model chang
   copy the state ``on_step`` drives (a schedule's value, which an average of weights must not
   average) from the model to the copy;
 * ``epoch_metrics(model)`` at the end of every epoch on every rank: extra numbers for the console,
-  TensorBoard and metrics.jsonl (e.g. sparsity);
+  TensorBoard and metrics.jsonl (e.g. sparsity); the last epoch's, where their names hold
+  no ``/``, also in summary.json;
 * ``may_be_best()`` then: whether this epoch's model may become ``best.pt`` (STDS: only once its
   threshold has reached D_max, so that the best model has the sparsity the run asked for);
 * ``on_train_end(run_dir, history)`` on rank 0 after the last epoch (figures), ``history`` being
@@ -33,18 +34,15 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training stands: optimizer steps done (per process) out of the run's total, and the
-    base learning rate of the step just taken (0 where none was: the call at start-up)."""
+    """Where training stands: optimizer steps done (per process) out of the run's total, epochs
+    completed out of the run's, and the base learning rate of the step just taken (0 where none was:
+    the call at start-up)."""
 
     step: int
     total_steps: int
     epoch: int
     epochs: int
     lr: float = 0.0
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.step / max(1, self.total_steps))
 
 
 class Hook:

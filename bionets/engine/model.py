@@ -76,8 +76,7 @@ def initial_weights(path: str) -> tuple[dict, dict]:
 
     state = load_checkpoint(path, exported=True)
     weights = state["model"] if "model" in state else state["plain_model"]
-    # checkpoints written before 2026-11-26 list no training-only state: ARR's memory was all of it
-    training = set(state.get("training_only", [k for k in weights if k.startswith("arr_memory.")]))
+    training = set(state.get("training_only", []))
     return ({k: v for k, v in weights.items() if k not in training},
             {k: v for k, v in weights.items() if k in training})
 

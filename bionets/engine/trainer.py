@@ -1,4 +1,6 @@
-"""The training loop: short enough to read whole, its hot path free of logging and bookkeeping.
+"""The training loop: short enough to read whole; its steps log nothing and never wait on the device
+(the epoch's sums stay there until its end). Evaluation is in :mod:`evaluate`, the run directory's
+files in :mod:`rundir`.
 
 ``train(cfg)`` runs alone or under ``torchrun`` (DistributedDataParallel, rank-0 logging and
 checkpoints, metrics reduced over ranks). Mechanisms reach it only through :mod:`hooks`.
@@ -7,17 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,39 +25,23 @@ from bionets.config import RunConfig, check_resume_config
 from bionets.configbase import dump_yaml
 from bionets.data import build_data
 from bionets.engine.checkpoint import (ctrl_c_deferred, load_checkpoint, load_model_state, make_output_dir,
-                                       require_entries, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                                       write_atomic)
+                                       require_entries, rng_state, save_checkpoint, seed_everything, set_rng_state)
 from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
                                         shutdown)
+from bionets.engine.evaluate import autocast_for, evaluate, task_loss
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, schedule_note,
                                   unused_options_note)
+from bionets.engine.rundir import remove_run_files, unused_name, write_text
 from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
 
 
-def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy (hard or soft targets) or MSE against one-hot targets (spiking firing rates)."""
-    if kind == "mse_onehot":
-        if targets.ndim == 1:
-            targets = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
-        return F.mse_loss(logits, targets)
-    if targets.ndim == 2:  # soft targets from mixup/cutmix (label smoothing already folded in)
-        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-
-
-def autocast_for(amp: str, device: torch.device):
-    """A context factory for ``train.amp``: autocast in bf16 or fp16 on CUDA, in bf16 on the CPU
-    (where the CPU has native bf16 arithmetic, AVX512-BF16 or AMX, convolutions and matmuls run
-    faster: ResNet-20's step 1.5x here; elsewhere it is emulated and slower), a no-op for 'off' and
-    for fp16 on the CPU (evaluating an fp16-trained checkpoint there; training refuses it)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None or (device.type == "cpu" and dtype == torch.float16):
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+# what train_epoch and evaluate put in an epoch's record (the summary gives them its own names)
+ENGINE_METRICS = frozenset({"epoch", "train_loss", "train_top1", "lr", "images_per_s", "epoch_time", "test_loss",
+                            "test_top1", "test_top5"})
 
 
 @dataclass
@@ -68,30 +50,6 @@ class RunState:
     step: int = 0           # optimizer steps completed (per process)
     best_top1: float = -1.0
     history: list[dict] = field(default_factory=list)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce", amp: str = "off",
-             channels_last: bool = False) -> dict:
-    """Test loss, top-1 and top-5 (percent), reduced over DDP ranks."""
-    model.eval()
-    autocast = autocast_for(amp, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, top1, top5, n
-    for images, targets in loader:
-        if not len(targets):              # an empty batch (a custom loader's): its mean loss would be NaN
-            continue
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if channels_last and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        top1, top5 = topk_correct(logits, targets)
-        sums[:3] += torch.stack([task_loss(loss, logits, targets) * len(targets), top1, top5]).double()
-        sums[3] += len(targets)          # a Python number added on the device: no host-to-device copy, no sync
-    all_reduce_sum(sums)
-    n = max(sums[3].item(), 1.0)
-    return {"test_loss": sums[0].item() / n, "test_top1": 100 * sums[1].item() / n, "test_top5": 100 * sums[2].item() / n}
 
 
 def train(cfg: RunConfig, *, quiet: bool = False, checkpoint: dict | None = None) -> dict:
@@ -207,7 +165,7 @@ class Trainer:
         if main:
             make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
             if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
-                _write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
+                write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
         try:
             if main:
                 with ctrl_c_deferred():     # TensorBoard replays a resumed run's history: a write like any other
@@ -246,7 +204,7 @@ class Trainer:
                     if writer is not None:
                         writer.close()
                         writer = None
-                    _remove_run_files(self.run_dir)
+                    remove_run_files(self.run_dir)
             raise
         finally:
             if writer is not None:
@@ -256,7 +214,7 @@ class Trainer:
         if main:
             for hook in self.hooks:
                 hook.on_train_end(self.run_dir, self.state.history)
-            _write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             if not self.quiet:
                 print(f"done: final test top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}% "
                       f"in {summary['train_time_s']:.1f}s; run directory {self.run_dir}")
@@ -414,7 +372,8 @@ class Trainer:
                    "peak_top1": max((r["test_top1"] for r in h if "test_top1" in r), default=float("nan")),
                    "final_top5": last.get("test_top5", float("nan")),
                    "train_time_s": sum(r.get("epoch_time", 0.0) for r in h)}
-        summary.update({k: v for k, v in last.items() if k.startswith("ema_") or k in ("sparsity",)})
+        # the last epoch's EMA and mechanism metrics (hooks' epoch_metrics), per-layer ones ("a/b") aside
+        summary.update({k: v for k, v in last.items() if k not in ENGINE_METRICS and "/" not in k})
         return summary
 
 
@@ -433,65 +392,12 @@ def slow_bf16_note(amp: str, device: torch.device) -> str | None:
                                 "autocast emulates it and runs slower than float32 here; train.amp=off is faster")
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "tb")
-
-
-def unused_name(out_dir: str, name: str, config_text: Callable[[str], str]) -> str:
-    """``name`` where its run directory (out_dir/name) holds no run's files yet, else the first of
-    ``name-2``, ``name-3``, ... whose directory holds none: a new run neither overwrites an earlier
-    one nor mixes its files with it. The directory is claimed as it is chosen (:func:`_claim`), its
-    config.yaml holding ``config_text(chosen name)``."""
-    candidate, stem, k = name, name.rstrip("/\\"), 2
-    while not _claim(Path(out_dir) / candidate, config_text(candidate)):
-        candidate, k = f"{stem}-{k}", k + 1
-    return candidate
-
-
-def _claim(run_dir: Path, config: str) -> bool:
-    """Whether ``run_dir`` held no run's files and is now this run's: its ``config.yaml`` created
-    only if no file of that name exists, in one step, so that two runs started at the same moment
-    never pick the same directory, and written at once with the run's ``config`` (one write
-    call, so a run that dies next leaves its config, not an empty file another run would read as
-    the default config). True also where the directory cannot be made: the caller's
-    :func:`make_output_dir` then says why."""
-    if any((run_dir / f).exists() for f in RUN_FILES):
-        return False
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / "config.yaml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
-        return not (run_dir / "config.yaml").exists()       # taken a moment ago by another run, or not a directory
-    except OSError:
-        return True
-    with os.fdopen(fd, "wb") as f:
-        f.write(config.encode())
-    return True
-
-
-def _remove_run_files(run_dir: Path) -> None:
-    """Remove a run's files from ``run_dir``, and the directory if nothing else is left in it."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    with suppress(OSError):
-        run_dir.rmdir()
-
-
-def _write_text(path, text: str) -> None:
-    """Atomic small-file write (temp file + rename) so a crash never leaves half a file."""
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of process ``rank`` > 0 (rank 0 keeps the run's own stream)."""
     return (seed + 1_000_003 * rank + 7919 * step) % 2**63
 
 
 def base_rate(groups: list[dict]) -> float:
-    """The schedule's base learning rate, from a group not frozen by a multiplier of 0 ('lr_mult' in
-    checkpoints written before 'lr_scale')."""
-    scaled = [(g["lr"], g.get("lr_scale", g.get("lr_mult", 1.0))) for g in groups]
+    """The schedule's base learning rate, from a group not frozen by a multiplier of 0."""
+    scaled = [(g["lr"], g.get("lr_scale", 1.0)) for g in groups]
     return next((lr / scale for lr, scale in scaled if scale > 0), 0.0)
