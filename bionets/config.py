@@ -156,7 +156,7 @@ def validate_section(cls: type[Section], data: dict, prefix: str = "") -> Sectio
 
 
 def config_root():
-    """The folder of bundled configs (``bionets/configs``, linked as ``configs/`` at the repo root)."""
+    """The folder of bundled configs (``bionets/configs``: in the repository a link to its ``configs/``)."""
     return resources.files("bionets") / "configs"
 
 

@@ -19,7 +19,7 @@ from pydantic import NonNegativeFloat, PositiveInt
 from bionets.engine.checkpoint import make_output_dir
 from bionets.experiments import Fraction, NonEmpty, register_experiment
 from bionets.engine.distributed import parse_device
-from bionets.experiments.quadratic_fit import (accuracy, band_plot, count_parameters, fit,
+from bionets.experiments.quadratic_fit import (accuracy, band_plot, parameter_count, fit,
                                                load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
                                                stratified_subset, two_layer_mlp, write_csv)
 
@@ -44,7 +44,7 @@ def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: 
     x_train, y_train = data["x_train"].to(dev), data["y_train"].to(dev)
     x_test, y_test = data["x_test"].to(dev), data["y_test"].to(dev)
     d, k = x_train.shape[1], data["classes"]
-    q_params = count_parameters(quadratic_model(d, k, rank))
+    q_params = parameter_count(quadratic_model(d, k, rank))
     hidden = hidden or matched_hidden(d, k, q_params)
     builders = {"quadratic": lambda: quadratic_model(d, k, rank), "mlp": lambda: two_layer_mlp(d, hidden, k)}
     rows = []
@@ -57,7 +57,7 @@ def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: 
                 fit(model, x_train[idx], y_train[idx], weight_decay=weight_decay, max_iter=max_iter)
                 rows.append({"dataset": data["name"], "model": name, "fraction": fraction, "n_train": len(idx),
                              "seed": seed, "test_acc": accuracy(model, x_test, y_test),
-                             "params": count_parameters(model)})
+                             "params": parameter_count(model)})
     out_dir = make_output_dir(out_dir)
     write_csv(out_dir / "fewshot.csv", rows)
     fig, (ax,) = new_figure(1, size=5)

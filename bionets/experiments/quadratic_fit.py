@@ -34,7 +34,7 @@ def two_layer_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequen
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 
 
-def count_parameters(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 

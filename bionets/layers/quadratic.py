@@ -128,10 +128,12 @@ class QuadraticChannel(QuadraticTerm):
 
     Only Q's symmetric part matters, so ``impl='sym'`` (default) computes with the folded upper
     triangle ``S_ij = Q_ij + Q_ji (i < j), S_ii = Q_ii`` and the C(C+1)/2 distinct products
-    ``x_i x_j (i <= j)`` (on CPU exactly these, half the multiply-adds of ``impl='full'``; on GPU
-    the products of 8-channel block pairs I <= J, formed inside Triton matmul kernels, or without
-    Triton the products of two channel blocks, 3/4 of C^2: see :func:`set_cuda_strategy`), without
-    saving them for backward. ``impl='full'`` forms all C^2 products (the
+    ``x_i x_j (i <= j)`` (on CPU exactly these, half the multiply-adds of ``impl='full'``, without
+    saving them for backward). On GPU the strategy depends on C (:func:`set_cuda_strategy`): eagerly,
+    for C <= 64, all C^2 products by one batched product, saved for backward ('outer': more
+    multiply-adds than the spec's symmetric form, but fewer kernel launches, which bound a small eager
+    step); otherwise, and in compiled models, the products of 8-channel block pairs I <= J inside Triton
+    matmul kernels ('fused'), or without Triton those of two channel blocks, 3/4 of C^2 ('blocks'). ``impl='full'`` forms all C^2 products (the
     reference's batched outer product, kept as the slow reference). Both give Q the same gradient,
     ``dL/dQ_oij = sum_p g_o(p) x_i(p) x_j(p)`` (symmetric in i, j).
 

@@ -331,8 +331,6 @@ class RAA(nn.Module):
     (matrix).
     """
 
-    dim: int | None = None      # (class default: modules pickled before the option existed)
-
     def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu", compiled: bool = False,
                  dim: int | None = None):
         super().__init__()

@@ -2,7 +2,7 @@
 
 A mechanism module registers itself with::
 
-    @register_mechanism("arr", ArrConfig, order=50)
+    @register_mechanism("arr", ArrConfig, order=90)
     def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied: ...
 
 ``apply`` must work on any timm or torchvision model it is eligible for, raise

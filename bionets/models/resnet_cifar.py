@@ -29,13 +29,13 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.nn import functional as F
 
+from bionets.data.sources import CIFAR_MEAN, CIFAR_STD
 from bionets.errors import BionetsError, unknown
 from bionets.layers.map_norm import MapLayerNorm
 from bionets.layers.quadratic import QuadraticChannel
 from bionets.layers.quadratic_pixel import QuadraticPixel
 from bionets.models.cifar_nets import resolve_act
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
 QUAD_TYPES = ("channel", "pixel")
 SHORTCUTS = ("B", "A")
@@ -130,8 +130,6 @@ class ResNetCifar(nn.Module):
             CIFAR ResNet and the long-tailed recipes', 64 features).
         act_layer: the activation (class or name, default ReLU).
     """
-
-    head_pool: int = 2      # (class default: models pickled before the option existed)
 
     def __init__(self, layers=(3, 3, 3), num_classes: int = 10, in_chans: int = 3, img_size=32,
                  widths=(16, 32, 64), shortcut: str = "B", quad_blocks=(), quad_type: str = "channel",

@@ -23,9 +23,9 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from bionets.data.sources import CIFAR_MEAN, CIFAR_STD
 from bionets.errors import BionetsError
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR10_PLAN = (256, 256, 256, "M", 256, 256, 256, "M")
 
 
