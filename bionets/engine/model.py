@@ -10,6 +10,7 @@ from torch.utils.hooks import unserializable_hook
 
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError, unknown
+from bionets.layers.activations import resolve_act
 from bionets.mechanisms import Report, apply_mechanisms
 
 
@@ -27,7 +28,6 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
             raise BionetsError(f"model.kwargs.{key}={given}, but the data has {data_has} {unit}: leave {key} out of "
                                "model.kwargs (bionets sets it from the data)")
     if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus
-        from bionets.models.cifar_nets import resolve_act
         kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}
     try:
         return timm.create_model(name, pretrained=False, **{"num_classes": num_classes, "in_chans": in_chans, **kwargs})

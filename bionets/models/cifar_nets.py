@@ -8,25 +8,13 @@ or a torch.nn class name such as ``softplus``) for the activation comparisons.
 from __future__ import annotations
 
 import torch
-from timm.layers import get_act_layer
 from timm.models import register_model
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
+from bionets.layers.activations import resolve_act
+
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-
-
-def resolve_act(act_layer) -> type[nn.Module]:
-    """timm's activation names plus any torch.nn activation class by name (``softplus``)."""
-    if not isinstance(act_layer, str):
-        return act_layer
-    try:
-        return get_act_layer(act_layer)
-    except (KeyError, ValueError):
-        by_name = {k.lower(): v for k, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)}
-        if act_layer.lower() in by_name:
-            return by_name[act_layer.lower()]
-        raise
 
 
 class VGGCifar(nn.Module):

@@ -31,10 +31,10 @@ from torch.nn import functional as F
 
 from bionets.data.sources import CIFAR_MEAN, CIFAR_STD
 from bionets.errors import BionetsError, unknown
+from bionets.layers.activations import resolve_act
 from bionets.layers.map_norm import MapLayerNorm
 from bionets.layers.quadratic import QuadraticChannel
 from bionets.layers.quadratic_pixel import QuadraticPixel
-from bionets.models.cifar_nets import resolve_act
 
 DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
 QUAD_TYPES = ("channel", "pixel")

@@ -5,7 +5,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from bionets.models.cifar_nets import resolve_act
+from bionets.layers.activations import resolve_act
 
 
 class TinyMLP(nn.Module):
