@@ -1,16 +1,22 @@
 """Timing and peak-memory measurement shared by every benchmark (``benchmarks/``, ``bionets bench``).
 
-Times are medians over repeats after warm-up, synchronized on CUDA. Peak memory is the CUDA
-allocator's high-water mark on GPU; on CPU it is the rise of the process's peak resident set
-(Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each case), so each case's figure
-is its own.
+Times are medians over repeats after warm-up, synchronized on CUDA. Peak memory is what a
+training step holds above what it started with: on GPU the CUDA allocator's high-water mark; on CPU
+the peak of PyTorch's profiler memory timeline of one step (every allocation and free of its
+tensors), so each case's figure is its own in any process (the resident set does not rise when a
+step reuses memory that an earlier, larger case freed).
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +66,43 @@ def _peak(device: torch.device, base: float) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20 - base
     return _rss_peak_mb() - base
+
+
+def cpu_step_peak_mb(step: Callable[[], None]) -> float:
+    """The most memory (MB) that one call of ``step`` holds on the CPU above what it started with,
+    from the profiler's memory timeline; the rise of the resident set where the timeline is not
+    available (a torch without ``export_memory_timeline``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not hasattr(profile, "export_memory_timeline"):
+        base = _reset_peak(torch.device("cpu"))
+        step()
+        return _peak(torch.device("cpu"), base)
+    with _c_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                        with_stack=True) as prof:
+        step()      # (run before, in the timings: any warning of its own has been shown)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # (deprecated for CUDA, which has memory snapshots)
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(s) for s in sizes]
+    return (max(totals) - totals[0]) / 2**20 if totals else 0.0
+
+
+@contextmanager
+def _c_stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side (Kineto) prints a line to it at every
+    start and stop, and a GPU-count error on a machine without one."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def sync(device: torch.device) -> None:
@@ -146,7 +189,7 @@ def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
                                optimizer=optimizer)
     base = _reset_peak(device)
     step_ms = _median_ms(step, device, warmup, step_repeats or repeats)
-    peak = _peak(device, base)
+    peak = _peak(device, base) if device.type == "cuda" else cpu_step_peak_mb(step)
     forward_ms = _median_ms(forward, device, warmup, repeats)
     return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
 

@@ -62,9 +62,11 @@ CASES = [
 ]
 
 
-def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: int) -> tuple[Timing, Timing, float]:
+def run_case(case: Case, width: int, batch: int, device: torch.device,
+             repeats: int) -> tuple[Timing, Timing, tuple[float, float, float]]:
     """(plain timing, converted timing, step ratio); the step times are the medians of the two
-    models stepped in turn, the ratio the median of the round-by-round ratios."""
+    models stepped in turn, the ratio the quartiles (lower, median, upper) of the round-by-round
+    ratios."""
     amp = "bf16" if device.type == "cuda" else "off"
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -86,7 +88,7 @@ def run_case(case: Case, width: int, batch: int, device: torch.device, repeats: 
     times = alternating_step_times(steps, device, warmup=1, repeats=max(5, repeats))
     base, mech = (replace(t, step_ms=ms, images_per_s=batch / ms * 1e3)
                   for t, ms in ((base, statistics.median(times["base"])), (mech, statistics.median(times["mech"]))))
-    return base, mech, paired_ratios(times["mech"], times["base"])[1]
+    return base, mech, paired_ratios(times["mech"], times["base"])
 
 
 def _heads(width: int) -> int:
@@ -124,35 +126,53 @@ def run_suite(out_dir: Path, *, device: torch.device | None = None, mechanisms: 
                         raise
                     raise BionetsError(f"bench ran out of memory at width {width}, batch {batch} on {dev} "
                                        f"({one_line(err, 120)}): use smaller --widths or --batches") from None
-                points.append((case.mechanism, batch, width, ratio))
+                points.append((case.mechanism, batch, width, ratio[1]))
                 rows.append(f"| {case.mechanism} | {case.baseline} | {width} | {batch} | {base.step_ms:.2f} | "
-                            f"{mech.step_ms:.2f} | {ratio:.3f}x | {base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
-                            f"{base.peak_mb:.0f} / {mech.peak_mb:.0f} | {mech.images_per_s:.0f} |")
+                            f"{mech.step_ms:.2f} | {ratio[1]:.3f}x ({ratio[0]:.2f}-{ratio[2]:.2f}) | "
+                            f"{base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
+                            f"{base.peak_mb:.1f} / {mech.peak_mb:.1f} | {mech.images_per_s:.0f} |")
     head = [f"Device: {device_name(dev)}; torch {torch.__version__}; "
             f"{'bf16 autocast' if dev.type == 'cuda' else 'float32'}, channels_last for conv models", "",
-            "| mechanism | baseline | width | batch | base step ms | mech step ms | step ratio | forward ms (base / mech) "
-            "| peak MB (base / mech) | mech images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    text = "\n".join(head + rows)
+            "| mechanism | baseline | width | batch | base step ms | mech step ms | step ratio (quartiles) "
+            "| forward ms (base / mech) | peak MB (base / mech) | mech images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    foot = ["", "Step ms: each model's median training step (forward, backward, SGD step), the two models stepped "
+            "in turn. Step ratio: the median of the round-by-round ratios mech / base, with their quartiles; it "
+            "can differ from the ratio of the two medians where the machine's speed drifts between rounds, "
+            "which the round-by-round ratio cancels. Peak MB: the most memory a training step holds above "
+            "what it started with (CPU: the profiler's memory timeline of one step; CUDA: the allocator's "
+            "high-water mark)."]
+    text = "\n".join(head + rows + foot)
     make_output_dir(out_dir)
     (out_dir / "bench.md").write_text(text + "\n")
-    _plot(points, out_dir / "bench.png")
+    _plot(points, out_dir / "bench.png", device_name(dev))
     return text
 
 
-def _plot(points, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(points, path: Path, device: str) -> None:
+    """Step ratio against width: a colour per mechanism, a line style per batch size."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    mechs = sorted({m for m, _, _, _ in points})
+    batches = sorted({b for _, b, _, _ in points})
+    styles = ["-", "--", ":", "-."]
     for mech, batch in sorted({(m, b) for m, b, _, _ in points}):
-        xs = [(w, r) for m, b, w, r in points if m == mech and b == batch]
-        ax.plot([w for w, _ in xs], [r for _, r in xs], marker="o", label=f"{mech}, batch {batch}")
+        xs = sorted((w, r) for m, b, w, r in points if m == mech and b == batch)
+        ax.plot([w for w, _ in xs], [r for _, r in xs], marker="o", color=f"C{mechs.index(mech)}",
+                ls=styles[batches.index(batch) % len(styles)], label=f"{mech}, batch {batch}")
     ax.axhline(1.0, color="gray", lw=0.8)
+    widths = sorted({w for _, _, w, _ in points})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ratios = [r for _, _, _, r in points]
+    if ratios and max(ratios) / max(min(ratios), 1e-9) > 3:     # a wide range (the quadratic term): log scale
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("width (channels / embedding)")
     ax.set_ylabel("training step time / plain baseline")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.set_title(f"bionets bench on {device}", fontsize=9)
+    ax.legend(fontsize=7, ncols=2)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,4 +1,6 @@
 """bionets.convert on timm and torchvision models, composition, idempotence, errors; bionets bench smoke."""
+import re
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -365,7 +367,14 @@ def test_bench_suite_smoke(tmp_path):
     table = (out / "bench.md").read_text()
     for mech in ("quadratic", "raa", "stds", "arr"):
         assert f"| {mech} |" in table
-    assert "x |" in table and (out / "bench.png").stat().st_size > 0
+    assert (out / "bench.png").stat().st_size > 0
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and line[2:].split(" |")[0] in
+            ("quadratic", "raa", "stds", "arr")]
+    assert len(rows) == 4 and all(re.fullmatch(r"\d+\.\d{3}x \(\d+\.\d\d-\d+\.\d\d\)", r[6]) for r in rows)
+    # the CPU's peak memory from the profiler's timeline: each case's own (the resident set's rise read
+    # 0 for every case after the first)
+    assert all(float(v) > 0 for r in rows for v in r[8].split(" / "))
+    assert "Step ratio: the median of the round-by-round ratios" in table
 
 
 def test_a_module_held_in_two_places_is_converted_in_both():

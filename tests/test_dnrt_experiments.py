@@ -16,7 +16,11 @@ def test_dnrt_seeds_and_responses(tmp_path, capsys):
     assert main(["experiment", "responses", f"checkpoint={both}", f"compare={base}", "--out", str(tmp_path / "r")]) == 0
     assert "within-class std" in capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "r" / "responses.csv").open()))
-    assert len({r["run"] for r in rows}) == 2 and (tmp_path / "r" / "responses.png").exists()
+    assert {r["run"] for r in rows} == {"both_0", "baseline_0"} and (tmp_path / "r" / "responses.png").exists()
+    # two checkpoints of one run: both kept, the second named by its file too (it replaced the first)
+    assert main(["experiment", "responses", f"checkpoint={both}", f"compare={both.with_name('last.pt')}",
+                 "--out", str(tmp_path / "r2")]) == 0
+    assert {r["run"] for r in csv.DictReader((tmp_path / "r2" / "responses.csv").open())} == {"both_0", "both_0/last"}
     assert main(["experiment", "responses"]) == 2                      # checkpoint= is required
     # a rerun into the same output directory replaces its runs (a run elsewhere would take NAME-2)
     before = both.stat().st_mtime_ns

@@ -143,7 +143,7 @@ def _plot_cosines(path: Path, rows: list[dict], chance: float, chance_best: floa
            color="tab:orange")
     ax.axhline(chance, color="k", ls="--", lw=1, label="chance, one pair")
     ax.axhline(chance_best, color="k", ls=":", lw=1, label=f"chance, best of {top_k}")
-    ax.set(xticks=pos, xticklabels=[str(r["class"]) for r in lead], xlabel="class", ylabel="|cos|", ylim=(0, 1),
-           title="leading eigenvector of Sigma_j vs A_j")
-    ax.legend(fontsize=7)
+    ax.set(xticks=pos, xticklabels=[str(r["class"]) for r in lead], xlabel="class", ylabel="|cos|", ylim=(0, 1.3),
+           yticks=np.linspace(0, 1, 6), title="leading eigenvector of Sigma_j vs A_j")
+    ax.legend(fontsize=7, ncols=2, loc="upper center")       # above the bars (|cos| <= 1), none hidden
     fig.savefig(path, dpi=120)

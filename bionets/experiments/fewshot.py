@@ -62,8 +62,8 @@ def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: 
     write_csv(out_dir / "fewshot.csv", rows)
     fig, (ax,) = new_figure(1, size=5)
     band_plot(ax, rows, "fraction", "model", "test_acc", COLORS)
-    ax.set(xscale="log", xlabel="fraction of the training set", ylabel="test accuracy",
-           title=f"{data['name']}: quadratic neurons vs two-layer MLP ({seeds} seeds)")
+    ax.set(xscale="log", xlabel="fraction of the training set", ylabel="test accuracy (fraction)")
+    ax.set_title(f"{data['name']}: quadratic neurons vs two-layer MLP\n(mean +- sd over {seeds} seeds)", fontsize=10)
     ax.legend()
     fig.savefig(out_dir / "fewshot.png", dpi=120)
     stats = mean_spread(rows, ("model", "fraction"), "test_acc")

@@ -32,6 +32,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from matplotlib.lines import Line2D
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from scipy import integrate, stats
 
@@ -175,12 +176,15 @@ def _plot_boundaries(path: Path, fitted: dict, problems: dict, train_sets: dict,
                 with torch.no_grad():
                     z = fitted[case, name, n](grid)[:, 0].reshape(g0.shape).numpy()
                 ax.contour(g0, g1, z, levels=[0], colors=color)
-            ax.scatter(x[:, 0], x[:, 1], c=np.where(y.numpy() == 1, "tab:orange", "tab:green"), s=6)
-            ax.set(title=f"{case}, n={n}", xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xticks=[], yticks=[])
-    axes[0].plot([], [], "k--", label="Bayes")
-    for name, color in COLORS.items():
-        axes[0].plot([], [], color=color, label=name)
-    axes[0].legend(fontsize=7)
+            for label, color in ((0, "tab:green"), (1, "tab:orange")):
+                ax.scatter(x[y == label, 0], x[y == label, 1], color=color, s=6, label=f"class {label}")
+            ax.set(title=f"{case}, n={n}", xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="$x_1$", ylabel="$x_2$")
+            ax.tick_params(labelsize=6)
+    handles, _ = axes[0].get_legend_handles_labels()
+    lines = [Line2D([], [], color="k", ls="--")] + [Line2D([], [], color=c) for c in COLORS.values()]
+    fig.legend(lines + handles, ["Bayes"] + [f"{name} boundary" for name in COLORS] + ["class 0", "class 1"],
+               loc="outside lower center", ncols=len(COLORS) + 3, fontsize=7)
+    fig.suptitle("Decision boundaries on two Gaussian classes in 2-D (seed 0; points: the training set)", fontsize=9)
     fig.savefig(path, dpi=120)
 
 

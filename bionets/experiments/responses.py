@@ -21,10 +21,11 @@ from bionets.experiments import register_experiment
 from bionets.mechanisms.dnrt import classifier_layer
 
 
-def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The test split's responses and labels, and what they are of ("MODEL on DATA")."""
     from bionets.engine.evaluate import model_from_checkpoint
 
-    model, _, _, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root,
+    model, _, cfg, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root,
                                               root_option="data_root=DIR")
     head = classifier_layer(model)         # the layer ARR's classifier hook reads (one line if none)
     feats, labels = [], []
@@ -37,7 +38,15 @@ def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor
             feats[-1] = per_sample(feats[-1], len(y))       # a spiking net's time steps averaged, as ARR does
             labels.append(y)
     handle.remove()
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(labels), f"{cfg.model.name} on {cfg.data.name}"
+
+
+def _run_name(checkpoint: str, taken: str | None = None) -> str:
+    """A checkpoint's run directory name (``runs/NAME/best.pt``), with the file's stem where the
+    other run has that name."""
+    path = Path(checkpoint)
+    name = path.parent.name or path.stem
+    return f"{name}/{path.stem}" if name == taken else name
 
 
 @register_experiment("responses")
@@ -47,11 +56,12 @@ def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channel
     and channel, beside those of a ``compare`` checkpoint (e.g. the same model without DNRT)."""
     if not checkpoint:
         raise BionetsError("experiment responses needs checkpoint=PATH (a run's best.pt); add compare=PATH for a second run")
-    runs = {Path(checkpoint).parent.name or "run": collect(checkpoint, data_root)}
+    first = _run_name(checkpoint)
+    runs = {first: collect(checkpoint, data_root)}
     if compare:
-        runs[Path(compare).parent.name + " (compare)"] = collect(compare, data_root)
+        runs[_run_name(compare, first)] = collect(compare, data_root)
     rows, spread = [], {}
-    for name, (r, y) in runs.items():
+    for name, (r, y, _) in runs.items():
         spread[name] = float(torch.stack([r[y == k].std(0).mean() for k in y.unique()]).mean())
         for k in range(min(classes, int(y.max()) + 1)):
             for c in range(min(channels, r.shape[1])):
@@ -61,20 +71,20 @@ def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channel
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _plot(runs, out_dir / "responses.png", channels, classes)
+    what = sorted({w for _, _, w in runs.values()})
+    _plot(runs, out_dir / "responses.png", channels, classes, f"{' vs '.join(what)}, the classifier's input")
     return "mean within-class std of the aggregated responses: " + ", ".join(f"{n} {s:.4f}" for n, s in spread.items())
 
 
-def _plot(runs: dict, path: Path, channels: int, classes: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(runs: dict, path: Path, channels: int, classes: int, what: str) -> None:
+    from matplotlib.figure import Figure
 
     names = list(runs)
     # one y scale per class (column): the two runs' spreads compare by eye
-    fig, axes = plt.subplots(len(names), classes, figsize=(3 * classes, 2.6 * len(names)), squeeze=False, sharey="col")
+    fig = Figure(figsize=(3 * classes, 2.6 * len(names) + 0.4), layout="constrained")
+    axes = fig.subplots(len(names), classes, squeeze=False, sharey="col")
     for i, name in enumerate(names):
-        r, y = runs[name]
+        r, y, _ = runs[name]
         for k in range(classes):
             ax = axes[i][k]
             data = [r[y == k, c].numpy() for c in range(min(channels, r.shape[1]))]
@@ -82,6 +92,6 @@ def _plot(runs: dict, path: Path, channels: int, classes: int) -> None:
                 ax.violinplot(data, positions=range(len(data)), showmeans=True)   # channels 0.., as in the CSV
             ax.set_title(f"{name}: class {k}", fontsize=8)
             ax.set_xlabel("channel", fontsize=7)
-    fig.tight_layout()
+        axes[i][0].set_ylabel("response (bar: mean)", fontsize=7)
+    fig.suptitle(f"Aggregated responses per class: {what}", fontsize=9)
     fig.savefig(path, dpi=110)
-    plt.close(fig)

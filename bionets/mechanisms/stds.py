@@ -63,7 +63,10 @@ class SparsityHook(Hook):
 
     def on_train_end(self, run_dir: Path, history: list[dict]) -> None:
         if history:
-            plot_sparsity(history, Path(run_dir) / "sparsity.png")
+            plot_sparsity(history, Path(run_dir) / "sparsity.png", f"run {Path(run_dir).name}: {self.method()}")
+
+    def method(self) -> str:
+        return "Grad R"
 
 
 class StdsHook(SparsityHook):
@@ -101,6 +104,12 @@ class StdsHook(SparsityHook):
             self.copies[id(copy)] = soft_thresholds(copy)
         for p in self.copies[id(copy)]:
             p.d.fill_(self.d)
+
+    def method(self) -> str:
+        c = self.cfg
+        if c.sparse_function == "identity":
+            return "dense baseline (STDS identity)"
+        return f"STDS {c.sparse_function}, {c.schedule} schedule to D_max {c.d_max:g}" + (f", L1 {c.l1:g}" if c.l1 else "")
 
     def may_be_best(self) -> bool:
         """Only a model at the final threshold (the run's sparsity) competes for best.pt: during a
@@ -202,8 +211,9 @@ def create_gradr(model: nn.Module, cfg: OptimConfig) -> GradR:
     return GradR(prior_groups + param_groups(model, cfg, rest), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def plot_sparsity(history: list[dict], path: Path) -> None:
-    """Per-layer and total sparsity (left) and accuracy with total sparsity (right) against epochs."""
+def plot_sparsity(history: list[dict], path: Path, title: str = "") -> None:
+    """Per-layer and total sparsity (left) and accuracy with total sparsity (right) against epochs,
+    both in percent on one scale."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -221,12 +231,14 @@ def plot_sparsity(history: list[dict], path: Path) -> None:
     for key, style in (("test_top1", "-"), ("train_top1", "--")):
         if key in history[-1]:
             right.plot(epochs, [r[key] for r in history], style, color="tab:blue", label=key)
-    right.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy and total sparsity")
+    right.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy and total sparsity", ylim=(-2, 102))
     twin = right.twinx()
     twin.plot(epochs, [r.get("sparsity", float("nan")) for r in history], color="black", lw=2, label="sparsity")
     twin.set(ylabel="sparsity (%)", ylim=(-2, 102))
     lines = right.get_lines() + twin.get_lines()
     right.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
