@@ -450,13 +450,23 @@ def test_a_deep_copy_needs_the_hook_attached_and_then_keeps_one_capture():
     model, hook = build()
     copy = deepcopy(model).train()
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
-    with pytest.raises(BionetsError, match="saw no training forward pass since its last aux_loss"):
+    with pytest.raises(BionetsError, match="saw no training forward pass with gradients since its last aux_loss"):
         hook.aux_loss(copy, x, copy(x), y)
     hook.attach(copy)
     head = copy.get_classifier()
     assert len(head._forward_pre_hooks) == 1
     assert hook.aux_loss(copy, x, copy(x), y) is not None and copy.arr_memory.seen.any()
     assert not model.arr_memory.seen.any()
+    # a ViT's copy carries the blocks' captures and the patch embedding's counter: none is left but the hook's own
+    vit, vit_hooks, _ = apply_mechanisms(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2),
+                                         parse_mechanisms({"arr": {}}))
+    vit_hooks[0].attach(vit)
+    for _ in range(2):
+        vit = deepcopy(vit)
+        vit_hooks[0].attach(vit)
+    owners = [getattr(fn, "__self__", None) for m in vit.modules()
+              for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    assert len(owners) == 3 and all(o is vit_hooks[0] for o in owners)     # 2 blocks + the patch embedding
 
 
 def test_targets_for_part_of_a_batch_are_one_line_outside_spiking_nets():

@@ -80,3 +80,14 @@ def test_step_profile_smoke():
     for needle in ("resnet-relu: ", "resnet-relu RAA: ", "resnet-relu + ARR: ", "dit_resnet20: ", "host us a step"):
         assert needle in text
     assert text.count(" calls  ") == 6                   # the two largest differences for each of the three twins
+
+
+def test_cpu_peak_memory_is_each_steps_own():
+    """The profiler's timeline counts what a step allocates, its first tensor included, whatever ran
+    before it in the process (the resident set's rise read 0 for a step after a larger one)."""
+    import torch
+
+    from bionets.bench import cpu_step_peak_mb
+    big = cpu_step_peak_mb(lambda: torch.ones(2**22))                  # 16 MB, the step's first and only tensor
+    small = cpu_step_peak_mb(lambda: torch.ones(2**20) + 1)            # 4 MB twice, alive together
+    assert big == pytest.approx(16, rel=0.01) and small == pytest.approx(8, rel=0.01)

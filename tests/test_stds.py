@@ -302,6 +302,8 @@ def test_sparsity_of_an_exported_model_names_its_layers():
     assert sparsity(model, layers=["0", "2"]).metrics() == before
     with pytest.raises(BionetsError, match="no layer with a weight matches 'fc'"):
         sparsity(model, layers=["fc"])
+    with pytest.raises(BionetsError, match=r"sparsity\(layers=\[\]\) counts no layer"):
+        sparsity(model, layers=[])
 
 
 def test_set_threshold_and_state_dict_carry_d():

@@ -287,7 +287,10 @@ def sparsity(model: nn.Module, layers: Iterable[str] | None = None) -> Sparsity:
             raise BionetsError(f"sparsity: {type(model).__name__} has no STDS or Grad R layer to count (an exported "
                                "model's weights are plain again): name the layers, sparsity(model, layers=[...])")
     else:
-        chosen = _layers_with_weight(model, name_list(layers, "sparsity(layers=...)"))
+        patterns = name_list(layers, "sparsity(layers=...)")
+        if not patterns:
+            raise BionetsError("sparsity(layers=[]) counts no layer: give glob patterns of layer names, e.g. ['*']")
+        chosen = _layers_with_weight(model, patterns)
     zeros, sizes = {}, {}
     for name, m in chosen:
         w = m.weight

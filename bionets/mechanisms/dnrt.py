@@ -204,15 +204,14 @@ class ArrHook(Hook):
         # a spiking net folds its time steps into the batch (SpikingJelly's multi-step mode): its
         # responses are averaged over them; any other model's rows must match the targets one to one
         self.time_folded = any(getattr(m, "step_mode", None) == "m" for m in model.modules())
+        for module in model.modules():
+            _drop_copied_captures(module._forward_hooks)
+            _drop_copied_captures(module._forward_pre_hooks)
         if self.layers == "classifier":
-            head = classifier_layer(model)
-            _drop_copied_captures(head._forward_pre_hooks)
-            self.handles = [head.register_forward_pre_hook(self._keep_input)]
+            self.handles = [classifier_layer(model).register_forward_pre_hook(self._keep_input)]
             return
         self.pool_token = getattr(model, "global_pool", "token") == "token" and getattr(model, "cls_token", None) is not None
         self.embed_dim = model.embed_dim
-        for block in model.blocks:
-            _drop_copied_captures(block._forward_hooks)
         self.handles = [block.register_forward_hook(self._keep_token) for block in model.blocks]
         if isinstance(getattr(model, "patch_embed", None), nn.Module):
             self.handles.append(model.patch_embed.register_forward_hook(self._count_patches))
@@ -270,9 +269,11 @@ class ArrHook(Hook):
         if not model.training or not torch.is_grad_enabled():
             return None
         if not responses:
-            raise BionetsError("ARR's hook saw no training forward pass since its last aux_loss: call aux_loss once "
-                               "after each forward, and attach the hook to the model you train (hook.attach(model) "
-                               "again for a copy.deepcopy or a reloaded model; ARR's memory is that model's)")
+            raise BionetsError("ARR's hook saw no training forward pass with gradients since its last aux_loss: call "
+                               "aux_loss once after each forward, attach the hook to the model you train "
+                               "(hook.attach(model) again for a copy.deepcopy or a reloaded model; ARR's memory is "
+                               "that model's), and checkpoint activations with use_reentrant=False (the reentrant "
+                               "form runs the forward without gradients)")
         if all(b is not None and b.shape == blocks[0].shape and len(b) == len(targets) for b in blocks):
             # every response a class token: taken from the blocks at once, with a backward that
             # fills and copies once for all blocks, not once a block
