@@ -188,9 +188,9 @@ def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     device = inputs.device
     step, forward = train_step(model, inputs, targets, loss_fn=loss_fn, amp=amp, channels_last=channels_last,
                                optimizer=optimizer)
-    base = _reset_peak(device)
+    base = _reset_peak(device) if device.type == "cuda" else None
     step_ms = _median_ms(step, device, warmup, step_repeats or repeats)
-    peak = _peak(device, base) if device.type == "cuda" else cpu_step_peak_mb(step)
+    peak = _peak(device, base) if base is not None else cpu_step_peak_mb(step)
     forward_ms = _median_ms(forward, device, warmup, repeats)
     return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
 

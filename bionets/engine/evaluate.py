@@ -70,8 +70,9 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
                           ema: bool = False, need_data: bool = True, root_option: str = "--data-root DIR"):
     """(model, hooks, config, data bundle) rebuilt from a checkpoint's resolved config and weights.
     Without ``need_data`` the data is not loaded where the checkpoint records its class count and
-    input channels (``data_info``; every checkpoint ``bionets train`` writes): the bundle is then None. ``root_option``: how
-    the caller sets ``data_root``, for the data errors (nothing downloads here)."""
+    input channels (``data_info``; every checkpoint ``bionets train`` writes): the bundle is then
+    None. ``root_option``: how the caller sets ``data_root``, for the data errors (nothing downloads
+    here)."""
     state = load_checkpoint(path)
     raw = state["config"]
     if data_root is not None:

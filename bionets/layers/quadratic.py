@@ -133,8 +133,9 @@ class QuadraticChannel(QuadraticTerm):
     for C <= 64, all C^2 products by one batched product, saved for backward ('outer': more
     multiply-adds than the spec's symmetric form, but fewer kernel launches, which bound a small eager
     step); otherwise, and in compiled models, the products of 8-channel block pairs I <= J inside Triton
-    matmul kernels ('fused'), or without Triton those of two channel blocks, 3/4 of C^2 ('blocks'). ``impl='full'`` forms all C^2 products (the
-    reference's batched outer product, kept as the slow reference). Both give Q the same gradient,
+    matmul kernels ('fused'), or without Triton those of two channel blocks, 3/4 of C^2 ('blocks').
+    ``impl='full'`` forms all C^2 products (the reference's batched outer product, kept as the slow
+    reference). Both give Q the same gradient,
     ``dL/dQ_oij = sum_p g_o(p) x_i(p) x_j(p)`` (symmetric in i, j).
 
     Args:

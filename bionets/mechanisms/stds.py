@@ -109,7 +109,8 @@ class StdsHook(SparsityHook):
         c = self.cfg
         if c.sparse_function == "identity":
             return "dense baseline (STDS identity)"
-        return f"STDS {c.sparse_function}, {c.schedule} schedule to D_max {c.d_max:g}" + (f", L1 {c.l1:g}" if c.l1 else "")
+        l1 = f", L1 {c.l1:g}" if c.l1 else ""
+        return f"STDS {c.sparse_function}, {c.schedule} schedule to D_max {c.d_max:g}{l1}"
 
     def may_be_best(self) -> bool:
         """Only a model at the final threshold (the run's sparsity) competes for best.pt: during a
