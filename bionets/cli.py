@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bionets", description=__doc__.splitlines()[0],
+    p = _Parser(prog="bionets", description=__doc__.splitlines()[0].replace("``", ""),
                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -240,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     except BionetsError as err:
         print(f"bionets: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bionets: interrupted; a run keeps the checkpoint of its last complete epoch (last.pt), if it finished one",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:
+        kept = getattr(err, "bionets_kept", "a run keeps the checkpoint of its last complete epoch (last.pt), if it "
+                                            "finished one")
+        print(f"bionets: interrupted; {kept}", file=sys.stderr)
         return 130
 
 

@@ -29,6 +29,7 @@ def cli(*args):
     (["eval", "/nonexistent/best.pt"], "does not exist"),
     (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
+    (["experiment", "bogus"], "experiments: dnrt_seeds, eigen, fewshot, gaussian, responses"),
     (["experiment", "fewshot", "data_root=/nonexistent/bionets"], "is missing: put mnist there (see docs/data.md) or "
      "give its location with data_root=DIR (MNIST's files, or grayscale image folders DIR/train and DIR/val)"),
     (["experiment", "gaussian", "seeds=[1,"], "is not valid YAML"),
@@ -248,7 +249,9 @@ def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
         proc.send_signal(signal.SIGABRT)
         pytest.fail("the run did not stop on Ctrl-C:\n" + proc.communicate()[1][-4000:])
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
-    assert load_checkpoint(last)["epoch"] >= 1
+    epoch = load_checkpoint(last)["epoch"]
+    assert epoch >= 1
+    assert f"bionets: interrupted; {last} holds epoch {epoch} of 200: continue with bionets train --resume {last}" in err
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -702,3 +702,11 @@ def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path, capsys):
         train(fast_config(tmp_path, "train.progress=true", "mechanisms={test_interrupt: {at_step: 3}}"))
     assert caught.tb is not None and not tqdm._instances
     assert "epoch 1/" in capsys.readouterr().err          # the bar was shown
+
+
+def test_console_line_formats_ema_and_mechanism_metrics_like_the_rest():
+    from bionets.engine.metrics import console_line
+    line = console_line({"epoch": 3, "test_top1": 10.0, "ema_test_top1": 10.0, "ema_test_loss": 2.302585,
+                         "sparsity": 84.08333, "stds_d": 0.3, "sparsity/conv1": 50.0, "lr": 5.66e-07})
+    assert line == ("epoch   3  test_top1 10.00  lr 5.66e-07  ema_test_top1 10.00  ema_test_loss 2.3026  "
+                    "sparsity 84.08  stds_d 0.3")

@@ -57,10 +57,13 @@ FORMATS = {"train_loss": "{:.4f}", "train_top1": "{:.2f}", "test_loss": "{:.4f}"
 
 
 def console_line(record: dict) -> str:
-    """One readable line per epoch: the standard metrics, then any mechanism's totals."""
+    """One readable line per epoch: the standard metrics, then the EMA model's (in the same
+    formats) and any mechanism's totals."""
     parts = [f"epoch {record['epoch']:>3}"]
     parts += [f"{k} {FORMATS[k].format(record[k])}" for k in FORMATS if k in record]
     for k, v in record.items():
-        if k not in FORMATS and k != "epoch" and "/" not in k:
-            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        if k in FORMATS or k == "epoch" or "/" in k:
+            continue
+        form = FORMATS.get(k.removeprefix("ema_"), "{:.2f}" if isinstance(v, float) and abs(v) >= 1 else "{:.4g}")
+        parts.append(f"{k} {form.format(v)}" if isinstance(v, float) else f"{k} {v}")
     return "  ".join(parts)

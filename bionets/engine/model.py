@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import timm
 import torch
@@ -169,8 +170,8 @@ def bionets_models() -> list[str]:
     """Names of the models that bionets registers with timm."""
     import bionets.models  # noqa: F401
 
-    return sorted(n for n in timm.list_models()
-                  if timm.models.model_entrypoint(n).__module__.startswith("bionets."))
+    return sorted((n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("bionets.")),
+                  key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])   # resnet20 < resnet110
 
 
 def count_parameters(name: str, **kwargs) -> int:

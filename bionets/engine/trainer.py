@@ -161,7 +161,7 @@ class Trainer:
         if claimed:                             # a run never mixes its files with another run's
             chosen = unused_name(self.cfg.out_dir, self.cfg.name, self._config_text) if main else None
             self._use_name(gather_objects(chosen)[0])
-        cfg, writer, saved = self.cfg, None, False
+        cfg, writer, saved = self.cfg, None, 0
         if main:
             make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
             if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
@@ -191,12 +191,17 @@ class Trainer:
                         writer.write(record)
                         ckpt = self._checkpoint(rng)
                         save_checkpoint(self.run_dir / "last.pt", ckpt)
-                        saved = True
+                        saved = self.state.epoch          # (the epoch last.pt holds; 0: none saved yet)
                         if improved:
                             save_checkpoint(self.run_dir / "best.pt", ckpt)
                         if not self.quiet:
                             tqdm.write(console_line(record))
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt) and main and saved:
+                # the CLI's one line names what is kept and how to go on
+                last = self.run_dir / "last.pt"
+                err.bionets_kept = (f"{last} holds epoch {saved} of {cfg.train.epochs}: continue with "
+                                    f"bionets train --resume {last}")
             if main and claimed and not saved:
                 # failed or interrupted before its first checkpoint: the directory it claimed holds its
                 # config and logs but nothing to resume; removed, so that a rerun after the fix takes its name
@@ -216,8 +221,8 @@ class Trainer:
                 hook.on_train_end(self.run_dir, self.state.history)
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             if not self.quiet:
-                print(f"done: final test top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}% "
-                      f"in {summary['train_time_s']:.1f}s; run directory {self.run_dir}")
+                print(f"done: final test top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}%; "
+                      f"{summary['train_time_s']:.1f} s of training; run directory {self.run_dir}")
         return summary
 
     def _stop_if_diverged(self, train_loss: float) -> None:
@@ -348,7 +353,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         d = self.dist
         print(f"bionets: model {self.cfg.model.name} ({n_params:,} parameters), data {self.cfg.data.name} "
-              f"({self.data.num_classes} classes), {self.cfg.train.epochs} epochs x {self.steps_per_epoch} steps, "
+              f"({self.data.num_classes} classes), {_count(self.cfg.train.epochs, 'epoch')} x {_count(self.steps_per_epoch, 'step')}, "
               f"device {self.device}" + (f" x {d.world_size} processes" if d.enabled else "")
               + f", run directory {self.run_dir}"
               + (f" ({self.replaced} holds an earlier run)" if self.replaced else ""))
@@ -390,6 +395,10 @@ def slow_bf16_note(amp: str, device: torch.device) -> str | None:
         return None
     return None if native else ("note: train.amp=bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): "
                                 "autocast emulates it and runs slower than float32 here; train.amp=off is faster")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

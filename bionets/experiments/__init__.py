@@ -61,7 +61,7 @@ def get_experiment(name: str) -> Callable[..., str]:
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
     if name not in EXPERIMENTS:
-        raise unknown("experiment", name, EXPERIMENTS)
+        raise unknown("experiment", name, EXPERIMENTS, see=f"experiments: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]
 
 

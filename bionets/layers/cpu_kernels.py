@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from bionets.layers.kernel_fallback import run_or_warn
 
@@ -114,7 +115,8 @@ def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **op
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
     first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"     # torchrun's processes build it once, together
     if first_on_machine and not any(root.glob(f"{ext}/{ext}.so")) and not any(root.glob(f"*/{ext}/{ext}.so")):
-        print(f"bionets: building {what} (once per machine, {takes})", file=sys.stderr, flush=True)
+        # (through tqdm: the first training forward builds them, under the epoch's progress bar)
+        tqdm.write(f"bionets: building {what} (once per machine, {takes})", file=sys.stderr)
     try:
         cpp_extension.load(name=ext, sources=[str(s) for s in sources], is_python_module=False, verbose=False, **options)
     except Exception as err:    # noqa: BLE001  (the builder raises RuntimeError with the whole log, or OSError)
