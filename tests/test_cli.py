@@ -28,6 +28,7 @@ def cli(*args):
      "out of model.kwargs"),
     (["eval", "/nonexistent/best.pt"], "does not exist"),
     (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
+    (["eval", str(Path(__file__).parent.parent / "configs" / "digits.yaml")], "is a text file, not a checkpoint (a config?)"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
     (["experiment", "bogus"], "experiments: dnrt_seeds, eigen, fewshot, gaussian, responses"),
     (["experiment", "fewshot", "data_root=/nonexistent/bionets"], "is missing: put mnist there (see docs/data.md) or "

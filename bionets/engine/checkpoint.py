@@ -5,6 +5,7 @@ scheduler, grad-scaler, EMA and RNG states, ``epoch`` (completed), ``step`` and 
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 import random
@@ -130,6 +131,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
     write_atomic(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+def _is_text(path: Path) -> bool:
+    """Whether the file starts as text does (UTF-8, no NUL byte): a YAML config or a log passed as a
+    checkpoint, which torch.load reports as a pickling error."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head or head.startswith(b"PK\x03\x04") or b"\0" in head:     # (a zip's header: torch.save's format)
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)     # (a character cut at byte 512 is no error)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
     """Read a checkpoint on the CPU; a missing, truncated or foreign file is one BionetsError, and so
     is the plain state dict of ``bionets export`` unless ``exported``."""
@@ -144,6 +159,9 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
         _check_crc(path)
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        if _is_text(path):
+            raise BionetsError(f"'{path}' is a text file, not a checkpoint (a config?): give a .pt file that "
+                               "'bionets train' wrote (runs/NAME/best.pt or last.pt)") from None
         raise BionetsError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}): "
                            "use another checkpoint (e.g. best.pt or last.pt of the run)") from None
     except (AttributeError, ImportError) as err:    # a pickled object whose class this process cannot find
