@@ -294,8 +294,8 @@ def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise BionetsError(f"resuming {source} (--resume, or the config's resume key): this config changes the run "
                            f"({shown}{more}), but a resumed run continues its saved optimizer and schedule exactly: "
-                           "resume with the run's own config (omit CONFIG to use the checkpoint's), or start a new "
-                           "run (resume=null)")
+                           "resume without these changes (the checkpoint holds its config), or start a new run from "
+                           f"its weights: model.init={source} instead of --resume")
 
 
 def resume_config(saved: dict, overrides: list[str]) -> RunConfig:

@@ -710,3 +710,10 @@ def test_console_line_formats_ema_and_mechanism_metrics_like_the_rest():
                          "sparsity": 84.08333, "stds_d": 0.3, "sparsity/conv1": 50.0, "lr": 5.66e-07})
     assert line == ("epoch   3  test_top1 10.00  lr 5.66e-07  ema_test_top1 10.00  ema_test_loss 2.3026  "
                     "sparsity 84.08  stds_d 0.3")
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
+    train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
+    summary = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'a' / 'last.pt'}", name="a"))
+    out = capsys.readouterr().out
+    assert "at epoch 1: the run is complete (1 of 1 epochs), nothing to train" in out and summary["epochs"] == 1

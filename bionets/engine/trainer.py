@@ -362,7 +362,10 @@ class Trainer:
         if lr_line := lr_mult_summary(self.model, self.cfg.optim):
             print(lr_line)
         if self.cfg.resume:
-            print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch}")
+            done = self.state.epoch >= self.cfg.train.epochs
+            print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch}"
+                  + (f": the run is complete ({self.state.epoch} of {self.cfg.train.epochs} epochs), nothing to train"
+                     if done else f" of {self.cfg.train.epochs}"))
         for note in (*self.cfg._notes, slow_bf16_note(self.cfg.train.amp, self.device),
                      unused_options_note(self.cfg.optim), schedule_note(self.cfg.sched, self.cfg.train.epochs)):
             if note:
