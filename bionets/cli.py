@@ -5,10 +5,12 @@ Every user error ends with one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from bionets.configbase import load_yaml, quoted
@@ -230,8 +232,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, _default) -> None:
+    """bionets' own warnings (a kernel that falls back to PyTorch) as one line on the command line,
+    through tqdm so that an open progress bar stays whole; any other warning as Python shows it."""
+    if str(message).startswith("bionets: "):
+        from tqdm import tqdm
+
+        tqdm.write(str(message), file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, _default=shown)
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:                      # output piped into `head` and closed: not an error
@@ -245,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "finished one")
         print(f"bionets: interrupted; {kept}", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

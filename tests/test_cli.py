@@ -281,3 +281,14 @@ def test_bench_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().startswith("bionets: error: bench ran out of memory at width 99999999999, "
                                                       "batch 1 on cpu (RuntimeError: DefaultCPUAllocator")
     assert not (tmp_path / "b").exists()
+
+
+def test_bionets_warnings_are_one_line_on_the_command_line(capsys):
+    """A kernel's fallback warning printed with its file path and source line, under the progress bar."""
+    from bionets.cli import _show_warning
+    _show_warning(UserWarning("bionets: RAA's CPU kernels cannot be built here (x); using PyTorch"), UserWarning,
+                  "/x/raa.py", 182)
+    assert capsys.readouterr().err == "bionets: RAA's CPU kernels cannot be built here (x); using PyTorch\n"
+    seen = []
+    _show_warning(UserWarning("other"), UserWarning, "/x/y.py", 3, _default=lambda *a: seen.append(a))
+    assert len(seen) == 1 and str(seen[0][0]) == "other" and not capsys.readouterr().err   # Python's own display
