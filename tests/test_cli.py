@@ -287,7 +287,7 @@ def test_bionets_warnings_are_one_line_on_the_command_line(capsys):
     """A kernel's fallback warning printed with its file path and source line, under the progress bar."""
     from bionets.cli import _show_warning
     _show_warning(UserWarning("bionets: RAA's CPU kernels cannot be built here (x); using PyTorch"), UserWarning,
-                  "/x/raa.py", 182)
+                  "/x/raa.py", 182, _default=None)
     assert capsys.readouterr().err == "bionets: RAA's CPU kernels cannot be built here (x); using PyTorch\n"
     seen = []
     _show_warning(UserWarning("other"), UserWarning, "/x/y.py", 3, _default=lambda *a: seen.append(a))
