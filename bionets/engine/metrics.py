@@ -52,6 +52,7 @@ class MetricsWriter:
         self.tb.close()
 
 
+# the engine's own per-epoch metrics (train_epoch's and evaluate's), each with its console format
 FORMATS = {"train_loss": "{:.4f}", "train_top1": "{:.2f}", "test_loss": "{:.4f}", "test_top1": "{:.2f}",
            "test_top5": "{:.2f}", "lr": "{:.3g}", "images_per_s": "{:.0f}", "epoch_time": "{:.1f}s"}
 

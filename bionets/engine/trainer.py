@@ -30,7 +30,7 @@ from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers,
                                         shutdown)
 from bionets.engine.evaluate import autocast_for, evaluate, task_loss
 from bionets.engine.hooks import Progress
-from bionets.engine.metrics import MetricsWriter, console_line, topk_correct
+from bionets.engine.metrics import FORMATS, MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, schedule_note,
                                   unused_options_note)
@@ -39,9 +39,9 @@ from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
 
 
-# what train_epoch and evaluate put in an epoch's record (the summary gives them its own names)
-ENGINE_METRICS = frozenset({"epoch", "train_loss", "train_top1", "lr", "images_per_s", "epoch_time", "test_loss",
-                            "test_top1", "test_top5"})
+# what train_epoch and evaluate put in an epoch's record (the summary gives them its own names): the
+# metrics whose console formats metrics.FORMATS lists, and the epoch
+ENGINE_METRICS = frozenset({"epoch", *FORMATS})
 
 
 @dataclass

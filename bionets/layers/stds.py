@@ -277,9 +277,9 @@ class Sparsity:
 
 @torch.no_grad()
 def sparsity(model: nn.Module, layers: Iterable[str] | None = None) -> Sparsity:
-    """Count the exact zeros of every pruned layer's effective weight, or of the ``weight`` of the
+    """Count the exact zeros of every pruned layer's effective weight, or of the conv and linear
     layers whose names match the glob patterns ``layers`` (an exported model's: its weights are plain
-    again)."""
+    again; the layers :func:`select_layers` picks)."""
     require_module(model, "sparsity")
     if layers is None:
         chosen = pruned_layers(model)
@@ -287,26 +287,16 @@ def sparsity(model: nn.Module, layers: Iterable[str] | None = None) -> Sparsity:
             raise BionetsError(f"sparsity: {type(model).__name__} has no STDS or Grad R layer to count (an exported "
                                "model's weights are plain again): name the layers, sparsity(model, layers=[...])")
     else:
-        patterns = name_list(layers, "sparsity(layers=...)")
-        if not patterns:
-            raise BionetsError("sparsity(layers=[]) counts no layer: give glob patterns of layer names, e.g. ['*']")
-        chosen = _layers_with_weight(model, patterns)
+        names = select_layers(model, include=name_list(layers, "sparsity(layers=...)"))
+        if not names:
+            raise no_layer_error("sparsity(layers=...)", model, list(layers), [], ("conv", "linear"))
+        chosen = [(n, model.get_submodule(n)) for n in names]
     zeros, sizes = {}, {}
     for name, m in chosen:
         w = m.weight
         zeros[name] = int((w == 0).sum())
         sizes[name] = w.numel()
     return Sparsity(zeros, sizes)
-
-
-def _layers_with_weight(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
-    """The layers with a ``weight`` tensor whose names match a glob pattern; each pattern must match one."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
-    for pat in patterns:
-        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in layers):
-            raise BionetsError(f"sparsity: no layer with a weight matches '{pat}' (names as in model.named_modules(): "
-                               f"{', '.join(n for n, _ in layers[:6]) or 'none'}{', ...' if len(layers) > 6 else ''})")
-    return [(n, m) for n, m in layers if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
 
 
 def export(model: nn.Module) -> nn.Module:
