@@ -8,6 +8,7 @@ import torch
 from bionets.config import load_config
 from bionets.engine.trainer import train
 from bionets.layers import kernel_fallback
+from cuda_emulated import RAA_CUDA_CASES
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -57,18 +58,6 @@ def test_raa_on_cuda_under_bf16_autocast_matches_the_float64_cpu_result(base):
     if base == "gelu":
         for p, q in zip(gpu.parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=5e-2, atol=0.5)
-
-
-# (shape, feature dim, layout): groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW),
-# several passes of a group over the features, fewer than 8 groups a block (1500 features), more
-# vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a
-# block), one pixel (NCHW maps of more than 64 channels take the Triton kernels), partial sums too many
-# to keep in the forward's buffer (1024 blocks x 257: the backward allocates them)
-RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
-                  ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 64, 6, 6), 1, "nchw"),
-                  ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
-                  ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 3, 1500), -1, "tokens"),
-                  ((60, 64, 48, 48), 1, "nchw"), ((8, 1024, 256), -1, "tokens")]
 
 
 def _raa_kernels(kernels, monkeypatch):

@@ -1,0 +1,79 @@
+"""bionets' CUDA C++ kernels (``raa_cuda``, ``arr_cuda``) built for the CPU, for tests on machines
+without a GPU: each ``.cu`` source, rewritten mechanically for ``cuda_emulation.h`` (which runs a
+block's threads as fibers), and its ``.cpp`` operators registered for CPU tensors as
+``torch.ops.bionets_<name>_emu``, autograd in C++ as on CUDA. So the kernels' indexing, shuffles,
+barriers, scratch layout, block-order sums and operator wiring run as written; the GPU's memory
+model, timing and speed do not (see the header)."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+LAYERS = HERE.parent / "bionets" / "layers"
+HEADER = HERE / "cuda_emulation.h"
+
+# RAA's CUDA kernels' test cases, emulated and on a GPU (test_cuda.py): (shape, feature dim, layout).
+# Groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW), several passes of a group over the features, fewer than 8 groups a block (1500 features), more
+# vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a
+# block), one pixel (NCHW maps of more than 64 channels take the Triton kernels), partial sums too many
+# to keep in the forward's buffer (1024 blocks x 257: the backward allocates them)
+RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
+                  ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 64, 6, 6), 1, "nchw"),
+                  ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
+                  ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 3, 1500), -1, "tokens"),
+                  ((60, 64, 48, 48), 1, "nchw"), ((8, 1024, 256), -1, "tokens")]
+
+LAUNCH = re.compile(r"(\w+<[^;{}]*?>)\s*<<<(.*?)>>>\(", re.S)
+
+
+def kernels_source(cu: str) -> str:
+    """A ``.cu`` source as C++ for ``cuda_emulation.h``."""
+    body, launches = LAUNCH.subn(r"cuda_emu::launch(\2, \1, ", cu)
+    if launches != cu.count("<<<"):
+        raise RuntimeError(f"rewrote {launches} of {cu.count('<<<')} kernel launches")
+    body = re.sub(r"#include <c10/cuda/[^>]+>\n", "", body)
+    body = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = cuda_emu::dynamic_shared<\1>();", body)
+    body = re.sub(r"__shared__ (\w+) (\w+);", r"static \1 \2;", body)
+    body = body.replace(".is_cuda()", ".is_cpu()").replace("#pragma unroll\n", "\n")
+    return f'#include "{HEADER.name}"\n' + body
+
+
+def operators_source(cpp: str, name: str) -> str:
+    """A ``.cpp`` source's operators as ``bionets_<name>_emu`` for CPU tensors, and ``set_seed``."""
+    lib = f"bionets_{name}"
+    body = re.sub(rf"TORCH_LIBRARY_IMPL\({lib}, CUDA,", f"TORCH_LIBRARY_IMPL({lib}_emu, CPU,", cpp)
+    body = re.sub(rf"TORCH_LIBRARY_IMPL\({lib}, AutogradCUDA,", f"TORCH_LIBRARY_IMPL({lib}_emu, AutogradCPU,", body)
+    body = body.replace(f"TORCH_LIBRARY({lib},", f"TORCH_LIBRARY({lib}_emu,")
+    registrations = re.findall(r"TORCH_LIBRARY\w*\((\w+)", body)
+    if len(registrations) < 3 or set(registrations) != {f"{lib}_emu"}:
+        raise RuntimeError(f"{name}.cpp: its library's registrations were not all renamed")
+    return (f'#include "{HEADER.name}"\n' + body + f"\nTORCH_LIBRARY_FRAGMENT({lib}_emu, m) {{\n"
+            '  m.def("set_seed(int seed) -> ()", [](int64_t seed) { cuda_emu::set_seed(static_cast<uint64_t>(seed)); });\n}\n')
+
+
+_BUILT: dict[str, object] = {}
+
+
+def ops(name: str):
+    """``torch.ops.bionets_<name>_emu``, built once per source (cached by torch's builder)."""
+    if name not in _BUILT:
+        from bionets.layers import cpu_kernels
+        cpu_kernels.quiet_import()
+        from torch.utils import cpp_extension
+        texts = {f"{name}_emu_kernels.cpp": kernels_source((LAYERS / f"{name}.cu").read_text()),
+                 f"{name}_emu_ops.cpp": operators_source((LAYERS / f"{name}.cpp").read_text(), name)}
+        key = hashlib.sha256("".join(texts.values()).encode() + HEADER.read_bytes()
+                             + b"".join(p.read_bytes() for p in sorted(LAYERS.glob("*.h")))).hexdigest()[:10]
+        ext = f"bionets_{name}_emu_{key}"
+        where = Path(cpp_extension.get_default_build_root()) / f"{ext}_src"
+        where.mkdir(parents=True, exist_ok=True)
+        for file, text in texts.items():
+            (where / file).write_text(text)
+        cpu_kernels.compile_extension(ext, [where / f for f in texts], f"{name} emulated on the CPU", "~20 s",
+                                      extra_include_paths=[str(HERE), str(LAYERS)], extra_cflags=["-O2"])
+        _BUILT[name] = getattr(torch.ops, f"bionets_{name}_emu")
+    return _BUILT[name]
