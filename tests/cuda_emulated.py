@@ -27,6 +27,9 @@ RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"
                   ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 3, 1500), -1, "tokens"),
                   ((60, 64, 48, 48), 1, "nchw"), ((8, 1024, 256), -1, "tokens")]
 
+
+
+
 LAUNCH = re.compile(r"(\w+<[^;{}]*?>)\s*<<<(.*?)>>>\(", re.S)
 
 
@@ -77,3 +80,36 @@ def ops(name: str):
                                       extra_include_paths=[str(HERE), str(LAYERS)], extra_cflags=["-O2"])
         _BUILT[name] = getattr(torch.ops, f"bionets_{name}_emu")
     return _BUILT[name]
+
+
+def assert_backward_twice_and_interleaved(raa: torch.nn.Module, xs: list[torch.Tensor]) -> None:
+    """RAA's CUDA backward keeps its block counter and partial sums in the forward's saved buffer: a
+    retained graph's second backward must give its first one's bits (the last block zeroes the
+    counter again), and two graphs' backward passes, run in the other order than their forwards,
+    each what their graph alone gives."""
+    params = (raa.v, raa.c)
+    alone = [torch.autograd.grad(raa(x), params, torch.ones_like(x)) for x in xs]
+    out = raa(xs[0])
+    first = torch.autograd.grad(out, params, torch.ones_like(out), retain_graph=True)
+    second = torch.autograd.grad(out, params, torch.ones_like(out))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, alone[0]))
+    outs = [raa(x) for x in xs]
+    for k in (1, 0):
+        got = torch.autograd.grad(outs[k], params, torch.ones_like(outs[k]))
+        assert all(torch.equal(a, b) for a, b in zip(got, alone[k]))
+
+
+def assert_nan_and_inference_mode(raa: torch.nn.Module, x: torch.Tensor) -> None:
+    """RAA (its parameters zero) on x [2, 8, 3, 3] with one NaN: inference mode runs the operator
+    without autograd to the same values; the NaN makes its pixel's shift and outputs NaN in both
+    forms (max(0, NaN) stays NaN, as in ReLU), and the ReLU form's gradient passes it as
+    threshold_backward does."""
+    x[0, 3, 1, 1] = float("nan")
+    xg = x.clone().requires_grad_()
+    out = raa(xg)
+    with torch.inference_mode():
+        torch.testing.assert_close(raa(x), out.detach(), rtol=0, atol=0, equal_nan=True)
+    assert out[0, :, 1, 1].isnan().all() and out.isnan().sum() == 8
+    out.backward(torch.ones_like(out))
+    if raa.base == "relu":
+        assert xg.grad[0, 3, 1, 1] == 1

@@ -8,7 +8,7 @@ import torch
 from bionets.config import load_config
 from bionets.engine.trainer import train
 from bionets.layers import kernel_fallback
-from cuda_emulated import RAA_CUDA_CASES
+from cuda_emulated import RAA_CUDA_CASES, assert_backward_twice_and_interleaved, assert_nan_and_inference_mode
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -157,16 +157,8 @@ def test_raa_cuda_operator_in_inference_mode_with_nan_and_a_wrong_device(monkeyp
     for base in ("gelu", "relu"):
         raa = RAA(8, base=base).cuda()
         x = torch.randn(2, 8, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
-        x[0, 3, 1, 1] = float("nan")
         assert takes(x, raa.v, raa.c, 1)
-        xg = x.clone().requires_grad_()
-        out = raa(xg)
-        with torch.inference_mode():
-            torch.testing.assert_close(raa(x), out.detach(), rtol=0, atol=0, equal_nan=True)
-        assert out[0, :, 1, 1].isnan().all() and out.isnan().sum() == 8
-        out.backward(torch.ones_like(out))
-        if base == "relu":
-            assert xg.grad[0, 3, 1, 1] == 1
+        assert_nan_and_inference_mode(raa, x)
     ops = _cuda_ops()
     with pytest.raises(RuntimeError, match="x's device"):
         ops.raa(torch.randn(2, 8, 3, 3, device="cuda"), torch.zeros(8, device="cuda"), torch.zeros(1), 1, True)
@@ -190,16 +182,7 @@ def test_raa_cuda_operator_backward_twice_and_graphs_interleaved(monkeypatch):
         if dim == 1:
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
         assert takes(xs[0], raa.v, raa.c, dim)
-        params = (raa.v, raa.c)
-        alone = [torch.autograd.grad(raa(x), params, torch.ones_like(x)) for x in xs]
-        out = raa(xs[0])
-        first = torch.autograd.grad(out, params, torch.ones_like(out), retain_graph=True)
-        second = torch.autograd.grad(out, params, torch.ones_like(out))
-        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, alone[0]))
-        outs = [raa(x) for x in xs]
-        for k in (1, 0):
-            got = torch.autograd.grad(outs[k], params, torch.ones_like(outs[k]))
-            assert all(torch.equal(a, b) for a, b in zip(got, alone[k]))
+        assert_backward_twice_and_interleaved(raa, xs)
 
 
 def _cuda_ops():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compile_helpers import needs_cpu_compiler
-from cuda_emulated import RAA_CUDA_CASES, ops
+from cuda_emulated import RAA_CUDA_CASES, assert_backward_twice_and_interleaved, assert_nan_and_inference_mode, ops
 
 pytestmark = needs_cpu_compiler
 
@@ -98,25 +98,14 @@ def test_raa_cuda_kernels_give_the_same_bits_in_any_block_and_thread_order(raa_o
 
 @pytest.mark.parametrize("shape, dim", [((64, 16, 10, 10), 1), ((4, 260, 768), -1)])
 def test_raa_cuda_backward_twice_and_graphs_interleaved(raa_ops, shape, dim, monkeypatch):
-    """The backward's block counter and partial sums live in the forward's saved buffer: a retained
-    graph's second backward gives its first one's bits (the last block zeroes the counter again), and
-    two graphs' backward passes, run in the other order than their forwards, each give what their
-    graph alone gives. Both places of the partial sums: the forward's buffer (16 channels) and the
-    backward's own (768 features on 130 blocks)."""
+    """The backward's scratch in the forward's buffer (assert_backward_twice_and_interleaved), both
+    places of the partial sums: the forward's buffer (16 channels) and the backward's own (768
+    features on 130 blocks)."""
     _on_emulated_kernels(monkeypatch, raa_ops)
     torch.manual_seed(0)
     raa = _raa(shape[dim], dim=dim)
     xs = [_in_layout(torch.randn(shape), "channels_last" if dim == 1 else "") for _ in range(2)]
-    params = (raa.v, raa.c)
-    alone = [torch.autograd.grad(raa(x), params, torch.ones_like(x)) for x in xs]
-    out = raa(xs[0])
-    first = torch.autograd.grad(out, params, torch.ones_like(out), retain_graph=True)
-    second = torch.autograd.grad(out, params, torch.ones_like(out))
-    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, alone[0]))
-    outs = [raa(x) for x in xs]
-    for k in (1, 0):
-        got = torch.autograd.grad(outs[k], params, torch.ones_like(outs[k]))
-        assert all(torch.equal(a, b) for a, b in zip(got, alone[k]))
+    assert_backward_twice_and_interleaved(raa, xs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -139,22 +128,12 @@ def test_raa_cuda_kernels_in_half_precision(raa_ops, dtype, base):
 
 
 def test_raa_cuda_operator_in_inference_mode_and_with_nan(raa_ops, monkeypatch):
-    """Inference mode runs the operator without autograd, to the same values; a NaN input makes its
-    pixel's shift and outputs NaN in both forms (max(0, NaN) stays NaN, as in ReLU), and the ReLU
-    form's gradient passes it as threshold_backward does."""
+    """NaN input and inference mode (assert_nan_and_inference_mode)."""
     _on_emulated_kernels(monkeypatch, raa_ops)
     for base in ("gelu", "relu"):
         raa = _raa(8, base=base, scale=0.0)                    # v = 0: dL/dx of the NaN is ReLU's own
         x = _in_layout(torch.randn(2, 8, 3, 3), "channels_last")
-        x[0, 3, 1, 1] = float("nan")
-        xg = x.clone().requires_grad_()
-        out = raa(xg)
-        with torch.inference_mode():
-            torch.testing.assert_close(raa(x), out.detach(), rtol=0, atol=0, equal_nan=True)
-        assert out[0, :, 1, 1].isnan().all() and out.isnan().sum() == 8
-        out.backward(torch.ones_like(out))
-        if base == "relu":
-            assert xg.grad[0, 3, 1, 1] == 1
+        assert_nan_and_inference_mode(raa, x)
 
 
 def _arr_on(monkeypatch, emulated):
