@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 
 from bionets.configbase import Section
 from bionets.engine.checkpoint import ctrl_c_deferred, load_checkpoint, save_checkpoint
@@ -563,7 +564,8 @@ def test_model_init_starts_from_saved_weights_with_or_without_mechanisms(tmp_pat
     torch.testing.assert_close(mech.eval()(x), plain.eval()(x))
     other, _, reports = build_model(fast_config(tmp_path, init), 3, 1, cpu)
     assert other.get_classifier().out_features == 3 and "classifier re-initialized" in str(reports[-1])
-    with pytest.raises(BionetsError, match="does not fit this model, with or without its mechanisms"):
+    with pytest.raises(BionetsError, match="saved from '.+', does not fit this model, with or without its "
+                                           "mechanisms"):
         build_model(fast_config(tmp_path, init, "model.kwargs={in_chans: 1, img_size: 8, hidden: 32}"), 10, 1, cpu)
 
 
@@ -612,6 +614,26 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
     with pytest.raises(BionetsError, match=r"failed on the first training batch, of shape \[64, 1, 8, 8\] from data "
                                            r"'digits' \(RuntimeError: .*check model.kwargs"):
         train(fast_config(tmp_path, "model.kwargs={in_chans: 1, img_size: 16}"), quiet=True)
+
+
+@pytest.mark.parametrize("name, kwargs, error", [
+    ("resnet18", "{global_pool: bogus}", r"\(AssertionError: Invalid pool type: bogus\)"),
+    ("resnet18", "{output_stride: 7}", r"\(AssertionError\)"),          # timm's assert without a message
+    ("convnext_atto", "{depths: [1, 1]}", r"\(IndexError: "),
+    ("resnet18", "{act_layer: notanact}", None)])
+def test_options_timm_refuses_are_one_line_naming_them(name, kwargs, error):
+    """timm checks its options with asserts, dict lookups and indexing: each refusal names the options
+    given (it was a traceback of 35-48 lines for all but TypeError)."""
+    from bionets.engine.model import create_model
+    options = yaml.safe_load(kwargs)
+    message = f"{name}.*{error}.*fix or remove" if error else "unknown activation 'notanact': give one of timm's"
+    with pytest.raises(BionetsError, match=message):
+        create_model(name, 10, 3, options)
+
+
+def test_a_model_option_out_of_range_names_the_options_given(tmp_path):
+    with pytest.raises(BionetsError, match=r"dropout probability.*check model.kwargs \{drop_rate: 5\} against"):
+        train(fast_config(tmp_path, "model.name=resnet18", "model.kwargs={drop_rate: 5}"), quiet=True)
 
 
 def test_a_timm_size_check_is_one_line(tmp_path):

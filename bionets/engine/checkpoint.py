@@ -205,9 +205,17 @@ def require_entries(state: dict, path: str | Path, keys: tuple[str, ...]) -> Non
                                "use another checkpoint (e.g. best.pt or last.pt of the run)")
 
 
+def saved_model_name(state: dict) -> str | None:
+    """The model name in a checkpoint's saved config, or None where it holds none."""
+    config = state.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def load_model_state(model: nn.Module, state: dict, source: str | Path) -> None:
     """Load weights, turning a key or shape mismatch into one line that names both models."""
-    saved = state.get("config", {}).get("model", {}).get("name", "?")
+    saved = saved_model_name(state) or "?"
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import unserializable_hook
 
 from bionets.engine.hooks import Hook
-from bionets.errors import BionetsError, unknown
+from bionets.errors import BionetsError, one_line, unknown
 from bionets.layers.activations import resolve_act
 from bionets.mechanisms import Report, apply_mechanisms
 
@@ -32,8 +32,14 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
         kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}
     try:
         return timm.create_model(name, pretrained=False, **{"num_classes": num_classes, "in_chans": in_chans, **kwargs})
-    except TypeError as err:
-        raise BionetsError(f"model '{name}' rejected its options {sorted(kwargs)}: {err}") from None
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, RuntimeError) as err:
+        # timm checks its options with asserts, lookups and arithmetic: any of these is a refused option
+        if not kwargs:
+            raise BionetsError(f"model '{name}' cannot be built for {in_chans} input channels and {num_classes} "
+                               f"classes ({one_line(err)}): choose another model") from None
+        given = ", ".join(f"{k}: {v!r}" for k, v in sorted(kwargs.items()))
+        raise BionetsError(f"model '{name}' rejected model.kwargs {{{given}}} ({one_line(err)}): fix or remove "
+                           "that option") from None
 
 
 def has_conv(model: nn.Module) -> bool:
@@ -45,11 +51,12 @@ def build_model(cfg, num_classes: int, in_chans: int, device: torch.device,
     """The configured model with its mechanisms applied, on ``device``, hooks attached; with ``init``,
     starting from the weights of ``model.init`` (:func:`load_initial_weights`)."""
     model = create_model(cfg.model.name, num_classes, in_chans, dict(cfg.model.kwargs))
-    weights, training = initial_weights(cfg.model.init) if init and cfg.model.init else (None, {})
+    weights, training, saved = initial_weights(cfg.model.init) if init and cfg.model.init else (None, {}, None)
     loaded = weights is not None and load_initial_weights(model, weights, cfg.model.init, final=False)
     model, hooks, reports = apply_mechanisms(model, cfg.mechanisms)
     if weights is not None:
-        report = loaded or load_initial_weights(model, weights, cfg.model.init, final=True, training=training)
+        report = loaded or load_initial_weights(model, weights, cfg.model.init, final=True, training=training,
+                                                saved_from=saved)
         kept = fitting(model, training)     # the training-only state (ARR's memory) where this run has it too
         model.load_state_dict(kept, strict=False)
         if kept:
@@ -70,16 +77,17 @@ def training_only_keys(model: nn.Module) -> list[str]:
             for key in module.state_dict()]
 
 
-def initial_weights(path: str) -> tuple[dict, dict]:
+def initial_weights(path: str) -> tuple[dict, dict, str | None]:
     """The model weights of a checkpoint written by ``bionets train`` (its ``model``) or ``bionets
-    export`` (its ``plain_model``), split into (weights, training-only state such as ARR's memory)."""
-    from bionets.engine.checkpoint import load_checkpoint
+    export`` (its ``plain_model``), split into (weights, training-only state such as ARR's memory),
+    and the name of the model it was saved from (None where it does not say)."""
+    from bionets.engine.checkpoint import load_checkpoint, saved_model_name
 
     state = load_checkpoint(path, exported=True)
     weights = state["model"] if "model" in state else state["plain_model"]
     training = set(state.get("training_only", []))
     return ({k: v for k, v in weights.items() if k not in training},
-            {k: v for k, v in weights.items() if k in training})
+            {k: v for k, v in weights.items() if k in training}, saved_model_name(state))
 
 
 def fitting(model: nn.Module, state: dict) -> dict:
@@ -89,7 +97,7 @@ def fitting(model: nn.Module, state: dict) -> dict:
 
 
 def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final: bool,
-                         training: dict | None = None) -> Report | None:
+                         training: dict | None = None, saved_from: str | None = None) -> Report | None:
     """Load ``weights`` into ``model`` where they fit it: the same tensors, except a classifier of
     another size (fine-tuning for other classes) and buffers the weights lack (ARR's class memory:
     fresh, unless the caller loads it from ``training``). Called
@@ -97,7 +105,8 @@ def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final:
     from the trained weights, RAA and the quadratic term from their identity) and, if they did not
     fit there, after (a checkpoint trained with the same mechanisms); ``final``: the last try,
     which raises one error line instead of returning None. ``training``: the checkpoint's
-    training-only state, which the caller loads where it fits: no buffer it gives counts as fresh."""
+    training-only state, which the caller loads where it fits: no buffer it gives counts as fresh.
+    ``saved_from``: the model the weights were saved from, for the error line."""
     own = model.state_dict()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is head for k in m.state_dict()}
@@ -112,7 +121,8 @@ def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final:
             return None
         odd = (missing and f"missing {missing[:2]}") or (extra and f"unexpected {extra[:2]}") or \
             f"other shapes at {sorted(set(resized) - head_keys)[:2]}"
-        raise BionetsError(f"model.init '{source}' does not fit this model, with or without its mechanisms ({odd}): "
+        origin = f", saved from '{saved_from}'," if saved_from else ""
+        raise BionetsError(f"model.init '{source}'{origin} does not fit this model, with or without its mechanisms ({odd}): "
                            "give weights of the same model (and mechanisms, or none)")
     model.load_state_dict({k: v for k, v in weights.items() if k not in resized}, strict=False)
     note = f"; classifier re-initialized ({len(resized)} tensors of another size)" if resized else ""

@@ -294,7 +294,14 @@ class Trainer:
         except (RuntimeError, ValueError, AssertionError) as err:
             raise BionetsError(f"model '{self.cfg.model.name}' failed on the first training batch, of shape "
                                f"{list(images.shape)} from data '{self.cfg.data.name}' ({one_line(err)}): check "
-                               "model.kwargs (in_chans, img_size, ...) against the data") from None
+                               f"{self._kwargs_to_check()} against the data and the model's allowed values") from None
+
+    def _kwargs_to_check(self) -> str:
+        """The model options a failed first batch may come from, for its error line."""
+        given = dict(self.cfg.model.kwargs)
+        if not given:
+            return "model.kwargs (in_chans, img_size, ...)"
+        return "model.kwargs {" + ", ".join(f"{k}: {v!r}" for k, v in sorted(given.items())) + "}"
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train

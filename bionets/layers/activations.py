@@ -6,6 +6,8 @@ from __future__ import annotations
 from timm.layers import get_act_layer
 from torch import nn
 
+from bionets.errors import BionetsError
+
 
 def resolve_act(act_layer) -> type[nn.Module]:
     """timm's activation names plus any torch.nn activation class by name (``softplus``)."""
@@ -17,4 +19,5 @@ def resolve_act(act_layer) -> type[nn.Module]:
         by_name = {k.lower(): v for k, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)}
         if act_layer.lower() in by_name:
             return by_name[act_layer.lower()]
-        raise
+        raise BionetsError(f"unknown activation {act_layer!r}: give one of timm's names (relu, gelu, silu, ...) or a "
+                           "torch.nn activation class by name (softplus, selu, ...)") from None
