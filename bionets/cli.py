@@ -9,12 +9,14 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from bionets.configbase import load_yaml, quoted
-from bionets.errors import BionetsError, closest
+from bionets.errors import BionetsError, Terminated, closest
 
 USAGE_EXAMPLES = """examples:
   bionets train                                   # the embedded default: ResNet-20 on bundled digits
@@ -243,10 +245,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
         _default(message, category, filename, lineno, file, line)
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     shown = warnings.showwarning
     warnings.showwarning = functools.partial(_show_warning, _default=shown)
+    # a SIGTERM (a scheduler's stop) ends a command as a Ctrl-C does, where nothing else handles it
+    on_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if on_term:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:                      # output piped into `head` and closed: not an error
@@ -258,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         kept = getattr(err, "bionets_kept", "a run keeps the checkpoint of its last complete epoch (last.pt), if it "
                                             "finished one")
-        print(f"bionets: interrupted; {kept}", file=sys.stderr)
-        return 130
+        stopped = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+        print(f"bionets: {stopped}; {kept}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
     finally:
         warnings.showwarning = shown
+        if on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

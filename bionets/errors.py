@@ -14,6 +14,12 @@ class BionetsError(Exception):
     """A user-facing error: bad config, missing data, corrupt checkpoint, impossible shape."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler's stop: SLURM, Kubernetes, ``kill``), raised where the command line
+    runs as a Ctrl-C is, so that a run stops as it does on Ctrl-C: checkpoints whole, a run
+    directory without a checkpoint removed, one line naming what is kept."""
+
+
 def one_line(err: BaseException, limit: int = 200) -> str:
     """Another library's error in one line, for a message of ours: ``'TypeName: first line'`` (at
     most ``limit`` characters of it; the type alone for an empty message)."""

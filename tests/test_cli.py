@@ -234,7 +234,11 @@ def _ctrl_c_acts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_ctrl_c_and_sigterm_leave_last_complete_checkpoint(tmp_path, signum, code, said):
+    """Ctrl-C, and a scheduler's SIGTERM (which ended the process where it stood, a partial
+    temporary checkpoint included), stop a run with one line naming its last checkpoint."""
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bionets", "train", *FAST, "train.epochs=200",
                              f"out_dir={tmp_path}", "name=r"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_ctrl_c_acts)
@@ -243,16 +247,16 @@ def test_ctrl_c_leaves_last_complete_checkpoint(tmp_path):
     while not last.exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:       # a hang: fail with where every thread of the run stood
         proc.send_signal(signal.SIGABRT)
-        pytest.fail("the run did not stop on Ctrl-C:\n" + proc.communicate()[1][-4000:])
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+        pytest.fail(f"the run did not stop on {said}:\n" + proc.communicate()[1][-4000:])
+    assert proc.returncode == code and said in err and "Traceback" not in err, err[-3000:]
     epoch = load_checkpoint(last)["epoch"]
     assert epoch >= 1
-    assert f"bionets: interrupted; {last} holds epoch {epoch} of 200: continue with bionets train --resume {last}" in err
+    assert f"bionets: {said}; {last} holds epoch {epoch} of 200: continue with bionets train --resume {last}" in err
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 

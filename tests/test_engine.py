@@ -370,6 +370,55 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path, sigint
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is restored
 
 
+class _SigtermWhilePickled:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGTERM)    # a scheduler's stop arrives in the middle of torch.save
+        time.sleep(0.05)
+        return (int, (3,))
+
+
+def test_sigterm_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
+    """A SIGTERM (SLURM's, Kubernetes') in the middle of a write ended the process there and left a
+    partial temporary file; it is held as Ctrl-C is, then acts as its handler does (the CLI's raises
+    Terminated)."""
+    from bionets.cli import _raise_terminated
+    from bionets.errors import Terminated
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _SigtermWhilePickled()})
+        assert signal.getsignal(signal.SIGTERM) is _raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), "torch"])
+def test_a_full_disk_during_a_write_is_one_line_and_keeps_the_earlier_file(tmp_path, raised):
+    """torch.save reports a full disk as a RuntimeError raised while handling the OSError (35 lines
+    of traceback); the earlier file stays, and no temporary file is left."""
+    from bionets.engine.checkpoint import write_atomic
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {**RUN, "epoch": 1})
+
+    def failing(f):
+        f.write(b"partial")
+        if raised != "torch":
+            raise raised
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 843136 vs 843032")
+
+    with pytest.raises(BionetsError, match=r"cannot write '.*last.pt' \(No space left on device\): free space there "
+                                           r"or write elsewhere .*; the earlier last.pt there is unchanged"):
+        write_atomic(path, failing)
+    assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(ValueError):                 # not a write failure: as it is
+        write_atomic(path, lambda f: int("x"))
+
+
 def test_a_process_that_ignores_ctrl_c_goes_on_ignoring_it_during_a_write(tmp_path, sigint_handler):
     """Started in the background or under nohup, a run has Ctrl-C ignored: the deferral must not turn
     a Ctrl-C during a checkpoint write into a KeyboardInterrupt (it found the suite's own test failing
@@ -739,3 +788,20 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     summary = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'a' / 'last.pt'}", name="a"))
     out = capsys.readouterr().out
     assert "at epoch 1: the run is complete (1 of 1 epochs), nothing to train" in out and summary["epochs"] == 1
+    # resumed into another run directory it left that directory behind without a checkpoint, once a call
+    last = tmp_path / "a" / "last.pt"
+    with pytest.raises(BionetsError, match=f"finished its run \\(1 of 1 epochs\\): nothing to train; evaluate it "
+                                           f"with bionets eval {re.escape(str(last))}, or .* model.init="):
+        train(fast_config(tmp_path / "elsewhere", "train.epochs=1", f"resume={last}", name="a"), quiet=True)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_resumed_run_removes_the_temporary_files_of_a_killed_write(tmp_path):
+    """A process killed while writing a checkpoint (SIGKILL, a lost machine) leaves its temporary
+    file; the run that continues in that directory removes it, and nothing else."""
+    train(fast_config(tmp_path, "train.epochs=2", name="a"), quiet=True)
+    run = tmp_path / "a"
+    for stale in (".last.pt.x1y2z3.tmp", ".best.pt.abcdef.tmp", "notes.tmp"):
+        (run / stale).write_bytes(b"partial")
+    train(fast_config(tmp_path, "train.epochs=2", f"resume={run / 'last.pt'}", name="a"), quiet=True)
+    assert sorted(p.name for p in run.glob("*.tmp")) == ["notes.tmp"]

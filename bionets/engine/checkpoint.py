@@ -22,41 +22,48 @@ import numpy as np
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, one_line
 
 FORMAT = "bionets-checkpoint/1"
 
 
-_deferring = False        # whether a ctrl_c_deferred block runs (an inner one leaves its Ctrl-C to it)
+_deferring = False        # whether a ctrl_c_deferred block runs (an inner one leaves its signals to it)
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)     # Ctrl-C, and a scheduler's stop (SLURM, Kubernetes, kill)
 
 
 @contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block is done.
-    Raised inside ``torch.save``, a KeyboardInterrupt makes its zip writer fail while closing, and
-    the run ended on that RuntimeError's traceback; raised inside TensorBoard's writer, between its
-    queue's put and the wake-up of the thread that drains it, it can stall the writer's close for
-    up to its flush interval (two minutes). A block inside another holds its Ctrl-C for the outer
-    one. The Ctrl-C held acts as the handler before the block would have (Python's raises
-    KeyboardInterrupt). Only the main thread receives signals, and a process that ignores Ctrl-C
-    (started in the background, or under nohup) goes on ignoring it: there this does nothing."""
+    """Hold a Ctrl-C (SIGINT) or SIGTERM that arrives inside the block and act on it when the block
+    is done. Raised inside ``torch.save``, a KeyboardInterrupt makes its zip writer fail while
+    closing, and the run ended on that RuntimeError's traceback; raised inside TensorBoard's writer,
+    between its queue's put and the wake-up of the thread that drains it, it can stall the writer's
+    close for up to its flush interval (two minutes); a SIGTERM that ends the process mid-write left
+    a partial temporary file. A block inside another holds its signals for the outer one. A signal
+    held acts as its handler before the block would have (Python's SIGINT handler raises
+    KeyboardInterrupt; the CLI's SIGTERM handler :class:`~bionets.errors.Terminated`; the default
+    SIGTERM action ends the process, now with the file whole). Only the main thread receives
+    signals, and a signal the process ignores (Ctrl-C when started in the background, or under
+    nohup) stays ignored: there this holds nothing."""
     global _deferring
-    current = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or _deferring or current in (signal.SIG_IGN, None):
+    if threading.current_thread() is not threading.main_thread() or _deferring:
         yield
         return
-    _deferring, held = True, []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    _deferring, held, previous = True, [], {}
+    for signum in HELD_SIGNALS:
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+            previous[signum] = signal.signal(signum, lambda number, frame: held.append(number))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         _deferring = False
     if held:
-        if callable(previous):
-            previous(signal.SIGINT, None)
+        signum = held[0]
+        if callable(previous[signum]):
+            previous[signum](signum, None)
         else:                                   # SIG_DFL: the process ends as the signal would have ended it
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
 
 def _umask() -> int:
@@ -121,9 +128,25 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
-            raise
+            if (cause := _os_error_in(err)) is None:
+                raise
+            kept = f"; the earlier {path.name} there is unchanged" if path.is_file() else ""
+            raise BionetsError(f"cannot write '{path}' ({cause.strerror or one_line(cause)}): free space there or "
+                               f"write elsewhere (another out_dir or path){kept}") from None
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (itself, or what it was raised from or during: torch.save reports a
+    full disk as a RuntimeError raised while handling the OSError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

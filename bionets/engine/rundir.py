@@ -46,8 +46,17 @@ def claim(run_dir: Path, config: str) -> bool:
     return True
 
 
+def remove_temporary_files(run_dir: Path) -> None:
+    """Remove the temporary files (``.last.pt.*.tmp``, ...) that a write of a run's file leaves where
+    its process is killed in the middle (SIGKILL, a lost machine): nothing else cleans them up."""
+    for name in RUN_FILES:
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def remove_run_files(run_dir: Path) -> None:
     """Remove a run's files from ``run_dir``, and the directory if nothing else is left in it."""
+    remove_temporary_files(run_dir)
     for name in RUN_FILES:
         path = run_dir / name
         if path.is_dir():

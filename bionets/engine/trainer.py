@@ -34,7 +34,7 @@ from bionets.engine.metrics import FORMATS, MetricsWriter, console_line, topk_co
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, schedule_note,
                                   unused_options_note)
-from bionets.engine.rundir import remove_run_files, unused_name, write_text
+from bionets.engine.rundir import remove_run_files, remove_temporary_files, unused_name, write_text
 from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
 
@@ -83,6 +83,11 @@ class Trainer:
                 raise BionetsError(f"checkpoint '{cfg.resume}' is at epoch {resume['epoch']}, step {resume['step']}, "
                                    f"outside its run's 0..{t.epochs} epochs (edited or written by another program): "
                                    "use another checkpoint (e.g. best.pt or last.pt of the run)")
+            if resume["epoch"] == t.epochs and not self._continues_its_own_run():
+                # (resumed elsewhere it would claim a run directory and leave it without a checkpoint)
+                raise BionetsError(f"checkpoint '{cfg.resume}' finished its run ({t.epochs} of {t.epochs} epochs): "
+                                   f"nothing to train; evaluate it with bionets eval {cfg.resume}, or train from its "
+                                   f"weights in a new run with model.init={cfg.resume}")
         seed_everything(t.seed)
         self.data = build_data(cfg.data, rank=dist.rank, world_size=dist.world_size, seed=t.seed,
                                label_smoothing=t.label_smoothing)
@@ -164,6 +169,8 @@ class Trainer:
         cfg, writer, saved = self.cfg, None, 0
         if main:
             make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
+            if not claimed:
+                remove_temporary_files(self.run_dir)        # a killed write's, in the run it continues
             if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
                 write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
         try:
