@@ -337,6 +337,20 @@ def test_raa_report_notes_the_learning_rate_of_v_and_c():
     assert "note:" not in matrix
 
 
+@pytest.mark.parametrize("optimizer, lr_mult, shown", [("sgd", {}, True), ("momentum", {"*.v": 0.1}, True),
+                                                       ("sgd", {"*.v": 0.01, "*.c": 0.01}, False),
+                                                       ("adamw", {}, False)])
+def test_a_run_prints_the_note_on_v_and_cs_rate_only_where_it_holds(tmp_path, capsys, optimizer, lr_mult, shown):
+    """The note on v's and c's rate is for SGD without those multipliers: a run with AdamW, or with
+    the multipliers set, printed it too."""
+    from engine_helpers import fast_config
+    from bionets.engine.trainer import train
+    mults = "{" + ", ".join(f"'{k}': {v}" for k, v in lr_mult.items()) + "}"
+    train(fast_config(tmp_path, "train.epochs=1", "mechanisms={raa: {}}", f"optim.name={optimizer}",
+                      f"optim.lr_mult={mults}"))
+    assert ("note: v and c sum their gradients" in capsys.readouterr().out) == shown
+
+
 def test_unknown_mechanism_in_a_config_is_one_line(tmp_path, capsys):
     assert main(["train", f"out_dir={tmp_path}", "mechanisms.raaa={}"]) == 2
     err = capsys.readouterr().err.strip()

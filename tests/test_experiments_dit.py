@@ -199,7 +199,9 @@ def test_experiment_cli(tmp_path, capsys):
     code = main(["experiment", "gaussian", "cases=[identical]", "n_min=8", "n_max=32", "points=2", "seeds=1",
                  "weight_decay=1e-3", "n_test=2000", "--out", str(tmp_path)])
     assert code == 0
-    assert "identical covariances: Bayes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "identical covariances: Bayes" in out and "d=2, 1 seed;" in out
+    assert "never" not in out and "+-" not in out           # one seed: no spread to show
     assert (tmp_path / "gaussian.csv").exists()
     assert main(["experiment", "gaussian", "case=[identical]", "--out", str(tmp_path)]) == 2
 

@@ -372,7 +372,7 @@ class Trainer:
               + f", run directory {self.run_dir}"
               + (f" ({self.replaced} holds an earlier run)" if self.replaced else ""))
         for report in self.reports:
-            print(report)
+            print(report.for_optimizer(self.cfg.optim.name, self.cfg.optim.lr_mult))
         if lr_line := lr_mult_summary(self.model, self.cfg.optim):
             print(lr_line)
         if self.cfg.resume:

@@ -240,7 +240,8 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
 
 
 def _summary(rows: list[dict], bayes: dict[str, float], dim: int, seeds: int) -> str:
-    lines = [f"gaussian: d={dim}, {seeds} seeds; n from which the mean test accuracy stays within 2 points of Bayes"]
+    lines = [f"gaussian: d={dim}, {seeds} seed{'s' if seeds != 1 else ''}; n from which the mean test accuracy stays "
+             "within 2 points of Bayes"]
     for case, best in bayes.items():
         parts = []
         for name in COLORS:
@@ -248,6 +249,8 @@ def _summary(rows: list[dict], bayes: dict[str, float], dim: int, seeds: int) ->
             reach = samples_to_reach(sel, best - 0.02)
             n_last = max(r["n"] for r in sel)
             m, s = mean_spread([r for r in sel if r["n"] == n_last], ("n",), "test_acc")[n_last,]
-            parts.append(f"{name} n>={reach if reach else 'never'} (acc at n={n_last}: {m:.3f}+-{s:.3f})")
+            within = f"n>={reach}" if reach else f"not within 2 points up to n={n_last}"
+            spread = f"+-{s:.3f}" if seeds > 1 else ""
+            parts.append(f"{name} {within} (acc at n={n_last}: {m:.3f}{spread})")
         lines.append(f"  {case} covariances: Bayes {best:.3f}; " + "; ".join(parts))
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from bionets.errors import BionetsError, one_line
 from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample
 from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_activations, probe_activations,
                                      replace_activations)
-from bionets.mechanisms.registry import Applied, Report, register_mechanism
+from bionets.mechanisms.registry import Applied, Report, SgdRateNote, register_mechanism
 
 
 Size = Annotated[int, Field(strict=True, gt=0)]      # (strict: true is no size)
@@ -148,9 +148,9 @@ def other_activations(model: nn.Module, types: list[str]) -> str:
 # then chance for all 30 epochs; 98.6% with v's multiplier and a 1-epoch warm-up (tests/test_convert.py
 # trains with both multipliers). Without a warm-up (recipe_cnn_cifar), 10 epochs, ReLU form: 14.2 / 21.7%
 # (seeds 0 / 1) with v's alone, 76.1 / 96.7% with c's too (the plain ReLU net: 58.6 / 59.2%).
-V_LR_NOTE = ("v and c sum their gradients over every pixel or token (c over the features too): with SGD at lr "
-             "~0.1 set optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (as configs/dnrt do) or training can diverge; "
-             "AdamW needs none")
+V_LR_NOTE = SgdRateNote("v and c sum their gradients over every pixel or token (c over the features too): with SGD "
+                        "at lr ~0.1 set optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (as configs/dnrt do) or training "
+                        "can diverge; AdamW needs none", ("*.v", "*.c"))
 
 
 def _is_vit(model: nn.Module) -> bool:

@@ -15,13 +15,34 @@ The config's ``mechanisms:`` section maps names to sections, e.g.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError, unknown
+
+
+# optimizers that step by the raw gradient (timm's names): a parameter whose gradient sums over many
+# positions takes steps as large as that sum
+SGD_LIKE = {"sgd", "momentum", "nesterov", "sgdp", "sgdw", "lars", "larc", "nlars", "nlarc"}
+
+
+class SgdRateNote(str):
+    """A note on training that holds only under an SGD-like optimizer, and only where ``optim.lr_mult``
+    does not set its ``patterns`` already: a run's start-up leaves it out otherwise
+    (:meth:`Report.for_optimizer`); a report printed outside a run keeps it."""
+
+    patterns: tuple[str, ...]
+
+    def __new__(cls, text: str, patterns: tuple[str, ...]):
+        note = super().__new__(cls, text)
+        note.patterns = tuple(patterns)
+        return note
+
+    def holds_for(self, optimizer: str, lr_mult: dict) -> bool:
+        return optimizer.lower() in SGD_LIKE and not set(self.patterns) <= set(lr_mult)
 
 
 @dataclass
@@ -33,6 +54,12 @@ class Report:
     changes: list[str] = field(default_factory=list)
     params_added: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def for_optimizer(self, optimizer: str, lr_mult: dict) -> Report:
+        """This report without the notes that do not hold for a run with ``optimizer`` (optim.name)
+        and ``lr_mult`` (:class:`SgdRateNote`)."""
+        return replace(self, notes=[n for n in self.notes
+                                    if not isinstance(n, SgdRateNote) or n.holds_for(optimizer, lr_mult)])
 
     def __str__(self) -> str:
         head = f"{self.mechanism}: {len(self.changes)} change(s), +{self.params_added:,} parameters"
