@@ -87,12 +87,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_spaced_overrides(tokens: list[str]) -> None:
+    """One line where an override was written with spaces around '=' (``train.epochs = 3``): it came
+    as three words, the first read as a config name."""
+    for k, token in enumerate(tokens):
+        after = tokens[k + 1] if k + 1 < len(tokens) else None
+        spaced = (token.startswith("=") and k > 0) or (token.endswith("=") and after is not None and "=" not in after)
+        if spaced:
+            start = k - 1 if token.startswith("=") else k
+            words = tokens[start:start + 3 if token == "=" else start + 2]
+            joined = "".join(words)
+            raise BionetsError(f"'{' '.join(words)}': write an override as one word, {joined} (no spaces around '=')")
+
+
 def cmd_train(args) -> int:
     from bionets.config import load_config
     from bionets.engine.trainer import train
 
     overrides = list(args.overrides)
     config = args.config
+    _refuse_spaced_overrides([config, *overrides] if config is not None else overrides)
     if config is not None and "=" in config:  # 'bionets train key=value' with the default config
         overrides.insert(0, config)
         config = None

@@ -76,6 +76,8 @@ class RunConfig(Section):
         if not v.strip("/\\ "):
             raise ValueError("must name the run's directory under out_dir, e.g. name=digits")
         parts = Path(v).parts
+        if not parts:                       # '.' or './': the runs' folder itself, among other runs' folders
+            raise ValueError("must name a directory under out_dir, not out_dir itself: e.g. name=digits")
         if Path(v).is_absolute() or ".." in parts:
             raise ValueError("must name a directory under out_dir (no '..', not an absolute path): set out_dir "
                              "for where the runs go")
@@ -180,6 +182,10 @@ def resolve_config(name: str, relative_to: Path | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    key = re.match(r"([a-z_]+)\.[\w.]+[:]", name)
+    if key and key.group(1) in RunConfig.model_fields:      # train.epochs:3, a key written as YAML writes it
+        raise BionetsError(f"no config file named '{name}': an override is written key=value, "
+                           f"e.g. {name.replace(':', '=', 1).replace('= ', '=')}")
     raise BionetsError(f"no config file or bundled config named '{name}'{closest(name, list_configs())}"
                        " (see 'bionets configs')")
 

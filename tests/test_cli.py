@@ -260,6 +260,19 @@ def test_ctrl_c_and_sigterm_leave_last_complete_checkpoint(tmp_path, signum, cod
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("words, said", [
+    (["train.epochs", "=", "3"], "'train.epochs = 3': write an override as one word, train.epochs=3"),
+    (["dnrt/digits", "train.epochs", "=3"], "'train.epochs =3': write an override as one word, train.epochs=3"),
+    (["train.epochs=", "3"], "'train.epochs= 3': write an override as one word, train.epochs=3"),
+    (["train.epochs:3"], "no config file named 'train.epochs:3': an override is written key=value, e.g. train.epochs=3"),
+])
+def test_an_override_written_with_spaces_or_a_colon_says_how_to_write_it(words, said, capsys):
+    """The words of 'train.epochs = 3' were read as a config named 'train.epochs'."""
+    from bionets.cli import main
+    assert main(["train", *words]) == 2
+    assert said in capsys.readouterr().err
+
+
 def test_overrides_may_follow_options():
     from bionets.cli import _parse
 

@@ -42,6 +42,7 @@ def test_default_config_loads_and_overrides_apply():
     ("train.clip_grad=true", "config key 'train.clip_grad': takes a number, not true or false"),
     ("name=../../escape", "config key 'name': must name a directory under out_dir (no '..', not an absolute path)"),
     ("name=" + "a" * 300, "config key 'name': has a folder name over 255 bytes"),
+    ("name=./", "config key 'name': must name a directory under out_dir, not out_dir itself"),   # (it wrote there)
 ])
 def test_bad_config_is_one_line(override, expected):
     with pytest.raises(BionetsError) as err:

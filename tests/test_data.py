@@ -291,8 +291,14 @@ def test_wrong_cifar_files(tmp_path):
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not in CIFAR's python-pickle format")
     (folder / "data_batch_1").write_bytes(pickle.dumps({"something": "else"}))
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not in CIFAR's python-pickle format")
-    (folder / "data_batch_1").unlink()
-    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "no cifar10 under", "cifar-10-batches-py")
+    (folder / "data_batch_1").unlink()           # a partial copy: it said "no cifar10", the folder being there
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), f"cifar10 folder '{folder}' lacks "
+                   "data_batch_1: extract cifar-10-python.tar.gz there again")
+    one_line_error(DataConfig(name="cifar10", root=str(folder)), "is cifar10's own folder: give its parent folder")
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "cifar-10-python.tar.gz").write_bytes(b"x")
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "archive")), "holds cifar-10-python.tar.gz but not "
+                   "its files: extract it there")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "readme.txt").write_text("x")
     one_line_error(DataConfig(name="cifar100", root=str(tmp_path / "other")), "no cifar100 under", "cifar-100-python")

@@ -122,8 +122,7 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
                 raise _download_failed(name, err) from None
             raise BionetsError(f"cannot read {name} under '{path / folder}' ({type(err).__name__}: {err})") from None
         except RuntimeError:
-            raise BionetsError(f"no {name} under '{path}' (expected {path / folder} in the python-pickle "
-                               f"format): {_fix()}") from None
+            raise _cifar_not_found(name, cls, path) from None
         except FORMAT_ERRORS as err:
             raise BionetsError(f"{name} files under '{path / folder}' are not in CIFAR's python-pickle format "
                                f"({type(err).__name__}): re-download them") from None
@@ -133,6 +132,23 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
         targets = check_labels(ds.targets, classes, f"{name} under '{path / folder}'")
         splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), targets]
     return (*splits, list(ds.classes))
+
+
+def _cifar_not_found(name: str, cls: type, path: Path) -> BionetsError:
+    """What is wrong where torchvision finds no CIFAR files under ``path``: files missing from their
+    folder, the archive not extracted, the folder itself given as the root, or nothing there."""
+    folder = path / cls.base_folder
+    if folder.is_dir():
+        wanted = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        missing = [f for f in wanted if not (folder / f).is_file()]
+        return BionetsError(f"{name} folder '{folder}' lacks {', '.join(missing)}: extract {cls.filename} there "
+                            f"again (or download it again)")
+    if (path / cls.filename).is_file():
+        return BionetsError(f"'{path}' holds {cls.filename} but not its files: extract it there (tar xzf "
+                            f"{path / cls.filename} -C {path})")
+    if path.name == cls.base_folder:
+        return BionetsError(f"'{path}' is {name}'s own folder: give its parent folder, '{path.parent}', as the data root")
+    return BionetsError(f"no {name} under '{path}' (expected {folder} in the python-pickle format): {_fix()}")
 
 
 def check_labels(targets, classes: int, what: str) -> torch.Tensor:
