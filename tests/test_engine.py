@@ -278,6 +278,23 @@ def test_options_the_optimizer_does_not_take_are_noted():
     assert len(bundled) > 100 and not [p for p in bundled if unused_options_note(load_config(p).optim)]
 
 
+def test_image_folder_options_on_another_dataset_are_noted(tmp_path, capsys):
+    """RandAugment, random erasing or an image size set for CIFAR or the digits changed nothing,
+    silently; no bundled config sets one away from the image folders (checked on all of them)."""
+    import glob
+
+    from bionets.config import load_config
+    from bionets.data.config import DataConfig, unused_data_options_note
+    assert unused_data_options_note(DataConfig(name="cifar10", auto_augment="rand-m9-mstd0.5", reprob=0.5)) == (
+        "note: data.name=cifar10 does not take data.auto_augment=rand-m9-mstd0.5, data.reprob=0.5 (imagefolder's "
+        "options; ignored)")
+    assert unused_data_options_note(DataConfig(name="imagefolder", auto_augment="rand-m9-mstd0.5")) is None
+    bundled = glob.glob(str(Path(__file__).parent.parent / "configs" / "**" / "*.yaml"), recursive=True)
+    assert len(bundled) > 100 and not [p for p in bundled if unused_data_options_note(load_config(p).data)]
+    train(fast_config(tmp_path, "train.epochs=1", "data.img_size=64"))
+    assert "note: data.name=digits does not take data.img_size=64" in capsys.readouterr().out
+
+
 RUN = {"config": {}, "model": {}}       # the entries every checkpoint of a run holds
 
 

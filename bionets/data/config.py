@@ -62,3 +62,20 @@ class DataConfig(Section):
             raise ValueError(f"section '{bare[0]}' has no value, and timm would skip it: write it as in "
                              "'rand-m9-mstd0.5-inc1' (name then number)")
         return text
+
+
+IMAGEFOLDER_ONLY = ("img_size", "crop_pct", "auto_augment", "color_jitter", "reprob", "remode", "interpolation",
+                    "workers")      # the in-memory datasets augment on their own (crop, flip) and batch in the process
+
+
+def unused_data_options_note(cfg: DataConfig) -> str | None:
+    """A note naming the image-folder options set away from their defaults on a dataset that does not
+    take them (RandAugment on CIFAR, say): they change nothing there."""
+    if cfg.name == "imagefolder":
+        return None
+    changed = [f"{k}={getattr(cfg, k)}" for k in IMAGEFOLDER_ONLY
+               if getattr(cfg, k) != DataConfig.model_fields[k].default]
+    if not changed:
+        return None
+    return (f"note: data.name={cfg.name} does not take data.{', data.'.join(changed)} (imagefolder's options; "
+            "ignored)")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from bionets.config import RunConfig, check_resume_config
 from bionets.configbase import dump_yaml
 from bionets.data import build_data
+from bionets.data.config import unused_data_options_note
 from bionets.engine.checkpoint import (ctrl_c_deferred, load_checkpoint, load_model_state, make_output_dir,
                                        require_entries, rng_state, save_checkpoint, seed_everything, set_rng_state)
 from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
@@ -381,7 +382,8 @@ class Trainer:
                   + (f": the run is complete ({self.state.epoch} of {self.cfg.train.epochs} epochs), nothing to train"
                      if done else f" of {self.cfg.train.epochs}"))
         for note in (*self.cfg._notes, slow_bf16_note(self.cfg.train.amp, self.device),
-                     unused_options_note(self.cfg.optim), schedule_note(self.cfg.sched, self.cfg.train.epochs)):
+                     unused_options_note(self.cfg.optim), unused_data_options_note(self.cfg.data),
+                     schedule_note(self.cfg.sched, self.cfg.train.epochs)):
             if note:
                 print(note)
 
