@@ -117,7 +117,7 @@ def cmd_train(args) -> int:
         from bionets.config import resume_config
         from bionets.engine.checkpoint import load_checkpoint
         saved = load_checkpoint(args.resume)
-        train(resume_config(saved, overrides), quiet=args.quiet, checkpoint=saved)
+        train(resume_config(saved, overrides, args.resume), quiet=args.quiet, checkpoint=saved)
     else:
         train(load_config(config, overrides), quiet=args.quiet)
     return 0

@@ -292,7 +292,7 @@ def _flat(data: dict, prefix: str = "") -> dict:
 def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
     """One error line when ``cfg`` changes what the checkpoint's run computes (its optimizer and
     schedule state would otherwise silently keep the old values): a resumed run continues exactly."""
-    before, after = _flat(config_from_dict(saved).to_dict()), _flat(cfg.to_dict())
+    before, after = _flat(saved_config(saved, source).to_dict()), _flat(cfg.to_dict())
     changed = [k for k in sorted(set(before) | set(after))
                if before.get(k) != after.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
     if changed:
@@ -304,11 +304,29 @@ def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
                            f"its weights: model.init={source} instead of --resume")
 
 
-def resume_config(saved: dict, overrides: list[str]) -> RunConfig:
-    """The resolved config of a loaded checkpoint (``saved``) with ``overrides`` applied: what
-    ``bionets train --resume CKPT`` runs when no CONFIG is given."""
+def resume_config(saved: dict, overrides: list[str], source: str) -> RunConfig:
+    """The resolved config of a loaded checkpoint (``saved``, read from ``source``) with ``overrides``
+    applied: what ``bionets train --resume CKPT`` runs when no CONFIG is given."""
+    saved_config(saved["config"], source)          # (its own errors name the checkpoint, not the overrides)
     notes = []
     return _with_notes(apply_overrides(saved["config"], overrides, notes), notes)
+
+
+def saved_config(data: dict, source: str) -> RunConfig:
+    """A checkpoint's saved config, checked as this bionets reads configs; one error line naming the
+    checkpoint where it cannot (a key of another version, a model it does not have): the messages of
+    the config checks alone blamed a key the user never typed."""
+    import timm
+
+    import bionets.models  # noqa: F401  (registers bionets' models)
+    try:
+        cfg = config_from_dict(data)
+        if not timm.is_model(cfg.model.name):
+            raise BionetsError(f"model '{cfg.model.name}' is not a model of this bionets or timm")
+    except BionetsError as err:
+        raise BionetsError(f"checkpoint '{source}' holds a config this bionets cannot read ({err}): use the bionets "
+                           f"version that wrote it, or start a new run from its weights with model.init={source}") from None
+    return cfg
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -150,6 +150,25 @@ def test_train_then_eval_and_export(tmp_path, capsys):
         assert "holds exported plain weights ('bionets export'), not a training run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, cause", [(("train", "old_option", 1), "unknown config key 'train.old_option'"),
+                                           (("model", "name", "removed_model_xyz"), "model 'removed_model_xyz' is not")])
+def test_a_checkpoint_whose_config_this_version_cannot_read_names_the_checkpoint(tmp_path, capsys, change, cause):
+    """A checkpoint of another bionets version (a key this one lacks, a model it does not have): the
+    message blamed the user's config for a key they never typed."""
+    from bionets.engine.checkpoint import save_checkpoint
+    assert main(["train", *FAST, "train.epochs=1", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
+    section, key, value = change
+    state["config"][section][key] = value
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, state)
+    for command in (["eval", str(other)], ["train", "--resume", str(other)], ["export", str(other), str(tmp_path / "x.pt")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint '{other}' holds a config this bionets cannot read ({cause}" in err, (command, err)
+        assert f"start a new run from its weights with model.init={other}" in err
+
+
 def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
     """A checkpoint records its data's shape, so export runs where the dataset is not (the usual place
     to export); the export and model.init leave out ARR's class memory (training-only state), so the

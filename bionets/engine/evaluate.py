@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bionets.config import config_from_dict
+from bionets.config import saved_config
 from bionets.data import build_data
 from bionets.data.sources import data_options
 from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -77,7 +77,7 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     raw = state["config"]
     if data_root is not None:
         raw = {**raw, "data": {**raw["data"], "root": data_root}}
-    cfg = config_from_dict(raw)
+    cfg = saved_config(raw, str(path))
     device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
     with data_options(root_option, None):
