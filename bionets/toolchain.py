@@ -3,6 +3,7 @@ Inductor builds C++ kernels and fails deep inside the first compiled call when n
 from __future__ import annotations
 
 import functools
+import logging
 
 from bionets.errors import BionetsError, one_line
 
@@ -23,7 +24,21 @@ def cpu_compiler_problem() -> str | None:
 
 def require_cpu_compiler(what: str, instead: str) -> None:
     """One BionetsError naming ``what`` and the way out ``instead`` where no C++ compiler works."""
+    quiet_import()
     problem = cpu_compiler_problem()
     if problem:
         raise BionetsError(f"{what} on the CPU needs a C++ compiler for torch.compile, and none works here "
                            f"({problem}): install one (g++ or clang++) or {instead}")
+
+
+def quiet_import() -> None:
+    """Import torch.utils.cpp_extension without its warning about a missing CUDA runtime (meant for
+    CUDA extensions): bionets' C++ kernels are CPU-only, and Inductor imports it when it compiles for
+    the CPU (the warning showed under --quiet)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)

@@ -65,7 +65,8 @@ def ops(name: str):
     """``torch.ops.bionets_<name>_emu``, built once per source (cached by torch's builder)."""
     if name not in _BUILT:
         from bionets.layers import cpu_kernels
-        cpu_kernels.quiet_import()
+        from bionets.toolchain import quiet_import
+        quiet_import()
         from torch.utils import cpp_extension
         texts = {f"{name}_emu_kernels.cpp": kernels_source((LAYERS / f"{name}.cu").read_text()),
                  f"{name}_emu_ops.cpp": operators_source((LAYERS / f"{name}.cpp").read_text(), name)}

@@ -278,6 +278,18 @@ def test_options_the_optimizer_does_not_take_are_noted():
     assert len(bundled) > 100 and not [p for p in bundled if unused_options_note(load_config(p).optim)]
 
 
+def test_compiling_on_the_cpu_prints_no_cuda_runtime_warning():
+    """Inductor imports torch.utils.cpp_extension, which warns 'No CUDA runtime is found' on a
+    CPU-only machine: it showed under --quiet with train.compile (checked in a fresh process)."""
+    import subprocess
+    import sys
+    code = ("from bionets.toolchain import require_cpu_compiler\n"
+            "require_cpu_compiler('train.compile', 'set train.compile=false')\n"
+            "import torch.utils.cpp_extension\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "No CUDA runtime" not in done.stderr, done.stderr
+
+
 def test_image_folder_options_on_another_dataset_are_noted(tmp_path, capsys):
     """RandAugment, random erasing or an image size set for CIFAR or the digits changed nothing,
     silently; no bundled config sets one away from the image folders (checked on all of them)."""

@@ -29,7 +29,6 @@ The environment variable ``BIONETS_CPU_KERNELS=0`` takes the PyTorch paths witho
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import sys
@@ -40,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from bionets.layers.kernel_fallback import run_or_warn
+from bionets.toolchain import quiet_import
 
 USERS = {"raa_cpu": "RAA", "arr_cpu": "ARR", "quadratic_cpu": "the quadratic layer",   # source -> whose
          "map_norm_cpu": "the map LayerNorm"}
@@ -123,18 +123,6 @@ def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **op
         lines = str(err).splitlines() or [type(err).__name__]
         first_error = next((ln.strip() for ln in lines if "error" in ln.lower() and "[1/" not in ln), lines[0])
         raise RuntimeError(f"building {ext} failed: {first_error[:300]}") from err
-
-
-def quiet_import() -> None:
-    """Import torch.utils.cpp_extension without its warning about a missing CUDA runtime (meant for
-    CUDA extensions; these are CPU-only)."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import torch.utils.cpp_extension  # noqa: F401
-    finally:
-        logger.setLevel(level)
 
 
 def ops(name: str):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bionets.layers import cpu_kernels
+from bionets.toolchain import quiet_import
 
 USERS = {"raa_cuda": "RAA", "arr_cuda": "ARR"}     # sources -> whose
 OPERATOR = {"raa_cuda": "raa", "arr_cuda": "arr_loss"}     # sources -> an operator they register
@@ -62,7 +63,7 @@ def extension_name(name: str, capabilities: list[tuple[int, int]]) -> str:
     the capabilities, torch (its version and place: :func:`cpu_kernels.torch_key`), CUDA's version,
     the toolkit's place (``CUDA_HOME``) and its nvcc's version."""
     key = b"".join(p.read_bytes() for p in sources(name)) + cpu_kernels.header_bytes()
-    cpu_kernels.quiet_import()
+    quiet_import()
     from torch.utils import cpp_extension
     key += f"{sorted(set(capabilities))} {cpu_kernels.torch_key()} {torch.version.cuda} {cpp_extension.CUDA_HOME}".encode()
     key += nvcc_version(cpp_extension.CUDA_HOME).encode()
@@ -120,7 +121,7 @@ def _reason_to_skip() -> str | None:
 def has_cuda_toolkit() -> bool:
     """Whether torch's builder finds a CUDA toolkit: nvcc and CUDA's runtime headers under its
     ``CUDA_HOME`` (found from the ``CUDA_HOME`` variable, else from nvcc on PATH)."""
-    cpu_kernels.quiet_import()
+    quiet_import()
     from torch.utils import cpp_extension
     home = cpp_extension.CUDA_HOME
     return home is not None and Path(home, "bin", "nvcc").exists() and Path(home, "include", "cuda_runtime.h").exists()
