@@ -311,6 +311,8 @@ RUN = {"config": {}, "model": {}}       # the entries every checkpoint of a run 
 
 
 def test_checkpoint_is_atomic_and_bad_files_are_one_line(tmp_path):
+    with pytest.raises(BionetsError, match="load_checkpoint takes the path of a .pt file .*, got NoneType"):
+        load_checkpoint(None)
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {**RUN, "x": torch.ones(3)})
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))

@@ -173,6 +173,8 @@ def test_raa_bad_input():
         RAA(4)(torch.randn(2, 5))
     with pytest.raises(BionetsError, match="RAA takes floating-point input, got torch.int64"):
         RAA(4)(torch.tensor([[3, 5, 7, 9]]))          # (it returned [[2, 4, 7, 9]])
+    with pytest.raises(BionetsError, match=r"RAA takes a torch.Tensor, got ndarray: convert it \(torch.as_tensor"):
+        RAA(4)(torch.randn(2, 4).numpy())             # (an AttributeError)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2), torch.nn.ReLU())
     with pytest.raises(BionetsError, match=r"patterns takes a list .*got the string '1\*': write \['1\*'\]"):
         swap_activations(model, patterns="1*")        # ('*' alone matched every activation)

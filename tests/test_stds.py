@@ -39,6 +39,12 @@ def test_soft_threshold_matches_formula(fn, d):
     assert torch.allclose(w32.double(), formula(theta.float().double(), d), atol=1e-6)
 
 
+def test_a_negative_threshold_given_to_soft_threshold_is_one_line():
+    """torch's check named a 'lambda' the caller never gave."""
+    with pytest.raises(BionetsError, match="STDS threshold D must be >= 0"):
+        soft_threshold(torch.randn(3), -1.0)
+
+
 def test_identity_is_theta():
     theta = torch.randn(7, dtype=torch.float64)
     assert soft_threshold(theta, 5.0, "identity") is theta

@@ -171,6 +171,8 @@ def _is_text(path: Path) -> bool:
 def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
     """Read a checkpoint on the CPU; a missing, truncated or foreign file is one BionetsError, and so
     is the plain state dict of ``bionets export`` unless ``exported``."""
+    if not isinstance(path, str | os.PathLike):
+        raise BionetsError(f"load_checkpoint takes the path of a .pt file (a str or Path), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         found = [n for n in ("best.pt", "last.pt") if (path / n).is_file()]

@@ -350,6 +350,8 @@ class RAA(nn.Module):
         return f"{self.num_features}, variant={self.variant}, base={self.base}" + ("" if self.dim is None else f", dim={self.dim}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise BionetsError(f"RAA takes a torch.Tensor, got {type(x).__name__}: convert it (torch.as_tensor(x))")
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
         if x.ndim == 0 or dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: the "

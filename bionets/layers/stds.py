@@ -83,6 +83,8 @@ def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function
         return theta
     if sparse_function not in SPARSE_FUNCTIONS:
         raise unknown("sparse function", sparse_function, SPARSE_FUNCTIONS)
+    if isinstance(d, int | float):              # (torch's own check of a negative one names a 'lambda')
+        check_threshold(d)
     d = torch.as_tensor(d, dtype=theta.dtype, device=theta.device)
     if torch.compiler.is_compiling():
         # torch.compile / torch.export / the ONNX exporter: plain ops, one graph (Dynamo breaks the
