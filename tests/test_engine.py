@@ -360,7 +360,8 @@ def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, m
                             ("history", [1, 2], "holds a list of non-records as its 'history' entry"),
                             ("epoch", -1, "is at epoch -1, step 22, outside its run's 0..1 epochs"),
                             ("epoch", 999, "is at epoch 999, step 22, outside its run's 0..1 epochs")):
-        save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in {**ckpt, key: value}.items() if v is not None})
+        # (at epoch 0: a finished run's checkpoint resumed elsewhere is refused before it is restored)
+        save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in {**ckpt, "epoch": 0, key: value}.items() if v is not None})
         with pytest.raises(BionetsError, match=msg):
             train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'bad.pt'}", name="b"), quiet=True)
     # bytes changed inside a tensor: torch.load read them as they were, the zip's CRC-32 tells
