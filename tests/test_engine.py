@@ -489,7 +489,11 @@ def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_histor
 
     from bionets.engine.metrics import MetricsWriter
     sigint_handler(signal.default_int_handler)
-    train(fast_config(tmp_path, "train.epochs=2", name="a"), quiet=True)
+    # stopped in its third epoch, at epoch 2 of 3 (a finished run resumed elsewhere is refused at once)
+    extra = ["train.epochs=3", f"mechanisms={{test_interrupt: {{at_step: {2 * (1437 // 64) + 1}}}}}"]
+    Interrupt.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        train(fast_config(tmp_path, *extra, name="a"), quiet=True)
     shutil.rmtree(tmp_path / "a" / "tb")
     replay = MetricsWriter._scalars
 
@@ -500,8 +504,7 @@ def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_histor
     monkeypatch.setattr(MetricsWriter, "_scalars", interrupted_replay)
     for name in ("a", "b"):
         with pytest.raises(KeyboardInterrupt):
-            train(fast_config(tmp_path, "train.epochs=2", f"resume={tmp_path / 'a' / 'last.pt'}", name=name),
-                  quiet=True)
+            train(fast_config(tmp_path, *extra, f"resume={tmp_path / 'a' / 'last.pt'}", name=name), quiet=True)
     events = EventAccumulator(str(tmp_path / "a" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
@@ -575,9 +578,12 @@ def test_a_new_run_into_a_used_run_directory_takes_the_next_free_name(tmp_path, 
                     quiet=True)
     assert resumed["run_dir"] == str(tmp_path / "a-2") and not (tmp_path / "a-3").exists()
     capsys.readouterr()
-    # resumed into another run's directory: a free name too, said on stderr even under --quiet
-    moved = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'a-2' / 'last.pt'}", name="a"),
-                  quiet=True)
+    # resumed into another run's directory: a free name too, said on stderr even under --quiet (from a
+    # checkpoint with an epoch left: a finished run's is refused outside its own directory)
+    ckpt = load_checkpoint(tmp_path / "a-2" / "last.pt")
+    ckpt["epoch"], ckpt["step"], ckpt["history"] = 0, 0, []
+    save_checkpoint(tmp_path / "epoch0.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    moved = train(fast_config(tmp_path, "train.epochs=1", f"resume={tmp_path / 'epoch0.pt'}", name="a"), quiet=True)
     assert moved["run_dir"] == str(tmp_path / "a-3") and (tmp_path / "a" / "last.pt").read_bytes() == first
     assert f"{tmp_path / 'a'} holds an earlier run; this run writes {tmp_path / 'a-3'}" in capsys.readouterr().err
     (tmp_path / "b").mkdir()                     # an empty directory holds no run: used as it is
