@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = functools.partial(_show_warning, _default=shown)
     # a SIGTERM (a scheduler's stop) ends a command as a Ctrl-C does, where nothing else handles it
-    on_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    on_term = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     if on_term:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:

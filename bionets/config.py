@@ -325,7 +325,8 @@ def saved_config(data: dict, source: str) -> RunConfig:
             raise BionetsError(f"model '{cfg.model.name}' is not a model of this bionets or timm")
     except BionetsError as err:
         raise BionetsError(f"checkpoint '{source}' holds a config this bionets cannot read ({err}): use the bionets "
-                           f"version that wrote it, or start a new run from its weights with model.init={source}") from None
+                           f"version that wrote it, or start a new run from its weights with "
+                           f"model.init={source}") from None
     return cfg
 
 

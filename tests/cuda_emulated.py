@@ -17,18 +17,16 @@ LAYERS = HERE.parent / "bionets" / "layers"
 HEADER = HERE / "cuda_emulation.h"
 
 # RAA's CUDA kernels' test cases, emulated and on a GPU (test_cuda.py): (shape, feature dim, layout).
-# Groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW), several passes of a group over the features, fewer than 8 groups a block (1500 features), more
-# vectors than the backward's fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a
-# block), one pixel (NCHW maps of more than 64 channels take the Triton kernels), partial sums too many
-# to keep in the forward's buffer (1024 blocks x 257: the backward allocates them)
+# Groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW), several passes of a group
+# over the features, fewer than 8 groups a block (1500 features), more vectors than the backward's
+# fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a block), one pixel (NCHW maps
+# of more than 64 channels take the Triton kernels), partial sums too many to keep in the forward's
+# buffer (1024 blocks x 257: the backward allocates them)
 RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
                   ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 64, 6, 6), 1, "nchw"),
                   ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
                   ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 3, 1500), -1, "tokens"),
                   ((60, 64, 48, 48), 1, "nchw"), ((8, 1024, 256), -1, "tokens")]
-
-
-
 
 LAUNCH = re.compile(r"(\w+<[^;{}]*?>)\s*<<<(.*?)>>>\(", re.S)
 
@@ -55,7 +53,8 @@ def operators_source(cpp: str, name: str) -> str:
     if len(registrations) < 3 or set(registrations) != {f"{lib}_emu"}:
         raise RuntimeError(f"{name}.cpp: its library's registrations were not all renamed")
     return (f'#include "{HEADER.name}"\n' + body + f"\nTORCH_LIBRARY_FRAGMENT({lib}_emu, m) {{\n"
-            '  m.def("set_seed(int seed) -> ()", [](int64_t seed) { cuda_emu::set_seed(static_cast<uint64_t>(seed)); });\n}\n')
+            '  m.def("set_seed(int seed) -> ()",\n'
+            '        [](int64_t seed) { cuda_emu::set_seed(static_cast<uint64_t>(seed)); });\n}\n')
 
 
 _BUILT: dict[str, object] = {}

@@ -217,7 +217,9 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
 
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-inline unsigned atomicAdd(unsigned* address, unsigned value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+}
 
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }

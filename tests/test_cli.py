@@ -162,7 +162,8 @@ def test_a_checkpoint_whose_config_this_version_cannot_read_names_the_checkpoint
     state["config"][section][key] = value
     other = tmp_path / "other.pt"
     save_checkpoint(other, state)
-    for command in (["eval", str(other)], ["train", "--resume", str(other)], ["export", str(other), str(tmp_path / "x.pt")]):
+    for command in (["eval", str(other)], ["train", "--resume", str(other)],
+                    ["export", str(other), str(tmp_path / "x.pt")]):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert f"checkpoint '{other}' holds a config this bionets cannot read ({cause}" in err, (command, err)

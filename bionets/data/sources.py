@@ -147,7 +147,8 @@ def _cifar_not_found(name: str, cls: type, path: Path) -> BionetsError:
         return BionetsError(f"'{path}' holds {cls.filename} but not its files: extract it there (tar xzf "
                             f"{path / cls.filename} -C {path})")
     if path.name == cls.base_folder:
-        return BionetsError(f"'{path}' is {name}'s own folder: give its parent folder, '{path.parent}', as the data root")
+        return BionetsError(f"'{path}' is {name}'s own folder: give its parent folder, '{path.parent}', as the "
+                            "data root")
     return BionetsError(f"no {name} under '{path}' (expected {folder} in the python-pickle format): {_fix()}")
 
 

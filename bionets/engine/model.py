@@ -28,6 +28,7 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
         if isinstance(given, int) and (given < data_has or key == "in_chans" and given != data_has):
             raise BionetsError(f"model.kwargs.{key}={given}, but the data has {data_has} {unit}: leave {key} out of "
                                "model.kwargs (bionets sets it from the data)")
+    given = ", ".join(f"{k}: {v!r}" for k, v in sorted(kwargs.items()))     # as written, for the errors
     if isinstance(kwargs.get("act_layer"), str):   # any torch.nn activation by name, e.g. softplus
         kwargs = {**kwargs, "act_layer": resolve_act(kwargs["act_layer"])}
     try:
@@ -37,7 +38,6 @@ def create_model(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
         if not kwargs:
             raise BionetsError(f"model '{name}' cannot be built for {in_chans} input channels and {num_classes} "
                                f"classes ({one_line(err)}): choose another model") from None
-        given = ", ".join(f"{k}: {v!r}" for k, v in sorted(kwargs.items()))
         raise BionetsError(f"model '{name}' rejected model.kwargs {{{given}}} ({one_line(err)}): fix or remove "
                            "that option") from None
 
@@ -122,8 +122,8 @@ def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final:
         odd = (missing and f"missing {missing[:2]}") or (extra and f"unexpected {extra[:2]}") or \
             f"other shapes at {sorted(set(resized) - head_keys)[:2]}"
         origin = f", saved from '{saved_from}'," if saved_from else ""
-        raise BionetsError(f"model.init '{source}'{origin} does not fit this model, with or without its mechanisms ({odd}): "
-                           "give weights of the same model (and mechanisms, or none)")
+        raise BionetsError(f"model.init '{source}'{origin} does not fit this model, with or without its mechanisms "
+                           f"({odd}): give weights of the same model (and mechanisms, or none)")
     model.load_state_dict({k: v for k, v in weights.items() if k not in resized}, strict=False)
     note = f"; classifier re-initialized ({len(resized)} tensors of another size)" if resized else ""
     note += f"; {len(fresh)} buffer(s) kept fresh ({fresh[0]}, ...)" if fresh else ""
