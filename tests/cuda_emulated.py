@@ -7,6 +7,7 @@ model, timing and speed do not (see the header)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -60,6 +61,17 @@ def operators_source(cpp: str, name: str) -> str:
 _BUILT: dict[str, object] = {}
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Leave an identical source untouched (its mtime is what torch's builder checks, so a rewrite
+    would rebuild in every process) and replace a changed one whole, so that a concurrent run reads
+    either the old text or the new one, never half of it."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def ops(name: str):
     """``torch.ops.bionets_<name>_emu``, built once per source (cached by torch's builder)."""
     if name not in _BUILT:
@@ -75,7 +87,7 @@ def ops(name: str):
         where = Path(cpp_extension.get_default_build_root()) / f"{ext}_src"
         where.mkdir(parents=True, exist_ok=True)
         for file, text in texts.items():
-            (where / file).write_text(text)
+            _write_if_changed(where / file, text)
         cpu_kernels.compile_extension(ext, [where / f for f in texts], f"{name} emulated on the CPU", "~20 s",
                                       extra_include_paths=[str(HERE), str(LAYERS)], extra_cflags=["-O2"])
         _BUILT[name] = getattr(torch.ops, f"bionets_{name}_emu")
