@@ -7,10 +7,14 @@
 // Each block runs its threads as fibers (ucontext) on the calling thread: a fiber runs until it
 // reaches __syncthreads, a warp shuffle or its end, then the next one runs; a barrier opens when every
 // live thread it waits for has arrived (threads that returned count as arrived, as on Volta and
-// later); a wait that can never open (threads at different barriers) is an error. The blocks run one
-// after another and the threads of each in an order shuffled by the seed (set_seed): results that
-// depend on either order differ between seeds. What this cannot show: the GPU's memory model (every
-// write is visible at once here), warp timing, shared-memory limits, speed.
+// later). Errors: a block whose threads wait some at __syncthreads and some at a shuffle; a shuffle
+// that reads a lane which has returned, or a lane outside the warp or the block. Not caught: barriers
+// or shuffles at different places in the code (one barrier each here, as on Volta and later;
+// undefined in CUDA), shuffle masks (every shuffle is taken as full-warp). A warp's live lanes pass
+// each shuffle together, so they are always at the same one. The blocks run one after another and the threads of each in an order shuffled
+// by the seed (set_seed): results that depend on either order differ between seeds. What this cannot
+// show: the GPU's memory model (every write is visible at once here), warp timing, shared-memory
+// limits, speed.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -42,7 +46,7 @@ struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-inline dim3 threadIdx, blockIdx, blockDim, gridDim;    // the running fiber's, set before it runs
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;    // the running fiber's, set before it runs
 
 namespace c10::cuda {
 struct CUDAGuard {
@@ -68,6 +72,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<float> lanes[2];              // each thread's value in a warp shuffle, alternate shuffles alternating
   std::vector<int> shuffles;                // each thread's shuffles so far
+  std::vector<unsigned> partners;           // the lane each thread reads in its current shuffle
   std::vector<char> shared;                 // dynamic shared memory
   ucontext_t scheduler;
   Fiber* current = nullptr;
@@ -75,8 +80,8 @@ struct Block {
   std::string error;                        // what a thread did that CUDA does not allow (no exceptions in fibers)
 };
 
-inline Block* block = nullptr;
-inline uint64_t seed = 0;
+inline thread_local Block* block = nullptr;    // the launch running on this thread
+inline std::atomic<uint64_t> seed{0};           // set from Python, read by launches on any thread
 
 inline void set_seed(uint64_t s) { seed = s; }
 
@@ -107,6 +112,16 @@ inline bool waiting_all(unsigned lo, unsigned hi, State at) {
   return any;
 }
 
+// why the warp's shuffle reads a value no lane wrote (a lane that has returned), or ""
+inline std::string shuffle_error(unsigned lo, unsigned hi) {
+  for (unsigned t = lo; t < hi; ++t) {
+    const unsigned p = block->partners[t];
+    if (block->fibers[t].state != State::done && block->fibers[p].state == State::done)
+      return "lane " + std::to_string(t % 32) + " shuffles with lane " + std::to_string(p % 32) + ", which has returned";
+  }
+  return "";
+}
+
 inline void release(unsigned lo, unsigned hi) {
   for (unsigned t = lo; t < hi; ++t)
     if (block->fibers[t].state != State::done) block->fibers[t].state = State::runnable;
@@ -135,6 +150,10 @@ inline void run_block(unsigned threads, std::mt19937_64& rng) {
     for (unsigned w = 0; w < threads; w += 32) {
       const unsigned end = std::min(threads, w + 32);
       if (waiting_all(w, end, State::at_warp_barrier)) {
+        const std::string error = shuffle_error(w, end);
+        if (!error.empty())
+          throw std::runtime_error("CUDA emulation: in block (" + std::to_string(blockIdx.x) + ", " +
+                                   std::to_string(blockIdx.y) + "), " + error);
         release(w, end);
         released = true;
       }
@@ -151,7 +170,7 @@ void launch(dim3 grid, dim3 threads_per_block, size_t shared_bytes, int /*stream
   const std::tuple<P...> params(static_cast<P>(args)...);
   const unsigned threads = threads_per_block.x * threads_per_block.y * threads_per_block.z;
   TORCH_CHECK(threads > 0 && threads <= 1024, "CUDA emulation: ", threads, " threads a block");
-  std::mt19937_64 rng(seed);
+  std::mt19937_64 rng(seed.load());
   std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -160,7 +179,7 @@ void launch(dim3 grid, dim3 threads_per_block, size_t shared_bytes, int /*stream
   Block b;
   b.fibers = std::vector<Fiber>(threads);
   for (auto& f : b.fibers) f.stack.reset(new char[STACK_BYTES]);
-  for (auto& lanes : b.lanes) lanes.assign(threads, 0.f);
+  b.partners.assign(threads, 0);
   b.body = [&] { std::apply(kernel, params); };
   Block* outer = block;
   block = &b;
@@ -170,6 +189,7 @@ void launch(dim3 grid, dim3 threads_per_block, size_t shared_bytes, int /*stream
     blockIdx = id;
     b.shared.assign(shared_bytes, static_cast<char>(0x5a));       // garbage, as a GPU's
     b.shuffles.assign(threads, 0);
+    for (auto& lanes : b.lanes) lanes.assign(threads, std::nanf(""));    // no value left from the last block
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& f = b.fibers[t];
       f.state = State::runnable;
@@ -204,11 +224,15 @@ inline void __syncthreads() { cuda_emu::yield_as(cuda_emu::State::at_block_barri
 inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
   cuda_emu::Block& b = *cuda_emu::block;
   const unsigned t = b.current->tid, warp = t / 32 * 32;
-  unsigned partner = warp + ((t - warp) ^ lane_mask);
-  if (partner >= b.fibers.size()) {
+  unsigned partner = warp + ((t - warp) ^ static_cast<unsigned>(lane_mask));
+  if (lane_mask < 0 || lane_mask > 31) {
+    b.error = "a warp shuffle with lane mask " + std::to_string(lane_mask) + ", outside the warp";
+    partner = t;
+  } else if (partner >= b.fibers.size()) {
     b.error = "a warp shuffle from a lane past the block's threads";
     partner = t;
   }
+  b.partners[t] = partner;
   std::vector<float>& lanes = b.lanes[b.shuffles[t]++ % 2];
   lanes[t] = value;
   cuda_emu::yield_as(cuda_emu::State::at_warp_barrier);

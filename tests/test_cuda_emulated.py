@@ -212,3 +212,39 @@ def test_rewritten_sources_keep_every_launch_and_registration():
         cuda_emulated.kernels_source("k<T><<<1, 2, 0, s>>>(a);\nk2 <<<1, 2>>>(a);")
     with pytest.raises(RuntimeError, match="not all renamed"):
         cuda_emulated.operators_source("TORCH_LIBRARY(bionets_x, m) {}\nTORCH_LIBRARY_IMPL(bionets_x, CUDA, m) {}", "y")
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    """tests/cuda_emulation_selftest.cpp built against c10 (about 2 s)."""
+    import subprocess
+    from pathlib import Path
+
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch.utils import cpp_extension
+    here = Path(__file__).parent
+    exe = tmp_path_factory.mktemp("emulation") / "selftest"
+    lib = cpp_extension.library_paths()[0]
+    includes = [flag for path in cpp_extension.include_paths() for flag in ("-I", path)]
+    subprocess.run([get_cpp_compiler(), "-std=c++17", "-O1", "-I", str(here), *includes,
+                    str(here / "cuda_emulation_selftest.cpp"), "-o", str(exe), f"-L{lib}", "-lc10",
+                    f"-Wl,-rpath,{lib}"], check=True, capture_output=True)
+    return lambda case: subprocess.run([str(exe), case], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("case,error", [
+    ("block_sum", None),
+    ("shuffle_with_returned_lane", "lane 0 shuffles with lane 1, which has returned"),
+    ("shuffle_past_the_warp", "lane mask 32, outside the warp"),
+    ("shuffle_past_the_block", "a lane past the block's threads"),
+    ("barrier_and_shuffle_in_one_warp", "wait at barriers that cannot open"),
+])
+def test_the_emulator_runs_a_reduction_and_refuses_what_cuda_does_not_allow(selftest, case, error):
+    """The emulator itself: a warp-shuffle and shared-memory block sum gives each block's sum, and
+    kernels that read a lane which has returned, shuffle outside the warp or the block, or split a
+    warp between __syncthreads and a shuffle (a deadlock on a GPU) are each refused."""
+    run = selftest(case)
+    if error is None:
+        assert run.returncode == 0 and run.stdout.split() == ["189", "190", "191"]    # sum(i % 7) of 64 each
+    else:
+        assert run.returncode == 3 and error in run.stdout, run.stdout + run.stderr
