@@ -260,6 +260,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
 
 
 def _raise_terminated(signum, frame) -> None:
+    """SIGTERM's handler in a command: stop as Ctrl-C does. A second SIGTERM while the command unwinds
+    (a scheduler repeating its stop) is ignored rather than raised in the middle of the first one's
+    clean-up, which ended on a traceback; a scheduler's SIGKILL still ends a run that takes too long."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 

@@ -419,11 +419,35 @@ def test_sigterm_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     try:
         with pytest.raises(Terminated):
             save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _SigtermWhilePickled()})
-        assert signal.getsignal(signal.SIGTERM) is _raise_terminated
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN     # a second one while the run unwinds: ignored
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
     finally:
         signal.signal(signal.SIGTERM, before)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class _CtrlCThenSigtermWhilePickled:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        return (int, (4,))
+
+
+def test_ctrl_c_and_sigterm_both_held_sigterm_acts(tmp_path, sigint_handler):
+    """Both held during a write: the scheduler's stop acts (exit 143, not 130), after the write."""
+    from bionets.cli import _raise_terminated
+    from bionets.errors import Terminated
+    sigint_handler(signal.default_int_handler)
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _CtrlCThenSigtermWhilePickled()})
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
 
 
 @pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), "torch"])
@@ -449,6 +473,29 @@ def test_a_full_disk_during_a_write_is_one_line_and_keeps_the_earlier_file(tmp_p
     assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     with pytest.raises(ValueError):                 # not a write failure: as it is
         write_atomic(path, lambda f: int("x"))
+
+
+def test_a_write_refused_for_another_reason_does_not_advise_freeing_space(tmp_path):
+    """Only a full disk or quota gets "free space"; an OSError its raiser set aside (``from None``)
+    is not the write's failure."""
+    from bionets.engine.checkpoint import write_atomic
+    path = tmp_path / "last.pt"
+
+    def refused(f):
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(BionetsError, match=r"\(Input/output error\): write elsewhere \(another out_dir or path\)$"):
+        write_atomic(path, refused)
+
+    def suppressed(f):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise ValueError("not a write failure") from None
+
+    with pytest.raises(ValueError):
+        write_atomic(path, suppressed)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_process_that_ignores_ctrl_c_goes_on_ignoring_it_during_a_write(tmp_path, sigint_handler):

@@ -6,6 +6,7 @@ scheduler, grad-scaler, EMA and RNG states, ``epoch`` (completed), ``step`` and 
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import pickle
 import random
@@ -41,7 +42,10 @@ def ctrl_c_deferred() -> Iterator[None]:
     a partial temporary file. A block inside another holds its signals for the outer one. A signal
     held acts as its handler before the block would have (Python's SIGINT handler raises
     KeyboardInterrupt; the CLI's SIGTERM handler :class:`~bionets.errors.Terminated`; the default
-    SIGTERM action ends the process, now with the file whole). Only the main thread receives
+    SIGTERM action ends the process, now with the file whole); with both held, SIGTERM acts (the
+    scheduler's stop is the one that cannot be waited out). The handlers are restored with both
+    signals blocked, so one that arrives meanwhile goes to the restored handler, not to neither.
+    Only the main thread receives
     signals, and a signal the process ignores (Ctrl-C when started in the background, or under
     nohup) stays ignored: there this holds nothing."""
     global _deferring
@@ -55,15 +59,29 @@ def ctrl_c_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        with _signals_blocked():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         _deferring = False
     if held:
-        signum = held[0]
+        signum = signal.SIGTERM if signal.SIGTERM in held else held[0]
         if callable(previous[signum]):
             previous[signum](signum, None)
         else:                                   # SIG_DFL: the process ends as the signal would have ended it
             os.kill(os.getpid(), signum)
+
+
+@contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """HELD_SIGNALS blocked inside the block (POSIX); one that arrives is delivered after it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _umask() -> int:
@@ -133,19 +151,24 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
             if (cause := _os_error_in(err)) is None:
                 raise
             kept = f"; the earlier {path.name} there is unchanged" if path.is_file() else ""
-            raise BionetsError(f"cannot write '{path}' ({cause.strerror or one_line(cause)}): free space there or "
-                               f"write elsewhere (another out_dir or path){kept}") from None
+            full = "free space there or " if cause.errno in _FULL else ""
+            raise BionetsError(f"cannot write '{path}' ({cause.strerror or one_line(cause)}): {full}write elsewhere "
+                               f"(another out_dir or path){kept}") from None
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}     # a full disk, or the user's quota
 
 
 def _os_error_in(err: BaseException) -> OSError | None:
     """The OSError behind ``err`` (itself, or what it was raised from or during: torch.save reports a
-    full disk as a RuntimeError raised while handling the OSError), or None."""
+    full disk as a RuntimeError raised while handling the OSError), or None. A context its raiser
+    suppressed (``raise ... from None``) is not followed: that error was judged beside the point."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, OSError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None
 
 
