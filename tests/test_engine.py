@@ -301,6 +301,9 @@ def test_image_folder_options_on_another_dataset_are_noted(tmp_path, capsys):
         "note: data.name=cifar10 does not take data.auto_augment=rand-m9-mstd0.5, data.reprob=0.5 (imagefolder's "
         "options; ignored)")
     assert unused_data_options_note(DataConfig(name="imagefolder", auto_augment="rand-m9-mstd0.5")) is None
+    from bionets.data import DATASETS
+    from bionets.data.config import IN_MEMORY
+    assert set(DATASETS) == {*IN_MEMORY, "imagefolder"}     # a new dataset is placed on one side or the other
     bundled = glob.glob(str(Path(__file__).parent.parent / "configs" / "**" / "*.yaml"), recursive=True)
     assert len(bundled) > 100 and not [p for p in bundled if unused_data_options_note(load_config(p).data)]
     train(fast_config(tmp_path, "train.epochs=1", "data.img_size=64"))

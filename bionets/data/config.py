@@ -66,12 +66,13 @@ class DataConfig(Section):
 
 IMAGEFOLDER_ONLY = ("img_size", "crop_pct", "auto_augment", "color_jitter", "reprob", "remode", "interpolation",
                     "workers")      # the in-memory datasets augment on their own (crop, flip) and batch in the process
+IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist", "gaussian")     # the datasets that do not take them
 
 
 def unused_data_options_note(cfg: DataConfig) -> str | None:
     """A note naming the image-folder options set away from their defaults on a dataset that does not
     take them (RandAugment on CIFAR, say): they change nothing there."""
-    if cfg.name == "imagefolder":
+    if cfg.name not in IN_MEMORY:
         return None
     changed = [f"{k}={getattr(cfg, k)}" for k in IMAGEFOLDER_ONLY
                if getattr(cfg, k) != DataConfig.model_fields[k].default]
