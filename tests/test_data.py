@@ -298,7 +298,7 @@ def test_wrong_cifar_files(tmp_path):
     (tmp_path / "archive").mkdir()
     (tmp_path / "archive" / "cifar-10-python.tar.gz").write_bytes(b"x")
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "archive")), "holds cifar-10-python.tar.gz but not "
-                   "its files: extract it there")
+                   "its files: extract it there", "if tar finds it damaged")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "readme.txt").write_text("x")
     one_line_error(DataConfig(name="cifar100", root=str(tmp_path / "other")), "no cifar100 under", "cifar-100-python")

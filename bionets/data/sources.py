@@ -145,7 +145,8 @@ def _cifar_not_found(name: str, cls: type, path: Path) -> BionetsError:
                             f"again (or download it again)")
     if (path / cls.filename).is_file():
         return BionetsError(f"'{path}' holds {cls.filename} but not its files: extract it there (tar xzf "
-                            f"{path / cls.filename} -C {path})")
+                            f"{path / cls.filename} -C {path}; if tar finds it damaged, an interrupted download, "
+                            "download it again)")
     if path.name == cls.base_folder:
         return BionetsError(f"'{path}' is {name}'s own folder: give its parent folder, '{path.parent}', as the "
                             "data root")
