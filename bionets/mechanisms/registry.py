@@ -24,9 +24,9 @@ from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError, unknown
 
 
-# optimizers that step by the raw gradient (timm's names): a parameter whose gradient sums over many
-# positions takes steps as large as that sum
-SGD_LIKE = {"sgd", "momentum", "nesterov", "sgdp", "sgdw", "lars", "larc", "nlars", "nlarc"}
+# the optimizers bionets takes (optim.name) that step by the raw gradient: a parameter whose gradient
+# sums over many positions takes steps as large as that sum
+SGD_LIKE = {"sgd", "momentum", "lars"}
 
 
 class SgdRateNote(str):
