@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -259,15 +260,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
         _default(message, category, filename, lineno, file, line)
 
 
+_terminated_at: float | None = None       # when SIGTERM's handler last raised (time.monotonic)
+STOPPING_S = 60.0      # a SIGTERM this soon after the last one leaves that one's clean-up to finish
+
+
 def _raise_terminated(signum, frame) -> None:
-    """SIGTERM's handler in a command: stop as Ctrl-C does. A second SIGTERM while the command unwinds
-    (a scheduler repeating its stop) is ignored rather than raised in the middle of the first one's
-    clean-up, which ended on a traceback; a scheduler's SIGKILL still ends a run that takes too long."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """SIGTERM's handler in a command: stop as Ctrl-C does. A second SIGTERM while the command winds
+    down (a scheduler or a user repeating the stop) raised in the middle of the first one's clean-up
+    and ended on a traceback: within STOPPING_S of the first it does nothing (a scheduler that will
+    not wait sends SIGKILL). Later it raises again, for a process that went on because something
+    swallowed the first (a ``__del__``, a library's ``except BaseException``)."""
+    global _terminated_at
+    now = time.monotonic()
+    if _terminated_at is not None and now - _terminated_at < STOPPING_S:
+        return
+    _terminated_at = now
     raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _terminated_at
     args = _parse(argv)
     shown = warnings.showwarning
     warnings.showwarning = functools.partial(_show_warning, _default=shown)
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     on_term = (threading.current_thread() is threading.main_thread()
                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     if on_term:
+        _terminated_at = None
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[args.command](args)

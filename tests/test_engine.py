@@ -416,15 +416,22 @@ def test_sigterm_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
     """A SIGTERM (SLURM's, Kubernetes') in the middle of a write ended the process there and left a
     partial temporary file; it is held as Ctrl-C is, then acts as its handler does (the CLI's raises
     Terminated)."""
-    from bionets.cli import _raise_terminated
+    import bionets.cli as cli
     from bionets.errors import Terminated
-    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    cli._terminated_at = None
     try:
-        with pytest.raises(Terminated):
+        with pytest.raises(KeyboardInterrupt) as stopped:   # (a plain KeyboardInterrupt would stop pytest itself)
             save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _SigtermWhilePickled()})
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN     # a second one while the run unwinds: ignored
-        os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(stopped.value, Terminated)
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+        os.kill(os.getpid(), signal.SIGTERM)        # a second one while the run winds down: left to finish
         time.sleep(0.05)
+        cli._terminated_at -= cli.STOPPING_S        # much later, the process still running: it stops again
+        with pytest.raises(KeyboardInterrupt) as again:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert isinstance(again.value, Terminated)
     finally:
         signal.signal(signal.SIGTERM, before)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
@@ -441,16 +448,43 @@ class _CtrlCThenSigtermWhilePickled:
 
 def test_ctrl_c_and_sigterm_both_held_sigterm_acts(tmp_path, sigint_handler):
     """Both held during a write: the scheduler's stop acts (exit 143, not 130), after the write."""
-    from bionets.cli import _raise_terminated
+    import bionets.cli as cli
     from bionets.errors import Terminated
     sigint_handler(signal.default_int_handler)
-    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    cli._terminated_at = None
     try:
-        with pytest.raises(Terminated):
+        with pytest.raises(KeyboardInterrupt) as stopped:
             save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _CtrlCThenSigtermWhilePickled()})
+        assert isinstance(stopped.value, Terminated)
     finally:
         signal.signal(signal.SIGTERM, before)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+
+
+def test_a_signal_while_the_handlers_are_put_back_leaves_none_half_restored(sigint_handler):
+    """A Ctrl-C just after SIGINT's handler is back raised inside the restoring of SIGTERM's, which
+    kept the deferral's handler on SIGTERM (every later SIGTERM swallowed) and the deferral marked
+    as running (every later write unprotected)."""
+    from bionets.engine import checkpoint
+    sigint_handler(signal.default_int_handler)
+    term_before = signal.getsignal(signal.SIGTERM)
+    real_signal, pressed = signal.signal, []
+
+    def ctrl_c_after_sigint_is_back(signum, handler):
+        done = real_signal(signum, handler)
+        if handler is signal.default_int_handler and not pressed:      # SIGINT's own handler is back
+            pressed.append(signum)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        return done
+
+    with pytest.raises(KeyboardInterrupt):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(checkpoint.signal, "signal", ctrl_c_after_sigint_is_back)
+            with ctrl_c_deferred():
+                pass
+    assert signal.getsignal(signal.SIGTERM) is term_before and not checkpoint._deferring
 
 
 @pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), "torch"])

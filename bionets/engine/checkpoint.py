@@ -43,9 +43,9 @@ def ctrl_c_deferred() -> Iterator[None]:
     held acts as its handler before the block would have (Python's SIGINT handler raises
     KeyboardInterrupt; the CLI's SIGTERM handler :class:`~bionets.errors.Terminated`; the default
     SIGTERM action ends the process, now with the file whole); with both held, SIGTERM acts (the
-    scheduler's stop is the one that cannot be waited out). The handlers are restored with both
-    signals blocked, so one that arrives meanwhile goes to the restored handler, not to neither.
-    Only the main thread receives
+    scheduler's stop is the one that cannot be waited out). A signal that arrives while the handlers
+    are put back is not lost and leaves none of them half restored (:func:`_restore`). Python runs
+    signal handlers
     signals, and a signal the process ignores (Ctrl-C when started in the background, or under
     nohup) stays ignored: there this holds nothing."""
     global _deferring
@@ -59,29 +59,33 @@ def ctrl_c_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        with _signals_blocked():
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
         _deferring = False
+        late = _restore(previous)
     if held:
         signum = signal.SIGTERM if signal.SIGTERM in held else held[0]
         if callable(previous[signum]):
             previous[signum](signum, None)
         else:                                   # SIG_DFL: the process ends as the signal would have ended it
             os.kill(os.getpid(), signum)
+    if late is not None:
+        raise late
 
 
-@contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """HELD_SIGNALS blocked inside the block (POSIX); one that arrives is delivered after it."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+def _restore(previous: dict) -> BaseException | None:
+    """Put the ``previous`` handlers back, every one. ``signal.signal`` first runs the handlers of
+    signals that have arrived: a Ctrl-C just after SIGINT's own handler is back raises there, before
+    SIGTERM's is, which left the deferral's handler on SIGTERM for good (every later SIGTERM
+    swallowed). Such an exception is kept and returned, and that handler set again (the check runs
+    before the change, so it had not been)."""
+    late = None
+    for signum, handler in previous.items():
+        while True:
+            try:
+                signal.signal(signum, handler)
+                break
+            except BaseException as err:    # noqa: BLE001  (a restored handler's KeyboardInterrupt, Terminated)
+                late = late or err
+    return late
 
 
 def _umask() -> int:
