@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def kernels_source(cu: str) -> str:
         raise RuntimeError(f"rewrote {launches} of {cu.count('<<<')} kernel launches")
     body = re.sub(r"#include <c10/cuda/[^>]+>\n", "", body)
     body = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = cuda_emu::dynamic_shared<\1>();", body)
-    body = re.sub(r"__shared__ (\w+) (\w+);", r"static \1 \2;", body)
+    body = re.sub(r"__shared__ (\w+) (\w+(\[\w+\])?);", r"static thread_local \1 \2;", body)
     body = body.replace(".is_cuda()", ".is_cpu()").replace("#pragma unroll\n", "\n")
     return f'#include "{HEADER.name}"\n' + body
 
@@ -67,7 +68,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     either the old text or the new one, never half of it."""
     if path.exists() and path.read_text() == text:
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

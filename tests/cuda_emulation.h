@@ -2,16 +2,20 @@
 // GPU (tests/cuda_emulated.py includes this before a kernel source it has rewritten: launches
 // `k<<<grid, block, shared, stream>>>(args)` become cuda_emu::launch(grid, block, shared, stream, k,
 // args), `extern __shared__ T name[]` a pointer to the block's dynamic shared memory, `__shared__ T x`
-// a static, `is_cuda()` `is_cpu()`, and the c10/cuda includes this file).
+// (or `x[N]`) a `static thread_local`, `is_cuda()` `is_cpu()`, and the c10/cuda includes this file).
+// Launches on different threads do not share state; a kernel launched from inside a kernel is not
+// supported.
 //
 // Each block runs its threads as fibers (ucontext) on the calling thread: a fiber runs until it
 // reaches __syncthreads, a warp shuffle or its end, then the next one runs; a barrier opens when every
 // live thread it waits for has arrived (threads that returned count as arrived, as on Volta and
 // later). Errors: a block whose threads wait some at __syncthreads and some at a shuffle; a shuffle
-// that reads a lane which has returned, or a lane outside the warp or the block. Not caught: barriers
-// or shuffles at different places in the code (one barrier each here, as on Volta and later;
-// undefined in CUDA), shuffle masks (every shuffle is taken as full-warp). A warp's live lanes pass
-// each shuffle together, so they are always at the same one. The blocks run one after another and the threads of each in an order shuffled
+// that reads a lane which has returned or one past the block's threads, and (stricter than a GPU,
+// which reads only its low 5 bits: a mask of 32 reads the lane itself) a lane mask outside 0..31,
+// almost certainly a kernel's bug. Not caught: barriers or shuffles at different places in the code
+// (one barrier each here, as on Volta and later; undefined in CUDA), shuffle masks (every shuffle is
+// taken as full-warp). A warp's live lanes pass each shuffle together, so they are always at the
+// same one. The blocks run one after another and the threads of each in an order shuffled
 // by the seed (set_seed): results that depend on either order differ between seeds. What this cannot
 // show: the GPU's memory model (every write is visible at once here), warp timing, shared-memory
 // limits, speed.
@@ -226,7 +230,8 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
   const unsigned t = b.current->tid, warp = t / 32 * 32;
   unsigned partner = warp + ((t - warp) ^ static_cast<unsigned>(lane_mask));
   if (lane_mask < 0 || lane_mask > 31) {
-    b.error = "a warp shuffle with lane mask " + std::to_string(lane_mask) + ", outside the warp";
+    b.error = "a warp shuffle with lane mask " + std::to_string(lane_mask) + ", outside 0..31 (a GPU takes its "
+              "low 5 bits)";
     partner = t;
   } else if (partner >= b.fibers.size()) {
     b.error = "a warp shuffle from a lane past the block's threads";
