@@ -45,9 +45,9 @@ def ctrl_c_deferred() -> Iterator[None]:
     SIGTERM action ends the process, now with the file whole); with both held, SIGTERM acts (the
     scheduler's stop is the one that cannot be waited out). A signal that arrives while the handlers
     are put back is not lost and leaves none of them half restored (:func:`_restore`). Python runs
-    signal handlers
-    signals, and a signal the process ignores (Ctrl-C when started in the background, or under
-    nohup) stays ignored: there this holds nothing."""
+    signal handlers in the main thread only, and a signal the process ignores (Ctrl-C when started
+    in the background, or under nohup) stays ignored: in another thread, and for such a signal, this
+    holds nothing."""
     global _deferring
     if threading.current_thread() is not threading.main_thread() or _deferring:
         yield
