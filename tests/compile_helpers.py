@@ -1,5 +1,6 @@
-"""Shared pieces of the tests of models under torch.compile: the same outputs and gradients as eager,
-and the skip where the CPU has no C++ compiler for Inductor."""
+"""Shared pieces of the tests of models under torch.compile and of bionets' C++ kernels: the same
+outputs and gradients as eager, the skip where the CPU has no C++ compiler, and the kernels
+themselves, which must build wherever one works."""
 import pytest
 import torch
 
@@ -7,6 +8,22 @@ from bionets.toolchain import cpu_compiler_problem
 
 needs_cpu_compiler = pytest.mark.skipif(cpu_compiler_problem() is not None,
                                         reason="torch.compile on the CPU needs a C++ compiler")
+
+
+def own_cpu_kernels(name: str):
+    """``torch.ops.bionets_<name>``, bionets' C++ kernels; a skip only where they are not meant to be
+    built (no working C++ compiler, or BIONETS_CPU_KERNELS=0). Where a compiler works, a failed
+    build fails the test: a compile error in the kernels' own source used to skip their float64
+    and gradient tests with nothing but a warning."""
+    from bionets.layers import cpu_kernels
+    if cpu_compiler_problem() is not None:
+        pytest.skip("no C++ compiler here")
+    if not cpu_kernels.enabled():
+        pytest.skip("BIONETS_CPU_KERNELS=0")
+    ops = cpu_kernels.ops(name)
+    assert ops is not None, (f"{name}'s C++ kernels did not build although a C++ compiler works (the warning "
+                             "above says why); set BIONETS_CPU_KERNELS=0 to test the PyTorch paths only")
+    return ops
 
 
 def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, *, mode: str | None = None,

@@ -7,9 +7,13 @@ from torch import nn
 import bionets.layers.cpu_kernels as cpu_kernels
 import bionets.layers.map_norm as map_norm
 from bionets.layers.map_norm import MapLayerNorm
+from compile_helpers import own_cpu_kernels
 
-needs_kernels = pytest.mark.skipif(cpu_kernels.ops("map_norm_cpu") is None,
-                                   reason="the map LayerNorm's CPU kernels cannot be built here (warned)")
+
+
+@pytest.fixture
+def needs_kernels():
+    own_cpu_kernels("map_norm_cpu")
 
 
 def _randomized(size) -> MapLayerNorm:
@@ -33,7 +37,7 @@ def _direct(x, w, b, eps=1e-5):
 
 
 # channel counts below, at and past a channel group of vector registers, with tails; square and not
-@needs_kernels
+@pytest.mark.usefixtures("needs_kernels")
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (4, 32, 16, 16), (2, 16, 7, 9), (2, 70, 5, 5), (1, 130, 3, 8), (5, 2, 1, 6)])
 def test_kernels_match_formula_float64(shape):
     """Output and the three gradients within float32 rounding of the float64 formula (relative error
@@ -54,7 +58,7 @@ def test_kernels_match_formula_float64(shape):
     assert got[1].is_contiguous(memory_format=torch.channels_last)
 
 
-@needs_kernels
+@pytest.mark.usefixtures("needs_kernels")
 def test_kernels_give_the_same_result_on_any_number_of_threads():
     """dL/dw and dL/db sum one part per (sample, channel group) in a fixed order."""
     torch.manual_seed(0)
@@ -93,7 +97,7 @@ def test_is_torch_layernorm_elsewhere(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(_grads(norm, x_cl, g), want))
 
 
-@needs_kernels
+@pytest.mark.usefixtures("needs_kernels")
 def test_float32_under_cpu_autocast():
     """Under CPU bf16 autocast a bf16 channels_last map is normalized by the kernels in float32 and
     comes back float32 (CUDA autocast's policy for LayerNorm), with its gradient in bf16."""

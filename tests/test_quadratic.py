@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from bionets.errors import BionetsError
 from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, channel_quadratic, set_quadratic
 from bionets.layers.quadratic_pixel import QuadraticPixel
-from compile_helpers import assert_compiled_matches_eager, needs_cpu_compiler
+from compile_helpers import assert_compiled_matches_eager, needs_cpu_compiler, own_cpu_kernels
 
 
 def rel_err(a, b):
@@ -226,9 +226,8 @@ def test_cpu_kernels_with_bf16_products_under_autocast(monkeypatch, c, c_out):
     """Under CPU bf16 autocast the C++ kernels form the products from float32 x, round them to bf16
     for bf16 matmuls (float32 sums over the blocks, here of 7 rows) and unfold a bf16 dL/d(products):
     output bf16, every value within bf16 rounding of float64 (relative error < 1e-2, ~3e-3 measured)."""
-    from bionets.layers import cpu_kernels, quadratic_sym
-    if cpu_kernels.ops("quadratic_cpu") is None:
-        pytest.skip("the quadratic layer's CPU kernels cannot be built here (warned)")
+    from bionets.layers import quadratic_sym
+    own_cpu_kernels("quadratic_cpu")
     monkeypatch.setattr(quadratic_sym, "_block_rows", lambda k: 7)
     torch.manual_seed(0)
     x = torch.randn(60, c, requires_grad=True)
@@ -375,9 +374,8 @@ def test_rows_cpu_kernels_in_float32_across_chunks(monkeypatch, c, c_out):
     the general loop), here in blocks of 7 rows, the last one short, shared by the threads; the
     output's gradient arrives column-major: output and both gradients within float32 rounding of the
     float64 computation (relative error < 1e-5; the issue asks 1e-4)."""
-    from bionets.layers import cpu_kernels, quadratic_sym
-    if cpu_kernels.ops("quadratic_cpu") is None:
-        pytest.skip("the quadratic layer's CPU kernels cannot be built here (warned)")
+    from bionets.layers import quadratic_sym
+    own_cpu_kernels("quadratic_cpu")
     monkeypatch.setattr(quadratic_sym, "_block_rows", lambda k: 7)
     torch.manual_seed(0)
     x = torch.randn(30, c, dtype=torch.float64)

@@ -6,9 +6,14 @@ import torch
 import bionets.layers.cpu_kernels as cpu_kernels
 import bionets.layers.raa as raa_module
 from bionets.layers.raa import RAA
+from compile_helpers import own_cpu_kernels
 from test_raa import LAYOUTS, direct, randomized
 
-pytestmark = pytest.mark.skipif(cpu_kernels.ops("raa_cpu") is None, reason="RAA's CPU kernels cannot be built here (warned)")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_built():
+    own_cpu_kernels("raa_cpu")
 
 # (shape, feature dim): C below, at and above a vector register, odd sizes that leave tails, maps larger
 # than one chunk of 256 vectors (threads split them), tokens
