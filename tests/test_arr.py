@@ -377,6 +377,40 @@ def test_two_gloo_processes_update_as_one_process_does_on_the_global_batch():
         assert (out[0, form][1] + out[1, form][1]) / 2 == pytest.approx(loss.item())
 
 
+def _train_digits_mlp_with_arr(weight: float):
+    """60 Adam steps of a 64-32-10 MLP on the digits with ARR (``weight``) on its hidden features:
+    (first and last losses, accuracy, within-class over between-class spread of the features)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target)
+    torch.manual_seed(0)
+    body, head = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU()), torch.nn.Linear(32, 10)
+    memory, losses = ArrMemory(1, 10, 32), []
+    opt = torch.optim.Adam([*body.parameters(), *head.parameters()], lr=1e-2)
+    for _ in range(60):
+        idx = torch.randint(0, len(y), (128,))
+        h = body(x[idx])
+        loss = torch.nn.functional.cross_entropy(head(h), y[idx])
+        opt.zero_grad()
+        (loss + arr_loss(memory, [h], y[idx], weight=weight, momentum=0.1)).backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        h = body(x)
+        means = torch.stack([h[y == k].mean(0) for k in range(10)])
+        spread = (h - means[y]).abs().mean() / (means - means.mean(0)).abs().mean()
+        return losses[0], sum(losses[-5:]) / 5, (head(h).argmax(1) == y).float().mean().item(), spread.item()
+
+
+def test_arr_alone_trains_and_draws_each_class_together():
+    """ARR on its own (no RAA): the model trains, and its features' spread within a class, relative
+    to the spread between the classes' means, is smaller than in the same run without ARR (0.51
+    against 0.59 measured), which is what ARR's loss asks for."""
+    first, last, accuracy, spread = _train_digits_mlp_with_arr(1.0)
+    assert last < 0.2 * first and accuracy > 0.9
+    assert spread < 0.95 * _train_digits_mlp_with_arr(0.0)[3]
+
+
 def test_cli_run_with_raa_and_arr(tmp_path):
     args = ["train", "dnrt/digits", "train.epochs=2", "mechanisms={raa: {}, arr: {weight: 1.0}}", f"out_dir={tmp_path}",
             "name=r", "--quiet"]
