@@ -223,8 +223,8 @@ def test_memory_is_saved_and_eval_is_unaffected():
 
 
 @pytest.mark.parametrize("opts, message", [
-    ({"momentum": 1.0}, "mechanisms.arr.momentum"),
-    ({"weight": -1}, "mechanisms.arr.weight"),
+    ({"momentum": 1.0}, r"mechanisms.arr.momentum': Input should be less than 1 \(got 1.0\)"),
+    ({"weight": -1}, r"mechanisms.arr.weight': Input should be greater than or equal to 0 \(got -1\)"),
     ({"layers": "blocks"}, "needs a transformer"),
 ])
 def test_bad_options_are_one_line(opts, message):

@@ -173,8 +173,9 @@ def test_converted_model_starts_as_the_original():
     (dict(sparsity={"sparse_fn": "st"}), "did you mean: sparse_function"),
     (dict(quadratic=["nosuch.*"]), "matches no convolution of ResNet"),
     (dict(sparsity={"include": ["nosuch"]}), "STDS found no conv/linear layer of ResNet matching"),
-    (dict(regularization={"weight": -1}), "weight"),
-    (dict(activation={"input_size": [3, 0, 32]}), "input_size"),
+    (dict(regularization={"weight": -1}), "'regularization.weight': Input should be greater than or equal to 0 "
+                                          "(got -1)"),
+    (dict(activation={"input_size": [3, 0, 32]}), "'activation.input_size.1': Input should be greater than 0 (got 0)"),
 ])
 def test_bad_conversion_is_one_clear_error(kwargs, message):
     with pytest.raises(BionetsError) as err:

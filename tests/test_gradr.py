@@ -97,12 +97,13 @@ def test_factory_through_the_engine_and_state_dict():
 
 
 def test_errors():
-    with pytest.raises(BionetsError, match="needs|has none"):
+    with pytest.raises(BionetsError, match=r"trains Grad R strengths, but the model has none: add 'mechanisms: "
+                                           r"\{gradr: "):
         create_gradr(nn.Linear(2, 2), OptimConfig(name="gradr"))
     for p in (0.3, 1.0):
         with pytest.raises(BionetsError, match=r"\[0.5, 1\)"):
             apply_gradr(nn.Linear(2, 2), target_sparsity=p)
-    with pytest.raises(BionetsError, match="alpha"):
+    with pytest.raises(BionetsError, match=r"alpha must be > 0 \(default 1e-3\), got 0.0"):
         SignedStrength(torch.ones(2), alpha=0.0)
     layer = nn.Linear(2, 2)
     apply_stds(layer)

@@ -142,6 +142,15 @@ def test_schedules_at_start_middle_end(schedule, values):
     assert threshold_at(schedule, 3.0, 2 * n_total, n_total) == pytest.approx(values[-1])   # capped at N
 
 
+def test_schedules_follow_their_formulas_over_the_whole_run():
+    """D_n = d_max * n / N (linear) and d_max * (1 - cos(pi n / N)) / 2 (sine) at every 37th step
+    of N = 1000, not only where the two agree (0, N/2, N)."""
+    for n in range(0, 1001, 37):
+        assert threshold_at("linear", 3.0, n, 1000) == pytest.approx(3.0 * n / 1000, abs=1e-12)
+        assert threshold_at("sine", 3.0, n, 1000) == pytest.approx(3.0 * (1 - math.cos(math.pi * n / 1000)) / 2,
+                                                                    abs=1e-12)
+
+
 def test_sine_is_slow_at_both_ends():
     quarter = threshold_at("sine", 1.0, 250, 1000)
     assert quarter == pytest.approx((1 - math.cos(math.pi / 4)) / 2)
@@ -324,14 +333,14 @@ def test_set_threshold_and_state_dict_carry_d():
 
 
 @pytest.mark.parametrize("section,needle", [
-    ({"stds": {"sparse_function": "soft"}}, "sparse_function"),
-    ({"stds": {"schedule": "cosine"}}, "schedule"),
-    ({"stds": {"d_max": -1}}, "d_max"),
-    ({"stds": {"d_max": float("inf")}}, "finite number"),
-    ({"stds": {"types": ["attention"]}}, "types"),
-    ({"stds": {"dmax": 1}}, "did you mean"),
-    ({"gradr": {"target_sparsity": 0.3}}, "target_sparsity"),
-    ({"gradr": {"target_sparsity": 1.0}}, "target_sparsity"),
+    ({"stds": {"sparse_function": "soft"}}, "sparse_function': Input should be 'stmod', 'st' or 'identity' (got 'soft')"),
+    ({"stds": {"schedule": "cosine"}}, "schedule': Input should be 'sine', 'linear' or 'fixed' (got 'cosine')"),
+    ({"stds": {"d_max": -1}}, "d_max': Input should be greater than or equal to 0 (got -1)"),
+    ({"stds": {"d_max": float("inf")}}, "d_max': Input should be a finite number (got inf)"),
+    ({"stds": {"types": ["attention"]}}, "types.0': Input should be 'conv' or 'linear' (got 'attention')"),
+    ({"stds": {"dmax": 1}}, "unknown config key 'mechanisms.stds.dmax' (did you mean: d_max?)"),
+    ({"gradr": {"target_sparsity": 0.3}}, "target_sparsity': Input should be greater than or equal to 0.5 (got 0.3)"),
+    ({"gradr": {"target_sparsity": 1.0}}, "target_sparsity': Input should be less than 1 (got 1.0)"),
 ])
 def test_bad_config_is_one_line(section, needle):
     with pytest.raises(BionetsError) as err:
@@ -340,15 +349,23 @@ def test_bad_config_is_one_line(section, needle):
 
 
 def test_bad_arguments_are_one_line():
-    cases = [lambda: SoftThreshold("soft"), lambda: SoftThreshold("stmod", -0.1),
-             lambda: threshold_at("cosine", 1.0, 0, 10), lambda: apply_stds(nn.Sequential(nn.ReLU())),
-             lambda: apply_stds(nn.Linear(2, 2), include=["head*"]), lambda: set_threshold(nn.Linear(2, 2), -1.0),
-             lambda: apply_stds(nn.Linear(2, 2), include="x*"), lambda: apply_stds("model"), lambda: sparsity(5),
-             lambda: export(5)]
-    for case in cases:
+    cases = [(lambda: SoftThreshold("soft"), "unknown sparse function 'soft' (did you mean: st, stmod?)"),
+             (lambda: SoftThreshold("stmod", -0.1), "D must be >= 0 (in theta units, e.g. 1.0 with Adam lr 1e-4), "
+                                                    "got -0.1"),
+             (lambda: threshold_at("cosine", 1.0, 0, 10), "unknown STDS schedule 'cosine' (did you mean: sine, linear?)"),
+             (lambda: apply_stds(nn.Sequential(nn.ReLU())), "no conv/linear layer of Sequential matching include=['*'] "
+                                                            "exclude=[] (eligible: none)"),
+             (lambda: apply_stds(nn.Linear(2, 2), include=["head*"]), "matching include=['head*'] exclude=[] "
+                                                                      "(eligible: '' (the model itself))"),
+             (lambda: set_threshold(nn.Linear(2, 2), -1.0), "D must be >= 0"),
+             (lambda: apply_stds(nn.Linear(2, 2), include="x*"), "got the string 'x*': write ['x*']"),
+             (lambda: apply_stds("model"), "apply_stds takes a torch.nn.Module, got str"),
+             (lambda: sparsity(5), "sparsity takes a torch.nn.Module, got int"),
+             (lambda: export(5), "export takes a torch.nn.Module, got int")]
+    for case, message in cases:
         with pytest.raises(BionetsError) as err:
             case()
-        assert "\n" not in str(err.value)
+        assert message in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(BionetsError, match="no conv/linear layer"):
         get_mechanism("stds").apply(nn.Sequential(nn.ReLU()), validate_section(get_mechanism("stds").config, {}))
 

@@ -226,7 +226,7 @@ def apply_stds(model: nn.Module, sparse_function: str = "stmod", d: float = 0.0,
 
 def no_layer_error(what: str, model: nn.Module, include, exclude, types) -> BionetsError:
     classes = _types(types)
-    eligible = [n for n, m in model.named_modules() if isinstance(m, classes)]
+    eligible = [n or "'' (the model itself)" for n, m in model.named_modules() if isinstance(m, classes)]
     shown = ", ".join(eligible[:6]) + (", ..." if len(eligible) > 6 else "")
     return BionetsError(f"{what} found no {'/'.join(types)} layer of {type(model).__name__} matching "
                         f"include={list(include)} exclude={list(exclude)} (eligible: {shown or 'none'})")
