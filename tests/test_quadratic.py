@@ -37,7 +37,9 @@ def test_neuron_matches_formula(rank):
         (neuron.A_full if rank is None else neuron.V).normal_()
     x = torch.randn(20, 6, dtype=torch.float64)
     a = neuron.A
-    expected = x @ neuron.linear.weight.t() + neuron.linear.bias + torch.einsum("ni,oij,nj->no", x, a, x)
+    # A from the raw parameters (rank r: A_o = sum_r U_or V_or^T), not from the layer's own A
+    raw = neuron.A_full if rank is None else torch.einsum("oir,ojr->oij", neuron.U, neuron.V)
+    expected = x @ neuron.linear.weight.t() + neuron.linear.bias + torch.einsum("ni,oij,nj->no", x, raw, x)
     assert rel_err(neuron(x), expected) < 1e-12
     assert rel_err(neuron.float()(x.float()).double(), expected) < 1e-5
     assert a.shape == (3, 6, 6)
@@ -181,7 +183,7 @@ def test_channel_switch_and_bad_options():
 
 
 @pytest.mark.parametrize("c", [1, 16, 72])      # both CPU branches of dL/dx: outer products (C <= 64), triangle rows
-def test_channel_trains_under_cpu_bf16_autocast(c):
+def test_channel_backward_under_cpu_bf16_autocast(c):
     """Under torch.autocast('cpu', bfloat16) the sym layer's backward once mixed a float32 factor
     into a bf16 matmul (C <= 64) and raised; gradients now come back in float32, near float64's."""
     torch.manual_seed(0)
