@@ -9,7 +9,7 @@ def test_dnrt_seeds_and_responses(tmp_path, capsys):
     assert main(["experiment", "dnrt_seeds", "seeds=2", "epochs=1", "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "dnrt_seeds.csv").open()))
     assert {r["variant"] for r in rows} == {"baseline", "+RAA", "+ARR", "+both"} and len(rows) == 8
-    assert all(0 < float(r["final_top1"]) <= 100 for r in rows)
+    assert all(60 < float(r["final_top1"]) <= 100 for r in rows)      # one epoch trains each (73-82% measured)
     assert (out / "dnrt_seeds.png").stat().st_size > 0
     both = out / "runs" / "both_0" / "best.pt"
     base = out / "runs" / "baseline_0" / "best.pt"
