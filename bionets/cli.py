@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from bionets.configbase import load_yaml, quoted
+from bionets.engine.checkpoint import restore_handlers
 from bionets.errors import BionetsError, Terminated, closest
 
 USAGE_EXAMPLES = """examples:
@@ -290,6 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         _terminated_at = None
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+        if on_term:         # (a SIGTERM that raises here came after the command's work: it changes nothing)
+            restore_handlers({signal.SIGTERM: signal.SIG_DFL})
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status: its own, or 2 after one error line, 130 after Ctrl-C, 143 after a
+    SIGTERM."""
+    try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:                      # output piped into `head` and closed: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -303,10 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         stopped = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
         print(f"bionets: {stopped}; {kept}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
-    finally:
-        warnings.showwarning = shown
-        if on_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The training engine: exact resume, atomic checkpoints, hooks, accumulation, metrics."""
+import functools
 import json
+import operator
 import os
 import re
 import signal
@@ -462,29 +464,85 @@ def test_ctrl_c_and_sigterm_both_held_sigterm_acts(tmp_path, sigint_handler):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
 
 
-def test_a_signal_while_the_handlers_are_put_back_leaves_none_half_restored(sigint_handler):
-    """A Ctrl-C just after SIGINT's handler is back raised inside the restoring of SIGTERM's, which
-    kept the deferral's handler on SIGTERM (every later SIGTERM swallowed) and the deferral marked
-    as running (every later write unprotected)."""
+def _signal_then_set(real_signal, number):
+    """``real_signal(signum, handler)`` with signal ``number`` sent just before, with no Python code
+    between the two calls (map runs both inside C), so that Python's check for pending signals first
+    runs inside signal.signal, before it changes the handler, as a signal arriving then would."""
+    def call(signum, handler):
+        return list(map(operator.call, [functools.partial(os.kill, os.getpid(), number),
+                                        functools.partial(real_signal, signum, handler)]))[1]
+    return call
+
+
+def test_a_signal_while_the_handlers_are_put_back_leaves_none_half_restored(sigint_handler, monkeypatch):
+    """A Ctrl-C while SIGTERM's handler is put back (SIGINT's already is) raised inside that
+    signal.signal call before it changed anything, which kept the deferral's handler on SIGTERM
+    (every later SIGTERM swallowed) and the deferral marked as running (every later write
+    unprotected). Now SIGTERM's is set again and the Ctrl-C raised after."""
     from bionets.engine import checkpoint
     sigint_handler(signal.default_int_handler)
     term_before = signal.getsignal(signal.SIGTERM)
     real_signal, pressed = signal.signal, []
+    ctrl_c_then_set = _signal_then_set(real_signal, signal.SIGINT)
 
-    def ctrl_c_after_sigint_is_back(signum, handler):
-        done = real_signal(signum, handler)
-        if handler is signal.default_int_handler and not pressed:      # SIGINT's own handler is back
+    def fake(signum, handler):
+        if signum == signal.SIGTERM and handler is term_before and not pressed:    # putting SIGTERM's back
             pressed.append(signum)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        return done
+            return ctrl_c_then_set(signum, handler)
+        return real_signal(signum, handler)
 
-    with pytest.raises(KeyboardInterrupt):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(checkpoint.signal, "signal", ctrl_c_after_sigint_is_back)
-            with ctrl_c_deferred():
-                pass
+    monkeypatch.setattr(checkpoint.signal, "signal", fake)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with ctrl_c_deferred():
+            pass
+    monkeypatch.undo()
+    assert pressed and type(stopped.value) is KeyboardInterrupt
     assert signal.getsignal(signal.SIGTERM) is term_before and not checkpoint._deferring
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigterm_while_the_handlers_are_put_in_place_leaves_none_changed(sigint_handler, monkeypatch):
+    """A SIGTERM that arrives as the deferral installs its own SIGTERM handler (SIGINT's installed)
+    raises from there: it left the deferral's handler on SIGINT and the deferral marked running."""
+    import bionets.cli as cli
+    from bionets.engine import checkpoint
+    from bionets.errors import Terminated
+    sigint_handler(signal.default_int_handler)
+    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    cli._terminated_at = None
+    real_signal = signal.signal
+    term_then_set = _signal_then_set(real_signal, signal.SIGTERM)
+    monkeypatch.setattr(checkpoint.signal, "signal", lambda signum, handler: (
+        term_then_set if signum == signal.SIGTERM and handler is not cli._raise_terminated else real_signal)(
+        signum, handler))
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            with ctrl_c_deferred():
+                pytest.fail("the block ran")
+        monkeypatch.undo()
+        assert isinstance(stopped.value, Terminated)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not checkpoint._deferring
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_stop_held_while_the_block_raises_still_acts(sigint_handler):
+    """The block's own error (a full disk, say) dropped a SIGTERM held during it: a run whose caller
+    catches the error went on. The stop acts, the error as its context."""
+    import bionets.cli as cli
+    from bionets.errors import Terminated
+    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    cli._terminated_at = None
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            with ctrl_c_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                raise OSError(28, "No space left on device")
+        assert isinstance(stopped.value, Terminated) and isinstance(stopped.value.__context__, OSError)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), "torch"])

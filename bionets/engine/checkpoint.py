@@ -44,7 +44,8 @@ def ctrl_c_deferred() -> Iterator[None]:
     KeyboardInterrupt; the CLI's SIGTERM handler :class:`~bionets.errors.Terminated`; the default
     SIGTERM action ends the process, now with the file whole); with both held, SIGTERM acts (the
     scheduler's stop is the one that cannot be waited out). A signal that arrives while the handlers
-    are put back is not lost and leaves none of them half restored (:func:`_restore`). Python runs
+    are put or put back is not lost and leaves none of them half changed (:func:`restore_handlers`);
+    one held while the block raised acts all the same (the block's error is its context). Python runs
     signal handlers in the main thread only, and a signal the process ignores (Ctrl-C when started
     in the background, or under nohup) stays ignored: in another thread, and for such a signal, this
     holds nothing."""
@@ -53,37 +54,37 @@ def ctrl_c_deferred() -> Iterator[None]:
         yield
         return
     _deferring, held, previous = True, [], {}
-    for signum in HELD_SIGNALS:
-        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
-            previous[signum] = signal.signal(signum, lambda number, frame: held.append(number))
     try:
+        for signum in HELD_SIGNALS:        # (inside the try: a signal that raises here restores the rest)
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                previous[signum] = signal.signal(signum, lambda number, frame: held.append(number))
         yield
     finally:
         _deferring = False
-        late = _restore(previous)
-    if held:
-        signum = signal.SIGTERM if signal.SIGTERM in held else held[0]
-        if callable(previous[signum]):
-            previous[signum](signum, None)
-        else:                                   # SIG_DFL: the process ends as the signal would have ended it
-            os.kill(os.getpid(), signum)
-    if late is not None:
-        raise late
+        late = restore_handlers(previous)
+        if held:                            # also when the block raised: the stop still acts
+            signum = signal.SIGTERM if signal.SIGTERM in held else held[0]
+            if callable(previous[signum]):
+                previous[signum](signum, None)
+            else:                           # SIG_DFL: the process ends as the signal would have ended it
+                os.kill(os.getpid(), signum)
+        if late is not None:
+            raise late
 
 
-def _restore(previous: dict) -> BaseException | None:
-    """Put the ``previous`` handlers back, every one. ``signal.signal`` first runs the handlers of
-    signals that have arrived: a Ctrl-C just after SIGINT's own handler is back raises there, before
-    SIGTERM's is, which left the deferral's handler on SIGTERM for good (every later SIGTERM
-    swallowed). Such an exception is kept and returned, and that handler set again (the check runs
-    before the change, so it had not been)."""
+def restore_handlers(previous: dict) -> KeyboardInterrupt | None:
+    """Put the ``previous`` signal handlers back, every one. ``signal.signal`` first runs the handlers
+    of signals that have arrived: a Ctrl-C just after SIGINT's own handler is back raises there,
+    before SIGTERM's is, which left the deferral's handler on SIGTERM for good (every later SIGTERM
+    swallowed). Such a KeyboardInterrupt (or Terminated) is kept and returned, and that handler set
+    again (the check runs before the change, so it had not been)."""
     late = None
     for signum, handler in previous.items():
         while True:
             try:
                 signal.signal(signum, handler)
                 break
-            except BaseException as err:    # noqa: BLE001  (a restored handler's KeyboardInterrupt, Terminated)
+            except KeyboardInterrupt as err:    # a restored handler's, for a signal that came meanwhile
                 late = late or err
     return late
 
