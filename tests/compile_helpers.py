@@ -1,6 +1,13 @@
 """Shared pieces of the tests of models under torch.compile and of bionets' C++ kernels: the same
 outputs and gradients as eager, the skip where the CPU has no C++ compiler, and the kernels
 themselves, which must build wherever one works."""
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,14 +17,29 @@ needs_cpu_compiler = pytest.mark.skipif(cpu_compiler_problem() is not None,
                                         reason="torch.compile on the CPU needs a C++ compiler")
 
 
+@functools.cache
+def openmp_problem() -> str | None:
+    """Why the compiler bionets' kernels build with ($CXX, else c++) cannot build an OpenMP program
+    here (Apple's clang without libomp, say), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"{compiler} is not on PATH"
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "omp.cpp"
+        source.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        built = subprocess.run([compiler, "-fopenmp", str(source), "-o", str(Path(tmp) / "omp")],
+                               capture_output=True, text=True)
+    return None if built.returncode == 0 else f"{compiler} -fopenmp fails ({(built.stderr.strip() or '?').splitlines()[-1]})"
+
+
 def own_cpu_kernels(name: str):
     """``torch.ops.bionets_<name>``, bionets' C++ kernels; a skip only where they are not meant to be
-    built (no working C++ compiler, or BIONETS_CPU_KERNELS=0). Where a compiler works, a failed
-    build fails the test: a compile error in the kernels' own source used to skip their float64
-    and gradient tests with nothing but a warning."""
+    built (no C++ compiler with OpenMP, or BIONETS_CPU_KERNELS=0). Where one works, a failed build
+    fails the test: a compile error in the kernels' own source used to skip their float64 and
+    gradient tests with nothing but a warning."""
     from bionets.layers import cpu_kernels
-    if cpu_compiler_problem() is not None:
-        pytest.skip("no C++ compiler here")
+    if (problem := cpu_compiler_problem() or openmp_problem()) is not None:
+        pytest.skip(f"no C++ compiler with OpenMP here: {problem}")
     if not cpu_kernels.enabled():
         pytest.skip("BIONETS_CPU_KERNELS=0")
     ops = cpu_kernels.ops(name)

@@ -11,9 +11,10 @@ from test_raa import LAYOUTS, direct, randomized
 
 
 
-@pytest.fixture(autouse=True)
-def _kernels_built():
-    own_cpu_kernels("raa_cpu")
+@pytest.fixture
+def kernels():
+    """RAA's CPU kernels, built (the fallback and CUDA tests here run without them)."""
+    return own_cpu_kernels("raa_cpu")
 
 # (shape, feature dim): C below, at and above a vector register, odd sizes that leave tails, maps larger
 # than one chunk of 256 vectors (threads split them), tokens
@@ -26,6 +27,7 @@ def _grads(raa, x, dim, g):
     return (out, *torch.autograd.grad(out, (x, *raa.parameters()), g))
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("variant", ["vector", "scalar"])
 @pytest.mark.parametrize("base", ["gelu", "relu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -54,6 +56,7 @@ def test_cpu_kernels_match_formula_float64(variant, base, layout):
             assert err < 1e-4, (shape, err)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_cpu_kernels_take_a_gradient_in_another_layout():
     """A gradient arriving NCHW for a channels_last map (or the other way) is read correctly."""
     torch.manual_seed(0)
@@ -66,6 +69,7 @@ def test_cpu_kernels_take_a_gradient_in_another_layout():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_cpu_kernels_edge_values():
     """z = x + shift = 0 gives Phi = 1/2 exactly; huge |z| gives 0 or x; a NaN shift gives NaN."""
     raa = RAA(4)
@@ -80,6 +84,7 @@ def test_cpu_kernels_edge_values():
     assert raa(x).isnan().all()
 
 
+@pytest.mark.usefixtures("kernels")
 def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
     """dL/dv and dL/dc are summed over fixed chunks of vectors, so the result does not depend on how
     many threads split the map (a run is reproducible from one machine to the next)."""
@@ -127,6 +132,7 @@ def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch)
     assert cpu_kernels.ops("raa_cpu") is None and tried == ["raa_cpu"]        # tried once, not at every call
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("base", ["gelu", "relu"])
 @pytest.mark.parametrize("variant", ["vector", "scalar"])
 def test_cpu_kernels_read_and_write_bf16(base, variant):
@@ -153,6 +159,7 @@ def test_cpu_kernels_read_and_write_bf16(base, variant):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_a_nan_stays_in_its_element_with_a_scalar_shift():
     """With a scalar shift dL/dx_j depends on x_j alone: one NaN input gives one NaN gradient, also in
     the kernels' any-width loop (C = 5, not a multiple of the vector width), where 0 * NaN spread it."""
@@ -165,6 +172,7 @@ def test_a_nan_stays_in_its_element_with_a_scalar_shift():
         assert torch.isnan(x.grad).sum().item() == 1, layout
 
 
+@pytest.mark.usefixtures("kernels")
 def test_raa_is_one_operator_whose_autograd_is_cpp():
     """Where the kernels take x, one RAA call is one operator with a C++ backward (a Python autograd
     function around the same kernels took ~48 us a call more here); in inference mode the same operator runs without autograd; with
@@ -264,6 +272,7 @@ def test_cuda_sources_compile_where_a_cuda_toolkit_is_installed(name, operators)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
 
 
+@pytest.mark.usefixtures("kernels")
 def test_second_derivative_path_of_a_bf16_map_computes_the_shift_in_float32():
     """Under create_graph the operator differentiates the plain expression, whose float32 parameters
     promote a bf16 map, as raa_expression does: dL/dv and dL/dc as the first-order kernels give them
