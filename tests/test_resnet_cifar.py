@@ -248,13 +248,22 @@ def test_dit_resnet20_learns_digits(kwargs):
             return torch.nn.functional.cross_entropy(model(x[test]), y[test]).item()
 
     # the quadratic terms learned something the trained model uses: switched off (they start at zero,
-    # where switching changes nothing), its test loss moves (channel: 0.166 -> 0.182, pixel: 0.209 ->
-    # 0.179 measured). Without tr(Q Sigma) ('cov') the term is mu^T Q mu + 2 mu^T Q_sym d, and the map
-    # LayerNorm before it leaves each channel's spatial mean mu at zero: nothing is left to learn.
+    # where switching changes nothing) the logits move (channel: 34-38%, pixel: 2.5-4% measured, on 1,
+    # 2 and 8 threads, whose runs differ), and the channel-wise model's test loss rises (10-89%).
+    # Without tr(Q Sigma) ('cov') the term is mu^T Q mu + 2 mu^T Q_sym d, and the map LayerNorm before
+    # it leaves each channel's spatial mean mu at zero: nothing is left to learn, nothing moves.
     with_terms = test_loss()
-    set_quadratic(model, False)
-    change = abs(test_loss() - with_terms) / with_terms
-    assert change < 1e-4 if kwargs.get("quad_ablation") == "cov" else change > 0.04
+    model.eval()
+    with torch.no_grad():
+        logits = model(x[test])
+        set_quadratic(model, False)
+        moved = ((model(x[test]) - logits).abs().mean() / logits.abs().mean()).item()
+    if kwargs.get("quad_ablation") == "cov":
+        assert moved < 1e-6
+    else:
+        assert moved > (0.01 if kwargs else 0.1)
+    if not kwargs:
+        assert test_loss() > 1.04 * with_terms
 
 
 def test_quad_blocks_as_one_string_and_pixel_options_checked():
