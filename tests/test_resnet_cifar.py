@@ -336,7 +336,7 @@ def test_cli_trains_dit_resnet20_on_digits(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "dit" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
-    assert rows[-1]["test_top1"] > 60 and rows[-1]["test_top1"] > rows[0]["test_top1"] + 30
+    assert rows[-1]["test_top1"] > 60 and rows[-1]["test_top1"] > rows[0]["test_top1"] + 30   # 21.9 -> 82.2%
     state = load_checkpoint(tmp_path / "dit" / "last.pt")["model"]
     assert state["layer2.0.quad.weight"].shape == (32, 32, 32) and state["layer2.0.quad.weight"].abs().max() > 0
 
