@@ -2,7 +2,6 @@
 outputs and gradients as eager, the skip where the CPU has no C++ compiler, and the kernels
 themselves, which must build wherever one works."""
 import functools
-import os
 import shutil
 import subprocess
 import tempfile
@@ -19,9 +18,10 @@ needs_cpu_compiler = pytest.mark.skipif(cpu_compiler_problem() is not None,
 
 @functools.cache
 def openmp_problem() -> str | None:
-    """Why the compiler bionets' kernels build with ($CXX, else c++) cannot build an OpenMP program
-    here (Apple's clang without libomp, say), or None."""
-    compiler = os.environ.get("CXX", "c++")
+    """Why the compiler bionets' kernels build with (cpu_kernels.cxx()) cannot build an OpenMP
+    program here (Apple's clang without libomp, say), or None."""
+    from bionets.layers.cpu_kernels import cxx
+    compiler = cxx()
     if shutil.which(compiler) is None:
         return f"{compiler} is not on PATH"
     with tempfile.TemporaryDirectory() as tmp:

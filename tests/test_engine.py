@@ -394,6 +394,17 @@ def sigint_handler():
     signal.signal(signal.SIGINT, before)
 
 
+@pytest.fixture
+def cli_sigterm():
+    """SIGTERM handled as a ``bionets`` command handles it (Terminated) for a test: bionets.cli,
+    whose handler before is restored after."""
+    import bionets.cli as cli
+    cli._terminated_at = None
+    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    yield cli
+    signal.signal(signal.SIGTERM, before)
+
+
 def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(tmp_path, sigint_handler):
     """A KeyboardInterrupt raised inside torch.save made its zip writer fail while closing, and the run
     ended on that RuntimeError's traceback (exit 1, not 130). Now the write finishes, then Ctrl-C acts."""
@@ -414,28 +425,23 @@ class _SigtermWhilePickled:
         return (int, (3,))
 
 
-def test_sigterm_during_a_checkpoint_write_takes_effect_after_it(tmp_path):
+def test_sigterm_during_a_checkpoint_write_takes_effect_after_it(tmp_path, cli_sigterm):
     """A SIGTERM (SLURM's, Kubernetes') in the middle of a write ended the process there and left a
     partial temporary file; it is held as Ctrl-C is, then acts as its handler does (the CLI's raises
     Terminated)."""
-    import bionets.cli as cli
     from bionets.errors import Terminated
-    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
-    cli._terminated_at = None
-    try:
-        with pytest.raises(KeyboardInterrupt) as stopped:   # (a plain KeyboardInterrupt would stop pytest itself)
-            save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _SigtermWhilePickled()})
-        assert isinstance(stopped.value, Terminated)
-        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
-        os.kill(os.getpid(), signal.SIGTERM)        # a second one while the run winds down: left to finish
+    cli = cli_sigterm
+    with pytest.raises(KeyboardInterrupt) as stopped:   # (a plain KeyboardInterrupt would stop pytest itself)
+        save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _SigtermWhilePickled()})
+    assert isinstance(stopped.value, Terminated)
+    assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+    os.kill(os.getpid(), signal.SIGTERM)        # a second one while the run winds down: left to finish
+    time.sleep(0.05)
+    cli._terminated_at -= cli.STOPPING_S        # much later, the process still running: it stops again
+    with pytest.raises(KeyboardInterrupt) as again:
+        os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
-        cli._terminated_at -= cli.STOPPING_S        # much later, the process still running: it stops again
-        with pytest.raises(KeyboardInterrupt) as again:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-        assert isinstance(again.value, Terminated)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    assert isinstance(again.value, Terminated)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
@@ -448,19 +454,13 @@ class _CtrlCThenSigtermWhilePickled:
         return (int, (4,))
 
 
-def test_ctrl_c_and_sigterm_both_held_sigterm_acts(tmp_path, sigint_handler):
+def test_ctrl_c_and_sigterm_both_held_sigterm_acts(tmp_path, sigint_handler, cli_sigterm):
     """Both held during a write: the scheduler's stop acts (exit 143, not 130), after the write."""
-    import bionets.cli as cli
     from bionets.errors import Terminated
     sigint_handler(signal.default_int_handler)
-    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
-    cli._terminated_at = None
-    try:
-        with pytest.raises(KeyboardInterrupt) as stopped:
-            save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _CtrlCThenSigtermWhilePickled()})
-        assert isinstance(stopped.value, Terminated)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        save_checkpoint(tmp_path / "last.pt", {**RUN, "epoch": _CtrlCThenSigtermWhilePickled()})
+    assert isinstance(stopped.value, Terminated)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
 
 
@@ -501,48 +501,38 @@ def test_a_signal_while_the_handlers_are_put_back_leaves_none_half_restored(sigi
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_sigterm_while_the_handlers_are_put_in_place_leaves_none_changed(sigint_handler, monkeypatch):
+def test_a_sigterm_while_the_handlers_are_put_in_place_leaves_none_changed(sigint_handler, cli_sigterm,
+                                                                           monkeypatch):
     """A SIGTERM that arrives as the deferral installs its own SIGTERM handler (SIGINT's installed)
     raises from there: it left the deferral's handler on SIGINT and the deferral marked running."""
-    import bionets.cli as cli
     from bionets.engine import checkpoint
     from bionets.errors import Terminated
+    cli = cli_sigterm
     sigint_handler(signal.default_int_handler)
-    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
-    cli._terminated_at = None
     real_signal = signal.signal
     term_then_set = _signal_then_set(real_signal, signal.SIGTERM)
     monkeypatch.setattr(checkpoint.signal, "signal", lambda signum, handler: (
         term_then_set if signum == signal.SIGTERM and handler is not cli._raise_terminated else real_signal)(
         signum, handler))
-    try:
-        with pytest.raises(KeyboardInterrupt) as stopped:
-            with ctrl_c_deferred():
-                pytest.fail("the block ran")
-        monkeypatch.undo()
-        assert isinstance(stopped.value, Terminated)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not checkpoint._deferring
-        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with ctrl_c_deferred():
+            pytest.fail("the block ran")
+    monkeypatch.undo()
+    assert isinstance(stopped.value, Terminated)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not checkpoint._deferring
+    assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
 
 
-def test_a_stop_held_while_the_block_raises_still_acts(sigint_handler):
+def test_a_stop_held_while_the_block_raises_still_acts(cli_sigterm):
     """The block's own error (a full disk, say) dropped a SIGTERM held during it: a run whose caller
     catches the error went on. The stop acts, the error as its context."""
-    import bionets.cli as cli
     from bionets.errors import Terminated
-    before = signal.signal(signal.SIGTERM, cli._raise_terminated)
-    cli._terminated_at = None
-    try:
-        with pytest.raises(KeyboardInterrupt) as stopped:
-            with ctrl_c_deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
-                raise OSError(28, "No space left on device")
-        assert isinstance(stopped.value, Terminated) and isinstance(stopped.value.__context__, OSError)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            raise OSError(28, "No space left on device")
+    assert isinstance(stopped.value, Terminated) and isinstance(stopped.value.__context__, OSError)
 
 
 @pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), "torch"])

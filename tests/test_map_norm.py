@@ -10,7 +10,6 @@ from bionets.layers.map_norm import MapLayerNorm
 from compile_helpers import own_cpu_kernels
 
 
-
 @pytest.fixture
 def needs_kernels():
     own_cpu_kernels("map_norm_cpu")

@@ -10,11 +10,11 @@ from compile_helpers import own_cpu_kernels
 from test_raa import LAYOUTS, direct, randomized
 
 
-
 @pytest.fixture
 def kernels():
     """RAA's CPU kernels, built (the fallback and CUDA tests here run without them)."""
     return own_cpu_kernels("raa_cpu")
+
 
 # (shape, feature dim): C below, at and above a vector register, odd sizes that leave tails, maps larger
 # than one chunk of 256 vectors (threads split them), tokens

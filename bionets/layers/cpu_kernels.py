@@ -95,6 +95,11 @@ def build(name: str):
     return getattr(torch.ops, f"bionets_{name}")
 
 
+def cxx() -> str:
+    """The C++ compiler torch's builder runs: $CXX, else c++."""
+    return os.environ.get("CXX", "c++")
+
+
 def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **options) -> None:
     """Build ``sources`` as the extension ``ext`` with torch's builder and load it (its operators
     register themselves), or load the cached build; one line on stderr before a build (``what`` is
@@ -102,7 +107,7 @@ def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **op
     raise one RuntimeError line: the missing compiler, or the compiler's first error."""
     quiet_import()
     from torch.utils import cpp_extension
-    compiler = os.environ.get("CXX", "c++")
+    compiler = cxx()
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH (install g++, or set CXX)")
     if shutil.which("ninja") is None:            # torch's builder runs ninja: the pip package's, where not on PATH
