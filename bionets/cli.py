@@ -289,19 +289,21 @@ def main(argv: list[str] | None = None) -> int:
                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     if on_term:
         _terminated_at = None
-        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _run(args)
+        return _run(args, on_term)
     finally:
         warnings.showwarning = shown
         if on_term:         # (a SIGTERM that raises here came after the command's work: it changes nothing)
             restore_handlers({signal.SIGTERM: signal.SIG_DFL})
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, on_term: bool) -> int:
     """The command's exit status: its own, or 2 after one error line, 130 after Ctrl-C, 143 after a
-    SIGTERM."""
+    SIGTERM. SIGTERM's handler goes in inside the ``try``, so a SIGTERM right after it still ends on
+    the one line."""
     try:
+        if on_term:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         return COMMANDS[args.command](args)
     except BrokenPipeError:                      # output piped into `head` and closed: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

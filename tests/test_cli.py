@@ -280,6 +280,27 @@ def test_ctrl_c_and_sigterm_leave_last_complete_checkpoint(tmp_path, signum, cod
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_sigterm_just_after_the_handler_goes_in_is_the_one_line(monkeypatch, capsys):
+    """A SIGTERM between installing the command's handler and entering the ``try`` that reports it
+    ended on a traceback."""
+    import os
+    import bionets.cli as cli
+    real_signal = signal.signal
+
+    def then_terminated(signum, handler):
+        before = real_signal(signum, handler)
+        if handler is cli._raise_terminated:
+            os.kill(os.getpid(), signal.SIGTERM)         # Python runs the handler at its next check
+        return before
+
+    monkeypatch.setattr(cli.signal, "signal", then_terminated)
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "models": lambda args: pytest.fail("the command ran")})
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert main(["models"]) == 143
+    assert capsys.readouterr().err.startswith("bionets: stopped by SIGTERM;")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 @pytest.mark.parametrize("words, said", [
     (["train.epochs", "=", "3"], "'train.epochs = 3': write an override as one word, train.epochs=3"),
     (["dnrt/digits", "train.epochs", "=3"], "'train.epochs =3': write an override as one word, train.epochs=3"),
