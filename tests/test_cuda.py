@@ -56,9 +56,10 @@ def test_raa_on_cuda_under_bf16_autocast_matches_the_float64_cpu_result(base):
     # bf16 may flip ReLU's kink, and a flip changes the shift's gradient for the whole pixel
     away = ((z.abs() > 0.1).all(1, keepdim=True) if base == "relu" else torch.ones_like(z[:, :1], dtype=torch.bool)).expand_as(z)
     torch.testing.assert_close(xg.grad.double().cpu()[away], xr.grad[away], rtol=5e-2, atol=5e-2)
-    if base == "gelu":
+    if base == "gelu":      # float32 grads of sums over 144 pixels (|grad| 5-16): bf16's rounding of
+        # x and g moves them by <= 0.03 (float32 on the CPU from the same bf16 x and g, 2026-11-28)
         for p, q in zip(gpu.parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=5e-2, atol=0.5)
+            torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=2e-2, atol=0.1)
 
 
 def _raa_kernels(kernels, monkeypatch):
