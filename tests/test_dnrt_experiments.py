@@ -7,6 +7,9 @@ from bionets.cli import main
 def test_dnrt_seeds_and_responses(tmp_path, capsys):
     out = tmp_path / "seeds"
     assert main(["experiment", "dnrt_seeds", "seeds=2", "epochs=1", "--out", str(out)]) == 0
+    said = capsys.readouterr().err.splitlines()             # a line a run (a log has no progress bar)
+    assert len(said) == 8 and said[2].startswith("dnrt_seeds: +RAA seed 0: final test top-1 ")
+    assert said[-1].endswith(f"(8 of 8 runs; {out / 'runs' / 'both_1'})")
     rows = list(csv.DictReader((out / "dnrt_seeds.csv").open()))
     assert {r["variant"] for r in rows} == {"baseline", "+RAA", "+ARR", "+both"} and len(rows) == 8
     assert all(60 < float(r["final_top1"]) <= 100 for r in rows)      # one epoch trains each (73-82% measured)

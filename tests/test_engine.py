@@ -29,10 +29,13 @@ def weights(path):
 
 
 def test_training_learns_and_writes_run_directory(tmp_path):
-    summary = train(fast_config(tmp_path, "train.epochs=3"), quiet=True)
+    seen = []
+    summary = train(fast_config(tmp_path, "train.epochs=3"), quiet=True,
+                    on_epoch=lambda record: seen.append((record, (tmp_path / "run" / "last.pt").is_file())))
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [(r["epoch"], saved) for r, saved in seen] == [(1, True), (2, True), (3, True)]    # after its checkpoint
     for key in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_s", "epoch_time"):
         assert key in records[0]
     assert records[-1]["train_loss"] < records[0]["train_loss"]

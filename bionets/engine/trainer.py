@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,20 +54,23 @@ class RunState:
     history: list[dict] = field(default_factory=list)
 
 
-def train(cfg: RunConfig, *, quiet: bool = False, checkpoint: dict | None = None) -> dict:
+def train(cfg: RunConfig, *, quiet: bool = False, checkpoint: dict | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train ``cfg`` to the end (or resume it from ``cfg.resume``, whose contents the caller may have
-    loaded already: ``checkpoint``); return the summary also written to summary.json."""
+    loaded already: ``checkpoint``); return the summary also written to summary.json. ``on_epoch``
+    gets each epoch's record (the main process's, after its checkpoint): a caller's own progress."""
     dist = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, dist, quiet=quiet, checkpoint=checkpoint).fit()
+        return Trainer(cfg, dist, quiet=quiet, checkpoint=checkpoint, on_epoch=on_epoch).fit()
     finally:                    # leave a process group set up here before exit (its threads aborted a rank at exit once)
         if dist.created:
             shutdown()
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist: Dist, quiet: bool = False, checkpoint: dict | None = None):
-        self.cfg, self.dist, self.device = cfg, dist, dist.device
+    def __init__(self, cfg: RunConfig, dist: Dist, quiet: bool = False, checkpoint: dict | None = None,
+                 on_epoch: Callable[[dict], None] | None = None):
+        self.cfg, self.dist, self.device, self.on_epoch = cfg, dist, dist.device, on_epoch
         self.quiet = quiet or not dist.is_main
         self.run_dir, self.replaced = cfg.run_dir, None
         t = cfg.train
@@ -204,6 +208,8 @@ class Trainer:
                             save_checkpoint(self.run_dir / "best.pt", ckpt)
                         if not self.quiet:
                             tqdm.write(console_line(record))
+                    if self.on_epoch is not None:
+                        self.on_epoch(record)
         except BaseException as err:
             if isinstance(err, KeyboardInterrupt) and main and saved:
                 # the CLI's one line names what is kept and how to go on

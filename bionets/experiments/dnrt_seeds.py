@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 from pydantic import NonNegativeFloat, PositiveInt
@@ -19,7 +20,7 @@ from pydantic import NonNegativeFloat, PositiveInt
 from bionets.configbase import quoted
 from bionets.data.sources import data_options
 from bionets.errors import BionetsError
-from bionets.experiments import register_experiment
+from bionets.experiments import progress_bar, register_experiment
 
 VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}", "+both": "{raa: {}, arr: {weight: ARR}}"}
 
@@ -40,17 +41,22 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
         raise BionetsError(f"experiment dnrt_seeds: epochs={epochs} must exceed the warm-up of config {config} "
                            f"(sched.warmup_epochs={warmup:g}): raise epochs, or give a config with a shorter warm-up")
     rows = []
-    for variant, mech in VARIANTS.items():
-        for seed in range(seeds):
-            name = f"{variant.strip('+')}_{seed}"
-            shutil.rmtree(out_dir / "runs" / name, ignore_errors=True)     # an earlier invocation's run
-            cfg = load_config(config, [f"mechanisms={mech.replace('ARR', str(arr_weight))}", f"train.seed={seed}",
-                                       f"train.epochs={epochs}", "train.progress=false", f"out_dir={quoted(out_dir / 'runs')}",
-                                       f"name={name}", *where])
-            with data_options("data_root=DIR", None):          # (the data errors name this experiment's option)
-                s = train(cfg, quiet=True)
-            rows.append({"variant": variant, "seed": seed, "final_top1": s["final_top1"], "best_top1": s["best_top1"],
-                         "run_dir": s["run_dir"]})
+    with progress_bar("dnrt_seeds epochs", len(VARIANTS) * seeds * epochs) as bar:
+        for variant, mech in VARIANTS.items():
+            for seed in range(seeds):
+                name = f"{variant.strip('+')}_{seed}"
+                shutil.rmtree(out_dir / "runs" / name, ignore_errors=True)     # an earlier invocation's run
+                cfg = load_config(config, [f"mechanisms={mech.replace('ARR', str(arr_weight))}", f"train.seed={seed}",
+                                           f"train.epochs={epochs}", "train.progress=false",
+                                           f"out_dir={quoted(out_dir / 'runs')}", f"name={name}", *where])
+                bar.set_postfix_str(f"{variant} seed {seed}")
+                with data_options("data_root=DIR", None):          # (the data errors name this experiment's option)
+                    s = train(cfg, quiet=True, on_epoch=lambda record: bar.update())
+                rows.append({"variant": variant, "seed": seed, "final_top1": s["final_top1"],
+                             "best_top1": s["best_top1"], "run_dir": s["run_dir"]})
+                # a line a run, for a log too (a CIFAR config's runs take hours)
+                bar.write(f"dnrt_seeds: {variant} seed {seed}: final test top-1 {s['final_top1']:.2f}% "
+                          f"({len(rows)} of {len(VARIANTS) * seeds} runs; {s['run_dir']})", file=sys.stderr)
     with (out_dir / "dnrt_seeds.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -30,9 +30,9 @@ from pydantic import NonNegativeFloat, PositiveInt
 from bionets.configbase import Seed
 from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
-from bionets.experiments import Fraction, register_experiment
+from bionets.experiments import Fraction, progress_bar, register_experiment
 from bionets.engine.distributed import parse_device
-from bionets.experiments.quadratic_fit import (accuracy, fit, load_images, new_figure,
+from bionets.experiments.quadratic_fit import (accuracy, fit, load_images, max_evaluations, new_figure,
                                                quadratic_model, stratified_subset, write_csv)
 
 
@@ -83,7 +83,8 @@ def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fract
     d, classes, side = x.shape[1], data["classes"], data["side"]
     torch.manual_seed(seed)
     model = quadratic_model(d, classes).to(dev)
-    fit(model, x.to(dev), y.to(dev), weight_decay=weight_decay, max_iter=max_iter)
+    with progress_bar("eigen (L-BFGS evaluations)", max_evaluations(max_iter)) as bar:
+        fit(model, x.to(dev), y.to(dev), weight_decay=weight_decay, max_iter=max_iter, on_evaluation=bar.update)
     test_acc = accuracy(model, data["x_test"].to(dev), data["y_test"].to(dev))
     a = model.A.detach().double().cpu()
     top_k = min(top_k, d)

@@ -17,7 +17,7 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.engine.checkpoint import make_output_dir
-from bionets.experiments import Fraction, NonEmpty, register_experiment
+from bionets.experiments import Fraction, NonEmpty, progress_bar, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, parameter_count, fit,
                                                load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
@@ -48,16 +48,18 @@ def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: 
     hidden = hidden or matched_hidden(d, k, q_params)
     builders = {"quadratic": lambda: quadratic_model(d, k, rank), "mlp": lambda: two_layer_mlp(d, hidden, k)}
     rows = []
-    for seed in range(seeds):
-        for i, fraction in enumerate(fractions):
-            idx = stratified_subset(data["y_train"], fraction, torch.Generator().manual_seed(1000 * seed + i)).to(dev)
-            for name, build in builders.items():
-                torch.manual_seed(seed)
-                model = build().to(dev)
-                fit(model, x_train[idx], y_train[idx], weight_decay=weight_decay, max_iter=max_iter)
-                rows.append({"dataset": data["name"], "model": name, "fraction": fraction, "n_train": len(idx),
-                             "seed": seed, "test_acc": accuracy(model, x_test, y_test),
-                             "params": parameter_count(model)})
+    with progress_bar("fewshot (fits)", seeds * len(fractions) * len(builders)) as bar:
+        for seed in range(seeds):
+            for i, fraction in enumerate(fractions):
+                idx = stratified_subset(data["y_train"], fraction, torch.Generator().manual_seed(1000 * seed + i)).to(dev)
+                for name, build in builders.items():
+                    torch.manual_seed(seed)
+                    model = build().to(dev)
+                    fit(model, x_train[idx], y_train[idx], weight_decay=weight_decay, max_iter=max_iter)
+                    bar.update()
+                    rows.append({"dataset": data["name"], "model": name, "fraction": fraction, "n_train": len(idx),
+                                 "seed": seed, "test_acc": accuracy(model, x_test, y_test),
+                                 "params": parameter_count(model)})
     out_dir = make_output_dir(out_dir)
     write_csv(out_dir / "fewshot.csv", rows)
     fig, (ax,) = new_figure(1, size=5)

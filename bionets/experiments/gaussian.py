@@ -41,7 +41,7 @@ from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
 from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
-from bionets.experiments import NonEmpty, register_experiment
+from bionets.experiments import NonEmpty, progress_bar, register_experiment
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
                                                quadratic_model, two_layer_mlp, write_csv)
 
@@ -209,28 +209,30 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
     ns = sorted(set(ns) | set(boundary_n))
     torch_dtype = torch.float64
     rows, bayes, problems, fitted, train_sets = [], {}, {}, {}, {}
-    for case in cases:
-        means, covs = gaussian_classes(GaussianConfig(dim=dim, num_classes=2, kind=case, separation=separation,
-                                                      seed=data_seed))
-        means, covs = means.to(torch_dtype), covs.to(torch_dtype)
-        problems[case] = (means, covs)
-        bayes[case] = bayes_accuracy(means.numpy(), covs.numpy())
-        x_test, y_test = sample_gaussian(means, covs, n_test, torch.Generator().manual_seed(10**6 + data_seed))
-        x_test = x_test.to(torch_dtype)
-        bayes_test = bayes_decision(means, covs, x_test)
-        for seed in range(seeds):
-            for i, n in enumerate(ns):
-                x, y = sample_gaussian(means, covs, n, torch.Generator().manual_seed(10_000 * seed + i))
-                x = x.to(torch_dtype)
-                for name, build in _models(dim, hidden).items():
-                    torch.manual_seed(seed)
-                    model = build().to(torch_dtype)
-                    fit(model, x, y, weight_decay=weight_decay, max_iter=max_iter)
-                    rows.append({"case": case, "model": name, "n": n, "seed": seed,
-                                 "test_acc": accuracy(model, x_test, y_test), "bayes_acc": bayes[case],
-                                 "bayes_disagreement": (predict(model, x_test) != bayes_test).double().mean().item()})
-                    if seed == 0 and n in boundary_n:
-                        fitted[case, name, n], train_sets[case, n] = model.eval(), (x, y)
+    with progress_bar("gaussian (fits)", len(cases) * seeds * len(ns) * len(COLORS)) as bar:
+        for case in cases:
+            means, covs = gaussian_classes(GaussianConfig(dim=dim, num_classes=2, kind=case, separation=separation,
+                                                          seed=data_seed))
+            means, covs = means.to(torch_dtype), covs.to(torch_dtype)
+            problems[case] = (means, covs)
+            bayes[case] = bayes_accuracy(means.numpy(), covs.numpy())
+            x_test, y_test = sample_gaussian(means, covs, n_test, torch.Generator().manual_seed(10**6 + data_seed))
+            x_test = x_test.to(torch_dtype)
+            bayes_test = bayes_decision(means, covs, x_test)
+            for seed in range(seeds):
+                for i, n in enumerate(ns):
+                    x, y = sample_gaussian(means, covs, n, torch.Generator().manual_seed(10_000 * seed + i))
+                    x = x.to(torch_dtype)
+                    for name, build in _models(dim, hidden).items():
+                        torch.manual_seed(seed)
+                        model = build().to(torch_dtype)
+                        fit(model, x, y, weight_decay=weight_decay, max_iter=max_iter)
+                        bar.update()
+                        rows.append({"case": case, "model": name, "n": n, "seed": seed,
+                                     "test_acc": accuracy(model, x_test, y_test), "bayes_acc": bayes[case],
+                                     "bayes_disagreement": (predict(model, x_test) != bayes_test).double().mean().item()})
+                        if seed == 0 and n in boundary_n:
+                            fitted[case, name, n], train_sets[case, n] = model.eval(), (x, y)
     out_dir = make_output_dir(out_dir)
     write_csv(out_dir / "gaussian.csv", rows)
     _plot_accuracy(out_dir / "gaussian_accuracy.png", rows, bayes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,10 +50,12 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float, max_iter: int) -> float:
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float, max_iter: int,
+        on_evaluation: Callable[[], object] | None = None) -> float:
     """Minimize ``mean loss + weight_decay/2 * sum ||W||^2`` over the full batch with L-BFGS.
 
     Returns the final objective. ``y`` holds class indices (0/1 for a one-output model).
+    ``on_evaluation`` is called at each of the objective's evaluations (at most ``max_evaluations(max_iter)``).
     """
     weights = [p for p in model.parameters() if p.ndim >= 2]
     opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
@@ -65,12 +68,19 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight_decay: flo
         opt.zero_grad()
         loss = objective()
         loss.backward()
+        if on_evaluation is not None:
+            on_evaluation()
         return loss
 
     model.train()
     opt.step(closure)
     with torch.no_grad():
         return float(objective())
+
+
+def max_evaluations(max_iter: int) -> int:
+    """L-BFGS's default cap on the objective's evaluations in one ``step`` (its ``max_eval``)."""
+    return max_iter * 5 // 4
 
 
 @torch.no_grad()
