@@ -28,6 +28,7 @@ from bionets.engine.checkpoint import make_output_dir
 from bionets.engine.model import use_channels_last
 from bionets.errors import BionetsError, one_line
 from bionets.mechanisms import MECHANISMS, get_mechanism
+from bionets.progress import progress_bar
 
 
 def conv_net(width: int, classes: int = 10) -> nn.Module:
@@ -113,24 +114,29 @@ def run_suite(out_dir: Path, *, device: torch.device | None = None, mechanisms: 
     get_mechanism("quadratic")  # loads the registry
     names = [c.mechanism for c in CASES] if mechanisms is None else check_mechanisms(mechanisms)
     rows, points = [], []
-    for case in (c for c in CASES if c.mechanism in names):
-        if case.mechanism not in MECHANISMS:
-            rows.append(f"| {case.mechanism} | not registered in this install | | | | | | |")
-            continue
-        for batch in batches:
-            for width in widths:
-                try:
-                    base, mech, ratio = run_case(case, width, batch, dev, repeats)
-                except (torch.OutOfMemoryError, RuntimeError) as err:
-                    if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
-                        raise
-                    raise BionetsError(f"bench ran out of memory at width {width}, batch {batch} on {dev} "
-                                       f"({one_line(err, 120)}): use smaller --widths or --batches") from None
-                points.append((case.mechanism, batch, width, ratio[1]))
-                rows.append(f"| {case.mechanism} | {case.baseline} | {width} | {batch} | {base.step_ms:.2f} | "
-                            f"{mech.step_ms:.2f} | {ratio[1]:.3f}x ({ratio[0]:.2f}-{ratio[2]:.2f}) | "
-                            f"{base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
-                            f"{base.peak_mb:.1f} / {mech.peak_mb:.1f} | {mech.images_per_s:.0f} |")
+    cases = [c for c in CASES if c.mechanism in names]
+    runs = sum(c.mechanism in MECHANISMS for c in cases) * len(batches) * len(widths)
+    with progress_bar("bench cases", runs) as bar:
+        for case in cases:
+            if case.mechanism not in MECHANISMS:
+                rows.append(f"| {case.mechanism} | not registered in this install | | | | | | |")
+                continue
+            for batch in batches:
+                for width in widths:
+                    bar.set_postfix_str(f"{case.mechanism} width {width} batch {batch}")
+                    try:
+                        base, mech, ratio = run_case(case, width, batch, dev, repeats)
+                    except (torch.OutOfMemoryError, RuntimeError) as err:
+                        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+                            raise
+                        raise BionetsError(f"bench ran out of memory at width {width}, batch {batch} on {dev} "
+                                           f"({one_line(err, 120)}): use smaller --widths or --batches") from None
+                    bar.update()
+                    points.append((case.mechanism, batch, width, ratio[1]))
+                    rows.append(f"| {case.mechanism} | {case.baseline} | {width} | {batch} | {base.step_ms:.2f} | "
+                                f"{mech.step_ms:.2f} | {ratio[1]:.3f}x ({ratio[0]:.2f}-{ratio[2]:.2f}) | "
+                                f"{base.forward_ms:.2f} / {mech.forward_ms:.2f} | "
+                                f"{base.peak_mb:.1f} / {mech.peak_mb:.1f} | {mech.images_per_s:.0f} |")
     head = [f"Device: {device_name(dev)}; torch {torch.__version__}; "
             f"{'bf16 autocast' if dev.type == 'cuda' else 'float32'}, channels_last for conv models", "",
             "| mechanism | baseline | width | batch | base step ms | mech step ms | step ratio (quartiles) "

@@ -10,7 +10,9 @@ are CPU ones, and a GPU's nondeterministic kernels would fail them for no fault 
 The processes a test starts (the CLI, torchrun's workers) import bionets from this checkout, as the
 test itself does, whatever copy of bionets is installed (or none).
 """
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def terminal_stderr(monkeypatch) -> io.StringIO:
+    """sys.stderr as a terminal (where progress bars show), its text in ``.getvalue()``."""
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    return sys.stderr
 
 
 @pytest.fixture(autouse=True)

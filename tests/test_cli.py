@@ -326,7 +326,7 @@ def test_overrides_may_follow_options():
         _parse(["eval", "ckpt.pt", "train.epochs=2"])
 
 
-def test_bench_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+def test_bench_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, request):
     """A width too large for the device ended on the allocator's traceback (raised here by a stand-in:
     a real 19 TB request could succeed under memory overcommit and take the machine down)."""
     import bionets.benchsuite
@@ -339,6 +339,11 @@ def test_bench_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().startswith("bionets: error: bench ran out of memory at width 99999999999, "
                                                       "batch 1 on cpu (RuntimeError: DefaultCPUAllocator")
     assert not (tmp_path / "b").exists()
+    terminal = request.getfixturevalue("terminal_stderr")   # the progress bar is cleared before the error line
+    assert main(["bench", "--widths", "8", "--mechanisms", "raa", "--batches", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "bench cases:" in terminal.getvalue()
+    assert terminal.getvalue().rsplit("\r", 1)[1].startswith("bionets: error: bench ran out of memory at width 8")
 
 
 def test_bionets_warnings_are_one_line_on_the_command_line(capsys):

@@ -1,9 +1,7 @@
 """Dit theory experiments (gaussian, fewshot, eigen) and the Dit benchmark, end to end on tiny settings."""
 import csv
 import importlib.util
-import io
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,28 +193,22 @@ def test_fewshot_and_eigen_on_image_folders(tmp_path):
         fewshot(tmp_path / "g", fractions=[1.0], seeds=1, data_root=str(tmp_path / "odd"), max_iter=1)
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_experiment_cli(tmp_path, capsys, monkeypatch):
+def test_experiment_cli(tmp_path, capsys, request):
     from bionets.cli import main
 
     args = ["experiment", "gaussian", "cases=[identical]", "n_min=8", "n_max=32", "points=2", "seeds=1",
             "weight_decay=1e-3", "n_test=2000", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "stderr", _Terminal())          # on a terminal: a progress bar over the fits
-    assert main(args) == 0
-    assert "gaussian (fits): " in sys.stderr.getvalue() and "/4 " in sys.stderr.getvalue()
-    monkeypatch.undo()
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert captured.err == ""                                # in a log: nothing
+    assert captured.err == ""                                # in a log: no progress bar
     out = captured.out
     assert "identical covariances: Bayes" in out and "d=2, 1 seed;" in out
     assert "never" not in out and "+-" not in out           # one seed: no spread to show
     assert (tmp_path / "gaussian.csv").exists()
     assert main(["experiment", "gaussian", "case=[identical]", "--out", str(tmp_path)]) == 2
+    terminal = request.getfixturevalue("terminal_stderr")   # on a terminal: a bar over the fits
+    assert main(args) == 0
+    assert "gaussian (fits): " in terminal.getvalue() and "/4 " in terminal.getvalue()
 
 
 def test_bench_dit_smoke(tmp_path):

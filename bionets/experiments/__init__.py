@@ -16,14 +16,12 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError, validate_call
-from tqdm import tqdm
 
 from bionets.configbase import takes_a_number
 from bionets.errors import BionetsError, unknown
@@ -59,12 +57,6 @@ def register_experiment(name: str):
     return wrap
 
 
-def progress_bar(what: str, total: int) -> tqdm:
-    """An experiment's progress bar over its units of work (fits, epochs): on stderr where that is a
-    terminal (a log gets none of its frames), cleared when done."""
-    return tqdm(total=total, desc=what, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
-
-
 def get_experiment(name: str) -> Callable[..., str]:
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
@@ -73,4 +65,4 @@ def get_experiment(name: str) -> Callable[..., str]:
     return EXPERIMENTS[name]
 
 
-__all__ = ["EXPERIMENTS", "Fraction", "NonEmpty", "Path", "get_experiment", "progress_bar", "register_experiment"]
+__all__ = ["EXPERIMENTS", "Fraction", "NonEmpty", "Path", "get_experiment", "register_experiment"]

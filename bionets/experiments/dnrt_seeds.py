@@ -20,7 +20,8 @@ from pydantic import NonNegativeFloat, PositiveInt
 from bionets.configbase import quoted
 from bionets.data.sources import data_options
 from bionets.errors import BionetsError
-from bionets.experiments import progress_bar, register_experiment
+from bionets.experiments import register_experiment
+from bionets.progress import progress_bar
 
 VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}", "+both": "{raa: {}, arr: {weight: ARR}}"}
 

@@ -30,10 +30,11 @@ from pydantic import NonNegativeFloat, PositiveInt
 from bionets.configbase import Seed
 from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
-from bionets.experiments import Fraction, progress_bar, register_experiment
+from bionets.experiments import Fraction, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, fit, load_images, max_evaluations, new_figure,
                                                quadratic_model, stratified_subset, write_csv)
+from bionets.progress import progress_bar
 
 
 def leading_eigenvectors(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,11 +17,12 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.engine.checkpoint import make_output_dir
-from bionets.experiments import Fraction, NonEmpty, progress_bar, register_experiment
+from bionets.experiments import Fraction, NonEmpty, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, parameter_count, fit,
                                                load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
                                                stratified_subset, two_layer_mlp, write_csv)
+from bionets.progress import progress_bar
 
 COLORS = {"quadratic": "tab:red", "mlp": "tab:blue"}
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

@@ -41,9 +41,10 @@ from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
 from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
-from bionets.experiments import NonEmpty, progress_bar, register_experiment
+from bionets.experiments import NonEmpty, register_experiment
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
                                                quadratic_model, two_layer_mlp, write_csv)
+from bionets.progress import progress_bar
 
 CASES = ("identical", "different")
 SampleSize = Annotated[int, Field(ge=2)]
