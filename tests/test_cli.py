@@ -143,6 +143,7 @@ def test_train_then_eval_and_export(tmp_path, capsys):
         assert main(["export", str(tmp_path / "r" / "best.pt"), str(tmp_path / "r" / overwritten)]) == 2
         assert "export would overwrite" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "r" / "best.pt"), str(tmp_path / "plain.pt")]) == 0
+    assert f"to {tmp_path / 'plain.pt'}: no reparameterized tensor to bake, " in capsys.readouterr().out
     assert "plain_model" in load_checkpoint(tmp_path / "plain.pt", exported=True)
     plain = str(tmp_path / "plain.pt")
     for command in (["eval", plain], ["train", *FAST, f"out_dir={tmp_path}", "--resume", plain]):

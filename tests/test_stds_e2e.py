@@ -40,6 +40,7 @@ def test_stds_digits_run_trains_sparsity_rises_plot_eval_export(tmp_path, capsys
     assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 4
 
     assert main(["export", str(run / "last.pt"), str(tmp_path / "plain.pt")]) == 0
+    assert ": 5 reparameterized tensor(s) baked, " in capsys.readouterr().out
     plain = torch.load(tmp_path / "plain.pt", weights_only=False)["plain_model"]
     assert not any("parametrizations" in k for k in plain)
     layers = ("conv_stem", "features.0.0", "features.3.0", "fc1", "fc2")

@@ -128,5 +128,5 @@ def export_plain(path: str | Path, output: str | Path, data_root: str | None = N
     drop = set(training_only_keys(model))
     plain = {k: v for k, v in model.state_dict().items() if k not in drop}
     save_checkpoint(Path(output), {"config": cfg.to_dict(), "plain_model": plain})
-    return (f"exported {cfg.model.name} to {output}: {baked} reparameterized tensor(s) baked, "
-            f"{zeros:,} of {total:,} parameters are exactly zero")
+    baked_text = f"{baked} reparameterized tensor(s) baked" if baked else "no reparameterized tensor to bake"
+    return f"exported {cfg.model.name} to {output}: {baked_text}, {zeros:,} of {total:,} parameters are exactly zero"
