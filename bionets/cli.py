@@ -297,23 +297,29 @@ def main(argv: list[str] | None = None) -> int:
             restore_handlers({signal.SIGTERM: signal.SIG_DFL})
 
 
+KEPT = "a run keeps the checkpoint of its last complete epoch (last.pt), if it finished one"
+
+
 def _run(args: argparse.Namespace, on_term: bool) -> int:
     """The command's exit status: its own, or 2 after one error line, 130 after Ctrl-C, 143 after a
-    SIGTERM. SIGTERM's handler goes in inside the ``try``, so a SIGTERM right after it still ends on
+    SIGTERM, 141 for a run cut short by its closed output. SIGTERM's handler goes in inside the ``try``, so a SIGTERM right after it still ends on
     the one line."""
     try:
         if on_term:
             signal.signal(signal.SIGTERM, _raise_terminated)
         return COMMANDS[args.command](args)
-    except BrokenPipeError:                      # output piped into `head` and closed: not an error
+    except BrokenPipeError as err:          # output piped into `head`, which ended
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        if not getattr(err, "bionets_run_cut", False):      # after a listing's lines, or a run's end: not an error
+            return 0
+        print(f"bionets: stopped: its output was closed (piped into head?); {getattr(err, 'bionets_kept', KEPT)}. "
+              "To read a run as it goes, redirect it to a file", file=sys.stderr)
+        return 128 + signal.SIGPIPE
     except BionetsError as err:
         print(f"bionets: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        kept = getattr(err, "bionets_kept", "a run keeps the checkpoint of its last complete epoch (last.pt), if it "
-                                            "finished one")
+        kept = getattr(err, "bionets_kept", KEPT)
         stopped = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
         print(f"bionets: {stopped}; {kept}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130

@@ -281,6 +281,31 @@ def test_ctrl_c_and_sigterm_leave_last_complete_checkpoint(tmp_path, signum, cod
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def _first_line_then_closed(*args) -> subprocess.CompletedProcess:
+    """``bionets ARGS | head -1``: the first line read, then the pipe closed."""
+    proc = subprocess.Popen([sys.executable, "-m", "bionets", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, first, err)
+
+
+def test_a_run_whose_output_is_closed_stops_with_one_line(tmp_path):
+    """``bionets train | head -1`` ended the run at its next line with exit status 0 and not a word:
+    a cut run looked like a finished one. A listing piped into head is still fine."""
+    cut = _first_line_then_closed("train", *FAST, "train.epochs=200", f"out_dir={tmp_path}", "name=r")
+    assert cut.stdout.startswith("bionets: model test_mlp") and cut.returncode == 141, cut.stderr[-2000:]
+    last = tmp_path / "r" / "last.pt"
+    epoch = load_checkpoint(last)["epoch"]
+    assert cut.stderr.splitlines()[-1] == (f"bionets: stopped: its output was closed (piped into head?); {last} holds "
+                                           f"epoch {epoch} of 200: continue with bionets train --resume {last}. To "
+                                           "read a run as it goes, redirect it to a file")
+    listed = _first_line_then_closed("models", "--all")
+    assert listed.returncode == 0 and listed.stderr.count("\n") <= 1, listed.stderr
+
+
 def test_a_sigterm_just_after_the_handler_goes_in_is_the_one_line(monkeypatch, capsys):
     """A SIGTERM between installing the command's handler and entering the ``try`` that reports it
     ended on a traceback."""

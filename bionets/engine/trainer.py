@@ -211,7 +211,9 @@ class Trainer:
                     if self.on_epoch is not None:
                         self.on_epoch(record)
         except BaseException as err:
-            if isinstance(err, KeyboardInterrupt) and main and saved:
+            if isinstance(err, BrokenPipeError):    # its output was piped into `head`, which ended: the run is cut
+                err.bionets_run_cut = True
+            if isinstance(err, KeyboardInterrupt | BrokenPipeError) and main and saved:
                 # the CLI's one line names what is kept and how to go on
                 last = self.run_dir / "last.pt"
                 err.bionets_kept = (f"{last} holds epoch {saved} of {cfg.train.epochs}: continue with "
