@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mechanisms", help="comma-separated subset, e.g. quadratic,raa")
     b.add_argument("--widths", default=None, help="comma-separated widths (default 32,64,128)")
     b.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3, help="timed rounds of each case (default 3)")
     b.add_argument("--out", default="runs/bench", help="output folder for bench.md and bench.png")
 
     ex = sub.add_parser("export", help="bake reparameterized weights into a plain model state dict")

@@ -22,9 +22,13 @@ class Terminated(KeyboardInterrupt):
 
 def one_line(err: BaseException, limit: int = 200) -> str:
     """Another library's error in one line, for a message of ours: ``'TypeName: first line'`` (at
-    most ``limit`` characters of it; the type alone for an empty message)."""
+    most ``limit`` characters of it, cut at a space and marked '...', so that no number is cut; the
+    type alone for an empty message)."""
     lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    first = lines[0] if len(lines[0]) <= limit else lines[0][:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {first}"
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3, first: Iterable[str] = ()) -> str:
@@ -44,13 +48,14 @@ def unknown(kind: str, name: str, choices: Iterable[str], listed: Iterable[str] 
             see: str = "") -> BionetsError:
     """The error for an unknown ``kind`` called ``name``, naming the nearest valid choices (those
     among ``listed`` first), or else the first of ``listed`` (default: all choices), then ``see``
-    (where to find the full list)."""
+    (where to find the full list; left out where every choice is listed already)."""
     choices = sorted(choices)
     listed = sorted(listed) if listed is not None else choices
     hint = closest(name, choices, first=listed)
     if not hint:
         shown = ", ".join(listed[:12]) + (", ..." if len(listed) > 12 else "")
         hint = f" (valid: {shown})"
+        see = "" if listed == choices and len(listed) <= 12 else see
     return BionetsError(f"unknown {kind} '{name}'{hint}" + (f"; {see}" if see else ""))
 
 

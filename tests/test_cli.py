@@ -30,7 +30,8 @@ def cli(*args):
     (["eval", "/"], "'/' is a directory, and it holds no best.pt or last.pt"),
     (["eval", str(Path(__file__).parent.parent / "configs" / "digits.yaml")], "is a text file, not a checkpoint (a config?)"),
     (["experiment", "nosuch"], "unknown experiment 'nosuch'"),
-    (["experiment", "bogus"], "experiments: dnrt_seeds, eigen, fewshot, gaussian, responses"),
+    (["experiment", "bogus"], "unknown experiment 'bogus' (did you mean: gaussian?); experiments: dnrt_seeds, eigen, fewshot, "
+     "gaussian, responses"),
     (["experiment", "fewshot", "data_root=/nonexistent/bionets"], "is missing: put mnist there (see docs/data.md) or "
      "give its location with data_root=DIR (MNIST's files, or grayscale image folders DIR/train and DIR/val)"),
     (["experiment", "gaussian", "seeds=[1,"], "is not valid YAML"),

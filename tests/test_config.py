@@ -163,3 +163,25 @@ def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path):
                                                      "second would replace the first)): fix the file")):
         load_config(str(tmp_path / "twice.yaml"))
     assert load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}   # merges stay
+
+
+def test_another_librarys_error_in_one_line_cuts_at_a_space():
+    """Cut at 120 characters, torch's 'you tried to allocate 80000000000 bytes' read '... allocate
+    80000000)': a wrong number. The cut is at a space and says so."""
+    from bionets.errors import one_line
+    err = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 80000000000 bytes. "
+                       "Error code 12 (Cannot allocate memory)\nsecond line")
+    assert one_line(err, 70) == "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."
+    assert one_line(err) == "RuntimeError: " + str(err).splitlines()[0]
+    assert one_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_an_unknown_name_lists_the_choices_once():
+    from bionets.errors import unknown
+    names = ["dnrt_seeds", "eigen", "gaussian"]
+    assert str(unknown("experiment", "nosuch", names, see="experiments: ...")) == (
+        "unknown experiment 'nosuch' (valid: dnrt_seeds, eigen, gaussian)")        # not the list twice
+    assert str(unknown("experiment", "gausian", names, see="experiments: all")) == (
+        "unknown experiment 'gausian' (did you mean: gaussian?); experiments: all")
+    many = [f"m{i:02d}" for i in range(13)]
+    assert str(unknown("model", "zz", many, see="bionets models")).endswith("m11, ...); bionets models")

@@ -41,12 +41,12 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
     if warmup >= epochs:
         raise BionetsError(f"experiment dnrt_seeds: epochs={epochs} must exceed the warm-up of config {config} "
                            f"(sched.warmup_epochs={warmup:g}): raise epochs, or give a config with a shorter warm-up")
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)      # an earlier invocation's runs (more seeds, too)
     rows = []
     with progress_bar("dnrt_seeds epochs", len(VARIANTS) * seeds * epochs) as bar:
         for variant, mech in VARIANTS.items():
             for seed in range(seeds):
                 name = f"{variant.strip('+')}_{seed}"
-                shutil.rmtree(out_dir / "runs" / name, ignore_errors=True)     # an earlier invocation's run
                 cfg = load_config(config, [f"mechanisms={mech.replace('ARR', str(arr_weight))}", f"train.seed={seed}",
                                            f"train.epochs={epochs}", "train.progress=false",
                                            f"out_dir={quoted(out_dir / 'runs')}", f"name={name}", *where])
