@@ -13,7 +13,8 @@
     python benchmarks/bench_dit.py [--device cpu|cuda] [--batch 128] [--convnext-batch 8] [--rounds 3] [--out FILE]
                                    [--compile-mode reduce-overhead] [--cuda-strategy blocks] [--quad-impl full]
 
-On CUDA every case runs under AMP bf16 with channels_last; on CPU in float32, memory as is.
+On CUDA every case runs under AMP bf16, on CPU in float32; channels_last on both, as ``bionets train``
+runs conv models (``--channels-last off`` for NCHW).
 """
 from __future__ import annotations
 
@@ -157,9 +158,9 @@ def main(argv=None) -> str:
                    help="measure base and new this many times, alternating; keep each one's fastest")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure every case in this process (default on CPU: one fresh process per case)")
-    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="memory format of every case: auto = on for CUDA only; 'on' is how 'bionets train' runs conv "
-                        "models on any device")
+    p.add_argument("--channels-last", choices=("on", "off"), default="on",
+                   help="memory format of every case: on (default) is how 'bionets train' runs conv models on any "
+                        "device")
     p.add_argument("--cuda-strategy", choices=CUDA_STRATEGIES, default="auto",
                    help="how the sym form runs on CUDA: 'auto' (default: eager 'outer' up to 64 channels, else "
                         "'fused' where Triton is installed, up to 128 channels), 'blocks' (PyTorch's batched "
@@ -175,7 +176,7 @@ def main(argv=None) -> str:
     set_cuda_strategy(args.cuda_strategy)
     device = parse_device(args.device, "--device")
     cuda = device.type == "cuda"
-    cl = cuda if args.channels_last == "auto" else args.channels_last == "on"
+    cl = args.channels_last == "on"
     opts = {"amp": "bf16" if cuda else "off", "channels_last": cl, "warmup": args.warmup, "repeats": args.repeats,
             "compile_mode": args.compile_mode, "quad_impl": args.quad_impl}
     isolate = not cuda and not args.no_isolate
