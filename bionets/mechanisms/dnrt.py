@@ -149,8 +149,8 @@ def other_activations(model: nn.Module, types: list[str]) -> str:
 # trains with both multipliers). Without a warm-up (recipe_cnn_cifar), 10 epochs, ReLU form: 14.2 / 21.7%
 # (seeds 0 / 1) with v's alone, 76.1 / 96.7% with c's too (the plain ReLU net: 58.6 / 59.2%).
 V_LR_NOTE = SgdRateNote("v and c sum their gradients over every pixel or token (c over the features too): with SGD "
-                        "at lr ~0.1 set optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (as the CNN configs in configs/dnrt do) or training "
-                        "can diverge; AdamW needs none", ("*.v", "*.c"))
+                        "at lr ~0.1 set optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (as the CNN configs in "
+                        "configs/dnrt do) or training can diverge; AdamW needs none", ("*.v", "*.c"))
 
 
 def _is_vit(model: nn.Module) -> bool:
