@@ -302,8 +302,8 @@ KEPT = "a run keeps the checkpoint of its last complete epoch (last.pt), if it f
 
 def _run(args: argparse.Namespace, on_term: bool) -> int:
     """The command's exit status: its own, or 2 after one error line, 130 after Ctrl-C, 143 after a
-    SIGTERM, 141 for a run cut short by its closed output. SIGTERM's handler goes in inside the ``try``, so a SIGTERM right after it still ends on
-    the one line."""
+    SIGTERM, 141 for a run cut short by its closed output. SIGTERM's handler goes in inside the
+    ``try``, so a SIGTERM right after it still ends on the one line."""
     try:
         if on_term:
             signal.signal(signal.SIGTERM, _raise_terminated)

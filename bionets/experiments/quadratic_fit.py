@@ -55,7 +55,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, weight_decay: flo
     """Minimize ``mean loss + weight_decay/2 * sum ||W||^2`` over the full batch with L-BFGS.
 
     Returns the final objective. ``y`` holds class indices (0/1 for a one-output model).
-    ``on_evaluation`` is called at each of the objective's evaluations (at most ``max_evaluations(max_iter)``).
+    ``on_evaluation`` is called at each of the objective's evaluations (L-BFGS stops after the
+    iteration that reaches ``max_evaluations(max_iter)`` of them; its line search may add a few).
     """
     weights = [p for p in model.parameters() if p.ndim >= 2]
     opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
