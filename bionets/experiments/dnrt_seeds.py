@@ -42,8 +42,8 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
         raise BionetsError(f"experiment dnrt_seeds: epochs={epochs} must exceed the warm-up of config {config} "
                            f"(sched.warmup_epochs={warmup:g}): raise epochs, or give a config with a shorter warm-up")
     shutil.rmtree(out_dir / "runs", ignore_errors=True)      # an earlier invocation's runs (more seeds, too)
-    rows = []
-    with progress_bar("dnrt_seeds epochs", len(VARIANTS) * seeds * epochs) as bar:
+    rows, runs = [], len(VARIANTS) * seeds
+    with progress_bar("dnrt_seeds epochs", runs * epochs) as bar:
         for variant, mech in VARIANTS.items():
             for seed in range(seeds):
                 name = f"{variant.strip('+')}_{seed}"
@@ -57,7 +57,7 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
                              "best_top1": s["best_top1"], "run_dir": s["run_dir"]})
                 # a line a run, for a log too (a CIFAR config's runs take hours)
                 bar.write(f"dnrt_seeds: {variant} seed {seed}: final test top-1 {s['final_top1']:.2f}% "
-                          f"({len(rows)} of {len(VARIANTS) * seeds} runs; {s['run_dir']})", file=sys.stderr)
+                          f"({len(rows)} of {runs} runs; {s['run_dir']})", file=sys.stderr)
     with (out_dir / "dnrt_seeds.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -210,7 +210,8 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
     ns = sorted(set(ns) | set(boundary_n))
     torch_dtype = torch.float64
     rows, bayes, problems, fitted, train_sets = [], {}, {}, {}, {}
-    with progress_bar("gaussian (fits)", len(cases) * seeds * len(ns) * len(COLORS)) as bar:
+    models = _models(dim, hidden)
+    with progress_bar("gaussian (fits)", len(cases) * seeds * len(ns) * len(models)) as bar:
         for case in cases:
             means, covs = gaussian_classes(GaussianConfig(dim=dim, num_classes=2, kind=case, separation=separation,
                                                           seed=data_seed))
@@ -224,7 +225,7 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
                 for i, n in enumerate(ns):
                     x, y = sample_gaussian(means, covs, n, torch.Generator().manual_seed(10_000 * seed + i))
                     x = x.to(torch_dtype)
-                    for name, build in _models(dim, hidden).items():
+                    for name, build in models.items():
                         torch.manual_seed(seed)
                         model = build().to(torch_dtype)
                         fit(model, x, y, weight_decay=weight_decay, max_iter=max_iter)
