@@ -28,7 +28,8 @@ class _Loader(yaml.SafeLoader):
     1.1 reads as strings: typed fields converted them, free-form ones (``model.kwargs``,
     ``optim.kwargs``) passed the string on to fail deep inside timm; and a key given twice in one
     mapping is an error: PyYAML keeps the last silently, and a second ``train:`` section replaced
-    the first one whole."""
+    the first one whole; so is a key that is a list or mapping (``? [a, b]``), which no config key
+    is and which failed as a TypeError."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -37,6 +38,10 @@ class _Loader(yaml.SafeLoader):
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (list, dict)):
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"a key is a {type(key).__name__} ({key!r}); keys are names", key_node.start_mark)
                 if isinstance(key, (str, int, float, bool)) and key in seen:
                     raise yaml.constructor.ConstructorError(
                         "while reading a mapping", node.start_mark,

@@ -165,6 +165,16 @@ def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path):
     assert load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}   # merges stay
 
 
+def test_a_list_as_a_key_is_one_line(tmp_path):
+    """YAML allows a list as a key (``? [a, b]``); the duplicate-key check hashed it: a TypeError."""
+    (tmp_path / "listkey.yaml").write_text("? [a, b]\n: 1\n")
+    with pytest.raises(BionetsError, match=re.escape("is not valid YAML at line 1 (a key is a list (['a', 'b']); keys "
+                                                     "are names): fix the file")):
+        load_config(str(tmp_path / "listkey.yaml"))
+    with pytest.raises(BionetsError, match=re.escape("override 'model.kwargs={[a]: 1}': a key is a list")):
+        load_config(None, ["model.kwargs={[a]: 1}"])
+
+
 def test_another_librarys_error_in_one_line_cuts_at_a_space():
     """Cut at 120 characters, torch's 'you tried to allocate 80000000000 bytes' read '... allocate
     80000000)': a wrong number. The cut is at a space and says so."""
