@@ -4,6 +4,7 @@ import json
 import operator
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -356,7 +357,11 @@ def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, m
     with pytest.raises(BionetsError, match="not a bionets checkpoint \\(it pickles objects of another program"):
         load_checkpoint(tmp_path / "whole_model.pt")
     for state, msg in (({"model": {}}, "lacks its 'config' entry"),
-                       ({"config": {}, "model": 3}, "holds a int as its 'model' entry")):
+                       ({"config": {}, "model": 3}, "holds a int as its 'model' entry"),
+                       ({"config": {}, "model": {0: torch.zeros(1)}}, "holds the key 0 in its 'model' state dict, whose "
+                                                                      "keys are parameter names"),
+                       ({"config": {}, "model": {"w": [1.0]}}, "holds a list at 'w' in its 'model' state dict, whose "
+                                                               "values are tensors")):
         save_checkpoint(tmp_path / "bad.pt", state)
         with pytest.raises(BionetsError, match=msg):
             load_checkpoint(tmp_path / "bad.pt")
@@ -366,6 +371,14 @@ def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, m
                             ("optimizer", {"state": {}}, "its optimizer, schedule, EMA or random state cannot be "
                                                          "restored \\(KeyError"),
                             ("history", [1, 2], "holds a list of non-records as its 'history' entry"),
+                            # (failed at the summary, after the resumed run had trained)
+                            ("history", [{"epoch": 1, "train_loss": "x"}], "holds train_loss='x' in its 'history' entry, whose epoch records"),
+                            # (failed at the first optimizer step, or in NumPy)
+                            ("optimizer", {**ckpt["optimizer"], "state": {i: {k: v[..., :1] if v.dim() else v
+                                                                              for k, v in st.items()}
+                                                                          for i, st in ckpt["optimizer"]["state"].items()}},
+                             "cannot be restored \\(ValueError: state '.*' has shape"),
+                            ("rng", {**ckpt["rng"], "numpy": ("MT19937", [1, 2])}, "cannot be restored \\(IndexError"),
                             ("epoch", -1, "is at epoch -1, step 22, outside its run's 0..1 epochs"),
                             ("epoch", 999, "is at epoch 999, step 22, outside its run's 0..1 epochs")):
         # (at epoch 0: a finished run's checkpoint resumed elsewhere is refused before it is restored)
@@ -856,6 +869,9 @@ def test_options_timm_refuses_are_one_line_naming_them(name, kwargs, error):
 def test_a_model_option_out_of_range_names_the_options_given(tmp_path):
     with pytest.raises(BionetsError, match=r"dropout probability.*check model.kwargs \{drop_rate: 5\} against"):
         train(fast_config(tmp_path, "model.name=resnet18", "model.kwargs={drop_rate: 5}"), quiet=True)
+    # (a string where a number goes: ResNet-20 compares it in its forward, a TypeError)
+    with pytest.raises(BionetsError, match=r"\(TypeError: .*check model.kwargs \{drop_rate: 'abc'\} against"):
+        train(fast_config(tmp_path, "model.name=resnet20_cifar", "model.kwargs={drop_rate: abc}"), quiet=True)
 
 
 def test_a_timm_size_check_is_one_line(tmp_path):
@@ -978,3 +994,16 @@ def test_a_resumed_run_removes_the_temporary_files_of_a_killed_write(tmp_path):
         (run / stale).write_bytes(b"partial")
     train(fast_config(tmp_path, "train.epochs=2", f"resume={run / 'last.pt'}", name="a"), quiet=True)
     assert sorted(p.name for p in run.glob("*.tmp")) == ["notes.tmp"]
+
+
+def test_a_file_where_tensorboards_folder_goes_is_one_line(tmp_path):
+    """A file named tb in the run directory a resumed run continues: TensorBoard's makedirs raised
+    FileExistsError."""
+    train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
+    run = tmp_path / "a"
+    shutil.rmtree(run / "tb")
+    (run / "tb").write_text("not a folder")
+    with pytest.raises(BionetsError, match=re.escape(f"cannot make the output directory '{run / 'tb'}' ('{run / 'tb'}' "
+                                                     "is a file): choose another out_dir (--out-dir) or name, or move "
+                                                     "that file")):
+        train(fast_config(tmp_path, "train.epochs=1", f"resume={run / 'last.pt'}", name="a"), quiet=True)

@@ -245,16 +245,40 @@ _ENTRY_TYPES = {"config": dict, "model": dict, "plain_model": dict, "optimizer":
                 "scaler": dict, "rng": dict, "epoch": int, "step": int, "best_top1": (int, float), "history": list}
 
 
+def _odd_contents(key: str, value) -> str | None:
+    """What is wrong inside a checkpoint entry of the right type, or None: a state dict needs names
+    and tensors (a module's ``_extra_state`` aside), a history records of numbers (a string there
+    failed only after the resumed run had trained, at its summary)."""
+    if key in ("model", "plain_model"):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"holds the key {k!r} in its '{key}' state dict, whose keys are parameter names"
+            if not isinstance(v, torch.Tensor) and not k.endswith("_extra_state"):
+                return f"holds a {type(v).__name__} at '{k}' in its '{key}' state dict, whose values are tensors"
+    if key == "history":
+        rows_bad = not all(isinstance(r, dict) for r in value)
+        if rows_bad:
+            return f"holds a list of non-records as its '{key}' entry"
+        odd = next((f"{k}={v!r}" for r in value for k, v in r.items()
+                    if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        if odd is not None:
+            return f"holds {odd} in its '{key}' entry, whose epoch records hold numbers"
+    return None
+
+
 def require_entries(state: dict, path: str | Path, keys: tuple[str, ...]) -> None:
-    """One error line where a checkpoint lacks one of ``keys`` or holds it as the wrong kind of
-    value: a file with the marker but not all of a run's state (another program's, or edited)."""
+    """One error line where a checkpoint lacks one of ``keys``, holds it as the wrong kind of value,
+    or holds the wrong things inside it (:func:`_odd_contents`): a file with the marker but not all of
+    a run's state (another program's, or edited)."""
     for key in keys:
         value = state.get(key)
-        rows_bad = key == "history" and isinstance(value, list) and not all(isinstance(r, dict) for r in value)
-        if not isinstance(value, _ENTRY_TYPES[key]) or rows_bad:
-            what = ("lacks" if key not in state else "holds a list of non-records as" if rows_bad
-                    else f"holds a {type(value).__name__} as")
-            raise BionetsError(f"checkpoint '{path}' {what} its '{key}' entry (not as 'bionets train' writes it): "
+        if not isinstance(value, _ENTRY_TYPES[key]):
+            what = "lacks" if key not in state else f"holds a {type(value).__name__} as"
+            what = f"{what} its '{key}' entry"
+        else:
+            what = _odd_contents(key, value)
+        if what:
+            raise BionetsError(f"checkpoint '{path}' {what} (not as 'bionets train' writes it): "
                                "use another checkpoint (e.g. best.pt or last.pt of the run)")
 
 

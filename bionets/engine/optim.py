@@ -179,3 +179,13 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs:
         # last step of the epoch before the milestone's
         scheduler.decay_t = [m * max(1, steps_per_epoch) + 1 for m in sorted(cfg.milestones)]
     return scheduler
+
+
+def require_state_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError where a loaded optimizer state holds a tensor of its parameter's rank but not
+    its shape (momentum, Adam's moments: an edited or foreign checkpoint), which failed only at the
+    first step. Factored states (Adafactor's row and column) have a lower rank and are left alone."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape != param.shape:
+                raise ValueError(f"state '{name}' has shape {list(value.shape)}, its parameter {list(param.shape)}")

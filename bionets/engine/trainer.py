@@ -34,8 +34,8 @@ from bionets.engine.evaluate import autocast_for, evaluate, task_loss
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import FORMATS, MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
-from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, schedule_note,
-                                  unused_options_note)
+from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, require_state_shapes,
+                                  schedule_note, unused_options_note)
 from bionets.engine.rundir import remove_run_files, remove_temporary_files, unused_name, write_text
 from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
@@ -141,13 +141,14 @@ class Trainer:
         load_model_state(self.model, ckpt, self.cfg.resume)
         try:
             self._restore_training_state(ckpt)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
             raise BionetsError(f"checkpoint '{self.cfg.resume}': its optimizer, schedule, EMA or random state cannot be "
                                f"restored ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}): resume another "
                                "checkpoint, or start a new run from its weights with model.init=CKPT") from None
 
     def _restore_training_state(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        require_state_shapes(self.optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
@@ -301,13 +302,14 @@ class Trainer:
 
     def _first_forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The run's first forward pass, where a model that does not fit the data (in_chans, img_size
-        set in model.kwargs) fails inside PyTorch, or at timm's own size check (an AssertionError):
-        one line naming both, not a traceback."""
+        set in model.kwargs) fails inside PyTorch, or at timm's own size check (an AssertionError),
+        or where an option of the wrong type meets arithmetic (``drop_rate: abc``, a TypeError): one
+        line naming both, not a traceback."""
         try:
             return model(images)
         except torch.cuda.OutOfMemoryError:
             raise
-        except (RuntimeError, ValueError, AssertionError) as err:
+        except (RuntimeError, ValueError, AssertionError, TypeError) as err:
             raise BionetsError(f"model '{self.cfg.model.name}' failed on the first training batch, of shape "
                                f"{list(images.shape)} from data '{self.cfg.data.name}' ({one_line(err)}): check "
                                f"{self._kwargs_to_check()} against the data and the model's allowed values") from None
