@@ -28,10 +28,11 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, history: list[dict]):
         from torch.utils.tensorboard import SummaryWriter
 
-        from bionets.engine.checkpoint import write_atomic
+        from bionets.engine.checkpoint import make_output_dir, write_atomic
 
         self.jsonl = run_dir / "metrics.jsonl"
         write_atomic(self.jsonl, lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+        make_output_dir(run_dir / "tb", "another out_dir (--out-dir) or name, or move that file")   # (not a traceback)
         fresh = not any((run_dir / "tb").glob("events.out.tfevents.*"))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=len(history) + 1)
         for record in history if fresh else ():
