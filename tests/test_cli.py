@@ -172,6 +172,31 @@ def test_a_checkpoint_whose_config_this_version_cannot_read_names_the_checkpoint
         assert f"start a new run from its weights with model.init={other}" in err
 
 
+def test_edited_ema_data_info_or_data_section_is_one_line(tmp_path, capsys):
+    """eval --ema on an 'ema' that is not a state dict, export on a 'data_info' without its counts, and
+    eval --data-root on a checkpoint whose config has no 'data' section raised AttributeError,
+    KeyError or TypeError."""
+    from bionets.engine.checkpoint import save_checkpoint
+    assert main(["train", *FAST, "train.epochs=1", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
+    edited = tmp_path / "edited.pt"
+    for change, command, said in (
+            ({"ema": [1]}, ["eval", "--ema"], "holds a list as its 'ema' entry"),
+            ({"data_info": {}}, ["export"], "holds num_classes=None in its 'data_info' entry, which gives the data's "
+                                            "class and channel counts"),
+            ({"data_info": {"num_classes": "10", "in_chans": 1}}, ["export"], "holds num_classes='10' in its"),
+            ({"config": {k: v for k, v in state["config"].items() if k != "data"}},
+             ["eval", "--data-root", str(tmp_path)], None)):
+        save_checkpoint(edited, {**state, **change})
+        args = [*command, str(edited)] + ([str(tmp_path / "x.pt")] if command == ["export"] else [])
+        code = main(args)
+        err = capsys.readouterr().err
+        if said is None:        # no data section: the default (digits, bundled) with the root given
+            assert code == 0, err
+        else:
+            assert code == 2 and f"checkpoint '{edited}' {said}" in err, (command, err)
+
+
 def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
     """A checkpoint records its data's shape, so export runs where the dataset is not (the usual place
     to export); the export and model.init leave out ARR's class memory (training-only state), so the

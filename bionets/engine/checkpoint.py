@@ -242,14 +242,15 @@ def _check_crc(path: Path) -> None:
 
 
 _ENTRY_TYPES = {"config": dict, "model": dict, "plain_model": dict, "optimizer": dict, "scheduler": dict,
-                "scaler": dict, "rng": dict, "epoch": int, "step": int, "best_top1": (int, float), "history": list}
+                "scaler": dict, "rng": dict, "epoch": int, "step": int, "best_top1": (int, float), "history": list,
+                "ema": dict, "data_info": dict}
 
 
 def _odd_contents(key: str, value) -> str | None:
     """What is wrong inside a checkpoint entry of the right type, or None: a state dict needs names
     and tensors (a module's ``_extra_state`` aside), a history records of numbers (a string there
-    failed only after the resumed run had trained, at its summary)."""
-    if key in ("model", "plain_model"):
+    failed only after the resumed run had trained, at its summary), the data's shape two counts."""
+    if key in ("model", "plain_model", "ema"):
         for k, v in value.items():
             if not isinstance(k, str):
                 return f"holds the key {k!r} in its '{key}' state dict, whose keys are parameter names"
@@ -263,6 +264,11 @@ def _odd_contents(key: str, value) -> str | None:
                     if isinstance(v, bool) or not isinstance(v, (int, float))), None)
         if odd is not None:
             return f"holds {odd} in its '{key}' entry, whose epoch records hold numbers"
+    if key == "data_info":
+        odd = next((f"{k}={value.get(k)!r}" for k in ("num_classes", "in_chans")
+                    if isinstance(value.get(k), bool) or not isinstance(value.get(k), int) or value[k] < 1), None)
+        if odd is not None:
+            return f"holds {odd} in its '{key}' entry, which gives the data's class and channel counts"
     return None
 
 

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from bionets.config import saved_config
 from bionets.data import build_data
 from bionets.data.sources import data_options
-from bionets.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from bionets.engine.checkpoint import load_checkpoint, load_model_state, require_entries, save_checkpoint
 from bionets.engine.distributed import all_reduce_sum, parse_device
 from bionets.engine.metrics import topk_correct
 from bionets.engine.model import build_model, training_only_keys, use_channels_last
@@ -74,9 +74,10 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     None. ``root_option``: how the caller sets ``data_root``, for the data errors (nothing downloads
     here)."""
     state = load_checkpoint(path)
+    require_entries(state, path, tuple(k for k in ("ema", "data_info") if state.get(k) is not None))
     raw = state["config"]
-    if data_root is not None:
-        raw = {**raw, "data": {**raw["data"], "root": data_root}}
+    if data_root is not None and isinstance(raw.get("data", {}), dict):   # (another kind: saved_config says so)
+        raw = {**raw, "data": {**raw.get("data", {}), "root": data_root}}
     cfg = saved_config(raw, str(path))
     device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
