@@ -307,6 +307,11 @@ def test_wrong_cifar_files(tmp_path):
     for data in (np.zeros((10, 3072), np.uint8), np.zeros((7, 3072), np.int64)):
         (folder / "data_batch_1").write_bytes(pickle.dumps({"data": data, "labels": [0] * 7}))
         one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not one uint8 image per label")
+    # fewer class names than classes: the class count came from them, and the loss failed on label 9
+    folder = write_cifar(tmp_path / "d", classes=10)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}))
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "d")), "cifar10's batches.meta under",
+                   "names 2 classes, not 10")
 
 
 def test_wrong_mnist_files(tmp_path):
@@ -333,7 +338,11 @@ def test_wrong_image_folders(tmp_path):
     write_image_folder(tmp_path / "g")
     for png in (tmp_path / "g" / "val" / "dog").iterdir():
         png.unlink()
-    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2), "imagefolder", "val")
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2), "imagefolder", "val",
+                   "Found no valid file for the classes dog", "put each class's images in a folder of its own")
+    write_image_folder(tmp_path / "one", classes=("cat",))          # trained silently on one class
+    one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "one"), batch_size=2),
+                   "has one class folder (cat): a classifier needs two or more")
     write_image_folder(tmp_path / "h")
     one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "h"), batch_size=2, auto_augment="rand-q9"),
                    "data.auto_augment='rand-q9'", "rand-m9-mstd0.5")
@@ -353,7 +362,9 @@ def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):
         (folder / "data_batch_1").write_bytes(pickle.dumps({**batch, "labels": labels}))
         one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "labels that are not one integer")
     # a pickle naming a module or a class that does not exist (ImportError, AttributeError)
-    for bad in (b"cnosuchmodule\nFoo\n)R.", b"cbuiltins\nnotathing\n)R."):
+    # or whose calls fail: an unknown encoding (LookupError), a division by zero
+    for bad in (b"cnosuchmodule\nFoo\n)R.", b"cbuiltins\nnotathing\n)R.",
+                b"c_codecs\nencode\n(Vx\nVnosuchcodec\ntR.", b"coperator\ntruediv\n(I1\nI0\ntR."):
         (folder / "data_batch_1").write_bytes(bad)
         one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not in CIFAR's python-pickle format")
 
@@ -362,6 +373,9 @@ def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):
     (raw / "train-images-idx3-ubyte.gz").write_bytes(good[:50])
     one_line_error(DataConfig(name="mnist", root=str(tmp_path / "m")), "cannot decompress")
     assert not (raw / "train-images-idx3-ubyte").exists()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(good[:20] + bytes(255 - b for b in good[20:60]) + good[60:])
+    one_line_error(DataConfig(name="mnist", root=str(tmp_path / "m")), "cannot decompress")   # (a zlib.error)
+    assert not [p.name for p in raw.iterdir() if not p.name.endswith(".gz")]      # no partial file, no scratch
     (raw / "train-images-idx3-ubyte.gz").write_bytes(good)
     assert build_data(DataConfig(name="mnist", root=str(tmp_path / "m"), batch_size=8)).num_classes == 10
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, DistributedSampler
@@ -68,6 +69,9 @@ def load_image(path: str):
     except OSError as err:          # PIL's UnidentifiedImageError and truncated files
         raise BionetsError(f"imagefolder image '{path}' cannot be read ({type(err).__name__}): remove or "
                            "replace it") from None
+    except Image.DecompressionBombError:
+        raise BionetsError(f"imagefolder image '{path}' has more pixels than PIL opens (its guard against "
+                           "decompression bombs, PIL.Image.MAX_IMAGE_PIXELS): shrink it, or remove it") from None
 
 
 def normalization(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -109,8 +113,12 @@ def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, Ima
                                f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
         try:
             splits.append(ImageFolder(str(folder), transform=transform, loader=load_image))
-        except (FileNotFoundError, RuntimeError) as err:
-            raise BionetsError(f"imagefolder '{folder}': {str(err).splitlines()[0]}") from None
+        except (FileNotFoundError, RuntimeError) as err:     # no class folder, or an empty one
+            raise BionetsError(f"imagefolder '{folder}': {str(err).splitlines()[0].rstrip('.')}: put each class's "
+                               f"images in a folder of its own ({folder}/<class>/*.jpg)") from None
+    if len(splits[0].classes) < 2:
+        raise BionetsError(f"imagefolder '{root}' has one class folder ({splits[0].classes[0]}): a classifier "
+                           "needs two or more; add the other classes' folders to train/ and val/")
     if splits[0].classes != splits[1].classes:
         only_train = sorted(set(splits[0].classes) - set(splits[1].classes))[:3]
         only_val = sorted(set(splits[1].classes) - set(splits[0].classes))[:3]

@@ -7,7 +7,11 @@ files exist (a file in the wrong format still fails, with a one-line error, when
 """
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,9 +28,11 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # what a file in the wrong format raises inside torchvision's readers (idx: assert on the magic number;
-# a pickle naming a class that does not exist: ImportError or AttributeError)
+# a pickle naming a class that does not exist: ImportError or AttributeError; one whose calls fail:
+# any of these, or ZeroDivisionError; an unknown text encoding: LookupError; a size read from damaged
+# bytes: MemoryError)
 FORMAT_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AssertionError,
-                 ImportError, AttributeError)
+                 ImportError, AttributeError, LookupError, ArithmeticError, MemoryError)
 
 
 _OPTIONS: ContextVar[tuple[str, str | None]] = ContextVar("data_options",
@@ -131,6 +137,10 @@ def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
                                f"and {len(ds.targets)} labels, not one uint8 image per label: re-download them")
         targets = check_labels(ds.targets, classes, f"{name} under '{path / folder}'")
         splits += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), targets]
+    if not isinstance(ds.classes, list) or len(ds.classes) != classes:     # (the class count comes from it)
+        count = len(ds.classes) if isinstance(ds.classes, list) else f"a {type(ds.classes).__name__} of"
+        raise BionetsError(f"{name}'s {cls.meta['filename']} under '{path / folder}' names {count} classes, not "
+                           f"{classes}: the files are corrupt or from another dataset; re-download them")
     return (*splits, list(ds.classes))
 
 
@@ -174,15 +184,20 @@ def check_labels(targets, classes: int, what: str) -> torch.Tensor:
 
 def _gunzip_missing(raw: Path) -> None:
     """Decompress ``X.gz`` next to itself where only the gzip of an idx file ``X`` is present (what
-    torchvision's own download does), so MNIST kept as the original .gz files loads too."""
+    torchvision's own download does), so MNIST kept as the original .gz files loads too. Each file is
+    decompressed in a temporary folder and then moved into place: a damaged or truncated .gz, or a
+    process stopped midway, leaves no partial file to pass for the decompressed one."""
     for name in MNIST_FILES:
         if not (raw / name).is_file() and (raw / f"{name}.gz").is_file():
+            scratch = Path(tempfile.mkdtemp(prefix=".gunzip.", dir=raw))
             try:
-                extract_archive(str(raw / f"{name}.gz"), str(raw))
-            except (OSError, EOFError) as err:
-                (raw / name).unlink(missing_ok=True)      # a partial file would pass for the decompressed one
+                extract_archive(str(raw / f"{name}.gz"), str(scratch))
+                os.replace(scratch / name, raw / name)
+            except (OSError, EOFError, zlib.error) as err:
                 raise BionetsError(f"cannot decompress '{raw / name}.gz' ({type(err).__name__}: {err}): "
                                    "decompress it by hand or re-download it") from None
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_mnist(root: str | None, download: bool) -> tuple:
