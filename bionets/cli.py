@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bionets.configbase import load_yaml, quoted
+from bionets.configbase import check_path, load_yaml, quoted
 from bionets.engine.checkpoint import restore_handlers
 from bionets.errors import BionetsError, Terminated, closest
 
@@ -38,6 +38,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def path(text: str) -> str:
+    """argparse's type for a path argument: :func:`~bionets.configbase.check_path`'s refusals as
+    its error line."""
+    try:
+        return check_path(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} {err}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bionets", description=__doc__.splitlines()[0].replace("``", ""),
                 epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,17 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a config (default: the embedded digits run)")
     t.add_argument("config", nargs="?", default=None, help="config path or bundled name (see 'bionets configs')")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=2")
-    t.add_argument("--data-root", help="dataset folder (sets data.root)")
-    t.add_argument("--out-dir", help="parent of the run directory (sets out_dir)")
-    t.add_argument("--resume", help="checkpoint to continue from exactly (sets resume)")
+    t.add_argument("--data-root", type=path, help="dataset folder (sets data.root)")
+    t.add_argument("--out-dir", type=path, help="parent of the run directory (sets out_dir)")
+    t.add_argument("--resume", type=path, help="checkpoint to continue from exactly (sets resume)")
     t.add_argument("--quiet", action="store_true",
                    help="print nothing but errors, and one line on stderr where the run directory asked for "
                         "holds an earlier run and this run goes to another (the results are in the run "
                         "directory: summary.json, metrics.jsonl)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
-    e.add_argument("checkpoint")
-    e.add_argument("--data-root", help="dataset folder, if it moved since training")
+    e.add_argument("checkpoint", type=path)
+    e.add_argument("--data-root", type=path, help="dataset folder, if it moved since training")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
 
     m = sub.add_parser("models", help="list registered models with parameter counts")
@@ -68,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="run an analysis experiment (gaussian, fewshot, eigen, responses, ...)")
     x.add_argument("name")
     x.add_argument("options", nargs="*", metavar="key=value")
-    x.add_argument("--out", help="output directory (default runs/experiments/NAME)")
+    x.add_argument("--out", type=path, help="output directory (default runs/experiments/NAME)")
     x.add_argument("--options", dest="list_options", action="store_true",
                    help="list NAME's options with their defaults, and run nothing")
 
@@ -78,12 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--widths", default=None, help="comma-separated widths (default 32,64,128)")
     b.add_argument("--batches", default=None, help="comma-separated batch sizes")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds of each case (default 3)")
-    b.add_argument("--out", default="runs/bench", help="output folder for bench.md and bench.png")
+    b.add_argument("--out", type=path, default="runs/bench", help="output folder for bench.md and bench.png")
 
     ex = sub.add_parser("export", help="bake reparameterized weights into a plain model state dict")
-    ex.add_argument("checkpoint")
-    ex.add_argument("output")
-    ex.add_argument("--data-root", default=None,
+    ex.add_argument("checkpoint", type=path)
+    ex.add_argument("output", type=path)
+    ex.add_argument("--data-root", type=path, default=None,
                     help="dataset folder, for a checkpoint that does not record its class count and input channels "
                          "(bionets train's record them)")
     return p
@@ -217,7 +226,7 @@ def cmd_bench(args) -> int:
         if not text:
             return None
         parts = text.split(",")
-        if not all(v.strip().isdigit() and int(v) > 0 for v in parts):
+        if not all(v.strip().isascii() and v.strip().isdigit() and int(v) > 0 for v in parts):   # ('²' is a digit)
             raise BionetsError(f"bench {option} takes comma-separated positive integers (e.g. 32,64), got {text!r}")
         return [int(v) for v in parts]
 

@@ -9,6 +9,7 @@ closest valid one.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import zipfile
 from importlib import resources
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from bionets.configbase import Section, Seed, load_yaml
+from bionets.configbase import PATH_BYTES, PathText, Section, Seed, load_yaml
 from bionets.data.config import DataConfig
 from bionets.engine.optim import OptimConfig, SchedConfig
 from bionets.errors import BionetsError, closest
@@ -29,7 +30,7 @@ DEFAULT_CONFIG = "digits"
 class ModelConfig(Section):
     name: str = "resnet20_cifar"            # any timm model name (bionets registers its own)
     kwargs: dict[str, Any] = {}              # passed to timm.create_model
-    init: str | None = None                  # start from these weights: a checkpoint of bionets train or export
+    init: PathText | None = None             # start from these weights: a checkpoint of bionets train or export
 
 
 class TrainConfig(Section):
@@ -53,15 +54,15 @@ class TrainConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = "run"
-    out_dir: str = "runs"
+    name: PathText = "run"
+    out_dir: PathText = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
     train: TrainConfig = TrainConfig()
     mechanisms: dict[str, Any] = {}
-    resume: str | None = None
+    resume: PathText | None = None
     # start-up notes from reading the config (not part of it: never saved, never compared on resume)
     _notes: list[str] = PrivateAttr(default_factory=list)
 
@@ -97,6 +98,9 @@ class RunConfig(Section):
                 raise BionetsError(f"mechanisms.{name} trains with optim.name={needed}, got optim.name="
                                    f"{self.optim.name}: set optim.name={needed} (without it the mechanism's own "
                                    "update never runs)")
+        if len(os.fsencode(self.run_dir)) > PATH_BYTES:
+            raise BionetsError(f"out_dir/name is {len(os.fsencode(self.run_dir)):,} bytes long, more than paths may be: "
+                               "choose a shorter out_dir or name")
         if self.sched.min_lr > self.optim.lr:
             raise BionetsError(f"sched.min_lr={self.sched.min_lr:g} is above optim.lr={self.optim.lr:g}: the schedule "
                                "would raise the rate to it; set sched.min_lr below optim.lr (default 0)")
@@ -138,13 +142,17 @@ def _one_line(err: ValidationError, cls: type[Section], prefix: str) -> BionetsE
     loc = e["loc"]
     key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
     if e["type"] == "extra_forbidden":
-        return BionetsError(f"unknown config key '{key}'{closest(str(loc[-1]), _fields_at(cls, loc))}")
+        fields = _fields_at(cls, loc)
+        hint = closest(str(loc[-1]), fields) or (f" (valid here: {', '.join(fields)})" if fields else "")
+        return BionetsError(f"unknown config key '{key}'{hint}")
     if e["type"] == "missing":
         return BionetsError(f"config key '{key}' is required")
     # a field of several accepted types (e.g. bool | Literal[...]) fails once per type: name every form
     union = [x for x in errors if x["loc"] == loc]
     msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
-    return BionetsError(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    got = repr(e.get("input"))
+    got = got if len(got) <= 100 else f"{got[:80]}... ({len(got):,} characters)"      # (a 4,000-byte path)
+    return BionetsError(f"config key '{key}': {msg} (got {got})")
 
 
 def validate_section(cls: type[Section], data: dict, prefix: str = "") -> Section:
@@ -186,7 +194,7 @@ def resolve_config(name: str, relative_to: Path | None = None) -> Path:
     if key and key.group(1) in RunConfig.model_fields:      # train.epochs:3, a key written as YAML writes it
         raise BionetsError(f"no config file named '{name}': an override is written key=value, "
                            f"e.g. {name.replace(':', '=', 1).replace('= ', '=')}")
-    raise BionetsError(f"no config file or bundled config named '{name}'{closest(name, list_configs())}"
+    raise BionetsError(f"no config file or bundled config named {name!r}{closest(name, list_configs())}"
                        " (see 'bionets configs')")
 
 

@@ -3,16 +3,42 @@ YAML reader of configs and command-line values."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # a random seed: what torch.manual_seed and NumPy take (a larger one overflowed inside them)
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+PATH_BYTES = 4000      # under Linux's PATH_MAX (4096), leaving room for the file names a run adds
+
+
+def check_path(text: str) -> str:
+    """``text`` if it can be a path here, else a ValueError saying why: a NUL byte (which the OS
+    refuses: a ValueError deep inside), a line break (legal, but it split our one-line messages),
+    more bytes than the OS takes (an OSError at the first write), or a ``~user`` prefix naming no
+    user (a RuntimeError from ``expanduser``)."""
+    if "\0" in text:
+        raise ValueError("holds a NUL byte, which no path can hold: retype it")
+    if "\n" in text or "\r" in text:
+        raise ValueError("holds a line break: give the path on one line")
+    if len(os.fsencode(text)) > PATH_BYTES:
+        raise ValueError(f"is {len(os.fsencode(text)):,} bytes long, more than paths may be: shorten it")
+    try:
+        Path(text).expanduser()
+    except RuntimeError:
+        raise ValueError(f"starts with '{text.split('/')[0]}', and no such user has a home folder here: write the "
+                         "path in full") from None
+    return text
+
+
+# a config value that is a file or folder path
+PathText = Annotated[str, AfterValidator(check_path)]
 
 
 def takes_a_number(annotation) -> bool:

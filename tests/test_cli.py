@@ -38,6 +38,8 @@ def cli(*args):
     (["train", "train.device=gpu"], "train.device=gpu is not a device bionets runs on: use auto, cpu"),
     (["train", "train.device=meta"], "train.device=meta is not a device bionets runs on"),
     (["bench", "--widths", "0"], "bench --widths takes comma-separated positive integers"),
+    (["bench", "--widths", "3,\u00b2"], "bench --widths takes comma-separated positive integers"),   # ('²'.isdigit())
+    (["experiment", "eigen", "data_root=~nosuchuser/x"], "option data_root='~nosuchuser/x': starts with '~nosuchuser'"),
     (["bench", "--device", "gpu"], "--device gpu is not a device bionets runs on: use auto, cpu"),
     (["bench", "--mechanisms="], "bench has no case for mechanism '' (cases: quadratic, raa, stds, arr)"),
     (["train", "data.name=cifar10", f"data.root={sys.executable}"], "is a file, not a folder: give the folder"),
@@ -63,6 +65,11 @@ def test_a_rejected_option_leaves_no_output_directory_and_argparse_errors_are_on
     assert exited.value.code == 2
     assert capsys.readouterr().err == ("bionets bench: error: argument --repeats: invalid int value: 'x' "
                                        "(see 'bionets bench --help')\n")
+    with pytest.raises(SystemExit):         # a path with a line break, or naming no user's home: argparse's line
+        main(["export", "x.pt", "~nosuchuser/plain.pt"])
+    assert capsys.readouterr().err == ("bionets export: error: argument output: '~nosuchuser/plain.pt' starts with "
+                                       "'~nosuchuser', and no such user has a home folder here: write the path in "
+                                       "full (see 'bionets export --help')\n")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -43,6 +43,15 @@ def test_default_config_loads_and_overrides_apply():
     ("name=../../escape", "config key 'name': must name a directory under out_dir (no '..', not an absolute path)"),
     ("name=" + "a" * 300, "config key 'name': has a folder name over 255 bytes"),
     ("name=./", "config key 'name': must name a directory under out_dir, not out_dir itself"),   # (it wrote there)
+    ("foo=1", "unknown config key 'foo' (valid here: name, out_dir, model, data, optim, sched, train, mechanisms, "
+              "resume)"),
+    # paths the OS refuses, or that split the one-line messages: ValueError, RuntimeError, OSError before
+    ('name="a\\0b"', "config key 'name': holds a NUL byte, which no path can hold"),
+    ('out_dir="a\\nb"', "config key 'out_dir': holds a line break: give the path on one line (got 'a\\nb')"),
+    ("data.root=~nosuchuser/x", "config key 'data.root': starts with '~nosuchuser', and no such user has a home folder"),
+    pytest.param("model.init=" + "x/" * 2100, "config key 'model.init': is 4,200 bytes long, more than paths may be: "
+                 "shorten it (got 'x/x/", id="long-init"),
+    pytest.param("out_dir=" + "x/" * 1998, "out_dir/name is 4,002 bytes long", id="long-run-dir"),   # (each fine)
 ])
 def test_bad_config_is_one_line(override, expected):
     with pytest.raises(BionetsError) as err:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from bionets.configbase import Section, Seed
+from bionets.configbase import PathText, Section, Seed
 
 
 class GaussianConfig(Section):
@@ -30,7 +30,7 @@ class DataConfig(Section):
     """Which dataset, where it lies, how it is batched, subset and augmented (docs/data.md)."""
 
     name: str = "digits"               # digits | cifar10 | cifar100 | mnist | imagefolder | gaussian
-    root: str | None = None            # --data-root; required for everything but digits/gaussian
+    root: PathText | None = None       # --data-root; required for everything but digits/gaussian
     download: bool = False             # let torchvision download cifar/mnist into root
     batch_size: int = Field(128, ge=1)  # global batch (split across DDP processes)
     eval_batch_size: int | None = Field(None, ge=1)

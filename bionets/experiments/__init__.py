@@ -50,7 +50,8 @@ def register_experiment(name: str):
                     raise
                 first = err.errors()[0]
                 option = ".".join(str(part) for part in first["loc"])
-                raise BionetsError(f"experiment {name}: option {option}={first['input']!r}: {first['msg']}") from None
+                raise BionetsError(f"experiment {name}: option {option}={first['input']!r}: "
+                                   f"{first['msg'].removeprefix('Value error, ')}") from None
 
         EXPERIMENTS[name] = run
         return run

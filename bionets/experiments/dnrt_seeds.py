@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import NonNegativeFloat, PositiveInt
 
-from bionets.configbase import quoted
+from bionets.configbase import PathText, quoted
 from bionets.data.sources import data_options
 from bionets.errors import BionetsError
 from bionets.experiments import register_experiment
@@ -28,7 +28,7 @@ VARIANTS = {"baseline": "{}", "+RAA": "{raa: {}}", "+ARR": "{arr: {weight: ARR}}
 
 @register_experiment("dnrt_seeds")
 def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 15,
-               arr_weight: NonNegativeFloat = 1.0, config: str = "dnrt/digits", data_root: str | None = None) -> str:
+               arr_weight: NonNegativeFloat = 1.0, config: PathText = "dnrt/digits", data_root: PathText | None = None) -> str:
     """Baseline, +RAA, +ARR (weight ``arr_weight``) and +both trained on ``config`` (its dataset under
     ``data_root``, where it needs one) for ``seeds`` seeds of ``epochs`` epochs each: final test
     top-1, mean and spread per variant."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
-from bionets.configbase import Seed
+from bionets.configbase import PathText, Seed
 from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
 from bionets.experiments import Fraction, register_experiment
@@ -62,7 +62,7 @@ def _image(vec: torch.Tensor, side: int) -> np.ndarray:
 
 @register_experiment("eigen")
 def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fraction: Fraction = 1.0,
-          data_root: str | None = None, weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 300,
+          data_root: PathText | None = None, weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 300,
           seed: Seed = 0, device: str = "cpu") -> str:
     """Eigenvectors of class covariances vs learned quadratic weights, per class.
 

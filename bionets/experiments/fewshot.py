@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
+from bionets.configbase import PathText
 from bionets.engine.checkpoint import make_output_dir
 from bionets.experiments import Fraction, NonEmpty, register_experiment
 from bionets.engine.distributed import parse_device
@@ -30,7 +31,7 @@ FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 @register_experiment("fewshot")
 def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: PositiveInt = 3,
-            data_root: str | None = None, rank: PositiveInt | None = None, hidden: PositiveInt | None = None,
+            data_root: PathText | None = None, rank: PositiveInt | None = None, hidden: PositiveInt | None = None,
             weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 200, device: str = "cpu") -> str:
     """Test accuracy of quadratic neurons (``rank``: full A if None) and a two-layer MLP (``hidden``
     units; default: parameter-matched) against the fraction of training data, ``seeds`` seeds each.

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import PositiveInt
 
+from bionets.configbase import PathText
 from bionets.errors import BionetsError
 from bionets.layers.arr import per_sample
 from bionets.experiments import register_experiment
@@ -50,8 +51,8 @@ def _run_name(checkpoint: str, taken: str | None = None) -> str:
 
 
 @register_experiment("responses")
-def responses(out_dir: Path, *, checkpoint: str = "", compare: str = "", channels: PositiveInt = 8,
-              classes: PositiveInt = 4, data_root: str | None = None) -> str:
+def responses(out_dir: Path, *, checkpoint: PathText = "", compare: PathText = "", channels: PositiveInt = 8,
+              classes: PositiveInt = 4, data_root: PathText | None = None) -> str:
     """Violin plots of a checkpoint's aggregated responses (the features ARR works on), per class
     and channel, beside those of a ``compare`` checkpoint (e.g. the same model without DNRT)."""
     if not checkpoint:
