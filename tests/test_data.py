@@ -308,6 +308,8 @@ def test_wrong_cifar_files(tmp_path):
         (folder / "data_batch_1").write_bytes(pickle.dumps({"data": data, "labels": [0] * 7}))
         one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "c")), "not one uint8 image per label")
     # fewer class names than classes: the class count came from them, and the loss failed on label 9
+    write_cifar(tmp_path / "e", classes=10, n_test=0)      # said its labels were not integers
+    one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "e")), "holds no images in one of its splits")
     folder = write_cifar(tmp_path / "d", classes=10)
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}))
     one_line_error(DataConfig(name="cifar10", root=str(tmp_path / "d")), "cifar10's batches.meta under",

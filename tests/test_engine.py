@@ -379,6 +379,7 @@ def test_checkpoints_of_other_programs_and_damaged_ones_are_one_line(tmp_path, m
                                                                           for i, st in ckpt["optimizer"]["state"].items()}},
                              "cannot be restored \\(ValueError: state '.*' has shape"),
                             ("rng", {**ckpt["rng"], "numpy": ("MT19937", [1, 2])}, "cannot be restored \\(IndexError"),
+                            ("best_top1", float("nan"), "holds best_top1=nan \\(not as 'bionets train' writes it\\)"),
                             ("epoch", -1, "is at epoch -1, step 22, outside its run's 0..1 epochs"),
                             ("epoch", 999, "is at epoch 999, step 22, outside its run's 0..1 epochs")):
         # (at epoch 0: a finished run's checkpoint resumed elsewhere is refused before it is restored)

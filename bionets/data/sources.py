@@ -171,6 +171,8 @@ def check_labels(targets, classes: int, what: str) -> torch.Tensor:
         targets = torch.as_tensor(targets)
     except FORMAT_ERRORS:
         targets = None
+    if targets is not None and targets.numel() == 0:      # (an empty list reads as float: "not integers")
+        raise BionetsError(f"{what} holds no images in one of its splits: the files are truncated; re-download them")
     if targets is None or targets.ndim != 1 or targets.is_floating_point() or targets.is_complex() or \
             targets.dtype == torch.bool:
         raise BionetsError(f"{what} holds labels that are not one integer per image: the files are corrupt or "

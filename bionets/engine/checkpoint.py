@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import math
 import os
 import pickle
 import random
@@ -264,6 +265,8 @@ def _odd_contents(key: str, value) -> str | None:
                     if isinstance(v, bool) or not isinstance(v, (int, float))), None)
         if odd is not None:
             return f"holds {odd} in its '{key}' entry, whose epoch records hold numbers"
+    if key == "best_top1" and not math.isfinite(value):         # (no epoch would beat it: no best.pt)
+        return f"holds best_top1={value}"
     if key == "data_info":
         odd = next((f"{k}={value.get(k)!r}" for k in ("num_classes", "in_chans")
                     if isinstance(value.get(k), bool) or not isinstance(value.get(k), int) or value[k] < 1), None)
