@@ -12,15 +12,18 @@ section of a run config, so ``bionets train`` applies the same changes to any ti
 ``quadratic`` takes placement patterns instead of a short string (one or a list; ``"auto"``: the
 default placement). ``sparsity="gradr"`` applies Grad R (the STDS paper's baseline) with its
 defaults, trained by its own optimizer (:func:`bionets.mechanisms.stds.create_gradr`); a dict of
-``sparsity`` options is STDS's. Converting an already converted model changes nothing more. The training-time
+``sparsity`` options is STDS's. Converting an already converted model changes nothing more; a convert that
+fails leaves the model as it was (:func:`convert`). The training-time
 parts (ARR's loss, STDS's threshold schedule) come back as hooks in ``report.hooks`` for a training
 loop of your own; ``bionets train`` wires them itself. New modules and buffers take the model's
 device and dtype (ARR's class statistics stay float32).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from bionets.config import validate_section
@@ -78,7 +81,11 @@ def _section(arg: str, value) -> tuple[str, dict] | None:
 
 def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
             regularization=None) -> tuple[nn.Module, ConversionReport]:
-    """Apply the chosen mechanisms to ``model`` (in place where possible); return it and a report."""
+    """Apply the chosen mechanisms to ``model`` in place; return it and a report.
+
+    The mechanisms change the model one after another (quadratic, raa, stds, arr); where one raises,
+    the model is restored as it was (its module tree, attributes, classes and parameter storage:
+    :func:`_snapshot`), so that a failed convert leaves no half-converted model."""
     if not isinstance(model, nn.Module):
         raise BionetsError(f"convert takes a torch.nn.Module, got {type(model).__name__}: create the model first "
                            "(e.g. timm.create_model(name))")
@@ -89,5 +96,39 @@ def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
         if picked is not None:
             name, opts = picked
             sections[name] = validate_section(get_mechanism(name).config, opts, f"{arg}")
-    model, hooks, reports = apply_mechanisms(model, sections)
+    restore = _snapshot(model)
+    try:
+        model, hooks, reports = apply_mechanisms(model, sections)
+    except BaseException:
+        restore()
+        raise
     return model, ConversionReport(reports, hooks)
+
+
+def _snapshot(model: nn.Module):
+    """A function that puts ``model`` back as it is now: every module's class (a parametrization
+    changes it), attributes and the contents of its dicts and sets (children, parameters, buffers,
+    hooks: the same dict objects, refilled, so hook handles keep working), and the storage of every
+    parameter and buffer (``register_parametrization`` moves a weight to its new value by ``set_``)."""
+    modules = [(m, type(m), dict(vars(m)), {k: v.copy() for k, v in vars(m).items() if isinstance(v, dict | set)})
+               for m in model.modules()]
+    tensors = [(t, t.detach()) for t in (*model.parameters(), *model.buffers())
+               if not nn.parameter.is_lazy(t)]        # (a lazy module's, not yet made, have no storage)
+
+    def restore() -> None:
+        for m, cls, attrs, contents in modules:
+            m.__class__ = cls
+            vars(m).clear()
+            vars(m).update(attrs)
+            for k, v in contents.items():
+                attrs[k].clear()
+                attrs[k].update(v)
+        with torch.no_grad():
+            for t, data in tensors:
+                if (t.data_ptr(), t.shape, t.stride()) != (data.data_ptr(), data.shape, data.stride()):
+                    t.set_(data)
+        if "spikingjelly" in sys.modules:        # its reset_net caches each net's neurons
+            from spikingjelly.activation_based import functional
+            for m, *_ in modules:
+                functional.invalidate_reset_cache(m)
+    return restore

@@ -411,3 +411,88 @@ def test_a_module_held_in_two_places_is_converted_in_both():
     assert "2, 3.2, 4.1: -> RAA" in str(report) and "3.0, 4.0: conv + channel-wise" in str(report)
     assert report.params_added == 9 + sum(p.numel() for p in model[3][0].quad.parameters())   # RAA: v (8) and c
     model(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_a_failing_convert_leaves_the_model_as_it_was():
+    """ARR, applied last, fails on a model without classifier: the quadratic term, RAA and STDS
+    (whose fixed schedule moves the weights to theta by set_) applied before it are undone."""
+    model = timm.create_model("resnet18", num_classes=0)
+    types, keys = [type(m) for m in model.modules()], list(model.state_dict())
+    params = list(model.parameters())
+    values = [p.clone() for p in params]
+    with pytest.raises(BionetsError, match="create the model with num_classes > 0"):
+        convert(model, quadratic=True, activation="raa", sparsity={"schedule": "fixed", "d_max": 0.05},
+                regularization=True)
+    assert [type(m) for m in model.modules()] == types and list(model.state_dict()) == keys
+    assert all(a is b and torch.equal(a, v) for a, b, v in zip(params, model.parameters(), values))
+    _, report = convert(model, quadratic=True, activation="raa", sparsity="stds")    # converts as a fresh one
+    assert len(report.reports[0].changes) == 1 and model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_quadratic_term_on_a_multi_step_spiking_net():
+    """SEW ResNet's convolutions take [T, N, C, H, W]: Q folds the time steps into the batch."""
+    import bionets  # noqa: F401  (registers the models)
+    torch.manual_seed(0)
+    model = timm.create_model("sew_resnet18", num_classes=10, T=2)
+    model, report = convert(model, quadratic=["layer1.0.conv1", "layer2.0.conv1"])
+    assert report.changes == 2
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuadraticChannel):
+                m.weight.normal_(std=0.01)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(m.weight.grad is not None for m in model.modules() if isinstance(m, QuadraticChannel))
+
+
+def test_raa_probes_levit_at_the_size_it_was_built_for():
+    """timm's LeViT keeps no img_size and states 224 whatever it was built for: its size comes from
+    its attention's grid (the probe at 224 failed, and the widths read from the layers broke the forward)."""
+    from bionets.mechanisms.dnrt import stated_input_size
+    model = timm.create_model("levit_128s", num_classes=10, img_size=64)
+    assert stated_input_size(model) == [3, 64, 64]
+    assert stated_input_size(timm.create_model("levit_128s", num_classes=10)) == [3, 224, 224]
+    model, report = convert(model, activation={"types": ["Hardswish"]})
+    assert "probe" not in str(report) and model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_converting_arr_again_with_other_options_is_one_line():
+    """The hooks of both converts would read the one class memory: other options are refused."""
+    model, _ = convert(timm.create_model("resnet18", num_classes=10), regularization={"weight": 10})
+    with pytest.raises(BionetsError, match=r"ARR memory was made with other settings \(weight 10.0 -> 1.0, "
+                                           r"form 'paper' -> 'code'\): apply ARR to a fresh model") as err:
+        convert(model, regularization={"weight": 1, "form": "code"})
+    assert "\n" not in str(err.value)
+    _, again = convert(model, regularization={"weight": 10})
+    assert again.changes == 0
+
+
+def test_quadratic_placement_on_a_convolution_q_cannot_match():
+    """Q is taken at the pixel each kernel is centred on: a 4x4 stride-4 stem or a 2x2 stride-2
+    downsampling conv has no centre pixel. Named alone, it is an error saying why; matched by a
+    pattern beside fitting ones, the report notes it."""
+    model = timm.create_model("convnext_atto", num_classes=10)
+    with pytest.raises(BionetsError, match=r"names convolution 'stem.0' of ConvNeXt, whose output grid Q cannot "
+                                           r"match \(kernel \(4, 4\), stride \(4, 4\), padding \(0, 0\): Q "
+                                           r"needs an odd kernel") as err:
+        convert(model, quadratic=["stem.0"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(BionetsError, match="names convolution 'stages.1.downsample.1'"):
+        convert(model, quadratic=["stages.1.downsample.1"])                 # kernel 2, stride 2, padding 0
+    model, report = convert(model, quadratic=["stem.0", "stages.0.blocks.0.conv_dw"])
+    assert report.changes == 1 and "left as they are, 1 convolution(s)" in str(report)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_raa_patterns_input_size_silu_and_stds_d_in_the_report():
+    resnet = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(BionetsError, match=r"matching \['nope\*'\] in ResNet: the patterns match none of its 17 "
+                                           r"activation module\(s\) of these types \(act1, layer1.0.act1, "):
+        convert(resnet, activation={"patterns": ["nope*"]})
+    with pytest.raises(BionetsError, match=r"input_size \[32, 32\]: ResNet has 2-D convolutions, which take one "
+                                           r"input as \[C, H, W\]"):
+        convert(resnet, activation={"input_size": [32, 32]})
+    _, report = convert(timm.create_model("efficientnet_b0", num_classes=10), activation="raa")
+    assert "SiLU x49: RAA of the GELU form" in str(report)
+    assert "GELU form" not in str(convert(resnet, activation="raa")[1])
+    _, report = convert(resnet, sparsity={"d_max": 0.01, "schedule": "fixed"})
+    assert report.hooks[0].epoch_metrics(resnet)["stds_d"] == 0.01

@@ -176,8 +176,10 @@ def test_channel_switch_and_bad_options():
         QuadraticChannel(3, ablation="trace")
     with pytest.raises(BionetsError, match="3 input channels, got 4"):
         QuadraticChannel(3)(torch.randn(1, 4, 2, 2))
-    with pytest.raises(BionetsError, match=r"takes \[N, C, H, W\] maps, got shape \[3, 4, 4\]"):
+    with pytest.raises(BionetsError, match=r"takes \[N, C, H, W\] maps, got shape \[3, 4, 4\] \(a single image"):
         QuadraticChannel(3)(torch.randn(3, 4, 4))
+    with pytest.raises(BionetsError, match=r"shape \[2, 1, 3, 4, 4\] \(a sequence \[T, N, C, H, W\]: fold its time "):
+        QuadraticChannel(3)(torch.randn(2, 1, 3, 4, 4))
     with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
         QuadraticChannel(3)(torch.ones(1, 3, 2, 2, dtype=torch.long))    # (zeros, silently)
 

@@ -172,8 +172,10 @@ class QuadraticChannel(QuadraticTerm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
-            raise BionetsError(f"QuadraticChannel takes [N, C, H, W] maps, got shape {list(x.shape)} (a single image: "
-                               "x.unsqueeze(0))")
+            hint = {3: " (a single image: x.unsqueeze(0))",
+                    5: " (a sequence [T, N, C, H, W]: fold its time steps into the batch, x.flatten(0, 1))"}
+            raise BionetsError(f"QuadraticChannel takes [N, C, H, W] maps, got shape {list(x.shape)}"
+                               + hint.get(x.ndim, ""))
         n, c, h, w = x.shape
         if not x.is_floating_point():           # (integer maps gave zeros silently)
             raise BionetsError(f"QuadraticChannel takes floating-point input, got {x.dtype}: convert it (x.float())")

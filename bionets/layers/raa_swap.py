@@ -225,6 +225,12 @@ def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_i
     return Probe(seen, axes, calls.counts, Counter({t: len(ids) for t, ids in calls.leaves.items()}))
 
 
+def raa_form(module: nn.Module, base: Base | Literal["auto"]) -> Base:
+    """The RAA form that replaces ``module``: ``base``, or under ``auto`` the ReLU form for a ReLU
+    (by class name), else the GELU form (SiLU too)."""
+    return base if base != "auto" else ("relu" if "relu" in type(module).__name__.lower() else "gelu")
+
+
 def replace_activations(model: nn.Module, chosen: dict[str, Activation], probe: Probe | None = None,
                         variant: Variant = "vector", base: Base | Literal["auto"] = "auto",
                         compiled: bool = False) -> list[tuple[str, int]]:
@@ -234,7 +240,7 @@ def replace_activations(model: nn.Module, chosen: dict[str, Activation], probe: 
     like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     replaced = []
     for name, a in chosen.items():
-        form = base if base != "auto" else ("relu" if "relu" in type(a.module).__name__.lower() else "gelu")
+        form = raa_form(a.module, base)
         seen = probe.widths.get(name) if probe else None
         shown = probe.axes.get(name, set()) if probe else set()
         if not seen or len(seen) == 1:

@@ -27,7 +27,7 @@ from bionets.configbase import Section
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError, one_line
 from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample
-from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_activations, probe_activations,
+from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_activations, probe_activations, raa_form,
                                      replace_activations)
 from bionets.mechanisms.registry import Applied, Report, SgdRateNote, register_mechanism
 
@@ -58,6 +58,10 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     from bionets.layers.raa import RAA
 
     already = sum(isinstance(m, RAA) for m in model.modules())
+    if isinstance(cfg.input_size, list) and len(cfg.input_size) != 3 and any(
+            isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise BionetsError(f"raa input_size {cfg.input_size}: {type(model).__name__} has 2-D convolutions, which take "
+                           f"one input as [C, H, W] (3 numbers), e.g. [3, 32, 32]")
     chosen = find_activations(model, tuple(cfg.types), cfg.patterns)
     size = stated_input_size(model) if cfg.input_size == "auto" else cfg.input_size
     probe, notes = Probe({}), []
@@ -73,14 +77,24 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     others = ", ".join(filter(None, [other_activations(model, cfg.types),
                                      ", ".join(f"{t} x{n}" for t, n in probe.activation_like.most_common())]))
     if not chosen and not already:
-        hint = (f"; it has {others}: to swap them, add their class names to types" if others else
+        typed = [n for n, m in model.named_modules() if type(m).__name__.lower() in {t.lower() for t in cfg.types}]
+        shown = ", ".join(typed[:4]) + (", ..." if len(typed) > 4 else "")
+        hint = (f": the patterns match none of its {len(typed)} activation module(s) of these types ({shown})"
+                if cfg.patterns and typed else
+                f"; it has {others}: to swap them, add their class names to types" if others else
                 f"; its forward calls {functions}: functions, not modules, which RAA cannot swap" if functions else
                 " (activations called as functions in forward, such as F.relu, are no modules to swap)")
         raise BionetsError(f"raa found no activation module of types {list(cfg.types)}"
                            + (f" matching {cfg.patterns}" if cfg.patterns else "") + f" in {type(model).__name__}{hint}")
+    # base auto gives every activation other than a ReLU the GELU form: a SiLU's RAA starts as GELU
+    recast = Counter(type(a.module).__name__ for a in chosen.values()
+                     if cfg.base == "auto" and raa_form(a.module, "auto") not in type(a.module).__name__.lower())
     replaced = replace_activations(model, chosen, probe, cfg.variant, cfg.base, cfg.compiled)
     if cfg.variant != "matrix" and replaced:
         notes.insert(0, V_LR_NOTE)
+    if recast:
+        notes.append(", ".join(f"{t} x{n}" for t, n in recast.most_common()) + ": RAA of the GELU form, "
+                     "x * Phi(x + shift), which starts as GELU, not as the activation it replaced")
     if replaced and others:
         notes.append(f"left as they are: {others} (to swap them too, add their class names to types)")
     if functions:
@@ -96,7 +110,8 @@ def stated_input_size(model: nn.Module) -> list[int] | None:
     """[C, H, W] of one input as the model states it, or None: timm's ``pretrained_cfg`` input size
     read as the model was built (timm keeps the registered config when ``img_size`` or ``in_chans``
     change): the channels of its ``in_chans`` (else of its first convolution), the height and width
-    of the first module with an ``img_size`` (the model's own, a patch embedding's); torchvision's
+    of the first module with an ``img_size`` (the model's own, a patch embedding's; timm's LeViT:
+    its first attention's ``resolution`` times its stem's stride); torchvision's
     classifiers, segmentation and detection models: 3 x 224 x 224 (a ViT's own ``image_size``)."""
     stated = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     module = type(model).__module__.split(".")
@@ -115,6 +130,13 @@ def stated_input_size(model: nn.Module) -> list[int] | None:
         if isinstance(size, int) or isinstance(size, tuple | list) and len(size) == 2:
             hw = [size, size] if isinstance(size, int) else list(size)
             break
+    else:
+        stride = getattr(getattr(model, "stem", None), "stride", None)
+        if type(model).__module__ == "timm.models.levit" and isinstance(stride, int):
+            # LeViT keeps no img_size: its attention's token grid (fixed by its biases) times its stem's stride
+            grid = next((m.resolution for m in model.modules() if isinstance(getattr(m, "resolution", None), tuple)),
+                        None)
+            hw = [r * stride for r in grid] if grid is not None else hw
     return [channels, *hw]
 
 
@@ -305,16 +327,24 @@ def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
     dim = model.embed_dim if layers == "blocks" else head.in_features if isinstance(head, nn.Linear) else head.in_channels
     depth = len(model.blocks) if layers == "blocks" else 1
     report = Report("arr")
+    settings = {"weight": cfg.weight, "momentum": cfg.momentum, "form": cfg.form, "layers": layers}
     if hasattr(model, "arr_memory"):
         have = tuple(model.arr_memory.mean.shape)
         if have != (depth, classes, dim):
             raise BionetsError(f"the model carries ARR's class memory already, {have[0]} layer(s) x {have[1]} classes "
                                f"x {have[2]} features, where arr layers={layers} needs {depth} x {classes} x {dim}: "
                                "apply ARR to a fresh model, or with the layers it had")
+        # the hooks of both converts would read this one memory: other options would fill it by other rules
+        had = getattr(model.arr_memory, "settings", settings)
+        if had != settings:
+            differ = ", ".join(f"{k} {had[k]!r} -> {settings[k]!r}" for k in settings if had[k] != settings[k])
+            raise BionetsError(f"the model's ARR memory was made with other settings ({differ}): apply ARR to a fresh "
+                               "model, or with the settings it had")
         report.notes.append("the model carries ARR's class memory already: kept, with its class means")
     else:
         p = next(model.parameters(), None)
         model.arr_memory = ArrMemory(depth, classes, dim).to(p.device if p is not None else None)   # float32 statistics
+        model.arr_memory.settings = settings
         report.changes.append(f"class memory of {depth} layer(s) x {classes} classes x {dim} features ({layers}); "
                               f"weight {cfg.weight}, momentum {cfg.momentum}, form {cfg.form}")
     return Applied(model, [ArrHook(cfg, layers)], report)

@@ -7,8 +7,10 @@ For a strided convolution Q is evaluated at the input pixels the kernel is centr
 (``x[..., ::s, ::s]``), so its output lands on the conv's output grid.
 
 Options (``mechanisms: {quadratic: {...}}`` or ``bionets.convert(model, quadratic=...)``):
-``placement``: glob patterns of Conv2d module names, or ``auto``: the first convolution with
-stride 1, "same" padding and as many output as input channels, after the stem (ResNet:
+``placement``: glob patterns of Conv2d module names (a convolution whose output grid Q cannot
+match, such as a 4x4 stride-4 stem, is left out with a note; named alone, it is an error), or
+``auto``: the first convolution with stride 1, "same" padding and as many output as input
+channels, after the stem (ResNet:
 ``layer1.0.conv1``; ConvNeXt: the first depthwise conv; EfficientNet: the first depthwise conv).
 ``impl``: ``sym`` (the C(C+1)/2 distinct products) or ``full`` (all C^2, the reference form).
 The quadratic parameters are named ``*.quad.*`` so ``optim.lr_mult: {"*quad*": 10}`` selects them.
@@ -47,21 +49,35 @@ class ConvPlusQuadratic(nn.Module):
         y = self.conv(x)
         if self.stride > 1:
             x = x[..., ::self.stride, ::self.stride]
-        return y + self.quad(x)[..., :y.shape[-2], :y.shape[-1]]
+        # SpikingJelly's multi-step conv takes [T, N, C, H, W]: Q folds the time steps into the batch
+        q = self.quad(x.flatten(0, 1)).unflatten(0, x.shape[:2]) if x.ndim == 5 else self.quad(x)
+        return y + q[..., :y.shape[-2], :y.shape[-1]]
 
 
-def _same_padding(conv: nn.Conv2d) -> bool:
-    if isinstance(conv.padding, str):
-        return conv.padding == "same"
-    k, d = conv.kernel_size, conv.dilation
-    return all(p == dd * (kk - 1) // 2 for p, kk, dd in zip(conv.padding, k, d)) and conv.stride[0] == conv.stride[1]
+def _ineligible(conv: nn.Conv2d) -> str | None:
+    """Why Q cannot match ``conv``'s output grid, or None: Q is taken at the input pixel each kernel
+    window is centred on (``x[..., ::s, ::s]``), so the window needs a centre pixel (an odd extent
+    dilation x (kernel - 1) + 1), padding that puts it on the output pixel ("same": half the rest),
+    and one stride for both axes."""
+    pads = conv.padding if not isinstance(conv.padding, str) else (
+        (0, 0) if conv.padding == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation)))
+    spans = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+    if any(span % 2 for span in spans) or any(2 * p != span for p, span in zip(pads, spans)) or \
+            conv.stride[0] != conv.stride[1]:
+        return (f"kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, padding {conv.padding}: Q needs "
+                "an odd kernel, padding (kernel - 1) / 2 x dilation and one stride for both axes")
+    return None
 
 
 def eligible_convs(model: nn.Module) -> list[str]:
     """Names of plain Conv2d layers (not already converted) whose output grid Q can match."""
+    return [n for n, m in _plain_convs(model) if _ineligible(m) is None]
+
+
+def _plain_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     wrapped = {n for n, m in model.named_modules() if isinstance(m, ConvPlusQuadratic)}
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] not in wrapped and _same_padding(m)]
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] not in wrapped]
 
 
 def _auto(model: nn.Module, names: list[str]) -> list[str]:
@@ -86,12 +102,23 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
                                f"output channels in {type(model).__name__} after its stem (its first convolution, "
                                "which 'auto' leaves alone): name layers with placement=[...]")
     else:
-        chosen = [n for n in candidates if any(fnmatch.fnmatch(n, p) for p in cfg.placement)]
+        named = [(n, _ineligible(m)) for n, m in _plain_convs(model)
+                 if any(fnmatch.fnmatch(n, p) for p in cfg.placement)]
+        chosen = [n for n, why in named if why is None]
+        unfit = [(n, why) for n, why in named if why is not None]
         already = [n for n in done if any(fnmatch.fnmatch(n, p) or fnmatch.fnmatch(n + ".conv", p) for p in cfg.placement)]
+        shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+        if not chosen and not already and unfit:
+            raise BionetsError(f"quadratic placement {cfg.placement} names convolution '{unfit[0][0]}' of "
+                               f"{type(model).__name__}, whose output grid Q cannot match ({unfit[0][1]}): name one "
+                               f"that fits (eligible: {shown or 'none'})")
         if not chosen and not already:
-            shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
             raise BionetsError(f"quadratic placement {cfg.placement} matches no convolution of "
                                f"{type(model).__name__} (eligible: {shown or 'none'})")
+        if unfit:
+            report.notes.append(f"left as they are, {len(unfit)} convolution(s) the placement matches whose output "
+                                f"grid Q cannot match: '{unfit[0][0]}' ({unfit[0][1]})"
+                                + (", ..." if len(unfit) > 1 else ""))
     for name in chosen:
         conv = model.get_submodule(name)
         wrapper = ConvPlusQuadratic(conv, cfg.impl)

@@ -120,7 +120,7 @@ class StdsHook(SparsityHook):
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
         layers = soft_thresholds(model)
-        out = {"stds_d": layers[0].d.item()} if layers else {}
+        out = {"stds_d": float(f"{layers[0].d.item():g}")} if layers else {}     # D in float32: 0.01, not 0.00999999977
         return {**super().epoch_metrics(model), **out}
 
 
