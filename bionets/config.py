@@ -309,7 +309,18 @@ def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
         raise BionetsError(f"resuming {source} (--resume, or the config's resume key): this config changes the run "
                            f"({shown}{more}), but a resumed run continues its saved optimizer and schedule exactly: "
                            "resume without these changes (the checkpoint holds its config), or start a new run from "
-                           f"its weights: model.init={source} instead of --resume")
+                           f"its weights: {_fresh_start(source)}")
+
+
+def _fresh_start(source: str) -> str:
+    """How to start a new run from checkpoint ``source``'s weights: with its run's config.yaml where
+    it lies beside it, since the weights load only into the same model with the same mechanisms
+    (``model.init`` alone, on the default config, was refused for a checkpoint with mechanisms)."""
+    config = Path(source).parent / "config.yaml"
+    if config.is_file():
+        return f"'bionets train {config} model.init={source}' and your changes, instead of --resume"
+    return f"model.init={source} instead of --resume, with the checkpoint's model.name and mechanisms"
+
 
 
 def resume_config(saved: dict, overrides: list[str], source: str) -> RunConfig:

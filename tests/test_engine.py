@@ -690,7 +690,10 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path, change, shown):
     (and a new optimizer failed on its state dict): one line naming the change instead."""
     train(fast_config(tmp_path, "train.epochs=1", name="a"), quiet=True)
     cfg = fast_config(tmp_path, "train.epochs=1", change, f"resume={tmp_path / 'a' / 'last.pt'}", name="b")
-    with pytest.raises(BionetsError, match=f"this config changes the run \\({re.escape(shown)}"):
+    # the fresh start it offers is the run's own config with model.init (model.init alone, on another
+    # config, was refused for a checkpoint with mechanisms)
+    fresh = f"'bionets train {tmp_path / 'a' / 'config.yaml'} model.init={tmp_path / 'a' / 'last.pt'}' and your changes"
+    with pytest.raises(BionetsError, match=f"this config changes the run \\({re.escape(shown)}.*{re.escape(fresh)}"):
         train(cfg, quiet=True)
 
 
