@@ -496,3 +496,26 @@ def test_raa_patterns_input_size_silu_and_stds_d_in_the_report():
     assert "GELU form" not in str(convert(resnet, activation="raa")[1])
     _, report = convert(resnet, sparsity={"d_max": 0.01, "schedule": "fixed"})
     assert report.hooks[0].epoch_metrics(resnet)["stds_d"] == 0.01
+
+
+def test_a_dit_model_carries_its_quadratic_term_already():
+    """Dit-ResNet's blocks and Dit-ConvNeXt's depthwise convolutions hold their own term: convert
+    added a second one beside it (Dit-ConvNeXt's DwConvQuadratic is a Conv2d, so it was eligible)."""
+    import bionets  # noqa: F401  (registers the models)
+    for name, kwargs in (("dit_resnet20", {}), ("dit_convnext_tiny", {"depths": (3, 1, 1, 1), "dims": (8, 16, 32, 64)})):
+        model = timm.create_model(name, num_classes=10, **kwargs)
+        before = sum(p.numel() for p in model.parameters())
+        model, report = convert(model, quadratic=True)
+        assert report.changes == 0 and "carries 1 quadratic term(s) already" in str(report)
+        assert sum(p.numel() for p in model.parameters()) == before
+    _, report = convert(model, quadratic=["stages.0.blocks.2.conv_dw"])     # named: the term it has already
+    assert report.changes == 0 and "carries 1 quadratic term(s) already" in str(report)
+
+
+def test_a_quadratic_term_that_outweighs_the_model_is_noted():
+    """Its C^3 weights made MaxViT 134M parameters larger without a word."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1))
+    _, report = convert(model, quadratic=True)
+    assert "the quadratic term(s) add 32,768 parameters to the model's 10,144 (323%)" in str(report)
+    _, report = convert(timm.create_model("resnet18", num_classes=10), quadratic=True)
+    assert "add 262,144 parameters" not in str(report)          # 2% of ResNet-18

@@ -75,9 +75,17 @@ def eligible_convs(model: nn.Module) -> list[str]:
 
 
 def _plain_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The Conv2d layers without a quadratic term (not wrapped here, and not a Dit-ConvNeXt's own
+    ``DwConvQuadratic``, a convolution that carries one)."""
     wrapped = {n for n, m in model.named_modules() if isinstance(m, ConvPlusQuadratic)}
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] not in wrapped]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] not in wrapped
+            and not isinstance(getattr(m, "quad", None), nn.Module)]
+
+
+def _carrying_a_term(model: nn.Module) -> list[str]:
+    """The modules that hold a quadratic term as their ``quad``: this mechanism's wrappers, and the Dit
+    models' own blocks and convolutions (a second term beside theirs was added silently)."""
+    return [n.rpartition(".")[0] for n, _ in model.named_modules() if n.rpartition(".")[2] == "quad"]
 
 
 def _auto(model: nn.Module, names: list[str]) -> list[str]:
@@ -93,7 +101,7 @@ def _auto(model: nn.Module, names: list[str]) -> list[str]:
 @register_mechanism("quadratic", QuadraticConfig, order=10)
 def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
     report = Report("quadratic")
-    done = [n for n, m in model.named_modules() if isinstance(m, ConvPlusQuadratic)]
+    done = _carrying_a_term(model)
     candidates = eligible_convs(model)
     if cfg.placement == "auto":
         chosen = [] if done else _auto(model, candidates)
@@ -127,6 +135,11 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
         report.changes.append(f"{', '.join(held_at)}: conv + channel-wise quadratic term ({wrapper.conv.in_channels} -> "
                               f"{wrapper.conv.out_channels} channels, +{added:,})")
         report.params_added += added
+    own = sum(p.numel() for p in model.parameters()) - report.params_added
+    if report.params_added > own / 10:      # (C x C x C weights a convolution: cubic in the width)
+        report.notes.append(f"the quadratic term(s) add {report.params_added:,} parameters to the model's {own:,} "
+                            f"({100 * report.params_added / max(own, 1):.0f}%): its size grows with the cube of the "
+                            "channels; name a narrower convolution in placement to add fewer")
     if done and not chosen:
         report.notes.append(f"the model carries {len(done)} quadratic term(s) already: left as they are, with their "
                             "own settings")
