@@ -258,8 +258,7 @@ def _odd_contents(key: str, value) -> str | None:
             if not isinstance(v, torch.Tensor) and not k.endswith("_extra_state"):
                 return f"holds a {type(v).__name__} at '{k}' in its '{key}' state dict, whose values are tensors"
     if key == "history":
-        rows_bad = not all(isinstance(r, dict) for r in value)
-        if rows_bad:
+        if not all(isinstance(r, dict) for r in value):
             return f"holds a list of non-records as its '{key}' entry"
         odd = next((f"{k}={v!r}" for r in value for k, v in r.items()
                     if isinstance(v, bool) or not isinstance(v, (int, float))), None)
