@@ -324,21 +324,23 @@ def test_bundled_cifar_configs(dataset):
 
 
 def test_cli_trains_dit_resnet20_on_digits(tmp_path):
-    """End to end through the engine: Dit-ResNet-20 on the digits (the embedded default's settings),
-    quadratic lr x10; the loss falls and the test accuracy rises well above chance (82% measured;
-    two epochs on a quarter of the digits had stayed at 10-17%)."""
+    """End to end through the engine: Dit-ResNet-20 on the digits (the embedded default's settings,
+    with two warm-up epochs), quadratic lr x10; the loss falls and the test accuracy rises well above
+    chance. With the default one warm-up epoch the first epoch overshoots (train loss 3.7-3.9) and 5
+    epochs end anywhere in 28-88% by seed and thread count; with two, seeds 0-2 on 1 and 2 threads
+    end at 86.7-97.5% (2026-11-29)."""
     import json
 
     from bionets.cli import main
     from bionets.engine.checkpoint import load_checkpoint
 
-    code = main(["train", "digits", "model.name=dit_resnet20", "train.epochs=5", 'optim.lr_mult={"*quad*": 10}',
-                 "train.progress=false", f"out_dir={tmp_path}", "name=dit"])
+    code = main(["train", "digits", "model.name=dit_resnet20", "train.epochs=5", "sched.warmup_epochs=2",
+                 'optim.lr_mult={"*quad*": 10}', "train.progress=false", f"out_dir={tmp_path}", "name=dit"])
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "dit" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
-    assert rows[-1]["test_top1"] > 60 and rows[-1]["test_top1"] > rows[0]["test_top1"] + 30   # 21.9 -> 82.2%
+    assert rows[-1]["test_top1"] > 60 and rows[-1]["test_top1"] > rows[0]["test_top1"] + 30
     state = load_checkpoint(tmp_path / "dit" / "last.pt")["model"]
     assert state["layer2.0.quad.weight"].shape == (32, 32, 32) and state["layer2.0.quad.weight"].abs().max() > 0
 
