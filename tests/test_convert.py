@@ -519,3 +519,15 @@ def test_a_quadratic_term_that_outweighs_the_model_is_noted():
     assert "the quadratic term(s) add 32,768 parameters to the model's 10,144 (323%)" in str(report)
     _, report = convert(timm.create_model("resnet18", num_classes=10), quadratic=True)
     assert "add 262,144 parameters" not in str(report)          # 2% of ResNet-18
+
+
+def test_a_module_held_twice_by_one_parent_is_converted_in_both_slots():
+    """named_children() names a module once per parent: the second slot of one Sequential kept the old
+    ReLU (or convolution) while the report said it was converted."""
+    act, conv = nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), act, conv, act, conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2))
+    model, report = convert(model, activation={"input_size": [3, 8, 8]}, quadratic=["2"])
+    assert isinstance(model[1], RAA) and model[1] is model[3]
+    assert type(model[2]).__name__ == "ConvPlusQuadratic" and model[2] is model[4]
+    assert "2, 4: conv + channel-wise" in str(report) and "1, 3: -> RAA" in str(report)

@@ -15,7 +15,7 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str
     parents = list(model.named_modules(remove_duplicate=False))    # before any change: ``new`` may hold ``old``
     names = []
     for prefix, parent in parents:
-        for leaf, child in list(parent.named_children()):
+        for leaf, child in list(parent._modules.items()):     # (named_children() skips a second slot of one parent)
             if child is old:
                 setattr(parent, leaf, new)
                 names.append(f"{prefix}.{leaf}" if prefix else leaf)
