@@ -169,8 +169,9 @@ def test_swap_on_timm_models(name, kwargs, n_act, added):
 def test_raa_bad_input():
     with pytest.raises(BionetsError, match="variant"):
         RAA(4, variant="diag")
-    with pytest.raises(BionetsError, match="built for 4 features"):
-        RAA(4)(torch.randn(2, 5))
+    with pytest.raises(BionetsError, match=r"built for 4 features got a tensor of shape \(2, 5\) \(it takes them on dim "
+                                           r"1 of an \[N, C, H, W\] map or on the last dim\); where a swap built it"):
+        RAA(4)(torch.randn(2, 5))                     # (a layer built by hand: the swap's advice came first)
     with pytest.raises(BionetsError, match="RAA takes floating-point input, got torch.int64"):
         RAA(4)(torch.tensor([[3, 5, 7, 9]]))          # (it returned [[2, 4, 7, 9]])
     with pytest.raises(BionetsError, match=r"RAA takes a torch.Tensor, got ndarray: convert it \(torch.as_tensor"):

@@ -354,11 +354,13 @@ class RAA(nn.Module):
             raise BionetsError(f"RAA takes a torch.Tensor, got {type(x).__name__}: convert it (torch.as_tensor(x))")
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
         if x.ndim == 0 or dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
-            raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)}: the "
-                               "width read from the layers registered before the activation it replaced does not match "
-                               "this call (layers registered out of call order, or one module called at several widths); "
-                               "swap with an example input (swap_activations(..., example_input=x), or the raa option "
-                               "input_size: [C, H, W]) so that every call's width is seen, or exclude it by pattern")
+            raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)} (it "
+                               "takes them on dim 1 of an [N, C, H, W] map or on the last dim); where a swap built it, "
+                               "the width read from the layers registered before the activation it replaced does not "
+                               "match this call (layers registered out of call order, or one module called at several "
+                               "widths): swap with an example input (swap_activations(..., example_input=x), or the raa "
+                               "option input_size: [C, H, W]) so that every call's width is seen, or exclude it by "
+                               "pattern")
         if not x.is_floating_point():            # (integers were rounded silently; nn.GELU refuses them)
             raise BionetsError(f"RAA takes floating-point input, got {x.dtype}: convert it (x.float())")
         plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
