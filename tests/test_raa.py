@@ -177,6 +177,13 @@ def test_raa_bad_input():
     with pytest.raises(BionetsError, match=r"RAA takes a torch.Tensor, got ndarray: convert it \(torch.as_tensor"):
         RAA(4)(torch.randn(2, 4).numpy())             # (an AttributeError)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with pytest.raises(BionetsError, match="example_input takes one input tensor of the model, got list"):
+        swap_activations(model, example_input=[1.0, 2.0])                  # (an AttributeError)
+    from bionets.layers.raa_swap import RAAByWidth
+    with pytest.raises(BionetsError, match="RAAByWidth needs one or more widths"):
+        RAAByWidth([])                                # (built, then failed at every call)
+    with pytest.raises(BionetsError, match=r"RAAByWidth has RAA for widths \['3', '4'\], got a tensor of shape \(\)"):
+        RAAByWidth([3, 4])(torch.tensor(1.0))         # (an IndexError)
     with pytest.raises(BionetsError, match=r"patterns takes a list .*got the string '1\*': write \['1\*'\]"):
         swap_activations(model, patterns="1*")        # ('*' alone matched every activation)
     with pytest.raises(BionetsError, match="swap_activations takes a torch.nn.Module, got int"):

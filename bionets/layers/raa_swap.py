@@ -44,10 +44,12 @@ class RAAByWidth(nn.Module):
 
     def __init__(self, widths: list[int], variant: Variant = "vector", base: Base = "gelu", compiled: bool = False):
         super().__init__()
+        if not widths:
+            raise BionetsError("RAAByWidth needs one or more widths, got none: give the feature widths it is called at")
         self.by_width = nn.ModuleDict({str(w): RAA(w, variant, base, compiled) for w in widths})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for w in (x.shape[1], x.shape[-1]) if x.ndim == 4 else (x.shape[-1],):
+        for w in (x.shape[1], x.shape[-1]) if x.ndim == 4 else (x.shape[-1],) if x.ndim else ():
             if str(w) in self.by_width:
                 return self.by_width[str(w)](x)
         raise BionetsError(f"RAAByWidth has RAA for widths {list(self.by_width)}, got a tensor of shape {tuple(x.shape)}: "
@@ -272,6 +274,9 @@ def swap_activations(model: nn.Module, *, types: tuple[str, ...] = DEFAULT_TYPES
     :func:`probe_activations` counts them).
     """
     require_module(model, "swap_activations")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise BionetsError(f"swap_activations' example_input takes one input tensor of the model, got "
+                           f"{type(example_input).__name__}: convert it (torch.as_tensor)")
     chosen = find_activations(model, types, patterns)
     probe = probe_activations(model, chosen, example_input) if example_input is not None and chosen else None
     return replace_activations(model, chosen, probe, variant, base, compiled)
