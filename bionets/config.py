@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from bionets.configbase import PATH_BYTES, PathText, Section, Seed, load_yaml
 from bionets.data.config import DataConfig
@@ -116,53 +116,11 @@ class RunConfig(Section):
         return d
 
 
-def _fields_at(cls: type[Section], loc: tuple) -> list[str]:
-    """The valid keys of the section that ``loc`` (a pydantic error location) points into."""
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, Section)):
-            return []
-        cls = ann
-    return list(cls.model_fields)
-
-
-_TYPE_TAG = re.compile(r"(str|int|float|bool|none|(literal|list|dict|tuple|set)\[.*\]|function-[a-z]+\[.*\])")
-
-
-def _untagged(loc: tuple) -> tuple:
-    """A pydantic error location without the tags it adds for a field of several accepted types
-    (``placement.list[str].0`` -> ``placement.0``)."""
-    return tuple(p for p in loc if not (isinstance(p, str) and _TYPE_TAG.fullmatch(p)))
-
-
-def _one_line(err: ValidationError, cls: type[Section], prefix: str) -> BionetsError:
-    errors = [dict(x, loc=_untagged(tuple(x["loc"]))) for x in err.errors()]
-    e = errors[0]
-    loc = e["loc"]
-    key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
-    if e["type"] == "extra_forbidden":
-        fields = _fields_at(cls, loc)
-        hint = closest(str(loc[-1]), fields) or (f" (valid here: {', '.join(fields)})" if fields else "")
-        return BionetsError(f"unknown config key '{key}'{hint}")
-    if e["type"] == "missing":
-        return BionetsError(f"config key '{key}' is required")
-    # a field of several accepted types (e.g. bool | Literal[...]) fails once per type: name every form
-    union = [x for x in errors if x["loc"] == loc]
-    msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
-    got = repr(e.get("input"))
-    got = got if len(got) <= 100 else f"{got[:80]}... ({len(got):,} characters)"      # (a 4,000-byte path)
-    return BionetsError(f"config key '{key}': {msg} (got {got})")
-
-
 def validate_section(cls: type[Section], data: dict, prefix: str = "") -> Section:
     """Build a typed section from raw data; a bad key or value becomes one BionetsError line."""
     if not isinstance(data, dict):
         raise BionetsError(f"config section '{prefix}' must be a mapping, got {data!r}")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise _one_line(err, cls, prefix) from None
+    return cls.checked(data, prefix)
 
 
 def config_root():

@@ -7,14 +7,18 @@ import os
 import re
 import types
 import typing
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bionets.errors import BionetsError, closest
 
 # a random seed: what torch.manual_seed and NumPy take (a larger one overflowed inside them)
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+_VALIDATING = ContextVar("validating_a_section", default=False)    # (see Section.__init__)
 PATH_BYTES = 4000      # under Linux's PATH_MAX (4096), leaving room for the file names a run adds
 
 
@@ -108,9 +112,74 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
+    def __init__(self, **data):
+        """A section built in Python (``OptimConfig(lr=-1)``) errs in one line too, as a config file's
+        does (pydantic's error spans three lines). pydantic calls this for the sections nested in one
+        it validates too: those leave their errors to the outermost, which knows the full key."""
+        if _VALIDATING.get():
+            super().__init__(**data)
+        else:
+            type(self).checked(data, into=self)
+
+    @classmethod
+    def checked(cls, data: dict, prefix: str = "", into: Section | None = None) -> Section:
+        """``data`` validated as this section (``into``: filling that instance), a bad key or value
+        one BionetsError line naming it under ``prefix``."""
+        token = _VALIDATING.set(True)
+        try:
+            if into is None:
+                return cls.model_validate(data)
+            super(Section, into).__init__(**data)
+            return into
+        except ValidationError as err:
+            raise one_line_error(err, cls, prefix) from None
+        finally:
+            _VALIDATING.reset(token)
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, v, info):
         if isinstance(v, bool) and takes_a_number(cls.model_fields[info.field_name].annotation):
             raise ValueError("takes a number, not true or false")
         return v
+
+
+def _fields_at(cls: type[Section], loc: tuple) -> list[str]:
+    """The valid keys of the section that ``loc`` (a pydantic error location) points into."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, Section)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+_TYPE_TAG = re.compile(r"(str|int|float|bool|none|(literal|list|dict|tuple|set)\[.*\]|function-[a-z]+\[.*\])")
+
+
+def _untagged(loc: tuple) -> tuple:
+    """A pydantic error location without the tags it adds for a field of several accepted types
+    (``placement.list[str].0`` -> ``placement.0``)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and _TYPE_TAG.fullmatch(p)))
+
+
+def one_line_error(err: ValidationError, cls: type[Section], prefix: str = "") -> BionetsError:
+    """pydantic's error for section ``cls`` (at ``prefix``) as one BionetsError line: the key, what it
+    takes, the value given."""
+    errors = [dict(x, loc=_untagged(tuple(x["loc"]))) for x in err.errors()]
+    e = errors[0]
+    loc = e["loc"]
+    key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+    if e["type"] == "extra_forbidden":
+        fields = _fields_at(cls, loc)
+        hint = closest(str(loc[-1]), fields) or (f" (valid here: {', '.join(fields)})" if fields else "")
+        return BionetsError(f"unknown config key '{key}'{hint}")
+    if e["type"] == "missing":
+        return BionetsError(f"config key '{key}' is required")
+    # a field of several accepted types (e.g. bool | Literal[...]) fails once per type: name every form
+    union = [x for x in errors if x["loc"] == loc]
+    msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
+    got = repr(e.get("input"))
+    got = got if len(got) <= 100 else f"{got[:80]}... ({len(got):,} characters)"      # (a 4,000-byte path)
+    return BionetsError(f"config key '{key}': {msg} (got {got})")

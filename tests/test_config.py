@@ -204,3 +204,14 @@ def test_an_unknown_name_lists_the_choices_once():
         "unknown experiment 'gausian' (did you mean: gaussian?); experiments: all")
     many = [f"m{i:02d}" for i in range(13)]
     assert str(unknown("model", "zz", many, see="bionets models")).endswith("m11, ...); bionets models")
+
+
+def test_a_section_built_in_python_errs_in_one_line():
+    """docs/stds.md builds OptimConfig(name="gradr", lr=1e-3) in Python: a bad value there gave
+    pydantic's three-line ValidationError."""
+    from bionets.engine.optim import OptimConfig
+    with pytest.raises(BionetsError, match=re.escape("config key 'lr': Input should be greater than 0 (got -1)")):
+        OptimConfig(lr=-1)
+    with pytest.raises(BionetsError, match=re.escape("unknown config key 'lrr' (did you mean: lr, lr_mult?)")):
+        OptimConfig(lrr=1)
+    assert OptimConfig(name="gradr", lr=1e-3).lr == 1e-3
