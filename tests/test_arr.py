@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from bionets.cli import main
 from bionets.config import load_config
 from bionets.errors import BionetsError
-from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, sequential_means
+from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample, sequential_means
 from bionets.mechanisms import apply_mechanisms, parse_mechanisms
 from compile_helpers import own_cpu_kernels
 
@@ -251,6 +251,109 @@ def test_arr_loss_called_directly_checks_its_arguments():
             arr_loss(memory, responses, y, weight=1.0, momentum=0.1)
     with pytest.raises(BionetsError, match=r"\[3\] responses for 4 targets"):
         arr_loss(memory, torch.randn(1, 3, 2), y, weight=1.0, momentum=0.1)
+
+
+def test_arr_loss_refuses_bool_targets():
+    """Bool targets were read as classes 0 and 1."""
+    with pytest.raises(BionetsError, match="1-D integer tensor of class indices, got a torch.bool tensor of shape"):
+        arr_loss(ArrMemory(1, 3, 2), [torch.randn(4, 2)], torch.tensor([True, False, True, True]), weight=1.0,
+                 momentum=0.1)
+
+
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_arr_loss_takes_targets_of_any_integer_dtype(dtype, own, monkeypatch):
+    """The same loss and memory as int64 targets (the PyTorch operators' scatter took int32/int64 only)."""
+    from bionets.layers import arr
+    if not own:
+        monkeypatch.setattr(arr, "_own_operator", lambda *args: None)
+    torch.manual_seed(0)
+    r, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
+    results = []
+    for targets in (y, y.to(dtype)):
+        memory = ArrMemory(1, 3, 2)
+        results.append((arr_loss(memory, [r], targets, weight=1.0, momentum=0.1), memory.mean))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ([torch.randn(2, 3)], r"got a list of \[a torch.float32 tensor of shape \(2, 3\)\]"),   # was feature 0 of each sample
+    ([torch.randn(3)], r"got a list of \[a torch.float32 tensor of shape \(3,\)\]"),
+    ([torch.randn(2, 0, 3)], r"T >= 1 tokens .*shape \(2, 0, 3\)"),
+    (torch.randn(2, 4, 3), r"single block: \[x\]\), got a torch.float32 tensor of shape \(2, 4, 3\)$"),
+    ([], r"got a list of \[\]"),
+    ([torch.randn(2, 4, 3).numpy()], r"got a list of \[a numpy array of shape \(2, 4, 3\)\]"),
+    ([torch.randn(2, 4, 3), torch.randn(3, 4, 3)], r"shapes \[\(2, 4, 3\), \(3, 4, 3\)\] .*same N samples and D features"),
+    ([torch.randn(2, 4, 3), torch.randn(2, 4, 2)], r"shapes \[\(2, 4, 3\), \(2, 4, 2\)\] .*same N samples and D features"),
+])
+def test_class_tokens_refuses_what_is_no_list_of_block_outputs(blocks, message):
+    with pytest.raises(BionetsError, match=message):
+        class_tokens(blocks)
+
+
+def test_class_tokens_takes_blocks_of_different_token_counts():
+    """Only N and D must agree: blocks with other token counts (ConViT-like) take the plain slices."""
+    blocks = [torch.randn(2, 4, 3), torch.randn(2, 5, 3)]
+    assert torch.equal(class_tokens(tuple(blocks)), torch.stack([x[:, 0] for x in blocks]))
+
+
+def test_per_sample_averages_time_steps_and_checks_its_arguments():
+    r = torch.arange(12.0).view(6, 2)                               # 3 time steps of 2 samples
+    torch.testing.assert_close(per_sample(r, 2), r.view(3, 2, 2).mean(0))
+    assert per_sample(r, 6) is r and per_sample(r, 4) is r and per_sample(r, 0) is r
+    # an empty batch: no rows back, not n rows of NaN (arr_loss then names the counts)
+    empty = per_sample(torch.randn(0, 2), 3)
+    assert empty.shape == (0, 2)
+    with pytest.raises(BionetsError, match=r"\[0\] responses for 3 targets"):
+        arr_loss(ArrMemory(1, 3, 2), [empty], torch.tensor([0, 1, 2]), weight=1.0, momentum=0.1)
+    # integer spike counts: a float firing rate (torch's mean takes no integers)
+    counts = torch.tensor([[1, 0], [2, 1], [0, 1], [1, 1]])
+    torch.testing.assert_close(per_sample(counts, 2), torch.tensor([[0.5, 0.5], [1.5, 1.0]]))
+    torch.testing.assert_close(per_sample(counts > 0, 2), torch.tensor([[0.5, 0.5], [1.0, 1.0]]))
+    for n in (-3, 3.0, True, None, torch.tensor(3)):
+        with pytest.raises(BionetsError, match=f"n, the number of samples, as a whole number >= 0, got .* and n="):
+            per_sample(r, n)
+    with pytest.raises(BionetsError, match=r"got a list of \[a list of \[a float, a float\]\] and n=2"):
+        per_sample([[1.0, 2.0]], 2)
+
+
+def test_arr_loss_with_one_2d_tensor_says_to_wrap_it_in_a_list():
+    """The API takes a list of [N, D] or one [J, N, D]: a bare [N, D] tensor's message said 'give 1 to 1
+    [N, 3] tensors', which it was."""
+    with pytest.raises(BionetsError, match=r"one tensor of shape \(5, 3\) for a memory of 1 layer.* in a list, \[r\]"):
+        arr_loss(ArrMemory(1, 4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0]), weight=1.0, momentum=0.1)
+
+
+@pytest.mark.parametrize("kwargs", [{"momentum": "0.1"}, {"weight": None}, {"weight": float("inf")},
+                                    {"weight": float("nan")}, {"momentum": float("nan")}, {"weight": True},
+                                    {"momentum": torch.tensor(0.1)}, {"momentum": -0.1}])
+def test_arr_loss_refuses_weights_and_momenta_that_are_no_valid_numbers(kwargs):
+    """As ArrConfig: weight finite >= 0, momentum in [0, 1), plain numbers (a string or None was a
+    TypeError, an infinite weight an infinite loss)."""
+    with pytest.raises(BionetsError, match="momentum a number in .0, 1. and weight a finite number >= 0, got"):
+        arr_loss(ArrMemory(1, 3, 2), [torch.randn(4, 2)], torch.tensor([0, 1, 2, 1]),
+                 **{"weight": 1.0, "momentum": 0.1, **kwargs})
+
+
+def test_arr_loss_takes_numpy_numbers_for_weight_and_momentum():
+    import numpy as np
+    r, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 1])
+    want = arr_loss(ArrMemory(1, 3, 2), [r], y, weight=2.0, momentum=0.1)
+    torch.testing.assert_close(arr_loss(ArrMemory(1, 3, 2), [r], y, weight=np.float32(2), momentum=np.float64(0.1)), want)
+
+
+@pytest.mark.parametrize("responses, message", [
+    ([torch.randn(4, 2, dtype=torch.complex64)], "floating-point responses, got a list of .a torch.complex64 tensor"),
+    (torch.randn(1, 4, 2, dtype=torch.complex64), "floating-point responses, got a torch.complex64 tensor"),
+    ([torch.randint(0, 3, (4, 2))], "floating-point responses, got a list of .a torch.int64 tensor"),
+    ([torch.randn(4, 2).numpy()], r"responses as torch tensors .*got a list of \[a numpy array of shape \(4, 2\)\]"),
+    ("r", "responses as torch tensors .*got a str"),
+])
+def test_arr_loss_refuses_responses_that_are_no_floating_point_tensors(responses, message):
+    """Complex responses were cast to their real part with a warning only; numpy arrays and integers
+    failed inside."""
+    with pytest.raises(BionetsError, match=message):
+        arr_loss(ArrMemory(1, 3, 2), responses, torch.tensor([0, 1, 2, 1]), weight=1.0, momentum=0.1)
 
 
 @pytest.mark.parametrize("own", [True, False])

@@ -26,6 +26,9 @@ computes the update (:mod:`bionets.layers.arr_triton`), else the PyTorch operato
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -126,10 +129,40 @@ def gather_across_ranks(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def per_sample(r: torch.Tensor, n: int) -> torch.Tensor:
     """Responses [k n, D] of a net that folds k time steps into the batch (a spiking net's [T, N, ...]
     as [T N, ...], time outer, SpikingJelly's layout) averaged over time: [n, D], each sample's
-    firing rate; ``r`` itself when it has n rows, or a row count that is no multiple of n."""
-    if r.shape[0] == n or n == 0 or r.shape[0] % n:
+    firing rate; ``r`` itself when it has n rows, none (an empty batch: the mean of no time steps
+    was NaN), or a row count that is no multiple of n (arr_loss then names the counts). ``n`` is
+    ``len(targets)``, 0 for an empty batch. Integer or bool rows (spike counts) average in float32:
+    torch's mean takes no integers."""
+    if not isinstance(r, torch.Tensor) or not r.ndim or not _is_whole(n) or n < 0:
+        raise BionetsError(f"per_sample takes responses as a tensor [T N, ...] and n, the number of samples, as a whole "
+                           f"number >= 0, got {_what(r)} and n={n!r}")
+    rows = r.shape[0]
+    if rows == n or n == 0 or rows == 0 or rows % n:
         return r
-    return r.view(r.shape[0] // n, n, *r.shape[1:]).mean(0)
+    exact = r.is_floating_point() or r.is_complex()
+    return r.view(rows // n, n, *r.shape[1:]).mean(0, dtype=None if exact else torch.float32)
+
+
+def _is_whole(n) -> bool:
+    """An int (numpy's too), not a bool: a plain Python check, no tensor read back from a device."""
+    return type(n) is int or (isinstance(n, numbers.Integral) and not isinstance(n, bool))
+
+
+def _is_number(x) -> bool:
+    """A real number (int, float, numpy's), not a bool and not a tensor (comparing a CUDA tensor
+    waits for the device)."""
+    return type(x) in (float, int) or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+
+def _what(value) -> str:
+    """What a user passed, for a message: a tensor's or array's shape and dtype, else its type
+    (a list's or tuple's items by theirs)."""
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of [{', '.join(_what(v) for v in value[:4])}{', ...' if len(value) > 4 else ''}]"
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    shape, name = getattr(value, "shape", None), type(value).__name__.replace("ndarray", "numpy array")
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}" + (f" of shape {shape}" if isinstance(shape, tuple) else "")
 
 
 def _scan_on_gpu(memory: ArrMemory, r: torch.Tensor, y: torch.Tensor, momentum: float, form: str,
@@ -193,9 +226,15 @@ def class_tokens(blocks: list[torch.Tensor]) -> torch.Tensor:
     host. Its cost: the J blocks' gradients [N, T, D] live in one buffer until the backward has
     passed the first block, where the plain slices' were freed one at a time. Plain slices where
     the blocks differ in shape, dtype or device, or under torch.compile, tracing or torch.func."""
-    if not blocks:
-        raise BionetsError("class_tokens needs at least one block output [N, T, D]")
+    if (not isinstance(blocks, (list, tuple)) or not blocks
+            or not all(isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] for x in blocks)):
+        raise BionetsError(f"class_tokens takes a non-empty list of block outputs [N, T, D] with T >= 1 tokens (a "
+                           f"single block: [x]), got {_what(blocks)}")
     first = blocks[0]
+    if any(x.shape[0] != first.shape[0] or x.shape[2] != first.shape[2] or x.device != first.device for x in blocks):
+        raise BionetsError(f"class_tokens: blocks of shapes {[tuple(x.shape) for x in blocks]} on "
+                           f"{sorted({str(x.device) for x in blocks})}: every block needs the same N samples and D "
+                           "features, on one device")
     plain = (torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
              or any(x.shape != first.shape or x.dtype != first.dtype or x.device != first.device for x in blocks))
     return torch.stack([x[:, 0] for x in blocks]) if plain else _ClassTokens.apply(*blocks)
@@ -214,16 +253,29 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
              weight: float, momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, or all of them as
     one [J, N, D] tensor, as :func:`class_tokens` gives them; all layers at once); updates ``memory``."""
-    if form not in FORMS or not 0 <= momentum < 1 or not weight >= 0:
-        raise BionetsError(f"arr_loss needs form in {FORMS}, 0 <= momentum < 1 and weight >= 0, got form={form!r}, "
-                           f"momentum={momentum}, weight={weight}")
-    if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.is_floating_point() or targets.is_complex():
-        got = f"a {type(targets).__name__}" if not isinstance(targets, torch.Tensor) else \
-            f"a {targets.dtype} tensor of shape {tuple(targets.shape)}"
-        raise BionetsError(f"arr_loss takes targets as a 1-D integer tensor of class indices, got {got} (one-hot "
-                           "targets: targets.argmax(1))")
+    # plain Python checks (ArrConfig's bounds): no tensor is read back from the device every step
+    if (form not in FORMS or not _is_number(momentum) or not _is_number(weight) or not 0 <= momentum < 1
+            or not 0 <= weight < math.inf):
+        raise BionetsError(f"arr_loss needs form in {FORMS}, momentum a number in [0, 1) and weight a finite number "
+                           f">= 0, got form={form!r}, momentum={momentum!r}, weight={weight!r}")
+    weight, momentum = float(weight), float(momentum)        # numpy's too, for the kernels and the PyTorch path
+    if (not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.is_floating_point() or targets.is_complex()
+            or targets.dtype == torch.bool):          # bool targets read as classes 0 and 1
+        raise BionetsError(f"arr_loss takes targets as a 1-D integer tensor of class indices, got {_what(targets)} "
+                           "(one-hot targets: targets.argmax(1))")
     layers, classes, dim = memory.mean.shape
     as_one = isinstance(responses, torch.Tensor)
+    if not as_one and not (isinstance(responses, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in responses)):
+        raise BionetsError(f"arr_loss takes responses as torch tensors (a list of [N, D], one a layer, or one [J, N, D] "
+                           f"tensor), got {_what(responses)}")
+    if not all(t.dtype.is_floating_point for t in ((responses,) if as_one else responses)):
+        # (complex ones were cast to their real part with a warning only; integers failed in the kernels)
+        raise BionetsError(f"arr_loss takes floating-point responses, got {_what(responses)} (integer ones: r.float(); "
+                           "complex ones: r.real or r.abs())")
+    if as_one and responses.ndim == 2:
+        raise BionetsError(f"arr_loss: one tensor of shape {tuple(responses.shape)} for a memory of {layers} layer(s) "
+                           f"of {dim} features: one layer's [N, D] responses go in a list, [r] (or all layers as one "
+                           "[J, N, D] tensor)")
     if as_one:
         shapes = [tuple(responses.shape[1:])] * len(responses) if responses.ndim == 3 else [tuple(responses.shape)]
     else:
@@ -241,6 +293,8 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
     if (own := _own_operator(memory, responses, targets)) is not None:
         return own.arr_loss.default(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight,
                                     form == "code", update)
+    if targets.dtype not in (torch.int32, torch.int64):        # scatter and gather index by int32/int64 only
+        targets = targets.long()
     r = responses.float() if as_one else torch.stack([t.float() for t in responses])      # [J, N, D]
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)
