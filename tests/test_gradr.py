@@ -103,7 +103,7 @@ def test_errors():
     for p in (0.3, 1.0):
         with pytest.raises(BionetsError, match=r"\[0.5, 1\)"):
             apply_gradr(nn.Linear(2, 2), target_sparsity=p)
-    with pytest.raises(BionetsError, match=r"alpha must be > 0 \(default 1e-3\), got 0.0"):
+    with pytest.raises(BionetsError, match=r"alpha must be a finite number > 0 \(default 1e-3\), got 0.0"):
         SignedStrength(torch.ones(2), alpha=0.0)
     layer = nn.Linear(2, 2)
     apply_stds(layer)
@@ -133,3 +133,73 @@ def test_gradr_trains_and_prunes_on_digits():
     assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
     assert acc > 0.8
     assert sparsity(model).total > 0.4   # the prior's steady pull (lr * alpha per step) prunes
+
+
+def test_exact_zeros_get_a_fixed_sign_and_learn():
+    """sign(0) = 0 froze a zero-initialized layer for good (dL/dtheta = s * g = 0): exact zeros get
+    +1 or -1, evenly, from a generator seeded with 0 (the same signs whatever the global seed)."""
+    signs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        layer = nn.Linear(40, 50, bias=False)
+        nn.init.zeros_(layer.weight)
+        with torch.no_grad():
+            layer.weight[0, :3] = torch.tensor([0.5, -0.5, 0.0])
+        apply_gradr(layer)
+        s = layer.parametrizations.weight[0].s
+        signs.append(s.clone())
+        assert s[0, 0] == 1 and s[0, 1] == -1                    # nonzero weights keep sign(w_init)
+        assert set(s.unique().tolist()) == {-1.0, 1.0}
+        assert 0.4 < (s == 1).float().mean() < 0.6               # excitatory and inhibitory alike
+        assert torch.equal(layer.weight[1:], torch.zeros(49, 40))   # the effective weights are unchanged
+    assert torch.equal(signs[0], signs[1])
+    layer = nn.Linear(3, 2, bias=False)
+    nn.init.zeros_(layer.weight)
+    apply_gradr(layer)
+    opt = create_gradr(layer, OptimConfig(name="gradr", lr=0.1, weight_decay=0.0))
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.ones(1, 3)).sum().backward()               # dL/dw = 1: inhibitory synapses grow
+        opt.step()
+    s = layer.parametrizations.weight[0].s
+    assert (layer.weight != 0).any() and torch.equal(layer.weight != 0, s < 0)
+
+
+def test_alpha_and_target_sparsity_must_be_finite_numbers():
+    """alpha=inf pruned every weight after one step (theta -> -inf), silently."""
+    for alpha in (float("inf"), float("nan"), -1.0, "1e-3", None):
+        with pytest.raises(BionetsError, match=r"alpha must be a finite number > 0 \(default 1e-3\), got "):
+            apply_gradr(nn.Linear(2, 2), alpha=alpha)
+    for p in (float("nan"), None):
+        with pytest.raises(BionetsError, match=r"target sparsity p must be in \[0.5, 1\)"):
+            apply_gradr(nn.Linear(2, 2), target_sparsity=p)
+
+
+def test_applying_gradr_again_with_other_settings_is_one_line():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    apply_gradr(model, alpha=1e-3, include=["0"])
+    with pytest.raises(BionetsError) as err:
+        apply_gradr(model, alpha=1e-2, target_sparsity=0.9)
+    assert str(err.value) == ("the model's Grad R layers (e.g. '0') were made with other settings (alpha 0.001 -> "
+                              "0.01, target_sparsity 0.95 -> 0.9): apply Grad R to a fresh model, or with the "
+                              "settings it had")
+    assert not parametrize.is_parametrized(model[1]) and model[0].parametrizations.weight[0].alpha == 1e-3
+    assert apply_gradr(model, alpha=1e-3) == ["1", "0"]
+    cfg = parse_mechanisms({"gradr": {"alpha": 0.1}})["gradr"]
+    with pytest.raises(BionetsError, match=r"Grad R layers \(e.g. '0'\) were made with other settings \(alpha 0.001"):
+        get_mechanism("gradr").apply(model, cfg)
+
+
+def test_bad_argument_types_are_one_line():
+    model = nn.Linear(2, 2)
+    apply_gradr(model)
+    for call, message in ((lambda: create_gradr(model, {"lr": 1e-3}), "create_gradr takes an OptimConfig"),
+                          (lambda: create_gradr(model, None), "(name='gradr', lr=1e-3)), got NoneType"),
+                          (lambda: create_gradr("m", OptimConfig(name="gradr")),
+                           "create_gradr takes a torch.nn.Module, got str"),
+                          (lambda: apply_gradr("m"), "apply_gradr takes a torch.nn.Module, got str"),
+                          (lambda: apply_gradr(nn.Linear(2, 2), include=[0]),
+                           "include takes names or glob patterns as strings")):
+        with pytest.raises(BionetsError) as err:
+            call()
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -41,7 +41,7 @@ def test_soft_threshold_matches_formula(fn, d):
 
 def test_a_negative_threshold_given_to_soft_threshold_is_one_line():
     """torch's check named a 'lambda' the caller never gave."""
-    with pytest.raises(BionetsError, match="STDS threshold D must be >= 0"):
+    with pytest.raises(BionetsError, match="STDS threshold D must be a finite number >= 0"):
         soft_threshold(torch.randn(3), -1.0)
 
 
@@ -175,9 +175,9 @@ def test_fixed_init_theta_and_first_weights():
         assert torch.allclose(model[0].weight, w0, atol=1e-6)
 
 
-def hand_model():
+def hand_model(sparse_function="stmod"):
     model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
-    apply_stds(model, "stmod", 0.5)
+    apply_stds(model, sparse_function, 0.5)
     with torch.no_grad():
         model[0].parametrizations.weight.original.copy_(torch.tensor([[0.1, 0.6, -0.5, -2.0], [0.0, 0.2, 0.3, 0.4]]))
         model[2].parametrizations.weight.original.copy_(torch.tensor([0.7, -0.1]).view(2, 1, 1, 1))
@@ -252,7 +252,7 @@ def test_only_the_final_threshold_competes_for_best_except_in_the_dense_baseline
     nothing (w = theta), so every epoch of it competes."""
     def hook_for(sparse_function):
         cfg = parse_mechanisms({"stds": {"sparse_function": sparse_function, "schedule": "sine"}})["stds"]
-        return get_mechanism("stds").apply(hand_model(), cfg).hooks[0]
+        return get_mechanism("stds").apply(hand_model(sparse_function), cfg).hooks[0]
     sparse, dense = hook_for("stmod"), hook_for("identity")
     for step in (0, 50, 99):
         for hook in (sparse, dense):
@@ -350,14 +350,14 @@ def test_bad_config_is_one_line(section, needle):
 
 def test_bad_arguments_are_one_line():
     cases = [(lambda: SoftThreshold("soft"), "unknown sparse function 'soft' (did you mean: st, stmod?)"),
-             (lambda: SoftThreshold("stmod", -0.1), "D must be >= 0 (in theta units, e.g. 1.0 with Adam lr 1e-4), "
-                                                    "got -0.1"),
+             (lambda: SoftThreshold("stmod", -0.1), "D must be a finite number >= 0 (in theta units, e.g. 1.0 with "
+                                                    "Adam lr 1e-4), got -0.1"),
              (lambda: threshold_at("cosine", 1.0, 0, 10), "unknown STDS schedule 'cosine' (did you mean: sine, linear?)"),
              (lambda: apply_stds(nn.Sequential(nn.ReLU())), "no conv/linear layer of Sequential matching include=['*'] "
                                                             "exclude=[] (eligible: none)"),
              (lambda: apply_stds(nn.Linear(2, 2), include=["head*"]), "matching include=['head*'] exclude=[] "
                                                                       "(eligible: '' (the model itself))"),
-             (lambda: set_threshold(nn.Linear(2, 2), -1.0), "D must be >= 0"),
+             (lambda: set_threshold(nn.Linear(2, 2), -1.0), "D must be a finite number >= 0"),
              (lambda: apply_stds(nn.Linear(2, 2), include="x*"), "got the string 'x*': write ['x*']"),
              (lambda: apply_stds("model"), "apply_stds takes a torch.nn.Module, got str"),
              (lambda: sparsity(5), "sparsity takes a torch.nn.Module, got int"),
@@ -393,3 +393,143 @@ def test_stds_trains_a_small_net_on_digits():
     assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
     assert acc > 0.85
     assert sparsity(model).total > 0.3
+
+
+# -- review fixes: settings of a layer made before, D's type and range, Progress, argument types ---------
+
+def test_applying_stds_again_with_other_settings_is_one_line():
+    """The names came back as if applied, but the layers kept their old function and D."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    apply_stds(model, "stmod", 0.1, include=["0"])
+    for fn, d, differ in (("st", 0.1, "sparse_function 'stmod' -> 'st'"), ("stmod", 0.5, "d 0.1 -> 0.5"),
+                          ("st", 0.5, "sparse_function 'stmod' -> 'st', d 0.1 -> 0.5")):
+        with pytest.raises(BionetsError) as err:
+            apply_stds(model, fn, d)
+        assert str(err.value) == (f"the model's STDS layers (e.g. '0') were made with other settings ({differ}): "
+                                  "apply STDS to a fresh model, or with the settings it had")
+    assert not parametrize.is_parametrized(model[1])          # refused before any layer was changed
+    p = model[0].parametrizations.weight[0]
+    assert (p.sparse_function, p.d.item()) == ("stmod", pytest.approx(0.1))
+    assert apply_stds(model, "stmod", 0.1) == ["1", "0"]      # the same settings: layer '0' as it was
+    set_threshold(model, 0.25)
+    assert apply_stds(model, "stmod", 0.25) == ["0", "1"]     # D as set now
+
+
+def test_the_mechanism_and_apply_stds_agree_on_settings():
+    """The mechanism's layers are compared by their schedule (D is its state); its hook drives the
+    layers apply_stds made, if their sparse function is the mechanism's; one message for both."""
+    cfg = parse_mechanisms({"stds": {"schedule": "linear", "d_max": 1.0}})["stds"]
+    model = hand_model()                                        # stmod at D = 0.5, no schedule
+    applied = get_mechanism("stds").apply(model, cfg)
+    applied.hooks[0].on_step(Progress(step=30, total_steps=100, epoch=0, epochs=1))
+    assert get_mechanism("stds").apply(model, cfg).report.changes == []          # D 0.3 now: still the same settings
+    assert apply_stds(model, "stmod", 0.0) == ["0", "2"]                          # D is the schedule's
+    for call, differ in ((lambda: apply_stds(model, "st", 0.3), "sparse_function 'stmod' -> 'st'"),
+                         (lambda: get_mechanism("stds").apply(model, parse_mechanisms(
+                             {"stds": {"schedule": "sine", "d_max": 1.0}})["stds"]), "schedule 'linear' -> 'sine'")):
+        with pytest.raises(BionetsError) as err:
+            call()
+        assert str(err.value) == (f"the model's STDS layers (e.g. '0') were made with other settings ({differ}): "
+                                  "apply STDS to a fresh model, or with the settings it had")
+    with pytest.raises(BionetsError, match=r"other settings \(sparse_function 'st' -> 'stmod'\)"):
+        get_mechanism("stds").apply(hand_model("st"), cfg)
+
+
+@pytest.mark.parametrize("d", [float("inf"), float("nan"), -1.0, None, "0.5", True, torch.tensor([0.1, 0.2])])
+def test_a_threshold_that_is_not_a_finite_number_at_least_0_is_one_line(d):
+    """inf failed later with torch's 'lambda must be in range' (softshrink), None with a TypeError."""
+    for call in (lambda: apply_stds(nn.Linear(2, 2), d=d), lambda: set_threshold(hand_model(), d),
+                 lambda: soft_threshold(torch.randn(3), d), lambda: SoftThreshold("st", d)):
+        with pytest.raises(BionetsError, match="STDS threshold D must be a finite number >= 0") as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("d", [-1.0, float("inf"), float("nan")])
+def test_a_bad_tensor_threshold_is_one_line_where_it_is_read(d):
+    """A 0-d tensor D: checked where the CPU kernel reads it anyway (torch named a 'lambda')."""
+    with pytest.raises(BionetsError, match=f"STDS threshold D must be a finite number >= 0 .*got {d}"):
+        soft_threshold(torch.randn(3), torch.tensor(d))
+    model = hand_model()
+    with pytest.raises(BionetsError, match="STDS threshold D must be a finite number >= 0"):
+        set_threshold(model, torch.tensor(d))
+
+
+def test_a_good_tensor_threshold_is_taken():
+    theta = theta_grid()
+    assert torch.equal(soft_threshold(theta, torch.tensor(0.5)), formula(theta, 0.5))
+    model = hand_model()
+    assert set_threshold(model, torch.tensor(0.25)) == 2 and model[0].parametrizations.weight[0].d.item() == 0.25
+
+
+def test_no_device_sync_per_forward_for_a_tensor_threshold(monkeypatch):
+    """soft_threshold reads a tensor D's value only on the CPU (where its kernel needs it): off the
+    CPU its check is of shape and dtype only (no .item(), which would sync a GPU every forward)."""
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self.device.type) or real_item(self))
+    theta = torch.randn(5, device="meta")
+    soft_threshold(theta, torch.tensor(0.5, device="meta"), "stmod")
+    soft_threshold(theta, torch.tensor(0.5, device="meta"), "st")
+    assert reads == []
+
+
+def test_the_l1_prior_with_a_bad_rate_is_one_line():
+    """A NaN or negative rate reached softshrink ('lambda must be in range'); Progress refuses it, and
+    a product that overflows is refused by the hook."""
+    cfg = parse_mechanisms({"stds": {"schedule": "fixed", "d_max": 0.5, "l1": 1e10}})["stds"]
+    hook = get_mechanism("stds").apply(hand_model(), cfg).hooks[0]
+    for lr in (float("nan"), -0.1):
+        with pytest.raises(BionetsError, match=r"finite lr >= 0, got lr="):
+            hook.on_step(Progress(step=1, total_steps=10, epoch=0, epochs=1, lr=lr))
+    with pytest.raises(BionetsError, match=r"STDS l1 prior: the shrink lr \* l1 = 1e\+300 \* 10000000000.0 must be"):
+        hook.on_step(Progress(step=1, total_steps=10, epoch=0, epochs=1, lr=1e300))
+
+
+@pytest.mark.parametrize("args, bad", [
+    ((-3, 10, 0, 1), "step=-3"), ((5, float("nan"), 0, 1), "total_steps=nan"), (("5", 10, 0, 1), "step='5'"),
+    ((5, 10, -1, 1), "epoch=-1"), ((5, 10, 0, 1.5), "epochs=1.5"), ((True, 10, 0, 1), "step=True"),
+    ((5, 10, 0, 1, float("nan")), "lr=nan"), ((5, 10, 0, 1, -1e-3), "lr=-0.001"),
+    ((5, 10, 0, 1, float("inf")), "lr=inf"), ((5, 10, 0, 1, "1e-3"), "lr='1e-3'")])
+def test_progress_is_validated(args, bad):
+    """Progress(-3, 10, 0, 1) gave a positive D (the sine schedule is symmetric), a NaN total jumped
+    to d_max, a string step failed in the schedule with a TypeError."""
+    with pytest.raises(BionetsError) as err:
+        Progress(*args)
+    assert str(err.value) == ("Progress needs whole numbers >= 0 for step, total_steps, epoch and epochs and a finite "
+                              f"lr >= 0, got {bad}")
+
+
+def test_progress_takes_numpy_and_tensor_numbers():
+    import numpy as np
+    p = Progress(np.int64(3), 10, 0, 1, torch.tensor(0.5, dtype=torch.float64))
+    assert (p.step, p.lr) == (3, 0.5) and type(p.step) is int and type(p.lr) is float
+    assert Progress(0, 0, 0, 0) == Progress(0, 0, 0, 0, 0.0)
+
+
+def test_threshold_at_refuses_a_negative_step_or_bad_d_max():
+    with pytest.raises(BionetsError, match="STDS schedule step must be a whole number >= 0, got -3"):
+        threshold_at("sine", 1.0, -3, 10)
+    with pytest.raises(BionetsError, match="STDS d_max must be a finite number >= 0"):
+        threshold_at("sine", float("inf"), 0, 10)
+
+
+def test_bad_argument_types_are_one_line():
+    """set_threshold('m'), copy_state(m, None): AttributeError; include=[0]: fnmatch's TypeError."""
+    model = hand_model()
+    hook = get_mechanism("stds").apply(model, parse_mechanisms({"stds": {}})["stds"]).hooks[0]
+    cases = [(lambda: set_threshold("m", 0.1), "set_threshold takes a torch.nn.Module, got str"),
+             (lambda: hook.copy_state(model, None), "StdsHook.copy_state(model, copy) takes a torch.nn.Module, got "
+                                                    "NoneType"),
+             (lambda: hook.attach("m"), "StdsHook.attach takes a torch.nn.Module, got str"),
+             (lambda: apply_stds(nn.Linear(2, 2), include=[0]), "include takes names or glob patterns as strings, "
+                                                                "got 0 (int) in [0]: write ['0']"),
+             (lambda: apply_stds(nn.Linear(2, 2), exclude=None), "exclude takes a list of names or glob patterns, "
+                                                                 "got NoneType None"),
+             (lambda: apply_stds(nn.Linear(2, 2), types=[0]), "types takes names or glob patterns as strings"),
+             (lambda: apply_stds(nn.Linear(2, 2), sparse_function=None), "unknown sparse function 'None'"),
+             (lambda: threshold_at(None, 1.0, 0, 10), "unknown STDS schedule 'None'")]
+    for case, message in cases:
+        with pytest.raises(BionetsError) as err:
+            case()
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

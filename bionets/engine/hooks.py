@@ -25,11 +25,16 @@ State a hook must keep across checkpoints belongs in module buffers of the model
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from bionets.errors import BionetsError
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,33 @@ class Progress:
     epoch: int
     epochs: int
     lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Whole numbers >= 0 and a finite rate >= 0, or one line: a schedule read a negative step
+        as a positive D (the sine schedule is symmetric), a NaN total as the end of training, and
+        the L1 prior failed on a NaN rate inside torch. The counts are kept as ints, the rate as a
+        float (a 0-d tensor's value is read)."""
+        bad = []
+        for name in ("step", "total_steps", "epoch", "epochs"):
+            value = getattr(self, name)
+            try:
+                whole = operator.index(value) if not isinstance(value, bool) else None
+            except TypeError:
+                whole = None
+            if whole is None or whole < 0:
+                bad.append(f"{name}={value!r}")
+            else:
+                object.__setattr__(self, name, whole)
+        lr = self.lr
+        real = (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or (
+            isinstance(lr, torch.Tensor) and lr.ndim == 0 and lr.is_floating_point())
+        if real and 0 <= float(lr) < math.inf:
+            object.__setattr__(self, "lr", float(lr))
+        else:
+            bad.append(f"lr={lr!r}")
+        if bad:
+            raise BionetsError(f"Progress needs whole numbers >= 0 for step, total_steps, epoch and epochs and a "
+                               f"finite lr >= 0, got {', '.join(bad)}")
 
 
 class Hook:

@@ -1,9 +1,10 @@
 """Grad R (Gradient Rewiring, Chen et al., IJCAI 2021): the baseline STDS is compared with.
 
 Each pruned weight keeps a fixed sign ``s = sign(w_init)`` and a strength ``theta = |w_init|``
-that may go negative; the weight is ``w = s * max(theta, 0)`` (a synapse with ``theta <= 0`` is
-pruned and can be rewired back). Training is Adam on ``g = dL/dw`` **ignoring the ReLU gate**, plus
-a Laplace prior centred at ``mu = ln(2 (1 - p)) / alpha`` for the target sparsity ``p``::
+that may go negative (an exact zero of ``w_init`` gets ``s = +1`` or ``-1``, see below); the
+weight is ``w = s * max(theta, 0)`` (a synapse with ``theta <= 0`` is pruned and can be rewired
+back). Training is Adam on ``g = dL/dw`` **ignoring the ReLU gate**, plus a Laplace prior centred
+at ``mu = ln(2 (1 - p)) / alpha`` for the target sparsity ``p``::
 
     theta <- theta - eta_t * s * m_hat / (sqrt(v_hat) + eps) - eta_t * alpha * sign(theta - mu)
 
@@ -11,16 +12,25 @@ Here the gate is a parametrization (:class:`SignedStrength`) whose backward pass
 ``dL/dtheta = s * dL/dw``; since ``s^2 = 1``, Adam's moments of ``s * g`` are ``s * m(g)`` and
 ``v(g)``, so a plain Adam step on theta is exactly the first term, and :class:`GradR` adds the
 prior term. BatchNorm and every parameter that is not a strength take the plain Adam step.
+
+An exact zero has no sign, and ``sign(0) = 0`` would make ``dL/dtheta = s * g = 0``: the synapse
+(a whole zero-initialized layer, such as a timm classifier head) would never learn. The paper's
+weights start random, never exactly zero, with signs split evenly between excitatory and
+inhibitory; so an exact zero here gets ``s = +1`` or ``-1`` with equal chance, drawn from a
+generator seeded with 0 (the same signs on every process and in every run, whatever torch's global
+seed), with ``theta = 0``: its weight starts at zero, and the first gradient decides whether it
+grows (``-g`` has the sign ``s``) or is pruned. ``s`` is a buffer: checkpoints keep it.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, require_module
 from bionets.layers.stds import SparseReparam, no_layer_error, reparameterize, select_layers, weight_reparam
 
 
@@ -57,21 +67,27 @@ def prior_centre(alpha: float, target_sparsity: float) -> float:
 
 
 def check_prior(alpha: float, target_sparsity: float) -> None:
-    if not 0.5 <= target_sparsity < 1:
+    def real(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    if not (real(target_sparsity) and 0.5 <= target_sparsity < 1):
         raise BionetsError(f"Grad R target sparsity p must be in [0.5, 1) (its prior centre is ln(2(1-p))/alpha), "
-                           f"got {target_sparsity}")
-    if not alpha > 0:
-        raise BionetsError(f"Grad R prior strength alpha must be > 0 (default 1e-3), got {alpha}")
+                           f"got {target_sparsity!r}")
+    if not (real(alpha) and 0 < alpha < math.inf):     # inf: every theta -inf after one step, all pruned
+        raise BionetsError(f"Grad R prior strength alpha must be a finite number > 0 (default 1e-3), got {alpha!r}")
 
 
 class SignedStrength(SparseReparam):
-    """Grad R's parametrization ``theta -> s * max(theta, 0)`` with the fixed sign buffer ``s``."""
+    """Grad R's parametrization ``theta -> s * max(theta, 0)`` with the fixed sign buffer ``s``
+    (``sign(w_init)``; +1 or -1 by :func:`fixed_signs` where ``w_init`` is exactly 0)."""
+
+    what = "Grad R"
 
     def __init__(self, weight: torch.Tensor, alpha: float = 1e-3, target_sparsity: float = 0.95):
         super().__init__()
-        self.alpha, self.target_sparsity = alpha, target_sparsity
         self.mu = prior_centre(alpha, target_sparsity)
-        self.register_buffer("s", torch.sign(weight.detach()))
+        self.alpha, self.target_sparsity = alpha, target_sparsity
+        self.register_buffer("s", fixed_signs(weight.detach()))
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         s = self.s.to(theta.dtype)
@@ -86,11 +102,31 @@ class SignedStrength(SparseReparam):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, p={self.target_sparsity:g}, mu={self.mu:.4g}"
 
+    def differences(self, new: SignedStrength) -> list[str]:
+        return [f"{k} {getattr(self, k)!r} -> {getattr(new, k)!r}" for k in ("alpha", "target_sparsity")
+                if getattr(self, k) != getattr(new, k)]
+
+
+def fixed_signs(weight: torch.Tensor) -> torch.Tensor:
+    """``sign(weight)``, with +1 or -1 (equal chance, from a generator seeded with 0) where
+    ``weight`` is exactly 0: a sign of 0 would freeze the weight (``dL/dtheta = s * g = 0``)."""
+    s = torch.sign(weight)
+    if s.device.type == "meta":     # shapes only: no values to sign
+        return s
+    zero = s == 0
+    if not bool(zero.any()):        # (once, when the layer is reparameterized)
+        return s
+    coin = torch.randint(0, 2, s.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return torch.where(zero, coin.to(device=s.device, dtype=s.dtype), s)
+
 
 def apply_gradr(model: nn.Module, alpha: float = 1e-3, target_sparsity: float = 0.95, *,
                 include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
                 types: Iterable[str] = ("conv", "linear")) -> list[str]:
-    """Give the chosen layers of ``model`` Grad R's fixed sign and strength, in place; return their names."""
+    """Give the chosen layers of ``model`` Grad R's fixed sign and strength, in place; return their
+    names (those done before, with the same alpha and target sparsity, included; other settings
+    there are an error)."""
+    require_module(model, "apply_gradr")
     check_prior(alpha, target_sparsity)
     names = select_layers(model, include, exclude, types)
     if not names:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,8 +54,11 @@ class _SoftThreshold(torch.autograd.Function):
     @staticmethod
     def forward(theta: torch.Tensor, d: torch.Tensor, straight_through: bool) -> torch.Tensor:
         if d.device.type == "cpu":   # one fused kernel; D is read without a device sync
-            return torch.nn.functional.softshrink(theta, d.item())
-        return theta - theta.clamp(-d, d)     # no .item(): D stays on the device
+            value = d.item()
+            if not 0 <= value < math.inf:       # (softshrink's own check names a 'lambda')
+                raise threshold_error(value)
+            return torch.nn.functional.softshrink(theta, value)
+        return theta - theta.clamp(-d, d)     # no .item(): D stays on the device (checked where it is set)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:    # this form also runs under torch.func transforms
@@ -78,12 +83,19 @@ class _SoftThreshold(torch.autograd.Function):
 
 
 def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function: str = "stmod") -> torch.Tensor:
-    """``sign(theta) * max(|theta| - d, 0)`` with the gradient of ``sparse_function``."""
+    """``sign(theta) * max(|theta| - d, 0)`` with the gradient of ``sparse_function``.
+
+    ``d`` is a finite real number >= 0 or a 0-d tensor of one. This runs in every forward, so a
+    tensor's value is checked only where reading it costs no device sync (on the CPU, where the
+    fused kernel reads it anyway); a CUDA tensor's only by its shape and dtype: check it where it is
+    set (:func:`check_threshold`, as :class:`SoftThreshold` and :func:`set_threshold` do).
+    """
     if sparse_function == "identity":
         return theta
-    if sparse_function not in SPARSE_FUNCTIONS:
-        raise unknown("sparse function", sparse_function, SPARSE_FUNCTIONS)
-    if isinstance(d, int | float):              # (torch's own check of a negative one names a 'lambda')
+    check_sparse_function(sparse_function)
+    if isinstance(d, torch.Tensor):
+        _check_threshold_tensor(d)
+    else:
         check_threshold(d)
     d = torch.as_tensor(d, dtype=theta.dtype, device=theta.device)
     if torch.compiler.is_compiling():
@@ -98,6 +110,14 @@ def soft_threshold(theta: torch.Tensor, d: torch.Tensor | float, sparse_function
 
 def threshold_at(schedule: str, d_max: float, step: int, total_steps: int) -> float:
     """D after ``step`` of ``total_steps`` optimizer steps (sine, linear or fixed schedule)."""
+    check_threshold(d_max, "STDS d_max")
+    for name, value in (("step", step), ("total_steps", total_steps)):
+        try:
+            whole = not isinstance(value, bool) and operator.index(value) >= 0
+        except TypeError:
+            whole = False
+        if not whole:       # (the sine schedule is symmetric: a negative step gave a positive D)
+            raise BionetsError(f"STDS schedule {name} must be a whole number >= 0, got {value!r}")
     frac = min(1.0, step / max(1, total_steps))
     if schedule == "sine":
         return d_max * (1.0 - math.cos(math.pi * frac)) / 2.0
@@ -105,22 +125,32 @@ def threshold_at(schedule: str, d_max: float, step: int, total_steps: int) -> fl
         return d_max * frac
     if schedule == "fixed":
         return d_max
-    raise unknown("STDS schedule", schedule, SCHEDULES)
+    raise unknown("STDS schedule", str(schedule), SCHEDULES)
 
 
 class SparseReparam(nn.Module):
     """Base of the weight parametrizations whose zeros count as pruned (STDS, Grad R)."""
 
+    what = "sparse"             # the mechanism's name in messages
+
+    def differences(self, new: SparseReparam) -> list[str]:
+        """``'setting old -> new'`` for each setting in which ``new`` (of the same type, asked for
+        now) differs from this one (made before); none: applying it again changes nothing."""
+        return []
+
 
 class SoftThreshold(SparseReparam):
     """The STDS parametrization ``theta -> sign(theta) * max(|theta| - D, 0)``; D is the buffer ``d``."""
 
+    what = "STDS"
+    schedule: dict | None = None    # the settings of the schedule that drives D (set by the stds mechanism)
+
     def __init__(self, sparse_function: str = "stmod", d: float = 0.0):
         super().__init__()
         check_sparse_function(sparse_function)
-        check_threshold(d)
+        d = check_threshold(d)
         self.sparse_function = sparse_function
-        self.register_buffer("d", torch.tensor(float(d), dtype=torch.float64))   # cast to the weight's dtype on use
+        self.register_buffer("d", torch.tensor(d, dtype=torch.float64))   # cast to the weight's dtype on use
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         return soft_threshold(theta, self.d, self.sparse_function)
@@ -134,22 +164,78 @@ class SoftThreshold(SparseReparam):
     def extra_repr(self) -> str:
         return f"{self.sparse_function}, D={self.d.item():.4g}"
 
+    def differences(self, new: SoftThreshold) -> list[str]:
+        """The sparse function, and D where no schedule drives it: a layer the ``stds`` mechanism
+        made carries its schedule's settings (``schedule``), which are compared instead (D is the
+        schedule's state), and where ``new`` comes with a schedule, D is the schedule's from now on."""
+        if self.schedule is not None and new.schedule is not None:
+            return schedule_differences(self.schedule, new.schedule)
+        out = []
+        if new.sparse_function != self.sparse_function:
+            out.append(f"sparse_function {self.sparse_function!r} -> {new.sparse_function!r}")
+        if self.schedule is None and new.schedule is None:
+            had, want = self.d.item(), new.d.to(self.d.dtype).item()      # (at apply time: a sync is fine)
+            if had != want:
+                out.append(f"d {had:g} -> {want:g}")
+        return out
+
+
+def schedule_differences(had: dict, want: dict) -> list[str]:
+    """``'setting old -> new'`` for each STDS schedule setting (:mod:`bionets.mechanisms.stds`) that differs."""
+    return [f"{k} {had.get(k)!r} -> {want[k]!r}" for k in want if had.get(k) != want[k]]
+
 
 def check_sparse_function(name: str) -> None:
     if name not in SPARSE_FUNCTIONS:
-        raise unknown("sparse function", name, SPARSE_FUNCTIONS)
+        raise unknown("sparse function", str(name), SPARSE_FUNCTIONS)
 
 
-def check_threshold(d: float) -> None:
-    if not d >= 0:
-        raise BionetsError(f"STDS threshold D must be >= 0 (in theta units, e.g. 1.0 with Adam lr 1e-4), got {d}")
+def threshold_error(d, what: str = "STDS threshold D") -> BionetsError:
+    got = f"{d!r}" if isinstance(d, numbers.Real) else f"{type(d).__name__} {d!r}"
+    return BionetsError(f"{what} must be a finite number >= 0 (in theta units, e.g. 1.0 with Adam lr 1e-4), got {got}")
+
+
+def _check_threshold_tensor(d: torch.Tensor, what: str = "STDS threshold D") -> None:
+    """A tensor D's shape and dtype (no device sync: fit for every forward)."""
+    if d.ndim != 0 or d.dtype == torch.bool or d.is_complex():
+        raise BionetsError(f"{what} must be a finite number >= 0 or a 0-d real tensor of one, got a tensor of "
+                           f"shape {tuple(d.shape)} and dtype {d.dtype}")
+
+
+def check_threshold(d, what: str = "STDS threshold D") -> float:
+    """``d`` (a real number or a 0-d tensor) as a float, if it is finite and >= 0; else one line.
+    A tensor's value is read (a device sync on a GPU): call this where D is set, not per forward."""
+    if isinstance(d, torch.Tensor):
+        _check_threshold_tensor(d, what)
+        value = d.item()
+    elif isinstance(d, numbers.Real) and not isinstance(d, bool):
+        value = float(d)
+    else:
+        raise threshold_error(d, what)
+    if not 0 <= value < math.inf:               # NaN fails here too
+        raise threshold_error(value, what)
+    return value
 
 
 # -- choosing layers ------------------------------------------------------------------------------
 
+def _patterns(value, what: str) -> list[str]:
+    """``value`` as a list of names or glob patterns (strings); else one line."""
+    try:
+        items = name_list(value, what)          # (a bare string: one line of its own)
+    except TypeError:
+        raise BionetsError(f"{what} takes a list of names or glob patterns, got {type(value).__name__} "
+                           f"{value!r}") from None
+    bad = [p for p in items if not isinstance(p, str)]
+    if bad:
+        raise BionetsError(f"{what} takes names or glob patterns as strings, got {bad[0]!r} "
+                           f"({type(bad[0]).__name__}) in {items!r}: write {[str(p) for p in items]!r}")
+    return items
+
+
 def _types(types: Iterable[str]) -> tuple[type, ...]:
     out = []
-    for t in types:
+    for t in _patterns(types, "types"):
         if t not in LAYER_TYPES:
             raise unknown("layer type", t, LAYER_TYPES)
         out.append(LAYER_TYPES[t])
@@ -160,8 +246,8 @@ def select_layers(model: nn.Module, include: Iterable[str] = ("*",), exclude: It
                   types: Iterable[str] = ("conv", "linear")) -> list[str]:
     """Names of the layers of ``types`` whose name matches an ``include`` glob and no ``exclude`` glob."""
     require_module(model, "select_layers")
-    include, exclude = name_list(include, "include"), name_list(exclude, "exclude")
-    classes = _types(name_list(types, "types"))
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    classes = _types(types)
     return [name for name, m in model.named_modules()
             if isinstance(m, classes) and isinstance(getattr(m, "weight", None), torch.Tensor)
             and any(fnmatch.fnmatch(name, p) for p in include) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
@@ -177,25 +263,37 @@ def weight_reparam(module: nn.Module) -> SparseReparam | None:
 def reparameterize(model: nn.Module, names: Iterable[str], make: callable) -> tuple[list[str], list[str]]:
     """Register ``make(module)`` on the weight of each named layer; skip layers already done.
 
-    Returns (newly reparameterized names, names that already carried the same kind). A layer that
-    carries another kind of sparse parametrization is an error (one mechanism per layer).
+    Returns (newly reparameterized names, names that already carried the same kind with the same
+    settings). A layer that carries another kind of sparse parametrization, or the same kind made
+    with other settings, is an error (one mechanism per layer; applying it again must not report
+    settings it did not apply), raised before any layer is changed.
     """
     new, done = [], []
     for name in names:
         module = model.get_submodule(name)
         existing = weight_reparam(module)
         reparam = make(module)
-        if existing is not None:
-            if type(existing) is not type(reparam):
-                raise BionetsError(f"layer '{name}' already carries {type(existing).__name__}; a layer takes one "
-                                   f"sparse reparameterization (stds or gradr), not both")
-            done.append(name)
+        if existing is None:
+            new.append((name, module, reparam))
             continue
+        if type(existing) is not type(reparam):
+            raise BionetsError(f"layer '{name}' already carries {type(existing).__name__}; a layer takes one "
+                               f"sparse reparameterization (stds or gradr), not both")
+        if differ := existing.differences(reparam):
+            raise other_settings_error(existing.what, name, differ)
+        done.append(name)
+    for name, module, reparam in new:
         reparam.to(device=module.weight.device, dtype=module.weight.dtype)
         parametrize.register_parametrization(module, "weight", reparam)
-        new.append(name)
     _invalidate_spiking_reset_cache(model)
-    return new, done
+    return [name for name, _, _ in new], done
+
+
+def other_settings_error(what: str, name: str, differ: list[str]) -> BionetsError:
+    """The one message for a mechanism applied again with other settings (here and in
+    :mod:`bionets.mechanisms.stds`)."""
+    return BionetsError(f"the model's {what} layers (e.g. '{name}') were made with other settings "
+                        f"({', '.join(differ)}): apply {what} to a fresh model, or with the settings it had")
 
 
 def _invalidate_spiking_reset_cache(model: nn.Module) -> None:
@@ -207,20 +305,33 @@ def _invalidate_spiking_reset_cache(model: nn.Module) -> None:
 
 
 def apply_stds(model: nn.Module, sparse_function: str = "stmod", d: float = 0.0, *, include: Iterable[str] = ("*",),
-               exclude: Iterable[str] = (), types: Iterable[str] = ("conv", "linear")) -> list[str]:
+               exclude: Iterable[str] = (), types: Iterable[str] = ("conv", "linear"),
+               schedule: dict | None = None) -> list[str]:
     """Reparameterize the chosen layers of ``model`` in place with the STDS soft threshold at D = ``d``.
 
     Theta is initialized by ``right_inverse`` so the effective weights start as the layer's own.
-    Returns the names of the reparameterized layers (those done before included); raises
-    :class:`BionetsError` if no layer is eligible.
+    Returns the names of the reparameterized layers (those done before, with the same sparse
+    function and D, included); raises :class:`BionetsError` if no layer is eligible, or if a chosen
+    layer carries STDS with another sparse function or D already. ``schedule`` (the ``stds``
+    mechanism's settings) marks the layers as driven by that schedule: D is then its state, and a
+    layer made before is compared by its schedule and sparse function, not by D.
     """
     require_module(model, "apply_stds")
     check_sparse_function(sparse_function)
-    check_threshold(d)
+    d = check_threshold(d)
     names = select_layers(model, include, exclude, types)
     if not names:
         raise no_layer_error("STDS", model, include, exclude, types)
-    new, done = reparameterize(model, names, lambda m: SoftThreshold(sparse_function, d))
+
+    def make(module: nn.Module) -> SoftThreshold:
+        reparam = SoftThreshold(sparse_function, d)
+        reparam.schedule = schedule
+        return reparam
+
+    new, done = reparameterize(model, names, make)
+    if schedule is not None:        # layers made before without a schedule are driven by this one now
+        for name in done:
+            weight_reparam(model.get_submodule(name)).schedule = schedule
     return new + done
 
 
@@ -241,7 +352,8 @@ def soft_thresholds(model: nn.Module) -> list[SoftThreshold]:
 @torch.no_grad()
 def set_threshold(model: nn.Module, d: float) -> int:
     """Set D of every STDS layer of ``model``; returns how many layers were set."""
-    check_threshold(d)
+    require_module(model, "set_threshold")
+    d = check_threshold(d)
     layers = soft_thresholds(model)
     for p in layers:
         p.d.fill_(d)

@@ -26,10 +26,10 @@ from torch import nn
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook, Progress
 from bionets.engine.optim import OptimConfig, group, param_groups, register_optimizer
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, require_module
 from bionets.layers.gradr import GradR, apply_gradr, strengths
-from bionets.layers.stds import (SoftThreshold, apply_stds, pruned_layers, soft_thresholds, sparsity, threshold_at,
-                                  weight_reparam)
+from bionets.layers.stds import (SoftThreshold, apply_stds, other_settings_error, pruned_layers, schedule_differences,
+                                  soft_thresholds, sparsity, threshold_at, weight_reparam)
 from bionets.mechanisms.registry import Applied, Report, register_mechanism
 
 LayerType = Literal["conv", "linear"]
@@ -80,6 +80,7 @@ class StdsHook(SparsityHook):
         self.copies: dict[int, list] = {}     # id(EMA model) -> its STDS parametrizations
 
     def attach(self, model: nn.Module) -> None:
+        require_module(model, "StdsHook.attach")
         self.layers = soft_thresholds(model)
         self.thetas = [layer.parametrizations.weight.original for _, layer in pruned_layers(model)
                        if isinstance(weight_reparam(layer), SoftThreshold)]
@@ -91,13 +92,18 @@ class StdsHook(SparsityHook):
                 p.d.fill_(d)
             self.d = d
         if self.cfg.l1 and progress.lr:
+            shrink = progress.lr * self.cfg.l1      # (Progress checks lr; an overflow to inf is left)
+            if not 0 <= shrink < float("inf"):
+                raise BionetsError(f"STDS l1 prior: the shrink lr * l1 = {progress.lr!r} * {self.cfg.l1!r} must be a "
+                                   "finite number >= 0: lower the learning rate or l1")
             with torch.no_grad():
                 for theta in self.thetas:       # softshrink: sign(theta) max(|theta| - lambda, 0)
-                    theta.copy_(torch.nn.functional.softshrink(theta, progress.lr * self.cfg.l1))
+                    theta.copy_(torch.nn.functional.softshrink(theta, shrink))
 
     def copy_state(self, model: nn.Module, copy: nn.Module) -> None:
         """The EMA model computes with the scheduled D (an average of D over the steps lags the
         schedule: a far less sparse model); only theta is averaged."""
+        require_module(copy, "StdsHook.copy_state(model, copy)")
         if self.d is None:
             return
         if id(copy) not in self.copies:
@@ -142,10 +148,8 @@ def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
     settings = _schedule_settings(cfg)
     _check_same_schedule(model, done, settings)
     d0 = threshold_at(cfg.schedule, cfg.d_max, 0, 1)   # fixed: theta_0 = sign(w_0)(|w_0| + D_max)
-    layers = apply_stds(model, cfg.sparse_function, d0, include=cfg.include, exclude=cfg.exclude, types=cfg.types)
-    for name in layers:
-        if isinstance(reparam := weight_reparam(model.get_submodule(name)), SoftThreshold):
-            reparam.schedule = settings         # what the hooks drive them by
+    layers = apply_stds(model, cfg.sparse_function, d0, include=cfg.include, exclude=cfg.exclude, types=cfg.types,
+                        schedule=settings)      # what the hooks drive them by
     what = (f"STDS {cfg.sparse_function} soft threshold, {cfg.schedule} schedule to D={cfg.d_max:g}"
             + (f", L1 prior {cfg.l1:g}" if cfg.l1 else ""))
     report = _report("stds", model, layers, done, what)
@@ -165,13 +169,14 @@ def _schedule_settings(cfg: StdsConfig) -> dict:
 
 def _check_same_schedule(model: nn.Module, done: set[str], settings: dict) -> None:
     """One STDS schedule a model: every hook drives all of its STDS layers, so applying STDS again
-    with other settings would silently drive the earlier layers by the new schedule."""
+    with other settings would silently drive the earlier layers by the new schedule. This checks
+    every layer a schedule drives, chosen now or not, before any is changed; :func:`apply_stds`
+    compares the chosen ones by the same rule (:meth:`SoftThreshold.differences`, and the sparse
+    function of those made without a schedule), with the same message."""
     for name in sorted(done):
         had = getattr(weight_reparam(model.get_submodule(name)), "schedule", None)
-        if had is not None and had != settings:
-            differ = ", ".join(f"{k} {had[k]!r} -> {settings[k]!r}" for k in settings if had[k] != settings[k])
-            raise BionetsError(f"the model's STDS layers (e.g. '{name}') were made with other settings ({differ}): "
-                               "apply STDS to a fresh model, or with the settings it had")
+        if had is not None and (differ := schedule_differences(had, settings)):
+            raise other_settings_error("STDS", name, differ)
 
 
 def _share_below(model: nn.Module, layers: list[str], d: float) -> float | None:
@@ -199,6 +204,10 @@ def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
 @register_optimizer("gradr")
 def create_gradr(model: nn.Module, cfg: OptimConfig) -> GradR:
     """The ``gradr`` optimizer for a model given Grad R's parametrization (``mechanisms: {gradr: ...}``)."""
+    require_module(model, "create_gradr")
+    if not isinstance(cfg, OptimConfig):
+        raise BionetsError(f"create_gradr takes an OptimConfig (bionets.engine.optim.OptimConfig(name='gradr', "
+                           f"lr=1e-3)), got {type(cfg).__name__}")
     found = strengths(model)
     if not found:
         raise BionetsError("optim.name 'gradr' trains Grad R strengths, but the model has none: add "
