@@ -6,6 +6,7 @@ from torch import nn
 
 import bionets.layers.cpu_kernels as cpu_kernels
 import bionets.layers.map_norm as map_norm
+from bionets.errors import BionetsError
 from bionets.layers.map_norm import MapLayerNorm
 from compile_helpers import own_cpu_kernels
 
@@ -114,11 +115,55 @@ def test_float32_under_cpu_autocast():
 
 def test_a_map_of_another_size_is_refused_in_any_layout():
     """A channels_last 9x1 map has the 3x3 norm's nine positions: the kernels must not take it (they
-    normalized it with the 3x3 weights), PyTorch's LayerNorm names the shape, as for NCHW."""
+    normalized it with the 3x3 weights); the norm names the shape it takes, as for NCHW (a 4x3 map of
+    a (3, 4) norm raised a raw RuntimeError), and for a map that is not [N, C, H, W]."""
     norm = _randomized((3, 3))
     for shape in ((2, 4, 9, 1), (2, 4, 1, 9), (2, 4, 4, 4)):
         for fmt in (torch.contiguous_format, torch.channels_last):
             x = torch.randn(shape).contiguous(memory_format=fmt)
             assert not map_norm._takes(x, norm.weight, norm.bias)
-            with pytest.raises(RuntimeError, match="normalized_shape"):
+            with pytest.raises(BionetsError, match=rf"MapLayerNorm\(3, 3\) takes \[N, C, 3, 3\] maps, got shape \{list(shape)}"):
                 norm(x)
+    with pytest.raises(BionetsError, match=r"takes \[N, C, 3, 4\] maps, got shape \[2, 5, 4, 3\]"):
+        MapLayerNorm((3, 4))(torch.randn(2, 5, 4, 3))
+    with pytest.raises(BionetsError, match=r"got shape \[4, 3, 3\]"):
+        norm(torch.randn(4, 3, 3))
+    with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
+        norm(torch.ones(2, 4, 3, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("map_size,eps,message", [
+    (5, 1e-5, r"map_size=\(height, width\), got 5"),                     # (TypeError: cannot unpack)
+    ((3,), 1e-5, r"map_size=\(height, width\), got \(3,\)"),             # (ValueError)
+    ((3, 4, 5), 1e-5, r"got \(3, 4, 5\)"),
+    ((3, 2.5), 1e-5, "positive whole numbers, got width=2.5"),
+    ((3, 3), -1, "eps must be a positive number .*got -1"),                # (NaN everywhere, silently)
+    ((3, 3), 0, "got 0"),
+    ((3, 3), "1e-5", "got '1e-5'"),
+    ((3, 3), float("nan"), "got nan"),
+])
+def test_map_size_and_eps_are_checked(map_size, eps, message):
+    with pytest.raises(BionetsError, match=message):
+        MapLayerNorm(map_size, eps=eps)
+
+
+def test_a_map_of_another_dtype_than_the_weights(monkeypatch):
+    """The weights go to the map's dtype, as in the quadratic terms (a float64 map raised 'mixed dtype
+    (CPU)' in either layout); a bf16 map keeps float32 weights (PyTorch's CPU LayerNorm takes them);
+    float32 channels_last maps keep the C++ kernels whatever the weights' dtype."""
+    torch.manual_seed(0)
+    norm = _randomized((3, 4))
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt)
+        out = norm(xf)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, _direct(xf, norm.weight.double(), norm.bias.double()), rtol=1e-12, atol=1e-12)
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    assert norm(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(xb), _direct(xb.double(), norm.weight.double(), norm.bias.double()).bfloat16())
+    calls = []
+    monkeypatch.setattr(map_norm._MapNormCpu, "apply", lambda *a: calls.append(a) or a[0])
+    norm.double()(x.float().contiguous(memory_format=torch.channels_last))
+    assert (len(calls) == 1) == (cpu_kernels.ops("map_norm_cpu") is not None)
+    assert all(t.dtype == torch.float32 for t in calls[0][:3]) if calls else True

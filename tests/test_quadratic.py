@@ -6,7 +6,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from bionets.errors import BionetsError
-from bionets.layers.quadratic import QuadraticChannel, QuadraticNeuron, channel_quadratic, set_quadratic
+from bionets.layers.quadratic import (ABLATIONS, IMPLS, QuadraticChannel, QuadraticNeuron, channel_quadratic,
+                                      set_quadratic)
 from bionets.layers.quadratic_pixel import QuadraticPixel
 from compile_helpers import assert_compiled_matches_eager, needs_cpu_compiler, own_cpu_kernels
 
@@ -68,6 +69,29 @@ def test_neuron_rejects_bad_rank_and_input():
         QuadraticNeuron(4, 2, rank=5)
     with pytest.raises(BionetsError, match=r"\[N, 4\]"):
         QuadraticNeuron(4, 2)(torch.randn(3, 5))
+    with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
+        QuadraticNeuron(4, 2)(torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(BionetsError, match="True or False for bias='no'"):
+        QuadraticNeuron(4, 2, bias="no")
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+@pytest.mark.parametrize("w_dtype,x_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_neuron_takes_input_of_another_dtype_than_its_weights(rank, w_dtype, x_dtype):
+    """Weights cast to x's dtype, as QuadraticChannel's (a float64 x raised 'mat1 and mat2 must have the
+    same dtype'); output in x's dtype, gradients in the weights'."""
+    torch.manual_seed(0)
+    neuron = QuadraticNeuron(3, 2, rank=rank)
+    with torch.no_grad():
+        (neuron.A_full if rank is None else neuron.V).normal_()
+    neuron = neuron.to(w_dtype)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = QuadraticNeuron(3, 2, rank=rank).double()
+    want.load_state_dict(neuron.state_dict())
+    out = neuron(x.to(x_dtype))
+    assert out.dtype == x_dtype and rel_err(out.double(), want(x)) < 1e-5
+    out.sum().backward()
+    assert all(p.grad.dtype == w_dtype for p in neuron.parameters())
 
 
 # ---------------------------------------------------------------- QuadraticChannel
@@ -182,6 +206,39 @@ def test_channel_switch_and_bad_options():
         QuadraticChannel(3)(torch.randn(2, 1, 3, 4, 4))
     with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
         QuadraticChannel(3)(torch.ones(1, 3, 2, 2, dtype=torch.long))    # (zeros, silently)
+    with pytest.raises(BionetsError, match="True or False for legacy_transpose='no'"):
+        QuadraticChannel(3, legacy_transpose="no")                       # (truthy: transposed, silently)
+    with pytest.raises(BionetsError, match="unknown quadratic impl 'None'"):
+        QuadraticChannel(3, impl=None)
+
+
+@pytest.mark.parametrize("w_dtype,x_dtype,tol", [(torch.float64, torch.float32, 1e-5),
+                                                 (torch.float32, torch.float64, 1e-12),
+                                                 (torch.float32, torch.bfloat16, 3e-2)])
+def test_every_impl_and_ablation_takes_input_of_another_dtype_than_its_weights(w_dtype, x_dtype, tol):
+    """Q is cast to the input's dtype on every path, as the sym form did: 'cov' with a float64 map raised
+    'expected scalar type Double', 'full' with bf16 or float64 weights 'mat1 and mat2 must have the same
+    dtype'. Output in x's dtype, the formula's value (the map's own numbers in float64), sym = full;
+    Q's gradient in Q's dtype."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 4, dtype=torch.float64).to(w_dtype).double()       # representable in w_dtype
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64).to(x_dtype)
+    xd = x.double()
+    d = xd - xd.mean((2, 3), keepdim=True)
+    want = {"none": channel_formula(xd, q), "cov": channel_formula(xd, q) - channel_formula(d, q)}
+    for ablation in ABLATIONS:
+        outs = []
+        for impl in IMPLS:
+            layer = QuadraticChannel(4, 3, impl=impl, ablation=ablation).to(w_dtype)
+            with torch.no_grad():
+                layer.weight.copy_(q)
+            out = layer(x)
+            assert out.dtype == x_dtype, (impl, ablation)
+            assert rel_err(out.double(), want[ablation]) < tol, (impl, ablation)
+            out.float().sum().backward()
+            assert layer.weight.grad.dtype == w_dtype
+            outs.append(out.double())
+        assert rel_err(outs[0], outs[1]) < tol, ablation
 
 
 @pytest.mark.parametrize("c", [1, 16, 72])      # both CPU branches of dL/dx: outer products (C <= 64), triangle rows
@@ -336,6 +393,38 @@ def test_pixel_starts_at_zero_and_gradchecks():
     assert torch.autograd.gradcheck(layer, (x,))
     with pytest.raises(BionetsError, match="odd"):
         QuadraticPixel(3, kernel_size=4)
+    with pytest.raises(BionetsError, match="True or False for linear='false'"):
+        QuadraticPixel(3, linear="false")
+
+
+def test_pixel_checks_input_as_the_channel_term_does():
+    """Integer maps refused, empty maps give empty output (the convolutions raised 'Kernel size can't be
+    greater than actual input size'), either term (enabled or not)."""
+    layer = QuadraticPixel(4, 3)
+    with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
+        layer(torch.ones(2, 4, 3, 3, dtype=torch.long))
+    for shape in ((2, 4, 0, 0), (2, 4, 0, 5), (0, 4, 3, 3)):
+        for enabled in (True, False):
+            layer.enabled = enabled
+            for term in (layer, QuadraticChannel(4, 3)):
+                assert term(torch.randn(shape)).shape == (shape[0], 3, *shape[2:])
+
+
+@pytest.mark.parametrize("w_dtype,x_dtype,tol", [(torch.float32, torch.float64, 1e-5),
+                                                 (torch.float64, torch.float32, 1e-5),
+                                                 (torch.float32, torch.bfloat16, 2e-2)])
+def test_pixel_takes_input_of_another_dtype_than_its_weights(w_dtype, x_dtype, tol):
+    """Computed in the weights' dtype (the BatchNorms' running statistics stay in theirs), output in x's
+    dtype as QuadraticChannel's; a float64 map raised a raw RuntimeError."""
+    torch.manual_seed(0)
+    layer = random_pixel(in_channels=4, out_channels=3, kernel_size=3)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64).to(x_dtype)
+    want = pixel_formula(layer, x.double())
+    out = layer.to(w_dtype)(x)
+    assert out.dtype == x_dtype and rel_err(out.double(), want) < tol
+    layer.train()
+    out = layer(x)
+    assert out.dtype == x_dtype and layer.branch_a[1].running_mean.dtype == w_dtype
 
 
 # ---------------------------------------------------------------- set_quadratic
@@ -352,6 +441,22 @@ def test_set_quadratic_switches_named_blocks():
         set_quadratic(model, False, ["c"])
     with pytest.raises(BionetsError, match="no quadratic term"):
         set_quadratic(nn.Linear(2, 2), False)
+
+
+def test_set_quadratic_refuses_a_string_of_names_a_truthy_flag_and_a_non_module():
+    """'10' was read a character at a time (blocks '1' and '0'), enabled='false' switched every term on
+    (a truthy string), a non-module raised AttributeError; nothing is switched on an error."""
+    model = nn.Sequential(*(nn.Sequential(QuadraticChannel(2)) for _ in range(11)))
+    with pytest.raises(BionetsError, match=r"got the string '10': write \['10'\]"):
+        set_quadratic(model, False, "10")
+    with pytest.raises(BionetsError, match="enabled=True or False, got 'false'"):
+        set_quadratic(model, "false")
+    with pytest.raises(BionetsError, match="names .*got 10"):
+        set_quadratic(model, False, [10])
+    assert all(term.enabled for term in model.modules() if isinstance(term, QuadraticChannel))
+    with pytest.raises(BionetsError, match="takes a torch.nn.Module, got dict"):
+        set_quadratic({"a": model}, False)
+    assert set_quadratic(model, False, ("10",)) == ["10.0"] and not model[10][0].enabled and model[1][0].enabled
 
 
 @pytest.mark.parametrize("c,c_out", [(5, 3), (40, 2), (70, 2)])

@@ -17,11 +17,14 @@ autocast runs LayerNorm.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bionets.errors import require_sizes
+from bionets.errors import BionetsError, require_sizes
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import differentiable_backward, under_function_transform
 
@@ -30,25 +33,50 @@ class MapLayerNorm(nn.LayerNorm):
     """:class:`torch.nn.LayerNorm` over ``map_size`` = (H, W) of an [N, C, H, W] map (module docstring)."""
 
     def __init__(self, map_size: tuple[int, int], eps: float = 1e-5):
+        if not isinstance(map_size, (tuple, list)) or len(map_size) != 2:
+            raise BionetsError(f"MapLayerNorm takes map_size=(height, width), got {map_size!r}")
         height, width = map_size
         require_sizes("MapLayerNorm", height=height, width=width)
-        super().__init__(list(map_size), eps=eps)
+        if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+            # (0 or less divides a constant map by 0: NaN everywhere, silently)
+            raise BionetsError(f"MapLayerNorm eps must be a positive number (e.g. 1e-5), got {eps!r}")
+        super().__init__([int(height), int(width)], eps=float(eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu"):
+        if x.ndim != 4 or x.shape[2:] != self.normalized_shape:
+            raise BionetsError(f"MapLayerNorm{self.normalized_shape} takes [N, C, {', '.join(map(str, self.normalized_shape))}]"
+                               f" maps, got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise BionetsError(f"MapLayerNorm takes floating-point input, got {x.dtype}: convert it (x.float())")
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if device == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and autocast:
             # under CPU autocast: in float32, out in float32, as CUDA autocast runs layer_norm (on
             # Dit-ResNet-20's bf16 step, 1.25x -> 1.18x its twin's: bf16 LayerNorm and its copies are slow)
             x = x.float()
-        if _takes(x, self.weight, self.bias) and (kernels := cpu_kernels.ops("map_norm_cpu")) is not None:
-            return _MapNormCpu.apply(x, self.weight, self.bias, self.eps, kernels)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight, bias = self.weight, self.bias
+        if weight is not None and _casts_weights(x, weight.dtype, autocast):
+            # weights in x's dtype, as the quadratic terms': PyTorch's LayerNorm refused a float64 map
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        if _takes(x, weight, bias) and (kernels := cpu_kernels.ops("map_norm_cpu")) is not None:
+            return _MapNormCpu.apply(x, weight, bias, self.eps, kernels)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+def _casts_weights(x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> bool:
+    """Whether weights of ``dtype`` go to x's dtype: where they differ, but not where autocast casts
+    both to float32 itself (it leaves float64 alone), nor where PyTorch's CPU LayerNorm takes a bf16
+    or fp16 map with float32 weights as they are (more precise)."""
+    if x.dtype == dtype or (autocast and torch.float64 not in (x.dtype, dtype)):
+        return False
+    return not (x.device.type == "cpu" and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Whether the C++ kernels compute this call: a float32 channels_last [N, C, H, W] map of the
     norm's (H, W) on the CPU (with C > 1: for one channel both layouts are the same and PyTorch's own
     is as fast), eager (not traced, compiled or under a torch.func transform). Any other map goes to
-    PyTorch's LayerNorm, which names a shape that does not fit."""
+    PyTorch's LayerNorm."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] > 1
             and weight is not None and x.shape[2:] == weight.shape and bias is not None and weight.dtype == torch.float32
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

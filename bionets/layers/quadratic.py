@@ -19,11 +19,29 @@ import math
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError, require_sizes, unknown
+from bionets.errors import BionetsError, name_list, require_module, require_sizes, unknown
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import run_or_warn, under_function_transform
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
                                           triton_module)
+
+
+def require_bools(owner: str, **flags) -> None:
+    """One error naming every one of ``flags`` that is not True or False (a string such as 'no' or
+    'false' is truthy, and switched its option on silently)."""
+    bad = [f"{name}={value!r}" for name, value in flags.items() if not isinstance(value, bool)]
+    if bad:
+        raise BionetsError(f"{owner} takes True or False for {', '.join(bad)}")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a quadratic term computes in for input ``x``: autocast's where it is on for x's
+    device (it leaves float64 alone), else x's own. Weights of another dtype are cast to it."""
+    device = x.device.type
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
+            and x.dtype != torch.float64):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class QuadraticNeuron(nn.Module):
@@ -50,6 +68,7 @@ class QuadraticNeuron(nn.Module):
         super().__init__()
         require_sizes("QuadraticNeuron", in_features=in_features, out_features=out_features,
                       **({} if rank is None else {"rank": rank}))
+        require_bools("QuadraticNeuron", bias=bias)
         if rank is not None and not 1 <= rank <= in_features:
             raise BionetsError(f"QuadraticNeuron rank={rank} must be between 1 and in_features={in_features} "
                                "(or None for a full A)")
@@ -77,20 +96,26 @@ class QuadraticNeuron(nn.Module):
         return self.U.numel() + self.V.numel()
 
     def quadratic(self, x: torch.Tensor) -> torch.Tensor:
-        """``x^T A_o x`` for every row of x [N, in] and neuron o: [N, out]."""
+        """``x^T A_o x`` for every row of x [N, in] and neuron o: [N, out] (A in x's dtype)."""
         n, d = x.shape
         if self.rank is None:
             # (x A_o)_j = sum_i x_i A_oij for every o at once, then dot with x.
-            xa = (x @ self.A_full.permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, d)
+            xa = (x @ self.A_full.to(x.dtype).permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, d)
             return (xa * x.unsqueeze(1)).sum(-1)
-        xu = (x @ self.U.permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, self.rank)
-        xv = (x @ self.V.permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, self.rank)
+        xu = (x @ self.U.to(x.dtype).permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, self.rank)
+        xv = (x @ self.V.to(x.dtype).permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, self.rank)
         return (xu * xv).sum(-1)   # sum_r (x.U_or)(x.V_or)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise BionetsError(f"QuadraticNeuron expects input [N, {self.in_features}], got {list(x.shape)}")
-        return self.linear(x) + self.quadratic(x)
+        if not x.is_floating_point():
+            raise BionetsError(f"QuadraticNeuron takes floating-point input, got {x.dtype}: convert it (x.float())")
+        w, b = self.linear.weight, self.linear.bias
+        if w.dtype == x.dtype:
+            return self.linear(x) + self.quadratic(x)
+        # weights in x's dtype, as QuadraticChannel's (a float64 x met float32 weights in a raw matmul error)
+        return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)) + self.quadratic(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -161,10 +186,11 @@ class QuadraticChannel(QuadraticTerm):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         require_sizes("QuadraticChannel", in_channels=in_channels, out_channels=out_channels)
+        require_bools("QuadraticChannel", legacy_transpose=legacy_transpose)
         if impl not in IMPLS:
-            raise unknown("quadratic impl", impl, IMPLS)
+            raise unknown("quadratic impl", str(impl), IMPLS)
         if ablation not in ABLATIONS:
-            raise unknown("quadratic ablation", ablation, ABLATIONS)
+            raise unknown("quadratic ablation", str(ablation), ABLATIONS)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.impl, self.legacy_transpose, self.ablation = impl, legacy_transpose, ablation
         self.enabled = True
@@ -203,7 +229,9 @@ class QuadraticChannel(QuadraticTerm):
 
 
 def _without_covariance(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``mu^T Q_o mu + (x(p) - mu)^T (Q_o + Q_o^T) mu``: x^T Q x without d^T Q d (ablation 'cov')."""
+    """``mu^T Q_o mu + (x(p) - mu)^T (Q_o + Q_o^T) mu``: x^T Q x without d^T Q d (ablation 'cov').
+    Q in x's dtype (autocast's matmuls take it from there), as in the sym form."""
+    q = q.to(x.dtype)
     mu = x.mean(dim=(2, 3))                                           # [N, C]
     const = torch.einsum("ni,oij,nj->no", mu, q, mu)                  # mu^T Q_o mu
     lin = torch.einsum("oij,nj->noi", q + q.transpose(1, 2), mu)      # (Q_o + Q_o^T) mu
@@ -291,12 +319,11 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     if rows.stride(-1) != 1:        # one channel: [M, 1] rows can be dense with any column stride; the kernels want 1
         rows = rows.clone(memory_format=torch.contiguous_format)
     if impl == "full":
-        # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out]
-        return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).t()
+        # all C^2 products (the reference's batched outer product): [M, C*C] @ [C*C, C_out], Q in
+        # the rows' dtype (autocast's matmul casts both on to its own), as in the sym form
+        return (rows.unsqueeze(2) * rows.unsqueeze(1)).reshape(m, c * c) @ q.reshape(q.shape[0], c * c).to(rows.dtype).t()
     device = rows.device.type
-    autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
-                and rows.dtype != torch.float64)                          # which autocast leaves alone
-    dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
+    dtype = compute_dtype(rows)
     plain = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or under_function_transform()
     strategy = strategy or (_cuda_strategy(c, rows.device, m * c * c * dtype.itemsize) if rows.is_cuda and not plain
                             else None)
@@ -311,7 +338,7 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
         # tracers and exporters (plain ops, which torch.func transforms handle)
         rows = rows.to(dtype)
         i, j = indices(c, "rows", rows.device)
-        return (rows.index_select(1, i) * rows.index_select(1, j)) @ fold_symmetric(q, i, j).to(dtype)
+        return (rows.index_select(1, i) * rows.index_select(1, j)) @ fold_symmetric(_wide(q, dtype), i, j).to(dtype)
     if dtype in (torch.bfloat16, torch.float16) and device == "cpu":
         # bf16/fp16 on the CPU: x in float32 (element-wise products in bf16 are slow on the CPU:
         # Dit-ResNet-20's layer under bf16 autocast took 2x as long). With the C++ kernels, for bf16 the
@@ -324,6 +351,12 @@ def channel_quadratic(rows: torch.Tensor, q: torch.Tensor, impl: str = "sym", st
     return _channel_quadratic_sym(rows.to(dtype), q, strategy)
 
 
+def _wide(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Q in the wider of its dtype and ``dtype``, to fold it in (float32 weights of a float64 map were
+    folded, Q_ij + Q_ji, in float32)."""
+    return q.to(torch.promote_types(q.dtype, dtype))
+
+
 def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | None,
                            s_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The sym form of :func:`channel_quadratic` in ``rows``' dtype (or, on the CPU, in ``s_dtype``:
@@ -334,7 +367,7 @@ def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | 
         s = triton_module().fold(q).to(dtype)
     else:
         i, j = indices(c, strategy, rows.device)[:2]
-        s = fold_symmetric(q, i, j).to(dtype)
+        s = fold_symmetric(_wide(q, dtype), i, j).to(dtype)
     if torch.compiler.is_compiling() and (strategy == "fused" or not rows.is_cuda):
         return sym_quadratic_op(rows, s, strategy)          # opaque to Inductor: our kernels run inside
     if torch.is_grad_enabled() and (rows.requires_grad or s.requires_grad):
@@ -351,7 +384,17 @@ def set_quadratic(model: nn.Module, enabled: bool, names: list[str] | None = Non
     """Switch quadratic terms off (``enabled=False``) or back on, e.g. in a trained model at inference
     (the paper's per-block ablation). ``names``: blocks or terms (``'layer2.0'``,
     ``'stages.0.blocks.2'`` or the term's own module name); ``None`` for all. Returns the names of
-    the terms switched. An unknown name raises :class:`BionetsError` listing the valid ones."""
+    the terms switched. An unknown name raises :class:`BionetsError` listing the valid ones.
+    ``enabled`` must be a bool ('false' is truthy) and ``names`` a list (a string was read a character
+    at a time)."""
+    require_module(model, "set_quadratic")
+    if not isinstance(enabled, bool):
+        raise BionetsError(f"set_quadratic takes enabled=True or False, got {enabled!r}")
+    if names is not None:
+        names = name_list(names, "set_quadratic(names=...)")
+        bad = [name for name in names if not isinstance(name, str)]
+        if bad:
+            raise BionetsError(f"set_quadratic(names=...) takes block or term names (strings), got {bad[0]!r}")
     terms = quadratic_terms(model)
     if not terms:
         raise BionetsError(f"{type(model).__name__} has no quadratic term to switch")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, require_sizes
-from bionets.layers.quadratic import QuadraticTerm
+from bionets.layers.quadratic import QuadraticTerm, require_bools
 
 
 class QuadraticPixel(QuadraticTerm):
@@ -41,6 +41,7 @@ class QuadraticPixel(QuadraticTerm):
         out_channels = in_channels if out_channels is None else out_channels
         require_sizes("QuadraticPixel", in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size,
                       groups=groups)
+        require_bools("QuadraticPixel", linear=linear)
         if kernel_size % 2 == 0:
             raise BionetsError(f"QuadraticPixel kernel_size must be odd and >= 1 ('same' padding), got {kernel_size}")
         if in_channels % groups or out_channels % groups:
@@ -58,8 +59,25 @@ class QuadraticPixel(QuadraticTerm):
         nn.init.zeros_(self.branch_b[1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Output in x's dtype, as QuadraticChannel's. An x of another dtype than the weights' (outside
+        autocast, which casts for the convolutions itself) is computed in the weights' dtype: the
+        BatchNorms' running statistics must stay in theirs. An empty map gives an empty output."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise BionetsError(f"QuadraticPixel expects [N, {self.in_channels}, H, W] maps, got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise BionetsError(f"QuadraticPixel takes floating-point input, got {x.dtype}: convert it (x.float())")
+        n, _, h, w = x.shape
+        if n * h * w == 0:                  # (the convolutions refused a 0 x 0 map)
+            return x.new_zeros(n, self.out_channels, h, w)
+        dtype = self.branch_a[0].weight.dtype
+        device = x.device.type
+        autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                    and torch.float64 not in (x.dtype, dtype))              # which autocast leaves alone
+        if x.dtype != dtype and not autocast:
+            return self._terms(x.to(dtype)).to(x.dtype)
+        return self._terms(x)
+
+    def _terms(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             y = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
         else:
