@@ -423,9 +423,7 @@ def test_image_folder_without_augmentation_or_normalization(tmp_path):
 
 
 def test_gaussian_kind_is_validated_with_the_config():
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError, match="identical"):
+    with pytest.raises(BionetsError, match="config key 'kind': Input should be 'identical' or 'different'"):
         GaussianConfig(kind="weird")
 
 
