@@ -6,7 +6,9 @@ Every message names what was wrong, the value received and what would be right.
 from __future__ import annotations
 
 import difflib
+import numbers
 import operator
+import sys
 from collections.abc import Iterable
 
 
@@ -59,16 +61,29 @@ def unknown(kind: str, name: str, choices: Iterable[str], listed: Iterable[str] 
     return BionetsError(f"unknown {kind} '{name}'{hint}" + (f"; {see}" if see else ""))
 
 
+def whole(value) -> int | None:
+    """``value`` as an int where it is a whole number (an int, NumPy's), else None: not a bool (True
+    is 1 to Python), nor a tensor (whose value a check would read back from its device)."""
+    torch = sys.modules.get("torch")       # (not imported here: the command line starts without it)
+    if isinstance(value, bool) or torch is not None and isinstance(value, torch.Tensor):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def is_real(value) -> bool:
+    """Whether ``value`` is a real number (int, float, NumPy's): not a bool, nor a tensor (which is
+    no ``numbers.Real``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def require_sizes(owner: str, **sizes) -> None:
     """One error naming every one of ``sizes`` (a layer's widths, counts, kernel sizes) that is not a
     positive integer; ``owner`` names the layer. (Left to torch, 2.5 channels or -3 features failed
     deep inside a tensor constructor, and 0 features built a layer that failed at its first call.)"""
-    def positive(value) -> bool:
-        try:
-            return not isinstance(value, bool) and operator.index(value) >= 1
-        except TypeError:
-            return False
-    bad = [f"{name}={value!r}" for name, value in sizes.items() if not positive(value)]
+    bad = [f"{name}={value!r}" for name, value in sizes.items() if (n := whole(value)) is None or n < 1]
     if bad:
         raise BionetsError(f"{owner} needs positive whole numbers, got {', '.join(bad)}")
 

@@ -26,15 +26,13 @@ State a hook must keep across checkpoints belongs in module buffers of the model
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError
+from bionets.errors import BionetsError, is_real, whole
 
 
 @dataclass(frozen=True)
@@ -57,17 +55,12 @@ class Progress:
         bad = []
         for name in ("step", "total_steps", "epoch", "epochs"):
             value = getattr(self, name)
-            try:
-                whole = operator.index(value) if not isinstance(value, bool) else None
-            except TypeError:
-                whole = None
-            if whole is None or whole < 0:
+            if (n := whole(value)) is None or n < 0:
                 bad.append(f"{name}={value!r}")
             else:
-                object.__setattr__(self, name, whole)
+                object.__setattr__(self, name, n)
         lr = self.lr
-        real = (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or (
-            isinstance(lr, torch.Tensor) and lr.ndim == 0 and lr.is_floating_point())
+        real = is_real(lr) or isinstance(lr, torch.Tensor) and lr.ndim == 0 and lr.is_floating_point()
         if real and 0 <= float(lr) < math.inf:
             object.__setattr__(self, "lr", float(lr))
         else:

@@ -27,13 +27,12 @@ computes the update (:mod:`bionets.layers.arr_triton`), else the PyTorch operato
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from bionets.errors import BionetsError, require_sizes
+from bionets.errors import BionetsError, is_real, require_sizes, whole
 from bionets.layers import cpu_kernels, cuda_kernels
 from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.triton_kernels import triton_kernels
@@ -133,7 +132,7 @@ def per_sample(r: torch.Tensor, n: int) -> torch.Tensor:
     was NaN), or a row count that is no multiple of n (arr_loss then names the counts). ``n`` is
     ``len(targets)``, 0 for an empty batch. Integer or bool rows (spike counts) average in float32:
     torch's mean takes no integers."""
-    if not isinstance(r, torch.Tensor) or not r.ndim or not _is_whole(n) or n < 0:
+    if not isinstance(r, torch.Tensor) or not r.ndim or whole(n) is None or n < 0:
         raise BionetsError(f"per_sample takes responses as a tensor [T N, ...] and n, the number of samples, as a whole "
                            f"number >= 0, got {_what(r)} and n={n!r}")
     rows = r.shape[0]
@@ -141,17 +140,6 @@ def per_sample(r: torch.Tensor, n: int) -> torch.Tensor:
         return r
     exact = r.is_floating_point() or r.is_complex()
     return r.view(rows // n, n, *r.shape[1:]).mean(0, dtype=None if exact else torch.float32)
-
-
-def _is_whole(n) -> bool:
-    """An int (numpy's too), not a bool: a plain Python check, no tensor read back from a device."""
-    return type(n) is int or (isinstance(n, numbers.Integral) and not isinstance(n, bool))
-
-
-def _is_number(x) -> bool:
-    """A real number (int, float, numpy's), not a bool and not a tensor (comparing a CUDA tensor
-    waits for the device)."""
-    return type(x) in (float, int) or (isinstance(x, numbers.Real) and not isinstance(x, bool))
 
 
 def _what(value) -> str:
@@ -254,7 +242,7 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, or all of them as
     one [J, N, D] tensor, as :func:`class_tokens` gives them; all layers at once); updates ``memory``."""
     # plain Python checks (ArrConfig's bounds): no tensor is read back from the device every step
-    if (form not in FORMS or not _is_number(momentum) or not _is_number(weight) or not 0 <= momentum < 1
+    if (form not in FORMS or not is_real(momentum) or not is_real(weight) or not 0 <= momentum < 1
             or not 0 <= weight < math.inf):
         raise BionetsError(f"arr_loss needs form in {FORMS}, momentum a number in [0, 1) and weight a finite number "
                            f">= 0, got form={form!r}, momentum={momentum!r}, weight={weight!r}")

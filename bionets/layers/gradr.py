@@ -24,13 +24,12 @@ grows (``-g`` has the sign ``s``) or is pruned. ``s`` is a buffer: checkpoints k
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError, require_module
+from bionets.errors import BionetsError, is_real, require_module
 from bionets.layers.stds import SparseReparam, no_layer_error, reparameterize, select_layers, weight_reparam
 
 
@@ -67,13 +66,10 @@ def prior_centre(alpha: float, target_sparsity: float) -> float:
 
 
 def check_prior(alpha: float, target_sparsity: float) -> None:
-    def real(value) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-    if not (real(target_sparsity) and 0.5 <= target_sparsity < 1):
+    if not (is_real(target_sparsity) and 0.5 <= target_sparsity < 1):
         raise BionetsError(f"Grad R target sparsity p must be in [0.5, 1) (its prior centre is ln(2(1-p))/alpha), "
                            f"got {target_sparsity!r}")
-    if not (real(alpha) and 0 < alpha < math.inf):     # inf: every theta -inf after one step, all pruned
+    if not (is_real(alpha) and 0 < alpha < math.inf):     # inf: every theta -inf after one step, all pruned
         raise BionetsError(f"Grad R prior strength alpha must be a finite number > 0 (default 1e-3), got {alpha!r}")
 
 

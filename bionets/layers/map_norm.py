@@ -18,13 +18,12 @@ autocast runs LayerNorm.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bionets.errors import BionetsError, require_sizes
+from bionets.errors import BionetsError, is_real, require_sizes
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import differentiable_backward, under_function_transform
 
@@ -37,7 +36,7 @@ class MapLayerNorm(nn.LayerNorm):
             raise BionetsError(f"MapLayerNorm takes map_size=(height, width), got {map_size!r}")
         height, width = map_size
         require_sizes("MapLayerNorm", height=height, width=width)
-        if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+        if not (is_real(eps) and math.isfinite(eps) and eps > 0):
             # (0 or less divides a constant map by 0: NaN everywhere, silently)
             raise BionetsError(f"MapLayerNorm eps must be a positive number (e.g. 1e-5), got {eps!r}")
         super().__init__([int(height), int(width)], eps=float(eps))

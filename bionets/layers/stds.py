@@ -29,7 +29,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bionets.errors import BionetsError, name_list, require_module, unknown
+from bionets.errors import BionetsError, is_real, name_list, require_module, unknown, whole
 
 SPARSE_FUNCTIONS = ("stmod", "st", "identity")
 SCHEDULES = ("sine", "linear", "fixed")
@@ -112,11 +111,8 @@ def threshold_at(schedule: str, d_max: float, step: int, total_steps: int) -> fl
     """D after ``step`` of ``total_steps`` optimizer steps (sine, linear or fixed schedule)."""
     check_threshold(d_max, "STDS d_max")
     for name, value in (("step", step), ("total_steps", total_steps)):
-        try:
-            whole = not isinstance(value, bool) and operator.index(value) >= 0
-        except TypeError:
-            whole = False
-        if not whole:       # (the sine schedule is symmetric: a negative step gave a positive D)
+        # (the sine schedule is symmetric: a negative step gave a positive D)
+        if (n := whole(value)) is None or n < 0:
             raise BionetsError(f"STDS schedule {name} must be a whole number >= 0, got {value!r}")
     frac = min(1.0, step / max(1, total_steps))
     if schedule == "sine":
@@ -208,7 +204,7 @@ def check_threshold(d, what: str = "STDS threshold D") -> float:
     if isinstance(d, torch.Tensor):
         _check_threshold_tensor(d, what)
         value = d.item()
-    elif isinstance(d, numbers.Real) and not isinstance(d, bool):
+    elif is_real(d):
         value = float(d)
     else:
         raise threshold_error(d, what)
