@@ -92,6 +92,7 @@ class RunConfig(Section):
 
         raw = {k: (v.model_dump() if isinstance(v, Section) else v) for k, v in self.mechanisms.items()}
         object.__setattr__(self, "mechanisms", parse_mechanisms(raw))
+        self._default_sgd_rates()
         for name in self.mechanisms:
             needed = get_mechanism(name).optimizer
             if needed is not None and self.optim.name != needed:
@@ -105,6 +106,26 @@ class RunConfig(Section):
             raise BionetsError(f"sched.min_lr={self.sched.min_lr:g} is above optim.lr={self.optim.lr:g}: the schedule "
                                "would raise the rate to it; set sched.min_lr below optim.lr (default 0)")
         return self
+
+    def _default_sgd_rates(self) -> None:
+        """Under an SGD-like optimizer, give each mechanism's parameters the lr multipliers it asks for
+        (RAA's v and c: 1/100) where ``optim.lr_mult`` does not set their patterns; a start-up note
+        says so. The saved config holds them, so a resumed run reads the same rates."""
+        from bionets.mechanisms import get_mechanism
+        from bionets.mechanisms.registry import SGD_LIKE
+
+        if self.optim.name.lower() not in SGD_LIKE:
+            return
+        for name, section in self.mechanisms.items():
+            rates = get_mechanism(name).sgd_lr_mult
+            added = {k: v for k, v in (rates(section) if rates else {}).items() if k not in self.optim.lr_mult}
+            if added:
+                object.__setattr__(self, "optim", self.optim.model_copy(
+                    update={"lr_mult": {**self.optim.lr_mult, **added}}))
+                self._notes.append(f"mechanisms.{name} under optim.name={self.optim.name}: optim.lr_mult takes "
+                                   f"{added} (its parameters sum their gradients over every position, and at the "
+                                   "base rate training can diverge); set these patterns in optim.lr_mult to choose "
+                                   "other rates")
 
     @property
     def run_dir(self) -> Path:
@@ -319,7 +340,7 @@ def load_config(name: str | None = None, overrides: list[str] | None = None) -> 
 def _with_notes(data: dict, notes: list[str]) -> RunConfig:
     """The run config of ``data``, carrying the start-up ``notes`` of reading it."""
     cfg = validate_section(RunConfig, data)
-    cfg._notes = notes
+    cfg._notes = notes + cfg._notes
     return cfg
 
 

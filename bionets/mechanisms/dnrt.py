@@ -53,7 +53,23 @@ class ArrConfig(Section):
     layers: Literal["auto", "classifier", "blocks"] = "auto"
 
 
-@register_mechanism("raa", RaaConfig, order=20)
+# measured: resnet20_cifar with RAA on the digits, SGD lr 0.1: test loss 1e5 after the first epoch,
+# then chance for all 30 epochs; 98.6% with v's multiplier and a 1-epoch warm-up (tests/test_convert.py
+# trains with both multipliers). Without a warm-up (recipe_cnn_cifar), 10 epochs, ReLU form: 14.2 / 21.7%
+# (seeds 0 / 1) with v's alone, 76.1 / 96.7% with c's too (the plain ReLU net: 58.6 / 59.2%).
+V_RATES = {"*.v": 0.01, "*.c": 0.01}
+V_LR_NOTE = SgdRateNote("v and c sum their gradients over every pixel or token (c over the features too): with SGD "
+                        "at lr ~0.1 train them with optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (bionets train sets "
+                        "it under SGD) or training can diverge; AdamW needs none", tuple(V_RATES))
+
+
+def shift_rates(cfg: RaaConfig) -> dict[str, float]:
+    """The lr multipliers a run under SGD gives RAA's shift (V_LR_NOTE: without them ResNet-20 on the
+    digits fell to chance); the matrix variant's c is per feature, as a norm's bias, and takes none."""
+    return {} if cfg.variant == "matrix" else dict(V_RATES)
+
+
+@register_mechanism("raa", RaaConfig, order=20, sgd_lr_mult=shift_rates)
 def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     from bionets.layers.raa import RAA
 
@@ -164,15 +180,6 @@ def other_activations(model: nn.Module, types: list[str]) -> str:
                      if type(m).__module__.startswith(("torch.nn.modules.activation", "timm.layers.activations"))
                      and type(m).__name__ not in _NOT_ACTIVATIONS and type(m).__name__.lower() not in wanted)
     return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
-
-
-# measured: resnet20_cifar with RAA on the digits, SGD lr 0.1: test loss 1e5 after the first epoch,
-# then chance for all 30 epochs; 98.6% with v's multiplier and a 1-epoch warm-up (tests/test_convert.py
-# trains with both multipliers). Without a warm-up (recipe_cnn_cifar), 10 epochs, ReLU form: 14.2 / 21.7%
-# (seeds 0 / 1) with v's alone, 76.1 / 96.7% with c's too (the plain ReLU net: 58.6 / 59.2%).
-V_LR_NOTE = SgdRateNote("v and c sum their gradients over every pixel or token (c over the features too): with SGD "
-                        "at lr ~0.1 set optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (as the CNN configs in "
-                        "configs/dnrt do) or training can diverge; AdamW needs none", ("*.v", "*.c"))
 
 
 def _is_vit(model: nn.Module) -> bool:

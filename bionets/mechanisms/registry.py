@@ -80,14 +80,17 @@ class Mechanism:
     apply: Callable[[nn.Module, Section], Applied]
     order: int
     optimizer: str | None = None        # the optimizer (optim.name) the mechanism trains with, if it needs its own
+    # optim.lr_mult entries a run under an SGD-like optimizer takes unless its config sets those patterns
+    sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None
 
 
 MECHANISMS: dict[str, Mechanism] = {}
 
 
-def register_mechanism(name: str, config: type[Section], order: int = 50, optimizer: str | None = None):
+def register_mechanism(name: str, config: type[Section], order: int = 50, optimizer: str | None = None,
+                       sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None):
     def wrap(fn: Callable[[nn.Module, Section], Applied]):
-        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer)
+        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer, sgd_lr_mult)
         return fn
     return wrap
 
