@@ -50,13 +50,23 @@ def test_models_are_compiled_in_their_memory_format_when_asked():
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_bench_dit_smoke():
-    text = load("bench_dit").main(["--device", "cpu", "--batch", "2", "--img", "8", "--repeats", "1", "--warmup", "1",
-                                   "--rounds", "2", "--skip-convnext", "--macs-models", "dit_resnet20",
-                                   "--no-isolate", "--alternate", "2"])
-    assert "| dit_resnet20 step, batch 2 x 3 x 8 x 8 |" in text and "fastest of 2 alternating rounds" in text
-    assert text.count("\nstep ratio ") == 2 and "| dit_resnet20 | 32x32 |" in text
+def test_bench_dit_smoke(tmp_path):
+    """Every part of the Dit benchmark at tiny sizes, one round each: (a) with its stepped-in-turn
+    line, (b), (c) with ConvNeXt at 32 x 32, (d)'s multiply-adds, and the report also written to --out."""
+    out = tmp_path / "dit.md"
+    text = load("bench_dit").main(["--device", "cpu", "--batch", "2", "--img", "8", "--convnext-batch", "1",
+                                   "--convnext-img", "32", "--warmup", "0", "--repeats", "1", "--rounds", "1",
+                                   "--alternate", "2", "--macs-models", "dit_resnet20", "--no-isolate",
+                                   "--out", str(out)])
+    assert out.read_text() == text
+    for needle in ("(a) Dit-ResNet-20", "(b) quadratic layer", "(c) Dit-ConvNeXt-T", "impl=sym",
+                   "| dit_resnet20 step, batch 2 x 3 x 8 x 8 |", "| dit_convnext_tiny step, batch 1 x 3 x 32 x 32 |"):
+        assert needle in text
+    assert text.count("\nstep ratio ") == 4
     assert "stepped in turn in one process, 2 steps each" in text and "round by round: median" in text
+    # measured multiply-adds: plain ResNet-20 40.8 M; the term adds C_out*C(C+1)/2 = 32*528 MACs per
+    # pixel of a 16x16 map in the sym form (4.3 M) and 32*32^2 (8.4 M) with all products formed
+    assert "| dit_resnet20 | 32x32 | 45.1 M | 49.2 M | resnet20_cifar | 40.8 M |" in text
 
 
 def test_bench_stds_smoke():

@@ -1,6 +1,6 @@
-"""Dit theory experiments (gaussian, fewshot, eigen) and the Dit benchmark, end to end on tiny settings."""
+"""Dit theory experiments (gaussian, fewshot, eigen), end to end on tiny settings (the Dit benchmark:
+test_benchmarks.py)."""
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
@@ -13,9 +13,6 @@ from bionets.errors import BionetsError
 from bionets.experiments.eigen import chance_abs_cos, eigen
 from bionets.experiments.fewshot import fewshot
 from bionets.experiments.gaussian import bayes_accuracy, gaussian, log_density_ratio
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -209,19 +206,3 @@ def test_experiment_cli(tmp_path, capsys, request):
     terminal = request.getfixturevalue("terminal_stderr")   # on a terminal: a bar over the fits
     assert main(args) == 0
     assert "gaussian (fits): " in terminal.getvalue() and "/4 " in terminal.getvalue()
-
-
-def test_bench_dit_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_dit", ROOT / "benchmarks" / "bench_dit.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "dit.md"
-    text = bench.main(["--device", "cpu", "--batch", "2", "--convnext-batch", "1", "--convnext-img", "32",
-                       "--warmup", "0", "--repeats", "1", "--macs-models", "dit_resnet20", "--no-isolate",
-                       "--out", str(out)])
-    assert out.read_text() == text
-    for needle in ("(a) Dit-ResNet-20", "(b) quadratic layer", "(c) Dit-ConvNeXt-T", "impl=sym", "step ratio"):
-        assert needle in text
-    # measured multiply-adds: plain ResNet-20 40.8 M; the term adds C_out*C(C+1)/2 = 32*528 MACs per
-    # pixel of a 16x16 map in the sym form (4.3 M) and 32*32^2 (8.4 M) with all products formed
-    assert "| dit_resnet20 | 32x32 | 45.1 M | 49.2 M | resnet20_cifar | 40.8 M |" in text

@@ -40,6 +40,7 @@ import triton.language as tl
 from bionets.layers.triton_kernels import launch_device
 
 WIDTH = 8    # block width W: a [64, 64] outer product per pair and row tile stays in registers
+SPLIT_PROGRAMS = 1024    # dL/dS: the rows split over about this many programs (enough to fill a GPU)
 
 
 @triton.jit
@@ -148,7 +149,7 @@ def block_products_t_matmul(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.zeros(pairs * WIDTH * WIDTH, n, dtype=torch.float32, device=x.device)
     block_m, block_n = 64, _block_n(n, 64)
     tiles = pairs * triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(m, block_m), 1024 // tiles))
+    splits = max(1, min(triton.cdiv(m, block_m), SPLIT_PROGRAMS // tiles))
     steps = triton.next_power_of_2(triton.cdiv(triton.cdiv(m, splits), block_m))   # few distinct compiles
     splits = triton.cdiv(m, steps * block_m)
     part = torch.empty(splits, pairs * WIDTH * WIDTH, n, dtype=torch.float32, device=x.device)
