@@ -39,7 +39,8 @@ def torchrun(tmp_path, *args):
 
 
 def test_two_gloo_processes_match_one(tmp_path):
-    run([sys.executable, "-m", "bionets", *ARGS, f"out_dir={tmp_path}", "name=single"], tmp_path)
+    from bionets.cli import main
+    assert main([*ARGS, f"out_dir={tmp_path}", "name=single"]) == 0         # (in this process: no second import)
     out = torchrun(tmp_path, *ARGS, f"out_dir={tmp_path}", "name=ddp")
     assert "x 2 processes" in out.stdout                      # rank 0 announced the run once
     assert out.stdout.count("bionets: model") == 1
