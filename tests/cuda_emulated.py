@@ -73,6 +73,16 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def extension(name: str) -> tuple[str, dict[str, str]]:
+    """(the build's name, its sources' file names and texts): the name carries a hash of the texts
+    and the headers they include."""
+    texts = {f"{name}_emu_kernels.cpp": kernels_source((LAYERS / f"{name}.cu").read_text()),
+             f"{name}_emu_ops.cpp": operators_source((LAYERS / f"{name}.cpp").read_text(), name)}
+    key = hashlib.sha256("".join(texts.values()).encode() + HEADER.read_bytes()
+                         + b"".join(p.read_bytes() for p in sorted(LAYERS.glob("*.h")))).hexdigest()[:10]
+    return f"bionets_{name}_emu_{key}", texts
+
+
 def ops(name: str):
     """``torch.ops.bionets_<name>_emu``, built once per source (cached by torch's builder)."""
     if name not in _BUILT:
@@ -80,11 +90,7 @@ def ops(name: str):
         from bionets.toolchain import quiet_import
         quiet_import()
         from torch.utils import cpp_extension
-        texts = {f"{name}_emu_kernels.cpp": kernels_source((LAYERS / f"{name}.cu").read_text()),
-                 f"{name}_emu_ops.cpp": operators_source((LAYERS / f"{name}.cpp").read_text(), name)}
-        key = hashlib.sha256("".join(texts.values()).encode() + HEADER.read_bytes()
-                             + b"".join(p.read_bytes() for p in sorted(LAYERS.glob("*.h")))).hexdigest()[:10]
-        ext = f"bionets_{name}_emu_{key}"
+        ext, texts = extension(name)
         where = Path(cpp_extension.get_default_build_root()) / f"{ext}_src"
         where.mkdir(parents=True, exist_ok=True)
         for file, text in texts.items():

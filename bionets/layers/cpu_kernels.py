@@ -117,9 +117,8 @@ def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **op
             BIN_DIR = ""
         if BIN_DIR:
             os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
     first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"     # torchrun's processes build it once, together
-    if first_on_machine and not any(root.glob(f"{ext}/{ext}.so")) and not any(root.glob(f"*/{ext}/{ext}.so")):
+    if first_on_machine and not is_built(ext):
         # (through tqdm: the first training forward builds them, under the epoch's progress bar)
         tqdm.write(f"bionets: building {what} (once per machine, {takes})", file=sys.stderr)
     try:
@@ -128,6 +127,15 @@ def compile_extension(ext: str, sources: list[Path], what: str, takes: str, **op
         lines = str(err).splitlines() or [type(err).__name__]
         first_error = next((ln.strip() for ln in lines if "error" in ln.lower() and "[1/" not in ln), lines[0])
         raise RuntimeError(f"building {ext} failed: {first_error[:300]}") from err
+
+
+def is_built(ext: str) -> bool:
+    """Whether torch's extension cache holds the build ``ext`` (in the cache's root where
+    TORCH_EXTENSIONS_DIR names it, else in the default root's folder for this Python and CUDA)."""
+    quiet_import()
+    from torch.utils import cpp_extension
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return any(root.glob(f"{ext}/{ext}.so")) or any(root.glob(f"*/{ext}/{ext}.so"))
 
 
 def ops(name: str):
