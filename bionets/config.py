@@ -123,9 +123,9 @@ class RunConfig(Section):
                 object.__setattr__(self, "optim", self.optim.model_copy(
                     update={"lr_mult": {**self.optim.lr_mult, **added}}))
                 self._notes.append(f"mechanisms.{name} under optim.name={self.optim.name}: optim.lr_mult takes "
-                                   f"{added} (its parameters sum their gradients over every position, and at the "
-                                   "base rate training can diverge); set these patterns in optim.lr_mult to choose "
-                                   "other rates")
+                                   f"{added}, the multipliers {name} asks for under SGD (at the base rate its "
+                                   "parameters can diverge); set these patterns in optim.lr_mult to choose other "
+                                   "rates")
 
     @property
     def run_dir(self) -> Path:

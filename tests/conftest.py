@@ -97,5 +97,5 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session):
-    for builder in _builders:       # (stopped mid-build, one would leave torch's build lock behind)
+    for builder in _builders:       # (one stopped mid-build can leave a lock that torch's builder then waits on)
         builder.wait()
