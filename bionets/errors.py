@@ -79,6 +79,14 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def require_bools(owner: str, **flags) -> None:
+    """One error naming every one of ``flags`` that is not True or False (a string such as 'no' or
+    'false' is truthy, and switched its option on silently)."""
+    bad = [f"{name}={value!r}" for name, value in flags.items() if not isinstance(value, bool)]
+    if bad:
+        raise BionetsError(f"{owner} takes True or False for {', '.join(bad)}")
+
+
 def require_sizes(owner: str, **sizes) -> None:
     """One error naming every one of ``sizes`` (a layer's widths, counts, kernel sizes) that is not a
     positive integer; ``owner`` names the layer. (Left to torch, 2.5 channels or -3 features failed

@@ -219,12 +219,13 @@ def class_tokens(blocks: list[torch.Tensor]) -> torch.Tensor:
         raise BionetsError(f"class_tokens takes a non-empty list of block outputs [N, T, D] with T >= 1 tokens (a "
                            f"single block: [x]), got {_what(blocks)}")
     first = blocks[0]
-    if any(x.shape[0] != first.shape[0] or x.shape[2] != first.shape[2] or x.device != first.device for x in blocks):
+    alike = all(x.shape == first.shape and x.dtype == first.dtype and x.device == first.device for x in blocks)
+    if not alike and any(x.shape[0] != first.shape[0] or x.shape[2] != first.shape[2] or x.device != first.device
+                         for x in blocks):      # (checked only where they differ: this runs every step)
         raise BionetsError(f"class_tokens: blocks of shapes {[tuple(x.shape) for x in blocks]} on "
                            f"{sorted({str(x.device) for x in blocks})}: every block needs the same N samples and D "
                            "features, on one device")
-    plain = (torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
-             or any(x.shape != first.shape or x.dtype != first.dtype or x.device != first.device for x in blocks))
+    plain = (not alike or torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform())
     return torch.stack([x[:, 0] for x in blocks]) if plain else _ClassTokens.apply(*blocks)
 
 

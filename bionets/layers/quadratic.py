@@ -19,19 +19,11 @@ import math
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError, name_list, require_module, require_sizes, unknown
+from bionets.errors import BionetsError, name_list, require_bools, require_module, require_sizes, unknown
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import run_or_warn, under_function_transform
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
                                           triton_module)
-
-
-def require_bools(owner: str, **flags) -> None:
-    """One error naming every one of ``flags`` that is not True or False (a string such as 'no' or
-    'false' is truthy, and switched its option on silently)."""
-    bad = [f"{name}={value!r}" for name, value in flags.items() if not isinstance(value, bool)]
-    if bad:
-        raise BionetsError(f"{owner} takes True or False for {', '.join(bad)}")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError, require_sizes
-from bionets.layers.quadratic import QuadraticTerm, require_bools
+from bionets.errors import BionetsError, require_bools, require_sizes
+from bionets.layers.quadratic import QuadraticTerm
 
 
 class QuadraticPixel(QuadraticTerm):
