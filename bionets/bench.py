@@ -16,12 +16,14 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from bionets.engine.evaluate import autocast_for
 
 
 @dataclass
@@ -156,8 +158,7 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | N
     if channels_last and inputs.ndim == 4:
         model = model.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    autocast = autocast_for(amp, device)
     if targets is None:
         targets = torch.zeros(inputs.shape[0], dtype=torch.long, device=device)
     loss_fn = loss_fn or nn.functional.cross_entropy

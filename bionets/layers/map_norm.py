@@ -25,6 +25,7 @@ from torch import nn
 
 from bionets.errors import BionetsError, is_real, require_sizes
 from bionets.layers import cpu_kernels
+from bionets.layers.amp import autocast_casts, autocast_on
 from bionets.layers.kernel_fallback import differentiable_backward, under_function_transform
 
 
@@ -47,14 +48,12 @@ class MapLayerNorm(nn.LayerNorm):
                                f" maps, got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise BionetsError(f"MapLayerNorm takes floating-point input, got {x.dtype}: convert it (x.float())")
-        device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        if device == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and autocast:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and autocast_on(x):
             # under CPU autocast: in float32, out in float32, as CUDA autocast runs layer_norm (on
             # Dit-ResNet-20's bf16 step, 1.25x -> 1.18x its twin's: bf16 LayerNorm and its copies are slow)
             x = x.float()
         weight, bias = self.weight, self.bias
-        if weight is not None and _casts_weights(x, weight.dtype, autocast):
+        if weight is not None and _casts_weights(x, weight.dtype):
             # weights in x's dtype, as the quadratic terms': PyTorch's LayerNorm refused a float64 map
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
         if _takes(x, weight, bias) and (kernels := cpu_kernels.ops("map_norm_cpu")) is not None:
@@ -62,11 +61,11 @@ class MapLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
-def _casts_weights(x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> bool:
+def _casts_weights(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether weights of ``dtype`` go to x's dtype: where they differ, but not where autocast casts
     both to float32 itself (it leaves float64 alone), nor where PyTorch's CPU LayerNorm takes a bf16
     or fp16 map with float32 weights as they are (more precise)."""
-    if x.dtype == dtype or (autocast and torch.float64 not in (x.dtype, dtype)):
+    if x.dtype == dtype or autocast_casts(x, dtype):
         return False
     return not (x.device.type == "cpu" and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16))
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, name_list, require_bools, require_module, require_sizes, unknown
+from bionets.layers.amp import autocast_casts
 from bionets.layers import cpu_kernels
 from bionets.layers.kernel_fallback import run_or_warn, under_function_transform
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
@@ -29,11 +30,7 @@ from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, in
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a quadratic term computes in for input ``x``: autocast's where it is on for x's
     device (it leaves float64 alone), else x's own. Weights of another dtype are cast to it."""
-    device = x.device.type
-    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)   # not on 'meta'
-            and x.dtype != torch.float64):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    return torch.get_autocast_dtype(x.device.type) if autocast_casts(x) else x.dtype
 
 
 class QuadraticNeuron(nn.Module):
@@ -204,7 +201,7 @@ class QuadraticChannel(QuadraticTerm):
         if self.ablation == "cov":
             out = _without_covariance(x, self.weight)
         else:
-            if x.is_cuda and self.impl == "sym" and torch.is_autocast_enabled("cuda") and x.dtype != torch.float64:
+            if x.is_cuda and self.impl == "sym" and autocast_casts(x):
                 # one copy to the products' dtype and the rows' layout (channels_last), where two would follow
                 x = x.to(torch.get_autocast_dtype("cuda"), memory_format=torch.channels_last)
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, require_bools, require_sizes
+from bionets.layers.amp import autocast_casts
 from bionets.layers.quadratic import QuadraticTerm
 
 
@@ -70,10 +71,7 @@ class QuadraticPixel(QuadraticTerm):
         if n * h * w == 0:                  # (the convolutions refused a 0 x 0 map)
             return x.new_zeros(n, self.out_channels, h, w)
         dtype = self.branch_a[0].weight.dtype
-        device = x.device.type
-        autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-                    and torch.float64 not in (x.dtype, dtype))              # which autocast leaves alone
-        if x.dtype != dtype and not autocast:
+        if x.dtype != dtype and not autocast_casts(x, dtype):
             return self._terms(x.to(dtype)).to(x.dtype)
         return self._terms(x)
 
