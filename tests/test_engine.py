@@ -223,6 +223,11 @@ def test_lr_multipliers_select_parameters_by_pattern():
     line = lr_mult_summary(model, OptimConfig(lr_mult={"1.*": 10.0, "*.weight": 2.0, "*.v": 0.01}))
     assert line == "optim.lr_mult: '1.*' x10 on 2 tensor(s); '*.weight' x2 on 1 tensor(s); '*.v' matches no parameter"
     assert lr_mult_summary(model, OptimConfig()) == ""
+    # a pattern whose every match an earlier one took says which (a catch-all before RAA's '*.v')
+    line = lr_mult_summary(model, OptimConfig(lr_mult={"*": 2.0, "1.*": 0.5, "*.bias": 0.1}))
+    assert line == ("optim.lr_mult: '*' x2 on 4 tensor(s); '1.*' takes no parameter (the earlier '*' took its "
+                    "matches: first match wins); '*.bias' takes no parameter (the earlier '*' took its matches: "
+                    "first match wins)")
 
 
 def test_no_weight_decay_on_what_a_timm_model_lists():

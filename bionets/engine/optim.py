@@ -94,15 +94,21 @@ def _lr_pattern(name: str, cfg: OptimConfig) -> str | None:
 
 def lr_mult_summary(model: nn.Module, cfg: OptimConfig) -> str:
     """One line saying how many trainable tensors each ``lr_mult`` pattern gave its multiplier (the
-    first matching pattern wins), so that a pattern matching nothing shows at the start of a run;
-    '' without patterns."""
+    first matching pattern wins), so that a pattern matching nothing, or matching only tensors an
+    earlier pattern took, shows at the start of a run; '' without patterns."""
     if not cfg.lr_mult:
         return ""
     taken = {pat: 0 for pat in cfg.lr_mult}
+    shadowed: dict[str, set[str]] = {pat: set() for pat in cfg.lr_mult}   # pattern -> earlier winners
     for name, p in model.named_parameters():
         if p.requires_grad and (pat := _lr_pattern(name, cfg)) is not None:
             taken[pat] += 1
-    parts = [f"'{pat}' x{cfg.lr_mult[pat]:g} on {n} tensor(s)" if n else f"'{pat}' matches no parameter"
+            for later in (q for q in cfg.lr_mult if q != pat and fnmatch.fnmatch(name, q)):
+                shadowed[later].add(pat)
+    parts = [f"'{pat}' x{cfg.lr_mult[pat]:g} on {n} tensor(s)" if n
+             else f"'{pat}' takes no parameter (the earlier {', '.join(repr(q) for q in sorted(shadowed[pat]))} "
+                  "took its matches: first match wins)" if shadowed[pat]
+             else f"'{pat}' matches no parameter"
              for pat, n in taken.items()]
     return "optim.lr_mult: " + "; ".join(parts)
 
