@@ -1,10 +1,14 @@
 """RAA's fused C++ kernels for float32 CPU tensors against the direct formula in float64, in every
 layout they take, and the PyTorch path where they cannot be built."""
+import copy
+import pickle
+
 import pytest
 import torch
 
 import bionets.layers.cpu_kernels as cpu_kernels
 import bionets.layers.raa as raa_module
+from bionets.errors import BionetsError
 from bionets.layers.raa import RAA
 from compile_helpers import own_cpu_kernels
 from test_raa import LAYOUTS, direct, randomized
@@ -106,7 +110,8 @@ def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
 
 def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch):
     """BIONETS_CPU_KERNELS=0 uses the PyTorch path without trying; where the build fails (no compiler),
-    one warning names why and RAA gives the same values through the PyTorch path."""
+    one warning names why and RAA gives the same values through the PyTorch path. (Each case takes
+    a copy of the module, as a fresh process would: a module keeps the operator its last call chose.)"""
     torch.manual_seed(0)
     raa = randomized(RAA(6))
     x = torch.randn(3, 6, 4, 4, requires_grad=True)
@@ -115,7 +120,7 @@ def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_STATE", {})
     monkeypatch.setenv("BIONETS_CPU_KERNELS", "0")
     assert raa_module._cpu_kernels(x, raa.v, raa.c, 1) is None
-    torch.testing.assert_close(_grads(raa, x, 1, torch.ones(3, 6, 4, 4)), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(copy.deepcopy(raa), x, 1, torch.ones(3, 6, 4, 4)), want, rtol=1e-5, atol=1e-6)
 
     tried = []
 
@@ -127,9 +132,37 @@ def test_switched_off_or_unbuildable_kernels_leave_the_pytorch_path(monkeypatch)
     monkeypatch.setenv("BIONETS_CPU_KERNELS", "1")
     monkeypatch.setattr(cpu_kernels, "build", broken)
     with pytest.warns(UserWarning, match="CPU kernels cannot be built here.*command not found.*PyTorch path"):
-        got = _grads(raa, x, 1, torch.ones(3, 6, 4, 4))
+        got = _grads(copy.deepcopy(raa), x, 1, torch.ones(3, 6, 4, 4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert cpu_kernels.ops("raa_cpu") is None and tried == ["raa_cpu"]        # tried once, not at every call
+
+
+@pytest.mark.usefixtures("kernels")
+def test_a_module_rechooses_its_path_when_a_call_differs_from_the_last():
+    """A module remembers its last eager call's shape, strides and dtypes with the operator it chose
+    (~15 us a call less of Python here); a call that differs in any of them is checked and routed
+    afresh: the C++ operator for channels_last float32, the PyTorch path for float64 and for a
+    parameter cast to float64, an error for a wrong width. Copies and pickles leave the memory out."""
+    torch.manual_seed(0)
+    raa = randomized(RAA(8))
+    x = torch.randn(2, 8, 3, 5)
+    calls = [x.contiguous(memory_format=torch.channels_last), x.double(), x.contiguous(memory_format=torch.channels_last),
+             x[:1].contiguous(memory_format=torch.channels_last), x]
+    for xin in calls:
+        out = raa(xin.requires_grad_())
+        kernel = "RaaFunction" in out.grad_fn.name()
+        assert kernel == (xin.dtype == torch.float32), (xin.dtype, xin.stride())
+        want = direct(xin.detach().double(), copy.deepcopy(raa).double(), 1)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        raa.c.data = raa.c.data.double()          # a parameter's dtype changed in place: no operator
+    out = raa(calls[0].detach())
+    assert "RaaFunction" not in out.grad_fn.name()
+    raa.c.data = raa.c.data.float()
+    with pytest.raises(BionetsError, match="RAA built for 8 features got a tensor of shape"):
+        raa(torch.randn(2, 9, 3, 5))
+    assert raa._route is not None
+    assert copy.deepcopy(raa)._route is None and pickle.loads(pickle.dumps(raa))._route is None
 
 
 @pytest.mark.usefixtures("kernels")

@@ -330,6 +330,8 @@ class RAA(nn.Module):
     (matrix).
     """
 
+    _route = None       # (the last eager call's shape, strides and dtypes; its feature axis; its operator)
+
     def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu", compiled: bool = False,
                  dim: int | None = None):
         super().__init__()
@@ -351,6 +353,38 @@ class RAA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise BionetsError(f"RAA takes a torch.Tensor, got {type(x).__name__}: convert it (torch.as_tensor(x))")
+        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
+        if self.compiled or plain:
+            # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
+            # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
+            # the hand-written autograd function below; the same under torch.func transforms
+            dim = self._checked_dim(x)
+            weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
+            if not plain and x.device.type == "cpu":
+                require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
+            fn = raa_expression if plain else compiled_raa(self.num_features)
+            return fn(x, self.c, weight, self.variant, self.base, dim)
+        params = self._parameters
+        v, c = params.get("v"), params["c"]
+        key = (x.shape, x.stride(), x.dtype, x.is_cuda, c.dtype, v is not None and v.dtype)
+        if self._route is not None and self._route[0] == key:
+            _, dim, op = self._route               # a call like the last: checked, its operator chosen
+        else:
+            dim = self._checked_dim(x)
+            if (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
+                    and (self.variant == "matrix" or _cpu_kernels(x, v, c, dim) is None)):
+                # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16
+                # map times a float32 one took 1.1 ms against 0.03): compute in float32, round once
+                # (the C++ kernels, where they take the map, read and write bf16 themselves)
+                with torch.autocast("cpu", enabled=False):
+                    x32 = x.float()
+                    return self._eager(self._op_for(x32, dim), x32, dim, v, c).to(x.dtype)
+            op = self._op_for(x, dim)
+            self._route = (key, dim, op)
+        return self._eager(op, x, dim, v, c)
+
+    def _checked_dim(self, x: torch.Tensor) -> int:
+        """The feature axis of x (see the class's ``dim``); an error line for a tensor RAA cannot take."""
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
         if x.ndim == 0 or dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)} (it "
@@ -362,33 +396,29 @@ class RAA(nn.Module):
                                "pattern")
         if not x.is_floating_point():            # (integers were rounded silently; nn.GELU refuses them)
             raise BionetsError(f"RAA takes floating-point input, got {x.dtype}: convert it (x.float())")
-        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
-        if self.compiled or plain:
-            # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
-            # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
-            # the hand-written autograd function below; the same under torch.func transforms
-            weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
-            if not plain and x.device.type == "cpu":
-                require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
-            fn = raa_expression if plain else compiled_raa(self.num_features)
-            return fn(x, self.c, weight, self.variant, self.base, dim)
-        if (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
-                and (self.variant == "matrix" or _cpu_kernels(x, getattr(self, "v", None), self.c, dim) is None)):
-            # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16 map
-            # times a float32 one took 1.1 ms against 0.03): compute in float32, round once (the C++
-            # kernels, where they take the map, read and write bf16 themselves)
-            with torch.autocast("cpu", enabled=False):
-                return self._eager(x.float(), dim).to(x.dtype)
-        return self._eager(x, dim)
+        return dim
 
-    def _eager(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def _op_for(self, x: torch.Tensor, dim: int):
+        """RAA's own operator's overload for x (one call forward and backward, autograd in C++), or None."""
+        if self.variant == "matrix":
+            return None
+        kernels = _own_kernels(x, self._parameters.get("v"), self.c, dim)
+        # (the overload called directly: ~4 us a call less than through the operator's packet)
+        return None if kernels is None else kernels.raa.default
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_route", None)                     # (the operator it names does not pickle)
+        return state
+
+    def _eager(self, op, x: torch.Tensor, dim: int, v: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+        """RAA through ``op`` (its own operator's overload) or, where None, its autograd function or
+        (matrix variant) PyTorch ops; v is None for the scalar and matrix variants."""
         if self.variant != "matrix":
-            v, c = self.v if self.variant == "vector" else None, self.c
-            if (kernels := _own_kernels(x, v, c, dim)) is not None:   # one operator, autograd in C++
-                # (its overload called directly: ~4 us a call less than through the operator's packet)
-                return kernels.raa.default(x, v, c, dim, self.base == "relu")
+            if op is not None:
+                return op(x, v, c, dim, self.base == "relu")
             return _RaaVector.apply(x, v, c, dim, self.base)
-        s = matrix_shift(x, self.W, self.c, dim)
+        s = matrix_shift(x, self.W, c, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype
         return shifted_gelu(x, s).to(x.dtype)                 # x * Phi(x + shift), in x's dtype
