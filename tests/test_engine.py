@@ -864,7 +864,10 @@ def test_a_model_that_does_not_fit_the_data_is_one_line(tmp_path):
     ("resnet18", "{global_pool: bogus}", r"\(AssertionError: Invalid pool type: bogus\)"),
     ("resnet18", "{output_stride: 7}", r"\(AssertionError\)"),          # timm's assert without a message
     ("convnext_atto", "{depths: [1, 1]}", r"\(IndexError: "),
-    ("resnet18", "{act_layer: notanact}", None)])
+    ("resnet18", "{act_layer: notanact}", None),
+    # bionets' own small models refuse a misspelt option too (they ignored it)
+    ("test_mlp", "{hiden: 32}", r"\(TypeError: .*unexpected keyword argument 'hiden'\)"),
+    ("vgg11_cifar", "{drop_rate: 0.1}", r"\(TypeError: .*unexpected keyword argument 'drop_rate'\)")])
 def test_options_timm_refuses_are_one_line_naming_them(name, kwargs, error):
     """timm checks its options with asserts, dict lookups and indexing: each refusal names the options
     given (it was a traceback of 35-48 lines for all but TypeError)."""

@@ -13,12 +13,13 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from bionets.layers.activations import resolve_act
+from bionets.models.factory_args import model_options
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 class VGGCifar(nn.Module):
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, act_layer="relu", **_):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, act_layer="relu"):
         super().__init__()
         act = resolve_act(act_layer)
         layers, c = [], in_chans
@@ -51,7 +52,7 @@ class VGGCifar(nn.Module):
 
 @register_model
 def resnet18_cifar(pretrained: bool = False, act_layer="relu", in_chans: int = 3, **kwargs) -> ResNet:
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
+    kwargs = model_options(kwargs)
     act = resolve_act(act_layer)
     kwargs.setdefault("num_classes", 10)                 # CIFAR-10's, as the other *_cifar models
     model = ResNet(BasicBlock, [2, 2, 2, 2], in_chans=in_chans, act_layer=lambda inplace=False: act(), **kwargs)
@@ -62,4 +63,4 @@ def resnet18_cifar(pretrained: bool = False, act_layer="relu", in_chans: int = 3
 
 @register_model
 def vgg11_cifar(pretrained: bool = False, **kwargs) -> VGGCifar:
-    return VGGCifar(**kwargs)
+    return VGGCifar(**model_options(kwargs))

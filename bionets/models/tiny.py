@@ -6,6 +6,7 @@ from timm.models import register_model
 from torch import nn
 
 from bionets.layers.activations import resolve_act
+from bionets.models.factory_args import model_options
 
 
 class TinyMLP(nn.Module):
@@ -13,7 +14,7 @@ class TinyMLP(nn.Module):
     ``act_layer``: a timm or torch.nn activation name (default ReLU)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 8, hidden: int = 64,
-                 act_layer="relu", **_):
+                 act_layer="relu"):
         super().__init__()
         self.num_classes, self.num_features = num_classes, hidden
         self.fc1 = nn.Linear(in_chans * img_size * img_size, hidden)
@@ -39,4 +40,4 @@ class TinyMLP(nn.Module):
 
 @register_model
 def test_mlp(pretrained: bool = False, **kwargs) -> TinyMLP:
-    return TinyMLP(**kwargs)
+    return TinyMLP(**model_options(kwargs))
