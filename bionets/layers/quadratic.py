@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, name_list, require_bools, require_module, require_sizes, unknown
-from bionets.layers.amp import autocast_casts
 from bionets.layers import cpu_kernels
+from bionets.layers.amp import autocast_casts
 from bionets.layers.kernel_fallback import run_or_warn, under_function_transform
 from bionets.layers.quadratic_sym import (SymmetricQuadratic, fold_symmetric, indices, sym_forward, sym_quadratic_op,
                                           triton_module)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bionets.errors import BionetsError, require_sizes
-from bionets.layers.amp import autocast_on
 from bionets.layers import cpu_kernels, cuda_kernels
+from bionets.layers.amp import autocast_on
 from bionets.layers.kernel_fallback import differentiable_backward, failed_on, run_or_fall_back, under_function_transform
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import triton_kernels
