@@ -378,8 +378,8 @@ class RAA(nn.Module):
                 # (the C++ kernels, where they take the map, read and write bf16 themselves)
                 with torch.autocast("cpu", enabled=False):
                     x32 = x.float()
-                    return self._eager(self._op_for(x32, dim), x32, dim, v, c).to(x.dtype)
-            op = self._op_for(x, dim)
+                    return self._eager(self._op_for(x32, dim, v, c), x32, dim, v, c).to(x.dtype)
+            op = self._op_for(x, dim, v, c)
             self._route = (key, dim, op)
         return self._eager(op, x, dim, v, c)
 
@@ -398,11 +398,11 @@ class RAA(nn.Module):
             raise BionetsError(f"RAA takes floating-point input, got {x.dtype}: convert it (x.float())")
         return dim
 
-    def _op_for(self, x: torch.Tensor, dim: int):
+    def _op_for(self, x: torch.Tensor, dim: int, v: torch.Tensor | None, c: torch.Tensor):
         """RAA's own operator's overload for x (one call forward and backward, autograd in C++), or None."""
         if self.variant == "matrix":
             return None
-        kernels = _own_kernels(x, self._parameters.get("v"), self.c, dim)
+        kernels = _own_kernels(x, v, c, dim)
         # (the overload called directly: ~4 us a call less than through the operator's packet)
         return None if kernels is None else kernels.raa.default
 
