@@ -9,6 +9,7 @@ step reuses memory that an earlier, larger case freed).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -17,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,16 @@ class Timing:
 
     def ratio(self, base: "Timing") -> float:
         return self.step_ms / base.step_ms
+
+
+def fastest(best: Timing | None, new: Timing) -> Timing:
+    """The faster of two rounds' timings of one case, with the peak memory of whichever measured it
+    (rounds after the first skip the CPU's profiled step: ``measure(..., peak=False)``)."""
+    if best is None:
+        return new
+    faster = new if new.step_ms < best.step_ms else best
+    measured = next((t.peak_mb for t in (faster, best, new) if not math.isnan(t.peak_mb)), math.nan)
+    return replace(faster, peak_mb=measured)
 
 
 def _rss_peak_mb() -> float:
@@ -183,17 +194,23 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | N
 def measure(name: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None, *,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
             amp: str = "off", channels_last: bool = False, warmup: int = 2, repeats: int = 5,
-            step_repeats: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> Timing:
+            step_repeats: int | None = None, optimizer: torch.optim.Optimizer | None = None,
+            peak: bool = True) -> Timing:
     """Median forward time and training-step time (forward, backward, SGD step) of ``model``
-    (``step_repeats`` timed steps, default ``repeats``: 1 where the caller times the steps itself)."""
+    (``step_repeats`` timed steps, default ``repeats``: 1 where the caller times the steps itself),
+    and the step's peak memory unless ``peak`` is false (then NaN: on CPU it costs a profiled step,
+    seconds, which a case's later rounds need not repeat)."""
     device = inputs.device
     step, forward = train_step(model, inputs, targets, loss_fn=loss_fn, amp=amp, channels_last=channels_last,
                                optimizer=optimizer)
     base = _reset_peak(device) if device.type == "cuda" else None
     step_ms = _median_ms(step, device, warmup, step_repeats or repeats)
-    peak = _peak(device, base) if base is not None else cpu_step_peak_mb(step)
+    if not peak:
+        peak_mb = math.nan
+    else:
+        peak_mb = _peak(device, base) if base is not None else cpu_step_peak_mb(step)
     forward_ms = _median_ms(forward, device, warmup, repeats)
-    return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak)
+    return Timing(name, forward_ms, step_ms, inputs.shape[0] / step_ms * 1e3, peak_mb)
 
 
 def verdict(ratio: float, target: float) -> str:

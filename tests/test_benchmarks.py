@@ -33,11 +33,25 @@ def test_bench_dnrt_smoke():
 
 
 def test_bench_dnrt_runs_the_chosen_cases_only():
-    text = load("bench_dnrt").main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--rounds", "1",
+    text = load("bench_dnrt").main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--rounds", "2",
                                     "--skip-compiled", "--alternate", "0", "--cases", "resnet-relu"])
     assert "| resnet20_cifar ReLU |" in text and "vit_tiny" not in text and "GELU" not in text
+    assert "nan" not in text                    # the second round's peak memory is the first's, not measured again
     with pytest.raises(SystemExit):
         load("bench_dnrt").main(["--cases", "vit,resnet"])
+
+
+def test_a_cases_later_rounds_keep_the_peak_memory_the_first_measured():
+    import math
+
+    import torch
+    from bionets.bench import Timing, fastest, measure
+    layer, x = torch.nn.Linear(8, 4), torch.randn(2, 8)
+    assert math.isnan(measure("later round", layer, x, repeats=1, peak=False).peak_mb)
+    first, slower, faster = Timing("a", 1, 2.0, 1, 5.0), Timing("a", 1, 3.0, 1, math.nan), Timing("a", 1, 1.0, 1, math.nan)
+    assert fastest(None, first) is first
+    assert fastest(first, slower) == first
+    assert fastest(first, faster) == Timing("a", 1, 1.0, 1, 5.0)
 
 
 def test_models_are_compiled_in_their_memory_format_when_asked():
