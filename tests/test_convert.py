@@ -216,6 +216,24 @@ def test_raa_reads_the_features_where_the_layer_before_put_them():
         assert conv_raa.dim == 1
 
 
+def test_raa_on_conv1d_and_conv3d_nets_takes_the_channels():
+    """A Conv1d net (with and without an input size to probe) and torchvision's r3d_18 (Conv3d; it
+    states no input size): every RAA on dim 1, the channels, not the length or the frame width (the
+    probe read [N, C, L] as tokens, and the layers' width was refused on a 5-D map)."""
+    def conv1d_net():
+        return nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                             nn.Flatten(), nn.Linear(6, 3))
+    for options in ({}, {"input_size": [2, 20]}):
+        model, _ = convert(conv1d_net(), activation=options)
+        assert (model[2].num_features, model[2].dim) == (6, 1)
+        assert model(torch.randn(4, 2, 33)).shape == (4, 3)        # any length
+    model, report = convert(torchvision.models.video.r3d_18(num_classes=5), activation="raa")
+    raas = [m for m in model.modules() if isinstance(m, RAA)]
+    assert len(raas) == 17 and all(r.dim == 1 for r in raas) and report.params_added == 3921
+    model(torch.randn(2, 3, 4, 16, 16)).sum().backward()
+    assert model.stem[2].v.grad.shape == (64,)
+
+
 def test_convert_takes_one_placement_string_and_rejects_a_non_module():
     model, report = convert(timm.create_model("resnet18", num_classes=10), quadratic="layer1.0.conv2")
     assert isinstance(model.layer1[0].conv2, ConvPlusQuadratic) and report.changes == 1

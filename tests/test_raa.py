@@ -39,11 +39,37 @@ def randomized(raa):
 
 @pytest.mark.parametrize("variant", ["vector", "scalar", "matrix"])
 @pytest.mark.parametrize("base", ["gelu", "relu"])
-@pytest.mark.parametrize("shape, dim", [((3, 5, 4, 4), 1), ((2, 7, 5), -1), ((6, 5), -1)])
+@pytest.mark.parametrize("shape, dim", [((3, 5, 4, 4), 1), ((2, 7, 5), -1), ((6, 5), -1), ((2, 5, 6), 1),
+                                        ((2, 5, 3, 4, 2), 1), ((6, 5), 1)])
 def test_raa_matches_formula_float64(variant, base, shape, dim):
-    raa = randomized(RAA(shape[dim], variant, base)).double()
+    """Tokens and vectors on the last dim; the channels of 2-D maps, of Conv1d's [N, C, L] and of
+    Conv3d's [N, C, D, H, W] outputs on dim 1 (and dim 1 of [N, C] is its last)."""
+    raa = randomized(RAA(shape[dim], variant, base, dim=dim)).double()
     x = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(raa(x), direct(x, raa, dim), rtol=1e-12, atol=1e-12)
+    if len(shape) in (3, 5) and dim == 1:         # found per call: dim 1 where the last dim is no feature width
+        per_call = randomized(RAA(shape[dim], variant, base)).double()
+        torch.testing.assert_close(per_call(x), direct(x, per_call, dim), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, fmt", [((2, 4, 5), None), ((2, 4, 3, 2, 2), torch.channels_last_3d)])
+def test_raa_on_conv1d_and_conv3d_maps_in_float32_and_its_gradients(shape, fmt):
+    """The float32 path (through RAA's own kernels on the map read as [N, C, L, 1] or [N, C, D, H W])
+    against float64, gradients of x, v and c included, and a gradcheck."""
+    raa = randomized(RAA(4, dim=1)).double()
+    x64 = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: raa(x), (x64, *raa.parameters()))
+    want = torch.autograd.grad(direct(x64, raa, 1).square().sum(), (x64, raa.v, raa.c))
+    raa32 = RAA(4, dim=1)
+    raa32.load_state_dict(raa.state_dict())
+    x = x64.detach().float()
+    x = (x.contiguous(memory_format=fmt) if fmt else x).requires_grad_()
+    out = raa32(x)
+    assert out.shape == x.shape
+    got = torch.autograd.grad(out.square().sum(), (x, raa32.v, raa32.c))
+    torch.testing.assert_close(out.double(), direct(x64, raa, 1), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 def test_raa_starts_as_exact_gelu_and_relu():
@@ -85,6 +111,11 @@ def test_raa_at_a_zero_shifted_input_and_under_a_nan_shift(variant):
     with torch.no_grad():
         raa.c.fill_(float("nan"))
     assert raa(x.detach()).isnan().all()
+    # an infinite shift: Phi's limits (1 and 0), as the kernels give, not the inf / inf of gelu(z) / z
+    for shift, want in ((float("inf"), x.detach()), (float("-inf"), torch.zeros_like(x))):
+        with torch.no_grad():
+            raa.c.fill_(shift)
+        assert torch.equal(raa(x.detach()), want)
 
 
 @pytest.mark.parametrize("variant", ["vector", "scalar"])

@@ -83,11 +83,11 @@ def _shifted(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def _gelu_of_shifted(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x * Phi(x + s)``, with ``Phi(z) = gelu(z) / z`` (GELU's vectorized kernel: torch.erf is half
-    as fast on the CPU, torch's ndtr several times slower). At z = 0 the quotient is 0/0, replaced by
-    Phi(0) = 1/2; the final ``+ 0 * s`` gives back the NaN of a NaN shift, which that replacement
-    would have hidden."""
-    z = _shifted(x, s)
-    return F.gelu(z).div_(z).nan_to_num_(0.5).mul_(x).add_(s, alpha=0)
+    as fast on the CPU, torch's ndtr several times slower). z is clamped to [-40, 40] first, where Phi
+    is already 0 or 1 in float64, so that an infinite z gives Phi's limit, not inf / inf; at z = 0
+    the quotient 0/0 is replaced by Phi(0) = 1/2; a NaN z stays NaN."""
+    z = _shifted(x, s).clamp_(-40.0, 40.0)
+    return F.gelu(z).div_(z).masked_fill_(z == 0, 0.5).mul_(x)
 
 
 def _shifted_gelu_grads(x: torch.Tensor, s: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,9 +320,11 @@ def compiled_raa(width: int):
 
 
 class RAA(nn.Module):
-    """RAA over ``num_features``. The feature axis: ``dim=1`` (the channels of a 4-D NCHW map), ``-1``
-    (the last dim: tokens, MLP inputs, NHWC maps) or None (found per call: dim 1 of a 4-D map whose
-    dim 1 has ``num_features`` entries, else the last dim; :func:`~bionets.layers.raa_swap.swap_activations`
+    """RAA over ``num_features``. The feature axis: ``dim=1`` (the channels of an NCHW map, or of a
+    Conv1d's [N, C, L] or a Conv3d's [N, C, D, H, W] output, which are computed as 4-D maps), ``-1``
+    (the last dim: tokens, MLP inputs, NHWC maps) or None (found per call: dim 1 of a 4-D or 5-D map
+    whose dim 1 has ``num_features`` entries, the last dim of a 3-D tensor where it has them (tokens),
+    else dim 1 where it has them, else the last dim; :func:`~bionets.layers.raa_swap.swap_activations`
     sets it from the layer before the activation where that layer decides it, so that an NHWC map
     whose height happens to equal the width is not read as NCHW).
 
@@ -339,7 +341,8 @@ class RAA(nn.Module):
             raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
         require_sizes("RAA", num_features=num_features)
         if dim not in (None, 1, -1):
-            raise BionetsError(f"RAA's feature axis dim must be 1 (NCHW channels), -1 (last) or None (per call), got {dim!r}")
+            raise BionetsError(f"RAA's feature axis dim must be 1 (the channels of an [N, C, ...] map), -1 (last) or None "
+                               f"(per call), got {dim!r}")
         self.num_features, self.variant, self.base, self.compiled, self.dim = num_features, variant, base, compiled, dim
         self.c = nn.Parameter(torch.zeros(num_features if variant == "matrix" else 1))
         if variant == "vector":
@@ -353,6 +356,9 @@ class RAA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise BionetsError(f"RAA takes a torch.Tensor, got {type(x).__name__}: convert it (torch.as_tensor(x))")
+        if x.ndim in (3, 5) and self._channels_first(x):
+            # a Conv1d's or Conv3d's map: each position's features on dim 1, as in an [N, C, H, W] map
+            return self.forward(x.unsqueeze(-1) if x.ndim == 3 else x.flatten(3)).reshape(x.shape)
         plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
         if self.compiled or plain:
             # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
@@ -383,12 +389,21 @@ class RAA(nn.Module):
             self._route = (key, dim, op)
         return self._eager(op, x, dim, v, c)
 
+    def _channels_first(self, x: torch.Tensor) -> bool:
+        """Whether a 3-D or 5-D x has its features on dim 1 (see the class's ``dim``)."""
+        if self.dim is not None:
+            return self.dim == 1
+        n = self.num_features
+        return x.shape[1] == n and (x.ndim == 5 or x.shape[-1] != n)
+
     def _checked_dim(self, x: torch.Tensor) -> int:
         """The feature axis of x (see the class's ``dim``); an error line for a tensor RAA cannot take."""
         dim = self.dim if self.dim is not None else 1 if x.ndim == 4 and x.shape[1] == self.num_features else -1
+        if dim == 1 and x.ndim == 2:             # [N, C]: the features are the last dim
+            dim = -1
         if x.ndim == 0 or dim == 1 and x.ndim != 4 or x.shape[dim] != self.num_features:
             raise BionetsError(f"RAA built for {self.num_features} features got a tensor of shape {tuple(x.shape)} (it "
-                               "takes them on dim 1 of an [N, C, H, W] map or on the last dim); where a swap built it, "
+                               "takes them on dim 1 of an [N, C, ...] map or on the last dim); where a swap built it, "
                                "the width read from the layers registered before the activation it replaced does not "
                                "match this call (layers registered out of call order, or one module called at several "
                                "widths): swap with an example input (swap_activations(..., example_input=x), or the raa "

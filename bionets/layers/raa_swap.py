@@ -40,7 +40,8 @@ class ProbeError(BionetsError):
 
 class RAAByWidth(nn.Module):
     """One :class:`RAA` per feature width, for an activation module called at several widths. The
-    feature axis of a call is found as RAA finds it (dim 1 of a 4-D map, else the last dim)."""
+    feature axis of a call is found as RAA finds it (dim 1 of a 4-D or 5-D map, the last dim of a
+    3-D tensor, else the other)."""
 
     def __init__(self, widths: list[int], variant: Variant = "vector", base: Base = "gelu", compiled: bool = False):
         super().__init__()
@@ -49,7 +50,8 @@ class RAAByWidth(nn.Module):
         self.by_width = nn.ModuleDict({str(w): RAA(w, variant, base, compiled) for w in widths})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for w in (x.shape[1], x.shape[-1]) if x.ndim == 4 else (x.shape[-1],) if x.ndim else ():
+        for w in (x.shape[1], x.shape[-1]) if x.ndim >= 4 else (x.shape[-1], x.shape[1]) if x.ndim == 3 \
+                else (x.shape[-1],) if x.ndim else ():
             if str(w) in self.by_width:
                 return self.by_width[str(w)](x)
         raise BionetsError(f"RAAByWidth has RAA for widths {list(self.by_width)}, got a tensor of shape {tuple(x.shape)}: "
@@ -58,11 +60,11 @@ class RAAByWidth(nn.Module):
 
 def _feature_axis(module: nn.Module) -> int | None:
     """The axis that holds the features of this layer's output, where its type decides it: the last
-    (Linear, LayerNorm) or dim 1 of a 4-D map (Conv2d, BatchNorm2d); None for the others (timm's
-    LayerNorm2d, say, is a LayerNorm over dim 1)."""
+    (Linear, LayerNorm) or dim 1 (convolutions and batch norms of 1, 2 or 3 spatial dims); None for
+    the others (timm's LayerNorm2d, say, is a LayerNorm over dim 1)."""
     if isinstance(module, nn.Linear) or type(module) is nn.LayerNorm:
         return -1
-    if isinstance(module, nn.Conv2d | nn.BatchNorm2d):
+    if isinstance(module, nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm):
         return 1
     return None
 
@@ -135,16 +137,17 @@ class _FunctionCalls(TorchFunctionMode):
 
 def _call_width(x: torch.Tensor, expected: int) -> tuple[int, int | None]:
     """(width, feature axis) of one call: ``expected`` (the layers' width) where dim 1 or the last
-    dim has it (axis None where both do: an NHWC map whose height is its width); else, on a 4-D
-    map, the axis its square spatial dims point to (the probe's input is square: dims 2 and 3 equal
-    in NCHW, dims 1 and 2 in NHWC); else the last dim."""
-    if x.ndim != 4:
+    dim of a 3-D to 5-D tensor has it (axis None where both do: an NHWC map whose height is its
+    width); else, on a 4-D or 5-D map, the axis its square spatial dims point to (the probe's input
+    is square: the last two dims equal where the features are on dim 1, not where they are last);
+    else the last dim (tokens, vectors)."""
+    if x.ndim < 3:
         return x.shape[-1], -1
     sizes = (x.shape[1], x.shape[-1])
     if expected in sizes:
         return expected, None if sizes.count(expected) == 2 else 1 if sizes[0] == expected else -1
-    nchw = x.shape[2] == x.shape[3] and x.shape[1] != x.shape[2]
-    return (x.shape[1], 1) if nchw else (x.shape[-1], -1)
+    channels_first = x.ndim > 3 and x.shape[-2] == x.shape[-1] and x.shape[1] != x.shape[-1]
+    return (x.shape[1], 1) if channels_first else (x.shape[-1], -1)
 
 
 def _reset_neurons(model: nn.Module) -> None:
@@ -158,13 +161,23 @@ def _reset_neurons(model: nn.Module) -> None:
                 m.reset()
 
 
+def _type_name(t) -> str:
+    if isinstance(t, type):
+        return t.__name__
+    if not isinstance(t, str):
+        raise BionetsError(f"RAA's types are activation classes or their names ('ReLU', nn.GELU), got {t!r} "
+                           f"({type(t).__name__}): give a class or its name")
+    return t
+
+
 def find_activations(model: nn.Module, types: tuple[str, ...] = DEFAULT_TYPES,
                      patterns: list[str] | None = None) -> dict[str, Activation]:
-    """The activation modules of ``types`` (class names) whose names match ``patterns`` (globs), by
-    name (a module held in several places: its first name), with the width read from the nearest
-    module registered before each that has one (Linear, Conv, BatchNorm, LayerNorm)."""
+    """The activation modules of ``types`` (class names, or the classes) whose names match
+    ``patterns`` (globs), by name (a module held in several places: its first name), with the width
+    read from the nearest module registered before each that has one (Linear, Conv, BatchNorm,
+    LayerNorm)."""
     require_module(model, "find_activations")
-    wanted = {t.lower() for t in name_list(types, "types")}
+    wanted = {_type_name(t).lower() for t in name_list(types, "types")}
     patterns = name_list(patterns, "patterns") if patterns is not None else None
     chosen: dict[str, Activation] = {}
     width, axis, done = None, None, set()
