@@ -441,6 +441,75 @@ def test_headless_timm_model_is_one_line_not_a_wrong_layer():
             apply_mechanisms(model, parse_mechanisms({"arr": {"layers": layers}}))
 
 
+class TwoHeads(torch.nn.Module):
+    """A model whose last registered Linear (``aux``) is not its classifier (``cls``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU())
+        self.cls, self.aux = torch.nn.Linear(16, 5), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.cls(self.body(x))
+
+
+def test_a_layer_taken_for_the_classifier_that_is_none_is_one_line_and_the_classifier_can_be_named():
+    """Found as the model's last Linear: a head that gives other than the logits, or reads tokens,
+    is refused at the first training step (it ran as if the features were right, or failed on a
+    shape); classifier=NAME names the layer, and a name that is no layer is one line."""
+    x, y = torch.randn(4, 12), torch.tensor([0, 1, 2, 4])
+    model, hooks, _ = apply_mechanisms(TwoHeads(), parse_mechanisms({"arr": {}}))
+    hooks[0].attach(model)
+    with pytest.raises(BionetsError, match="input of 'aux' as the classifier's, but it gives 3 outputs where the model "
+                                           "gives 5 logits: .* mechanisms.arr.classifier=NAME"):
+        hooks[0].aux_loss(model, x, model(x), y)
+    model, hooks, _ = apply_mechanisms(TwoHeads(), parse_mechanisms({"arr": {"classifier": "cls"}}))
+    hooks[0].attach(model)
+    assert model.arr_memory.mean.shape == (1, 5, 16)
+    model(x)
+    torch.testing.assert_close(hooks[0].taken()[0], model.body(x))
+    assert hooks[0].aux_loss(model, x, model(x), y) is not None
+    for name, message in (("clss", "TwoHeads has no module of that name; its last Linear/Conv2d modules are "
+                                   r"\['body.1', 'cls', 'aux'\]"),
+                          ("body.2", "is a ReLU without a Linear or Conv2d layer")):
+        with pytest.raises(BionetsError, match=f"arr classifier='{name}'.*{message}"):
+            apply_mechanisms(TwoHeads(), parse_mechanisms({"arr": {"classifier": name}}))
+    from torchvision.models.vision_transformer import VisionTransformer
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+    vit.heads.head = torch.nn.Identity()                          # headless: its last Linear is an MLP's
+    vit, hooks, _ = apply_mechanisms(vit, parse_mechanisms({"arr": {}}))
+    hooks[0].attach(vit)
+    with pytest.raises(BionetsError, match=r"'encoder.layers.encoder_layer_0.mlp.3' .* its input is a \(2, 5, 16\) "
+                                           "tensor \(tokens"):
+        vit(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_arr_reads_the_features_before_a_dropout_beside_the_classifier(inplace):
+    """torchvision's Sequential(Dropout, Linear) heads: ARR's responses are the pooled features, not
+    the dropped ones, in training; an in-place dropout still drops in what the classifier reads."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 32), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Dropout(0.5, inplace=inplace), torch.nn.Linear(32, 3)))
+    model, hooks, _ = apply_mechanisms(model, parse_mechanisms({"arr": {}}))
+    hooks[0].attach(model)
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    seen = []
+    model[3][1].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    model.train()
+    logits = model(x)
+    features = model[2](model[1](model[0](x)))
+    torch.testing.assert_close(hooks[0].taken()[0], features)
+    assert (seen[0] == 0).sum() > (features == 0).sum()          # the classifier's input was dropped
+    hooks[0].aux_loss(model, x, logits, y)
+    assert hooks[0].dropped is None
+
+
+def test_arr_true_in_a_config_applies_it_with_its_defaults():
+    assert parse_mechanisms({"arr": True})["arr"].weight == 10.0
+    assert "arr" not in parse_mechanisms({"arr": False})
+
+
 def test_a_model_with_arr_attached_still_pickles():
     model, hook = build()
     model.train()

@@ -33,7 +33,7 @@ def test_dnrt_seeds_and_responses(tmp_path, capsys):
     assert both.stat().st_mtime_ns != before and not (out / "runs" / "both_0-2").exists()
 
 
-def test_arr_and_responses_on_a_spiking_net(tmp_path):
+def test_arr_and_responses_on_a_spiking_net(tmp_path, monkeypatch):
     """A spiking net folds its T time steps into the classifier's batch ([T N, F]): ARR and the
     responses experiment average each sample's responses over time (both failed on the row count)."""
     import torch
@@ -47,6 +47,14 @@ def test_arr_and_responses_on_a_spiking_net(tmp_path):
     assert main(["experiment", "responses", f"checkpoint={tmp_path / 'snn' / 'last.pt'}", "--out", str(tmp_path / "r")]) == 0
     rows = list(csv.DictReader((tmp_path / "r" / "responses.csv").open()))
     assert rows and {r["class"] for r in rows} == {"0", "1", "2", "3"}
+    # more classes asked for than the data has (digits: 10): the figure has a column a class it has
+    from bionets.experiments import responses
+    plotted = []
+    monkeypatch.setattr(responses, "_plot", lambda runs, path, channels, classes, what: plotted.append(classes))
+    assert main(["experiment", "responses", f"checkpoint={tmp_path / 'snn' / 'last.pt'}", "classes=12",
+                 "--out", str(tmp_path / "r12")]) == 0
+    assert plotted == [10] and {r["class"] for r in csv.DictReader((tmp_path / "r12" / "responses.csv").open())} \
+        == {str(k) for k in range(10)}
 
 
 def test_dnrt_seeds_on_a_config_that_needs_data(tmp_path, capsys):

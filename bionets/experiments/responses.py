@@ -28,7 +28,8 @@ def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor
 
     model, _, cfg, data = model_from_checkpoint(checkpoint, device=torch.device("cpu"), data_root=data_root,
                                               root_option="data_root=DIR")
-    head = classifier_layer(model)         # the layer ARR's classifier hook reads (one line if none)
+    arr = cfg.mechanisms.get("arr")
+    head = classifier_layer(model, arr and arr.classifier)   # the layer ARR's classifier hook reads (one line if none)
     feats, labels = [], []
     handle = head.register_forward_pre_hook(
         lambda m, args: feats.append((args[0].mean((2, 3)) if args[0].ndim == 4 else args[0]).detach().flatten(1)))
@@ -62,9 +63,10 @@ def responses(out_dir: Path, *, checkpoint: PathText = "", compare: PathText = "
     if compare:
         runs[_run_name(compare, first)] = collect(compare, data_root)
     rows, spread = [], {}
+    classes = min(classes, *(int(y.max()) + 1 for _, y, _ in runs.values()))   # those the data has
     for name, (r, y, _) in runs.items():
         spread[name] = float(torch.stack([r[y == k].std(0).mean() for k in y.unique()]).mean())
-        for k in range(min(classes, int(y.max()) + 1)):
+        for k in range(classes):
             for c in range(min(channels, r.shape[1])):
                 v = r[y == k, c]
                 rows.append({"run": name, "class": k, "channel": c, "mean": float(v.mean()), "std": float(v.std())})

@@ -6,12 +6,13 @@ every activation call by one forward pass on zeros (:mod:`bionets.layers.raa_swa
 default) at the size the model states (timm's ``pretrained_cfg``, torchvision's 224 x 224), falling
 back to the widths read from the layers where the model states none or fails on it; ``null`` reads
 them from the layers only.
-``mechanisms: {arr: {weight: 10, momentum: 0.1, form: paper, layers: auto}}`` adds ARR's loss
+``mechanisms: {arr: {weight: 10, momentum: 0.1, form: paper, layers: auto, classifier: null}}`` adds ARR's loss
 (:mod:`bionets.layers.arr`) through the engine's auxiliary-loss hook: ``layers: classifier``
 regularizes the pooled features that feed the classifier (CNNs, MLPs); ``blocks`` the class token
 after every transformer block (ViTs; the mean of the patch tokens where a block's output holds no
 class token or the model pools by the mean: see :class:`ArrHook`); ``auto``
-picks ``blocks`` for models with ``blocks`` and a ``cls_token``/``embed_dim``, else ``classifier``.
+picks ``blocks`` for models with ``blocks`` and a ``cls_token``/``embed_dim``, else ``classifier``;
+``classifier: NAME`` names the classifier module where the one found is not it (:func:`classifier_layer`).
 Evaluation is unaffected.
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ class ArrConfig(Section):
     momentum: float = Field(0.1, ge=0, lt=1)
     form: Literal["paper", "code"] = "paper"
     layers: Literal["auto", "classifier", "blocks"] = "auto"
+    # the classifier's module name (model.named_modules()), where the one found is not it: see classifier_layer
+    classifier: str | None = None
 
 
 # measured: resnet20_cifar with RAA on the digits, SGD lr 0.1: test loss 1e5 after the first epoch,
@@ -188,20 +191,33 @@ def _is_vit(model: nn.Module) -> bool:
             and isinstance(getattr(model, "embed_dim", None), int))
 
 
-def classifier_layer(model: nn.Module) -> nn.Linear | nn.Conv2d:
-    """The layer that gives the classes: timm's ``get_classifier()`` (which decides: a timm model
-    built with ``num_classes=0`` has none; of a distilled model's two heads, the class head), else
-    ``fc``/``classifier``/``head``, else the model's last Linear module (torchvision's
-    ``heads.head``); in a Sequential or a normed head, its last Linear or Conv2d (SqueezeNet's)."""
-    timm_head = hasattr(model, "get_classifier")
-    given = model.get_classifier() if timm_head else next(
-        (getattr(model, a) for a in ("fc", "classifier", "head") if isinstance(getattr(model, a, None), nn.Module)), None)
+def classifier_layer(model: nn.Module, name: str | None = None) -> nn.Linear | nn.Conv2d:
+    """The layer that gives the classes: the module ``name`` where given, else timm's
+    ``get_classifier()`` (which decides: a timm model built with ``num_classes=0`` has none; of a
+    distilled model's two heads, the class head), else ``fc``/``classifier``/``head``, else the
+    model's last Linear module (torchvision's ``heads.head``); in a Sequential or a normed head, its
+    last Linear or Conv2d (SqueezeNet's)."""
+    timm_head = hasattr(model, "get_classifier") and name is None
+    if name is not None:
+        given = dict(model.named_modules()).get(name)
+        if given is None:
+            near = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)][-4:]
+            raise BionetsError(f"arr classifier={name!r}: {type(model).__name__} has no module of that name; its "
+                               f"last Linear/Conv2d modules are {near}: give one of them (or the module holding it)")
+    elif timm_head:
+        given = model.get_classifier()
+    else:
+        given = next((getattr(model, a) for a in ("fc", "classifier", "head")
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
     head = given[0] if isinstance(given, tuple) else given       # DeiT-distilled, LeViT: (head, head_dist)
     if isinstance(head, nn.Module) and not isinstance(head, nn.Linear | nn.Conv2d):
         head = next((m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear | nn.Conv2d)), None)
     if timm_head and head is None:
         raise BionetsError(f"arr needs the classifier of {type(model).__name__} (its class count and input), but its "
                            f"get_classifier() is {type(given).__name__}: create the model with num_classes > 0")
+    if name is not None and head is None:
+        raise BionetsError(f"arr classifier={name!r} is a {type(given).__name__} without a Linear or Conv2d layer: "
+                           "name the layer that gives the classes")
     if head is None:
         head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
     if head is None:
@@ -213,7 +229,10 @@ def classifier_layer(model: nn.Module) -> nn.Linear | nn.Conv2d:
 class ArrHook(Hook):
     """Captures the responses with forward hooks; returns ARR's loss in training.
 
-    ``layers='classifier'``: the classifier's input, spatially averaged. ``'blocks'``: after every
+    ``layers='classifier'``: the classifier's input, spatially averaged; where that input is the
+    output of a Dropout module beside the classifier (torchvision's ``Sequential(Dropout, Linear)``
+    heads, timm's ``ClassifierHead``), the Dropout's input (a dropout applied as a function in the
+    model's ``forward`` is not seen). ``'blocks'``: after every
     block, what the model's head would read of the tokens: the class token where the block's output
     holds one and the model pools by it (``global_pool='token'``), else the mean of the patch tokens.
     Whether a block's output holds prefix (class, register) tokens is read from its token count
@@ -237,7 +256,15 @@ class ArrHook(Hook):
             _drop_copied_captures(module._forward_hooks)
             _drop_copied_captures(module._forward_pre_hooks)
         if self.layers == "classifier":
-            self.handles = [classifier_layer(model).register_forward_pre_hook(self._keep_input)]
+            head = classifier_layer(model, self.cfg.classifier)
+            self.head_name = next(n for n, m in model.named_modules() if m is head)
+            self.classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+            parent = model.get_submodule(self.head_name.rpartition(".")[0])
+            self.handles, self.dropped = [head.register_forward_pre_hook(self._keep_input)], None
+            for drop in parent.children():
+                if isinstance(drop, nn.modules.dropout._DropoutNd):
+                    self.handles += [drop.register_forward_pre_hook(self._before_dropout),
+                                     drop.register_forward_hook(self._after_dropout)]
             return
         self.pool_token = getattr(model, "global_pool", "token") == "token" and getattr(model, "cls_token", None) is not None
         self.embed_dim = model.embed_dim
@@ -250,10 +277,27 @@ class ArrHook(Hook):
         out = out[0] if isinstance(out, tuple) else out                   # XCiT: (tokens, (Hp, Wp))
         self.patches = out[0].numel() // self.embed_dim                   # any layout: [N, D], [H, W, D], [D, H, W]
 
-    def _keep_input(self, module: nn.Module, args: tuple) -> None:
+    def _before_dropout(self, module: nn.Module, args: tuple):
         if self._capturing(module):
-            x = args[0]
-            self._keep(x.mean((2, 3)) if x.ndim == 4 else x)
+            self.dropped = (args[0], None)
+            if module.inplace:                                           # (else it would drop in the input)
+                return (args[0].clone(),)
+        return None
+
+    def _after_dropout(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.dropped is not None:
+            self.dropped = (self.dropped[0], out)
+
+    def _keep_input(self, module: nn.Module, args: tuple) -> None:
+        if not self._capturing(module):
+            return
+        x, dropped, self.dropped = args[0], self.dropped, None
+        if dropped is not None and x is dropped[1]:                      # the features before the dropout
+            x = dropped[0]
+        if x.ndim == 3:
+            raise _not_the_classifier(self.head_name, f"its input is a {tuple(x.shape)} tensor (tokens, not one "
+                                                      "vector a sample)")
+        self._keep(x.mean((2, 3)) if x.ndim == 4 else x)
 
     def _keep_token(self, module: nn.Module, args: tuple, x: torch.Tensor) -> None:
         if not self._capturing(module):
@@ -297,6 +341,9 @@ class ArrHook(Hook):
         responses, blocks, self.responses, self.blocks = self.responses, self.blocks, [], []
         if not model.training or not torch.is_grad_enabled():
             return None
+        if self.layers == "classifier" and isinstance(logits, torch.Tensor) and logits.shape[-1] != self.classes:
+            raise _not_the_classifier(self.head_name, f"it gives {self.classes} outputs where the model gives "
+                                                      f"{logits.shape[-1]} logits")
         if not responses:
             raise BionetsError("ARR's hook saw no training forward pass with gradients since its last aux_loss: call "
                                "aux_loss once after each forward, attach the hook to the model you train "
@@ -315,6 +362,12 @@ class ArrHook(Hook):
                         form=self.cfg.form)
 
 
+def _not_the_classifier(name: str, why: str) -> BionetsError:
+    return BionetsError(f"ARR reads the input of '{name}' as the classifier's, but {why}: it is not the model's "
+                        "classifier; name that: mechanisms.arr.classifier=NAME (convert(..., regularization="
+                        "{'classifier': NAME})), or use layers=blocks for a ViT")
+
+
 def _drop_copied_captures(hooks: dict) -> None:
     """Remove from a module's hook dict the captures of ARR hooks: a deep copy of a model copies its
     hooks with it, each feeding a copy of the ArrHook that no training loop reads."""
@@ -329,7 +382,7 @@ def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
         raise BionetsError(f"arr layers=blocks needs a transformer with .blocks and one token width .embed_dim; "
                            f"{type(model).__name__} has embed_dim={getattr(model, 'embed_dim', None)!r}: use "
                            "layers=classifier")
-    head = classifier_layer(model)
+    head = classifier_layer(model, cfg.classifier)
     classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels
     dim = model.embed_dim if layers == "blocks" else head.in_features if isinstance(head, nn.Linear) else head.in_channels
     depth = len(model.blocks) if layers == "blocks" else 1

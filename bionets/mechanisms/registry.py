@@ -105,13 +105,14 @@ def get_mechanism(name: str) -> Mechanism:
 def parse_mechanisms(section: dict) -> dict[str, Section]:
     """Validate a raw ``mechanisms:`` mapping into typed sections (errors name the bad key).
 
-    ``name: {}`` or ``name: null`` applies a mechanism with its defaults; ``name: false`` removes
-    one that a ``base:`` config applied (``mechanisms.raa=false`` on the command line)."""
+    ``name: {}``, ``name: true`` or ``name: null`` applies a mechanism with its defaults; ``name:
+    false`` removes one that a ``base:`` config applied (``mechanisms.raa=false`` on the command line)."""
     from bionets.config import validate_section  # late: config imports this module
 
     if not isinstance(section, dict):
         raise BionetsError(f"'mechanisms' must be a mapping of mechanism name to options, got {section!r}")
-    return {name: validate_section(get_mechanism(name).config, opts or {}, f"mechanisms.{name}")
+    return {name: validate_section(get_mechanism(name).config, {} if opts is None or opts is True else opts,
+                                   f"mechanisms.{name}")
             for name, opts in section.items() if opts is not False}
 
 
