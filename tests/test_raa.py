@@ -201,7 +201,7 @@ def test_raa_bad_input():
     with pytest.raises(BionetsError, match="variant"):
         RAA(4, variant="diag")
     with pytest.raises(BionetsError, match=r"built for 4 features got a tensor of shape \(2, 5\) \(it takes them on dim "
-                                           r"1 of an \[N, C, H, W\] map or on the last dim\); where a swap built it"):
+                                           r"1 of an \[N, C, ...\] map or on the last dim\); where a swap built it"):
         RAA(4)(torch.randn(2, 5))                     # (a layer built by hand: the swap's advice came first)
     with pytest.raises(BionetsError, match="RAA takes floating-point input, got torch.int64"):
         RAA(4)(torch.tensor([[3, 5, 7, 9]]))          # (it returned [[2, 4, 7, 9]])
@@ -219,6 +219,9 @@ def test_raa_bad_input():
         swap_activations(model, patterns="1*")        # ('*' alone matched every activation)
     with pytest.raises(BionetsError, match="swap_activations takes a torch.nn.Module, got int"):
         swap_activations(5)
+    with pytest.raises(BionetsError, match=r"RAA's types are activation classes or their names .*got 1 \(int\)"):
+        swap_activations(model, types=[1])            # (an AttributeError: no .lower())
+    assert [name for name, _ in swap_activations(model, types=[torch.nn.ReLU])] == ["1", "3"]   # classes, or names
 
 
 def test_raa_trains_on_digits():
