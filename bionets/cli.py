@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=path)
     e.add_argument("--data-root", type=path, help="dataset folder, if it moved since training")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    e.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda or cuda:N; not the "
+                                                    "training's")
 
     m = sub.add_parser("models", help="list registered models with parameter counts")
     m.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'dit_*'")
@@ -137,7 +139,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from bionets.engine.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, ema=args.ema)
+    result = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, ema=args.ema, device=args.device)
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0

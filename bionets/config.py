@@ -171,8 +171,9 @@ def resolve_config(name: str, relative_to: Path | None = None) -> Path:
             return path
     key = re.match(r"([a-z_]+)\.[\w.]+[:]", name)
     if key and key.group(1) in RunConfig.model_fields:      # train.epochs:3, a key written as YAML writes it
+        example = name.replace(':', '=', 1).replace('= ', '=')
         raise BionetsError(f"no config file named '{name}': an override is written key=value, "
-                           f"e.g. {name.replace(':', '=', 1).replace('= ', '=')}")
+                           f"e.g. {example + 'VALUE' if example.endswith('=') else example} (no spaces)")
     raise BionetsError(f"no config file or bundled config named {name!r}{closest(name, list_configs())}"
                        " (see 'bionets configs')")
 
@@ -233,6 +234,9 @@ def apply_overrides(data: dict, overrides: list[str], notes: list[str] | None = 
                 raise BionetsError(f"override '{item}': {problem} (a mapping is {{a: 1, b: 2}}, a list "
                                    "[1, 2])") from None
             value = raw                                # a plain string that YAML cannot read: kept as it is
+        if "#" in raw and "#" not in yaml.safe_dump(value):
+            raise BionetsError(f"override '{item}': YAML reads the text from '#' on as a comment and drops it: quote "
+                               f"the value to keep it ({key}=\"'{raw.strip()}'\" in a shell), or leave the comment out")
         if glued := _glued_key(value):
             raise BionetsError(f"override '{item}': YAML reads '{glued}' as a key without a value: put a space after "
                                f"the colon ('{glued.replace(':', ': ', 1)}')")
@@ -306,8 +310,24 @@ def resume_config(saved: dict, overrides: list[str], source: str) -> RunConfig:
     """The resolved config of a loaded checkpoint (``saved``, read from ``source``) with ``overrides``
     applied: what ``bionets train --resume CKPT`` runs when no CONFIG is given."""
     saved_config(saved["config"], source)          # (its own errors name the checkpoint, not the overrides)
-    notes = []
-    return _with_notes(apply_overrides(saved["config"], overrides, notes), notes)
+    notes, data = [], dict(saved["config"])
+    run_dir = Path(source).parent
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if not given & {"name", "out_dir"} and _run_name_in(run_dir) == data.get("name"):
+        # a checkpoint in its run's directory continues there, wherever that directory is now (moved,
+        # or named from another folder: the saved out_dir is relative to the folder the run started in)
+        run_dir = run_dir if run_dir.name else run_dir.resolve()
+        data.update(out_dir=str(run_dir.parent), name=run_dir.name)
+    return _with_notes(apply_overrides(data, overrides, notes), notes)
+
+
+def _run_name_in(run_dir: Path) -> str | None:
+    """The run name that ``run_dir``'s config.yaml records (None: no readable one)."""
+    try:
+        saved = load_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return saved.get("name") if isinstance(saved, dict) else None
 
 
 def saved_config(data: dict, source: str) -> RunConfig:

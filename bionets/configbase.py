@@ -182,4 +182,9 @@ def one_line_error(err: ValidationError, cls: type[Section], prefix: str = "") -
     msg = "; or ".join(dict.fromkeys(x["msg"].replace("Value error, ", "") for x in union))
     got = repr(e.get("input"))
     got = got if len(got) <= 100 else f"{got[:80]}... ({len(got):,} characters)"      # (a 4,000-byte path)
+    value = e.get("input")
+    if e["type"] == "string_type" and isinstance(value, bool | int | float):
+        # YAML read the text as a number or a boolean (name=2024, name=yes): say how to keep it text
+        return BionetsError(f"config key '{key}': {msg} (got {got}: YAML reads that as {type(value).__name__}, not "
+                            f"text): quote it, {key}=\"'VALUE'\" in a shell, {key}: 'VALUE' in a file")
     return BionetsError(f"config key '{key}': {msg} (got {got})")

@@ -85,6 +85,27 @@ def test_bad_input_in_a_new_process_prints_one_line_and_nothing_else(args, messa
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr
 
 
+def test_eval_runs_on_this_machines_device_not_the_trainings(tmp_path, capsys, monkeypatch):
+    """A checkpoint trained with train.device=cuda was refused on a machine without a GPU, and eval
+    took no option to change it; a run directory given for a checkpoint names both of its files."""
+    import torch
+
+    from bionets.engine.checkpoint import save_checkpoint
+    assert main(["train", *FAST, "train.epochs=1", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
+    ckpt["config"]["train"]["device"] = "cuda"
+    save_checkpoint(tmp_path / "gpu.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "gpu.pt")]) == 0
+    assert "test_top1: " in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "gpu.pt"), "--device", "cuda"]) == 2
+    assert "--device cuda, but this machine has no CUDA device" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "r")]) == 2
+    assert (f"pass {tmp_path / 'r' / 'best.pt'} (its best epoch) or {tmp_path / 'r' / 'last.pt'} (its latest, which "
+            "--resume continues)") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, said", [
     (["train", "train.device=cuda"], "train.device=cuda"),
     (["experiment", "fewshot", "device=cuda:1"], "option device=cuda:1"),
@@ -365,6 +386,8 @@ def test_a_sigterm_just_after_the_handler_goes_in_is_the_one_line(monkeypatch, c
     (["dnrt/digits", "train.epochs", "=3"], "'train.epochs =3': write an override as one word, train.epochs=3"),
     (["train.epochs=", "3"], "'train.epochs= 3': write an override as one word, train.epochs=3"),
     (["train.epochs:3"], "no config file named 'train.epochs:3': an override is written key=value, e.g. train.epochs=3"),
+    (["train.epochs:", "3"], "no config file named 'train.epochs:': an override is written key=value, e.g. "
+     "train.epochs=VALUE (no spaces)"),
 ])
 def test_an_override_written_with_spaces_or_a_colon_says_how_to_write_it(words, said, capsys):
     """The words of 'train.epochs = 3' were read as a config named 'train.epochs'."""

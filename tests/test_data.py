@@ -348,6 +348,12 @@ def test_wrong_image_folders(tmp_path):
     write_image_folder(tmp_path / "h")
     one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "h"), batch_size=2, auto_augment="rand-q9"),
                    "data.auto_augment='rand-q9'", "rand-m9-mstd0.5")
+    # a hidden folder is no class: Jupyter's .ipynb_checkpoints with copies of images (trained as a
+    # class of its own), or empty (a "no valid file" error)
+    shutil.copytree(tmp_path / "h" / "train" / "cat", tmp_path / "h" / "train" / ".ipynb_checkpoints")
+    (tmp_path / "h" / "val" / ".cache").mkdir()
+    bundle = build_data(DataConfig(name="imagefolder", root=str(tmp_path / "h"), batch_size=2, img_size=16))
+    assert bundle.classes == ["cat", "dog"] and bundle.num_classes == 2
 
 
 def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):

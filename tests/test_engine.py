@@ -312,6 +312,11 @@ def test_image_folder_options_on_another_dataset_are_noted(tmp_path, capsys):
         "note: data.name=cifar10 does not take data.auto_augment=rand-m9-mstd0.5, data.reprob=0.5 (imagefolder's "
         "options; ignored)")
     assert unused_data_options_note(DataConfig(name="imagefolder", auto_augment="rand-m9-mstd0.5")) is None
+    # a root or a download for a dataset that reads no files: a run meant for CIFAR that forgot data.name
+    assert unused_data_options_note(DataConfig(name="digits", root="/data", download=True, reprob=0.5)) == (
+        "note: data.name=digits does not take data.root=/data, data.download=true (it reads no files: set data.name "
+        "to the dataset there); nor data.reprob=0.5 (imagefolder's options; ignored)")
+    assert unused_data_options_note(DataConfig(name="cifar10", root="/data", download=True)) is None
     from bionets.data import DATASETS
     from bionets.data.config import IN_MEMORY
     assert set(DATASETS) == {*IN_MEMORY, "imagefolder"}     # a new dataset is placed on one side or the other
@@ -774,10 +779,50 @@ def test_resume_without_a_config_continues_the_checkpoints_run(tmp_path, capsys)
     assert "optim.lr: 0.2 -> 1" in capsys.readouterr().err
 
 
+def test_resume_continues_in_the_checkpoints_directory_wherever_it_is_now(tmp_path, monkeypatch):
+    """A run directory moved, or its checkpoint named from another folder (the saved out_dir 'runs'
+    is relative to where the run started): the run went on in a new runs/NAME there, leaving the
+    checkpoint's own directory at its epoch. Resumed into a new directory instead (name=...), the run
+    starts with the source run's best.pt, which an epoch that scores no higher does not replace."""
+    from bionets.cli import main
+    from engine_helpers import FAST
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *FAST, "train.epochs=2", "name=a", "out_dir=runs", "--quiet"]) == 0
+    ckpt = load_checkpoint(tmp_path / "runs" / "a" / "last.pt")
+    ckpt["epoch"], ckpt["step"], ckpt["history"] = 1, ckpt["step"] // 2, ckpt["history"][:1]    # stopped after epoch 1
+    save_checkpoint(tmp_path / "runs" / "a" / "last.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    shutil.move(tmp_path / "runs" / "a", tmp_path / "runs" / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = tmp_path / "runs" / "moved"
+    assert main(["train", "--resume", str(moved / "last.pt"), "--quiet"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2] and load_checkpoint(moved / "last.pt")["epoch"] == 2
+    assert not (tmp_path / "runs" / "a").exists() and not (tmp_path / "elsewhere" / "runs").exists()
+    ckpt["best_top1"] = 100.0                             # no epoch beats it: best.pt only if the run starts with one
+    save_checkpoint(moved / "epoch1.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert main(["train", "--resume", str(moved / "epoch1.pt"), "name=b", f"out_dir={tmp_path / 'runs'}",
+                 "--quiet"]) == 0
+    assert (tmp_path / "runs" / "b" / "best.pt").read_bytes() == (moved / "best.pt").read_bytes()
+
+
 def test_a_glued_yaml_mapping_in_an_override_is_one_line(tmp_path):
     """{hidden:7} is YAML for {'hidden:7': None}: it used to pass, silently training the default width."""
     with pytest.raises(BionetsError, match="YAML reads 'hidden:7' as a key without a value: put a space"):
         fast_config(tmp_path, "model.kwargs={hidden:7}")
+
+
+def test_a_comment_or_a_number_in_an_override_for_text_is_one_line_with_the_fix(tmp_path):
+    """'name=my run #1' ran as 'my run' (YAML's comment dropped silently); name=2024 said only that
+    it should be a string."""
+    with pytest.raises(BionetsError, match=r"""override 'name=my run #1': YAML reads the text from '#' on as a """
+                                           r"""comment and drops it: quote the value to keep it \(name="'my run #1'\""""):
+        fast_config(tmp_path, "name=my run #1")
+    assert fast_config(tmp_path, "name='my run #1'").name == "my run #1"
+    assert fast_config(tmp_path, "name=run#1").name == "run#1"                # no comment without a space before it
+    with pytest.raises(BionetsError, match=r"config key 'name': .* \(got 2024: YAML reads that as int, not text\): "
+                                           r"quote it, name=\"'VALUE'\" in a shell"):
+        fast_config(tmp_path, "name=2024")
 
 
 def test_evaluate_skips_an_empty_batch():

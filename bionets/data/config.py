@@ -69,14 +69,21 @@ IMAGEFOLDER_ONLY = ("img_size", "crop_pct", "auto_augment", "color_jitter", "rep
 IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist", "gaussian")     # the datasets that do not take them
 
 
+FILELESS = ("digits", "gaussian")         # bundled with scikit-learn, or generated: no files to read or fetch
+
+
 def unused_data_options_note(cfg: DataConfig) -> str | None:
     """A note naming the image-folder options set away from their defaults on a dataset that does not
-    take them (RandAugment on CIFAR, say): they change nothing there."""
+    take them (RandAugment on CIFAR, say), and a data root or download on one that reads no files
+    (a run meant for CIFAR that forgot data.name): they change nothing there."""
     if cfg.name not in IN_MEMORY:
         return None
+    notes = []
+    if cfg.name in FILELESS and (cfg.root is not None or cfg.download):
+        unread = [f"root={cfg.root}"] * (cfg.root is not None) + ["download=true"] * cfg.download
+        notes.append(f"data.{', data.'.join(unread)} (it reads no files: set data.name to the dataset there)")
     changed = [f"{k}={getattr(cfg, k)}" for k in IMAGEFOLDER_ONLY
                if getattr(cfg, k) != DataConfig.model_fields[k].default]
-    if not changed:
-        return None
-    return (f"note: data.name={cfg.name} does not take data.{', data.'.join(changed)} (imagefolder's options; "
-            "ignored)")
+    if changed:
+        notes.append(f"data.{', data.'.join(changed)} (imagefolder's options; ignored)")
+    return f"note: data.name={cfg.name} does not take {'; nor '.join(notes)}" if notes else None

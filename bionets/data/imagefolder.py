@@ -102,6 +102,18 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
     return split_folders(root, transforms)
 
 
+class ClassFolders(ImageFolder):
+    """torchvision's ImageFolder without hidden folders as classes (``.ipynb_checkpoints``, which
+    Jupyter fills with copies of the images it shows, or a ``.DS_Store``'s siblings)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, _ = super().find_classes(directory)
+        classes = [c for c in classes if not c.startswith(".")]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: k for k, c in enumerate(classes)}
+
+
 def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, ImageFolder]:
     """The ImageFolders of ``root/train`` and ``root/val`` (a transform each), which must hold the same
     class folders; a missing or empty folder is one error line."""
@@ -112,7 +124,7 @@ def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, Ima
             raise BionetsError(f"imagefolder root '{root}' has no '{split}/' folder: expected "
                                f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
         try:
-            splits.append(ImageFolder(str(folder), transform=transform, loader=load_image))
+            splits.append(ClassFolders(str(folder), transform=transform, loader=load_image))
         except (FileNotFoundError, RuntimeError) as err:     # no class folder, or an empty one
             raise BionetsError(f"imagefolder '{folder}': {str(err).splitlines()[0].rstrip('.')}: put each class's "
                                f"images in a folder of its own ({folder}/<class>/*.jpg)") from None

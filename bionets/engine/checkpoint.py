@@ -204,8 +204,9 @@ def load_checkpoint(path: str | Path, *, exported: bool = False) -> dict:
         raise BionetsError(f"load_checkpoint takes the path of a .pt file (a str or Path), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
-        found = [n for n in ("best.pt", "last.pt") if (path / n).is_file()]
-        hint = f": pass {path / found[0]}" if found else ", and it holds no best.pt or last.pt"
+        what = {"best.pt": "its best epoch", "last.pt": "its latest, which --resume continues"}
+        found = [f"{path / n} ({w})" for n, w in what.items() if (path / n).is_file()]
+        hint = f": pass {' or '.join(found)}" if found else ", and it holds no best.pt or last.pt"
         raise BionetsError(f"checkpoint '{path}' is a directory{hint} (a .pt file written by 'bionets train')")
     if not path.is_file():
         raise BionetsError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by 'bionets train'")

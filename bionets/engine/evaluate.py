@@ -96,9 +96,12 @@ def _ema_weights(ema_state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in ema_state.items()}
 
 
-def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: bool = False) -> dict:
-    """Test metrics of a checkpoint plus its mechanisms' metrics (e.g. sparsity)."""
-    model, hooks, cfg, data = model_from_checkpoint(path, data_root=data_root, ema=ema)
+def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: bool = False,
+                        device: str = "auto") -> dict:
+    """Test metrics of a checkpoint plus its mechanisms' metrics (e.g. sparsity), on ``device`` (this
+    machine's: not the one it trained on, ``train.device``, which may be one this machine lacks)."""
+    model, hooks, cfg, data = model_from_checkpoint(path, data_root=data_root, ema=ema,
+                                                    device=parse_device(device, "--device"))
     device = next(model.parameters()).device
     result = {"model": cfg.model.name, "dataset": cfg.data.name}
     result.update(evaluate(model, data.test, device, loss=cfg.train.loss, amp=cfg.train.amp,

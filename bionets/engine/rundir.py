@@ -70,3 +70,9 @@ def remove_run_files(run_dir: Path) -> None:
 def write_text(path, text: str) -> None:
     """Atomic small-file write (temp file + rename) so a crash never leaves half a file."""
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def copy_file(source: Path, path: Path) -> None:
+    """Atomic copy of a file (temp file + rename), streamed, not read into memory at once."""
+    with source.open("rb") as src:
+        write_atomic(path, lambda f: shutil.copyfileobj(src, f))

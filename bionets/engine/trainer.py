@@ -36,7 +36,7 @@ from bionets.engine.metrics import FORMATS, MetricsWriter, console_line, topk_co
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, require_state_shapes,
                                   schedule_note, unused_options_note)
-from bionets.engine.rundir import remove_run_files, remove_temporary_files, unused_name, write_text
+from bionets.engine.rundir import copy_file, remove_run_files, remove_temporary_files, unused_name, write_text
 from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
 
@@ -179,6 +179,10 @@ class Trainer:
                 remove_temporary_files(self.run_dir)        # a killed write's, in the run it continues
             if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
                 write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
+            if claimed and cfg.resume and (best := Path(cfg.resume).parent / "best.pt").is_file():
+                # resumed into a new directory: the best epoch so far is the source run's (a later
+                # epoch replaces it only where it scores higher)
+                copy_file(best, self.run_dir / "best.pt")
         try:
             if main:
                 with ctrl_c_deferred():     # TensorBoard replays a resumed run's history: a write like any other
