@@ -397,6 +397,28 @@ def test_stds_trains_a_small_net_on_digits():
 
 # -- review fixes: settings of a layer made before, D's type and range, Progress, argument types ---------
 
+def test_tied_weights_are_refused_in_one_line_and_a_module_held_twice_is_one_layer():
+    """Two layers sharing one weight tensor: STDS's fixed start shifted the weights by D (applied once
+    for each layer), and Grad R zeroed every negative weight (the second layer read the first's
+    magnitudes as its weights). Refused, the model left as it was; the same Linear called twice is
+    one layer, reparameterized once."""
+    from bionets.layers.gradr import apply_gradr
+    for apply, what in ((lambda m: apply_stds(m, "stmod", 0.1), "STDS"), (apply_gradr, "Grad R")):
+        a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        b.weight = a.weight
+        model = nn.Sequential(a, nn.ReLU(), b)
+        with pytest.raises(BionetsError, match=f"layers '0' and '2' share one weight tensor \\(tied weights\\): {what} "
+                                               r"cannot reparameterize it .* exclude them \(exclude=\['0', '2'\]\)"):
+            apply(model)
+        assert not parametrize.is_parametrized(a) and model[2].weight is a.weight
+        with pytest.raises(BionetsError, match="layers '2' and '0' share one weight tensor"):
+            apply_stds(model, "stmod", 0.1, include=["2"])        # (0 would read theta as its weight)
+    a = nn.Linear(4, 4)
+    w = a.weight.detach().clone()
+    assert apply_stds(nn.Sequential(a, nn.ReLU(), a), "stmod", 0.1) == ["0"]
+    torch.testing.assert_close(a.weight, w)
+
+
 def test_applying_stds_again_with_other_settings_is_one_line():
     """The names came back as if applied, but the layers kept their old function and D."""
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))

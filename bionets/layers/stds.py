@@ -278,11 +278,29 @@ def reparameterize(model: nn.Module, names: Iterable[str], make: callable) -> tu
         if differ := existing.differences(reparam):
             raise other_settings_error(existing.what, name, differ)
         done.append(name)
+    _refuse_tied_weights(model, [(name, module) for name, module, _ in new], new[0][2].what if new else "")
     for name, module, reparam in new:
         reparam.to(device=module.weight.device, dtype=module.weight.dtype)
         parametrize.register_parametrization(module, "weight", reparam)
     _invalidate_spiking_reset_cache(model)
     return [name for name, _, _ in new], done
+
+
+def _refuse_tied_weights(model: nn.Module, chosen: list[tuple[str, nn.Module]], what: str) -> None:
+    """One error line where a chosen layer's weight is held by another module too (tied weights, as
+    ``b.weight = a.weight``): the stored tensor becomes theta, so the transform that maps the weights
+    to it would apply once for each holder, or the other holder would read theta as its weight. (A
+    module held in two places is one module: it is reparameterized once.)"""
+    holders: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), {}).setdefault(id(module), name)
+    for name, module in chosen:
+        others = [n for m, n in holders.get(id(module.weight), {}).items() if m != id(module)]
+        if others:
+            raise BionetsError(f"layers '{name}' and '{others[0]}' share one weight tensor (tied weights): {what} "
+                               "cannot reparameterize it (its start would shift the weights once for each layer); "
+                               f"exclude them (exclude=['{name}', '{others[0]}']) or untie the weights")
 
 
 def other_settings_error(what: str, name: str, differ: list[str]) -> BionetsError:
