@@ -247,9 +247,11 @@ def apply_overrides(data: dict, overrides: list[str], notes: list[str] | None = 
                 node[part] = {}
             node = node[part]
         old = node.get(parts[-1])
-        if notes is not None and isinstance(old, dict) and isinstance(value, dict):
-            if dropped := [str(k) for k in old if k not in value]:
-                notes.append(f"note: the override {key.strip()}={{...}} replaces that whole mapping, so it drops "
+        if notes is not None and isinstance(old, dict) and (isinstance(value, dict) or value is None or value is True):
+            # (a mechanism given true or null takes its defaults, not the settings it had)
+            if dropped := [str(k) for k in old if not isinstance(value, dict) or k not in value]:
+                shown = "{...}" if isinstance(value, dict) else raw.strip()
+                notes.append(f"note: the override {key.strip()}={shown} replaces that whole mapping, so it drops "
                              f"{', '.join(dropped)}; to change one entry, use {key.strip()}.KEY=VALUE")
         node[parts[-1]] = value
     return data

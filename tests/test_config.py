@@ -127,6 +127,11 @@ def test_a_mapping_override_that_drops_keys_says_which():
                           "act_layer; to change one entry, use model.kwargs.KEY=VALUE"]
     assert load_config("dnrt/digits", ["model.kwargs.hidden=32"])._notes == []
     assert load_config("dnrt/digits", ["model.kwargs={img_size: 8, act_layer: gelu, hidden: 7}"])._notes == []
+    # a mechanism given true or null takes its defaults, not the settings the config had (D 0.3 -> 1)
+    cfg = load_config("stds/digits_sine", ["mechanisms.stds=true"])
+    assert cfg.mechanisms["stds"].d_max == 1.0 and cfg._notes == [
+        "note: the override mechanisms.stds=true replaces that whole mapping, so it drops sparse_function, schedule, "
+        "d_max; to change one entry, use mechanisms.stds.KEY=VALUE"]
 
 
 def test_a_base_is_found_beside_the_config_that_names_it(tmp_path, monkeypatch):
