@@ -234,6 +234,22 @@ def test_raa_on_conv1d_and_conv3d_nets_takes_the_channels():
     assert model.stem[2].v.grad.shape == (64,)
 
 
+def test_the_modules_convert_adds_take_the_models_mode_and_a_lazy_model_is_one_line():
+    """Converted in eval mode, the new RAA, quadratic, STDS and ARR modules were in training mode; a
+    model with a Lazy* layer failed deep inside a mechanism (a RuntimeError, or 'in_channels=0')."""
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    convert(model, activation="raa", quadratic=True, sparsity="stds", regularization=True)
+    assert not any(m.training for m in model.modules())
+    model = timm.create_model("resnet18", num_classes=10)
+    convert(model, activation="raa")
+    assert all(m.training for m in model.modules())
+    for options in ({"sparsity": "stds"}, {"quadratic": ["1"]}):
+        lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyConv2d(4, 3))
+        with pytest.raises(BionetsError, match=r"parameter '1.weight' is lazy .* run one forward pass on an example input "
+                                               "first"):
+            convert(lazy, **options)
+
+
 def test_convert_takes_one_placement_string_and_rejects_a_non_module():
     model, report = convert(timm.create_model("resnet18", num_classes=10), quadratic="layer1.0.conv2")
     assert isinstance(model.layer1[0].conv2, ConvPlusQuadratic) and report.changes == 1

@@ -117,14 +117,22 @@ def parse_mechanisms(section: dict) -> dict[str, Section]:
 
 
 def apply_mechanisms(model: nn.Module, sections: dict[str, Section]) -> tuple[nn.Module, list[Hook], list[Report]]:
-    """Apply every configured mechanism in registry order; return the model, hooks and reports."""
+    """Apply every configured mechanism in registry order; return the model, hooks and reports. The
+    modules the mechanisms add take the model's mode (train or eval), as its own have it."""
+    if sections and (lazy := next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)):
+        raise BionetsError(f"the model's parameter '{lazy}' is lazy (not yet made: a Lazy* layer): run one forward "
+                           "pass on an example input first, which makes it, then apply the mechanisms")
     hooks: list[Hook] = []
     reports: list[Report] = []
+    had = set(model.modules())                 # (the modules themselves: a freed one's id may be reused)
     for name in sorted(sections, key=lambda n: get_mechanism(n).order):
         applied = get_mechanism(name).apply(model, sections[name])
         model = applied.model
         hooks += applied.hooks
         reports.append(applied.report)
+    for m in model.modules():
+        if m not in had:
+            m.training = model.training
     return model, hooks, reports
 
 
