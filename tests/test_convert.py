@@ -562,6 +562,12 @@ def test_a_quadratic_term_that_outweighs_the_model_is_noted():
     assert "the quadratic term(s) add 32,768 parameters to the model's 10,144 (323%)" in str(report)
     _, report = convert(timm.create_model("resnet18", num_classes=10), quadratic=True)
     assert "add 262,144 parameters" not in str(report)          # 2% of ResNet-18
+    # far larger: refused before any term is made (placement ['*'] on Dit-ConvNeXt-T asked for 7 GiB)
+    wide = nn.Sequential(nn.Conv2d(3, 512, 3, padding=1), nn.Conv2d(512, 512, 3, padding=1))
+    with pytest.raises(BionetsError, match=r"quadratic placement would add 134,217,728 parameters \(0.5 GiB in float32\) "
+                                           r"to the model's 2,374,144 in 1 term\(s\), '1' the largest"):
+        convert(wide, quadratic=["1"])
+    assert isinstance(wide[1], nn.Conv2d)
 
 
 def test_a_module_held_twice_by_one_parent_is_converted_in_both_slots():

@@ -98,6 +98,28 @@ def _auto(model: nn.Module, names: list[str]) -> list[str]:
     return []
 
 
+# terms that would outweigh the model this many times, and add this many parameters, are refused before
+# they are made: placement ['*'] on Dit-ConvNeXt-T asked for 1.9 G parameters (7.6 GB), and allocating
+# them ran for minutes before the note on their size could be read
+OVERSIZED_RATIO, OVERSIZED_PARAMS = 10, 100_000_000
+
+
+def _refuse_oversized(model: nn.Module, chosen: list[str], impl: str) -> None:
+    """One error line, before any term is made, where the chosen terms would add more than
+    ``OVERSIZED_PARAMS`` parameters and ``OVERSIZED_RATIO`` times the model's own (each counted on the
+    meta device, without memory)."""
+    with torch.device("meta"):
+        sizes = {n: sum(p.numel() for p in QuadraticChannel(c.in_channels, c.out_channels, impl=impl).parameters())
+                 for n, c in ((n, model.get_submodule(n)) for n in chosen)}
+    added, own = sum(sizes.values()), sum(p.numel() for p in model.parameters())
+    if added > OVERSIZED_PARAMS and added > OVERSIZED_RATIO * own:
+        widest = max(sizes, key=sizes.get)
+        raise BionetsError(f"quadratic placement would add {added:,} parameters ({added * 4 / 2**30:.1f} GiB in "
+                           f"float32) to the model's {own:,} in {len(sizes)} term(s), '{widest}' the largest "
+                           f"({sizes[widest]:,}): a term grows with the cube of the channels; name narrower "
+                           "convolutions in placement")
+
+
 @register_mechanism("quadratic", QuadraticConfig, order=10)
 def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
     report = Report("quadratic")
@@ -127,6 +149,7 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
             report.notes.append(f"left as they are, {len(unfit)} convolution(s) the placement matches whose output "
                                 f"grid Q cannot match: '{unfit[0][0]}' ({unfit[0][1]})"
                                 + (", ..." if len(unfit) > 1 else ""))
+    _refuse_oversized(model, chosen, cfg.impl)
     for name in chosen:
         conv = model.get_submodule(name)
         wrapper = ConvPlusQuadratic(conv, cfg.impl)
