@@ -225,7 +225,7 @@ def test_edited_ema_data_info_or_data_section_is_one_line(tmp_path, capsys):
             assert code == 2 and f"checkpoint '{edited}' {said}" in err, (command, err)
 
 
-def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
+def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path, capsys):
     """A checkpoint records its data's shape, so export runs where the dataset is not (the usual place
     to export); the export and model.init leave out ARR's class memory (training-only state), so the
     exported weights load strictly into the bare model and an ARR run starts a run without ARR."""
@@ -258,6 +258,16 @@ def test_export_needs_no_data_and_leaves_arr_memory_out(tmp_path):
                                                                       "mechanisms={arr: {weight: 1.0}}"])
     model = build_model(cfg, 10, 3, torch.device("cpu"))[0]
     assert torch.equal(model.arr_memory.mean, start["arr_memory.mean"]) and start["arr_memory.seen"].any()
+    # RAA's modules stay in the model: the export says what to load it into
+    from bionets.conversion import convert
+    assert main([*args, "name=raa", "mechanisms={raa: {}, arr: {weight: 1.0}}"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "raa" / "last.pt"), str(tmp_path / "raa.pt")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("; it holds the modules of raa: load it into test_mlp with them "
+                                                     "applied (bionets.convert with the saved config's settings), not "
+                                                     "into the bare model")
+    plain = load_checkpoint(tmp_path / "raa.pt", exported=True)["plain_model"]
+    convert(timm.create_model("test_mlp", in_chans=3, img_size=32), activation="raa")[0].load_state_dict(plain)
 
 
 def test_an_output_path_blocked_by_a_file_or_directory_is_one_line(tmp_path, capsys):

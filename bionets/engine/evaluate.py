@@ -133,4 +133,9 @@ def export_plain(path: str | Path, output: str | Path, data_root: str | None = N
     plain = {k: v for k, v in model.state_dict().items() if k not in drop}
     save_checkpoint(Path(output), {"config": cfg.to_dict(), "plain_model": plain})
     baked_text = f"{baked} reparameterized tensor(s) baked" if baked else "no reparameterized tensor to bake"
-    return f"exported {cfg.model.name} to {output}: {baked_text}, {zeros:,} of {total:,} parameters are exactly zero"
+    said = f"exported {cfg.model.name} to {output}: {baked_text}, {zeros:,} of {total:,} parameters are exactly zero"
+    # (the sparse weights are baked and ARR's memory left out; the modules of the others stay in the model)
+    if kept := [n for n in cfg.mechanisms if n not in ("stds", "gradr", "arr")]:
+        said += (f"; it holds the modules of {', '.join(kept)}: load it into {cfg.model.name} with them applied "
+                 "(bionets.convert with the saved config's settings), not into the bare model")
+    return said
