@@ -106,6 +106,23 @@ def test_eval_runs_on_this_machines_device_not_the_trainings(tmp_path, capsys, m
             "--resume continues)") in capsys.readouterr().err
 
 
+def test_eval_on_data_of_other_class_names_says_so(tmp_path, capsys):
+    """The checkpoint records the class names it trained on: an image folder of other classes (as
+    many) was scored without a word."""
+    from bionets.data.fakes import write_image_folder
+    write_image_folder(tmp_path / "pets", classes=("cat", "dog"))
+    write_image_folder(tmp_path / "bugs", classes=("ant", "bee"))
+    assert main(["train", "model.name=test_mlp", "model.kwargs={in_chans: 3, img_size: 16}", "data.name=imagefolder",
+                 "data.img_size=16", "data.batch_size=2", "train.epochs=1", "sched.warmup_epochs=0",
+                 f"--data-root={tmp_path / 'pets'}", f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r" / "last.pt")]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["eval", str(tmp_path / "r" / "last.pt"), "--data-root", str(tmp_path / "bugs")]) == 0
+    assert ("bionets: note: the data's classes are not the ones checkpoint" in (err := capsys.readouterr().err)
+            and "(class 0: 'ant' here, 'cat' in training): it is scored by class index" in err)
+
+
 @pytest.mark.parametrize("args, said", [
     (["train", "train.device=cuda"], "train.device=cuda"),
     (["experiment", "fewshot", "device=cuda:1"], "option device=cuda:1"),

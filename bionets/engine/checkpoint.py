@@ -270,6 +270,9 @@ def _odd_contents(key: str, value) -> str | None:
     if key == "data_info":
         odd = next((f"{k}={value.get(k)!r}" for k in ("num_classes", "in_chans")
                     if isinstance(value.get(k), bool) or not isinstance(value.get(k), int) or value[k] < 1), None)
+        if odd is None and "classes" in value and not (isinstance(value["classes"], list)
+                                                      and all(isinstance(c, str) for c in value["classes"])):
+            odd = f"classes={value['classes']!r}"
         if odd is not None:
             return f"holds {odd} in its '{key}' entry, which gives the data's class and channel counts"
     return None

@@ -131,7 +131,8 @@ class Trainer:
         """The run's state; ``rng``: every rank's random state, in rank order (rank 0's as 'rng')."""
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "training_only": training_only_keys(self.model),
-                "data_info": {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans},
+                "data_info": {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
+                              "classes": [str(c) for c in self.data.classes]},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "epoch": self.state.epoch, "step": self.state.step, "best_top1": self.state.best_top1,
