@@ -341,7 +341,8 @@ class ArrHook(Hook):
         responses, blocks, self.responses, self.blocks = self.responses, self.blocks, [], []
         if not model.training or not torch.is_grad_enabled():
             return None
-        if self.layers == "classifier" and isinstance(logits, torch.Tensor) and logits.shape[-1] != self.classes:
+        if self.layers == "classifier" and isinstance(logits, torch.Tensor) and logits.shape[-1] > self.classes:
+            # (more outputs than logits may be right: a spiking net's voting layer, 10 neurons a class)
             raise _not_the_classifier(self.head_name, f"it gives {self.classes} outputs where the model gives "
                                                       f"{logits.shape[-1]} logits")
         if not responses:
