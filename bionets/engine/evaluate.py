@@ -85,12 +85,13 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     with data_options(root_option, None):
         data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
     trained_on = (info or {}).get("classes")
-    if data is not None and isinstance(trained_on, list) and trained_on != [str(c) for c in data.classes]:
-        # (same count, other names: another dataset, or its folders renamed; scored by position)
-        differ = next(k for k, (a, b) in enumerate(zip([*trained_on, None], [*map(str, data.classes), None])) if a != b)
-        print(f"bionets: note: the data's classes are not the ones checkpoint '{path}' trained on (class {differ}: "
-              f"{_class_at(data.classes, differ)} here, {_class_at(trained_on, differ)} in training): it is scored "
-              "by class index", file=sys.stderr)
+    here = [str(c) for c in data.classes] if data is not None else None
+    if here is not None and isinstance(trained_on, list) and trained_on != here:
+        # (another dataset, or its folders renamed: scored by class index all the same)
+        k = next((k for k, (a, b) in enumerate(zip(trained_on, here)) if a != b), min(len(trained_on), len(here)))
+        print(f"bionets: note: the data's classes are not the ones checkpoint '{path}' trained on (class {k}: "
+              f"{_class_at(here, k)} here, {_class_at(trained_on, k)} in training): it is scored by class index",
+              file=sys.stderr)
     shape = (data.num_classes, data.in_chans) if data is not None else (info["num_classes"], info["in_chans"])
     model, hooks, _ = build_model(cfg, *shape, device, init=False)
     if ema and state.get("ema") is None:
@@ -100,8 +101,8 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     return model, hooks, cfg, data
 
 
-def _class_at(classes: list, k: int) -> str:
-    return repr(str(classes[k])) if k < len(classes) else "none"
+def _class_at(classes: list[str], k: int) -> str:
+    return repr(classes[k]) if k < len(classes) else "none"
 
 
 def _ema_weights(ema_state: dict) -> dict:
