@@ -225,8 +225,13 @@ def test_raa_on_conv1d_and_conv3d_nets_takes_the_channels():
                              nn.Flatten(), nn.Linear(6, 3))
     for options in ({}, {"input_size": [2, 20]}):
         model, _ = convert(conv1d_net(), activation=options)
-        assert (model[2].num_features, model[2].dim) == (6, 1)
-        assert model(torch.randn(4, 2, 33)).shape == (4, 3)        # any length
+        raa = model[2]              # (after a BatchNorm1d, which may also see tokens: dim 1 found per call)
+        assert raa.num_features == 6 and raa.dim in ((1,) if options else (None, 1))
+        with torch.no_grad():
+            raa.v.normal_()
+            h = torch.randn(4, 6, 33)                                   # any length
+            torch.testing.assert_close(raa(h), torch.relu(h + torch.einsum("c,ncl->nl", raa.v, h)[:, None] + raa.c))
+        assert model(torch.randn(4, 2, 33)).shape == (4, 3)
     model, report = convert(torchvision.models.video.r3d_18(num_classes=5), activation="raa")
     raas = [m for m in model.modules() if isinstance(m, RAA)]
     assert len(raas) == 17 and all(r.dim == 1 for r in raas) and report.params_added == 3921

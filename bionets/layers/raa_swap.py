@@ -60,11 +60,13 @@ class RAAByWidth(nn.Module):
 
 def _feature_axis(module: nn.Module) -> int | None:
     """The axis that holds the features of this layer's output, where its type decides it: the last
-    (Linear, LayerNorm) or dim 1 (convolutions and batch norms of 1, 2 or 3 spatial dims); None for
-    the others (timm's LayerNorm2d, say, is a LayerNorm over dim 1)."""
+    (Linear, LayerNorm) or dim 1 (convolutions of 1, 2 or 3 spatial dims, BatchNorm2d and 3d); None
+    for the others (timm's LayerNorm2d, say, is a LayerNorm over dim 1; LeViT runs BatchNorm1d on
+    tokens flattened to [N L, C], whose activation then sees [N, L, C]: RAA then finds the axis
+    per call)."""
     if isinstance(module, nn.Linear) or type(module) is nn.LayerNorm:
         return -1
-    if isinstance(module, nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, nn.modules.conv._ConvNd | nn.BatchNorm2d | nn.BatchNorm3d):
         return 1
     return None
 
