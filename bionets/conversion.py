@@ -12,7 +12,8 @@ section of a run config, so ``bionets train`` applies the same changes to any ti
 ``quadratic`` takes placement patterns instead of a short string (one or a list; ``"auto"``: the
 default placement). ``sparsity="gradr"`` applies Grad R (the STDS paper's baseline) with its
 defaults, trained by its own optimizer (:func:`bionets.mechanisms.stds.create_gradr`); a dict of
-``sparsity`` options is STDS's. Converting an already converted model changes nothing more; a convert that
+``sparsity`` options is STDS's, and ``{short name: options}`` gives a short name's mechanism options
+of its own (``sparsity={"gradr": {"alpha": 1e-3}}``, ``activation={"raa_relu": {"variant": "scalar"}}``). Converting an already converted model changes nothing more; a convert that
 fails leaves the model as it was (:func:`convert`). The training-time
 parts (ARR's loss, STDS's threshold schedule) come back as hooks in ``report.hooks`` for a training
 loop of your own; ``bionets train`` wires them itself. New modules and buffers take the model's
@@ -74,6 +75,14 @@ def _section(arg: str, value) -> tuple[str, dict] | None:
         return table[value]
     if isinstance(value, (list, tuple)) and arg == "quadratic":
         return "quadratic", {"placement": list(value)}
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SHORTHANDS.get(arg, {}):
+        # {choice: options}: a short name's mechanism with options of its own (sparsity={'gradr': {...}})
+        (choice, opts), = value.items()
+        if opts is not None and not isinstance(opts, dict):
+            raise BionetsError(f"convert({arg}={{{choice!r}: ...}}) takes a dict of {choice}'s options, got "
+                               f"{type(opts).__name__}")
+        name, defaults = SHORTHANDS[arg][choice]
+        return name, {**defaults, **(opts or {})}
     if isinstance(value, dict):
         return MECHANISM_OF[arg], dict(value)
     raise BionetsError(f"convert({arg}=...) takes None, True, a name or a dict of options, got {type(value).__name__}")
@@ -95,7 +104,12 @@ def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
         picked = _section(arg, value)
         if picked is not None:
             name, opts = picked
-            sections[name] = validate_section(get_mechanism(name).config, opts, f"{arg}")
+            try:
+                sections[name] = validate_section(get_mechanism(name).config, opts, f"{arg}")
+            except BionetsError as err:
+                if name == "stds" and {"alpha", "target_sparsity"} & set(opts):       # Grad R's, given as STDS's
+                    raise BionetsError(f"{err}; Grad R's options go in sparsity={{'gradr': {{...}}}}") from None
+                raise
     restore = _snapshot(model)
     try:
         model, hooks, reports = apply_mechanisms(model, sections)

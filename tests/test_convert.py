@@ -239,6 +239,24 @@ def test_raa_on_conv1d_and_conv3d_nets_takes_the_channels():
     assert model.stem[2].v.grad.shape == (64,)
 
 
+def test_a_short_name_with_options_of_its_own():
+    """sparsity={'gradr': {...}}: Grad R with options (a dict was always STDS's: Grad R's options
+    were unknown keys, without a hint); activation={'raa_relu': {...}} keeps the short name's base."""
+    from bionets.layers.gradr import SignedStrength
+    model, report = convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                            sparsity={"gradr": {"alpha": 2e-3, "target_sparsity": 0.9}})
+    assert "alpha=0.002, target sparsity 0.9" in str(report)
+    assert isinstance(model[0].parametrizations.weight[0], SignedStrength)
+    with pytest.raises(BionetsError, match=r"unknown config key 'sparsity.alpha' .*; Grad R's options go in "
+                                           r"sparsity=\{'gradr': \{...\}\}"):
+        convert(nn.Sequential(nn.Linear(4, 4)), sparsity={"alpha": 2e-3})
+    model, _ = convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), activation={"raa_relu": {"variant": "scalar"}})
+    assert (model[1].base, model[1].variant) == ("relu", "scalar")
+    with pytest.raises(BionetsError, match=r"convert\(activation=\{'raa': ...\}\) takes a dict of raa's options, "
+                                           "got int"):
+        convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), activation={"raa": 1})
+
+
 def test_the_modules_convert_adds_take_the_models_mode_and_a_lazy_model_is_one_line():
     """Converted in eval mode, the new RAA, quadratic, STDS and ARR modules were in training mode; a
     model with a Lazy* layer failed deep inside a mechanism (a RuntimeError, or 'in_channels=0')."""
