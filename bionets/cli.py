@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--data-root", type=path, default=None,
                     help="dataset folder, for a checkpoint that does not record its class count and input channels "
                          "(bionets train's record them)")
+    ex.add_argument("--ema", action="store_true", help="export the EMA weights")
     return p
 
 
@@ -214,7 +215,7 @@ def cmd_experiment(args) -> int:
 def cmd_export(args) -> int:
     from bionets.engine.evaluate import export_plain
 
-    report = export_plain(args.checkpoint, args.output, data_root=args.data_root)
+    report = export_plain(args.checkpoint, args.output, data_root=args.data_root, ema=args.ema)
     print(report)
     return 0
 

@@ -106,6 +106,24 @@ def test_eval_runs_on_this_machines_device_not_the_trainings(tmp_path, capsys, m
             "--resume continues)") in capsys.readouterr().err
 
 
+def test_export_of_the_ema_weights(tmp_path, capsys):
+    """--ema bakes the EMA weights (STDS's, reparameterized, here) into the plain state; a checkpoint
+    without them is one line."""
+    import timm
+    import torch
+    args = ["train", *FAST, "train.epochs=1", "mechanisms={stds: {d_max: 0.01}}", f"out_dir={tmp_path}", "--quiet"]
+    assert main([*args, "name=ema", "train.ema_decay=0.5"]) == 0
+    for flags, out in (([], "plain.pt"), (["--ema"], "ema.pt")):
+        assert main(["export", str(tmp_path / "ema" / "last.pt"), str(tmp_path / out), *flags]) == 0
+    assert "exported test_mlp (EMA weights) to " in capsys.readouterr().out
+    plain, ema = (load_checkpoint(tmp_path / f, exported=True)["plain_model"] for f in ("plain.pt", "ema.pt"))
+    assert plain.keys() == ema.keys() and any(not torch.equal(plain[k], ema[k]) for k in plain)
+    timm.create_model("test_mlp", in_chans=1, img_size=8, num_classes=10).load_state_dict(ema)
+    assert main([*args, "name=plain"]) == 0
+    assert main(["export", str(tmp_path / "plain" / "last.pt"), str(tmp_path / "x.pt"), "--ema"]) == 2
+    assert "has no EMA weights" in capsys.readouterr().err
+
+
 def test_eval_on_data_of_other_class_names_says_so(tmp_path, capsys):
     """The checkpoint records the class names it trained on: an image folder of other classes (as
     many) was scored without a word."""

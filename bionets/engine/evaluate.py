@@ -124,16 +124,18 @@ def evaluate_checkpoint(path: str | Path, *, data_root: str | None = None, ema: 
     return result
 
 
-def export_plain(path: str | Path, output: str | Path, data_root: str | None = None) -> str:
+def export_plain(path: str | Path, output: str | Path, data_root: str | None = None, ema: bool = False) -> str:
     """Bake every parametrization (e.g. STDS's effective weights) into plain tensors and save the
-    model's state without its training-only state (ARR's class memory). The dataset is read only for
+    model's state (``ema``: its EMA weights') without its training-only state (ARR's class memory).
+    The dataset is read only for
     checkpoints that do not record its shape (not written by ``bionets train``). ``output`` may not be
     the checkpoint itself, nor another file of a run directory."""
     out = Path(output)
     if out.resolve() == Path(path).resolve() or (out.exists() and out.name in RUN_FILES):
         raise BionetsError(f"export would overwrite '{output}', a file of a training run: give another output "
                            "path (e.g. plain.pt)")
-    model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, need_data=False)
+    model, _, cfg, _ = model_from_checkpoint(path, device=torch.device("cpu"), data_root=data_root, ema=ema,
+                                             need_data=False)
     baked = 0
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
@@ -146,7 +148,8 @@ def export_plain(path: str | Path, output: str | Path, data_root: str | None = N
     plain = {k: v for k, v in model.state_dict().items() if k not in drop}
     save_checkpoint(Path(output), {"config": cfg.to_dict(), "plain_model": plain})
     baked_text = f"{baked} reparameterized tensor(s) baked" if baked else "no reparameterized tensor to bake"
-    said = f"exported {cfg.model.name} to {output}: {baked_text}, {zeros:,} of {total:,} parameters are exactly zero"
+    said = (f"exported {cfg.model.name}{' (EMA weights)' if ema else ''} to {output}: {baked_text}, {zeros:,} of "
+            f"{total:,} parameters are exactly zero")
     # (the sparse weights are baked and ARR's memory left out; the modules of the others stay in the model)
     if kept := [n for n in cfg.mechanisms if n not in ("stds", "gradr", "arr")]:
         said += (f"; it holds the modules of {', '.join(kept)}: load it into {cfg.model.name} with them applied "
