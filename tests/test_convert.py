@@ -576,6 +576,10 @@ def test_a_dit_model_carries_its_quadratic_term_already():
         assert sum(p.numel() for p in model.parameters()) == before
     _, report = convert(model, quadratic=["stages.0.blocks.2.conv_dw"])     # named: the term it has already
     assert report.changes == 0 and "carries 1 quadratic term(s) already" in str(report)
+    # others named beside it: said (a second term inside Dit-ResNet's block came without a word)
+    _, report = convert(timm.create_model("dit_resnet20", num_classes=10), quadratic=["layer2.0.conv1", "layer1.0.conv1"])
+    assert report.changes == 2 and ("carries 1 quadratic term(s) already (layer2.0): the new ones are added beside "
+                                    "them, 1 inside a module that has one ('layer2.0.conv1')") in str(report)
 
 
 def test_a_quadratic_term_that_outweighs_the_model_is_noted():

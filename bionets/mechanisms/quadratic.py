@@ -166,4 +166,9 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
     if done and not chosen:
         report.notes.append(f"the model carries {len(done)} quadratic term(s) already: left as they are, with their "
                             "own settings")
+    elif done:
+        inside = [n for n in chosen if any(n.startswith(d + ".") for d in done if d)]
+        report.notes.append(f"the model carries {len(done)} quadratic term(s) already ({', '.join(done[:3])}"
+                            f"{', ...' if len(done) > 3 else ''}): the new ones are added beside them"
+                            + (f", {len(inside)} inside a module that has one ('{inside[0]}')" if inside else ""))
     return Applied(model, [], report)
