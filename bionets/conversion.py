@@ -13,8 +13,9 @@ section of a run config, so ``bionets train`` applies the same changes to any ti
 default placement). ``sparsity="gradr"`` applies Grad R (the STDS paper's baseline) with its
 defaults, trained by its own optimizer (:func:`bionets.mechanisms.stds.create_gradr`); a dict of
 ``sparsity`` options is STDS's, and ``{short name: options}`` gives a short name's mechanism options
-of its own (``sparsity={"gradr": {"alpha": 1e-3}}``, ``activation={"raa_relu": {"variant": "scalar"}}``). Converting an already converted model changes nothing more; a convert that
-fails leaves the model as it was (:func:`convert`). The training-time
+of its own (``sparsity={"gradr": {"alpha": 1e-3}}``, ``activation={"raa_relu": {"variant": "scalar"}}``).
+Converting an already converted model changes nothing more; a convert that fails leaves the model as
+it was (:func:`convert`). The training-time
 parts (ARR's loss, STDS's threshold schedule) come back as hooks in ``report.hooks`` for a training
 loop of your own; ``bionets train`` wires them itself. New modules and buffers take the model's
 device and dtype (ARR's class statistics stay float32).
@@ -104,10 +105,12 @@ def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
         picked = _section(arg, value)
         if picked is not None:
             name, opts = picked
+            config = get_mechanism(name).config
             try:
-                sections[name] = validate_section(get_mechanism(name).config, opts, f"{arg}")
+                sections[name] = validate_section(config, opts, f"{arg}")
             except BionetsError as err:
-                if name == "stds" and {"alpha", "target_sparsity"} & set(opts):       # Grad R's, given as STDS's
+                gradr_only = set(get_mechanism("gradr").config.model_fields) - set(config.model_fields)
+                if name == "stds" and gradr_only & set(opts):                  # Grad R's options, given as STDS's
                     raise BionetsError(f"{err}; Grad R's options go in sparsity={{'gradr': {{...}}}}") from None
                 raise
     restore = _snapshot(model)

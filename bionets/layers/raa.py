@@ -341,8 +341,8 @@ class RAA(nn.Module):
             raise BionetsError(f"RAA variant must be vector|scalar|matrix and base gelu|relu, got {variant!r}, {base!r}")
         require_sizes("RAA", num_features=num_features)
         if dim not in (None, 1, -1):
-            raise BionetsError(f"RAA's feature axis dim must be 1 (the channels of an [N, C, ...] map), -1 (last) or None "
-                               f"(per call), got {dim!r}")
+            raise BionetsError(f"RAA's feature axis dim must be 1 (the channels of an [N, C, ...] map), -1 (last) or "
+                               f"None (per call), got {dim!r}")
         self.num_features, self.variant, self.base, self.compiled, self.dim = num_features, variant, base, compiled, dim
         self.c = nn.Parameter(torch.zeros(num_features if variant == "matrix" else 1))
         if variant == "vector":
@@ -356,7 +356,7 @@ class RAA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise BionetsError(f"RAA takes a torch.Tensor, got {type(x).__name__}: convert it (torch.as_tensor(x))")
-        if x.ndim in (3, 5) and self._channels_first(x):
+        if x.ndim in (3, 5) and self.dim != -1 and self._channels_first(x):     # (tokens, dim -1: one test)
             # a Conv1d's or Conv3d's map: each position's features on dim 1, as in an [N, C, H, W] map
             return self.forward(x.unsqueeze(-1) if x.ndim == 3 else x.flatten(3)).reshape(x.shape)
         plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()

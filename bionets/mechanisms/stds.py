@@ -160,12 +160,12 @@ def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
                             "paper uses 1-5 on its CIFAR SNN with Adam at lr 1e-4 for 2048 epochs, 0.1-5 on ImageNet "
                             "with SGD; weights that stay near their initial size end at zero). D is in weight "
                             "units: pick it for this model and optimizer")
-    low = {str(model.get_submodule(n).weight.dtype).removeprefix("torch.") for n in layers if n not in done
-           if model.get_submodule(n).weight.dtype in (torch.bfloat16, torch.float16)}
+    low = {model.get_submodule(n).weight.dtype for n in layers if n not in done} & {torch.bfloat16, torch.float16}
     if low and d0 > 0 and cfg.sparse_function != "identity":
         # theta = sign(w) (|w| + D) holds w in fewer bits the larger D is: 7 stored bits in bf16, 10 in fp16
-        step = d0 / 2 ** (7 if "bfloat16" in low else 10)
-        report.notes.append(f"the weights are {', '.join(sorted(low))}: theta = sign(w) (|w| + D) at the fixed start "
+        step = d0 / 2 ** (7 if torch.bfloat16 in low else 10)
+        names = sorted(str(t).removeprefix("torch.") for t in low)
+        report.notes.append(f"the weights are {', '.join(names)}: theta = sign(w) (|w| + D) at the fixed start "
                             f"rounds them to steps of ~{step:.2g} near D={d0:g}, so the start is not the model's own "
                             "weights exactly; keep the model in float32 and train under autocast (train.amp=bf16)")
     return Applied(model, [StdsHook(cfg, model)], report)
