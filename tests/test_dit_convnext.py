@@ -74,6 +74,20 @@ def test_zero_q_is_timms_convnext_and_the_term_is_added_to_the_dwconv():
     torch.testing.assert_close(dit(x), plain(x))
 
 
+def test_timms_pretrained_path_starts_a_dit_convnext_from_a_plain_convnext_file(tmp_path):
+    """A timm ConvNeXt's weights as the pretrained file: the quadratic terms the file lacks start at
+    their zero (either form), so the model is the ConvNeXt it was loaded from."""
+    torch.manual_seed(0)
+    plain = timm.create_model("convnext_atto").eval()
+    torch.save(plain.state_dict(), tmp_path / "atto.pth")
+    x = torch.randn(1, 3, 64, 64)
+    for quad_type in ("channel", "pixel"):
+        dit = timm.create_model("test_dit_convnext", depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True,
+                                quad_blocks=["stages.0.blocks.1"], quad_type=quad_type, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / "atto.pth"))).eval()
+        torch.testing.assert_close(dit(x), plain(x))
+
+
 def test_placement_is_an_argument_and_follows_the_spec_for_short_stages():
     model = DitConvNeXt(quad_blocks=["stages.0.blocks.0", "stages.2.blocks.0"], quad_impl="full", **TINY)
     terms = {n: m for n, m in model.named_modules() if isinstance(m, QuadraticChannel)}

@@ -85,8 +85,18 @@ class DitConvNeXt(ConvNeXt):
         return super().forward_features(x)
 
 
+def filter_checkpoint(state_dict: dict, model: DitConvNeXt) -> dict:
+    """timm's ConvNeXt checkpoint filter (Facebook's names to timm's), then the quadratic terms that
+    a plain ConvNeXt's checkpoint lacks, at the model's own initial values (either term starts at
+    zero: the net starts as the ConvNeXt it was loaded from), so that ``pretrained=True`` with a timm
+    ConvNeXt's weights as ``pretrained_cfg_overlay=dict(file=...)`` starts a Dit-ConvNeXt from them."""
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    own = {k: v for k, v in model.state_dict().items() if ".conv_dw.quad." in k and k not in state_dict}
+    return {**state_dict, **own}
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DitConvNeXt:
-    return build_model_with_cfg(DitConvNeXt, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    return build_model_with_cfg(DitConvNeXt, variant, pretrained, pretrained_filter_fn=filter_checkpoint,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
 

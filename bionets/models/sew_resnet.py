@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from spikingjelly.activation_based import functional, neuron
 from spikingjelly.activation_based.model import sew_resnet as sj
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from bionets.errors import unknown
-from bionets.models.snn_cifar import check_time_steps, if_kwargs, repeat_over_time
+from bionets.models.snn_cifar import build_spiking, check_time_steps, if_kwargs, repeat_over_time
 
 CONNECT_FUNCTIONS = ("ADD", "AND", "IAND")
 
@@ -82,7 +82,7 @@ class SEWResNet(sj.SEWResNet):
 
 
 def _create(variant: str, block: type, layers: list[int], pretrained: bool, **kwargs) -> SEWResNet:
-    return build_model_with_cfg(SEWResNet, variant, pretrained, block=block, layers=layers, **kwargs)
+    return build_spiking(SEWResNet, variant, pretrained, block=block, layers=layers, **kwargs)
 
 
 def _cfg() -> dict:

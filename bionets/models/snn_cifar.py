@@ -84,7 +84,8 @@ class SpikingVotingNet(nn.Module):
                 body += [conv_bn(c, item), lif_node()]
                 c = item
         self.features = nn.Sequential(*body)
-        self.num_features = c * (img_size // 2**pools) ** 2
+        self.num_features = c * (img_size // 2**pools) ** 2   # forward_features' per step, flattened
+        self.head_hidden_size = hidden                         # what num_classes=0 or pre_logits gives
         self.drop1 = layer.Dropout(drop_rate, step_mode="m")   # one mask for all T steps
         self.fc1 = nn.Conv2d(self.num_features, hidden, 1, bias=False)
         self.sn1 = lif_node()
@@ -135,8 +136,16 @@ class SpikingVotingNet(nn.Module):
         self.fc2 = self._voting_layer(num_classes)
 
 
+def build_spiking(cls: type, variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a spiking family, which has no ``features_only`` form."""
+    if kwargs.pop("features_only", False):
+        raise BionetsError(f"{variant} has no features_only form: its maps carry a time axis, [T, N, C, H, W], which "
+                           "timm's feature extractors do not know; take them from model.forward_features(x)")
+    return build_model_with_cfg(cls, variant, pretrained, **kwargs)
+
+
 def create_voting_net(variant: str, pretrained: bool = False, **kwargs) -> SpikingVotingNet:
-    return build_model_with_cfg(SpikingVotingNet, variant, pretrained, **kwargs)
+    return build_spiking(SpikingVotingNet, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
