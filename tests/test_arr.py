@@ -441,6 +441,16 @@ def test_headless_timm_model_is_one_line_not_a_wrong_layer():
             apply_mechanisms(model, parse_mechanisms({"arr": {"layers": layers}}))
 
 
+def test_a_classifier_replaced_after_arr_is_one_line():
+    """timm's reset_classifier after ARR: its hook watches a layer that is gone."""
+    model, hooks, _ = apply_mechanisms(timm.create_model("test_mlp"), parse_mechanisms({"arr": {}}))
+    hooks[0].attach(model)
+    model.reset_classifier(5)
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(BionetsError, match="ARR's classifier 'head' is no longer in the model .*reset_classifier"):
+        hooks[0].aux_loss(model, x, model(x), torch.tensor([0, 1]))
+
+
 class TwoHeads(torch.nn.Module):
     """A model whose last registered Linear (``aux``) is not its classifier (``cls``)."""
 

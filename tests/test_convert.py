@@ -305,6 +305,19 @@ def test_convert_probes_raa_widths_at_the_size_the_model_states():
         unprobed(torch.randn(1, 3, 32, 32))
 
 
+def test_a_wrapped_model_is_probed_at_the_size_the_model_inside_states():
+    """DataParallel, a Sequential around the model, torch.compile: the probe sees torchvision's
+    ResNet-50 inside (whose block calls one ReLU at two widths), so every width is right; a model
+    that states no size says that the widths came from its layers."""
+    for wrap in (nn.DataParallel, nn.Sequential, torch.compile):
+        model, report = convert(wrap(torchvision.models.resnet50(num_classes=10)), activation="raa")
+        assert "widths read from the layers" not in str(report)
+        inner = getattr(model, "_orig_mod", model)
+        inner(torch.randn(2, 3, 32, 32)).sum().backward()
+    _, report = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), activation="raa")
+    assert "note: widths read from the layers: Sequential states no input size" in str(report)
+
+
 def test_stated_input_size_reads_the_model_as_built():
     """timm keeps the registered pretrained_cfg when img_size or in_chans change: the size comes
     from the patch embedding and the first convolution instead; torchvision's classifiers state
@@ -493,6 +506,15 @@ def test_a_failing_convert_leaves_the_model_as_it_was():
     assert all(a is b and torch.equal(a, v) for a, b, v in zip(params, model.parameters(), values))
     _, report = convert(model, quadratic=True, activation="raa", sparsity="stds")    # converts as a fresh one
     assert len(report.reports[0].changes) == 1 and model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_a_mechanism_a_model_cannot_take_says_what_the_model_is():
+    import bionets  # noqa: F401  (registers the models)
+    with pytest.raises(BionetsError, match="found no 2-D convolution in TinyMLP: .*QuadraticNeuron"):
+        convert(timm.create_model("test_mlp"), quadratic=True)
+    with pytest.raises(BionetsError, match=r"its neurons are spiking \(IFNode x20\): RAA is the activation of a "
+                                           "network of rates"):
+        convert(timm.create_model("sew_resnet18", T=1), activation="raa")
 
 
 def test_quadratic_term_on_a_multi_step_spiking_net():

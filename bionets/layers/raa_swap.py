@@ -230,7 +230,7 @@ def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_i
     try:
         model.eval()
         with torch.no_grad(), calls:
-            model(example_input)
+            eager(model)(example_input)
     except Exception as e:   # the model's own error, reported as the probe's
         raise ProbeError(list(example_input.shape), e) from None
     finally:
@@ -240,6 +240,12 @@ def probe_activations(model: nn.Module, chosen: dict[str, Activation], example_i
             m.training = mode
         _reset_neurons(model)
     return Probe(seen, axes, calls.counts, Counter({t: len(ids) for t, ids in calls.leaves.items()}))
+
+
+def eager(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper holds (whose tracing of the probe's hooks failed), else ``model``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def raa_form(module: nn.Module, base: Base | Literal["auto"]) -> Base:

@@ -91,6 +91,9 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
             raise
         notes.append(f"widths read from the layers: the width probe at the model's stated input size {size} failed "
                      f"({err.cause}); if one activation module runs at several widths, give input_size: [C, H, W]")
+    if cfg.input_size == "auto" and size is None and chosen:
+        notes.append(f"widths read from the layers: {type(model).__name__} states no input size; if one activation "
+                     "module runs at several widths, give input_size: [C, H, W]")
     functions = ", ".join(f"{call} x{n}" for call, n in probe.functions.most_common())
     # torch's and timm's activations of other types, and modules of other types that call one
     others = ", ".join(filter(None, [other_activations(model, cfg.types),
@@ -98,8 +101,12 @@ def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     if not chosen and not already:
         typed = [n for n, m in model.named_modules() if type(m).__name__.lower() in {t.lower() for t in cfg.types}]
         shown = ", ".join(typed[:4]) + (", ..." if len(typed) > 4 else "")
+        spiking = Counter(type(m).__name__ for m in model.modules()
+                          if type(m).__module__.startswith("spikingjelly.activation_based.neuron"))
         hint = (f": the patterns match none of its {len(typed)} activation module(s) of these types ({shown})"
                 if cfg.patterns and typed else
+                f"; its neurons are spiking ({', '.join(f'{t} x{n}' for t, n in spiking.most_common())}): RAA is the "
+                "activation of a network of rates, not a spiking neuron" if spiking else
                 f"; it has {others}: to swap them, add their class names to types" if others else
                 f"; its forward calls {functions}: functions, not modules, which RAA cannot swap" if functions else
                 " (activations called as functions in forward, such as F.relu, are no modules to swap)")
@@ -131,7 +138,12 @@ def stated_input_size(model: nn.Module) -> list[int] | None:
     change): the channels of its ``in_chans`` (else of its first convolution), the height and width
     of the first module with an ``img_size`` (the model's own, a patch embedding's; timm's LeViT:
     its first attention's ``resolution`` times its stem's stride); torchvision's
-    classifiers, segmentation and detection models: 3 x 224 x 224 (a ViT's own ``image_size``)."""
+    classifiers, segmentation and detection models: 3 x 224 x 224 (a ViT's own ``image_size``).
+    A wrapper states what the model it calls states (DataParallel's and DDP's ``module``,
+    torch.compile's ``_orig_mod``, a Sequential's first module)."""
+    inner = _called_model(model)
+    if inner is not None:
+        return stated_input_size(inner)
     stated = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     module = type(model).__module__.split(".")
     if stated is None and module[:2] == ["torchvision", "models"] and (
@@ -157,6 +169,15 @@ def stated_input_size(model: nn.Module) -> list[int] | None:
                         None)
             hw = [r * stride for r in grid] if grid is not None else hw
     return [channels, *hw]
+
+
+def _called_model(model: nn.Module) -> nn.Module | None:
+    """The model a wrapper calls on the wrapper's own input, or None for a model that is no wrapper."""
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        return model.module
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod
+    return model[0] if isinstance(model, nn.Sequential) and len(model) else None
 
 
 def _zeros(model: nn.Module, size: list[int]) -> torch.Tensor:
@@ -257,9 +278,9 @@ class ArrHook(Hook):
             _drop_copied_captures(module._forward_pre_hooks)
         if self.layers == "classifier":
             head = classifier_layer(model, self.cfg.classifier)
-            self.head_name = next(n for n, m in model.named_modules() if m is head)
+            self.head, self.head_name = head, next(n for n, m in model.named_modules() if m is head)
             self.classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels
-            parent = model.get_submodule(self.head_name.rpartition(".")[0])
+            parent = self.parent = model.get_submodule(self.head_name.rpartition(".")[0])
             self.handles, self.dropped = [head.register_forward_pre_hook(self._keep_input)], None
             for drop in parent.children():
                 if isinstance(drop, nn.modules.dropout._DropoutNd):
@@ -317,6 +338,11 @@ class ArrHook(Hook):
         else:
             self._keep(x[:, max(prefix, 0):].mean(1))
 
+    def _head_replaced(self, model: nn.Module) -> bool:
+        """Whether the classifier's parent is still in ``model`` but the classifier is not (not a copy of the model)."""
+        modules = list(model.modules())
+        return self.parent in modules and self.head not in modules
+
     @staticmethod
     def _capturing(module: nn.Module) -> bool:
         return torch.is_grad_enabled() and module.training     # evaluation (even with gradients) is untouched
@@ -345,6 +371,10 @@ class ArrHook(Hook):
             # (more outputs than logits may be right: a spiking net's voting layer, 10 neurons a class)
             raise _not_the_classifier(self.head_name, f"it gives {self.classes} outputs where the model gives "
                                                       f"{logits.shape[-1]} logits")
+        if not responses and self.layers == "classifier" and self._head_replaced(model):
+            raise BionetsError(f"ARR's classifier '{self.head_name}' is no longer in the model (replaced after ARR was "
+                               "applied, as by reset_classifier): apply ARR after changing the head (bionets.convert "
+                               "anew), so that its memory has the new head's classes")
         if not responses:
             raise BionetsError("ARR's hook saw no training forward pass with gradients since its last aux_loss: call "
                                "aux_loss once after each forward, attach the hook to the model you train "

@@ -127,6 +127,10 @@ def apply_quadratic(model: nn.Module, cfg: QuadraticConfig) -> Applied:
     candidates = eligible_convs(model)
     if cfg.placement == "auto":
         chosen = [] if done else _auto(model, candidates)
+        if not chosen and not done and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            raise BionetsError(f"quadratic placement 'auto' found no 2-D convolution in {type(model).__name__}: the "
+                               "channel-wise quadratic term goes beside a convolution of a CNN; for a quadratic neuron "
+                               "on vectors, build the model with bionets.layers.quadratic.QuadraticNeuron")
         if not chosen and not done:
             raise BionetsError(f"quadratic placement 'auto' found no stride-1 convolution with equal input and "
                                f"output channels in {type(model).__name__} after its stem (its first convolution, "
