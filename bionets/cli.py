@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("configs", help="list the bundled configs")
 
     x = sub.add_parser("experiment", help="run an analysis experiment (gaussian, fewshot, eigen, responses, ...)")
-    x.add_argument("name")
+    x.add_argument("name", nargs="?", help="the experiment (without one: the list of them)")
     x.add_argument("options", nargs="*", metavar="key=value")
     x.add_argument("--out", type=path, help="output directory (default runs/experiments/NAME)")
     x.add_argument("--options", dest="list_options", action="store_true",
@@ -179,8 +179,11 @@ def cmd_configs(args) -> int:
 def cmd_experiment(args) -> int:
     import yaml
 
-    from bionets.experiments import get_experiment
+    from bionets.experiments import experiment_names, get_experiment
 
+    if args.name is None:       # (argparse said "required: name, key=value", and listed no experiment)
+        raise BionetsError(f"experiment needs a name: {', '.join(experiment_names())} ('bionets experiment NAME "
+                           "--options' lists its options)")
     fn = get_experiment(args.name)
     params = inspect.signature(fn).parameters
     valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
@@ -331,9 +334,10 @@ def _run(args: argparse.Namespace, on_term: bool) -> int:
         print(f"bionets: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        kept = getattr(err, "bionets_kept", KEPT)
+        # (what a run keeps; an experiment or a benchmark keeps no checkpoint)
+        kept = getattr(err, "bionets_kept", KEPT if args.command == "train" else None)
         stopped = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
-        print(f"bionets: {stopped}; {kept}", file=sys.stderr)
+        print(f"bionets: {stopped}" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
 
 

@@ -203,7 +203,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise BionetsError(f"config '{path}': base must name one config (a bundled name or a path), got {base!r}")
-    merged = merge(_read_yaml(resolve_config(base, path.parent), seen + (path.resolve(),)), data)
+    try:
+        found = resolve_config(base, path.parent)
+    except BionetsError:
+        raise BionetsError(f"config '{path}': its base {base!r} names no config file (beside it or in the current "
+                           f"folder) or bundled config{closest(base, list_configs())} (see 'bionets configs')") from None
+    merged = merge(_read_yaml(found, seen + (path.resolve(),)), data)
     if not seen and "name" not in data:
         merged["name"] = path.stem
     return merged

@@ -42,7 +42,9 @@ class _Terminal(io.StringIO):
 
 @pytest.fixture
 def terminal_stderr(monkeypatch) -> io.StringIO:
-    """sys.stderr as a terminal (where progress bars show), its text in ``.getvalue()``."""
+    """sys.stderr as a terminal (where progress bars show), its text in ``.getvalue()``. Take it in
+    the test's body (``request.getfixturevalue``): pytest's capture, resumed for the test's call,
+    sets sys.stderr over a fixture argument's."""
     monkeypatch.setattr(sys, "stderr", _Terminal())
     return sys.stderr
 

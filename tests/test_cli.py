@@ -45,6 +45,11 @@ def cli(*args):
     (["train", "data.name=cifar10", f"data.root={sys.executable}"], "is a file, not a folder: give the folder"),
     (["train", "optim.kwargs={foo: 1}"], "optim.kwargs {'foo': 1} does not fit the sgd optimizer"),
     (["experiment", "dnrt_seeds", "config=digits", "epochs=1"], "epochs=1 must exceed the warm-up of config digits"),
+    (["experiment"], "experiment needs a name: dnrt_seeds, eigen, fewshot, gaussian, responses ('bionets experiment "
+     "NAME --options' lists its options)"),
+    (["experiment", "eigen", "show=64"], "option show=64: Input should be less than or equal to 10"),
+    (["experiment", "dnrt_seeds", "config=stds/digits_sine", "epochs=9"], "config=stds/digits_sine cannot take RAA and "
+     "ARR (raa found no activation module"),            # before any run (it stopped after the baseline's)
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     """In this process (a new one costs ~6 s of imports; the test below runs some that way)."""
@@ -422,8 +427,22 @@ def test_a_sigterm_just_after_the_handler_goes_in_is_the_one_line(monkeypatch, c
     monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "models": lambda args: pytest.fail("the command ran")})
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert main(["models"]) == 143
-    assert capsys.readouterr().err.startswith("bionets: stopped by SIGTERM;")
+    assert capsys.readouterr().err == "bionets: stopped by SIGTERM\n"        # (no run, no checkpoint to name)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_an_interrupted_experiment_names_no_checkpoint(monkeypatch, capsys):
+    """A run's line ("a run keeps the checkpoint of its last complete epoch") made no sense for an
+    experiment or a benchmark, which keep none."""
+    import bionets.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "experiment": interrupted, "train": interrupted})
+    assert main(["experiment", "eigen"]) == 130
+    assert capsys.readouterr().err == "bionets: interrupted\n"
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == f"bionets: interrupted; {cli.KEPT}\n"
 
 
 @pytest.mark.parametrize("words, said", [

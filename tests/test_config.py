@@ -145,6 +145,10 @@ def test_a_base_is_found_beside_the_config_that_names_it(tmp_path, monkeypatch):
     (tmp_path / "odd.yaml").write_text("base: [resnet20]\n")
     with pytest.raises(BionetsError, match="base must name one config"):
         load_config(str(tmp_path / "odd.yaml"))
+    (tmp_path / "odd.yaml").write_text("base: dnrt/digit\n")          # the file that names it, not a top-level one
+    with pytest.raises(BionetsError, match=f"config '{tmp_path / 'odd.yaml'}': its base 'dnrt/digit' names no config "
+                                           r"file .*\(did you mean: dnrt/digits"):
+        load_config(str(tmp_path / "odd.yaml"))
 
 
 def test_scientific_numbers_without_a_dot_are_numbers_everywhere():

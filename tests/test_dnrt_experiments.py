@@ -25,12 +25,16 @@ def test_dnrt_seeds_and_responses(tmp_path, capsys):
                  "--out", str(tmp_path / "r2")]) == 0
     assert {r["run"] for r in csv.DictReader((tmp_path / "r2" / "responses.csv").open())} == {"both_0", "both_0/last"}
     assert main(["experiment", "responses"]) == 2                      # checkpoint= is required
-    # a rerun into the same output directory replaces its runs (a run elsewhere would take NAME-2)
+    # a rerun into the same output directory replaces its runs (a run elsewhere would take NAME-2),
+    # and only them: the whole runs/ folder went, a user's own runs with it
     before = both.stat().st_mtime_ns
+    (out / "runs" / "mine").mkdir()
+    (out / "runs" / "mine" / "best.pt").write_bytes(b"a run of one's own")
     assert main(["experiment", "dnrt_seeds", "seeds=1", "epochs=1", "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "dnrt_seeds.csv").open()))
     assert [r["run_dir"] for r in rows if r["variant"] == "+both"] == [str(out / "runs" / "both_0")]
     assert both.stat().st_mtime_ns != before and not (out / "runs" / "both_0-2").exists()
+    assert not (out / "runs" / "both_1").exists() and (out / "runs" / "mine" / "best.pt").exists()
 
 
 def test_arr_and_responses_on_a_spiking_net(tmp_path, monkeypatch):

@@ -1010,15 +1010,24 @@ def test_model_init_reports_which_training_state_it_kept(tmp_path):
     assert "training state" not in str(reports[-1])
 
 
-def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path, capsys):
+def test_an_error_mid_epoch_closes_the_progress_bar(tmp_path, request):
     """The bar is closed (cleared) before the error reaches the CLI, whose one-line message then
     starts a line of its own instead of following the bar's text."""
     from tqdm import tqdm
+    terminal_stderr = request.getfixturevalue("terminal_stderr")     # (in the test: pytest's capture set up)
     Interrupt.armed = True
     with pytest.raises(KeyboardInterrupt) as caught:     # (its traceback holds the epoch's frame, as the CLI's does)
         train(fast_config(tmp_path, "train.progress=true", "mechanisms={test_interrupt: {at_step: 3}}"))
     assert caught.tb is not None and not tqdm._instances
-    assert "epoch 1/" in capsys.readouterr().err          # the bar was shown
+    assert "epoch 1/" in terminal_stderr.getvalue()       # the bar was shown
+    # the CLI's line says that nothing was kept (it hedged: "if it finished one")
+    assert caught.value.bionets_kept.startswith("it finished no epoch, so it kept no checkpoint (its run directory")
+
+
+def test_a_redirected_stderr_gets_no_progress_bar(tmp_path, capsys):
+    """A log of stderr holds no frames of the bar (as experiments' and bench's), only what is said."""
+    train(fast_config(tmp_path, "train.progress=true", "train.epochs=1"))
+    assert "epoch 1/" not in capsys.readouterr().err
 
 
 def test_console_line_formats_ema_and_mechanism_metrics_like_the_rest():

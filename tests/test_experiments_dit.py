@@ -203,6 +203,10 @@ def test_experiment_cli(tmp_path, capsys, request):
     assert "never" not in out and "+-" not in out           # one seed: no spread to show
     assert (tmp_path / "gaussian.csv").exists()
     assert main(["experiment", "gaussian", "case=[identical]", "--out", str(tmp_path)]) == 2
+    assert main(["experiment", "gaussian", "n_max=32", "boundary_n=[1000]", "--out", str(tmp_path)]) == 2
+    assert "boundary_n [1000] lies outside n_min=8 .. n_max=32: give sizes in that range" in capsys.readouterr().err
+    assert main(args[:2] + ["cases=[identical,identical]"] + args[3:]) == 0      # a case given twice: once
+    assert (tmp_path / "gaussian.csv").read_text().count("identical,") == 4        # 2 models x 2 sizes
     terminal = request.getfixturevalue("terminal_stderr")   # on a terminal: a bar over the fits
     assert main(args) == 0
     assert "gaussian (fits): " in terminal.getvalue() and "/4 " in terminal.getvalue()

@@ -224,6 +224,9 @@ class Trainer:
                 last = self.run_dir / "last.pt"
                 err.bionets_kept = (f"{last} holds epoch {saved} of {cfg.train.epochs}: continue with "
                                     f"bionets train --resume {last}")
+            elif isinstance(err, KeyboardInterrupt | BrokenPipeError) and main and claimed:
+                err.bionets_kept = f"it finished no epoch, so it kept no checkpoint (its run directory {self.run_dir} " \
+                                   "is removed)"
             if main and claimed and not saved:
                 # failed or interrupted before its first checkpoint: the directory it claimed holds its
                 # config and logs but nothing to resume; removed, so that a rerun after the fix takes its name
@@ -264,9 +267,10 @@ class Trainer:
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, top1, n
         n_micro = self.steps_per_epoch * accum
-        # an error closes (clears) the bar: its message gets a line of its own
-        with tqdm(total=n_micro, desc=f"epoch {self.state.epoch + 1}/{t.epochs}", leave=False,
-                  disable=self.quiet or not t.progress, dynamic_ncols=True) as bar:
+        # an error closes (clears) the bar: its message gets a line of its own; only a terminal gets a
+        # bar (disable=None): a redirected stderr (a log) would hold every frame of it
+        with tqdm(total=n_micro, desc=f"epoch {self.state.epoch + 1}/{t.epochs}", leave=False, file=sys.stderr,
+                  disable=True if self.quiet or not t.progress else None, dynamic_ncols=True) as bar:
             start = time.perf_counter()
             for i, (images, targets) in enumerate(loader):
                 if i >= n_micro:

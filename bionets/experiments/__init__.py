@@ -58,12 +58,17 @@ def register_experiment(name: str):
     return wrap
 
 
-def get_experiment(name: str) -> Callable[..., str]:
+def experiment_names() -> list[str]:
+    """Every experiment's name (its module imported, which registers it)."""
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
-    if name not in EXPERIMENTS:
-        raise unknown("experiment", name, EXPERIMENTS, see=f"experiments: {', '.join(sorted(EXPERIMENTS))}")
+    return sorted(EXPERIMENTS)
+
+
+def get_experiment(name: str) -> Callable[..., str]:
+    if name not in experiment_names():
+        raise unknown("experiment", name, EXPERIMENTS, see=f"experiments: {', '.join(experiment_names())}")
     return EXPERIMENTS[name]
 
 
-__all__ = ["EXPERIMENTS", "Fraction", "NonEmpty", "Path", "get_experiment", "register_experiment"]
+__all__ = ["EXPERIMENTS", "Fraction", "NonEmpty", "Path", "experiment_names", "get_experiment", "register_experiment"]

@@ -2,14 +2,15 @@
 
 Each variant adds mechanisms to ``configs/dnrt/digits.yaml`` (a 2-layer GELU MLP on the bundled
 digits); every (variant, seed) pair is one real training run through the engine, in ``runs/<variant>_<seed>``
-under the output directory (which the experiment owns: a rerun there replaces its runs, as it
-replaces its table). Writes ``dnrt_seeds.csv`` (variant, seed, final and best test top-1, run
+under the output directory (a rerun there replaces those runs, as it replaces its table; anything
+else in ``runs/`` is left alone). Writes ``dnrt_seeds.csv`` (variant, seed, final and best test top-1, run
 directory) and ``dnrt_seeds.png`` and returns a table of mean +- standard deviation per variant,
 whatever the sign of the effect.
 """
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import statistics
 import sys
@@ -41,7 +42,8 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
     if warmup >= epochs:
         raise BionetsError(f"experiment dnrt_seeds: epochs={epochs} must exceed the warm-up of config {config} "
                            f"(sched.warmup_epochs={warmup:g}): raise epochs, or give a config with a shorter warm-up")
-    shutil.rmtree(out_dir / "runs", ignore_errors=True)      # an earlier invocation's runs (more seeds, too)
+    _check_takes_dnrt(load_config(config, [f"mechanisms={VARIANTS['+both'].replace('ARR', '1')}", *where]), config)
+    _remove_earlier_runs(out_dir / "runs")
     rows, runs = [], len(VARIANTS) * seeds
     with progress_bar("dnrt_seeds epochs", runs * epochs) as bar:
         for variant, mech in VARIANTS.items():
@@ -71,6 +73,30 @@ def dnrt_seeds(out_dir: Path, *, seeds: PositiveInt = 5, epochs: PositiveInt = 1
         lines.append(f"| {variant} | {stats[variant][0]:.2f} | {stats[variant][1]:.2f} | {min(accs):.2f} | {max(accs):.2f} |")
     _plot(rows, stats, f"{base.model.name} on {data}, {seeds} seed(s) of {epochs} epochs", out_dir / "dnrt_seeds.png")
     return "\n".join(lines)
+
+
+def _check_takes_dnrt(cfg, config: str) -> None:
+    """RAA and ARR applied to the config's model before any run (else a model that takes neither
+    stopped the experiment after its baseline runs, hours of them on CIFAR)."""
+    from bionets.engine.model import create_model
+    from bionets.mechanisms import apply_mechanisms
+
+    kwargs = dict(cfg.model.kwargs)
+    model = create_model(cfg.model.name, kwargs.get("num_classes", 10), kwargs.get("in_chans", 3), kwargs)
+    try:
+        apply_mechanisms(model, cfg.mechanisms)
+    except BionetsError as err:
+        raise BionetsError(f"experiment dnrt_seeds: config={config} cannot take RAA and ARR ({err}); give config= a "
+                           "config whose model has activation modules and a classifier, e.g. dnrt/digits") from None
+
+
+def _remove_earlier_runs(runs: Path) -> None:
+    """An earlier invocation's run directories (more seeds, too; a rerun's engine would otherwise
+    give the new runs other names), and only those: ``<variant>_<seed>`` holding a run's config."""
+    own = re.compile("(" + "|".join(v.strip("+") for v in VARIANTS) + r")_\d+(-\d+)?")
+    for path in runs.glob("*_*"):
+        if own.fullmatch(path.name) and (path / "config.yaml").is_file():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _plot(rows: list[dict], stats: dict, title: str, path: Path) -> None:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from bionets.configbase import PathText, Seed
 from bionets.engine.checkpoint import make_output_dir
@@ -60,8 +61,12 @@ def _image(vec: torch.Tensor, side: int) -> np.ndarray:
     return vec.reshape(side, side).numpy()
 
 
+# eigenvectors shown a class: the figure draws 2 x show panels a class (show=64 took 10 minutes to draw)
+Shown = Annotated[int, Field(ge=1, le=10)]
+
+
 @register_experiment("eigen")
-def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: PositiveInt = 3, fraction: Fraction = 1.0,
+def eigen(out_dir: Path, *, top_k: PositiveInt = 5, show: Shown = 3, fraction: Fraction = 1.0,
           data_root: PathText | None = None, weight_decay: NonNegativeFloat = 1e-3, max_iter: PositiveInt = 300,
           seed: Seed = 0, device: str = "cpu") -> str:
     """Eigenvectors of class covariances vs learned quadratic weights, per class.

@@ -206,6 +206,10 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
     ``boundary_n``, default the smallest, a middle and the largest n).
     """
     ns = sample_sizes(n_min, n_max, points)
+    outside = [n for n in boundary_n or [] if not n_min <= n <= n_max]
+    if outside:     # (they were trained for every seed, and the curve ran past n_max)
+        raise BionetsError(f"boundary_n {outside} lies outside n_min={n_min} .. n_max={n_max}: give sizes in that range")
+    cases = list(dict.fromkeys(cases))      # a case given twice counted twice in the spread over seeds
     boundary_n = sorted(set(boundary_n or [ns[0], ns[len(ns) // 2], ns[-1]]))
     ns = sorted(set(ns) | set(boundary_n))
     torch_dtype = torch.float64
