@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bionets  # noqa: F401  (registers the Dit models)
 from bionets.bench import (Timing, alternating_step_times, compiled, device_name, fastest, measure, paired_ratios,
-                           table, train_step, verdict)
+                           positive, run_script, table, train_step, verdict, writable)
 from bionets.engine.distributed import parse_device
 from bionets.layers.quadratic import CUDA_STRATEGIES, QuadraticChannel, set_cuda_strategy
 
@@ -142,19 +142,19 @@ def macs_table(models: list[str]) -> str:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--batch", type=int, default=128, help="CIFAR batch (a, b)")
-    p.add_argument("--img", type=int, default=32, help="CIFAR image side (a)")
-    p.add_argument("--convnext-batch", type=int, default=None, help="ConvNeXt batch (c); default 8 on CPU, 64 on CUDA")
-    p.add_argument("--convnext-img", type=int, default=224,
+    p.add_argument("--batch", type=positive, default=128, help="CIFAR batch (a, b)")
+    p.add_argument("--img", type=positive, default=32, help="CIFAR image side (a)")
+    p.add_argument("--convnext-batch", type=positive, default=None, help="ConvNeXt batch (c); default 8 on CPU, 64 on CUDA")
+    p.add_argument("--convnext-img", type=positive, default=224,
                    help="ConvNeXt image side (c); the layer alone runs at img/4")
     p.add_argument("--skip-convnext", action="store_true", help="leave out (c)")
     p.add_argument("--macs-models", default="dit_*", help="glob of the Dit models for (d); '' skips (d)")
     p.add_argument("--skip-resnet", action="store_true", help="leave out (a) and (b)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--alternate", type=int, default=25, metavar="N",
                    help="(a) also steps both models in turn in one process, N steps each (0: skip)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=positive, default=3,
                    help="measure base and new this many times, alternating; keep each one's fastest")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure every case in this process (default on CPU: one fresh process per case)")
@@ -171,7 +171,7 @@ def main(argv=None) -> str:
                         "done in the warm-up steps); 'reduce-overhead' replays CUDA graphs")
     p.add_argument("--quad-impl", choices=("sym", "full"), default="sym",
                    help="quadratic form of the Dit models in (a) and (c): 'sym' (default) or 'full' (all C^2 products)")
-    p.add_argument("--out", help="also write the report to this Markdown file")
+    p.add_argument("--out", type=writable, help="also write the report to this Markdown file")
     args = p.parse_args(argv)
     set_cuda_strategy(args.cuda_strategy)
     device = parse_device(args.device, "--device")
@@ -226,4 +226,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,7 +21,7 @@ import torch
 
 import bionets  # noqa: F401
 from bionets.bench import (Timing, alternating_step_times, compiled, device_name, fastest, loss_with_hooks,
-                           measure, paired_ratios, table, train_step, verdict)
+                           measure, paired_ratios, positive, run_script, table, train_step, verdict)
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
 from bionets.engine.model import use_channels_last
@@ -40,14 +40,14 @@ def raa_kernels(dev: torch.device) -> str:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=positive, default=32)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="measure every case this many times, interleaved; keep "
+    p.add_argument("--repeats", type=positive, default=5)
+    p.add_argument("--rounds", type=positive, default=3, help="measure every case this many times, interleaved; keep "
                    "each case's fastest")
     p.add_argument("--alternate", type=int, default=25, metavar="N",
                    help="also step every case in turn in this process, N steps each (0: skip)")
-    p.add_argument("--vit-img", type=int, default=32, help="ViT-Tiny's input side: 32 (patch 4, 64 tokens, the "
+    p.add_argument("--vit-img", type=positive, default=32, help="ViT-Tiny's input side: 32 (patch 4, 64 tokens, the "
                    "CIFAR shape) or 224 (patch 16, 196 tokens, its ImageNet shape; for a GPU)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile every whole model (plain, RAA, ARR) in this mode, as train.compile does; "
@@ -122,4 +122,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

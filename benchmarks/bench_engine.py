@@ -21,7 +21,7 @@ import timm
 import torch
 
 import bionets  # noqa: F401
-from bionets.bench import device_name, measure, sync, table
+from bionets.bench import device_name, measure, positive, run_script, sync, table
 from bionets.config import load_config
 from bionets.data.fakes import write_cifar
 from bionets.engine.distributed import init_distributed, parse_device
@@ -54,15 +54,15 @@ def pure_steps(trainer: Trainer, steps: int, rounds: int) -> float:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=None,
+    p.add_argument("--images", type=positive, default=None,
                    help="training images, i.e. steps per epoch x batch; default 20 steps on the CPU (a step "
                         "takes ~0.2 s there) and 200 on CUDA, where a 20-step epoch lets the epoch's fixed costs "
                         "(iterator, sampler, the final synchronize) weigh as much as 10%% of it (CIFAR-10 has "
                         "390 steps of 128)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=positive, default=128)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=3, help="measured engine epochs (after one warm-up epoch)")
+    p.add_argument("--repeats", type=positive, default=5)
+    p.add_argument("--epochs", type=positive, default=3, help="measured engine epochs (after one warm-up epoch)")
     args = p.parse_args(argv)
     device = parse_device(args.device, "--device")
     amp = "bf16" if device.type == "cuda" else "off"
@@ -103,4 +103,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

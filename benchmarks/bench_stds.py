@@ -24,7 +24,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import bionets  # noqa: F401  (registers the spiking models)
-from bionets.bench import Timing, alternating_step_ms, device_name, fastest, measure, table, verdict
+from bionets.bench import (Timing, alternating_step_ms, device_name, fastest, measure, positive, run_script, table,
+                           verdict, writable)
+from bionets.engine.distributed import parse_device
+from bionets.errors import BionetsError
 from bionets.layers.stds import apply_stds, export, set_threshold, sparsity
 
 
@@ -119,25 +122,48 @@ def model_rows(device: torch.device, batch: int, T: int, level: float, repeats: 
             f"{dense_ms / csr_ms:.2f}x (same outputs: {same})")
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """--inputs as (batch, side) pairs, or one error line."""
+    try:
+        sizes = [tuple(int(v) for v in size.split("x")) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise BionetsError(f"--inputs {text}: give BATCHxSIDE pairs of whole numbers >= 1, e.g. 4x64,8x112")
+    return sizes
+
+
+def _levels(text: str) -> list[float]:
+    """--levels as sparsity fractions in [0, 1), or one error line."""
+    try:
+        levels = [float(v) for v in text.split(",")]
+    except ValueError:
+        levels = [-1.0]
+    if not all(0 <= v < 1 for v in levels):
+        raise BionetsError(f"--levels {text}: give sparsity fractions in [0, 1), e.g. 0,0.9,0.95")
+    return levels
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--inputs", default="4x64,8x112", help="(a) SEW ResNet-18 inputs, BATCHxSIDE,...: the weights' "
                    "cost is fixed per step, the convs' grows with batch x T x pixels (ImageNet: 32 x 224 per GPU)")
-    p.add_argument("--T", type=int, default=4, help="(a) time steps")
-    p.add_argument("--rows", type=int, default=128, help="(b) rows of spikes: T x batch (8 x 16 in the recipe)")
+    p.add_argument("--T", type=positive, default=4, help="(a) time steps")
+    p.add_argument("--rows", type=positive, default=128, help="(b) rows of spikes: T x batch (8 x 16 in the recipe)")
     p.add_argument("--rate", type=float, default=0.1, help="(b) firing rate of the layer's input spikes")
     p.add_argument("--levels", default="0,0.9,0.95,0.98,0.99", help="(b) sparsity levels")
-    p.add_argument("--model-batch", type=int, default=16, help="(c) CIFAR SNN batch (T 8)")
+    p.add_argument("--model-batch", type=positive, default=16, help="(c) CIFAR SNN batch (T 8)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--rounds", type=int, default=2, help="(a) measure every case this many times, keep the fastest "
+    p.add_argument("--repeats", type=positive, default=7)
+    p.add_argument("--rounds", type=positive, default=2, help="(a) measure every case this many times, keep the fastest "
                    "(a shared CPU's noise hits cases unevenly)")
     p.add_argument("--no-isolate", action="store_true",
                    help="(a) measure every case in this process (default on CPU: one fresh process per case)")
-    p.add_argument("--out", help="also write the report to this Markdown file")
+    p.add_argument("--out", type=writable, help="also write the report to this Markdown file")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(args.device, "--device")
+    inputs, levels = _sizes(args.inputs), _levels(args.levels)         # (before (a): a typo failed after it)
     cuda = device.type == "cuda"
     opts = {"amp": "bf16" if cuda else "off", "channels_last": cuda, "warmup": args.warmup, "repeats": args.repeats}
     dev = str(device)
@@ -145,8 +171,7 @@ def main(argv=None) -> str:
     parts = [f"# STDS benchmark\n\ndevice: {device_name(device)}; amp {opts['amp']}; torch {torch.__version__}; "
              f"median of {args.repeats}; (a) best of {args.rounds} rounds, "
              f"{'one process per case' if isolate else 'one process'}\n"]
-    for size in args.inputs.split(","):
-        batch, img = (int(v) for v in size.split("x"))
+    for batch, img in inputs:
         rows = [run_case(isolate, best_of, args.rounds, fn, batch, img, args.T, dev, opts)
                 for fn in (None, "stmod", "st", "identity")]
         ratio = rows[1].ratio(rows[0])
@@ -154,7 +179,6 @@ def main(argv=None) -> str:
                      f"STDS on every conv vs none\n\n"
                      f"{table(rows, rows[0])}\n\nstmod step ratio {ratio:.3f}x "
                      f"({verdict(ratio, 1.10)})\n")
-    levels = [float(v) for v in args.levels.split(",")]
     parts.append(f"### (b) the 16384 -> 2048 layer on {args.rows} rows of spikes (rate {args.rate}), dense vs CSR\n\n"
                  + layer_rows(device, args.rows, args.rate, levels, args.repeats) + "\n")
     parts.append("### (c) the exported CIFAR SNN, inference\n\n"
@@ -167,4 +191,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from bionets.bench import positive, run_script
 from bionets.engine.distributed import parse_device
 from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
 from bionets.layers.quadratic_sym import triton_module
@@ -166,8 +167,8 @@ def arr_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--batch", type=positive, default=128)
+    p.add_argument("--calls", type=positive, default=200)
     args = p.parse_args(argv)
     dev = parse_device(args.device, "--device")
     lines = []
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

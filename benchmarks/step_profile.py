@@ -22,10 +22,14 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import bionets  # noqa: F401
-from bionets.bench import loss_with_hooks, train_step
+from bionets.bench import loss_with_hooks, positive, run_script, train_step
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
 from bionets.engine.model import use_channels_last
+from bionets.errors import BionetsError
+
+
+CASES = ("resnet-gelu", "resnet-relu", "vit", "dit")
 
 
 def models_of(case: str, dev: torch.device) -> dict:
@@ -94,30 +98,36 @@ def largest_differences(twin: dict[str, float], base: dict[str, float], top: int
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--cases", default="resnet-gelu,dit", help="comma-separated: resnet-gelu, resnet-relu, vit, dit")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--top", type=int, default=12, help="operators listed per twin")
+    p.add_argument("--cases", default="resnet-gelu,dit", help=f"comma-separated: {', '.join(CASES)}")
+    p.add_argument("--batch", type=positive, default=128)
+    p.add_argument("--steps", type=positive, default=10)
+    p.add_argument("--top", type=positive, default=12, help="operators listed per twin")
     args = p.parse_args(argv)
     dev = parse_device(args.device, "--device")
+    cases = args.cases.split(",")
+    if not set(cases) <= set(CASES):
+        raise BionetsError(f"--cases {args.cases}: the cases are {', '.join(CASES)} (it profiled a ReLU ResNet-20 for "
+                           "any other name)")
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     lines = []
-    for case in args.cases.split(","):
+    for case in cases:
         shown = len(lines)
         runs = {label: per_step(m, fn, x, y, dev, args.steps) for label, (m, fn) in models_of(case, dev).items()}
         (base_label, base), *twins = runs.items()
-        lines.append(f"{base_label}: {base.wall_ms:.2f} ms a step, GPU busy {base.busy_ms:.2f} ms, "
-                     f"{base.launches} kernel launches")
+        cuda = dev.type == "cuda"                 # (a CPU step launches no kernels, busies no GPU)
+        lines.append(f"{base_label}: {base.wall_ms:.2f} ms a step"
+                     + (f", GPU busy {base.busy_ms:.2f} ms, {base.launches} kernel launches" if cuda else ""))
         for label, twin in twins:
-            lines.append(f"{label}: {twin.wall_ms:.2f} ms a step ({twin.wall_ms / base.wall_ms:.3f}x), GPU busy "
-                         f"{twin.busy_ms:.2f} ms, {twin.launches} kernel launches ({twin.launches - base.launches:+d}); "
+            gpu = (f", GPU busy {twin.busy_ms:.2f} ms, {twin.launches} kernel launches "
+                   f"({twin.launches - base.launches:+d})") if cuda else ""
+            lines.append(f"{label}: {twin.wall_ms:.2f} ms a step ({twin.wall_ms / base.wall_ms:.3f}x){gpu}; "
                          "host us a step by operator, against the plain model:")
             for k, d in largest_differences(twin.host_us, base.host_us, args.top):
                 lines.append(f"    {d:+8.1f} us  {twin.calls.get(k, 0) - base.calls.get(k, 0):+6.1f} calls  {k[:70]}")
-            if dev.type == "cuda":
+            if cuda:
                 lines.append("  GPU us a step by kernel, against the plain model:")
                 lines += [f"    {d:+8.1f} us  {k[:80]}" for k, d in largest_differences(twin.gpu_us, base.gpu_us, args.top)]
         print("\n".join(lines[shown:]), flush=True)
@@ -125,4 +135,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

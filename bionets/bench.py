@@ -8,6 +8,7 @@ step reuses memory that an earlier, larger case freed).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -25,6 +26,37 @@ import torch
 from torch import nn
 
 from bionets.engine.evaluate import autocast_for
+from bionets.errors import BionetsError
+
+
+def positive(text: str) -> int:
+    """argparse type of a count that must be >= 1 (0 repeats or rounds measured nothing, and the
+    scripts failed on it after their other cases)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is no whole number >= 1")
+    return value
+
+
+def writable(text: str) -> str:
+    """argparse type of a report's path: its folder must exist (else the report was lost after the run)."""
+    folder = Path(text).expanduser().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: there is no folder {str(folder)!r} to write it in")
+    return text
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A benchmark script's entry point: a BionetsError (a bad device, a malformed option) is one
+    line and exit status 2, as on bionets' command line."""
+    try:
+        main()
+    except BionetsError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @dataclass

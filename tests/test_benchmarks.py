@@ -115,3 +115,29 @@ def test_cpu_peak_memory_is_each_steps_own():
     big = cpu_step_peak_mb(lambda: torch.ones(2**22))                  # 16 MB, the step's first and only tensor
     small = cpu_step_peak_mb(lambda: torch.ones(2**20) + 1)            # 4 MB twice, alive together
     assert big == pytest.approx(16, rel=0.01) and small == pytest.approx(8, rel=0.01)
+
+
+@pytest.mark.parametrize("name, args", [("bench_dit", ["--rounds", "0"]), ("bench_dit", ["--batch", "0"]),
+                                        ("bench_dnrt", ["--rounds", "0"]), ("bench_engine", ["--epochs", "0"]),
+                                        ("bench_stds", ["--repeats", "0"]), ("host_time", ["--calls", "0"]),
+                                        ("step_profile", ["--steps", "0"]), ("bench_dit", ["--out", "/nonexistent/x.md"])])
+def test_a_count_of_zero_or_a_report_without_a_folder_is_refused_before_measuring(name, args, capsys):
+    """(They failed after measuring: a median of nothing, a division by 0 steps, a report lost at the end.)"""
+    with pytest.raises(SystemExit) as exited:
+        load(name).main(args)
+    assert exited.value.code == 2 and f"error: argument {args[0]}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, args, said", [
+    ("bench_stds", ["--inputs", "4by64"], "--inputs 4by64: give BATCHxSIDE pairs of whole numbers >= 1"),
+    ("bench_stds", ["--levels", "0.9,1.5"], "--levels 0.9,1.5: give sparsity fractions in [0, 1)"),
+    ("step_profile", ["--cases", "bogus"], "--cases bogus: the cases are resnet-gelu, resnet-relu, vit, dit"),
+    ("bench_engine", ["--device", "gpu"], "--device gpu is not a device bionets runs on")])
+def test_a_scripts_bad_option_is_one_line(name, args, said, capsys, monkeypatch):
+    from bionets.bench import run_script
+    module = load(name)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *args])
+    with pytest.raises(SystemExit) as exited:
+        run_script(lambda: module.main(args))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"{name}.py: error: {said}") and err.count("\n") == 1, err
