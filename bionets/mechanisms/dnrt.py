@@ -28,8 +28,8 @@ from bionets.configbase import Section
 from bionets.engine.hooks import Hook
 from bionets.errors import BionetsError, one_line
 from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample
-from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, find_activations, probe_activations, raa_form,
-                                     replace_activations)
+from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, eager, find_activations, probe_activations,
+                                     raa_form, replace_activations)
 from bionets.mechanisms.registry import Applied, Report, SgdRateNote, register_mechanism
 
 
@@ -175,8 +175,8 @@ def _called_model(model: nn.Module) -> nn.Module | None:
     """The model a wrapper calls on the wrapper's own input, or None for a model that is no wrapper."""
     if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
         return model.module
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        return model._orig_mod
+    if eager(model) is not model:             # torch.compile's
+        return eager(model)
     return model[0] if isinstance(model, nn.Sequential) and len(model) else None
 
 
