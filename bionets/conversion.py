@@ -62,20 +62,21 @@ class ConversionReport:
         return f"{body}\ntotal: {self.changes} change(s), +{self.params_added:,} parameters"
 
 
-def _section(arg: str, value) -> tuple[str, dict] | None:
+def _section(arg: str, value) -> tuple[str, dict, str] | None:
+    """(mechanism, its options, where the user gave them: ``arg``, or ``arg.choice``)."""
     if value is None or value is False:
         return None
     if value is True:
-        return MECHANISM_OF[arg], {}
+        return MECHANISM_OF[arg], {}, arg
     if isinstance(value, str) and arg == "quadratic":       # 'auto', or one placement pattern
-        return "quadratic", {"placement": "auto" if value == "auto" else [value]}
+        return "quadratic", {"placement": "auto" if value == "auto" else [value]}, arg
     if isinstance(value, str):
         table = SHORTHANDS.get(arg, {})
         if value not in table:
             raise BionetsError(f"convert({arg}={value!r}): unknown choice; use one of {sorted(table)} or a dict of options")
-        return table[value]
+        return (*table[value], arg)
     if isinstance(value, (list, tuple)) and arg == "quadratic":
-        return "quadratic", {"placement": list(value)}
+        return "quadratic", {"placement": list(value)}, arg
     if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SHORTHANDS.get(arg, {}):
         # {choice: options}: a short name's mechanism with options of its own (sparsity={'gradr': {...}})
         (choice, opts), = value.items()
@@ -83,9 +84,9 @@ def _section(arg: str, value) -> tuple[str, dict] | None:
             raise BionetsError(f"convert({arg}={{{choice!r}: ...}}) takes a dict of {choice}'s options, got "
                                f"{type(opts).__name__}")
         name, defaults = SHORTHANDS[arg][choice]
-        return name, {**defaults, **(opts or {})}
+        return name, {**defaults, **(opts or {})}, f"{arg}.{choice}"
     if isinstance(value, dict):
-        return MECHANISM_OF[arg], dict(value)
+        return MECHANISM_OF[arg], dict(value), arg
     raise BionetsError(f"convert({arg}=...) takes None, True, a name or a dict of options, got {type(value).__name__}")
 
 
@@ -104,10 +105,10 @@ def convert(model: nn.Module, *, quadratic=None, activation=None, sparsity=None,
                        ("regularization", regularization)):
         picked = _section(arg, value)
         if picked is not None:
-            name, opts = picked
+            name, opts, where = picked
             config = get_mechanism(name).config
             try:
-                sections[name] = validate_section(config, opts, f"{arg}")
+                sections[name] = validate_section(config, opts, where)
             except BionetsError as err:
                 gradr_only = set(get_mechanism("gradr").config.model_fields) - set(config.model_fields)
                 if name == "stds" and gradr_only & set(opts):                  # Grad R's options, given as STDS's

@@ -145,6 +145,9 @@ def test_grad_r_through_convert_trains_with_its_own_optimizer():
     model, report = convert(timm.create_model("resnet18", num_classes=10), sparsity="gradr")
     assert report.reports[0].mechanism == "gradr" and report.changes == 21
     assert "train with the gradr optimizer" in report.reports[0].notes[0]
+    assert not report.reports[0].for_optimizer("gradr", {}).notes       # (a run with it: the note is noise)
+    with pytest.raises(BionetsError, match="config key 'sparsity.gradr.target_sparsity': Input should be greater"):
+        convert(nn.Linear(2, 2), sparsity={"gradr": {"target_sparsity": 0.4}})     # the key as the user wrote it
     optimizer = create_gradr(model, OptimConfig(name="gradr", lr=1e-3))
     torch.manual_seed(0)
     x, y, losses = torch.randn(8, 3, 32, 32), torch.arange(8), []

@@ -103,3 +103,16 @@ def test_a_process_group_set_up_by_the_caller_is_left_to_it(monkeypatch):
         assert not init_distributed("cpu").created
     finally:
         dist.destroy_process_group()
+
+
+def test_a_run_directory_rank_0_cannot_make_ends_every_rank_on_its_line(tmp_path):
+    """Rank 0 made the directory while rank 1 went on into the first step, where rank 0's exit ended it
+    in a traceback of the lost gloo connection; now every rank ends on rank 0's line (torchrun then
+    reports the failed workers, as for any error)."""
+    (tmp_path / "afile").touch()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "bionets", *ARGS, "out_dir=afile", "name=r"]
+    out = run(cmd, tmp_path, check=False)
+    said = "bionets: error: cannot make the output directory 'afile/r' ('afile' is a file)"
+    assert out.returncode != 0 and out.stderr.count(said) == 2, out.stderr[-3000:]     # (the ranks' lines may interleave)
+    assert "gloo" not in out.stderr and "Connection closed" not in out.stderr

@@ -1,6 +1,7 @@
 """Spiking neurons and models: LIF and IF against SPEC-STDS's equations step by step, state resets,
 and every registered spiking model's forward and backward on a tiny input."""
 import math
+import warnings
 
 import pytest
 import timm
@@ -202,3 +203,9 @@ def test_spec_parameter_count_and_bad_options():
         create_model("sew_resnet18", 10, 3, {"cnf": "OR"})
     with pytest.raises(BionetsError, match="divisible"):
         create_model("snn_cifar10", 10, 3, {"img_size": 30})
+    for rate in (2.0, -0.5):        # (SpikingJelly's Dropout asserted it, with no message)
+        with pytest.raises(BionetsError, match=rf"drop_rate={rate} must lie in \[0, 1\)"):
+            create_model("snn_digits", 10, 1, {"drop_rate": rate})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # (a 0-class Linear warned of zero-element tensors)
+        assert isinstance(create_model("sew_resnet18", 0, 3, {"T": 1}).fc, torch.nn.Identity)

@@ -216,6 +216,8 @@ def test_hook_sets_d_every_step_and_reports():
     assert metrics["stds_d"] == 0.5 and metrics["sparsity"] == pytest.approx(70.0)
     hook.on_step(Progress(step=100, total_steps=100, epoch=1, epochs=1))
     assert hook.epoch_metrics(model)["sparsity"] == pytest.approx(100 * 9 / 10)   # only theta = -2 passes D = 1
+    dense = hand_model("identity")                                     # the dense baseline: D does nothing
+    assert "stds_d" not in hook.epoch_metrics(dense) and "sparsity" in hook.epoch_metrics(dense)
 
 
 def test_l1_prior_shrinks_theta_by_the_steps_rate_after_each_step():
@@ -338,6 +340,7 @@ def test_set_threshold_and_state_dict_carry_d():
     ({"stds": {"d_max": -1}}, "d_max': Input should be greater than or equal to 0 (got -1)"),
     ({"stds": {"d_max": float("inf")}}, "d_max': Input should be a finite number (got inf)"),
     ({"stds": {"types": ["attention"]}}, "types.0': Input should be 'conv' or 'linear' (got 'attention')"),
+    ({"gradr": {"types": []}}, "types': List should have at least 1 item after validation, not 0 (got [])"),
     ({"stds": {"dmax": 1}}, "unknown config key 'mechanisms.stds.dmax' (did you mean: d_max?)"),
     ({"gradr": {"target_sparsity": 0.3}}, "target_sparsity': Input should be greater than or equal to 0.5 (got 0.3)"),
     ({"gradr": {"target_sparsity": 1.0}}, "target_sparsity': Input should be less than 1 (got 1.0)"),
@@ -360,6 +363,8 @@ def test_bad_arguments_are_one_line():
              (lambda: set_threshold(nn.Linear(2, 2), -1.0), "D must be a finite number >= 0"),
              (lambda: apply_stds(nn.Linear(2, 2), include="x*"), "got the string 'x*': write ['x*']"),
              (lambda: apply_stds("model"), "apply_stds takes a torch.nn.Module, got str"),
+             (lambda: apply_stds(nn.Linear(2, 2), types=[]), "types is empty, so no layer can be chosen: give 'conv' "
+                                                             "or 'linear' or both"),
              (lambda: sparsity(5), "sparsity takes a torch.nn.Module, got int"),
              (lambda: export(5), "export takes a torch.nn.Module, got int")]
     for case, message in cases:

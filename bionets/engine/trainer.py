@@ -170,20 +170,21 @@ class Trainer:
 
     def fit(self) -> dict:
         main, claimed = self.dist.is_main, not self._continues_its_own_run()
-        if claimed:                             # a run never mixes its files with another run's
-            chosen = unused_name(self.cfg.out_dir, self.cfg.name, self._config_text) if main else None
-            self._use_name(gather_objects(chosen)[0])
-        cfg, writer, saved = self.cfg, None, 0
+        failed = None
         if main:
-            make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
-            if not claimed:
-                remove_temporary_files(self.run_dir)        # a killed write's, in the run it continues
-            if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
-                write_text(self.run_dir / "config.yaml", self._config_text(cfg.name))
-            if claimed and cfg.resume and (best := Path(cfg.resume).parent / "best.pt").is_file():
-                # resumed into a new directory: the best epoch so far is the source run's (a later
-                # epoch replaces it only where it scores higher)
-                copy_file(best, self.run_dir / "best.pt")
+            try:
+                self._prepare_run_dir(claimed)
+            except BionetsError as err:
+                failed = err
+        # every rank takes rank 0's run directory, or its error (the others went on into the first
+        # step, and died there on the lost connection in a traceback)
+        name, said = gather_objects((self.cfg.name, None if failed is None else str(failed)))[0]
+        if failed is not None:
+            raise failed
+        if said is not None:
+            raise BionetsError(said)
+        self._use_name(name)
+        cfg, writer, saved = self.cfg, None, 0
         try:
             if main:
                 with ctrl_c_deferred():     # TensorBoard replays a resumed run's history: a write like any other
@@ -363,6 +364,21 @@ class Trainer:
                            channels_last=self.channels_last)
             out.update({f"ema_{k}": v for k, v in ema.items()})
         return out
+
+    def _prepare_run_dir(self, claimed: bool) -> None:
+        """Rank 0's part: the run's directory (a free name where the run claims one: a run never
+        mixes its files with another run's), its config, and a resumed run's best checkpoint."""
+        if claimed:
+            self._use_name(unused_name(self.cfg.out_dir, self.cfg.name, self._config_text))
+        make_output_dir(self.run_dir, "another out_dir (--out-dir) or name")
+        if not claimed:
+            remove_temporary_files(self.run_dir)        # a killed write's, in the run it continues
+        if not claimed or not (self.run_dir / "config.yaml").is_file():    # (a claim writes it)
+            write_text(self.run_dir / "config.yaml", self._config_text(self.cfg.name))
+        if claimed and self.cfg.resume and (best := Path(self.cfg.resume).parent / "best.pt").is_file():
+            # resumed into a new directory: the best epoch so far is the source run's (a later
+            # epoch replaces it only where it scores higher)
+            copy_file(best, self.run_dir / "best.pt")
 
     def _continues_its_own_run(self) -> bool:
         """Whether this run resumes from a checkpoint in its own run directory (and may write there)."""

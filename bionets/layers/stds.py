@@ -235,6 +235,9 @@ def _types(types: Iterable[str]) -> tuple[type, ...]:
         if t not in LAYER_TYPES:
             raise unknown("layer type", t, LAYER_TYPES)
         out.append(LAYER_TYPES[t])
+    if not out:
+        raise BionetsError(f"types is empty, so no layer can be chosen: give {' or '.join(map(repr, LAYER_TYPES))} "
+                           "or both")
     return tuple(out)
 
 

@@ -45,6 +45,21 @@ class SgdRateNote(str):
         return optimizer.lower() in SGD_LIKE and not set(self.patterns) <= set(lr_mult)
 
 
+class OptimizerNote(str):
+    """A note that asks for ``optimizer`` (optim.name): a run's start-up leaves it out where the run
+    trains with it (bionets train requires it); a report printed outside a run keeps it."""
+
+    optimizer: str
+
+    def __new__(cls, text: str, optimizer: str):
+        note = super().__new__(cls, text)
+        note.optimizer = optimizer
+        return note
+
+    def holds_for(self, optimizer: str, lr_mult: dict) -> bool:
+        return optimizer.lower() != self.optimizer
+
+
 @dataclass
 class Report:
     """What one mechanism changed in a model: a line per change, the parameters it added, and notes
@@ -57,9 +72,9 @@ class Report:
 
     def for_optimizer(self, optimizer: str, lr_mult: dict) -> Report:
         """This report without the notes that do not hold for a run with ``optimizer`` (optim.name)
-        and ``lr_mult`` (:class:`SgdRateNote`)."""
-        return replace(self, notes=[n for n in self.notes
-                                    if not isinstance(n, SgdRateNote) or n.holds_for(optimizer, lr_mult)])
+        and ``lr_mult`` (:class:`SgdRateNote`, :class:`OptimizerNote`)."""
+        return replace(self, notes=[n for n in self.notes if not isinstance(n, SgdRateNote | OptimizerNote)
+                                    or n.holds_for(optimizer, lr_mult)])
 
     def __str__(self) -> str:
         head = f"{self.mechanism}: {len(self.changes)} change(s), +{self.params_added:,} parameters"

@@ -17,7 +17,7 @@ optimizers), ``include`` / ``exclude`` (glob patterns of layer names), ``types``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -30,7 +30,7 @@ from bionets.errors import BionetsError, require_module
 from bionets.layers.gradr import GradR, apply_gradr, strengths
 from bionets.layers.stds import (SoftThreshold, apply_stds, other_settings_error, pruned_layers, schedule_differences,
                                   soft_thresholds, sparsity, threshold_at, weight_reparam)
-from bionets.mechanisms.registry import Applied, Report, register_mechanism
+from bionets.mechanisms.registry import Applied, OptimizerNote, Report, register_mechanism
 
 LayerType = Literal["conv", "linear"]
 
@@ -38,7 +38,7 @@ LayerType = Literal["conv", "linear"]
 class LayerChoice(Section):
     include: list[str] = ["*"]                  # glob patterns of module names, e.g. ["layer*"]
     exclude: list[str] = []                     # e.g. ["fc"] (ImageNet: the classifier is not pruned)
-    types: list[LayerType] = ["conv", "linear"]
+    types: Annotated[list[LayerType], Field(min_length=1)] = ["conv", "linear"]   # (none chose no layer)
 
 
 class StdsConfig(LayerChoice):
@@ -126,7 +126,9 @@ class StdsHook(SparsityHook):
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
         layers = soft_thresholds(model)
-        out = {"stds_d": float(f"{layers[0].d.item():g}")} if layers else {}     # D in float32: 0.01, not 0.00999999977
+        # D in float32: 0.01, not 0.00999999977; none for the dense baseline ('identity'), which D does not touch
+        used = layers and layers[0].sparse_function != "identity"
+        out = {"stds_d": float(f"{layers[0].d.item():g}")} if used else {}
         return {**super().epoch_metrics(model), **out}
 
 
@@ -203,9 +205,9 @@ def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
     what = f"Grad R sign and strength, alpha={cfg.alpha:g}, target sparsity {cfg.target_sparsity:g}"
     report = _report("gradr", model, layers, done, what)
     if report.changes:
-        report.notes.append("train with the gradr optimizer (optim.name=gradr; in Python "
-                            "bionets.mechanisms.stds.create_gradr(model, optim_config)): Grad R's prior step is "
-                            "part of it")
+        report.notes.append(OptimizerNote("train with the gradr optimizer (optim.name=gradr; in Python "
+                                          "bionets.mechanisms.stds.create_gradr(model, optim_config)): Grad R's prior "
+                                          "step is part of it", "gradr"))
     return Applied(model, [SparsityHook()], report)
 
 

@@ -45,7 +45,8 @@ class SEWResNet(sj.SEWResNet):
         if cnf not in CONNECT_FUNCTIONS:
             raise unknown("SEW connect function", cnf, CONNECT_FUNCTIONS)
         T = check_time_steps(T)
-        super().__init__(block, layers, num_classes=num_classes, zero_init_residual=zero_init_residual, cnf=cnf,
+        # (a 0-class Linear, replaced below, warned that zero-element tensors are not initialized)
+        super().__init__(block, layers, num_classes=max(num_classes, 1), zero_init_residual=zero_init_residual, cnf=cnf,
                          spiking_neuron=neuron.IFNode, **if_kwargs())
         functional.set_step_mode(self, "m")
         self.T, self.cnf, self.num_classes = T, cnf, num_classes

@@ -68,6 +68,8 @@ class SpikingVotingNet(nn.Module):
                  drop_rate: float = 0.5):
         super().__init__()
         self.T = check_time_steps(T)
+        if not 0 <= drop_rate < 1:      # (SpikingJelly's Dropout asserts it, with no message)
+            raise BionetsError(f"drop_rate={drop_rate} must lie in [0, 1): the fraction of features dropped")
         pools = sum(1 for p in plan if p == "M")
         if img_size % 2**pools:
             raise BionetsError(f"img_size={img_size} must be divisible by {2**pools} (the net max-pools {pools} times)")
