@@ -291,7 +291,19 @@ def _raise_terminated(signum, frame) -> None:
     if _terminated_at is not None and now - _terminated_at < STOPPING_S:
         return
     _terminated_at = now
+    if not isinstance(sys.unraisablehook, functools.partial):
+        sys.unraisablehook = functools.partial(_quiet_lost_workers, _default=sys.unraisablehook)
     raise Terminated()
+
+
+def _quiet_lost_workers(unraisable, _default) -> None:
+    """After a SIGTERM to the whole process group (torchrun's, a scheduler's), the DataLoader's
+    workers die with the process, and its iterator's clean-up said so in a traceback after the
+    command's one line ("DataLoader worker (pid N) is killed by signal: Terminated"): left out."""
+    err = unraisable.exc_value
+    if isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker") and "signal: Terminated" in str(err):
+        return
+    _default(unraisable)
 
 
 def main(argv: list[str] | None = None) -> int:

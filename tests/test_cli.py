@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -429,6 +430,23 @@ def test_a_sigterm_just_after_the_handler_goes_in_is_the_one_line(monkeypatch, c
     assert main(["models"]) == 143
     assert capsys.readouterr().err == "bionets: stopped by SIGTERM\n"        # (no run, no checkpoint to name)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_sigterm_quiets_the_dataloader_workers_it_killed_too(monkeypatch):
+    """A SIGTERM to the process group (torchrun's, a scheduler's) kills data.workers' processes too:
+    the loader's clean-up printed "DataLoader worker ... is killed by signal: Terminated" in a
+    traceback after the one line. The handler installs a filter of exactly that report."""
+    import bionets.cli as cli
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(cli, "_terminated_at", None)
+    with pytest.raises(KeyboardInterrupt):
+        cli._raise_terminated(signal.SIGTERM, None)
+    lost, other = (SimpleNamespace(exc_value=RuntimeError(text)) for text in
+                   ("DataLoader worker (pid 11419) is killed by signal: Terminated. ", "DataLoader worker failed"))
+    sys.unraisablehook(lost)
+    sys.unraisablehook(other)
+    assert seen == [other]
 
 
 def test_an_interrupted_experiment_names_no_checkpoint(monkeypatch, capsys):

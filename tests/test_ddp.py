@@ -116,3 +116,29 @@ def test_a_run_directory_rank_0_cannot_make_ends_every_rank_on_its_line(tmp_path
     said = "bionets: error: cannot make the output directory 'afile/r' ('afile' is a file)"
     assert out.returncode != 0 and out.stderr.count(said) == 2, out.stderr[-3000:]     # (the ranks' lines may interleave)
     assert "gloo" not in out.stderr and "Connection closed" not in out.stderr
+
+
+STOP_IN_EPOCH_2 = """import sys
+import bionets.engine.trainer as trainer
+epoch = trainer.Trainer.train_epoch
+def stopped(self):           # Ctrl-C on every rank in the second epoch, after the first one's checkpoint
+    if self.state.epoch == 1:
+        raise KeyboardInterrupt
+    return epoch(self)
+trainer.Trainer.train_epoch = stopped
+from bionets.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stopped_run_says_what_it_kept_on_rank_0_only(tmp_path):
+    """Rank 1 said "a run keeps the checkpoint of its last complete epoch, if it finished one" beside
+    rank 0's line naming it (and, before the first epoch, beside rank 0's "kept no checkpoint")."""
+    (tmp_path / "stop.py").write_text(STOP_IN_EPOCH_2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "stop.py", *ARGS, f"out_dir={tmp_path}", "name=r"]
+    out = run(cmd, tmp_path, check=False)
+    last = tmp_path / "r" / "last.pt"
+    assert out.stderr.count(f"bionets: interrupted; {last} holds epoch 1 of 2: continue with") == 1, out.stderr[-3000:]
+    assert out.stderr.count("bionets: interrupted; process 1 of 2: rank 0's line says what the run kept") == 1
+    assert "if it finished one" not in out.stderr

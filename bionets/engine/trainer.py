@@ -228,6 +228,9 @@ class Trainer:
             elif isinstance(err, KeyboardInterrupt | BrokenPipeError) and main and claimed:
                 err.bionets_kept = f"it finished no epoch, so it kept no checkpoint (its run directory {self.run_dir} " \
                                    "is removed)"
+            elif isinstance(err, KeyboardInterrupt | BrokenPipeError) and not main:     # (rank 0 keeps the files)
+                err.bionets_kept = f"process {self.dist.rank} of {self.dist.world_size}: rank 0's line says what the " \
+                                   "run kept"
             if main and claimed and not saved:
                 # failed or interrupted before its first checkpoint: the directory it claimed holds its
                 # config and logs but nothing to resume; removed, so that a rerun after the fix takes its name
