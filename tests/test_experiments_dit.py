@@ -207,6 +207,9 @@ def test_experiment_cli(tmp_path, capsys, request):
     assert "boundary_n [1000] lies outside n_min=8 .. n_max=32: give sizes in that range" in capsys.readouterr().err
     assert main(args[:2] + ["cases=[identical,identical]"] + args[3:]) == 0      # a case given twice: once
     assert (tmp_path / "gaussian.csv").read_text().count("identical,") == 4        # 2 models x 2 sizes
+    assert (tmp_path / "gaussian_boundaries.png").exists()
+    assert main(args[:2] + ["dim=3"] + args[2:]) == 0                               # no 2-D figure, no stale one
+    assert not (tmp_path / "gaussian_boundaries.png").exists()
     terminal = request.getfixturevalue("terminal_stderr")   # on a terminal: a bar over the fits
     assert main(args) == 0
     assert "gaussian (fits): " in terminal.getvalue() and "/4 " in terminal.getvalue()

@@ -244,6 +244,8 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
     _plot_accuracy(out_dir / "gaussian_accuracy.png", rows, bayes)
     if dim == 2:
         _plot_boundaries(out_dir / "gaussian_boundaries.png", fitted, problems, train_sets, boundary_n)
+    else:       # (an earlier 2-D run's figure in this directory would pass for this run's)
+        (out_dir / "gaussian_boundaries.png").unlink(missing_ok=True)
     return _summary(rows, bayes, dim, seeds)
 
 
