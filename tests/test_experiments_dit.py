@@ -101,6 +101,9 @@ def test_gaussian_quadratic_neuron_reaches_bayes_with_fewer_samples(tmp_path):
     n_q = min(n for n in sizes if mean_acc("quadratic", n) >= bayes - 0.02)
     assert mean_acc("mlp", n_q) < bayes - 0.02, (n_q, mean_acc("mlp", n_q), bayes)
     assert "quadratic" in summary and "Bayes" in summary
+    # a size's samples are the same whatever other sizes are listed (they were drawn by position)
+    gaussian(tmp_path / "one", cases=["different"], n_min=64, n_max=64, points=1, seeds=3, n_test=8000)
+    assert read_csv(tmp_path / "one" / "gaussian.csv") == [r for r in rows if r["n"] == "64"]
 
 
 def test_fewshot_end_to_end(tmp_path):
@@ -118,6 +121,10 @@ def test_fewshot_end_to_end(tmp_path):
     small = [int(r["n_train"]) for r in rows if float(r["fraction"]) == 0.1]
     assert all(140 <= n <= 148 for n in small)   # a stratified tenth of 1,437 images
     assert "fraction 0.1" in summary
+    # a point is the same whatever other fractions are listed (its subset was drawn by its position)
+    fewshot(tmp_path / "one", fractions=[0.1], seeds=2, max_iter=40)
+    same = [r for r in rows if float(r["fraction"]) == 0.1]
+    assert read_csv(tmp_path / "one" / "fewshot.csv") == same
 
 
 def test_eigen_end_to_end(tmp_path):

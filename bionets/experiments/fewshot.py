@@ -22,7 +22,7 @@ from bionets.experiments import Fraction, NonEmpty, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, parameter_count, fit,
                                                load_images, matched_hidden, mean_spread, new_figure, quadratic_model,
-                                               stratified_subset, two_layer_mlp, write_csv)
+                                               stratified_subset, subset_generator, two_layer_mlp, write_csv)
 from bionets.progress import progress_bar
 
 COLORS = {"quadratic": "tab:red", "mlp": "tab:blue"}
@@ -52,8 +52,8 @@ def fewshot(out_dir: Path, *, fractions: NonEmpty[Fraction] = FRACTIONS, seeds: 
     rows = []
     with progress_bar("fewshot (fits)", seeds * len(fractions) * len(builders)) as bar:
         for seed in range(seeds):
-            for i, fraction in enumerate(fractions):
-                idx = stratified_subset(data["y_train"], fraction, torch.Generator().manual_seed(1000 * seed + i)).to(dev)
+            for fraction in fractions:
+                idx = stratified_subset(data["y_train"], fraction, subset_generator(seed, fraction)).to(dev)
                 for name, build in builders.items():
                     torch.manual_seed(seed)
                     model = build().to(dev)

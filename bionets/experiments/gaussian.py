@@ -43,7 +43,7 @@ from bionets.engine.checkpoint import make_output_dir
 from bionets.errors import BionetsError
 from bionets.experiments import NonEmpty, register_experiment
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
-                                               quadratic_model, two_layer_mlp, write_csv)
+                                               quadratic_model, subset_generator, two_layer_mlp, write_csv)
 from bionets.progress import progress_bar
 
 CASES = ("identical", "different")
@@ -226,8 +226,8 @@ def gaussian(out_dir: Path, *, dim: PositiveInt = 2, cases: NonEmpty[Literal["id
             x_test = x_test.to(torch_dtype)
             bayes_test = bayes_decision(means, covs, x_test)
             for seed in range(seeds):
-                for i, n in enumerate(ns):
-                    x, y = sample_gaussian(means, covs, n, torch.Generator().manual_seed(10_000 * seed + i))
+                for n in ns:
+                    x, y = sample_gaussian(means, covs, n, subset_generator(seed, n))
                     x = x.to(torch_dtype)
                     for name, build in models.items():
                         torch.manual_seed(seed)

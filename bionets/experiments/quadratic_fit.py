@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
@@ -23,6 +24,14 @@ from torch.nn import functional as F
 
 from bionets.errors import BionetsError
 from bionets.layers.quadratic import QuadraticNeuron
+
+
+def subset_generator(seed: int, value: float) -> torch.Generator:
+    """The random stream of one seed's draw at one option value (a sample size, a fraction): the
+    same whatever other values the option lists (a stream by the value's position in the list
+    moved every later point when a value was added)."""
+    entropy = [seed, round(value * 10**9)]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
 
 
 def quadratic_model(in_features: int, out_features: int, rank: int | None = None) -> QuadraticNeuron:
