@@ -291,7 +291,7 @@ def _raise_terminated(signum, frame) -> None:
     if _terminated_at is not None and now - _terminated_at < STOPPING_S:
         return
     _terminated_at = now
-    if not isinstance(sys.unraisablehook, functools.partial):
+    if getattr(sys.unraisablehook, "func", None) is not _quiet_lost_workers:      # (once: not wrapped twice)
         sys.unraisablehook = functools.partial(_quiet_lost_workers, _default=sys.unraisablehook)
     raise Terminated()
 

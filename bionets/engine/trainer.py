@@ -220,17 +220,17 @@ class Trainer:
         except BaseException as err:
             if isinstance(err, BrokenPipeError):    # its output was piped into `head`, which ended: the run is cut
                 err.bionets_run_cut = True
-            if isinstance(err, KeyboardInterrupt | BrokenPipeError) and main and saved:
-                # the CLI's one line names what is kept and how to go on
+            if isinstance(err, KeyboardInterrupt | BrokenPipeError):     # the CLI's one line: what is kept
                 last = self.run_dir / "last.pt"
-                err.bionets_kept = (f"{last} holds epoch {saved} of {cfg.train.epochs}: continue with "
-                                    f"bionets train --resume {last}")
-            elif isinstance(err, KeyboardInterrupt | BrokenPipeError) and main and claimed:
-                err.bionets_kept = f"it finished no epoch, so it kept no checkpoint (its run directory {self.run_dir} " \
-                                   "is removed)"
-            elif isinstance(err, KeyboardInterrupt | BrokenPipeError) and not main:     # (rank 0 keeps the files)
-                err.bionets_kept = f"process {self.dist.rank} of {self.dist.world_size}: rank 0's line says what the " \
-                                   "run kept"
+                if not main:                                                # (rank 0 keeps the files)
+                    err.bionets_kept = f"process {self.dist.rank} of {self.dist.world_size}: rank 0's line says " \
+                                       "what the run kept"
+                elif saved:
+                    err.bionets_kept = (f"{last} holds epoch {saved} of {cfg.train.epochs}: continue with "
+                                        f"bionets train --resume {last}")
+                elif claimed:
+                    err.bionets_kept = f"it finished no epoch, so it kept no checkpoint (its run directory " \
+                                       f"{self.run_dir} is removed)"
             if main and claimed and not saved:
                 # failed or interrupted before its first checkpoint: the directory it claimed holds its
                 # config and logs but nothing to resume; removed, so that a rerun after the fix takes its name
