@@ -20,6 +20,7 @@ from bionets.engine.metrics import topk_correct
 from bionets.engine.model import build_model, training_only_keys, use_channels_last
 from bionets.engine.rundir import RUN_FILES
 from bionets.errors import BionetsError
+from bionets.mechanisms import get_mechanism
 
 
 def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -150,8 +151,7 @@ def export_plain(path: str | Path, output: str | Path, data_root: str | None = N
     baked_text = f"{baked} reparameterized tensor(s) baked" if baked else "no reparameterized tensor to bake"
     said = (f"exported {cfg.model.name}{' (EMA weights)' if ema else ''} to {output}: {baked_text}, {zeros:,} of "
             f"{total:,} parameters are exactly zero")
-    # (the sparse weights are baked and ARR's memory left out; the modules of the others stay in the model)
-    if kept := [n for n in cfg.mechanisms if n not in ("stds", "gradr", "arr")]:
+    if kept := [n for n in cfg.mechanisms if not get_mechanism(n).leaves_plain]:
         said += (f"; it holds the modules of {', '.join(kept)}: load it into {cfg.model.name} with them applied "
                  "(bionets.convert with the saved config's settings), not into the bare model")
     return said

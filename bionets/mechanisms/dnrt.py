@@ -406,7 +406,7 @@ def _drop_copied_captures(hooks: dict) -> None:
         del hooks[key]
 
 
-@register_mechanism("arr", ArrConfig, order=90)
+@register_mechanism("arr", ArrConfig, order=90, leaves_plain=True)    # (its memory dropped)
 def apply_arr(model: nn.Module, cfg: ArrConfig) -> Applied:
     layers = cfg.layers if cfg.layers != "auto" else ("blocks" if _is_vit(model) else "classifier")
     if layers == "blocks" and not _is_vit(model):

@@ -97,15 +97,18 @@ class Mechanism:
     optimizer: str | None = None        # the optimizer (optim.name) the mechanism trains with, if it needs its own
     # optim.lr_mult entries a run under an SGD-like optimizer takes unless its config sets those patterns
     sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None
+    # whether 'bionets export' leaves the plain model free of it (its weights baked, its training-only state
+    # dropped): a model exported with one that does not needs it applied again to load the file
+    leaves_plain: bool = False
 
 
 MECHANISMS: dict[str, Mechanism] = {}
 
 
 def register_mechanism(name: str, config: type[Section], order: int = 50, optimizer: str | None = None,
-                       sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None):
+                       sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None, leaves_plain: bool = False):
     def wrap(fn: Callable[[nn.Module, Section], Applied]):
-        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer, sgd_lr_mult)
+        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer, sgd_lr_mult, leaves_plain)
         return fn
     return wrap
 

@@ -144,7 +144,7 @@ def _report(name: str, model: nn.Module, layers: list[str], done_before: set[str
     return report
 
 
-@register_mechanism("stds", StdsConfig, order=30)
+@register_mechanism("stds", StdsConfig, order=30, leaves_plain=True)   # (baked)
 def apply_stds_mechanism(model: nn.Module, cfg: StdsConfig) -> Applied:
     done = {n for n, _ in pruned_layers(model)}
     settings = _schedule_settings(cfg)
@@ -197,7 +197,7 @@ def _share_below(model: nn.Module, layers: list[str], d: float) -> float | None:
     return sum(int((w.abs() <= d).sum()) for w in weights) / total if total else None
 
 
-@register_mechanism("gradr", GradrConfig, order=30, optimizer="gradr")
+@register_mechanism("gradr", GradrConfig, order=30, optimizer="gradr", leaves_plain=True)
 def apply_gradr_mechanism(model: nn.Module, cfg: GradrConfig) -> Applied:
     done = {n for n, _ in pruned_layers(model)}
     layers = apply_gradr(model, cfg.alpha, cfg.target_sparsity, include=cfg.include, exclude=cfg.exclude,
