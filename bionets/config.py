@@ -21,7 +21,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from bionets.configbase import PATH_BYTES, PathText, Section, Seed, load_yaml
 from bionets.data.config import DataConfig
-from bionets.engine.optim import OptimConfig, SchedConfig
+from bionets.engine.optim import OptimConfig, SchedConfig, sgd_like
 from bionets.errors import BionetsError, closest
 
 DEFAULT_CONFIG = "digits"
@@ -112,9 +112,8 @@ class RunConfig(Section):
         (RAA's v and c: 1/100) where ``optim.lr_mult`` does not set their patterns; a start-up note
         says so. The saved config holds them, so a resumed run reads the same rates."""
         from bionets.mechanisms import get_mechanism
-        from bionets.mechanisms.registry import SGD_LIKE
 
-        if self.optim.name.lower() not in SGD_LIKE:
+        if not sgd_like(self.optim.name):
             return
         for name, section in self.mechanisms.items():
             rates = get_mechanism(name).sgd_lr_mult

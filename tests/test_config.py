@@ -224,3 +224,22 @@ def test_a_section_built_in_python_errs_in_one_line():
     with pytest.raises(BionetsError, match=re.escape("unknown config key 'lrr' (did you mean: lr, lr_mult?)")):
         OptimConfig(lrr=1)
     assert OptimConfig(name="gradr", lr=1e-3).lr == 1e-3
+
+
+def test_any_timm_optimizer_takes_the_options_it_has():
+    """optim.name is any of timm's optimizers: momentum goes to those that have one, betas and eps to
+    those that have them where the config sets them (else the optimizer's own: Lamb's eps 1e-6)."""
+    from torch import nn
+
+    from bionets.engine.optim import create_optimizer, sgd_like
+    made = {name: create_optimizer(nn.Linear(2, 2), load_config(None, [f"optim.name={name}", *extra]).optim)
+            for name, extra in (("lion", ["optim.betas=[0.8, 0.9]"]), ("lamb", []), ("madgrad", ["optim.eps=1e-4"]),
+                                ("rmsprop", ["optim.momentum=0.5"]))}
+    assert type(made["lion"]).__name__ == "Lion" and made["lion"].defaults["betas"] == (0.8, 0.9)
+    assert made["lamb"].defaults["eps"] == 1e-6 and made["lamb"].defaults["betas"] == (0.9, 0.999)
+    assert made["madgrad"].defaults["eps"] == 1e-4 and made["madgrad"].defaults["momentum"] == 0.9
+    assert made["rmsprop"].defaults["momentum"] == 0.5
+    assert [n for n in ("sgd", "nesterov", "lars", "sgdw", "adamw", "rmsprop", "lion") if sgd_like(n)] == [
+        "sgd", "nesterov", "lars", "sgdw"]
+    with pytest.raises(BionetsError, match=r"unknown optimizer 'lino' \(did you mean: lion"):
+        create_optimizer(nn.Linear(2, 2), load_config(None, ["optim.name=lino"]).optim)

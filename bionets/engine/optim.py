@@ -19,17 +19,31 @@ from typing import Annotated
 
 import torch
 from pydantic import Field
-from timm.optim import create_optimizer_v2
+from timm.optim import OptimInfo, create_optimizer_v2, get_optimizer_info, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from bionets.configbase import Section
 from bionets.errors import BionetsError, unknown
 
-TIMM_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "nadam", "rmsprop", "lamb", "lars")
 SCHEDULES = ("cosine", "step", "multistep", "const")
 Beta = Annotated[float, Field(ge=0, lt=1)]                   # Adam's betas: running-average factors
-MOMENTUM_STYLE = ("sgd", "momentum", "rmsprop", "lars")      # take optim.momentum; the others betas and eps
+# the optimizer classes that step by the raw gradient (momentum at most; LARS scales it per layer): a
+# parameter whose gradient sums over many positions takes steps as large as that sum
+SGD_CLASSES = ("SGD", "SGDW", "SGDP", "Lars", "SGD8bit", "FusedSGD")
+
+
+def timm_optimizer(name: str) -> OptimInfo | None:
+    """timm's description of optimizer ``name`` (which options it takes), or None for a name timm
+    does not know."""
+    return get_optimizer_info(name) if name in list_optimizers() else None
+
+
+def sgd_like(name: str) -> bool:
+    """Whether optimizer ``name`` (optim.name) steps by the raw gradient, as SGD does."""
+    info = timm_optimizer(name.lower())
+    cls = info.opt_class if info is not None else None
+    return getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1]) in SGD_CLASSES
 
 
 class OptimConfig(Section):
@@ -37,8 +51,8 @@ class OptimConfig(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    betas: tuple[Beta, Beta] | None = None       # None: the optimizer's own (Adam's 0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] | None = None     # None: the optimizer's own (Adam's 1e-8)
     nesterov: bool = False
     decay_norm_and_bias: bool = False
     lr_mult: dict[str, Annotated[float, Field(ge=0)]] = {}     # 0 freezes; a negative rate would ascend
@@ -119,35 +133,42 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     load_builtin()
     if cfg.name in OPTIMIZERS:
         return OPTIMIZERS[cfg.name](model, cfg)
-    if cfg.name not in TIMM_OPTIMIZERS:
-        raise unknown("optimizer", cfg.name, list(TIMM_OPTIMIZERS) + list(OPTIMIZERS))
+    info = timm_optimizer(cfg.name)
+    if info is None:
+        raise unknown("optimizer", cfg.name, list_optimizers() + list(OPTIMIZERS))
     extra = dict(cfg.kwargs)
     if taken := sorted(set(extra) & {"lr", "weight_decay", "params", "opt"}):
         raise BionetsError(f"optim.kwargs sets {', '.join(taken)}, which bionets sets itself (from optim.lr, "
                            "optim.weight_decay, optim.name and the model): remove it from optim.kwargs")
-    if cfg.name in MOMENTUM_STYLE:
-        extra.setdefault("momentum", cfg.momentum)
-        extra.setdefault("nesterov", cfg.nesterov) if cfg.name == "sgd" else None
-    else:
-        extra.setdefault("betas", tuple(cfg.betas))
-        extra.setdefault("eps", cfg.eps)
+    for key, value in _taken_options(cfg, info).items():
+        extra.setdefault(key, tuple(value) if key == "betas" else value)
     name = "nesterov" if cfg.name == "sgd" and cfg.nesterov else ("momentum" if cfg.name == "sgd" else cfg.name)
-    extra.pop("nesterov", None)
     try:
         return create_optimizer_v2(param_groups(model, cfg), opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                    **extra)
-    except TypeError as err:        # an option this optimizer does not take
-        raise BionetsError(f"optim.kwargs {dict(cfg.kwargs)} does not fit the {cfg.name} optimizer ({err}): remove "
-                           "the option it names") from None
+    except (TypeError, ImportError, AssertionError) as err:   # an option it does not take; a package or CUDA missing
+        raise BionetsError(f"optim.kwargs {dict(cfg.kwargs)} does not fit the {cfg.name} optimizer ({err}): "
+                           "remove the option it names, or choose another optimizer") from None
+
+
+def _taken_options(cfg: OptimConfig, info: OptimInfo) -> dict:
+    """The options of ``cfg`` that timm's optimizer ``info`` takes: momentum (bionets' 0.9 by default) where
+    it has one, betas and eps where it has them and the config sets them (else the optimizer's own)."""
+    options = {"momentum": cfg.momentum} if info.has_momentum else {}
+    options |= {"betas": cfg.betas} if info.has_betas and cfg.betas is not None else {}
+    options |= {"eps": cfg.eps} if info.has_eps and cfg.eps is not None else {}
+    return options
 
 
 def unused_options_note(cfg: OptimConfig) -> str | None:
     """A note naming the optim options set away from their defaults that the chosen optimizer does
-    not take (momentum under AdamW, betas under SGD, nesterov under anything but SGD): they change nothing."""
-    if cfg.name not in TIMM_OPTIMIZERS:
+    not take (momentum under AdamW, betas under SGD, nesterov under anything but optim.name=sgd): they change
+    nothing."""
+    info = timm_optimizer(cfg.name)
+    if info is None:
         return None
-    unused = ("betas", "eps") if cfg.name in MOMENTUM_STYLE else ("momentum",)
-    unused += ("nesterov",) if cfg.name != "sgd" else ()
+    unused = [k for k in ("momentum", "betas", "eps") if k not in _taken_options(cfg, info)]
+    unused += ["nesterov"] if cfg.name != "sgd" else []
     changed = [f"{k}={getattr(cfg, k)}" for k in unused if getattr(cfg, k) != OptimConfig.model_fields[k].default]
     if not changed:
         return None

@@ -21,12 +21,8 @@ from torch import nn
 
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook
+from bionets.engine.optim import sgd_like
 from bionets.errors import BionetsError, unknown
-
-
-# the optimizers bionets takes (optim.name) that step by the raw gradient: a parameter whose gradient
-# sums over many positions takes steps as large as that sum
-SGD_LIKE = {"sgd", "momentum", "lars"}
 
 
 class SgdRateNote(str):
@@ -42,7 +38,7 @@ class SgdRateNote(str):
         return note
 
     def holds_for(self, optimizer: str, lr_mult: dict) -> bool:
-        return optimizer.lower() in SGD_LIKE and not set(self.patterns) <= set(lr_mult)
+        return sgd_like(optimizer) and not set(self.patterns) <= set(lr_mult)
 
 
 class OptimizerNote(str):

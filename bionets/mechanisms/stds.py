@@ -228,7 +228,8 @@ def create_gradr(model: nn.Module, cfg: OptimConfig) -> GradR:
         groups.setdefault((reparam.alpha, reparam.mu), []).append(p)
     prior_groups = [group(ps, cfg.lr, alpha=a, mu=mu, weight_decay=0.0) for (a, mu), ps in groups.items()]
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
-    return GradR(prior_groups + param_groups(model, cfg, rest), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    adam = {k: tuple(v) if k == "betas" else v for k in ("betas", "eps") if (v := getattr(cfg, k)) is not None}
+    return GradR(prior_groups + param_groups(model, cfg, rest), lr=cfg.lr, **adam)
 
 
 def plot_sparsity(history: list[dict], path: Path, title: str = "") -> None:
