@@ -671,10 +671,19 @@ def test_ctrl_c_during_tensorboards_replay_of_a_resumed_history_keeps_the_histor
 
 
 @needs_cpu_compiler
-def test_compile_mode_reaches_torch_compile(tmp_path):
-    """train.compile takes torch.compile's modes; 'reduce-overhead' (CUDA graphs on a GPU) trains on the CPU too."""
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """train.compile takes torch.compile's modes: the mode reaches torch.compile, and 'reduce-overhead'
+    (CUDA graphs on a GPU) trains on the CPU too."""
+    modes = []
+    compile_ = torch.compile
+
+    def recording(model, *args, mode=None, **kwargs):
+        modes.append(mode)
+        return compile_(model, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
     summary = train(fast_config(tmp_path, "train.epochs=2", "train.compile=reduce-overhead"), quiet=True)
-    assert summary["final_top1"] > 50
+    assert modes == ["reduce-overhead"] and summary["final_top1"] > 50
 
 
 @needs_cpu_compiler
