@@ -26,6 +26,7 @@ computes the update (:mod:`bionets.layers.arr_triton`), else the PyTorch operato
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -284,7 +285,10 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
                                     form == "code", update)
     if targets.dtype not in (torch.int32, torch.int64):        # scatter and gather index by int32/int64 only
         targets = targets.long()
-    r = responses.float() if as_one else torch.stack([t.float() for t in responses])      # [J, N, D]
+    # in the memory's precision at least: float32 for half ones (see ArrMemory), float64 for a double model
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in ([responses] if as_one else responses)],
+                             memory.mean.dtype)
+    r = responses.to(dtype) if as_one else torch.stack([t.to(dtype) for t in responses])      # [J, N, D]
     with torch.no_grad():
         all_r, all_y = gather_across_ranks(r.detach(), dim=1), gather_across_ranks(targets)
         n = len(all_y)
