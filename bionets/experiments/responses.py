@@ -1,7 +1,8 @@
 """``bionets experiment responses``: per-class distributions of a trained model's aggregated responses.
 
-Collects, on the test split, the responses ARR works on (the pooled features feeding the
-classifier; for a ViT the final class token) of a checkpoint and, with ``compare=``, of a second
+Collects, on the test split, the aggregated responses (the features feeding the classifier: pooled
+in a CNN; in a ViT the final class token after the last norm, where ARR itself reads the class token
+after every block, before that norm) of a checkpoint and, with ``compare=``, of a second
 one (e.g. without DNRT), and draws violin plots of the first ``channels`` channels for each of the
 first ``classes`` classes, the two runs side by side. With ARR the responses of a class are
 expected to be narrower and more class-specific (DNRT, Fig. of aggregated responses).
