@@ -113,7 +113,8 @@ def test_imagenet_configs():
     for size in SPEC:
         dit, pixel = load_config(f"dit/imagenet_dit_convnext_{size}"), load_config(f"dit/imagenet_pixel_convnext_{size}")
         assert dit.model.name == pixel.model.name == f"dit_convnext_{size}"
-        assert pixel.model.kwargs == {"drop_path_rate": 0.1, "quad_type": "pixel"}
+        drop_path = {"tiny": 0.1, "small": 0.4, "base": 0.5}[size]     # T: the seed's; S, B: ConvNeXt's recipe
+        assert pixel.model.kwargs == {"drop_path_rate": drop_path, "quad_type": "pixel"}
         assert (dit.optim.name, dit.optim.lr, dit.optim.weight_decay) == ("adamw", 0.006, 0.08)
         assert (dit.sched.name, dit.sched.warmup_epochs, dit.sched.warmup_lr, dit.sched.min_lr) == ("cosine", 20, 1e-5, 0)
         assert (dit.train.epochs, dit.train.grad_accum, dit.data.batch_size) == (300, 8, 512)   # 64 x 8 GPUs x 8
