@@ -113,8 +113,10 @@ class QuadraticNeuron(nn.Module):
 class QuadraticTerm(nn.Module):
     """Base of the quadratic terms added to a convolutional block (channel-wise and pixel-wise).
 
-    ``enabled = False`` switches the term off (its output becomes zero): the paper's per-block
-    inference ablation that removes ``x^T A x`` from a trained network (see :func:`set_quadratic`).
+    ``enabled = False`` switches the quadratic product off (the output of a term without a linear
+    branch becomes zero; a pixel-wise term built with ``linear=True`` keeps its ``BN(W_c * x)``): the
+    paper's per-block inference ablation that removes ``x^T A x`` from a trained network (see
+    :func:`set_quadratic`).
     """
 
     enabled: bool

@@ -1,6 +1,7 @@
 """Mechanism ``quadratic``: put Dit-CNN's channel-wise quadratic term beside chosen convolutions.
 
-A chosen ``Conv2d`` becomes ``y = conv(x) + Q(x)`` (the Dit-ConvNeXt form, SPEC-DIT), where
+A chosen ``Conv2d`` becomes ``y = conv(x) + Q(x)`` (the Dit-ConvNeXt block's form, SPEC-DIT; ``auto``
+places it on the first eligible convolution, not on the paper's stage-0 block 2), where
 ``Q(x)_o(p) = sum_ij Q[o, i, j] x_i(p) x_j(p)`` is computed at every output pixel p from the raw
 block input (no norm) and Q starts at zero, so the converted model starts as the original one.
 For a strided convolution Q is evaluated at the input pixels the kernel is centred on
