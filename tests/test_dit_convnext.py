@@ -88,6 +88,30 @@ def test_timms_pretrained_path_starts_a_dit_convnext_from_a_plain_convnext_file(
         torch.testing.assert_close(dit(x), plain(x))
 
 
+def test_a_reference_checkpoint_loads_with_its_term(tmp_path):
+    """A checkpoint of the reference ImageNet code (timm names plus ``stages.0.blocks.2.quadratic.quadratic``
+    [C, C*C], the weight of its channels-last outer product) loads through timm's pretrained path and
+    through convert_reference_state_dict: the term equals the reference's formula (it was left at
+    zero, the checkpoint's key unexpected)."""
+    from bionets.models.dit_convnext import convert_reference_state_dict
+    torch.manual_seed(0)
+    plain = timm.create_model("test_dit_convnext", num_classes=5)
+    c = plain.stages[0].blocks[2].conv_dw.in_channels
+    w = torch.randn(c, c * c).double()           # (float32 values: the float32 model holds them exactly)
+    reference = {k: v for k, v in plain.state_dict().items() if ".conv_dw.quad." not in k}
+    torch.save({"state_dict": {**reference, "stages.0.blocks.2.quadratic.quadratic": w.float()}}, tmp_path / "ref.pth")
+    loaded = timm.create_model("test_dit_convnext", num_classes=5, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "ref.pth")))
+    direct = timm.create_model("test_dit_convnext", num_classes=5)
+    direct.load_state_dict(convert_reference_state_dict({**reference, "module.stages.0.blocks.2.quadratic.quadratic": w}))
+    x = torch.randn(2, 5, 5, c, dtype=torch.float64)                  # channels-last pixels, as the reference reads
+    outer = (x[..., :, None] * x[..., None, :]).reshape(2, 5, 5, c * c)
+    want = (outer @ w.T).permute(0, 3, 1, 2)
+    for model in (loaded, direct):
+        term = model.stages[0].blocks[2].conv_dw.quad.double()
+        torch.testing.assert_close(term(x.permute(0, 3, 1, 2)), want)
+
+
 def test_placement_is_an_argument_and_follows_the_spec_for_short_stages():
     model = DitConvNeXt(quad_blocks=["stages.0.blocks.0", "stages.2.blocks.0"], quad_impl="full", **TINY)
     terms = {n: m for n, m in model.named_modules() if isinstance(m, QuadraticChannel)}

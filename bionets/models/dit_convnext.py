@@ -19,6 +19,8 @@ Registered: ``dit_convnext_tiny`` / ``_small`` / ``_base`` and the CPU-sized ``t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -85,12 +87,29 @@ class DitConvNeXt(ConvNeXt):
         return super().forward_features(x)
 
 
+def convert_reference_state_dict(state_dict: dict) -> dict:
+    """A state dict of the Dit-CNN reference ImageNet code (its timm ConvNeXt with a ``quadratic``
+    module beside the depthwise conv of stage 0, block 2) in this family's names:
+    ``blocks.B.quadratic.quadratic`` [C, C*C] -> ``blocks.B.conv_dw.quad.weight`` [C, C, C]. The
+    reference's term reads channels-last pixels, ``sum_k W[o, k] (x x^T)_k`` with ``k = i*C + j``,
+    which is ``sum_ij Q[o, i, j] x_i x_j`` for that reshape: the model computes what it computed."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.endswith(".quadratic.quadratic"):
+            c_in = math.isqrt(value.shape[1])                  # [C_out, C_in * C_in]
+            key, value = key.replace(".quadratic.quadratic", ".conv_dw.quad.weight"), value.reshape(-1, c_in, c_in)
+        out[key] = value
+    return out
+
+
 def filter_checkpoint(state_dict: dict, model: DitConvNeXt) -> dict:
-    """timm's ConvNeXt checkpoint filter (Facebook's names to timm's), then the quadratic terms that
-    a plain ConvNeXt's checkpoint lacks, at the model's own initial values (either term starts at
-    zero: the net starts as the ConvNeXt it was loaded from), so that ``pretrained=True`` with a timm
-    ConvNeXt's weights as ``pretrained_cfg_overlay=dict(file=...)`` starts a Dit-ConvNeXt from them."""
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    """timm's ConvNeXt checkpoint filter (Facebook's names to timm's) and the reference's names (see
+    :func:`convert_reference_state_dict`), then the quadratic terms that a plain ConvNeXt's checkpoint
+    lacks, at the model's own initial values (either term starts at zero: the net starts as the
+    ConvNeXt it was loaded from), so that ``pretrained=True`` with a timm ConvNeXt's or the
+    reference's weights as ``pretrained_cfg_overlay=dict(file=...)`` starts a Dit-ConvNeXt from them."""
+    state_dict = checkpoint_filter_fn(convert_reference_state_dict(state_dict), model)
     own = {k: v for k, v in model.state_dict().items() if ".conv_dw.quad." in k and k not in state_dict}
     return {**state_dict, **own}
 
