@@ -632,3 +632,33 @@ def test_a_module_held_twice_by_one_parent_is_converted_in_both_slots():
     assert isinstance(model[1], RAA) and model[1] is model[3]
     assert type(model[2]).__name__ == "ConvPlusQuadratic" and model[2] is model[4]
     assert "2, 4: conv + channel-wise" in str(report) and "1, 3: -> RAA" in str(report)
+
+
+def test_hooks_on_a_replaced_module_move_to_its_replacement():
+    """A forward hook on an activation RAA replaces, and forward and backward hooks on a convolution the
+    quadratic term wraps, observe the replacement (the conv's own output would lack Q); their handles
+    still remove them."""
+    model = torchvision.models.resnet18(num_classes=4)
+    seen = []
+    handles = [model.layer1[0].relu.register_forward_hook(lambda m, i, o: seen.append(("relu", type(m).__name__))),
+               model.layer1[0].conv2.register_forward_hook(lambda m, i, o: seen.append(("conv2", o.clone()))),
+               model.layer1[0].conv2.register_full_backward_hook(lambda m, gi, go: seen.append(("back", type(m).__name__)))]
+    model, _ = convert(model, quadratic=["layer1.0.conv2"], activation="raa")
+    wrapper = model.layer1[0].conv2
+    with torch.no_grad():
+        wrapper.quad.weight.normal_()
+    seen.clear()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    relu_calls = [t for k, t in seen if k == "relu"]
+    assert relu_calls and set(relu_calls) == {"RAA"} and ("back", "ConvPlusQuadratic") in seen
+    conv_out = next(t for k, t in seen if k == "conv2")
+    assert isinstance(wrapper, ConvPlusQuadratic) and not wrapper.conv._forward_hooks
+    x = torch.randn(2, 64, 8, 8)
+    seen.clear()
+    torch.testing.assert_close(conv_out.shape, wrapper(x).shape)
+    assert torch.equal(seen[0][1], wrapper(x)) and not torch.equal(seen[0][1], wrapper.conv(x))
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert seen == []

@@ -3,10 +3,18 @@
 A module instance can be a child of several parents (one ``nn.ReLU`` shared by two blocks, a
 convolution reused in two branches); ``named_modules()`` names it once, so replacing it by that name
 alone would leave the other places running the old module.
+
+The forward and backward hooks a user registered on the old module move to the new one, so that a
+hook keeps observing the same place of the model (a feature extractor's, a Grad-CAM's), and its
+handle still removes it.
 """
 from __future__ import annotations
 
 from torch import nn
+
+# a module's hook tables (dicts a RemovableHandle refers to, so moved whole) and the flag for its backward hooks
+HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
@@ -19,4 +27,18 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str
             if child is old:
                 setattr(parent, leaf, new)
                 names.append(f"{prefix}.{leaf}" if prefix else leaf)
+    if names:
+        _move_hooks(old, new)
     return names
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the hooks of ``old`` (``new`` has none of its own, being just made) and leave ``old``
+    (which ``new`` may wrap) without them: the tables themselves move, which the hooks' handles refer to."""
+    if any(getattr(old, t) for t in HOOK_TABLES) and not any(getattr(new, t) for t in HOOK_TABLES):
+        for table in HOOK_TABLES:
+            moved = getattr(old, table)
+            setattr(old, table, type(moved)())
+            setattr(new, table, moved)
+        new._is_full_backward_hook = old._is_full_backward_hook
+        old._is_full_backward_hook = None
