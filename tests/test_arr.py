@@ -442,6 +442,15 @@ def test_arr_on_a_vit_through_class_tokens_matches_the_slices(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_attaching_the_hook_to_a_model_without_arr_is_one_line():
+    import timm
+    _, hook = build()
+    with pytest.raises(BionetsError, match=r"ArrHook.attach: the \w+ has no ARR memory .*returned, or a copy"):
+        hook.attach(timm.create_model("test_mlp", in_chans=1, img_size=8, num_classes=3))
+    with pytest.raises(BionetsError, match="ArrHook.attach takes a torch.nn.Module, got str"):
+        hook.attach("model")
+
+
 def test_arr_without_classifier_is_one_line():
     with pytest.raises(BionetsError, match="cannot find the classifier"):
         apply_mechanisms(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()), parse_mechanisms({"arr": {}}))

@@ -203,6 +203,24 @@ def test_layer_selection_and_idempotence():
     assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
 
 
+def test_hook_attached_to_another_model_sets_its_d_and_misuse_is_one_line():
+    """attach(other) after the schedule reached D_max: the next step sets the other model's D (it kept
+    the value it had, since D did not change); a model without STDS, and a step that is no Progress,
+    are one line each."""
+    cfg = parse_mechanisms({"stds": {"schedule": "linear", "d_max": 1.0}})["stds"]
+    first, second = hand_model(), hand_model()
+    hook = get_mechanism("stds").apply(first, cfg).hooks[0]
+    hook.on_step(Progress(step=100, total_steps=100, epoch=1, epochs=1))
+    get_mechanism("stds").apply(second, cfg)
+    hook.attach(second)
+    hook.on_step(Progress(step=101, total_steps=100, epoch=1, epochs=1))
+    assert second[0].parametrizations.weight[0].d.item() == 1.0 and "StdsConfig(" in repr(hook)
+    with pytest.raises(BionetsError, match="has no STDS layer to drive"):
+        hook.attach(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(BionetsError, match="takes a bionets.engine.hooks.Progress"):
+        hook.on_step(5)
+
+
 def test_hook_sets_d_every_step_and_reports():
     model = hand_model()
     cfg = parse_mechanisms({"stds": {"schedule": "linear", "d_max": 1.0}})["stds"]

@@ -73,6 +73,11 @@ class Progress:
 class Hook:
     """Base class with no-op defaults; override what the mechanism needs."""
 
+    def __repr__(self) -> str:
+        """The hook's class and its mechanism's settings (``cfg``, where it keeps them)."""
+        cfg = getattr(self, "cfg", None)
+        return f"{type(self).__name__}({cfg!r})" if cfg is not None else f"{type(self).__name__}()"
+
     def attach(self, model: nn.Module) -> None:
         pass
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from bionets.configbase import Section
 from bionets.engine.hooks import Hook
-from bionets.errors import BionetsError, one_line
+from bionets.errors import BionetsError, one_line, require_module
 from bionets.layers.arr import ArrMemory, arr_loss, class_tokens, per_sample
 from bionets.layers.raa_swap import (DEFAULT_TYPES, Probe, ProbeError, eager, find_activations, probe_activations,
                                      raa_form, replace_activations)
@@ -267,6 +267,11 @@ class ArrHook(Hook):
     def attach(self, model: nn.Module) -> None:
         """Register the hooks on ``model`` (again: the earlier ones are removed, and so are those
         that a ``copy.deepcopy`` of a model carried over from the model's ARR hook)."""
+        require_module(model, "ArrHook.attach")
+        if not isinstance(getattr(model, "arr_memory", None), ArrMemory):
+            raise BionetsError(f"ArrHook.attach: the {type(model).__name__} has no ARR memory (arr_memory): attach the "
+                               "hook to the model bionets.convert(model, regularization=...) returned, or a copy of it "
+                               "(before wrapping it in DDP)")
         for h in self.handles:
             h.remove()
         self.memory, self.responses, self.blocks, self.patches = model.arr_memory, [], [], None

@@ -76,16 +76,24 @@ class StdsHook(SparsityHook):
     def __init__(self, cfg: StdsConfig, model: nn.Module):
         self.cfg = cfg
         self.attach(model)
-        self.d: float | None = None
         self.copies: dict[int, list] = {}     # id(EMA model) -> its STDS parametrizations
 
     def attach(self, model: nn.Module) -> None:
+        """Drive ``model``'s STDS layers from now on (a copy's, a reloaded model's): the next step sets
+        their D, whatever the layers of another model held."""
         require_module(model, "StdsHook.attach")
         self.layers = soft_thresholds(model)
+        if not self.layers:
+            raise BionetsError(f"StdsHook.attach: the {type(model).__name__} has no STDS layer to drive: attach it to "
+                               "the model bionets.convert(model, sparsity='stds') returned, or a copy of that model")
         self.thetas = [layer.parametrizations.weight.original for _, layer in pruned_layers(model)
                        if isinstance(weight_reparam(layer), SoftThreshold)]
+        self.d: float | None = None
 
     def on_step(self, progress: Progress) -> None:
+        if not isinstance(progress, Progress):
+            raise BionetsError(f"StdsHook.on_step takes a bionets.engine.hooks.Progress(step, total_steps, epoch, "
+                               f"epochs, lr), got {type(progress).__name__}")
         d = threshold_at(self.cfg.schedule, self.cfg.d_max, progress.step, progress.total_steps)
         if d != self.d:
             for p in self.layers:
