@@ -399,7 +399,7 @@ def test_pixel_starts_at_zero_and_gradchecks():
 
 def test_pixel_checks_input_as_the_channel_term_does():
     """Integer maps refused, empty maps give empty output (the convolutions raised 'Kernel size can't be
-    greater than actual input size'), either term (enabled or not)."""
+    greater than actual input size') that backward goes through, either term (enabled or not)."""
     layer = QuadraticPixel(4, 3)
     with pytest.raises(BionetsError, match="takes floating-point input, got torch.int64"):
         layer(torch.ones(2, 4, 3, 3, dtype=torch.long))
@@ -407,7 +407,10 @@ def test_pixel_checks_input_as_the_channel_term_does():
         for enabled in (True, False):
             layer.enabled = enabled
             for term in (layer, QuadraticChannel(4, 3)):
-                assert term(torch.randn(shape)).shape == (shape[0], 3, *shape[2:])
+                x = torch.randn(shape, requires_grad=True)
+                y = term(x)
+                y.sum().backward()
+                assert y.shape == (shape[0], 3, *shape[2:]) and x.grad.shape == shape
 
 
 @pytest.mark.parametrize("w_dtype,x_dtype,tol", [(torch.float32, torch.float64, 1e-5),

@@ -68,8 +68,8 @@ class QuadraticPixel(QuadraticTerm):
         if not x.is_floating_point():
             raise BionetsError(f"QuadraticPixel takes floating-point input, got {x.dtype}: convert it (x.float())")
         n, _, h, w = x.shape
-        if n * h * w == 0:                  # (the convolutions refused a 0 x 0 map)
-            return x.new_zeros(n, self.out_channels, h, w)
+        if h * w == 0:          # (the convolutions refuse a 0 x 0 map; the zeros stay in x's graph for backward)
+            return x.new_zeros(n, self.out_channels, h, w) + x.sum() * 0
         dtype = self.branch_a[0].weight.dtype
         if x.dtype != dtype and not autocast_casts(x, dtype):
             return self._terms(x.to(dtype)).to(x.dtype)
