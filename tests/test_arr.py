@@ -107,6 +107,26 @@ def assert_sign_gradient(grad: torch.Tensor, diff: torch.Tensor, scale: float, t
     assert torch.isin(grad[~clear].double().abs(), torch.stack([step * 0, step])).all()
 
 
+def test_code_form_gives_a_new_class_first_sample_no_gradient_on_every_path(monkeypatch):
+    """In the code form a class's first sample is its own mean: the PyTorch operators (compiling, DDP,
+    torch.func, float64) computed it as (1-a) r + a r, a rounding off r, whose sign gave that sample a
+    full-size gradient where the C++ operator gives none: both paths now give the same gradients."""
+    from bionets.layers import arr
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    for _ in range(5):
+        base = torch.randn(2, 6, 4)
+        grads = []
+        for own in (True, False):
+            r = base.clone().requires_grad_()
+            with monkeypatch.context() as m:
+                if not own:
+                    m.setattr(arr, "_own_operator", lambda *args: None)
+                arr_loss(ArrMemory(2, 3, 4), r, y, weight=1.0, momentum=0.1, form="code").backward()
+            grads.append(r.grad)
+        assert torch.equal(grads[0], grads[1]) and not grads[1][:, [0, 1, 3]].any()
+
+
 @pytest.mark.parametrize("form", ["paper", "code"])
 def test_a_double_model_computes_arr_in_float64(form):
     """A float64 memory (model.double()) with float64 responses: the loss and the class means equal the

@@ -306,6 +306,10 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
             m0 = torch.where(new[..., None], all_r.index_select(1, first.clamp_max(n - 1)), memory.mean[:len(r)])
             target_means, final = sequential_means(m0, all_r, all_y, momentum, rows=slice(rank, None, size),
                                                    each="before" if form == "paper" else "after")
+            if form == "code":     # a new class's first sample is its own mean: (1-a) r + a r rounds off r, and
+                i = torch.arange(n, device=all_y.device)[rank::size]     # |r - t| took a full gradient's sign of that
+                own_first = new[:, all_y[i]] & (first[all_y[i]] == i)[None]               # [J, this rank's N]
+                target_means = torch.where(own_first[..., None], all_r[:, i], target_means)
             if update:
                 memory.mean[:len(r)] = final
                 memory.seen[:len(r)] |= new.to(torch.uint8)
