@@ -107,3 +107,21 @@ def test_forward_mode_derivatives_match_reverse_mode(name):
         dual_t = forward_ad.unpack_dual(functional_call(module, duals, (forward_ad.make_dual(x, x_t),))).tangent
     for tangent in (func_t, dual_t):
         torch.testing.assert_close((g * tangent).sum(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_arr_loss_under_grad_is_one_line_unless_it_leaves_the_memory():
+    """ARR's loss under torch.func.grad: without updating the class memory (update=False) it gives the
+    gradient plain autograd gives; updating it (a buffer the transform does not own) is one line
+    naming update=False, not PyTorch's error about mutating a captured tensor."""
+    from bionets.errors import BionetsError
+    from bionets.layers.arr import ArrMemory, arr_loss
+    torch.manual_seed(0)
+    memory, y, r = ArrMemory(1, 3, 4), torch.tensor([0, 1, 0, 2, 1, 0]), torch.randn(1, 6, 4)
+    arr_loss(memory, r, y, weight=1.0, momentum=0.1)              # the classes seen: non-zero differences
+    with pytest.raises(BionetsError, match="cannot update the class memory.*update=False"):
+        grad(lambda a: arr_loss(memory, a, y, weight=1.0, momentum=0.1))(r)
+    got = grad(lambda a: arr_loss(memory, a, y, weight=1.0, momentum=0.1, update=False))(r)
+    leaf = r.clone().requires_grad_()
+    arr_loss(memory, leaf, y, weight=1.0, momentum=0.1, update=False).backward()
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, leaf.grad)

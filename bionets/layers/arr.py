@@ -280,6 +280,10 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
                            "per sample is needed (per_sample() averages a spiking net's time steps)")
     if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
         raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
+    if update and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise BionetsError("arr_loss under a torch.func transform (grad, vmap, ...) cannot update the class memory, a "
+                           "buffer the transform does not own: call it with update=False there (ARR's hook: in eval "
+                           "mode it adds no loss) and update the memory outside the transform")
     if (own := _own_operator(memory, responses, targets)) is not None:
         return own.arr_loss.default(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight,
                                     form == "code", update)
