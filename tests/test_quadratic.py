@@ -64,6 +64,21 @@ def test_neuron_starts_linear_and_gradchecks(rank):
     assert torch.autograd.gradcheck(neuron, (x,))
 
 
+@pytest.mark.parametrize("rank", [None, 2])
+def test_neuron_under_bf16_autocast_gives_bf16_near_float32(rank):
+    """Under CPU bf16 autocast both forms give bf16, as nn.Linear does (the full form gave float32:
+    its product met the float32 input), within bf16's rounding of the float32 output."""
+    torch.manual_seed(0)
+    neuron, x = QuadraticNeuron(5, 3, rank=rank), torch.randn(4, 5)
+    with torch.no_grad():
+        for p in neuron.parameters():
+            p.normal_(0, 0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = neuron(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), neuron(x), rtol=0.05, atol=0.05)
+
+
 def test_neuron_rejects_bad_rank_and_input():
     with pytest.raises(BionetsError, match="rank=5"):
         QuadraticNeuron(4, 2, rank=5)

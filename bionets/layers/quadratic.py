@@ -90,7 +90,7 @@ class QuadraticNeuron(nn.Module):
         if self.rank is None:
             # (x A_o)_j = sum_i x_i A_oij for every o at once, then dot with x.
             xa = (x @ self.A_full.to(x.dtype).permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, d)
-            return (xa * x.unsqueeze(1)).sum(-1)
+            return (xa * x.unsqueeze(1).to(xa.dtype)).sum(-1)   # (under autocast xa is in its dtype; x is not)
         xu = (x @ self.U.to(x.dtype).permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, self.rank)
         xv = (x @ self.V.to(x.dtype).permute(1, 0, 2).reshape(d, -1)).view(n, self.out_features, self.rank)
         return (xu * xv).sum(-1)   # sum_r (x.U_or)(x.V_or)
