@@ -33,8 +33,9 @@ def require_cpu_compiler(what: str, instead: str) -> None:
 
 def quiet_import() -> None:
     """Import torch.utils.cpp_extension without its warning about a missing CUDA runtime (meant for
-    CUDA extensions): bionets' C++ kernels are CPU-only, and Inductor imports it when it compiles for
-    the CPU (the warning showed under --quiet)."""
+    CUDA extensions, which a machine without CUDA does not build: bionets' CUDA kernels are built only
+    where nvcc and a GPU are), and Inductor imports it when it compiles for the CPU (the warning showed
+    under --quiet)."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from bionets.constants import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD
 from bionets.data.bundle import DataBundle, Placement, make_mixup
 from bionets.data.config import DataConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
-from bionets.data.sources import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, load_cifar, load_digits_split, load_mnist
+from bionets.data.sources import load_cifar, load_digits_split, load_mnist
 from bionets.data.subset import training_subset
 from bionets.data.tensor_loader import TensorLoader, random_crop
 from bionets.errors import BionetsError

@@ -24,8 +24,6 @@ from torchvision.datasets.utils import extract_archive
 
 from bionets.errors import BionetsError
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # what a file in the wrong format raises inside torchvision's readers (idx: assert on the magic number;
 # a pickle naming a class that does not exist: ImportError or AttributeError; one whose calls fail:

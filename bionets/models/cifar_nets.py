@@ -14,7 +14,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from bionets.data.sources import CIFAR_MEAN, CIFAR_STD
+from bionets.constants import CIFAR_MEAN, CIFAR_STD
 from bionets.layers.activations import resolve_act
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")

@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.nn import functional as F
 
-from bionets.data.sources import CIFAR_MEAN, CIFAR_STD
+from bionets.constants import CIFAR_MEAN, CIFAR_STD
 from bionets.errors import BionetsError, unknown
 from bionets.layers.activations import resolve_act
 from bionets.layers.map_norm import MapLayerNorm

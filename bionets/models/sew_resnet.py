@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from spikingjelly.activation_based import functional, neuron
 from spikingjelly.activation_based.model import sew_resnet as sj
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
@@ -88,7 +89,7 @@ def _create(variant: str, block: type, layers: list[int], pretrained: bool, **kw
 
 def _cfg() -> dict:
     return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                 first_conv="conv1", classifier="fc")
 
 

@@ -23,7 +23,7 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from bionets.data.sources import CIFAR_MEAN, CIFAR_STD
+from bionets.constants import CIFAR_MEAN, CIFAR_STD
 from bionets.errors import BionetsError
 
 CIFAR10_PLAN = (256, 256, 256, "M", 256, 256, 256, "M")
