@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bionets.errors import BionetsError, is_real, require_module
-from bionets.layers.stds import SparseReparam, no_layer_error, reparameterize, select_layers, weight_reparam
+from bionets.layers.sparse_reparam import SparseReparam, no_layer_error, reparameterize, select_layers, weight_reparam
 
 
 class _SignedGate(torch.autograd.Function):

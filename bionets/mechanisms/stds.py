@@ -28,8 +28,8 @@ from bionets.engine.hooks import Hook, Progress
 from bionets.engine.optim import OptimConfig, group, param_groups, register_optimizer
 from bionets.errors import BionetsError, require_module
 from bionets.layers.gradr import GradR, apply_gradr, strengths
-from bionets.layers.stds import (SoftThreshold, apply_stds, other_settings_error, pruned_layers, schedule_differences,
-                                  soft_thresholds, sparsity, threshold_at, weight_reparam)
+from bionets.layers.sparse_reparam import other_settings_error, pruned_layers, sparsity, weight_reparam
+from bionets.layers.stds import SoftThreshold, apply_stds, schedule_differences, soft_thresholds, threshold_at
 from bionets.mechanisms.registry import Applied, OptimizerNote, Report, register_mechanism
 
 LayerType = Literal["conv", "linear"]
