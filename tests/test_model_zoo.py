@@ -5,7 +5,7 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
-import bionets  # noqa: F401  (registers the models)
+import bionets.engine.model  # (importing bionets registers the models)
 from bionets.errors import BionetsError
 
 FAMILIES = {"resnet18_cifar": (3, 32, 32), "vgg11_cifar": (3, 32, 32), "test_mlp": (1, 8, 8)}
@@ -58,3 +58,35 @@ def test_spiking_families_refuse_features_only_and_state_their_pre_logits_width(
             timm.create_model(name, features_only=True)
     model = timm.create_model("snn_digits", num_classes=0)
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, model.head_hidden_size) == (2, 256)
+
+
+def _small_input(model: torch.nn.Module) -> torch.Tensor:
+    """Two images of the model's stated input size, ImageNet-sized ones at 32 x 32 (enough for their strides)."""
+    c, h, w = model.pretrained_cfg["input_size"]
+    return torch.randn(2, c, *((32, 32) if h > 64 else (h, w)))
+
+
+@pytest.mark.parametrize("name", bionets.engine.model.bionets_models())
+def test_every_registered_model_runs_trains_and_splits_like_a_timm_model(name):
+    """Each of bionets' registered models, as timm builds it: the output has num_classes columns, every
+    trainable parameter takes a gradient, forward_head(forward_features(x)) is forward(x), and without
+    classes it gives its pooled features. Models above 20 M parameters (seconds to initialize on this
+    CPU) run on the meta device, shapes only: their smaller siblings run the same code for real."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=5)
+    device = "meta" if sum(p.numel() for p in model.parameters()) > 20e6 else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = timm.create_model(name, num_classes=5)
+        x = _small_input(model)
+    out = model(x)
+    assert out.shape == (2, 5)
+    if device == "cpu":
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+        model.eval()
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    model.reset_classifier(0)
+    assert model(x).shape == (2, width)
