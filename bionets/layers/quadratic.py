@@ -366,6 +366,17 @@ def _channel_quadratic_sym(rows: torch.Tensor, q: torch.Tensor, strategy: str | 
     return sym_forward(rows, s, strategy)
 
 
+def rename_reference_weight(key: str, value: torch.Tensor, old: str, new: str) -> tuple[str, torch.Tensor]:
+    """A checkpoint entry of the Dit-CNN reference code whose key ends in ``old`` (its quadratic
+    weight, stored flat as [C_out, C_in * C_in]) as ``new`` [C_out, C_in, C_in], Q's layout here
+    (``Q[o, i, j]`` the weight of ``x_i x_j``, entry ``i * C_in + j`` of the flat row); any other
+    entry as it is."""
+    if not key.endswith(old):
+        return key, value
+    c_in = math.isqrt(value.shape[1])
+    return key[:-len(old)] + new, value.reshape(-1, c_in, c_in)
+
+
 def quadratic_terms(model: nn.Module) -> dict[str, QuadraticTerm]:
     """Every quadratic term of a model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuadraticTerm)}

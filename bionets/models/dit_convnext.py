@@ -19,8 +19,6 @@ Registered: ``dit_convnext_tiny`` / ``_small`` / ``_base`` and the CPU-sized ``t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -28,6 +26,7 @@ from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 from torch import nn
 
 from bionets.errors import BionetsError, unknown
+from bionets.layers.quadratic import rename_reference_weight
 from bionets.models.resnet_cifar import make_quadratic
 
 DIT_PLACEMENT = ("stages.0.blocks.2",)
@@ -95,10 +94,8 @@ def convert_reference_state_dict(state_dict: dict) -> dict:
     which is ``sum_ij Q[o, i, j] x_i x_j`` for that reshape: the model computes what it computed."""
     out = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.endswith(".quadratic.quadratic"):
-            c_in = math.isqrt(value.shape[1])                  # [C_out, C_in * C_in]
-            key, value = key.replace(".quadratic.quadratic", ".conv_dw.quad.weight"), value.reshape(-1, c_in, c_in)
+        key, value = rename_reference_weight(key.removeprefix("module."), value, ".quadratic.quadratic",
+                                             ".conv_dw.quad.weight")
         out[key] = value
     return out
 

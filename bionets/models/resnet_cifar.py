@@ -21,8 +21,6 @@ Weights use PyTorch's default initialization, as the reference does.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -33,7 +31,7 @@ from bionets.constants import CIFAR_MEAN, CIFAR_STD
 from bionets.errors import BionetsError, unknown
 from bionets.layers.activations import resolve_act
 from bionets.layers.map_norm import MapLayerNorm
-from bionets.layers.quadratic import QuadraticChannel
+from bionets.layers.quadratic import QuadraticChannel, rename_reference_weight
 from bionets.layers.quadratic_pixel import QuadraticPixel
 
 DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
@@ -264,10 +262,8 @@ def convert_reference_state_dict(state_dict: dict) -> dict:
     ``legacy_transpose=True`` to reproduce the reference's trained behaviour exactly."""
     out = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.endswith("quadratic_layer.quadratic"):
-            c_in = math.isqrt(value.shape[1])                  # [C_out, C_in * C_in]
-            key, value = key.replace("quadratic_layer.quadratic", "quad.weight"), value.reshape(-1, c_in, c_in)
+        key, value = rename_reference_weight(key.removeprefix("module."), value, "quadratic_layer.quadratic",
+                                             "quad.weight")
         key = key.replace(".ln_in.", ".quad_norm.")
         key = "fc." + key[len("linear."):] if key.startswith("linear.") else key
         out[key] = value
