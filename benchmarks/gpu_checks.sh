@@ -1,53 +1,78 @@
 #!/bin/bash
 # Every GPU check and benchmark in one run, each step under its own time limit, most important first
 # (about 18 minutes on an H200, most of it compiling; the limits add up to more, as caps, and a step
-# cut by its limit keeps what it printed). From the repository root, with bionets and its
-# dependencies importable:
+# cut by its limit keeps what it printed). From the repository root:
 #
 #     bash benchmarks/gpu_checks.sh [OUT_DIR] [PART]   # default: gpu_checks/, every part
+#
+# bionets' dependencies must import. A GPU image without them (pydantic, pydantic-core,
+# annotated-types, typing-inspection, spikingjelly, loguru) takes them from a folder .whl of wheels
+# for its Python carried with the checkout, which this script installs into /tmp/bionets_site (the
+# download command is in benchmarks/RESULTS.md); the checkout itself goes on PYTHONPATH.
 #
 # PART 1 (~7 minutes: the CUDA tests, engine, DNRT eager and under CUDA graphs), 2 (~9 minutes: Dit
 # eager and under CUDA graphs, with the default strategy of the quadratic layer ('outer' eager for
 # C <= 64, 'fused' Triton kernels compiled and wider) and the 'blocks' one, the suite, STDS) or 3 (the
 # whole test suite, needs pytest-xdist) runs a part, for machines lent for at most 10 minutes a
-# command. PART new (~4-5 minutes; its caps add up to 450 s) runs what no GPU has run yet, issue 3's
-# figures first: RAA's and ARR's CUDA C++ operators (and ARR's CPU one, which the tests compare
-# with) built side by side, then the CUDA tests of RAA's and ARR's operators only (untested on a GPU
-# since the sixteenth session: RAA's backward as one kernel whose last block sums the partial sums,
-# narrow layers' columns split into slices, ARR's backward as one kernel, ViT ARR's class tokens;
-# the Triton, compiled-model and CUDA-graph variants passed on the H200 and are left out so the step
-# fits its cap), DNRT eager twice in separate processes (issue 3's ratios, with their run-to-run
-# spread), and where the steps' host time goes (benchmarks/step_profile.py, ResNet-20 ReLU and
-# ViT-Tiny). A build cut by its cap leaves torch's lock file, on which every later build of that
-# name would wait forever: the step after it removes the locks.
+# command. PART new (~4-5 minutes; its caps add up to 510 s, with the imports and kill grace about
+# 560 s: give the command 590 s) runs what no GPU has run yet, issue 3's figures first: RAA's and
+# ARR's CUDA C++ operators built side by side (a failed build prints the compiler's whole log, and
+# the steps after it then run the Triton kernels, BIONETS_CUDA_KERNELS=0, saying so), then the CUDA
+# tests of RAA's and ARR's operators only (untested on a GPU since the sixteenth session: RAA's
+# backward as one kernel whose last block sums the partial sums, narrow layers' columns split into
+# slices, ARR's backward as one kernel, ViT ARR's class tokens; the Triton, compiled-model and
+# CUDA-graph variants passed on the H200 and are left out so the step fits its cap; the CPU
+# references are PyTorch's operators, BIONETS_CPU_KERNELS=0, so that the suite's start builds no CPU
+# kernels), DNRT eager twice in separate processes (issue 3's ratios, with their run-to-run spread),
+# and where the steps' host time goes (benchmarks/step_profile.py, ResNet-20 ReLU and ViT-Tiny). A
+# build cut by its cap leaves torch's lock file, on which every later build of that name would wait
+# forever: the step after it removes the locks.
 #
 # Writes OUT_DIR/gpu_checks.log (everything printed), dit.md,
 # dit_compiled.md (every case under CUDA graphs), dit_blocks.md and dit_blocks_compiled.md (the quadratic layer's PyTorch strategy),
-# stds.md and suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs.
-set -u
+# stds.md and suite/bench.{md,png}. A failing step is reported (its exit code) and the next one runs;
+# the script's own exit status is 1 where any step failed.
+set -u -o pipefail
 out=${1:-gpu_checks}
 part=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+failed=0
 step() {
-    local parts=$1 limit=$2; shift 2
+    local parts=$1 limit=$2 status; shift 2
     [[ $part == all || ,$parts, == *,$part,* ]] || return 0
     echo "=== $* [limit ${limit}s] $(date +%T)"
     timeout -k 5 "$limit" "$@"
-    echo "=== exit $? $(date +%T)"
+    status=$?
+    echo "=== exit $status $(date +%T)"
+    [[ $status == 0 ]] || failed=1
 }
+locks=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}
 # torch's builder takes CUDA_HOME from nvcc's place on PATH, which a wrapper script can hide: point
 # it at the toolkit where one is installed in the usual place
 if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 {
+    if [[ -d .whl ]]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bionets_site \
+            .whl/*.whl || exit 1
+    fi
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    [[ -d /tmp/bionets_site ]] && export PYTHONPATH="$PYTHONPATH:/tmp/bionets_site"
+    python3 -c "import bionets" || { echo "bionets does not import here: carry its dependencies' wheels in .whl"; exit 1; }
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
     python3 -c "from bionets.layers import cuda_kernels as k; from torch.utils import cpp_extension as e; print('CUDA toolkit for the CUDA C++ kernels:', k.has_cuda_toolkit(), e.CUDA_HOME)"
-    step new 150 bash -c 'for k in raa_cuda arr_cuda; do python3 -c "from bionets.layers import cuda_kernels as c; print(\"$k built:\", c.ops(\"$k\") is not None)" & done; python3 -c "from bionets.layers import cpu_kernels as c; print(\"arr_cpu built:\", c.ops(\"arr_cpu\") is not None)" & wait'
-    [[ $part == new ]] && find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -delete 2>/dev/null
+    step new 150 bash -c 'python3 benchmarks/build_cuda_kernels.py raa_cuda & a=$!; python3 benchmarks/build_cuda_kernels.py arr_cuda & b=$!; wait $a && wait $b'
+    if [[ $part == new ]]; then
+        find "$locks" -name lock -delete 2>/dev/null
+        if ! python3 -c "from bionets.layers import cuda_kernels as c; raise SystemExit(c.ops('raa_cuda') is None or c.ops('arr_cuda') is None)"; then
+            echo "=== the CUDA C++ kernels did not build (log above): the steps below run the Triton kernels"
+            export BIONETS_CUDA_KERNELS=0
+        fi
+    fi
     step 1 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
     # (part new: the CUDA tests of RAA's and ARR's operators, 29 of them)
-    step new 120 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "(raa or arr or second_derivatives) and not triton and not compiled_model and not cuda_graphs"
+    step new 120 env BIONETS_CPU_KERNELS=0 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "(raa or arr or second_derivatives) and not triton and not compiled_model and not cuda_graphs"
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
@@ -66,4 +91,5 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
     step 2 90 python3 benchmarks/bench_stds.py --device cuda --out "$out/stds.md"
     # the whole suite on the GPU machine (the CUDA tests again, the rest on its CPU); needs pytest-xdist
     step 3 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests
+    exit $failed
 } 2>&1 | tee "$out/gpu_checks.log"
