@@ -2,6 +2,7 @@
 import gzip
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,6 +400,51 @@ def test_bad_labels_truncated_gz_and_unreadable_images_are_one_line(tmp_path):
     (tmp_path / "g" / "val" / "dog").rename(tmp_path / "g" / "val" / "cow")
     one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2),
                    "only in train/: ['dog']; only in val/: ['cow']")
+
+
+def test_hidden_files_inside_class_folders_give_no_images(tmp_path):
+    """Jupyter's .ipynb_checkpoints inside a class folder (copies of its images: trained and tested as
+    that class) and macOS's ._ files (unreadable: the run stopped) give no samples."""
+    write_image_folder(tmp_path, per_class=2)
+    cat = tmp_path / "val" / "cat"
+    shutil.copytree(cat, cat / ".ipynb_checkpoints")
+    (cat / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    bundle = build_data(DataConfig(name="imagefolder", root=str(tmp_path), batch_size=2, img_size=16))
+    files = [Path(p).relative_to(tmp_path / "val") for p, _ in bundle.test.loader.dataset.samples]
+    assert len(files) == 4 and not any(part.startswith(".") for f in files for part in f.parts)
+
+
+def test_sixteen_bit_grayscale_images_keep_their_gray(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16 or I), which PIL's RGB conversion clipped to white, is
+    scaled to 8 bits: 19532 / 65535 reads as 76 / 255, as its 8-bit twin does."""
+    from PIL import Image
+
+    from bionets.data.imagefolder import load_image
+    Image.fromarray(np.full((6, 6), 19532, dtype=np.uint16)).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((6, 6), 76, dtype=np.uint8)).save(tmp_path / "narrow.png")
+    wide, narrow = load_image(str(tmp_path / "wide.png")), load_image(str(tmp_path / "narrow.png"))
+    assert wide.mode == narrow.mode == "RGB" and np.array_equal(np.asarray(wide), np.asarray(narrow))
+
+
+@pytest.mark.parametrize("policy", ["rand-m10-mstd0-inc1", "v0"])
+def test_posterize_to_no_bits_is_a_black_image_not_an_error(tmp_path, policy):
+    """RandAugment's 'inc' levels at magnitude 10 and AutoAugment's 'v0' posterize to 0 bits, which
+    Pillow 13 refuses (an ImageNet epoch ended on a traceback): it gives a black image, as Pillow <= 12
+    did, and the training transform runs on many draws."""
+    import random
+
+    from PIL import Image
+
+    from bionets.data.imagefolder import posterize
+    write_image_folder(tmp_path, per_class=2)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), batch_size=2, img_size=16, auto_augment=policy)
+    transform = build_data(cfg).train.loader.dataset.transform
+    image = Image.fromarray(np.random.default_rng(0).integers(1, 255, (16, 16, 3), dtype=np.uint8))
+    assert np.asarray(posterize(image, 0)).max() == 0 and posterize(image, 8) is image
+    random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(300):
+        transform(image)
 
 
 def test_image_folder_random_erasing_mode(tmp_path):

@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from bionets.data.bundle import DataBundle, Placement, make_mixup
 from bionets.data.config import DataConfig
@@ -62,10 +62,20 @@ class FolderLoader:
             raise BionetsError(str(err).strip().splitlines()[-1].split("BionetsError: ")[-1]) from None
 
 
-def load_image(path: str):
-    """torchvision's image loader; a file PIL cannot read is one error naming it."""
+def load_image(path: str) -> Image.Image:
+    """The image at ``path`` in RGB, as torchvision's loader reads it, but for 16-bit grayscale (a
+    microscope's PNG or TIFF, PIL's modes 'I;16*' and 'I'), which PIL's RGB conversion clips to
+    white: scaled to 8 bits first. A file PIL cannot read is one error naming it."""
     try:
-        return default_loader(path)
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        if image.mode.startswith("I"):
+            pixels = np.asarray(image, dtype=np.float64)
+            if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+                pixels = pixels / 257.0                         # 65535 -> 255
+            image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
+        return image.convert("RGB")
     except OSError as err:          # PIL's UnidentifiedImageError and truncated files
         raise BionetsError(f"imagefolder image '{path}' cannot be read ({type(err).__name__}): remove or "
                            "replace it") from None
@@ -98,13 +108,48 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
         except (AssertionError, KeyError, ValueError) as err:
             raise BionetsError(f"data.auto_augment='{cfg.auto_augment}' is not a timm augmentation string ({err}): "
                                "use e.g. 'rand-m9-mstd0.5', 'augmix-m5' or 'v0'") from None
-        transforms.append(transform)
+        transforms.append(_posterize_any_bits(transform))
     return split_folders(root, transforms)
 
 
+def posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize for every bit count its levels ask for: Pillow 13 refuses 0 bits, which the
+    highest magnitudes of RandAugment's 'inc' levels and of AutoAugment's 'v0' policy give (an ImageNet
+    epoch met one and ended on a traceback); 0 bits is a black image, as Pillow <= 12 made it."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _posterize_any_bits(transform):
+    """``transform`` with the posterize operations of its RandAugment, AugMix or AutoAugment (timm's
+    ``AugmentOp``) computed by :func:`posterize`."""
+    for step in getattr(transform, "transforms", []):
+        ops = list(getattr(step, "ops", []))
+        ops += [op for sub_policy in (getattr(step, "policy", None) or []) for op in sub_policy]
+        for op in ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
 class ClassFolders(ImageFolder):
-    """torchvision's ImageFolder without hidden folders as classes (``.ipynb_checkpoints``, which
-    Jupyter fills with copies of the images it shows, or a ``.DS_Store``'s siblings)."""
+    """torchvision's ImageFolder without hidden entries (``.ipynb_checkpoints``, which Jupyter fills
+    with copies of the images it shows, macOS's ``._`` files, a ``.DS_Store``): no hidden folder is a
+    class, and no hidden file or folder inside a class folder gives images."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        top = Path(directory).expanduser()           # (as torchvision walks it)
+
+        def visible(path: str) -> bool:
+            if any(part.startswith(".") for part in Path(path).relative_to(top).parts):
+                return False
+            return is_valid_file(path) if is_valid_file else has_file_allowed_extension(path, extensions or IMG_EXTENSIONS)
+
+        return ImageFolder.make_dataset(directory, class_to_idx, None, visible, allow_empty)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes, _ = super().find_classes(directory)
