@@ -130,6 +130,33 @@ def test_export_of_the_ema_weights(tmp_path, capsys):
     assert "has no EMA weights" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist", "imagefolder"])
+def test_eval_reads_the_test_split_only(dataset, tmp_path, capsys):
+    """bionets eval needs the test split alone: with the training files gone (an ImageNet val folder
+    copied to another machine, CIFAR's test_batch) it prints what it printed with them."""
+    import shutil
+
+    from bionets.data.fakes import write_cifar, write_image_folder, write_mnist
+    root = tmp_path / "data"
+    write, chans, size, train_files = {
+        "cifar10": (lambda: write_cifar(root), 3, 32, lambda: (root / "cifar-10-batches-py").glob("data_batch_*")),
+        "mnist": (lambda: write_mnist(root), 1, 28, lambda: (root / "MNIST" / "raw").glob("train-*")),
+        "imagefolder": (lambda: write_image_folder(root, per_class=4), 3, 16, lambda: [root / "train"]),
+    }[dataset]
+    write()
+    assert main(["train", "model.name=test_mlp", f"model.kwargs={{in_chans: {chans}, img_size: {size}}}",
+                 f"data.name={dataset}", f"data.img_size={size}" if dataset == "imagefolder" else "data.augment=true",
+                 "data.batch_size=4", "train.epochs=1", "sched.warmup_epochs=0", f"--data-root={root}",
+                 f"out_dir={tmp_path}", "name=r", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r" / "last.pt")]) == 0
+    with_train = capsys.readouterr().out
+    for path in list(train_files()):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert main(["eval", str(tmp_path / "r" / "last.pt")]) == 0
+    assert capsys.readouterr().out == with_train and "test_top1" in with_train
+
+
 def test_eval_on_data_of_other_class_names_says_so(tmp_path, capsys):
     """The checkpoint records the class names it trained on: an image folder of other classes (as
     many) was scored without a word."""

@@ -328,7 +328,10 @@ def test_wrong_mnist_files(tmp_path):
     (raw / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((40, 28), np.uint8)))  # 2-d, not images
     one_line_error(cfg, "not valid idx files")
     (raw / "train-images-idx3-ubyte").unlink()
-    one_line_error(cfg, "no MNIST under", "train-images-idx3-ubyte")
+    one_line_error(cfg, f"MNIST under '{raw}' lacks train-images-idx3-ubyte (optionally .gz): copy them there")
+    one_line_error(DataConfig(name="mnist", root=str(raw)), f"'{raw}' is MNIST's own folder: give the folder that "
+                   f"holds MNIST/raw, '{tmp_path}'")
+    one_line_error(DataConfig(name="mnist", root=str(tmp_path / "MNIST")), "is MNIST's own folder")
 
 
 def test_wrong_image_folders(tmp_path):

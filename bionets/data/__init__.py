@@ -30,15 +30,17 @@ DATASETS: dict[str, Callable[[DataConfig, Placement], DataBundle]] = {
 
 
 def build_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-               label_smoothing: float = 0.0) -> DataBundle:
+               label_smoothing: float = 0.0, test_only: bool = False) -> DataBundle:
     """The train and test loaders of ``cfg`` for process ``rank`` of ``world_size``.
 
     ``seed`` (the run seed) sets the training order, the augmentation and the train_fraction /
-    imbalance subsets; ``label_smoothing`` goes to mixup's soft targets.
+    imbalance subsets; ``label_smoothing`` goes to mixup's soft targets. ``test_only``: the test
+    loader alone (``train`` None), read without the training split where the dataset allows it
+    (CIFAR, MNIST, image folders; the digits' normalization comes from their training split).
     """
     if cfg.name not in DATASETS:
         raise unknown("dataset", cfg.name, DATASETS)
-    return DATASETS[cfg.name](cfg, Placement.of(cfg, rank, world_size, seed, label_smoothing))
+    return DATASETS[cfg.name](cfg, Placement.of(cfg, rank, world_size, seed, label_smoothing, test_only))
 
 
 __all__ = ["DATASETS", "DataBundle", "DataConfig", "GaussianConfig", "Placement", "Split", "build_data",

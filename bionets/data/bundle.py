@@ -12,7 +12,7 @@ from bionets.errors import BionetsError
 class DataBundle:
     """Loaders and facts about a dataset. ``train``/``test`` yield (float32 NCHW, int64 targets) on
     the CPU (or on the device given to :meth:`to`) and have ``len()`` (batches per epoch of this
-    process) and ``set_epoch(epoch)``."""
+    process) and ``set_epoch(epoch)``; ``train`` is None in a bundle built for evaluation (``test_only``)."""
 
     train: object
     test: object
@@ -36,7 +36,8 @@ class DataBundle:
 
 @dataclass(frozen=True)
 class Placement:
-    """Process ``rank`` of ``world_size``, the run seed and this process's batch sizes."""
+    """Process ``rank`` of ``world_size``, the run seed, this process's batch sizes, and whether only
+    the test split is wanted (evaluating a checkpoint: the training split's files may be absent)."""
 
     rank: int
     world_size: int
@@ -44,9 +45,11 @@ class Placement:
     batch: int            # per process: data.batch_size // world_size
     eval_batch: int
     label_smoothing: float
+    test_only: bool = False
 
     @classmethod
-    def of(cls, cfg: DataConfig, rank: int, world_size: int, seed: int, label_smoothing: float) -> Placement:
+    def of(cls, cfg: DataConfig, rank: int, world_size: int, seed: int, label_smoothing: float,
+           test_only: bool = False) -> Placement:
         if not 0 <= rank < world_size:
             raise BionetsError(f"rank {rank} is outside a world of {world_size} processes")
         if cfg.batch_size % world_size:
@@ -56,7 +59,7 @@ class Placement:
         if (cfg.mixup > 0 or cfg.cutmix > 0) and batch % 2:
             raise BionetsError(f"mixup/cutmix need an even batch per process, got {batch} "
                                f"(data.batch_size={cfg.batch_size} over {world_size} processes)")
-        return cls(rank, world_size, seed, batch, cfg.eval_batch_size or 2 * batch, label_smoothing)
+        return cls(rank, world_size, seed, batch, cfg.eval_batch_size or 2 * batch, label_smoothing, test_only)
 
 
 def make_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float):

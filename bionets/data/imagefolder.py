@@ -91,8 +91,9 @@ def normalization(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 
 
-def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder]:
-    """The train and val ImageFolders under ``root`` with timm's training / evaluation transforms."""
+def image_folders(cfg: DataConfig, root: Path, train: bool = True) -> tuple[ImageFolder | None, ImageFolder]:
+    """The train and val ImageFolders under ``root`` with timm's training / evaluation transforms
+    (without ``train``: None and the val one, read without a train folder)."""
     size = cfg.img_size or 224
     mean, std = normalization(cfg)
     transforms = []
@@ -109,7 +110,7 @@ def image_folders(cfg: DataConfig, root: Path) -> tuple[ImageFolder, ImageFolder
             raise BionetsError(f"data.auto_augment='{cfg.auto_augment}' is not a timm augmentation string ({err}): "
                                "use e.g. 'rand-m9-mstd0.5', 'augmix-m5' or 'v0'") from None
         transforms.append(_posterize_any_bits(transform))
-    return split_folders(root, transforms)
+    return split_folders(root, transforms, train)
 
 
 def posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -159,11 +160,11 @@ class ClassFolders(ImageFolder):
         return classes, {c: k for k, c in enumerate(classes)}
 
 
-def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, ImageFolder]:
+def split_folders(root: Path, transforms=(None, None), train: bool = True) -> tuple[ImageFolder | None, ImageFolder]:
     """The ImageFolders of ``root/train`` and ``root/val`` (a transform each), which must hold the same
-    class folders; a missing or empty folder is one error line."""
-    splits = []
-    for split, transform in zip(("train", "val"), transforms):
+    class folders; a missing or empty folder is one error line. Without ``train``: None and val's."""
+    splits = [] if train else [None]
+    for split, transform in list(zip(("train", "val"), transforms))[0 if train else 1:]:
         folder = root / split
         if not folder.is_dir():
             raise BionetsError(f"imagefolder root '{root}' has no '{split}/' folder: expected "
@@ -173,6 +174,8 @@ def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, Ima
         except (FileNotFoundError, RuntimeError) as err:     # no class folder, or an empty one
             raise BionetsError(f"imagefolder '{folder}': {str(err).splitlines()[0].rstrip('.')}: put each class's "
                                f"images in a folder of its own ({folder}/<class>/*.jpg)") from None
+    if not train:
+        return None, splits[1]
     if len(splits[0].classes) < 2:
         raise BionetsError(f"imagefolder '{root}' has one class folder ({splits[0].classes[0]}): a classifier "
                            "needs two or more; add the other classes' folders to train/ and val/")
@@ -185,18 +188,20 @@ def split_folders(root: Path, transforms=(None, None)) -> tuple[ImageFolder, Ima
 
 
 def build_imagefolder(cfg: DataConfig, at: Placement) -> DataBundle:
-    train_set, val_set = image_folders(cfg, require_root(cfg.root, "imagefolder", None))
-    keep = training_subset(torch.tensor(train_set.targets), cfg.train_fraction, cfg.imbalance_ratio, at.seed)
-    if keep is not None:
-        train_set.samples = train_set.imgs = [train_set.samples[i] for i in keep.tolist()]
-        train_set.targets = [s[1] for s in train_set.samples]
-    if len(train_set) < at.batch * at.world_size:
-        raise BionetsError(f"imagefolder '{cfg.root}' has {len(train_set)} training images, fewer than one global "
-                           f"batch of {at.batch * at.world_size}: lower data.batch_size")
-    k = len(train_set.classes)
-    return DataBundle(FolderLoader(train_set, at.batch, train=True, workers=cfg.workers, at=at),
-                      FolderLoader(val_set, at.eval_batch, train=False, workers=cfg.workers, at=at),
-                      k, 3, cfg.img_size or 224, make_mixup(cfg, k, at.label_smoothing), list(train_set.classes),
+    train_set, val_set = image_folders(cfg, require_root(cfg.root, "imagefolder", None), train=not at.test_only)
+    train = None
+    if train_set is not None:
+        keep = training_subset(torch.tensor(train_set.targets), cfg.train_fraction, cfg.imbalance_ratio, at.seed)
+        if keep is not None:
+            train_set.samples = train_set.imgs = [train_set.samples[i] for i in keep.tolist()]
+            train_set.targets = [s[1] for s in train_set.samples]
+        if len(train_set) < at.batch * at.world_size:
+            raise BionetsError(f"imagefolder '{cfg.root}' has {len(train_set)} training images, fewer than one global "
+                               f"batch of {at.batch * at.world_size}: lower data.batch_size")
+        train = FolderLoader(train_set, at.batch, train=True, workers=cfg.workers, at=at)
+    k = len(val_set.classes)            # (train/ holds the same classes)
+    return DataBundle(train, FolderLoader(val_set, at.eval_batch, train=False, workers=cfg.workers, at=at),
+                      k, 3, cfg.img_size or 224, make_mixup(cfg, k, at.label_smoothing), list(val_set.classes),
                       *normalization(cfg))
 
 

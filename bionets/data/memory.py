@@ -31,24 +31,24 @@ class Split:
     flip: bool = False
 
 
-def load_digits(cfg: DataConfig) -> Split:
+def load_digits(cfg: DataConfig, train: bool = True) -> Split:
     x, y, xt, yt, classes = load_digits_split()
     return Split(x, y, xt, yt, classes, (float(x.mean()),), (float(x.std()),), pad=1)
 
 
-def load_cifar10(cfg: DataConfig) -> Split:
-    return Split(*load_cifar(cfg.root, cfg.download, 10), CIFAR_MEAN, CIFAR_STD, pad=4, flip=True)
+def load_cifar10(cfg: DataConfig, train: bool = True) -> Split:
+    return Split(*load_cifar(cfg.root, cfg.download, 10, train), CIFAR_MEAN, CIFAR_STD, pad=4, flip=True)
 
 
-def load_cifar100(cfg: DataConfig) -> Split:
-    return Split(*load_cifar(cfg.root, cfg.download, 100), CIFAR_MEAN, CIFAR_STD, pad=4, flip=True)
+def load_cifar100(cfg: DataConfig, train: bool = True) -> Split:
+    return Split(*load_cifar(cfg.root, cfg.download, 100, train), CIFAR_MEAN, CIFAR_STD, pad=4, flip=True)
 
 
-def load_mnist_split(cfg: DataConfig) -> Split:
-    return Split(*load_mnist(cfg.root, cfg.download), MNIST_MEAN, MNIST_STD, pad=1)
+def load_mnist_split(cfg: DataConfig, train: bool = True) -> Split:
+    return Split(*load_mnist(cfg.root, cfg.download, train), MNIST_MEAN, MNIST_STD, pad=1)
 
 
-def load_gaussian(cfg: DataConfig) -> Split:
+def load_gaussian(cfg: DataConfig, train: bool = True) -> Split:
     """``n_train`` and ``n_test`` samples of ``cfg.gaussian`` as ``dim`` channels of a 1x1 map; the
     samples, like the classes, depend on ``gaussian.seed`` only (not on the run seed)."""
     g = cfg.gaussian
@@ -60,22 +60,23 @@ def load_gaussian(cfg: DataConfig) -> Split:
                  (0.0,) * g.dim, (1.0,) * g.dim)
 
 
-def in_memory(load: Callable[[DataConfig], Split]) -> Callable[[DataConfig, Placement], DataBundle]:
-    """A dataset builder from a function that reads the whole dataset into a :class:`Split`."""
+def in_memory(load: Callable[[DataConfig, bool], Split]) -> Callable[[DataConfig, Placement], DataBundle]:
+    """A dataset builder from a function that reads the whole dataset into a :class:`Split` (its
+    second argument: whether the training split is wanted; it may be read all the same)."""
 
     def build(cfg: DataConfig, at: Placement) -> DataBundle:
-        s = load(cfg)
+        s = load(cfg, not at.test_only)
         x, y = s.x_train, s.y_train
-        keep = training_subset(y, cfg.train_fraction, cfg.imbalance_ratio, at.seed)
+        keep = training_subset(y, cfg.train_fraction, cfg.imbalance_ratio, at.seed) if not at.test_only else None
         if keep is not None:
             x, y = x[keep], y[keep]
-        if len(y) < at.batch * at.world_size:
+        if len(y) < at.batch * at.world_size and not at.test_only:
             raise BionetsError(f"the training split of '{cfg.name}' has {len(y)} samples, fewer than one global "
                                f"batch of {at.batch * at.world_size}: lower data.batch_size")
         mean, std = (s.mean, s.std) if cfg.normalize else ((0.0,) * len(s.mean), (1.0,) * len(s.std))
         augment = random_crop(s.pad, s.flip) if cfg.augment and s.pad else None
         common = dict(mean=mean, std=std, rank=at.rank, world_size=at.world_size, seed=at.seed)
-        train = TensorLoader(x, y, at.batch, train=True, augment=augment, **common)
+        train = None if at.test_only else TensorLoader(x, y, at.batch, train=True, augment=augment, **common)
         test = TensorLoader(s.x_test, s.y_test, at.eval_batch, train=False, **common)
         k = len(s.classes)
         return DataBundle(train, test, k, x.shape[1], x.shape[-1], make_mixup(cfg, k, at.label_smoothing),

@@ -56,8 +56,9 @@ def _fix() -> str:
 
 
 def _exists_only(self) -> bool:
+    """Whether the files of this split (``train``) exist: a test split reads without the training one."""
     folder = Path(self.root) / self.base_folder
-    return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+    return all((folder / name).is_file() for name, _ in (self.train_list if self.train else self.test_list))
 
 
 def _load_meta_unchecked(self) -> None:
@@ -112,15 +113,16 @@ def _download_failed(name: str, err: Exception) -> BionetsError:
                         f"({_OPTIONS.get()[0]}) by hand (see docs/data.md)")
 
 
-def load_cifar(root: str | None, download: bool, classes: int) -> tuple:
-    """(train images uint8 NCHW, train targets, test images, test targets, class names)."""
+def load_cifar(root: str | None, download: bool, classes: int, train: bool = True) -> tuple:
+    """(train images uint8 NCHW, train targets, test images, test targets, class names); without
+    ``train`` the training split is not read (its files may be absent) and comes back empty."""
     name, cls, folder = ("cifar10", CIFAR10Files, "cifar-10-batches-py") if classes == 10 else \
         ("cifar100", CIFAR100Files, "cifar-100-python")
     path = require_root(root, name, download)
-    splits = []
-    for train in (True, False):
+    splits = [] if train else [torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)]
+    for split in (True, False)[0 if train else 1:]:
         try:
-            ds = cls(str(path), train=train, download=download)
+            ds = cls(str(path), train=split, download=download)
         except OSError as err:
             if download:
                 raise _download_failed(name, err) from None
@@ -200,23 +202,35 @@ def _gunzip_missing(raw: Path) -> None:
                 shutil.rmtree(scratch, ignore_errors=True)
 
 
-def load_mnist(root: str | None, download: bool) -> tuple:
-    """(train images uint8 N1HW, train targets, test images, test targets, class names)."""
+class MNISTSplit(datasets.MNIST):
+    """torchvision's MNIST that needs only the files of the split it reads."""
+
+    @property
+    def raw_folder(self) -> str:
+        return str(Path(self.root, "MNIST", "raw"))        # (torchvision's names the folder after the class)
+
+    def _check_exists(self) -> bool:
+        prefix = "train" if self.train else "t10k"
+        return all(Path(self.raw_folder, name).is_file() for name in MNIST_FILES if name.startswith(prefix))
+
+
+def load_mnist(root: str | None, download: bool, train: bool = True) -> tuple:
+    """(train images uint8 N1HW, train targets, test images, test targets, class names); without
+    ``train`` the training split is not read (its files may be absent) and comes back empty."""
     path = require_root(root, "mnist", download)
     raw = path / "MNIST" / "raw"
     if raw.is_dir():
         _gunzip_missing(raw)
     bad_format = BionetsError(f"MNIST files under '{raw}' are not valid idx files: re-download them")
-    splits = []
-    for train in (True, False):
+    splits = [] if train else [torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)]
+    for split in (True, False)[0 if train else 1:]:
         try:
-            ds = datasets.MNIST(str(path), train=train, download=download)
+            ds = MNISTSplit(str(path), train=split, download=download)
         except RuntimeError as err:
             if "Error downloading" in str(err):
                 raise _download_failed("mnist", err) from None
             if "not found" in str(err).lower():
-                raise BionetsError(f"no MNIST under '{path}' (expected {raw}/{{{','.join(MNIST_FILES)}}}, "
-                                   f"optionally .gz): {_fix()}") from None
+                raise _mnist_not_found(path, raw, split) from None
             raise bad_format from None
         except FORMAT_ERRORS:
             raise bad_format from None
@@ -224,6 +238,21 @@ def load_mnist(root: str | None, download: bool) -> tuple:
             raise bad_format
         splits += [ds.data.unsqueeze(1).contiguous(), check_labels(ds.targets.clone(), 10, f"MNIST under '{raw}'")]
     return (*splits, list(datasets.MNIST.classes))
+
+
+def _mnist_not_found(path: Path, raw: Path, train: bool) -> BionetsError:
+    """The one line for MNIST files missing: which ones, and where the root points at MNIST's own folders
+    (``MNIST/raw`` or ``MNIST``), its parent."""
+    if path.name == "raw" and path.parent.name == "MNIST" or (path / "raw").is_dir() and path.name == "MNIST":
+        parent = path.parent.parent if path.name == "raw" else path.parent
+        return BionetsError(f"'{path}' is MNIST's own folder: give the folder that holds MNIST/raw, '{parent}'")
+    if not raw.is_dir():
+        return BionetsError(f"no MNIST under '{path}' (expected {raw}/{{{','.join(MNIST_FILES)}}}, optionally .gz): "
+                            f"{_fix()}")
+    wanted = [n for n in MNIST_FILES if n.startswith("train" if train else "t10k")]
+    missing = [n for n in wanted if not (raw / n).is_file()]
+    return BionetsError(f"MNIST under '{raw}' lacks {', '.join(missing)} (optionally .gz): copy them there, or "
+                        f"{_fix()}")
 
 
 def load_digits_split() -> tuple:

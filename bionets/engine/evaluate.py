@@ -71,7 +71,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, loss: str = "ce"
 def model_from_checkpoint(path: str | Path, *, device: torch.device | None = None, data_root: str | None = None,
                           ema: bool = False, need_data: bool = True, root_option: str = "--data-root DIR"):
     """(model, hooks, config, data bundle) rebuilt from a checkpoint's resolved config and weights.
-    Without ``need_data`` the data is not loaded where the checkpoint records its class count and
+    The bundle holds the test split only (``train`` None: the training split's files need not be
+    there). Without ``need_data`` the data is not loaded where the checkpoint records its class count and
     input channels (``data_info``; every checkpoint ``bionets train`` writes): the bundle is then
     None. ``root_option``: how the caller sets ``data_root``, for the data errors (nothing downloads
     here)."""
@@ -84,7 +85,7 @@ def model_from_checkpoint(path: str | Path, *, device: torch.device | None = Non
     device = device or parse_device(cfg.train.device, "train.device")
     info = state.get("data_info")
     with data_options(root_option, None):
-        data = build_data(cfg.data, seed=cfg.train.seed) if need_data or info is None else None
+        data = build_data(cfg.data, seed=cfg.train.seed, test_only=True) if need_data or info is None else None
     trained_on = (info or {}).get("classes")
     here = [str(c) for c in data.classes] if data is not None else None
     if here is not None and isinstance(trained_on, list) and trained_on != here:
