@@ -345,7 +345,7 @@ def test_wrong_image_folders(tmp_path):
     for png in (tmp_path / "g" / "val" / "dog").iterdir():
         png.unlink()
     one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "g"), batch_size=2), "imagefolder", "val",
-                   "Found no valid file for the classes dog", "put each class's images in a folder of its own")
+                   "Found no valid file for the classes dog", "add images to those class folders, or remove them")
     write_image_folder(tmp_path / "one", classes=("cat",))          # trained silently on one class
     one_line_error(DataConfig(name="imagefolder", root=str(tmp_path / "one"), batch_size=2),
                    "has one class folder (cat): a classifier needs two or more")

@@ -317,6 +317,8 @@ def test_image_folder_options_on_another_dataset_are_noted(tmp_path, capsys):
         "note: data.name=digits does not take data.root=/data, data.download=true (it reads no files: set data.name "
         "to the dataset there); nor data.reprob=0.5 (imagefolder's options; ignored)")
     assert unused_data_options_note(DataConfig(name="cifar10", root="/data", download=True)) is None
+    assert "does not take data.download=true (no image folder is downloaded" in unused_data_options_note(
+        DataConfig(name="imagefolder", download=True))
     from bionets.data import DATASETS
     from bionets.data.config import IN_MEMORY
     assert set(DATASETS) == {*IN_MEMORY, "imagefolder"}     # a new dataset is placed on one side or the other

@@ -75,7 +75,11 @@ FILELESS = ("digits", "gaussian")         # bundled with scikit-learn, or genera
 def unused_data_options_note(cfg: DataConfig) -> str | None:
     """A note naming the image-folder options set away from their defaults on a dataset that does not
     take them (RandAugment on CIFAR, say), and a data root or download on one that reads no files
-    (a run meant for CIFAR that forgot data.name): they change nothing there."""
+    (a run meant for CIFAR that forgot data.name), or a download on the image folders (nothing fetches
+    them): they change nothing there."""
+    if cfg.name == "imagefolder" and cfg.download:
+        return ("note: data.name=imagefolder does not take data.download=true (no image folder is downloaded: put "
+                "train/ and val/ under data.root yourself)")
     if cfg.name not in IN_MEMORY:
         return None
     notes = []

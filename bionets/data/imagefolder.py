@@ -172,8 +172,10 @@ def split_folders(root: Path, transforms=(None, None), train: bool = True) -> tu
         try:
             splits.append(ClassFolders(str(folder), transform=transform, loader=load_image))
         except (FileNotFoundError, RuntimeError) as err:     # no class folder, or an empty one
-            raise BionetsError(f"imagefolder '{folder}': {str(err).splitlines()[0].rstrip('.')}: put each class's "
-                               f"images in a folder of its own ({folder}/<class>/*.jpg)") from None
+            said = str(err).splitlines()[0].rstrip(".")
+            fix = ("add images to those class folders, or remove them from train/ and val/" if "no valid file" in said
+                   else f"put each class's images in a folder of its own ({folder}/<class>/*.jpg)")
+            raise BionetsError(f"imagefolder '{folder}': {said}: {fix}") from None
     if not train:
         return None, splits[1]
     if len(splits[0].classes) < 2:
