@@ -425,7 +425,7 @@ def test_class_tokens_are_the_stacked_slices_with_their_gradients():
 def test_arr_on_a_vit_through_class_tokens_matches_the_slices(monkeypatch):
     """The hook takes a ViT's class tokens through class_tokens: the loss and every parameter's
     gradient are those of the slices taken one block at a time."""
-    from bionets.mechanisms import dnrt
+    from bionets.mechanisms import arr as arr_mechanism
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=8, depth=3).double()
     model, hooks, _ = apply_mechanisms(model, parse_mechanisms({"arr": {"weight": 5.0}}))
@@ -438,9 +438,10 @@ def test_arr_on_a_vit_through_class_tokens_matches_the_slices(monkeypatch):
         model.load_state_dict(state)
         model.zero_grad()
         if plain:
-            monkeypatch.setattr(dnrt, "class_tokens", lambda blocks: torch.stack([b[:, 0] for b in blocks]))
+            monkeypatch.setattr(arr_mechanism, "class_tokens", lambda blocks: torch.stack([b[:, 0] for b in blocks]))
         else:
-            monkeypatch.setattr(dnrt, "class_tokens", lambda blocks: taken.append(len(blocks)) or class_tokens(blocks))
+            monkeypatch.setattr(arr_mechanism, "class_tokens",
+                                lambda blocks: taken.append(len(blocks)) or class_tokens(blocks))
         for _ in range(2):          # the second step against the means the first one left
             model.zero_grad()
             loss = hooks[0].aux_loss(model, x, model(x), y)

@@ -325,7 +325,7 @@ def test_stated_input_size_reads_the_model_as_built():
     """timm keeps the registered pretrained_cfg when img_size or in_chans change: the size comes
     from the patch embedding and the first convolution instead; torchvision's classifiers state
     224 x 224; a model of one's own states nothing (no probe)."""
-    from bionets.mechanisms.dnrt import stated_input_size
+    from bionets.mechanisms.raa import stated_input_size
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10)
     assert stated_input_size(vit) == [1, 32, 32]
     assert stated_input_size(timm.create_model("resnet20_cifar", in_chans=1)) == [1, 32, 32]
@@ -538,7 +538,7 @@ def test_quadratic_term_on_a_multi_step_spiking_net():
 def test_raa_probes_levit_at_the_size_it_was_built_for():
     """timm's LeViT keeps no img_size and states 224 whatever it was built for: its size comes from
     its attention's grid (the probe at 224 failed, and the widths read from the layers broke the forward)."""
-    from bionets.mechanisms.dnrt import stated_input_size
+    from bionets.mechanisms.raa import stated_input_size
     model = timm.create_model("levit_128s", num_classes=10, img_size=64)
     assert stated_input_size(model) == [3, 64, 64]
     assert stated_input_size(timm.create_model("levit_128s", num_classes=10)) == [3, 224, 224]

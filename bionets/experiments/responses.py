@@ -20,7 +20,7 @@ from bionets.configbase import PathText
 from bionets.errors import BionetsError
 from bionets.layers.arr import per_sample
 from bionets.experiments import register_experiment
-from bionets.mechanisms.dnrt import classifier_layer
+from bionets.mechanisms.arr import classifier_layer
 
 
 def collect(checkpoint: str, data_root: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
