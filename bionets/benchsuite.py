@@ -24,7 +24,7 @@ from torch import nn
 from bionets.bench import (Timing, alternating_step_times, device_name, loss_with_hooks, measure, paired_ratios,
                            train_step)
 from bionets.conversion import convert
-from bionets.engine.checkpoint import make_output_dir
+from bionets.engine.files import make_output_dir
 from bionets.engine.model import use_channels_last
 from bionets.errors import BionetsError, one_line
 from bionets.mechanisms import MECHANISMS, get_mechanism

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from bionets.configbase import check_path, load_yaml, quoted
-from bionets.engine.checkpoint import restore_handlers
+from bionets.engine.signals import restore_handlers
 from bionets.errors import BionetsError, Terminated, closest
 
 USAGE_EXAMPLES = """examples:
@@ -207,7 +207,7 @@ def cmd_experiment(args) -> int:
         except yaml.YAMLError:
             raise BionetsError(f"experiment option '{item}' is not valid YAML (a list is [1, 2], a string "
                                "with spaces 'a b')") from None
-    from bionets.engine.checkpoint import output_dir
+    from bionets.engine.files import output_dir
 
     with output_dir(Path(args.out or Path("runs") / "experiments" / args.name), "another --out") as out:
         print(fn(out, **options))
@@ -225,7 +225,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from bionets.benchsuite import check_mechanisms, run_suite
-    from bionets.engine.checkpoint import output_dir
+    from bionets.engine.files import output_dir
     from bionets.engine.distributed import parse_device
 
     def ints(option: str, text: str | None) -> list[int] | None:

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from bionets.configbase import Section
-from bionets.engine.checkpoint import ctrl_c_deferred, load_checkpoint, save_checkpoint
+from bionets.engine.checkpoint import load_checkpoint, save_checkpoint
+from bionets.engine.signals import ctrl_c_deferred
 from bionets.engine.hooks import Hook
 from bionets.engine.optim import OptimConfig, lr_mult_summary, param_groups
 from bionets.engine.trainer import train
@@ -508,7 +509,7 @@ def test_a_signal_while_the_handlers_are_put_back_leaves_none_half_restored(sigi
     signal.signal call before it changed anything, which kept the deferral's handler on SIGTERM
     (every later SIGTERM swallowed) and the deferral marked as running (every later write
     unprotected). Now SIGTERM's is set again and the Ctrl-C raised after."""
-    from bionets.engine import checkpoint
+    from bionets.engine import signals
     sigint_handler(signal.default_int_handler)
     term_before = signal.getsignal(signal.SIGTERM)
     real_signal, pressed = signal.signal, []
@@ -520,13 +521,13 @@ def test_a_signal_while_the_handlers_are_put_back_leaves_none_half_restored(sigi
             return ctrl_c_then_set(signum, handler)
         return real_signal(signum, handler)
 
-    monkeypatch.setattr(checkpoint.signal, "signal", fake)
+    monkeypatch.setattr(signals.signal, "signal", fake)
     with pytest.raises(KeyboardInterrupt) as stopped:
         with ctrl_c_deferred():
             pass
     monkeypatch.undo()
     assert pressed and type(stopped.value) is KeyboardInterrupt
-    assert signal.getsignal(signal.SIGTERM) is term_before and not checkpoint._deferring
+    assert signal.getsignal(signal.SIGTERM) is term_before and not signals._deferring
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -534,13 +535,13 @@ def test_a_sigterm_while_the_handlers_are_put_in_place_leaves_none_changed(sigin
                                                                            monkeypatch):
     """A SIGTERM that arrives as the deferral installs its own SIGTERM handler (SIGINT's installed)
     raises from there: it left the deferral's handler on SIGINT and the deferral marked running."""
-    from bionets.engine import checkpoint
+    from bionets.engine import signals
     from bionets.errors import Terminated
     cli = cli_sigterm
     sigint_handler(signal.default_int_handler)
     real_signal = signal.signal
     term_then_set = _signal_then_set(real_signal, signal.SIGTERM)
-    monkeypatch.setattr(checkpoint.signal, "signal", lambda signum, handler: (
+    monkeypatch.setattr(signals.signal, "signal", lambda signum, handler: (
         term_then_set if signum == signal.SIGTERM and handler is not cli._raise_terminated else real_signal)(
         signum, handler))
     with pytest.raises(KeyboardInterrupt) as stopped:
@@ -548,7 +549,7 @@ def test_a_sigterm_while_the_handlers_are_put_in_place_leaves_none_changed(sigin
             pytest.fail("the block ran")
     monkeypatch.undo()
     assert isinstance(stopped.value, Terminated)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not checkpoint._deferring
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not signals._deferring
     assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
 
 
@@ -568,7 +569,7 @@ def test_a_stop_held_while_the_block_raises_still_acts(cli_sigterm):
 def test_a_full_disk_during_a_write_is_one_line_and_keeps_the_earlier_file(tmp_path, raised):
     """torch.save reports a full disk as a RuntimeError raised while handling the OSError (35 lines
     of traceback); the earlier file stays, and no temporary file is left."""
-    from bionets.engine.checkpoint import write_atomic
+    from bionets.engine.files import write_atomic
     path = tmp_path / "last.pt"
     save_checkpoint(path, {**RUN, "epoch": 1})
 
@@ -592,7 +593,7 @@ def test_a_full_disk_during_a_write_is_one_line_and_keeps_the_earlier_file(tmp_p
 def test_a_write_refused_for_another_reason_does_not_advise_freeing_space(tmp_path):
     """Only a full disk or quota gets "free space"; an OSError its raiser set aside (``from None``)
     is not the write's failure."""
-    from bionets.engine.checkpoint import write_atomic
+    from bionets.engine.files import write_atomic
     path = tmp_path / "last.pt"
 
     def refused(f):

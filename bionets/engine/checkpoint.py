@@ -6,176 +6,21 @@ scheduler, grad-scaler, EMA and RNG states, ``epoch`` (completed), ``step`` and 
 from __future__ import annotations
 
 import codecs
-import errno
 import math
 import os
 import pickle
 import random
-import signal
-import tempfile
-import threading
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import nn
 
-from bionets.errors import BionetsError, one_line
+from bionets.engine.files import write_atomic
+from bionets.errors import BionetsError
 
 FORMAT = "bionets-checkpoint/1"
-
-
-_deferring = False        # whether a ctrl_c_deferred block runs (an inner one leaves its signals to it)
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)     # Ctrl-C, and a scheduler's stop (SLURM, Kubernetes, kill)
-
-
-@contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) or SIGTERM that arrives inside the block and act on it when the block
-    is done. Raised inside ``torch.save``, a KeyboardInterrupt makes its zip writer fail while
-    closing, and the run ended on that RuntimeError's traceback; raised inside TensorBoard's writer,
-    between its queue's put and the wake-up of the thread that drains it, it can stall the writer's
-    close for up to its flush interval (two minutes); a SIGTERM that ends the process mid-write left
-    a partial temporary file. A block inside another holds its signals for the outer one. A signal
-    held acts as its handler before the block would have (Python's SIGINT handler raises
-    KeyboardInterrupt; the CLI's SIGTERM handler :class:`~bionets.errors.Terminated`; the default
-    SIGTERM action ends the process, now with the file whole); with both held, SIGTERM acts (the
-    scheduler's stop is the one that cannot be waited out). A signal that arrives while the handlers
-    are put or put back is not lost and leaves none of them half changed (:func:`restore_handlers`);
-    one held while the block raised acts all the same (the block's error is its context). Python runs
-    signal handlers in the main thread only, and a signal the process ignores (Ctrl-C when started
-    in the background, or under nohup) stays ignored: in another thread, and for such a signal, this
-    holds nothing."""
-    global _deferring
-    if threading.current_thread() is not threading.main_thread() or _deferring:
-        yield
-        return
-    _deferring, held, previous = True, [], {}
-    try:
-        for signum in HELD_SIGNALS:        # (inside the try: a signal that raises here restores the rest)
-            if signal.getsignal(signum) not in (signal.SIG_IGN, None):
-                previous[signum] = signal.signal(signum, lambda number, frame: held.append(number))
-        yield
-    finally:
-        _deferring = False
-        late = restore_handlers(previous)
-        if held:                            # also when the block raised: the stop still acts
-            signum = signal.SIGTERM if signal.SIGTERM in held else held[0]
-            if callable(previous[signum]):
-                previous[signum](signum, None)
-            else:                           # SIG_DFL: the process ends as the signal would have ended it
-                os.kill(os.getpid(), signum)
-        if late is not None:
-            raise late
-
-
-def restore_handlers(previous: dict) -> KeyboardInterrupt | None:
-    """Put the ``previous`` signal handlers back, every one. ``signal.signal`` first runs the handlers
-    of signals that have arrived: a Ctrl-C just after SIGINT's own handler is back raises there,
-    before SIGTERM's is, which left the deferral's handler on SIGTERM for good (every later SIGTERM
-    swallowed). Such a KeyboardInterrupt (or Terminated) is kept and returned, and that handler set
-    again (the check runs before the change, so it had not been)."""
-    late = None
-    for signum, handler in previous.items():
-        while True:
-            try:
-                signal.signal(signum, handler)
-                break
-            except KeyboardInterrupt as err:    # a restored handler's, for a signal that came meanwhile
-                late = late or err
-    return late
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()     # a new file's usual permissions (a temporary file starts at 0600)
-
-
-def make_output_dir(path: Path, option: str = "another path") -> Path:
-    """``path`` made (with its parents) to write into; one error line where it cannot be, naming
-    what is in the way and ``option``, the setting that chooses the path."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        why = f"'{file}' is a file" if file is not None else err.strerror
-        raise BionetsError(f"cannot make the output directory '{path}' ({why}): choose {option}") from None
-    return path
-
-
-@contextmanager
-def output_dir(path: Path, option: str = "another path") -> Iterator[Path]:
-    """:func:`make_output_dir` for a job that may fail: the directories it made (``path`` and any
-    parent that did not exist) are removed again if the job raises and leaves them empty, so that
-    a rejected option leaves nothing behind."""
-    path = Path(path)
-    made = [p for p in (path, *path.parents) if not p.exists()]
-    make_output_dir(path, option)
-    try:
-        yield path
-    except BaseException:
-        for p in made:                  # the deepest first
-            with suppress(OSError):
-                p.rmdir()               # (only while empty)
-        raise
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``: a reader sees
-    the old file or the new one, never half, and a failed write leaves no temporary file. A Ctrl-C
-    during the write takes effect once the new file is in place. The file gets the permissions of
-    any new file (the umask's), not the temporary file's owner-only ones."""
-    path = Path(path)
-    if path.is_dir():
-        raise BionetsError(f"cannot write '{path}': it is a directory; give a file path (inside it, say)")
-    make_output_dir(path.parent)
-    with ctrl_c_deferred():
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as err:
-            raise BionetsError(f"cannot write '{path}' ({err.strerror or type(err).__name__}): give a path in a "
-                               "folder you can write to") from None
-        try:
-            if hasattr(os, "fchmod"):                # (POSIX)
-                os.fchmod(fd, _FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if (cause := _os_error_in(err)) is None:
-                raise
-            kept = f"; the earlier {path.name} there is unchanged" if path.is_file() else ""
-            full = "free space there or " if cause.errno in _FULL else ""
-            raise BionetsError(f"cannot write '{path}' ({cause.strerror or one_line(cause)}): {full}write elsewhere "
-                               f"(another out_dir or path){kept}") from None
-
-
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}     # a full disk, or the user's quota
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind ``err`` (itself, or what it was raised from or during: torch.save reports a
-    full disk as a RuntimeError raised while handling the OSError), or None. A context its raiser
-    suppressed (``raise ... from None``) is not followed: that error was judged beside the point."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
-    return None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

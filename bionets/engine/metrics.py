@@ -28,7 +28,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, history: list[dict]):
         from torch.utils.tensorboard import SummaryWriter
 
-        from bionets.engine.checkpoint import make_output_dir, write_atomic
+        from bionets.engine.files import make_output_dir, write_atomic
 
         self.jsonl = run_dir / "metrics.jsonl"
         write_atomic(self.jsonl, lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))

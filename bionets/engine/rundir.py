@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from bionets.engine.checkpoint import write_atomic
+from bionets.engine.files import write_atomic
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "tb")
 

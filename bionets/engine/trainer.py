@@ -26,17 +26,19 @@ from bionets.config import RunConfig, check_resume_config
 from bionets.configbase import dump_yaml
 from bionets.data import build_data
 from bionets.data.config import unused_data_options_note
-from bionets.engine.checkpoint import (ctrl_c_deferred, load_checkpoint, load_model_state, make_output_dir,
-                                       require_entries, rng_state, save_checkpoint, seed_everything, set_rng_state)
+from bionets.engine.checkpoint import (load_checkpoint, load_model_state, require_entries, rng_state, save_checkpoint,
+                                       seed_everything, set_rng_state)
 from bionets.engine.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed,
                                         shutdown)
 from bionets.engine.evaluate import autocast_for, evaluate, task_loss
+from bionets.engine.files import make_output_dir
 from bionets.engine.hooks import Progress
 from bionets.engine.metrics import FORMATS, MetricsWriter, console_line, topk_correct
 from bionets.engine.model import build_model, match_layout_free_grad_strides, training_only_keys, use_channels_last
 from bionets.engine.optim import (create_optimizer, create_scheduler, lr_mult_summary, require_state_shapes,
                                   schedule_note, unused_options_note)
 from bionets.engine.rundir import copy_file, remove_run_files, remove_temporary_files, unused_name, write_text
+from bionets.engine.signals import ctrl_c_deferred
 from bionets.errors import BionetsError, one_line
 from bionets.toolchain import require_cpu_compiler
 

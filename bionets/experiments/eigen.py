@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from bionets.configbase import PathText, Seed
-from bionets.engine.checkpoint import make_output_dir
+from bionets.engine.files import make_output_dir
 from bionets.errors import BionetsError
 from bionets.experiments import Fraction, register_experiment
 from bionets.engine.distributed import parse_device

@@ -17,7 +17,7 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
 from bionets.configbase import PathText
-from bionets.engine.checkpoint import make_output_dir
+from bionets.engine.files import make_output_dir
 from bionets.experiments import Fraction, NonEmpty, register_experiment
 from bionets.engine.distributed import parse_device
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, parameter_count, fit,

@@ -39,7 +39,7 @@ from scipy import integrate, stats
 from bionets.configbase import Seed
 from bionets.data.config import GaussianConfig
 from bionets.data.gaussian import gaussian_classes, sample_gaussian
-from bionets.engine.checkpoint import make_output_dir
+from bionets.engine.files import make_output_dir
 from bionets.errors import BionetsError
 from bionets.experiments import NonEmpty, register_experiment
 from bionets.experiments.quadratic_fit import (accuracy, band_plot, fit, mean_spread, new_figure, predict,
