@@ -166,8 +166,52 @@ def test_state_is_reset_between_batches_and_in_eval():
         model(torch.randn(3, 1, 8, 8) * 3)       # a different batch in between
         again = model(x)
         assert first.abs().sum() > 0 and torch.equal(first, again)
-        stale = model.forward_head(model.forward_features(x))   # no reset: the state carries over...
-        assert not torch.equal(model.forward_head(model.forward_features(x)), stale)   # ...and changes the output
+        # forward_features and forward_head called alone start from rest too (they carried the state over)
+        features = model.forward_features(x)
+        assert torch.equal(model.forward_features(x), features)
+        assert torch.equal(model.forward_head(features), model.forward_head(features))
+        assert torch.equal(model.forward_head(features), first)
+        # a neuron swapped in after the first forward is reset as well (SpikingJelly's reset_net cached
+        # the neurons it found first: the new one kept its state from batch to batch)
+        replaced = model.sn1
+        model.sn1 = lif_node()
+        assert torch.equal(model(x), model(x)) and replaced is not model.sn1
+
+
+def test_spiking_models_refuse_single_step_mode_other_inputs_and_time_steps_set_later():
+    """set_step_mode(model, 's') (which read [T, N, ...] as one step: 96% -> 10% on the digits, or a
+    conv error in SEW), an input already over time or of another size, and a T set to 0 after
+    construction: one line each. T may be a NumPy integer, img_size a pair."""
+    import numpy as np
+    from spikingjelly.activation_based import functional
+    for name, shape in (("snn_digits", (2, 1, 8, 8)), ("sew_resnet18", (2, 3, 32, 32))):
+        model = timm.create_model(name, num_classes=10).eval()
+        x = torch.randn(shape)
+        functional.set_step_mode(model, "s")
+        with pytest.raises(BionetsError, match="is set to step_mode='s': set .*set_step_mode\\(model, 'm'\\)"):
+            model(x)
+        functional.set_step_mode(model, "m")
+        with pytest.raises(BionetsError, match="it repeats them over its T time steps itself"):
+            model(x.unsqueeze(0).repeat(4, 1, 1, 1, 1))
+        model.T = 0
+        with pytest.raises(BionetsError, match="T must be an integer >= 1"):
+            model(x)
+        model.T = np.int64(2)
+        assert model(x).shape == (2, 10)
+    with pytest.raises(BionetsError, match=r"takes images \[N, 1, 8, 8\]"):
+        timm.create_model("snn_digits")(torch.randn(2, 1, 16, 16))
+    assert timm.create_model("snn_digits", T=np.int64(3), img_size=(8, 8)).T == 3
+
+
+def test_mse_onehot_takes_label_smoothing_as_mixup_does():
+    """train.label_smoothing was dropped under loss: mse_onehot (it acted only through mixup's soft
+    targets): the one-hot targets are smoothed the same way, 1 - s + s/K and s/K."""
+    from bionets.engine.evaluate import task_loss
+    rates, y = torch.rand(4, 5), torch.tensor([0, 3, 1, 4])
+    want = torch.full((4, 5), 0.2 / 5)
+    want[torch.arange(4), y] += 0.8
+    torch.testing.assert_close(task_loss("mse_onehot", rates, y, 0.2), torch.nn.functional.mse_loss(rates, want))
+    assert task_loss("mse_onehot", rates, y) == torch.nn.functional.mse_loss(rates, torch.eye(5)[y])
 
 
 def test_direct_encoding_runs_the_stem_once():

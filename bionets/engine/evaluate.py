@@ -24,10 +24,12 @@ from bionets.mechanisms import get_mechanism
 
 
 def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy (hard or soft targets) or MSE against one-hot targets (spiking firing rates)."""
+    """Cross-entropy (hard or soft targets) or MSE against one-hot targets (spiking firing rates),
+    smoothed as mixup's soft targets are (``1 - s + s/K`` on the class, ``s/K`` elsewhere)."""
     if kind == "mse_onehot":
         if targets.ndim == 1:
-            targets = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+            k = logits.shape[1]
+            targets = F.one_hot(targets, k).to(logits.dtype) * (1 - label_smoothing) + label_smoothing / k
         return F.mse_loss(logits, targets)
     if targets.ndim == 2:  # soft targets from mixup/cutmix (label smoothing already folded in)
         return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()

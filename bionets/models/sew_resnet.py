@@ -22,7 +22,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from bionets.errors import unknown
-from bionets.models.snn_cifar import build_spiking, check_time_steps, if_kwargs, repeat_over_time
+from bionets.models.snn_cifar import at_rest, build_spiking, check_images, check_time_steps, if_kwargs, repeat_over_time
 
 CONNECT_FUNCTIONS = ("ADD", "AND", "IAND")
 
@@ -50,7 +50,7 @@ class SEWResNet(sj.SEWResNet):
         super().__init__(block, layers, num_classes=max(num_classes, 1), zero_init_residual=zero_init_residual, cnf=cnf,
                          spiking_neuron=neuron.IFNode, **if_kwargs())
         functional.set_step_mode(self, "m")
-        self.T, self.cnf, self.num_classes = T, cnf, num_classes
+        self.T, self.cnf, self.num_classes, self.in_chans = T, cnf, num_classes, in_chans
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)  # single-step stem
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.bn1 = nn.BatchNorm2d(64)
@@ -59,8 +59,10 @@ class SEWResNet(sj.SEWResNet):
             self.fc = nn.Identity()        # timm's convention: no classifier, pre-logits out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [N, C, H, W] -> spikes [T, N, C', H', W']."""
-        x = repeat_over_time(self.bn1(self.conv1(x)), self.T)
+        """Image [N, C, H, W] -> spikes [T, N, C', H', W'], from neurons at rest."""
+        check_images(self, x, self.in_chans)
+        at_rest(self)
+        x = repeat_over_time(self.bn1(self.conv1(x)), check_time_steps(self.T))
         x = self.maxpool(self.sn1(x))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -69,11 +71,10 @@ class SEWResNet(sj.SEWResNet):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        functional.reset_net(self)
         try:
             return self.forward_head(self.forward_features(x))
         finally:
-            functional.reset_net(self)
+            at_rest(self)
 
     def get_classifier(self) -> nn.Module:
         return self.fc

@@ -12,14 +12,16 @@ Spiking vocabulary (SPEC-STDS): multi-step (``step_mode='m'``) LIF neurons with 
 ``H_t = V_{t-1} + X_t``. Surrogate gradient ATan, alpha = 2, one instance per neuron. Stateless
 layers fold T into the batch (``layer.SeqToANNContainer``). Direct encoding: the first conv+BN run
 once on the image and the result is repeated over T. Every neuron's state is reset before and
-after each forward pass (training and evaluation alike), inside ``forward``.
+after each forward pass (training and evaluation alike), inside ``forward`` (``forward_features`` and
+``forward_head`` called alone start from rest too).
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from spikingjelly.activation_based import base, layer, neuron, surrogate
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -42,10 +44,34 @@ def if_kwargs() -> dict:
 
 
 def check_time_steps(T: int) -> int:
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+    """``T`` as an int (NumPy's integers too), checked where the model is built and at every forward
+    (``model.T = 4`` sets another number of steps, as for evaluating at another T)."""
+    if not isinstance(T, numbers.Integral) or isinstance(T, bool) or T < 1:
         raise BionetsError(f"spiking model time steps T must be an integer >= 1 (the paper uses 8 on CIFAR, "
                            f"4 on ImageNet), got {T!r}")
-    return T
+    return int(T)
+
+
+def at_rest(model: nn.Module, modules=None) -> None:
+    """Every neuron of ``model`` (or of ``modules``) back at rest, found anew at each call: SpikingJelly's
+    ``reset_net`` caches the neurons it found first, so a neuron added or swapped in later kept its
+    state from batch to batch. A module set to single-step (``set_step_mode(model, 's')``), which
+    would read [T, N, ...] as one step of a T-sample batch, is one error line."""
+    for m in model.modules() if modules is None else modules:
+        if getattr(m, "step_mode", "m") != "m":
+            raise BionetsError(f"{type(model).__name__} runs its neurons multi-step over [T, N, ...], but a "
+                               f"{type(m).__name__} is set to step_mode='{m.step_mode}': set "
+                               "spikingjelly.activation_based.functional.set_step_mode(model, 'm')")
+        if isinstance(m, base.MemoryModule):
+            m.reset()
+
+
+def check_images(model: nn.Module, x: torch.Tensor, in_chans: int, size: tuple[int, int] | None = None) -> None:
+    """One line where ``x`` is no batch of [N, in_chans, H, W] images (of ``size`` where the net needs one)."""
+    if x.ndim != 4 or x.shape[1] != in_chans or size is not None and tuple(x.shape[-2:]) != size:
+        h, w = size if size is not None else ("H", "W")
+        raise BionetsError(f"{type(model).__name__} takes images [N, {in_chans}, {h}, {w}] (it repeats them over its "
+                           f"T time steps itself), got shape {list(x.shape)}")
 
 
 def repeat_over_time(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -71,9 +97,10 @@ class SpikingVotingNet(nn.Module):
         if not 0 <= drop_rate < 1:      # (SpikingJelly's Dropout asserts it, with no message)
             raise BionetsError(f"drop_rate={drop_rate} must lie in [0, 1): the fraction of features dropped")
         pools = sum(1 for p in plan if p == "M")
-        if img_size % 2**pools:
+        h, w = (img_size, img_size) if isinstance(img_size, numbers.Integral) else tuple(img_size)
+        if h % 2**pools or w % 2**pools:
             raise BionetsError(f"img_size={img_size} must be divisible by {2**pools} (the net max-pools {pools} times)")
-        self.num_classes, self.voting = num_classes, voting
+        self.num_classes, self.voting, self.in_chans, self.img_size = num_classes, voting, in_chans, (int(h), int(w))
         c = plan[0]
         self.conv_stem = nn.Conv2d(in_chans, c, 3, padding=1, bias=False)
         self.bn_stem = nn.BatchNorm2d(c)
@@ -86,7 +113,7 @@ class SpikingVotingNet(nn.Module):
                 body += [conv_bn(c, item), lif_node()]
                 c = item
         self.features = nn.Sequential(*body)
-        self.num_features = c * (img_size // 2**pools) ** 2   # forward_features' per step, flattened
+        self.num_features = c * (h // 2**pools) * (w // 2**pools)    # forward_features' per step, flattened
         self.head_hidden_size = hidden                         # what num_classes=0 or pre_logits gives
         self.drop1 = layer.Dropout(drop_rate, step_mode="m")   # one mask for all T steps
         self.fc1 = nn.Conv2d(self.num_features, hidden, 1, bias=False)
@@ -109,12 +136,15 @@ class SpikingVotingNet(nn.Module):
         return out.view(t, n, out.shape[1])        # not -1: an empty batch leaves it undetermined
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [N, C, H, W] -> spikes [T, N, C', H', W']."""
-        x = repeat_over_time(self.bn_stem(self.conv_stem(x)), self.T)
+        """Image [N, C, H, W] -> spikes [T, N, C', H', W'], from neurons at rest."""
+        check_images(self, x, self.in_chans, self.img_size)
+        at_rest(self)
+        x = repeat_over_time(self.bn_stem(self.conv_stem(x)), check_time_steps(self.T))
         return self.features(self.sn_stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Spikes [T, N, ...] -> voted firing rate [N, classes] (averaged over T)."""
+        """Spikes [T, N, ...] -> voted firing rate [N, classes] (averaged over T), from head neurons at rest."""
+        at_rest(self, (self.sn1, self.sn2))
         x = self.sn1(self._conv1x1(self.fc1, self.drop1(x.flatten(2))))
         if pre_logits or self.num_classes == 0:
             return x.mean(0)
@@ -123,11 +153,10 @@ class SpikingVotingNet(nn.Module):
         return x.view(t, n, self.num_classes, self.voting).mean(-1).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        functional.reset_net(self)
         try:
             return self.forward_head(self.forward_features(x))
         finally:
-            functional.reset_net(self)   # no state (or graph) outlives the batch
+            at_rest(self)       # no state (or graph) outlives the batch
 
     def get_classifier(self) -> nn.Module:
         return self.fc2
