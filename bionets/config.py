@@ -21,7 +21,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from bionets.configbase import PATH_BYTES, PathText, Section, Seed, load_yaml
 from bionets.data.config import DataConfig
-from bionets.engine.optim import OptimConfig, SchedConfig, sgd_like
+from bionets.engine.optim import OptimConfig, SchedConfig, sgd_like, timm_optimizer
 from bionets.errors import BionetsError, closest
 
 DEFAULT_CONFIG = "digits"
@@ -286,12 +286,19 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
+# options a config may leave unset (the optimizer's own value) where the checkpoint's config set them:
+# the resumed optimizer state holds the values the run used (configs saved before 2026-11-29 set betas
+# and eps for every optimizer)
+UNSET_RESUMES_SAVED = ("optim.betas", "optim.eps")
+
+
 def check_resume_config(saved: dict, cfg: RunConfig, source: str) -> None:
     """One error line when ``cfg`` changes what the checkpoint's run computes (its optimizer and
     schedule state would otherwise silently keep the old values): a resumed run continues exactly."""
     before, after = _flat(saved_config(saved, source).to_dict()), _flat(cfg.to_dict())
     changed = [k for k in sorted(set(before) | set(after))
-               if before.get(k) != after.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
+               if before.get(k) != after.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
+               and not (k in UNSET_RESUMES_SAVED and after.get(k) is None)]
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -316,7 +323,7 @@ def resume_config(saved: dict, overrides: list[str], source: str) -> RunConfig:
     """The resolved config of a loaded checkpoint (``saved``, read from ``source``) with ``overrides``
     applied: what ``bionets train --resume CKPT`` runs when no CONFIG is given."""
     saved_config(saved["config"], source)          # (its own errors name the checkpoint, not the overrides)
-    notes, data = [], dict(saved["config"])
+    notes, data = [], _without_ignored_optim_options(dict(saved["config"]))
     run_dir = Path(source).parent
     given = {o.split("=", 1)[0].strip() for o in overrides}
     if not given & {"name", "out_dir"} and _run_name_in(run_dir) == data.get("name"):
@@ -344,7 +351,7 @@ def saved_config(data: dict, source: str) -> RunConfig:
 
     import bionets.models  # noqa: F401  (registers bionets' models)
     try:
-        cfg = config_from_dict(data)
+        cfg = config_from_dict(_without_ignored_optim_options(data))
         if not timm.is_model(cfg.model.name):
             raise BionetsError(f"model '{cfg.model.name}' is not a model of this bionets or timm")
     except BionetsError as err:
@@ -352,6 +359,20 @@ def saved_config(data: dict, source: str) -> RunConfig:
                            f"version that wrote it, or start a new run from its weights with "
                            f"model.init={source}") from None
     return cfg
+
+
+def _without_ignored_optim_options(data: dict) -> dict:
+    """``data`` without the betas and eps that configs saved before 2026-11-29 held for every optimizer
+    at (0.9, 0.999) and 1e-8, where the optimizer takes none (SGD): that bionets passed them to no such
+    optimizer, and a resumed run noted them as ignored."""
+    optim = data.get("optim")
+    if not isinstance(optim, dict) or not isinstance(optim.get("name"), str):
+        return data
+    info = timm_optimizer(optim["name"].lower())
+    old = {"betas": [0.9, 0.999], "eps": 1e-8}
+    drop = [k for k, has in (("betas", getattr(info, "has_betas", True)), ("eps", getattr(info, "has_eps", True)))
+            if not has and optim.get(k) in (old[k], tuple(old[k]) if k == "betas" else old[k])]
+    return {**data, "optim": {k: v for k, v in optim.items() if k not in drop}} if drop else data
 
 
 def load_config(name: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -243,3 +243,12 @@ def test_any_timm_optimizer_takes_the_options_it_has():
         "sgd", "nesterov", "lars", "sgdw"]
     with pytest.raises(BionetsError, match=r"unknown optimizer 'lino' \(did you mean: lion"):
         create_optimizer(nn.Linear(2, 2), load_config(None, ["optim.name=lino"]).optim)
+    # Adan's three betas; a second-order optimizer (its step needs create_graph); names in any case
+    with pytest.raises(BionetsError, match=r"optim.betas=\[0.9, 0.99\]: the adan optimizer takes 3 betas"):
+        create_optimizer(nn.Linear(2, 2), load_config(None, ["optim.name=adan", "optim.betas=[0.9, 0.99]"]).optim)
+    assert create_optimizer(nn.Linear(2, 2), load_config(None, ["optim.name=adan", "optim.betas=[0.9, 0.9, 0.99]"]
+                                                         ).optim).defaults["betas"] == (0.9, 0.9, 0.99)
+    with pytest.raises(BionetsError, match="optim.name=adahessian is a second-order optimizer"):
+        create_optimizer(nn.Linear(2, 2), load_config(None, ["optim.name=adahessian"]).optim)
+    upper = create_optimizer(nn.Linear(2, 2), load_config(None, ["optim.name=SGD", "optim.nesterov=false"]).optim)
+    assert type(upper).__name__ == "SGD" and upper.defaults["nesterov"] is False         # bionets' sgd, not timm's

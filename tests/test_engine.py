@@ -719,6 +719,25 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path, change, shown):
         train(cfg, quiet=True)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_checkpoint_saved_with_betas_and_eps_set_resumes_with_them_unset(tmp_path, capsys, optimizer):
+    """Configs saved before optim.betas and optim.eps could be left unset (the optimizer's own) held
+    (0.9, 0.999) and 1e-8 for every optimizer: resuming such a run with its config, which leaves them
+    unset now, is no change of the run (the optimizer state holds what it used); resumed alone, an
+    SGD run notes no ignored betas."""
+    from bionets.config import resume_config
+    train(fast_config(tmp_path, "train.epochs=2", f"optim.name={optimizer}", name="a"), quiet=True)
+    ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
+    ckpt["epoch"], ckpt["step"], ckpt["history"] = 1, ckpt["step"] // 2, ckpt["history"][:1]     # stopped after epoch 1
+    ckpt["config"]["optim"].update(betas=[0.9, 0.999], eps=1e-8)                                 # as saved before
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    train(fast_config(tmp_path, "train.epochs=2", f"optim.name={optimizer}", f"resume={tmp_path / 'old.pt'}",
+                      name="b"), quiet=True)
+    capsys.readouterr()
+    resumed = resume_config(load_checkpoint(tmp_path / "old.pt"), [], str(tmp_path / "old.pt"))
+    assert (resumed.optim.betas, resumed.optim.eps) == ((None, None) if optimizer == "sgd" else ((0.9, 0.999), 1e-8))
+
+
 def test_resume_into_a_new_run_directory_gives_tensorboard_the_history(tmp_path):
     """metrics.jsonl and TensorBoard of a resumed run hold the same epochs, in a new directory too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from timm.optim import OptimInfo, create_optimizer_v2, get_optimizer_info, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -47,11 +47,11 @@ def sgd_like(name: str) -> bool:
 
 
 class OptimConfig(Section):
-    name: str = "sgd"
+    name: Annotated[str, AfterValidator(str.lower)] = "sgd"     # (timm's names are lower case: 'SGD' is 'sgd')
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[Beta, Beta] | None = None       # None: the optimizer's own (Adam's 0.9, 0.999)
+    betas: tuple[Beta, Beta] | tuple[Beta, Beta, Beta] | None = None      # None: the optimizer's own (Adam's 0.9, 0.999)
     eps: Annotated[float, Field(gt=0)] | None = None     # None: the optimizer's own (Adam's 1e-8)
     nesterov: bool = False
     decay_norm_and_bias: bool = False
@@ -136,6 +136,11 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     info = timm_optimizer(cfg.name)
     if info is None:
         raise unknown("optimizer", cfg.name, list_optimizers() + list(OPTIMIZERS))
+    if info.second_order:
+        raise BionetsError(f"optim.name={cfg.name} is a second-order optimizer (its step needs the backward pass "
+                           "to keep its graph, which bionets train does not): choose a first-order one")
+    if cfg.betas is not None and info.has_betas and len(cfg.betas) != info.num_betas:
+        raise BionetsError(f"optim.betas={list(cfg.betas)}: the {cfg.name} optimizer takes {info.num_betas} betas")
     extra = dict(cfg.kwargs)
     if taken := sorted(set(extra) & {"lr", "weight_decay", "params", "opt"}):
         raise BionetsError(f"optim.kwargs sets {', '.join(taken)}, which bionets sets itself (from optim.lr, "
