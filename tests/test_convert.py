@@ -662,3 +662,25 @@ def test_hooks_on_a_replaced_module_move_to_its_replacement():
     seen.clear()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert seen == []
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "spectral_norm"])
+def test_pytorchs_own_hooks_stay_on_the_convolution_the_quadratic_term_wraps(how):
+    """torch.nn.utils.prune and the old weight_norm / spectral_norm put hooks on a convolution that read
+    its own attributes (weight_mask, weight_g, weight_orig): moved to the wrapper, they failed at the
+    first forward. The wrapped convolution keeps them and computes as before."""
+    import warnings
+
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 36, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)            # (the old weight_norm is deprecated)
+        {"prune": lambda m: prune.l1_unstructured(m, "weight", 0.5), "weight_norm": torch.nn.utils.weight_norm,
+         "spectral_norm": torch.nn.utils.spectral_norm}[how](model[2])
+    x = torch.randn(2, 3, 6, 6)
+    before = model.eval()(x)
+    model, _ = convert(model, quadratic={"placement": ["2"]})
+    assert model[2].conv._forward_pre_hooks and not model[2]._forward_pre_hooks
+    torch.testing.assert_close(model(x), before)
