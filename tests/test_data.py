@@ -317,6 +317,18 @@ def test_wrong_cifar_files(tmp_path):
                    "names 2 classes, not 10")
 
 
+def test_mnist_in_torchvisions_old_processed_layout_loads(tmp_path):
+    """MNIST/processed/{training,test}.pt, torchvision's former layout, loads as the raw files do."""
+    write_mnist(tmp_path / "raw")
+    from bionets.data.sources import load_mnist
+    x, y, xt, yt, _ = load_mnist(str(tmp_path / "raw"), False)
+    (tmp_path / "old" / "MNIST" / "processed").mkdir(parents=True)
+    torch.save((x[:, 0], y), tmp_path / "old" / "MNIST" / "processed" / "training.pt")
+    torch.save((xt[:, 0], yt), tmp_path / "old" / "MNIST" / "processed" / "test.pt")
+    old = load_mnist(str(tmp_path / "old"), False)
+    assert all(torch.equal(a, b) for a, b in zip(old[:4], (x, y, xt, yt)))
+
+
 def test_wrong_mnist_files(tmp_path):
     raw = write_mnist(tmp_path)
     cfg = DataConfig(name="mnist", root=str(tmp_path))
@@ -427,6 +439,11 @@ def test_sixteen_bit_grayscale_images_keep_their_gray(tmp_path):
     Image.fromarray(np.full((6, 6), 76, dtype=np.uint8)).save(tmp_path / "narrow.png")
     wide, narrow = load_image(str(tmp_path / "wide.png")), load_image(str(tmp_path / "narrow.png"))
     assert wide.mode == narrow.mode == "RGB" and np.array_equal(np.asarray(wide), np.asarray(narrow))
+    # mode I (older Pillows' 16-bit PNG, 32-bit TIFF) by the mode's range: a dim image stays the dimmer
+    for value in (199, 4095):
+        Image.fromarray(np.full((6, 6), value, dtype=np.int32), "I").save(tmp_path / f"{value}.tif")
+    dim, bright = (np.asarray(load_image(str(tmp_path / f"{v}.tif")))[0, 0, 0] for v in (199, 4095))
+    assert (dim, bright) == (1, 16)
 
 
 @pytest.mark.parametrize("policy", ["rand-m10-mstd0-inc1", "v0"])

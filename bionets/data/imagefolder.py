@@ -64,16 +64,16 @@ class FolderLoader:
 
 def load_image(path: str) -> Image.Image:
     """The image at ``path`` in RGB, as torchvision's loader reads it, but for 16-bit grayscale (a
-    microscope's PNG or TIFF, PIL's modes 'I;16*' and 'I'), which PIL's RGB conversion clips to
-    white: scaled to 8 bits first. A file PIL cannot read is one error naming it."""
+    microscope's PNG or TIFF, PIL's modes 'I;16*' and 'I', as which older Pillows open a 16-bit PNG),
+    which PIL's RGB conversion clips to white: scaled from 0..65535 to 8 bits first (by the mode's
+    range, not the image's, so that images keep their order of brightness). A file PIL cannot read is
+    one error naming it."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
             image.load()
         if image.mode.startswith("I"):
-            pixels = np.asarray(image, dtype=np.float64)
-            if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
-                pixels = pixels / 257.0                         # 65535 -> 255
+            pixels = np.asarray(image, dtype=np.float64) / 257.0         # 65535 -> 255
             image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
         return image.convert("RGB")
     except OSError as err:          # PIL's UnidentifiedImageError and truncated files

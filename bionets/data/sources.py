@@ -207,7 +207,11 @@ class MNISTSplit(datasets.MNIST):
 
     @property
     def raw_folder(self) -> str:
-        return str(Path(self.root, "MNIST", "raw"))        # (torchvision's names the folder after the class)
+        return str(Path(self.root, "MNIST", "raw"))        # (torchvision's names the folders after the class)
+
+    @property
+    def processed_folder(self) -> str:
+        return str(Path(self.root, "MNIST", "processed"))  # (the old layout's training.pt and test.pt)
 
     def _check_exists(self) -> bool:
         prefix = "train" if self.train else "t10k"
