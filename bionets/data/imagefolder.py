@@ -148,7 +148,9 @@ class ClassFolders(ImageFolder):
         def visible(path: str) -> bool:
             if any(part.startswith(".") for part in Path(path).relative_to(top).parts):
                 return False
-            return is_valid_file(path) if is_valid_file else has_file_allowed_extension(path, extensions or IMG_EXTENSIONS)
+            if is_valid_file is not None:
+                return is_valid_file(path)
+            return has_file_allowed_extension(path, extensions or IMG_EXTENSIONS)
 
         return ImageFolder.make_dataset(directory, class_to_idx, None, visible, allow_empty)
 
