@@ -369,9 +369,8 @@ def _without_ignored_optim_options(data: dict) -> dict:
     if not isinstance(optim, dict) or not isinstance(optim.get("name"), str):
         return data
     info = timm_optimizer(optim["name"].lower())
-    old = {"betas": [0.9, 0.999], "eps": 1e-8}
-    drop = [k for k, has in (("betas", getattr(info, "has_betas", True)), ("eps", getattr(info, "has_eps", True)))
-            if not has and optim.get(k) in (old[k], tuple(old[k]) if k == "betas" else old[k])]
+    old = {"betas": ([0.9, 0.999], (0.9, 0.999)), "eps": (1e-8,)}
+    drop = [k for k in old if info is not None and not getattr(info, f"has_{k}") and optim.get(k) in old[k]]
     return {**data, "optim": {k: v for k, v in optim.items() if k not in drop}} if drop else data
 
 

@@ -79,7 +79,7 @@ def in_memory(load: Callable[[DataConfig, bool], Split]) -> Callable[[DataConfig
         train = None if at.test_only else TensorLoader(x, y, at.batch, train=True, augment=augment, **common)
         test = TensorLoader(s.x_test, s.y_test, at.eval_batch, train=False, **common)
         k = len(s.classes)
-        return DataBundle(train, test, k, x.shape[1], x.shape[-1], make_mixup(cfg, k, at.label_smoothing),
+        return DataBundle(train, test, k, s.x_test.shape[1], s.x_test.shape[-1], make_mixup(cfg, k, at.label_smoothing),
                           s.classes, mean, std)
 
     return build

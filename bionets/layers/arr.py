@@ -35,7 +35,7 @@ from torch import nn
 
 from bionets.errors import BionetsError, is_real, require_sizes, whole
 from bionets.layers import cpu_kernels, cuda_kernels
-from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_function_transform
+from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_function_transform, under_torch_func
 from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
@@ -280,7 +280,7 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
                            "per sample is needed (per_sample() averages a spiking net's time steps)")
     if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
         raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
-    if update and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+    if update and under_torch_func():
         raise BionetsError("arr_loss under a torch.func transform (grad, vmap, ...) cannot update the class memory, a "
                            "buffer the transform does not own: call it with update=False there (ARR's hook: in eval "
                            "mode it adds no loss) and update the memory outside the transform")

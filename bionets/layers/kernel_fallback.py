@@ -76,4 +76,10 @@ def under_function_transform() -> bool:
     use their plain PyTorch expressions, which both handle. Two cheap checks (~0.1 us)."""
     if torch.compiler.is_compiling():      # Dynamo cannot trace the check (a graph break); no transform there
         return False
-    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+    return forward_ad._current_level >= 0 or under_torch_func()
+
+
+def under_torch_func() -> bool:
+    """Whether a torch.func transform runs (not forward-mode AD alone): its tensors are wrapped, and a
+    buffer the transformed function does not own cannot be written from them."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
