@@ -18,12 +18,12 @@
 # 560 s: give the command 590 s) runs what no GPU has run yet, issue 3's figures first: RAA's and
 # ARR's CUDA C++ operators built side by side (a failed build prints the compiler's whole log, and
 # the steps after it then run the Triton kernels, BIONETS_CUDA_KERNELS=0, saying so), then the CUDA
-# tests of RAA's and ARR's operators only (untested on a GPU since the sixteenth session: RAA's
-# backward as one kernel whose last block sums the partial sums, narrow layers' columns split into
-# slices, ARR's backward as one kernel, ViT ARR's class tokens; the Triton, compiled-model and
-# CUDA-graph variants passed on the H200 and are left out so the step fits its cap; the CPU
-# references are PyTorch's operators, BIONETS_CPU_KERNELS=0, so that the suite's start builds no CPU
-# kernels), DNRT eager twice in separate processes (issue 3's ratios, with their run-to-run spread),
+# tests of RAA's and ARR's operators only (RAA's rows kernels, 16 bytes a load, with the column-sum
+# kernel for wide layers, and ARR's scan without barriers, of the thirty-third session, untested on a
+# GPU before its run; the Triton, compiled-model and CUDA-graph variants passed on the H200 and are
+# left out so the step fits its cap; the CPU references are PyTorch's operators,
+# BIONETS_CPU_KERNELS=0, so that the suite's start builds no CPU kernels), DNRT eager twice in
+# separate processes (issue 3's ratios, with their run-to-run spread),
 # and where the steps' host time goes (benchmarks/step_profile.py, ResNet-20 ReLU and ViT-Tiny). A
 # build cut by its cap leaves torch's lock file, on which every later build of that name would wait
 # forever: the step after it removes the locks.
@@ -73,7 +73,7 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
         fi
     fi
     step 1 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
-    # (part new: the CUDA tests of RAA's and ARR's operators, 29 of them)
+    # (part new: the CUDA tests of RAA's and ARR's operators, 30 of them)
     step new 120 env BIONETS_CPU_KERNELS=0 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "(raa or arr or second_derivatives) and not triton and not compiled_model and not cuda_graphs"
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py

@@ -19,18 +19,20 @@ LAYERS = HERE.parent / "bionets" / "layers"
 HEADER = HERE / "cuda_emulation.h"
 
 # RAA's CUDA kernels' test cases, emulated and on a GPU (test_cuda.py): (shape, feature dim, layout).
-# Groups of 2, 4, 8 and 32 threads a vector, one thread a vector (NCHW), several passes of a group
-# over the features, fewer than 8 groups a block (1500 features), more vectors than the backward's
-# fixed grid of 1024 blocks takes at once (tokens; NCHW, 126 vectors a block), one pixel (NCHW maps
-# of more than 64 channels take the Triton kernels), partial sums too many to keep in the forward's
-# buffer (1024 blocks x 257: the backward allocates them)
+# The rows kernels (16-byte chunks; in float32 with 24, 64, 100 and 256 features) with groups of 2
+# to 32 threads a vector and 1 or 4 chunks a thread; the element kernels with one thread a vector
+# (NCHW), groups of 2 to 32 threads, several passes of a group over the features, fewer than 8
+# groups a block (1500 features); more vectors than the backward's fixed grid takes at once (tokens;
+# NCHW, 126 vectors a block), one pixel (NCHW maps of more than 64 channels take the Triton kernels),
+# partial sums too many to keep in the forward's buffer (NCHW 64 channels: 1024 blocks x 65;
+# 256-wide tokens: 512 x 257), which the backward allocates and the column-sum kernel sums
 RAA_CUDA_CASES = [((5, 24, 7, 9), 1, "nchw"), ((5, 24, 7, 9), 1, "channels_last"), ((5, 9, 24), -1, "tokens"),
                   ((3, 3, 5, 5), 1, "channels_last"), ((2, 100, 6, 6), 1, "channels_last"), ((2, 64, 6, 6), 1, "nchw"),
                   ((40, 300, 24), -1, "tokens"), ((4, 65, 768), -1, "tokens"), ((3, 16, 1, 1), 1, "nchw"),
                   ((6, 7, 2), -1, "tokens"), ((3, 6, 5, 7), 1, "channels_last"), ((2, 3, 1500), -1, "tokens"),
                   ((60, 64, 48, 48), 1, "nchw"), ((8, 1024, 256), -1, "tokens")]
 
-LAUNCH = re.compile(r"(\w+<[^;{}]*?>)\s*<<<(.*?)>>>\(", re.S)
+LAUNCH = re.compile(r"(\w+(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\(", re.S)     # (a template kernel's arguments too)
 
 
 def kernels_source(cu: str) -> str:
@@ -132,3 +134,30 @@ def assert_nan_and_inference_mode(raa: torch.nn.Module, x: torch.Tensor) -> None
     out.backward(torch.ones_like(out))
     if raa.base == "relu":
         assert xg.grad[0, 3, 1, 1] == 1
+
+
+def assert_misaligned_like_aligned(op, device: str) -> None:
+    """RAA's rows kernels read 16 bytes at a time from 16-byte aligned tensors: tokens that start one
+    element into their storage, and a gradient so placed, take the element kernels (and a copy of
+    the gradient) through ``op`` (the operator ``raa``), with the aligned tensors' results to
+    rounding, in float32 and bf16."""
+    torch.manual_seed(0)
+    n, width = 300, 64
+    v, c = torch.randn(width, device=device) * 0.2, torch.randn(1, device=device) * 0.2
+
+    def shifted(t):                       # t's values, one element into a fresh storage
+        return torch.cat([t.new_zeros(1), t.flatten()])[1:].view_as(t)
+
+    def run(x, g):
+        leaves = [t.detach().requires_grad_() for t in (x, v, c)]
+        y = op(*leaves, -1, False)
+        return (y, *torch.autograd.grad(y, leaves, g))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x, g = (torch.randn(n, width, device=device).to(dtype) for _ in range(2))
+        aligned = run(x, g)
+        for xs, gs in ((shifted(x), g), (x, shifted(g)), (shifted(x), shifted(g))):
+            assert xs.data_ptr() % 16 or gs.data_ptr() % 16
+            for a, b in zip(run(xs, gs), aligned):
+                rtol = 1e-5 if a.dtype == torch.float32 else 2 ** -7          # (bf16 y, dL/dx: one unit of rounding)
+                torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-5 * max(b.abs().max().item(), 1.0))

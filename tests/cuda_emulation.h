@@ -250,6 +250,13 @@ inline unsigned atomicAdd(unsigned* address, unsigned value) {
   return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
 }
 
+inline int atomicMin(int* address, int value) {
+  int old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+  while (value < old && !__atomic_compare_exchange_n(address, &old, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
 

@@ -8,7 +8,8 @@ import torch
 from bionets.config import load_config
 from bionets.engine.trainer import train
 from bionets.layers import kernel_fallback
-from cuda_emulated import RAA_CUDA_CASES, assert_backward_twice_and_interleaved, assert_nan_and_inference_mode
+from cuda_emulated import (RAA_CUDA_CASES, assert_backward_twice_and_interleaved, assert_misaligned_like_aligned,
+                           assert_nan_and_inference_mode)
 from test_arr import assert_sign_gradient, loop_loss
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -166,12 +167,19 @@ def test_raa_cuda_operator_in_inference_mode_with_nan_and_a_wrong_device(monkeyp
         ops.raa(torch.randn(2, 8, 3, 3, device="cuda"), torch.zeros(8, device="cuda"), torch.zeros(1), 1, True)
 
 
+def test_raa_cuda_misaligned_tensors_take_the_element_kernels(monkeypatch):
+    """assert_misaligned_like_aligned on the GPU."""
+    _raa_kernels("cuda", monkeypatch)
+    assert_misaligned_like_aligned(_cuda_ops().raa, "cuda")
+
+
 def test_raa_cuda_operator_backward_twice_and_graphs_interleaved(monkeypatch):
     """The backward's scratch (its block counter and partial sums) lives in the forward's saved
     buffer, so: a retained graph's second backward gives the same bits as its first (the last block
     zeroes the counter again), and two graphs' backward passes, run in the other order than their
     forwards, each give what their graph alone gives. Both places of the partial sums: in the
-    forward's buffer (16 channels) and allocated by the backward (768 features, 1024 blocks)."""
+    forward's buffer (16 channels) and allocated by the backward (768 features, 1024 blocks), summed
+    by the column-sum kernel."""
     from bionets.layers.raa import RAA
     takes = _raa_kernels("cuda", monkeypatch)
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from compile_helpers import needs_cpu_compiler
-from cuda_emulated import RAA_CUDA_CASES, assert_backward_twice_and_interleaved, assert_nan_and_inference_mode, ops
+from cuda_emulated import (RAA_CUDA_CASES, assert_backward_twice_and_interleaved, assert_misaligned_like_aligned,
+                           assert_nan_and_inference_mode, ops)
 from test_arr import assert_sign_gradient, loop_loss
 
 pytestmark = needs_cpu_compiler
@@ -86,15 +87,18 @@ def _forward_backward(ops_, x, v, c, dim, relu, g, seed):
     return (out, *torch.autograd.grad(out, (x, v, c), g))
 
 
-@pytest.mark.parametrize("shape, dim", [((16, 16, 32, 32), 1), ((2, 700, 768), -1)])
-def test_raa_cuda_kernels_give_the_same_bits_in_any_block_and_thread_order(raa_ops, shape, dim, monkeypatch):
+@pytest.mark.parametrize("shape, dim, dtype", [((16, 16, 32, 32), 1, torch.float32), ((2, 700, 768), -1, torch.float32),
+                                               ((2, 700, 768), -1, torch.bfloat16)])
+def test_raa_cuda_kernels_give_the_same_bits_in_any_block_and_thread_order(raa_ops, shape, dim, dtype, monkeypatch):
     """The sums over vectors run in a fixed order (per block, then over the blocks by the last block
-    to finish): two runs in other block and thread orders give the same bits. ResNet-20's 16 channels,
-    channels_last, on the backward's full grid of 1024 blocks (its partial sums summed in 15 slices,
-    kept in the forward's buffer); ViT-Tiny's 768-wide MLP, whose partial sums the backward allocates."""
+    to finish or by the column-sum kernel): two runs in other block and thread orders give the same
+    bits. ResNet-20's 16 channels, channels_last, in 16-byte chunks on 256 blocks (their partial
+    sums summed by the last block in 15 slices, kept in the forward's buffer); ViT-Tiny's 768-wide
+    MLP, one element a thread a step in float32 (192 chunks are more than the rows kernels take), 4
+    chunks a thread in bf16, whose partial sums the backward allocates and a second kernel sums."""
     torch.manual_seed(0)
     raa = _raa(shape[dim], dim=dim)
-    x, g = (_in_layout(torch.randn(shape), "channels_last" if dim == 1 else "") for _ in range(2))
+    x, g = (_in_layout(torch.randn(shape).to(dtype), "channels_last" if dim == 1 else "") for _ in range(2))
     runs = [_forward_backward(raa_ops, x, raa.v, raa.c, dim, False, g, seed) for seed in (0, 1)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     with torch.no_grad():
@@ -104,11 +108,17 @@ def test_raa_cuda_kernels_give_the_same_bits_in_any_block_and_thread_order(raa_o
     torch.testing.assert_close(runs[0][3].double(), gs.sum().view(1), rtol=1e-4, atol=1e-3)
 
 
+def test_raa_cuda_misaligned_tensors_take_the_element_kernels(raa_ops):
+    """assert_misaligned_like_aligned, emulated."""
+    raa_ops.set_seed(0)
+    assert_misaligned_like_aligned(raa_ops.raa, "cpu")
+
+
 @pytest.mark.parametrize("shape, dim", [((64, 16, 10, 10), 1), ((4, 260, 768), -1)])
 def test_raa_cuda_backward_twice_and_graphs_interleaved(raa_ops, shape, dim, monkeypatch):
     """The backward's scratch in the forward's buffer (assert_backward_twice_and_interleaved), both
     places of the partial sums: the forward's buffer (16 channels) and the backward's own (768
-    features on 130 blocks)."""
+    features on 130 blocks, summed by the column-sum kernel)."""
     _on_emulated_kernels(monkeypatch, raa_ops)
     torch.manual_seed(0)
     raa = _raa(shape[dim], dim=dim)
@@ -162,8 +172,8 @@ def test_arr_cuda_operator_matches_the_pytorch_operators(arr_ops, layers, form, 
     torch.manual_seed(0)
     memories = [ArrMemory(3, classes, dim) for _ in range(2)]
     for step in range(3):
-        y = torch.randint(0, min(classes, 5 + 3 * step), (48,))
-        responses = [torch.randn(48, dim) for _ in range(layers)]
+        y = torch.randint(0, min(classes, 5 + 3 * step), (45,))          # (not a multiple of the kernel's 8)
+        responses = [torch.randn(45, dim) for _ in range(layers)]
         diff = loop_loss(memories[1].mean, memories[1].seen, torch.stack(responses), y, 0.1, 2.0, form)[3]
         results = []
         for memory, emulated in zip(memories, (arr_ops, None)):
@@ -218,8 +228,9 @@ def test_rewritten_sources_keep_every_launch_and_registration():
     """The rewriting for the emulation finds what it must change, or says so (a new launch syntax or
     library name in a kernel source would otherwise build something else than the GPU runs)."""
     import cuda_emulated
-    with pytest.raises(RuntimeError, match="1 of 2 kernel launches"):
-        cuda_emulated.kernels_source("k<T><<<1, 2, 0, s>>>(a);\nk2 <<<1, 2>>>(a);")
+    assert "cuda_emu::launch(1, 2, k2, a)" in cuda_emulated.kernels_source("k2 <<<1, 2>>>(a);")   # (no template)
+    with pytest.raises(RuntimeError, match="2 of 3 kernel launches"):
+        cuda_emulated.kernels_source("k<T><<<1, 2, 0, s>>>(a);\nk2 <<<1, 2>>>(a);\n(*k3)<<<1, 2>>>(a);")
     with pytest.raises(RuntimeError, match="not all renamed"):
         cuda_emulated.operators_source("TORCH_LIBRARY(bionets_x, m) {}\nTORCH_LIBRARY_IMPL(bionets_x, CUDA, m) {}", "y")
 

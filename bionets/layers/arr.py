@@ -39,7 +39,7 @@ from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_fu
 from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
-CUDA_MAX_CLASSES = 9830     # arr_cuda.cu: every class's mean of one feature and its flag in 48 KB of shared memory
+CUDA_MAX_CLASSES = 6144     # arr_cuda.cu: every class's mean of one feature and its first sample in 48 KB of shared memory
 _OWN_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 
 
@@ -175,7 +175,7 @@ def _own_operator(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tenso
     """ARR's own operators (``arr_cpu.cpp``, or ``arr_cuda.cu`` where nvcc builds it: the class-mean
     scan and the loss in one call, autograd in C++) where they compute this loss, else None: in one
     process (DDP gathers the responses first), outside compiling, tracing and torch.func, for a
-    non-empty batch on the memory's device (CPU or CUDA; on CUDA at most 9830 classes)."""
+    non-empty batch on the memory's device (CPU or CUDA; on CUDA at most 6144 classes)."""
     mean = memory.mean
     devices = {responses.device} if isinstance(responses, torch.Tensor) else {t.device for t in responses}
     if (mean.dtype != torch.float32 or not mean.is_contiguous() or not len(targets) or targets.device != mean.device
