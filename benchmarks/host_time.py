@@ -86,18 +86,19 @@ def raa_parts(dev: torch.device, batch: int, calls: int) -> list[str]:
     g = torch.randn_like(x)
     xg = x.clone().requires_grad_()
     raa = RAA(16, base="relu").to(dev)
-    v, c = raa.v.detach(), raa.c.detach()
+    w = raa.vc
+    v, c = (t.detach() for t in raa_module.split_shift(w))
     parts = {"torch.relu forward": lambda: torch.relu(x),
              "ReLU forward + backward": lambda: torch.relu(xg).backward(g),
              "ReLU as a Python autograd function, forward + backward": lambda: _PythonRelu.apply(xg).backward(g),
              "RAA forward (graph kept)": lambda: raa(xg),
              "RAA forward + backward": lambda: raa(xg).backward(g),
              "RAA's Python autograd function (Triton kernels on CUDA), forward + backward":
-                 lambda: raa_module._RaaVector.apply(xg, raa.v, raa.c, 1, "relu").backward(g)}
-    own = raa_module._own_kernels(x, v, c, 1)
+                 lambda: raa_module._RaaVector.apply(xg, w, 1, "relu").backward(g)}
+    own = raa_module._own_kernels(x, w, 1)
     if own is not None:
-        parts["RAA's own operator (C++ autograd), forward + backward"] = lambda: own.raa.default(xg, raa.v, raa.c, 1, True).backward(g)
-        parts["RAA's own operator, forward only (graph kept)"] = lambda: own.raa.default(xg, raa.v, raa.c, 1, True)
+        parts["RAA's own operator (C++ autograd), forward + backward"] = lambda: own.raa.default(xg, w, 1, True).backward(g)
+        parts["RAA's own operator, forward only (graph kept)"] = lambda: own.raa.default(xg, w, 1, True)
     kernels = raa_module.raa_triton() if cuda else None
     if kernels is not None:
         layout = kernels.ncp_layout(x, 1)

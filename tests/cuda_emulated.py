@@ -108,7 +108,7 @@ def assert_backward_twice_and_interleaved(raa: torch.nn.Module, xs: list[torch.T
     retained graph's second backward must give its first one's bits (the last block zeroes the
     counter again), and two graphs' backward passes, run in the other order than their forwards,
     each what their graph alone gives."""
-    params = (raa.v, raa.c)
+    params = (raa.shift_params,)
     alone = [torch.autograd.grad(raa(x), params, torch.ones_like(x)) for x in xs]
     out = raa(xs[0])
     first = torch.autograd.grad(out, params, torch.ones_like(out), retain_graph=True)
@@ -143,13 +143,13 @@ def assert_misaligned_like_aligned(op, device: str) -> None:
     rounding, in float32 and bf16."""
     torch.manual_seed(0)
     n, width = 300, 64
-    v, c = torch.randn(width, device=device) * 0.2, torch.randn(1, device=device) * 0.2
+    w = torch.randn(width + 1, device=device) * 0.2                     # [v | c]
 
     def shifted(t):                       # t's values, one element into a fresh storage
         return torch.cat([t.new_zeros(1), t.flatten()])[1:].view_as(t)
 
     def run(x, g):
-        leaves = [t.detach().requires_grad_() for t in (x, v, c)]
+        leaves = [t.detach().requires_grad_() for t in (x, w)]
         y = op(*leaves, -1, False)
         return (y, *torch.autograd.grad(y, leaves, g))
 

@@ -214,7 +214,7 @@ def test_raa_reads_the_features_where_the_layer_before_put_them():
     with torch.no_grad():
         raa.v.normal_(std=0.3)
         x = torch.randn(2, 32, 32, 32)                    # [N, H, W, C]: H = C = 32
-        torch.testing.assert_close(raa(x), raa_expression(x, raa.c, raa.v, "vector", "gelu", -1))
+        torch.testing.assert_close(raa(x), raa_expression(x, raa.vc, "vector", "gelu", -1))
         conv_raa = convert(timm.create_model("resnet18", num_classes=3), activation="raa")[0].act1
         assert conv_raa.dim == 1
 
@@ -239,7 +239,7 @@ def test_raa_on_conv1d_and_conv3d_nets_takes_the_channels():
     raas = [m for m in model.modules() if isinstance(m, RAA)]
     assert len(raas) == 17 and all(r.dim == 1 for r in raas) and report.params_added == 3921
     model(torch.randn(2, 3, 4, 16, 16)).sum().backward()
-    assert model.stem[2].v.grad.shape == (64,)
+    assert model.stem[2].vc.grad.shape == (65,)
 
 
 def test_a_short_name_with_options_of_its_own():
@@ -413,14 +413,14 @@ def test_raa_report_notes_the_learning_rate_of_v_and_c():
     norm's bias) says nothing."""
     for variant in ("vector", "scalar"):
         text = str(convert(timm.create_model("resnet18", num_classes=10), activation={"variant": variant})[1])
-        assert "note: v and c sum their gradients" in text and "optim.lr_mult: {'*.v': 0.01, '*.c': 0.01}" in text
+        assert "note: v and c sum their gradients" in text and "optim.lr_mult: {'*.vc': 0.01, '*.c': 0.01}" in text
     matrix = str(convert(timm.create_model("resnet18", num_classes=10), activation={"variant": "matrix"})[1])
     assert "note:" not in matrix
 
 
 @pytest.mark.parametrize("optimizer, lr_mult, added", [
-    ("sgd", {}, {"*.v": 0.01, "*.c": 0.01}), ("momentum", {"*.v": 0.1}, {"*.c": 0.01}),
-    ("sgd", {"*.v": 0.02, "*.c": 0.03}, {}), ("adamw", {}, {})])
+    ("sgd", {}, {"*.vc": 0.01, "*.c": 0.01}), ("momentum", {"*.vc": 0.1}, {"*.c": 0.01}),
+    ("sgd", {"*.vc": 0.02, "*.c": 0.03}, {}), ("adamw", {}, {})])
 def test_a_run_under_sgd_gives_v_and_c_their_rate_unless_the_config_does(tmp_path, capsys, optimizer, lr_mult, added):
     """Under SGD a run adds RAA's multipliers for the patterns its lr_mult lacks (ResNet-20 on the
     digits fell to chance without them), says so once, and saves them; the report's note asking

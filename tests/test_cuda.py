@@ -70,12 +70,12 @@ def _raa_kernels(kernels, monkeypatch):
     import bionets.layers.raa as raa_module
     if kernels == "triton":
         monkeypatch.setattr(raa_module, "_cuda_kernels", lambda *args: None)
-        return lambda x, v, c, dim: raa_module._triton_layout(x, dim) is not None
+        return lambda x, w, dim: raa_module._triton_layout(x, dim) is not None
     from bionets.layers import cuda_kernels
     if cuda_kernels.ops("raa_cuda") is None:
         assert not cuda_kernels.has_cuda_toolkit(), "RAA's CUDA kernels did not build: see the warning"
         pytest.skip("no CUDA toolkit here: RAA's CUDA C++ kernels cannot be built")
-    return lambda x, v, c, dim: raa_module._cuda_kernels(x, v, c, dim) is not None
+    return lambda x, w, dim: raa_module._cuda_kernels(x, w, dim) is not None
 
 
 @pytest.mark.parametrize("kernels", ["cuda", "triton"])
@@ -100,7 +100,7 @@ def test_raa_kernels_in_float32_match_float64_autograd(kernels, variant, base, m
         xg = x.float().cuda()
         if layout == "channels_last":
             xg = xg.contiguous(memory_format=torch.channels_last)
-        assert takes(xg, getattr(gpu, "v", None), gpu.c, dim), (shape, layout)
+        assert takes(xg, gpu.shift_params, dim), (shape, layout)
         xg.requires_grad_()
         out = gpu(xg)
         g = torch.randn_like(x)
@@ -136,12 +136,12 @@ def test_raa_cuda_kernels_in_half_precision_and_reproducible(dtype, base, monkey
         g = torch.randn(shape, device="cuda").to(dtype)
         if fmt is not None:
             x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
-        assert takes(x, raa.v, raa.c, dim)
+        assert takes(x, raa.vc, dim)
         runs = []
         for xin, gin in [(x, g), (x, g), (x.float(), g.float())]:
             xin = xin.detach().requires_grad_()
             out = raa(xin)
-            runs.append((out, *torch.autograd.grad(out, (xin, raa.v, raa.c), gin)))
+            runs.append((out, *torch.autograd.grad(out, (xin, raa.vc), gin)))
         assert runs[0][0].dtype == runs[0][1].dtype == dtype and runs[0][2].dtype == torch.float32
         assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
         for a, b in zip(runs[0][:2], runs[2][:2]):
@@ -160,11 +160,11 @@ def test_raa_cuda_operator_in_inference_mode_with_nan_and_a_wrong_device(monkeyp
     for base in ("gelu", "relu"):
         raa = RAA(8, base=base).cuda()
         x = torch.randn(2, 8, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
-        assert takes(x, raa.v, raa.c, 1)
+        assert takes(x, raa.vc, 1)
         assert_nan_and_inference_mode(raa, x)
     ops = _cuda_ops()
     with pytest.raises(RuntimeError, match="x's device"):
-        ops.raa(torch.randn(2, 8, 3, 3, device="cuda"), torch.zeros(8, device="cuda"), torch.zeros(1), 1, True)
+        ops.raa(torch.randn(2, 8, 3, 3, device="cuda"), torch.zeros(9), 1, True)
 
 
 def test_raa_cuda_misaligned_tensors_take_the_element_kernels(monkeypatch):
@@ -191,7 +191,7 @@ def test_raa_cuda_operator_backward_twice_and_graphs_interleaved(monkeypatch):
         xs = [torch.randn(shape, device="cuda") for _ in range(2)]
         if dim == 1:
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-        assert takes(xs[0], raa.v, raa.c, dim)
+        assert takes(xs[0], raa.vc, dim)
         assert_backward_twice_and_interleaved(raa, xs)
 
 

@@ -59,14 +59,14 @@ def test_raa_on_conv1d_and_conv3d_maps_in_float32_and_its_gradients(shape, fmt):
     raa = randomized(RAA(4, dim=1)).double()
     x64 = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *p: raa(x), (x64, *raa.parameters()))
-    want = torch.autograd.grad(direct(x64, raa, 1).square().sum(), (x64, raa.v, raa.c))
+    want = torch.autograd.grad(direct(x64, raa, 1).square().sum(), (x64, raa.vc))
     raa32 = RAA(4, dim=1)
     raa32.load_state_dict(raa.state_dict())
     x = x64.detach().float()
     x = (x.contiguous(memory_format=fmt) if fmt else x).requires_grad_()
     out = raa32(x)
     assert out.shape == x.shape
-    got = torch.autograd.grad(out.square().sum(), (x, raa32.v, raa32.c))
+    got = torch.autograd.grad(out.square().sum(), (x, raa32.vc))
     torch.testing.assert_close(out.double(), direct(x64, raa, 1), rtol=1e-5, atol=1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
@@ -144,7 +144,7 @@ def test_raa_under_bfloat16_autocast_keeps_the_input_dtype():
         out = raa(x.bfloat16())
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
-    assert x.grad is not None and raa.v.grad.dtype == torch.float32
+    assert x.grad is not None and raa.vc.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), direct(x.bfloat16().float(), raa, 1), rtol=2e-2, atol=2e-2)
     for variant in ("vector", "scalar", "matrix"):
         for base in ("gelu", "relu"):                              # with and without autocast
@@ -193,7 +193,7 @@ def test_swap_on_timm_models(name, kwargs, n_act, added):
     assert gained == sum(n for _, n in replaced) and (added is None or gained == added)
     out = model(torch.randn(2, 3, 32, 32))
     out.sum().backward()
-    assert all(m.c.grad is not None for m in model.modules() if isinstance(m, RAA))
+    assert all(m.shift_params.grad is not None for m in model.modules() if isinstance(m, RAA))
     assert swap_activations(model) == []                                     # idempotent
 
 
@@ -271,7 +271,7 @@ def test_swap_with_example_input_gives_each_width_its_own_raa():
     assert sum(p.numel() for p in model.parameters()) - before == sum(n for _, n in replaced) == _bottleneck_raa_params()
     out = model(torch.randn(2, 3, 32, 32))
     out.sum().backward()
-    assert all(raa.v.grad is not None for raa in model.modules() if isinstance(raa, RAA))
+    assert all(raa.vc.grad is not None for raa in model.modules() if isinstance(raa, RAA))
 
 
 def test_swap_without_example_input_names_the_fix_for_shared_activations():
@@ -468,7 +468,7 @@ def test_raa_computes_in_the_input_dtype_under_autocast(variant):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     from bionets.layers.raa import raa_expression          # the plain expression (compiled models, torch.func) too
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = raa_expression(x, raa.c, getattr(raa, "v", getattr(raa, "W", None)), variant, "gelu", -1)
+        plain = raa_expression(x, raa.shift_params, variant, "gelu", -1, getattr(raa, "W", None))
     torch.testing.assert_close(plain, direct(x, raa, -1), rtol=1e-5, atol=1e-5)
 
 
@@ -484,7 +484,7 @@ def test_matrix_raa_keeps_the_input_dtype_against_parameters_of_another():
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.squeeze(1), raa(x), rtol=1e-5, atol=1e-6)
         for dim, t in ((1, x), (-1, x.movedim(1, -1))):
-            y = raa_expression(t.bfloat16(), raa.c, raa.W, "matrix", base, dim)
+            y = raa_expression(t.bfloat16(), raa.c, "matrix", base, dim, raa.W)
             assert y.dtype == torch.bfloat16
 
 

@@ -6,7 +6,9 @@ threshold computed from the whole feature vector x of one token (or one pixel of
     shift = v . x + c                 (v: a learned vector, c: a learned scalar; both start at 0)
     RAA(x) = x * Phi(x + shift)       (Phi: standard normal CDF; element-wise, one shift per vector)
 
-so RAA starts as exact GELU (``x * Phi(x)``). Variants of the reference code:
+so RAA starts as exact GELU (``x * Phi(x)``). v and c are one parameter, ``vc = [v | c]`` (C + 1
+entries, the spec's count): one tensor a layer for autograd and the optimizer to keep. Variants of
+the reference code:
 ``scalar`` (shift = c), ``matrix`` (an element-wise shift ``W x + c`` with a full matrix W), and the
 ReLU form ``max(0, x + shift)`` (the output itself shifted) for networks built on ReLU.
 """
@@ -164,13 +166,12 @@ def _triton_forward(x: torch.Tensor, v, c, layout, relu: bool):
                             "RAA uses its PyTorch path instead (correct, slower on a GPU)")
 
 
-def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
+def _cpu_kernels(x: torch.Tensor, w: torch.Tensor, dim: int):
     """RAA's C++ kernels (``raa_cpu.cpp``, :mod:`bionets.layers.cpu_kernels`) where they compute RAA
-    for x, else None: a CPU tensor x, float32 with v and c, as a 4-D map with the features on dim 1
+    for x, else None: a CPU tensor x, float32 with w = [v | c] or [c], as a 4-D map with the features on dim 1
     (NCHW or channels_last) or a contiguous tensor with them last; bf16 x with the features
     contiguous in memory (channels_last maps, tokens)."""
-    if not x.is_cpu or x.dtype not in _CPU_DTYPES or not x.numel() or c.dtype != torch.float32 \
-            or (v is not None and v.dtype != torch.float32):
+    if not x.is_cpu or x.dtype not in _CPU_DTYPES or not x.numel() or w.dtype != torch.float32:
         return None
     if dim != 1:
         layout_ok = x.is_contiguous()
@@ -183,13 +184,13 @@ def _cpu_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: 
     return cpu_kernels.ops("raa_cpu") if layout_ok else None
 
 
-def _cuda_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
+def _cuda_kernels(x: torch.Tensor, w: torch.Tensor, dim: int):
     """RAA's CUDA C++ kernels (``raa_cuda.cu``, :mod:`bionets.layers.cuda_kernels`) where they compute
     RAA for x, else None: a CUDA tensor x in float32, bf16 or fp16 read as [N, C, P] without a copy
-    (channels_last maps, contiguous tokens, NCHW maps of at most 64 channels), v and c float32, at
+    (channels_last maps, contiguous tokens, NCHW maps of at most 64 channels), w float32, at
     most 8191 features; where nvcc is installed (otherwise the Triton kernels serve)."""
     if not x.is_cuda or x.dtype not in _TRITON_DTYPES or not x.numel() or x.shape[dim] > 8191 \
-            or c.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
+            or w.dtype != torch.float32:
         return None
     if dim == 1 and x.ndim == 4 and x.is_contiguous() and x.shape[2] * x.shape[3] > 1:
         # NCHW: one thread a vector, each with C + 1 partial sums in the backward's 32 KB of shared
@@ -202,10 +203,10 @@ def _cuda_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim:
     return cuda_kernels.ops("raa_cuda") if layout_ok else None
 
 
-def _own_kernels(x: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor, dim: int):
+def _own_kernels(x: torch.Tensor, w: torch.Tensor, dim: int):
     """RAA's own operators for x (C++ on the CPU, CUDA C++ on the GPU; each one call forward and
     backward, autograd in C++), or None: then :class:`_RaaVector` (Triton kernels or PyTorch ops)."""
-    return _cuda_kernels(x, v, c, dim) if x.is_cuda else _cpu_kernels(x, v, c, dim)
+    return _cuda_kernels(x, w, dim) if x.is_cuda else _cpu_kernels(x, w, dim)
 
 
 def in_own_dtype(x: torch.Tensor):
@@ -239,65 +240,79 @@ class _RaaVector(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, v, c, dim, base):
+    def forward(ctx, x, w, dim, base):
         ctx.dim, ctx.base, ctx.layout, ctx.kernel = dim, base, None, "torch"
+        v, c = split_shift(w)
         layout = _triton_layout(x, dim)
         done = _triton_forward(x, v, c, layout, base == "relu") if layout is not None else None
         if done is not None:                           # CUDA: one fused kernel each way
             ctx.kernel, ctx.layout = "triton", layout
             y, s = done
-            ctx.save_for_backward(x, v, c, s)
+            ctx.save_for_backward(x, w, s)
             return y
         with in_own_dtype(x):
             s = c if v is None else _feature_dot(x, v.to(x.dtype), dim) + c
         if base == "relu":
             y = torch.add(x, s).relu_().to(x.dtype)
-            ctx.save_for_backward(x, v, c, y)
+            ctx.save_for_backward(x, w, y)
         else:
             y = _gelu_of_shifted(x, s).to(x.dtype)
-            ctx.save_for_backward(x, v, c, s)
+            ctx.save_for_backward(x, w, s)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, v, c, saved = ctx.saved_tensors
+        x, w, saved = ctx.saved_tensors
         dim = ctx.dim
+        v, c = split_shift(w)
         if torch.is_grad_enabled():                   # create_graph=True: a backward autograd can differentiate
             variant = "scalar" if v is None else "vector"
-            return (*differentiable_backward(lambda x, v, c: raa_expression(x, c, v, variant, ctx.base, dim), (x, v, c),
-                                             ctx.needs_input_grad[:3], grad), None, None)
+            return (*differentiable_backward(lambda x, w: raa_expression(x, w, variant, ctx.base, dim), (x, w),
+                                             ctx.needs_input_grad[:2], grad), None, None)
         if ctx.kernel == "triton":
             gx, gv, gc = raa_triton().backward(x, grad, saved, v, ctx.layout, relu=ctx.base == "relu")
-            return gx, None if v is None else gv.to(v.dtype), gc.reshape(c.shape).to(c.dtype), None, None
-        if ctx.base == "relu":
-            gx = torch.ops.aten.threshold_backward(grad, saved, 0)
-            gs, scale = gx, 1.0
         else:
-            gx, gs = _shifted_gelu_grads(x, saved, grad)
-            scale = INV_SQRT_2PI
-        gv = None
-        if v is not None:
-            gs = gs.sum(dim, keepdim=True).mul_(scale)
-            gx = gx.addcmul_(v.to(gx.dtype).view(-1, 1, 1) if dim == 1 else v.to(gx.dtype), gs)
-            gv = _feature_weighted_sum(x, gs.to(x.dtype), dim).to(v.dtype)
-            gc = gs.sum()
-        else:
-            gc = gs.sum() * scale
-        return gx.to(x.dtype), gv, gc.reshape(c.shape).to(c.dtype), None, None
+            gx, gv, gc = _torch_backward(x, v, saved, grad, dim, ctx.base)
+        gc = gc.reshape(1)
+        return gx, (gc if v is None else torch.cat([gv.reshape(-1), gc])).to(w.dtype), None, None
 
 
-def raa_expression(x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor | None, variant: str, base: str,
-                   dim: int) -> torch.Tensor:
+def _torch_backward(x, v, saved, grad, dim: int, base: str):
+    """(dL/dx, dL/dv or None, dL/dc) by PyTorch operators; ``saved`` the shift (gelu) or y (relu)."""
+    if base == "relu":
+        gx = torch.ops.aten.threshold_backward(grad, saved, 0)
+        gs, scale = gx, 1.0
+    else:
+        gx, gs = _shifted_gelu_grads(x, saved, grad)
+        scale = INV_SQRT_2PI
+    gv = None
+    if v is not None:
+        gs = gs.sum(dim, keepdim=True).mul_(scale)
+        gx = gx.addcmul_(v.to(gx.dtype).view(-1, 1, 1) if dim == 1 else v.to(gx.dtype), gs)
+        gv = _feature_weighted_sum(x, gs.to(x.dtype), dim)
+        gc = gs.sum()
+    else:
+        gc = gs.sum() * scale
+    return gx.to(x.dtype), gv, gc
+
+
+def split_shift(w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(v, c) of a vector or scalar RAA's parameter w = [v | c] or [c]: views (v None for [c])."""
+    return (w[:-1] if w.numel() > 1 else None), w[-1:]
+
+
+def raa_expression(x: torch.Tensor, w: torch.Tensor, variant: str, base: str, dim: int,
+                   matrix: torch.Tensor | None = None) -> torch.Tensor:
     """The whole RAA (shift and activation) as plain tensor expressions, for ``torch.compile`` to
     fuse: the shift's reduction over the features and the activation in one kernel per pass. The
     output has x's dtype (under autocast the float32 parameters would otherwise promote it).
-    ``weight`` is v (vector), W (matrix) or None (scalar); ``dim`` the feature axis (1 or -1)."""
-    if variant == "scalar":
-        s = c
-    elif variant == "vector":                                  # v . x + c as a sum: fusable, unlike einsum
-        s = (x * (weight.view(-1, 1, 1) if dim == 1 else weight)).sum(dim, keepdim=True) + c
+    ``w`` is [v | c] (vector), [c] (scalar) or c (matrix, whose W is ``matrix``); ``dim`` the
+    feature axis (1 or -1)."""
+    if variant == "matrix":
+        s = matrix_shift(x, matrix, w, dim)
     else:
-        s = matrix_shift(x, weight, c, dim)
+        v, c = split_shift(w)
+        s = c if v is None else (x * (v.view(-1, 1, 1) if dim == 1 else v)).sum(dim, keepdim=True) + c   # fusable
     z = x + s
     if base == "relu":     # torch.relu here compiles to a CPU kernel ~9x slower (torch 2.14)
         return torch.clamp_min(z, 0).to(x.dtype)
@@ -328,8 +343,9 @@ class RAA(nn.Module):
     sets it from the layer before the activation where that layer decides it, so that an NHWC map
     whose height happens to equal the width is not read as NCHW).
 
-    Extra parameters: ``num_features + 1`` (vector), 1 (scalar), ``num_features^2 + num_features``
-    (matrix).
+    Parameters: ``vc`` = [v | c], ``num_features + 1`` (vector); ``c``, 1 (scalar); ``W`` and ``c``,
+    ``num_features^2 + num_features`` (matrix). A state dict with the vector variant's former
+    separate ``v`` and ``c`` loads into ``vc``.
     """
 
     _route = None       # (the last eager call's shape, strides and dtypes; its feature axis; its operator)
@@ -344,10 +360,11 @@ class RAA(nn.Module):
             raise BionetsError(f"RAA's feature axis dim must be 1 (the channels of an [N, C, ...] map), -1 (last) or "
                                f"None (per call), got {dim!r}")
         self.num_features, self.variant, self.base, self.compiled, self.dim = num_features, variant, base, compiled, dim
-        self.c = nn.Parameter(torch.zeros(num_features if variant == "matrix" else 1))
         if variant == "vector":
-            self.v = nn.Parameter(torch.zeros(num_features))
-        elif variant == "matrix":
+            self.vc = nn.Parameter(torch.zeros(num_features + 1))
+        else:
+            self.c = nn.Parameter(torch.zeros(num_features if variant == "matrix" else 1))
+        if variant == "matrix":
             self.W = nn.Parameter(torch.zeros(num_features, num_features))
 
     def extra_repr(self) -> str:
@@ -365,29 +382,57 @@ class RAA(nn.Module):
             # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
             # the hand-written autograd function below; the same under torch.func transforms
             dim = self._checked_dim(x)
-            weight = {"vector": getattr(self, "v", None), "matrix": getattr(self, "W", None)}.get(self.variant)
             if not plain and x.device.type == "cpu":
                 require_cpu_compiler("RAA(compiled=True)", "set compiled=False (mechanisms.raa.compiled=false)")
             fn = raa_expression if plain else compiled_raa(self.num_features)
-            return fn(x, self.c, weight, self.variant, self.base, dim)
-        params = self._parameters
-        v, c = params.get("v"), params["c"]
-        key = (x.shape, x.stride(), x.dtype, x.is_cuda, c.dtype, v is not None and v.dtype)
+            return fn(x, self.shift_params, self.variant, self.base, dim, getattr(self, "W", None))
+        w = self.shift_params
+        key = (x.shape, x.stride(), x.dtype, x.is_cuda, w.dtype)
         if self._route is not None and self._route[0] == key:
             _, dim, op = self._route               # a call like the last: checked, its operator chosen
         else:
             dim = self._checked_dim(x)
             if (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
-                    and (self.variant == "matrix" or _cpu_kernels(x, v, c, dim) is None)):
+                    and (self.variant == "matrix" or _cpu_kernels(x, w, dim) is None)):
                 # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16
                 # map times a float32 one took 1.1 ms against 0.03): compute in float32, round once
                 # (the C++ kernels, where they take the map, read and write bf16 themselves)
                 with torch.autocast("cpu", enabled=False):
                     x32 = x.float()
-                    return self._eager(self._op_for(x32, dim, v, c), x32, dim, v, c).to(x.dtype)
-            op = self._op_for(x, dim, v, c)
+                    return self._eager(self._op_for(x32, dim, w), x32, dim, w).to(x.dtype)
+            op = self._op_for(x, dim, w)
             self._route = (key, dim, op)
-        return self._eager(op, x, dim, v, c)
+        return self._eager(op, x, dim, w)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """The vector variant's v: ``vc[:-1]``, a view (to read, or to set under ``torch.no_grad()``;
+        the gradient is vc's)."""
+        if "vc" not in self._parameters:
+            raise AttributeError(f"RAA's {self.variant} variant has no v")
+        return self._parameters["vc"][:-1]
+
+    @property
+    def c(self) -> torch.Tensor:
+        """c: the vector variant's ``vc[-1:]`` (a view, as :attr:`v`), else the parameter c."""
+        params = self._parameters
+        if "c" in params:
+            return params["c"]
+        if "vc" in params:
+            return params["vc"][-1:]
+        raise AttributeError("c")                   # (during __init__, before c is registered)
+
+    @property
+    def shift_params(self) -> torch.Tensor:
+        """``vc`` (vector variant) or ``c``: the parameter the kernels take as w."""
+        return self._parameters["vc" if self.variant == "vector" else "c"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A vector RAA's state from before v and c were one parameter: ``v`` and ``c`` as ``vc``."""
+        v, c = prefix + "v", prefix + "c"
+        if self.variant == "vector" and prefix + "vc" not in state_dict and v in state_dict and c in state_dict:
+            state_dict[prefix + "vc"] = torch.cat([state_dict.pop(v).reshape(-1), state_dict.pop(c).reshape(-1)])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _channels_first(self, x: torch.Tensor) -> bool:
         """Whether a 3-D or 5-D x has its features on dim 1 (see the class's ``dim``)."""
@@ -413,11 +458,11 @@ class RAA(nn.Module):
             raise BionetsError(f"RAA takes floating-point input, got {x.dtype}: convert it (x.float())")
         return dim
 
-    def _op_for(self, x: torch.Tensor, dim: int, v: torch.Tensor | None, c: torch.Tensor):
+    def _op_for(self, x: torch.Tensor, dim: int, w: torch.Tensor):
         """RAA's own operator's overload for x (one call forward and backward, autograd in C++), or None."""
         if self.variant == "matrix":
             return None
-        kernels = _own_kernels(x, v, c, dim)
+        kernels = _own_kernels(x, w, dim)
         # (the overload called directly: ~4 us a call less than through the operator's packet)
         return None if kernels is None else kernels.raa.default
 
@@ -426,14 +471,14 @@ class RAA(nn.Module):
         state.pop("_route", None)                     # (the operator it names does not pickle)
         return state
 
-    def _eager(self, op, x: torch.Tensor, dim: int, v: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+    def _eager(self, op, x: torch.Tensor, dim: int, w: torch.Tensor) -> torch.Tensor:
         """RAA through ``op`` (its own operator's overload) or, where None, its autograd function or
-        (matrix variant) PyTorch ops; v is None for the scalar and matrix variants."""
+        (matrix variant) PyTorch ops; w is [v | c] (vector), [c] (scalar) or c (matrix)."""
         if self.variant != "matrix":
             if op is not None:
-                return op(x, v, c, dim, self.base == "relu")
-            return _RaaVector.apply(x, v, c, dim, self.base)
-        s = matrix_shift(x, self.W, c, dim)
+                return op(x, w, dim, self.base == "relu")
+            return _RaaVector.apply(x, w, dim, self.base)
+        s = matrix_shift(x, self.W, w, dim)
         if self.base == "relu":
             return torch.add(x, s).relu_().to(x.dtype)           # max(0, x + shift), in x's dtype
         return shifted_gelu(x, s).to(x.dtype)                 # x * Phi(x + shift), in x's dtype

@@ -332,8 +332,8 @@ std::tuple<at::Tensor, at::Tensor> raa_forward(const at::Tensor& x, const std::o
   return {y, s};
 }
 
-// (dL/dx, dL/dv (empty for the scalar variant), dL/dc [1])
-std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::Tensor& g,
+// (dL/dx, dL/dw = [dL/dv | dL/dc] (scalar variant: [dL/dc]))
+std::tuple<at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::Tensor& g,
                                                             const at::Tensor& s, const std::optional<at::Tensor>& v,
                                                             int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
@@ -360,10 +360,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_backward(const at::Tensor& x,
   for (int64_t ch = 0; ch < l.chunks(); ++ch)
     for (int64_t k = 0; k <= l.C; ++k) total[k] += part[ch * (l.C + 1) + k];
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor gv = at::empty({v ? l.C : 0}, f32), gc = at::empty({1}, f32);
-  for (int64_t k = 0; k < gv.numel(); ++k) gv.data_ptr<float>()[k] = static_cast<float>(total[k]);
-  *gc.data_ptr<float>() = static_cast<float>(total[l.C]);
-  return {gx, gv, gc};
+  at::Tensor gw = at::empty({v ? l.C + 1 : 1}, f32);
+  float* out = gw.data_ptr<float>();
+  for (int64_t k = 0; k + 1 < gw.numel(); ++k) out[k] = static_cast<float>(total[k]);
+  out[gw.numel() - 1] = static_cast<float>(total[l.C]);
+  return {gx, gw};
 }
 
 struct Kernels {
@@ -375,7 +376,7 @@ struct Kernels {
 
 TORCH_LIBRARY(bionets_raa_cpu, m) {
   m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
-  m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor)");
   m.def(bionets_raa::RAA_SCHEMA);
 }
 

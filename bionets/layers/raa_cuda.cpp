@@ -10,7 +10,7 @@
 
 std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
                                                     const at::Tensor& c, int64_t dim, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
+std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
                                                                  const at::Tensor& s, const std::optional<at::Tensor>& v,
                                                                  int64_t dim, bool relu);
 
@@ -26,9 +26,8 @@ struct Kernels {
 TORCH_LIBRARY(bionets_raa_cuda, m) {
   m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
   // (s, the forward's saved state: its shifts and the backward's scratch, which the backward writes;
-  // of the outputs dL/dx, dL/dv, dL/dc the last two are views of one buffer: a caller through
-  // torch.ops who writes into one must clone it first; RAA's autograd hands them to v and c)
-  m.def("backward(Tensor x, Tensor g, Tensor(a!) s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor, Tensor)");
+  // the outputs: dL/dx and dL/dw = [dL/dv | dL/dc])
+  m.def("backward(Tensor x, Tensor g, Tensor(a!) s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor)");
   m.def(bionets_raa::RAA_SCHEMA);
 }
 

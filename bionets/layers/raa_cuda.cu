@@ -478,8 +478,8 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
   return {y, s};
 }
 
-// (dL/dx, dL/dv (empty for the scalar variant), dL/dc [1])
-std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
+// (dL/dx, dL/dw = [dL/dv | dL/dc] (scalar variant: [dL/dc]))
+std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
                                                                  const at::Tensor& s, const std::optional<at::Tensor>& v,
                                                                  int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
@@ -495,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tenso
   const bool as_x = g.strides() == x.strides() && g.scalar_type() == x.scalar_type() && (!l.Q || aligned(g));
   const at::Tensor grad = as_x ? g : at::empty_like(x).copy_(g);
   at::Tensor gx = at::empty_like(x);
-  // dL/dv and dL/dc in one allocation (two views of it; autograd takes views as gradients as they are)
+  // dL/dv and dL/dc in one tensor, the gradient of w
   at::Tensor gvc = at::empty({grid.width}, x.options().dtype(at::kFloat));
   float* scratch = s.data_ptr<float>() + l.M;                 // the forward left it for this
   const at::Tensor partials = grid.partials_in_s() ? at::Tensor() : at::empty({grid.partials()}, gvc.options());
@@ -529,5 +529,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raa_cuda_backward(const at::Tenso
                                                                                            gvc.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {gx, gvc.narrow(0, 0, grid.width - 1), gvc.narrow(0, grid.width - 1, 1)};
+  return {gx, gvc};
 }

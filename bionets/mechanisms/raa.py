@@ -41,9 +41,9 @@ class RaaConfig(Section):
 # then chance for all 30 epochs; 98.6% with v's multiplier and a 1-epoch warm-up (tests/test_convert.py
 # trains with both multipliers). Without a warm-up (recipe_cnn_cifar), 10 epochs, ReLU form: 14.2 / 21.7%
 # (seeds 0 / 1) with v's alone, 76.1 / 96.7% with c's too (the plain ReLU net: 58.6 / 59.2%).
-V_RATES = {"*.v": 0.01, "*.c": 0.01}
+V_RATES = {"*.vc": 0.01, "*.c": 0.01}
 V_LR_NOTE = SgdRateNote("v and c sum their gradients over every pixel or token (c over the features too): with SGD "
-                        "at lr ~0.1 train them with optim.lr_mult: {'*.v': 0.01, '*.c': 0.01} (bionets train sets "
+                        "at lr ~0.1 train them with optim.lr_mult: {'*.vc': 0.01, '*.c': 0.01} (bionets train sets "
                         "it under SGD) or training can diverge; AdamW needs none", tuple(V_RATES))
 
 
