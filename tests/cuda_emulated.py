@@ -140,7 +140,8 @@ def assert_misaligned_like_aligned(op, device: str) -> None:
     """RAA's rows kernels read 16 bytes at a time from 16-byte aligned tensors: tokens that start one
     element into their storage, and a gradient so placed, take the element kernels (and a copy of
     the gradient) through ``op`` (the operator ``raa``), with the aligned tensors' results to
-    rounding, in float32 and bf16."""
+    rounding, in float32 and bf16; so does an x saved aligned that a saved-tensor hook gives back
+    misaligned (the forward sized the backward's scratch for both kernel families)."""
     torch.manual_seed(0)
     n, width = 300, 64
     w = torch.randn(width + 1, device=device) * 0.2                     # [v | c]
@@ -153,6 +154,12 @@ def assert_misaligned_like_aligned(op, device: str) -> None:
         y = op(*leaves, -1, False)
         return (y, *torch.autograd.grad(y, leaves, g))
 
+    def run_unaligned_on_unpack(x, g):      # x saved aligned, given back to the backward one element in
+        def unpack(t):
+            return shifted(t) if t.shape == x.shape and t.dtype == x.dtype else t
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            return run(x, g)
+
     for dtype in (torch.float32, torch.bfloat16):
         x, g = (torch.randn(n, width, device=device).to(dtype) for _ in range(2))
         aligned = run(x, g)
@@ -161,3 +168,6 @@ def assert_misaligned_like_aligned(op, device: str) -> None:
             for a, b in zip(run(xs, gs), aligned):
                 rtol = 1e-5 if a.dtype == torch.float32 else 2 ** -7          # (bf16 y, dL/dx: one unit of rounding)
                 torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-5 * max(b.abs().max().item(), 1.0))
+        for a, b in zip(run_unaligned_on_unpack(x, g), aligned):
+            rtol = 1e-5 if a.dtype == torch.float32 else 2 ** -7
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-5 * max(b.abs().max().item(), 1.0))

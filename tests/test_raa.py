@@ -498,3 +498,31 @@ def test_torch_jit_trace_records_the_plain_expression():
     traced = torch.jit.trace(model, x)
     assert "bionets_raa" not in str(traced.inlined_graph)
     torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_state_from_before_v_and_c_were_one_parameter_loads_into_vc():
+    """A vector RAA's former separate v and c: a state dict loads (strict), model.init takes a
+    checkpoint's weights, a whole module pickled then unpickles, each with vc = [v | c]; an lr_mult
+    pattern written for v says what to write instead."""
+    import pickle
+
+    from bionets.engine.model import load_initial_weights
+    from bionets.engine.optim import OptimConfig, param_groups
+    torch.manual_seed(0)
+    v, c = torch.randn(4), torch.randn(1)
+    model = nn.Sequential(nn.Linear(4, 4), RAA(4, dim=-1))
+    old = {**{f"0.{k}": t for k, t in model[0].state_dict().items()}, "1.v": v, "1.c": c}
+    model.load_state_dict(dict(old))
+    assert torch.equal(model[1].vc.detach(), torch.cat([v, c])) and torch.equal(model[1].v, v)
+    fresh = nn.Sequential(nn.Linear(4, 4), RAA(4, dim=-1))
+    load_initial_weights(fresh, dict(old), "old.pt", final=True)
+    assert torch.equal(fresh[1].vc.detach(), torch.cat([v, c]))
+    state = RAA(4).__getstate__()
+    state["_parameters"] = {"c": nn.Parameter(c.clone()), "v": nn.Parameter(v.clone())}
+    unpickled = pickle.loads(pickle.dumps(state))
+    raa = RAA.__new__(RAA)
+    raa.__setstate__(unpickled)
+    assert list(raa._parameters) == ["vc"] and torch.equal(raa.vc.detach(), torch.cat([v, c]))
+    torch.testing.assert_close(raa(torch.ones(2, 4)), model[1](torch.ones(2, 4)))
+    with pytest.raises(BionetsError, match=r"write '\*\.vc'"):
+        param_groups(model, OptimConfig(lr=0.1, lr_mult={"*.v": 0.02}))

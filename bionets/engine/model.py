@@ -90,6 +90,15 @@ def initial_weights(path: str) -> tuple[dict, dict, str | None]:
             {k: v for k, v in weights.items() if k in training}, saved_model_name(state))
 
 
+def upgraded(model: nn.Module, state: dict) -> dict:
+    """``state`` with the entries of a module's former layout renamed by that module's own
+    ``upgrade_state_dict(state, prefix)``, where it has one (RAA's separate v and c as vc)."""
+    for name, module in model.named_modules():
+        if callable(upgrade := getattr(module, "upgrade_state_dict", None)):
+            state = upgrade(state, f"{name}." if name else "")
+    return state
+
+
 def fitting(model: nn.Module, state: dict) -> dict:
     """The entries of ``state`` that ``model`` has, in the same shape."""
     own = model.state_dict()
@@ -107,6 +116,7 @@ def load_initial_weights(model: nn.Module, weights: dict, source: str, *, final:
     which raises one error line instead of returning None. ``training``: the checkpoint's
     training-only state, which the caller loads where it fits: no buffer it gives counts as fresh.
     ``saved_from``: the model the weights were saved from, for the error line."""
+    weights = upgraded(model, weights)
     own = model.state_dict()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_keys = {f"{name}.{k}" for name, m in model.named_modules() if m is head for k in m.state_dict()}

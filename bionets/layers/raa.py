@@ -329,7 +329,7 @@ def compiled_raa(width: int):
     to one width's shapes (train and last batch, train and eval), not to all the network's layers."""
     if width not in _COMPILED:
         code = raa_expression.__code__.replace(co_name=f"raa_expression_{width}")
-        fn = types.FunctionType(code, raa_expression.__globals__, code.co_name)
+        fn = types.FunctionType(code, raa_expression.__globals__, code.co_name, raa_expression.__defaults__)
         _COMPILED[width] = torch.compile(fn, dynamic=False)
     return _COMPILED[width]
 
@@ -427,11 +427,25 @@ class RAA(nn.Module):
         """``vc`` (vector variant) or ``c``: the parameter the kernels take as w."""
         return self._parameters["vc" if self.variant == "vector" else "c"]
 
+    def upgrade_state_dict(self, state: dict, prefix: str = "") -> dict:
+        """``state`` (a state dict holding this module's entries under ``prefix``) with a vector RAA's
+        former separate ``v`` and ``c`` as ``vc``; itself where it has none. (bionets' engine asks
+        every module that has this method before it compares a checkpoint's keys with the model's.)"""
+        v, c, vc = prefix + "v", prefix + "c", prefix + "vc"
+        if self.variant != "vector" or vc in state or v not in state or c not in state:
+            return state
+        merged = torch.cat([state[v].reshape(-1), state[c].reshape(-1)])
+        state = {k: t for k, t in state.items() if k not in (v, c)}
+        state[vc] = merged
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A vector RAA's state from before v and c were one parameter: ``v`` and ``c`` as ``vc``."""
-        v, c = prefix + "v", prefix + "c"
-        if self.variant == "vector" and prefix + "vc" not in state_dict and v in state_dict and c in state_dict:
-            state_dict[prefix + "vc"] = torch.cat([state_dict.pop(v).reshape(-1), state_dict.pop(c).reshape(-1)])
+        """A vector RAA's state from before v and c were one parameter (:meth:`upgrade_state_dict`)."""
+        upgraded = self.upgrade_state_dict(state_dict, prefix)
+        if upgraded is not state_dict:
+            state_dict.pop(prefix + "v")
+            state_dict.pop(prefix + "c")
+            state_dict[prefix + "vc"] = upgraded[prefix + "vc"]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _channels_first(self, x: torch.Tensor) -> bool:
@@ -465,6 +479,15 @@ class RAA(nn.Module):
         kernels = _own_kernels(x, w, dim)
         # (the overload called directly: ~4 us a call less than through the operator's packet)
         return None if kernels is None else kernels.raa.default
+
+    def __setstate__(self, state):
+        """A whole RAA module pickled before v and c were one parameter: its v and c as vc."""
+        params = state.get("_parameters", {})
+        if state.get("variant") == "vector" and "vc" not in params and "v" in params and "c" in params:
+            v, c = params.pop("v"), params.pop("c")
+            params["vc"] = nn.Parameter(torch.cat([v.detach().reshape(-1), c.detach().reshape(-1)]),
+                                        requires_grad=v.requires_grad)
+        super().__setstate__(state)
 
     def __getstate__(self):
         state = super().__getstate__()

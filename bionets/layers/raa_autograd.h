@@ -1,8 +1,10 @@
 // RAA's autograd in C++, shared by its CPU kernels (raa_cpu.cpp) and its CUDA kernels (raa_cuda.cpp):
 // one operator call per RAA call, `raa(x, w, dim, relu) -> y`, whose backward runs without
 // Python. w holds the shift's parameters in one tensor: [v | c] (vector variant, C + 1) or [c]
-// (scalar): one parameter a layer, so one AccumulateGrad and one optimizer entry (on an H200 the
-// eager step of ResNet-20 spent 5-7% of GELU's step on the bookkeeping of separate v and c). On a 2-core CPU (forward and backward, tiny tensors) a Python autograd function around the
+// (scalar): one parameter a layer, one AccumulateGrad and one optimizer entry. (On an H200 the
+// eager ResNet-20 step with RAA ran 5-7% of GELU's step slower with v and c trained, as two
+// tensors a layer, than with them frozen; one tensor halves that bookkeeping, not yet timed there.)
+// On a 2-core CPU (forward and backward, tiny tensors) a Python autograd function around the
 // same kernels took 160 us a call, this operator 112 (ReLU: 64); on an H200's host the function
 // and its Triton launches took ~0.4 ms a call more than ReLU, where the eager steps of CIFAR-sized
 // models wait on the host.

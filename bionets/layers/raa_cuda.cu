@@ -300,7 +300,8 @@ __global__ void backward_rows(const T* __restrict__ x, const T* __restrict__ g, 
   const P* gp = reinterpret_cast<const P*>(g);
   P* gxp = reinterpret_cast<P*>(gx);
   float gv_sum[HAS_V ? CH * N : 1] = {}, gc_sum = 0.f;
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < l.M; first += static_cast<int64_t>(gridDim.x) * groups) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * groups;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < l.M; first += stride) {
     const int64_t row = first + group;
     const bool valid = row < l.M;
     const int64_t b = valid ? row * l.Q : 0;
@@ -383,8 +384,9 @@ Grid backward_grid(const Layout& l, bool has_v) {
 
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
-// dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor
-Layout layout_of(const at::Tensor& x, int64_t dim) {
+// dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor; the rows
+// kernels' where they take it (`any_alignment`: as if x were 16-byte aligned)
+Layout layout_of(const at::Tensor& x, int64_t dim, bool any_alignment = false) {
   TORCH_CHECK(x.is_cuda(), "bionets RAA CUDA kernels take CUDA tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "bionets RAA CUDA kernels take float32, bf16 or fp16, got ", x.scalar_type());
@@ -408,10 +410,23 @@ Layout layout_of(const at::Tensor& x, int64_t dim) {
   // the features contiguous (an [M, C] matrix): a group of threads per vector, 16-byte chunks where
   // they fit (the rows kernels), else one element a thread a step
   const int64_t per_chunk = 16 / static_cast<int64_t>(x.element_size());
-  if (l.C % per_chunk == 0 && l.C / per_chunk <= 32 * MAX_CHUNKS && aligned(x)) l.Q = l.C / per_chunk;
+  if (l.C % per_chunk == 0 && l.C / per_chunk <= 32 * MAX_CHUNKS && (any_alignment || aligned(x)))
+    l.Q = l.C / per_chunk;
   const int64_t threads_wanted = l.Q ? l.Q : l.C;
   while (l.G < 32 && l.G < threads_wanted) l.G *= 2;
   return l;
+}
+
+// floats of the backward's scratch after the shifts in `s`: enough for either kernel family, since
+// the backward chooses by the alignment of the x it gets back, which a saved-tensor hook may change
+int64_t scratch_floats(const at::Tensor& x, int64_t dim, bool has_v) {
+  Layout rows = layout_of(x, dim, /*any_alignment=*/true), element = rows;
+  if (rows.Q) {
+    element.Q = 0;
+    element.G = 1;
+    while (element.G < 32 && element.G < element.C) element.G *= 2;
+  }
+  return std::max(backward_grid(rows, has_v).scratch(), backward_grid(element, has_v).scratch());
 }
 
 // the rows kernels' chunks a thread: 1 (at most 32 chunks a vector) or MAX_CHUNKS
@@ -452,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
   const float* vp = v_data(v, l, x.device());
   at::Tensor y = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
-  const int64_t size = l.M + backward_grid(l, vp != nullptr).scratch();
+  const int64_t size = l.M + scratch_floats(x, dim, vp != nullptr);
   if (l.M == 0 || l.C == 0) return {y, at::zeros({size}, f32)};
   at::Tensor s = at::empty({size}, f32);
   const int64_t per_block = THREADS / l.G;
@@ -464,13 +479,14 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
       constexpr bool R = decltype(relu_c)::value, V = decltype(has_v)::value;
       const auto xp = static_cast<const T*>(x.const_data_ptr());
       const auto yp = static_cast<T*>(y.data_ptr());
+      const float* cp = c.const_data_ptr<float>();
+      float* sp = s.data_ptr<float>();
       if (!l.Q) {
-        forward_kernel<T, R, V><<<blocks, THREADS, 0, stream>>>(xp, vp, c.const_data_ptr<float>(), yp, s.data_ptr<float>(), l);
+        forward_kernel<T, R, V><<<blocks, THREADS, 0, stream>>>(xp, vp, cp, yp, sp, l);
       } else if (chunks_per_thread(l) == 1) {
-        forward_rows<T, R, V, 1><<<blocks, THREADS, 0, stream>>>(xp, vp, c.const_data_ptr<float>(), yp, s.data_ptr<float>(), l);
+        forward_rows<T, R, V, 1><<<blocks, THREADS, 0, stream>>>(xp, vp, cp, yp, sp, l);
       } else {
-        forward_rows<T, R, V, MAX_CHUNKS><<<blocks, THREADS, 0, stream>>>(xp, vp, c.const_data_ptr<float>(), yp,
-                                                                          s.data_ptr<float>(), l);
+        forward_rows<T, R, V, MAX_CHUNKS><<<blocks, THREADS, 0, stream>>>(xp, vp, cp, yp, sp, l);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -487,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const 
   const float* vp = v_data(v, l, x.device());
   const Grid grid = backward_grid(l, vp != nullptr);
   TORCH_CHECK(s.device() == x.device() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
-                  s.numel() == l.M + grid.scratch(),
+                  s.numel() == l.M + scratch_floats(x, dim, vp != nullptr),
               "bionets RAA CUDA kernels: the saved shift does not match x");
   TORCH_CHECK(g.device() == x.device() && g.sizes() == x.sizes(), "bionets RAA CUDA kernels: the gradient does not match x");
   // the gradient is read with x's strides (and alignment, by the rows kernels): one copy where it
@@ -525,8 +541,8 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const 
     });
   });
   if (!done) {
-    sum_columns<<<static_cast<unsigned>((grid.width + 31) / 32), SUM_THREADS, 0, stream>>>(part, grid.blocks, grid.width,
-                                                                                           gvc.data_ptr<float>());
+    const auto column_blocks = static_cast<unsigned>((grid.width + 31) / 32);
+    sum_columns<<<column_blocks, SUM_THREADS, 0, stream>>>(part, grid.blocks, grid.width, gvc.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {gx, gvc};
