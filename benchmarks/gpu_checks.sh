@@ -14,16 +14,16 @@
 # eager and under CUDA graphs, with the default strategy of the quadratic layer ('outer' eager for
 # C <= 64, 'fused' Triton kernels compiled and wider) and the 'blocks' one, the suite, STDS) or 3 (the
 # whole test suite, needs pytest-xdist) runs a part, for machines lent for at most 10 minutes a
-# command. PART new (~4-5 minutes; its caps add up to 510 s, with the imports and kill grace about
-# 560 s: give the command 590 s) runs what no GPU has run yet, issue 3's figures first: RAA's and
+# command. PART new (~4-5 minutes; its caps add up to 500 s, with the imports and kill grace about
+# 550 s: give the command 590 s) runs what no GPU has run yet, issue 3's figures first: RAA's and
 # ARR's CUDA C++ operators built side by side (a failed build prints the compiler's whole log, and
 # the steps after it then run the Triton kernels, BIONETS_CUDA_KERNELS=0, saying so), then the CUDA
-# tests of RAA's and ARR's operators only (RAA's rows kernels, 16 bytes a load, with the column-sum
-# kernel for wide layers, and ARR's scan without barriers, of the thirty-third session, untested on a
-# GPU before its run; the Triton, compiled-model and CUDA-graph variants passed on the H200 and are
-# left out so the step fits its cap; the CPU references are PyTorch's operators,
-# BIONETS_CPU_KERNELS=0, so that the suite's start builds no CPU kernels), DNRT eager twice in
-# separate processes (issue 3's ratios, with their run-to-run spread),
+# tests of RAA's and ARR's operators only (the thirty-third session's rows kernels and ARR's scan
+# passed there; since then RAA's operator takes v and c as one parameter, vc; the Triton,
+# compiled-model and CUDA-graph variants passed on the H200 and are left out so the step fits its
+# cap; the CPU references are PyTorch's operators, BIONETS_CPU_KERNELS=0, so that the suite's start
+# builds no CPU kernels), DNRT eager twice in separate processes (issue 3's ratios, with their
+# run-to-run spread), RAA's step split between its operator and its parameter (raa_param_cost.py),
 # and where the steps' host time goes (benchmarks/step_profile.py, ResNet-20 ReLU and ViT-Tiny). A
 # build cut by its cap leaves torch's lock file, on which every later build of that name would wait
 # forever: the step after it removes the locks.
@@ -64,7 +64,7 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
     python3 -c "from bionets.layers import cuda_kernels as k; from torch.utils import cpp_extension as e; print('CUDA toolkit for the CUDA C++ kernels:', k.has_cuda_toolkit(), e.CUDA_HOME)"
-    step new 150 bash -c 'python3 benchmarks/build_cuda_kernels.py raa_cuda & a=$!; python3 benchmarks/build_cuda_kernels.py arr_cuda & b=$!; wait $a; ra=$?; wait $b; exit $((ra | $?))'
+    step new 110 bash -c 'python3 benchmarks/build_cuda_kernels.py raa_cuda & a=$!; python3 benchmarks/build_cuda_kernels.py arr_cuda & b=$!; wait $a; ra=$?; wait $b; exit $((ra | $?))'
     if [[ $part == new ]]; then
         find "$locks" -name lock -delete 2>/dev/null
         if [[ $last != 0 ]]; then        # (not rebuilt by a later step, uncapped)
@@ -74,13 +74,14 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
     fi
     step 1 200 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_quadratic.py -k cuda
     # (part new: the CUDA tests of RAA's and ARR's operators, 30 of them)
-    step new 120 env BIONETS_CPU_KERNELS=0 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "(raa or arr or second_derivatives) and not triton and not compiled_model and not cuda_graphs"
+    step new 90 env BIONETS_CPU_KERNELS=0 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "(raa or arr or second_derivatives) and not triton and not compiled_model and not cuda_graphs"
     # the interpreter check (on the CPU; it compiles a CPU operator with Inductor, slow on some machines)
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
     step 1,new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 120 --skip-compiled
     step new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 120 --skip-compiled
-    step new 80 python3 benchmarks/step_profile.py --device cuda --cases resnet-relu,vit
+    step new 70 python3 benchmarks/raa_param_cost.py --device cuda
+    step new 70 python3 benchmarks/step_profile.py --device cuda --cases resnet-relu,vit
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224
     # whole models under CUDA graphs (train.compile: reduce-overhead); compiling takes ~30 s a model
     step 1 150 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 40 --compile-mode reduce-overhead --cases vit

@@ -22,6 +22,7 @@ import torch
 from bionets.bench import alternating_step_times, device_name, paired_ratios, positive, run_script, train_step
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
+from bionets.layers.raa import RAA
 
 
 def steps_for(act: str, x: torch.Tensor, y: torch.Tensor, amp: str) -> dict:
@@ -33,6 +34,9 @@ def steps_for(act: str, x: torch.Tensor, y: torch.Tensor, amp: str) -> dict:
     for way in ("RAA", "RAA, vc frozen", "RAA, vc not in the optimizer"):
         model = convert(copy.deepcopy(plain), activation="raa")[0].to(x.device)
         own = [p for name, p in model.named_parameters() if name.rpartition(".")[2] == "vc"]
+        if len(own) != sum(isinstance(m, RAA) for m in model.modules()):
+            raise SystemExit("raa_param_cost: not every RAA layer has its parameter vc (the vector variant's), "
+                             "which this script measures")
         if "frozen" in way:
             for p in own:
                 p.requires_grad_(False)

@@ -106,6 +106,14 @@ def test_step_profile_smoke():
     assert text.count(" calls  ") == 6                   # the two largest differences for each of the three twins
 
 
+def test_raa_param_cost_smoke():
+    text = load("raa_param_cost").main(["--device", "cpu", "--batch", "2", "--steps", "2", "--rounds", "1"])
+    for act in ("gelu", "relu"):
+        for way in ("", " RAA", " RAA, vc frozen", " RAA, vc not in the optimizer"):
+            assert f"- round 1, {act}{way}: " in text
+    assert text.count("x (") == 8
+
+
 def test_cpu_peak_memory_is_each_steps_own():
     """The profiler's timeline counts what a step allocates, its first tensor included, whatever ran
     before it in the process (the resident set's rise read 0 for a step after a larger one)."""
@@ -120,7 +128,8 @@ def test_cpu_peak_memory_is_each_steps_own():
 @pytest.mark.parametrize("name, args", [("bench_dit", ["--rounds", "0"]), ("bench_dit", ["--batch", "0"]),
                                         ("bench_dnrt", ["--rounds", "0"]), ("bench_engine", ["--epochs", "0"]),
                                         ("bench_stds", ["--repeats", "0"]), ("host_time", ["--calls", "0"]),
-                                        ("step_profile", ["--steps", "0"]), ("bench_dit", ["--out", "/nonexistent/x.md"])])
+                                        ("step_profile", ["--steps", "0"]), ("bench_dit", ["--out", "/nonexistent/x.md"]),
+                                        ("raa_param_cost", ["--steps", "0"])])
 def test_a_count_of_zero_or_a_report_without_a_folder_is_refused_before_measuring(name, args, capsys):
     """(They failed after measuring: a median of nothing, a division by 0 steps, a report lost at the end.)"""
     with pytest.raises(SystemExit) as exited:
