@@ -10,9 +10,10 @@
 // models wait on the host.
 //
 // Kernels (a struct of two static functions, the same contract as the Python-side kernels):
-//     forward(x, v, c, dim, relu) -> (y, s)          s: each vector's shift, float32 (on CUDA followed
+//     forward(x, w, dim, relu) -> (y, s)             s: each vector's shift, float32 (on CUDA followed
 //                                                    by the backward's scratch, which it writes)
-//     backward(x, g, s, v, dim, relu) -> (dL/dx, dL/dw = [dL/dv | dL/dc] float32 (scalar: [dL/dc]))
+//     backward(x, g, s, w, dim, relu) -> (dL/dx, dL/dw = [dL/dv | dL/dc] float32 (scalar: [dL/dc]))
+// (w read through raa_shift.h)
 // With create_graph (a backward that autograd differentiates again) the backward differentiates
 // the plain expression instead, as the Python layers do (bionets.layers.kernel_fallback):
 //     s = v . x + c (vector) or c (scalar), z = x + s,  y = x Phi(z) (gelu form) or max(0, z) (relu form)
@@ -30,7 +31,8 @@ namespace bionets_raa {
 // the whole activation's schema, as the CPU and the CUDA builds register it
 inline constexpr const char* RAA_SCHEMA = "raa(Tensor x, Tensor w, int dim, bool relu) -> Tensor";
 
-// (v, c) of w: its first C entries (none where w has one entry, the scalar variant) and its last
+// (v, c) of w as views: its first C entries (none where w has one entry, the scalar variant) and
+// its last (for the differentiable expression; the kernels read w through raa_shift.h)
 inline std::pair<std::optional<at::Tensor>, at::Tensor> split(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 1 && w.numel() >= 1, "bionets RAA kernels: w must be a vector [v | c] or [c]");
   const int64_t n = w.numel();
@@ -53,8 +55,7 @@ inline at::Tensor expression(const at::Tensor& x, const at::Tensor& w, int64_t d
 template <typename Kernels>
 struct RaaFunction : public torch::autograd::Function<RaaFunction<Kernels>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
-    const auto [v, c] = split(w);
-    auto [y, s] = Kernels::forward(x, v, c, dim, relu);
+    auto [y, s] = Kernels::forward(x, w, dim, relu);
     ctx->save_for_backward({x, w, s});
     ctx->saved_data["dim"] = dim;
     ctx->saved_data["relu"] = relu;
@@ -68,7 +69,7 @@ struct RaaFunction : public torch::autograd::Function<RaaFunction<Kernels>> {
     const bool relu = ctx->saved_data["relu"].toBool();
     const at::Tensor& g = grads[0];
     if (at::GradMode::is_enabled()) return differentiable(ctx, x, w, dim, relu, g);
-    auto [gx, gw] = Kernels::backward(x, g, s, split(w).first, dim, relu);
+    auto [gx, gw] = Kernels::backward(x, g, s, w, dim, relu);
     return {gx, gw.to(w.scalar_type()), at::Tensor(), at::Tensor()};
   }
 
@@ -103,8 +104,7 @@ at::Tensor raa(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu)
 
 template <typename Kernels>
 at::Tensor raa_no_grad(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
-  const auto [v, c] = split(w);
-  return std::get<0>(Kernels::forward(x, v, c, dim, relu));
+  return std::get<0>(Kernels::forward(x, w, dim, relu));
 }
 
 }  // namespace bionets_raa

@@ -26,6 +26,7 @@
 
 #include "cpu_vec.h"
 #include "raa_autograd.h"
+#include "raa_shift.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -305,22 +306,15 @@ void backward_planes(const float* x, const float* g, const float* s, const float
   });
 }
 
-const float* v_data(const std::optional<at::Tensor>& v, const Layout& l) {
-  if (!v) return nullptr;
-  TORCH_CHECK(v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == l.C,
-              "bionets RAA CPU kernels: v must be a contiguous float32 vector of the feature size");
-  return v->data_ptr<float>();
-}
 
 // (y, s): s holds the shift of each vector, [N * P]
-std::tuple<at::Tensor, at::Tensor> raa_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
-                                               const at::Tensor& c, int64_t dim, bool relu) {
+std::tuple<at::Tensor, at::Tensor> raa_forward(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
-  TORCH_CHECK(c.scalar_type() == at::kFloat && c.numel() == 1, "bionets RAA CPU kernels: c must be one float32");
+  const bionets_raa::Shift shift = bionets_raa::shift_of(w, l.C);
   at::Tensor y = at::empty_like(x);
   at::Tensor s = at::empty({l.N * l.P}, x.options().dtype(at::kFloat));
-  const float* vp = v_data(v, l);
-  const float c0 = *c.const_data_ptr<float>();
+  const float* vp = shift.v;
+  const float c0 = *shift.c;
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(l.rows(), "bionets RAA CPU kernels: bf16 maps must be channels_last");
     forward_rows(x.const_data_ptr<at::BFloat16>(), vp, c0, y.data_ptr<at::BFloat16>(), s.data_ptr<float>(), l, relu);
@@ -333,9 +327,8 @@ std::tuple<at::Tensor, at::Tensor> raa_forward(const at::Tensor& x, const std::o
 }
 
 // (dL/dx, dL/dw = [dL/dv | dL/dc] (scalar variant: [dL/dc]))
-std::tuple<at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::Tensor& g,
-                                                            const at::Tensor& s, const std::optional<at::Tensor>& v,
-                                                            int64_t dim, bool relu) {
+std::tuple<at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s,
+                                                const at::Tensor& w, int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == l.N * l.P,
               "bionets RAA CPU kernels: the saved shift does not match x");
@@ -343,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::T
   const at::Tensor grad = g.strides() == x.strides() && g.scalar_type() == x.scalar_type() ? g : at::empty_like(x).copy_(g);
   at::Tensor gx = at::empty_like(x);
   std::vector<float> part(l.chunks() * (l.C + 1));
-  const float* vp = v_data(v, l);
+  const float* vp = bionets_raa::shift_of(w, l.C).v;
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(l.rows(), "bionets RAA CPU kernels: bf16 maps must be channels_last");
     backward_rows(x.const_data_ptr<at::BFloat16>(), grad.const_data_ptr<at::BFloat16>(), s.const_data_ptr<float>(), vp,
@@ -360,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> raa_backward(const at::Tensor& x, const at::T
   for (int64_t ch = 0; ch < l.chunks(); ++ch)
     for (int64_t k = 0; k <= l.C; ++k) total[k] += part[ch * (l.C + 1) + k];
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor gw = at::empty({v ? l.C + 1 : 1}, f32);
+  at::Tensor gw = at::empty({vp ? l.C + 1 : 1}, f32);
   float* out = gw.data_ptr<float>();
   for (int64_t k = 0; k + 1 < gw.numel(); ++k) out[k] = static_cast<float>(total[k]);
   out[gw.numel() - 1] = static_cast<float>(total[l.C]);
@@ -375,8 +368,8 @@ struct Kernels {
 }  // namespace
 
 TORCH_LIBRARY(bionets_raa_cpu, m) {
-  m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
-  m.def("backward(Tensor x, Tensor g, Tensor s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor)");
+  m.def("forward(Tensor x, Tensor w, int dim, bool relu) -> (Tensor, Tensor)");
+  m.def("backward(Tensor x, Tensor g, Tensor s, Tensor w, int dim, bool relu) -> (Tensor, Tensor)");
   m.def(bionets_raa::RAA_SCHEMA);
 }
 

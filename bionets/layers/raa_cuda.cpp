@@ -5,14 +5,11 @@
 
 #include "raa_autograd.h"
 
-#include <optional>
 #include <tuple>
 
-std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
-                                                    const at::Tensor& c, int64_t dim, bool relu);
-std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
-                                                                 const at::Tensor& s, const std::optional<at::Tensor>& v,
-                                                                 int64_t dim, bool relu);
+std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu);
+std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s,
+                                                     const at::Tensor& w, int64_t dim, bool relu);
 
 namespace {
 
@@ -24,10 +21,10 @@ struct Kernels {
 }  // namespace
 
 TORCH_LIBRARY(bionets_raa_cuda, m) {
-  m.def("forward(Tensor x, Tensor? v, Tensor c, int dim, bool relu) -> (Tensor, Tensor)");
+  m.def("forward(Tensor x, Tensor w, int dim, bool relu) -> (Tensor, Tensor)");
   // (s, the forward's saved state: its shifts and the backward's scratch, which the backward writes;
   // the outputs: dL/dx and dL/dw = [dL/dv | dL/dc])
-  m.def("backward(Tensor x, Tensor g, Tensor(a!) s, Tensor? v, int dim, bool relu) -> (Tensor, Tensor)");
+  m.def("backward(Tensor x, Tensor g, Tensor(a!) s, Tensor w, int dim, bool relu) -> (Tensor, Tensor)");
   m.def(bionets_raa::RAA_SCHEMA);
 }
 

@@ -49,9 +49,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "raa_shift.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <optional>
 #include <tuple>
 
 namespace {
@@ -432,11 +433,10 @@ int64_t scratch_floats(const at::Tensor& x, int64_t dim, bool has_v) {
 // the rows kernels' chunks a thread: 1 (at most 32 chunks a vector) or MAX_CHUNKS
 int chunks_per_thread(const Layout& l) { return l.Q <= l.G ? 1 : MAX_CHUNKS; }
 
-const float* v_data(const std::optional<at::Tensor>& v, const Layout& l, const at::Device& device) {
-  if (!v) return nullptr;
-  TORCH_CHECK(v->device() == device && v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == l.C,
-              "bionets RAA CUDA kernels: v must be a contiguous float32 vector of the feature size on x's device");
-  return v->data_ptr<float>();
+// v and c in w (raa_shift.h), on x's device
+bionets_raa::Shift shift_on(const at::Tensor& w, const Layout& l, const at::Device& device) {
+  TORCH_CHECK(w.device() == device, "bionets RAA CUDA kernels: w must be on x's device");
+  return bionets_raa::shift_of(w, l.C);
 }
 
 // f(T) for x's dtype, T the kernels' element type
@@ -458,13 +458,11 @@ void with_flags(bool relu, bool has_v, const F& f) {
 }  // namespace
 
 // (y, s): s holds the shift of each vector, [N * P], then the backward's scratch (see the top)
-std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const std::optional<at::Tensor>& v,
-                                                    const at::Tensor& c, int64_t dim, bool relu) {
+std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(c.device() == x.device() && c.scalar_type() == at::kFloat && c.numel() == 1,
-              "bionets RAA CUDA kernels: c must be one float32 on x's device");
-  const float* vp = v_data(v, l, x.device());
+  const bionets_raa::Shift shift = shift_on(w, l, x.device());
+  const float* vp = shift.v;
   at::Tensor y = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
   const int64_t size = l.M + scratch_floats(x, dim, vp != nullptr);
@@ -479,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
       constexpr bool R = decltype(relu_c)::value, V = decltype(has_v)::value;
       const auto xp = static_cast<const T*>(x.const_data_ptr());
       const auto yp = static_cast<T*>(y.data_ptr());
-      const float* cp = c.const_data_ptr<float>();
+      const float* cp = shift.c;
       float* sp = s.data_ptr<float>();
       if (!l.Q) {
         forward_kernel<T, R, V><<<blocks, THREADS, 0, stream>>>(xp, vp, cp, yp, sp, l);
@@ -495,12 +493,11 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const s
 }
 
 // (dL/dx, dL/dw = [dL/dv | dL/dc] (scalar variant: [dL/dc]))
-std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g,
-                                                                 const at::Tensor& s, const std::optional<at::Tensor>& v,
-                                                                 int64_t dim, bool relu) {
+std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s,
+                                                     const at::Tensor& w, int64_t dim, bool relu) {
   const Layout l = layout_of(x, dim);
   const c10::cuda::CUDAGuard guard(x.device());
-  const float* vp = v_data(v, l, x.device());
+  const float* vp = shift_on(w, l, x.device()).v;
   const Grid grid = backward_grid(l, vp != nullptr);
   TORCH_CHECK(s.device() == x.device() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
                   s.numel() == l.M + scratch_floats(x, dim, vp != nullptr),
