@@ -209,7 +209,8 @@ def test_a_nan_stays_in_its_element_with_a_scalar_shift():
 def test_raa_is_one_operator_whose_autograd_is_cpp():
     """Where the kernels take x, one RAA call is one operator with a C++ backward (a Python autograd
     function around the same kernels took ~48 us a call more here); in inference mode the same operator runs without autograd; with
-    the parameters frozen, or x not needing a gradient, the gradients that are asked for match."""
+    the parameters frozen, or x not needing a gradient, the gradients that are asked for match; a w
+    of another size, dtype or layout than [v | c] or [c] is refused."""
     torch.manual_seed(0)
     raa = randomized(RAA(10))
     x = torch.randn(3, 10, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -223,6 +224,10 @@ def test_raa_is_one_operator_whose_autograd_is_cpp():
     torch.testing.assert_close(torch.autograd.grad(raa(x), x, g)[0], gx, rtol=0, atol=0)
     raa.requires_grad_(True)
     torch.testing.assert_close(torch.autograd.grad(raa(x.detach()), raa.vc, g)[0], gw, rtol=0, atol=0)
+    op = cpu_kernels.ops("raa_cpu").raa.default               # w: [v | c] of 11 entries, or [c]; nothing else
+    for w in (torch.zeros(10), torch.zeros(11, dtype=torch.float64), torch.zeros(22)[::2], torch.zeros(1, 11)):
+        with pytest.raises(RuntimeError, match=r"w must be a contiguous float32 vector \[v \| c\]"):
+            op(x, w, 1, False)
 
 
 def test_cuda_kernels_are_skipped_silently_without_nvcc_and_warn_once_where_the_build_fails(monkeypatch, recwarn):

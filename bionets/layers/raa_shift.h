@@ -14,7 +14,8 @@ struct Shift {
 };
 
 inline Shift shift_of(const at::Tensor& w, int64_t C) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 1 && w.is_contiguous() && (w.numel() == C + 1 || w.numel() == 1),
+  const bool sized = w.dim() == 1 && (w.numel() == C + 1 || w.numel() == 1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && sized,
               "bionets RAA kernels: w must be a contiguous float32 vector [v | c] of the feature size + 1, or [c]");
   const float* p = w.const_data_ptr<float>();
   return {w.numel() > 1 ? p : nullptr, p + w.numel() - 1};
