@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import timm
 import torch
@@ -66,7 +67,7 @@ def main(argv=None) -> str:
             base = times[act]
             for name, ts in times.items():
                 lo, mid, hi = paired_ratios(ts, base)
-                line = f"- round {r + 1}, {name}: {sorted(ts)[len(ts) // 2]:.2f} ms, {mid:.3f}x ({lo:.3f}-{hi:.3f}x)"
+                line = f"- round {r + 1}, {name}: {statistics.median(ts):.2f} ms, {mid:.3f}x ({lo:.3f}-{hi:.3f}x)"
                 out.append(line)
                 print(line, flush=True)
     return "\n".join(out)

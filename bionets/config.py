@@ -94,6 +94,11 @@ class RunConfig(Section):
         object.__setattr__(self, "mechanisms", parse_mechanisms(raw))
         self._default_sgd_rates()
         for name in self.mechanisms:
+            for former, current in get_mechanism(name).renamed.items():
+                if stale := [pat for pat in self.optim.lr_mult if pat.endswith(former)]:
+                    raise BionetsError(f"optim.lr_mult {stale}: mechanisms.{name}'s parameters named '*{former}' are "
+                                       f"'*{current}' now, which it would not match: write "
+                                       f"'{stale[0][:-len(former)]}{current}'")
             needed = get_mechanism(name).optimizer
             if needed is not None and self.optim.name != needed:
                 raise BionetsError(f"mechanisms.{name} trains with optim.name={needed}, got optim.name="

@@ -506,8 +506,8 @@ def test_state_from_before_v_and_c_were_one_parameter_loads_into_vc():
     pattern written for v says what to write instead."""
     import pickle
 
+    from bionets.config import load_config
     from bionets.engine.model import load_initial_weights
-    from bionets.engine.optim import OptimConfig, param_groups
     torch.manual_seed(0)
     v, c = torch.randn(4), torch.randn(1)
     model = nn.Sequential(nn.Linear(4, 4), RAA(4, dim=-1))
@@ -525,4 +525,4 @@ def test_state_from_before_v_and_c_were_one_parameter_loads_into_vc():
     assert list(raa._parameters) == ["vc"] and torch.equal(raa.vc.detach(), torch.cat([v, c]))
     torch.testing.assert_close(raa(torch.ones(2, 4)), model[1](torch.ones(2, 4)))
     with pytest.raises(BionetsError, match=r"write '\*\.vc'"):
-        param_groups(model, OptimConfig(lr=0.1, lr_mult={"*.v": 0.02}))
+        load_config(None, ["mechanisms={raa: {}}", "optim.lr_mult={'*.v': 0.02}"])

@@ -82,10 +82,6 @@ def register_optimizer(name: str):
 def param_groups(model: nn.Module, cfg: OptimConfig, params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
     """Split trainable parameters into groups by lr multiplier and weight-decay eligibility."""
     named = params if params is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if any(n.endswith(".vc") for n, _ in named) and (old := [pat for pat in cfg.lr_mult if pat.endswith(".v") and not
-                                                              any(fnmatch.fnmatch(n, pat) for n, _ in named)]):
-        raise BionetsError(f"optim.lr_mult pattern(s) {old} match no parameter: RAA's v and c are one parameter "
-                           f"a layer, vc = [v | c], since 2026-11-29: write '{old[0]}c' (v and c then share the rate)")
     exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[float, float], list] = {}
     for name, p in named:

@@ -427,25 +427,27 @@ class RAA(nn.Module):
         """``vc`` (vector variant) or ``c``: the parameter the kernels take as w."""
         return self._parameters["vc" if self.variant == "vector" else "c"]
 
+    def _former_vc(self, state: dict, prefix: str) -> torch.Tensor | None:
+        """[v | c] from ``state`` where it holds this vector RAA's former separate ``v`` and ``c``
+        under ``prefix`` (and no ``vc``), else None."""
+        v, c = prefix + "v", prefix + "c"
+        if self.variant != "vector" or prefix + "vc" in state or v not in state or c not in state:
+            return None
+        return torch.cat([state[v].reshape(-1), state[c].reshape(-1)])
+
     def upgrade_state_dict(self, state: dict, prefix: str = "") -> dict:
-        """``state`` (a state dict holding this module's entries under ``prefix``) with a vector RAA's
-        former separate ``v`` and ``c`` as ``vc``; itself where it has none. (bionets' engine asks
-        every module that has this method before it compares a checkpoint's keys with the model's.)"""
-        v, c, vc = prefix + "v", prefix + "c", prefix + "vc"
-        if self.variant != "vector" or vc in state or v not in state or c not in state:
+        """``state`` with a vector RAA's former ``v`` and ``c`` under ``prefix`` as ``vc`` (a new
+        dict), or ``state`` itself. (bionets' engine asks every module that has this method before it
+        compares a checkpoint's keys with the model's.)"""
+        if (vc := self._former_vc(state, prefix)) is None:
             return state
-        merged = torch.cat([state[v].reshape(-1), state[c].reshape(-1)])
-        state = {k: t for k, t in state.items() if k not in (v, c)}
-        state[vc] = merged
-        return state
+        return {**{k: t for k, t in state.items() if k not in (prefix + "v", prefix + "c")}, prefix + "vc": vc}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A vector RAA's state from before v and c were one parameter (:meth:`upgrade_state_dict`)."""
-        upgraded = self.upgrade_state_dict(state_dict, prefix)
-        if upgraded is not state_dict:
-            state_dict.pop(prefix + "v")
-            state_dict.pop(prefix + "c")
-            state_dict[prefix + "vc"] = upgraded[prefix + "vc"]
+        """A vector RAA's state from before v and c were one parameter: ``v`` and ``c`` as ``vc``."""
+        if (vc := self._former_vc(state_dict, prefix)) is not None:
+            del state_dict[prefix + "v"], state_dict[prefix + "c"]
+            state_dict[prefix + "vc"] = vc
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _channels_first(self, x: torch.Tensor) -> bool:

@@ -68,6 +68,7 @@ struct Layout {
   int64_t M, C, P, sn, sc, sp;              // M = N P vectors
   int G;                                    // threads per vector
   int64_t Q = 0;                            // rows kernels: 16-byte chunks a vector (0: the generic kernels)
+  int64_t rows_Q = 0;                       // the chunks the rows kernels would take were x 16-byte aligned
   __device__ int64_t base(int64_t row) const { return (row / P) * sn + (row % P) * sp; }
 };
 
@@ -385,9 +386,18 @@ Grid backward_grid(const Layout& l, bool has_v) {
 
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
+// l's threads a vector with Q chunks (rows kernels) or none (element kernels)
+Layout grouped(Layout l, int64_t Q) {
+  l.Q = Q;
+  l.G = 1;
+  const int64_t wanted = Q ? Q : l.C;
+  while (l.sc == 1 && l.G < 32 && l.G < wanted) l.G *= 2;   // (NCHW: one thread a vector)
+  return l;
+}
+
 // dim 1 of a 4-D map (contiguous or channels_last), or the last dim of a contiguous tensor; the rows
-// kernels' where they take it (`any_alignment`: as if x were 16-byte aligned)
-Layout layout_of(const at::Tensor& x, int64_t dim, bool any_alignment = false) {
+// kernels' where they take it
+Layout layout_of(const at::Tensor& x, int64_t dim) {
   TORCH_CHECK(x.is_cuda(), "bionets RAA CUDA kernels take CUDA tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "bionets RAA CUDA kernels take float32, bf16 or fp16, got ", x.scalar_type());
@@ -407,27 +417,17 @@ Layout layout_of(const at::Tensor& x, int64_t dim, bool any_alignment = false) {
     l = Layout{C ? x.numel() / C : 0, C, 1, C, 1, 0, 1};
   }
   TORCH_CHECK(l.C + 1 <= SHARED_FLOATS, "bionets RAA CUDA kernels take at most ", SHARED_FLOATS - 1, " features");
-  if (l.sc != 1) return l;
   // the features contiguous (an [M, C] matrix): a group of threads per vector, 16-byte chunks where
   // they fit (the rows kernels), else one element a thread a step
   const int64_t per_chunk = 16 / static_cast<int64_t>(x.element_size());
-  if (l.C % per_chunk == 0 && l.C / per_chunk <= 32 * MAX_CHUNKS && (any_alignment || aligned(x)))
-    l.Q = l.C / per_chunk;
-  const int64_t threads_wanted = l.Q ? l.Q : l.C;
-  while (l.G < 32 && l.G < threads_wanted) l.G *= 2;
-  return l;
+  if (l.sc == 1 && l.C % per_chunk == 0 && l.C / per_chunk <= 32 * MAX_CHUNKS) l.rows_Q = l.C / per_chunk;
+  return grouped(l, aligned(x) ? l.rows_Q : 0);
 }
 
 // floats of the backward's scratch after the shifts in `s`: enough for either kernel family, since
 // the backward chooses by the alignment of the x it gets back, which a saved-tensor hook may change
-int64_t scratch_floats(const at::Tensor& x, int64_t dim, bool has_v) {
-  Layout rows = layout_of(x, dim, /*any_alignment=*/true), element = rows;
-  if (rows.Q) {
-    element.Q = 0;
-    element.G = 1;
-    while (element.G < 32 && element.G < element.C) element.G *= 2;
-  }
-  return std::max(backward_grid(rows, has_v).scratch(), backward_grid(element, has_v).scratch());
+int64_t scratch_floats(const Layout& l, bool has_v) {
+  return std::max(backward_grid(grouped(l, l.rows_Q), has_v).scratch(), backward_grid(grouped(l, 0), has_v).scratch());
 }
 
 // the rows kernels' chunks a thread: 1 (at most 32 chunks a vector) or MAX_CHUNKS
@@ -465,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_forward(const at::Tensor& x, const a
   const float* vp = shift.v;
   at::Tensor y = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
-  const int64_t size = l.M + scratch_floats(x, dim, vp != nullptr);
+  const int64_t size = l.M + scratch_floats(l, vp != nullptr);
   if (l.M == 0 || l.C == 0) return {y, at::zeros({size}, f32)};
   at::Tensor s = at::empty({size}, f32);
   const int64_t per_block = THREADS / l.G;
@@ -500,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor> raa_cuda_backward(const at::Tensor& x, const 
   const float* vp = shift_on(w, l, x.device()).v;
   const Grid grid = backward_grid(l, vp != nullptr);
   TORCH_CHECK(s.device() == x.device() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
-                  s.numel() == l.M + scratch_floats(x, dim, vp != nullptr),
+                  s.numel() == l.M + scratch_floats(l, vp != nullptr),
               "bionets RAA CUDA kernels: the saved shift does not match x");
   TORCH_CHECK(g.device() == x.device() && g.sizes() == x.sizes(), "bionets RAA CUDA kernels: the gradient does not match x");
   // the gradient is read with x's strides (and alignment, by the rows kernels): one copy where it

@@ -53,7 +53,8 @@ def shift_rates(cfg: RaaConfig) -> dict[str, float]:
     return {} if cfg.variant == "matrix" else dict(V_RATES)
 
 
-@register_mechanism("raa", RaaConfig, order=20, sgd_lr_mult=shift_rates)
+# (v and c are one parameter, vc = [v | c], since 2026-11-29: they share one rate)
+@register_mechanism("raa", RaaConfig, order=20, sgd_lr_mult=shift_rates, renamed={".v": ".vc"})
 def apply_raa(model: nn.Module, cfg: RaaConfig) -> Applied:
     from bionets.layers.raa import RAA
 

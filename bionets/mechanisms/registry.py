@@ -96,15 +96,19 @@ class Mechanism:
     # whether 'bionets export' leaves the plain model free of it (its weights baked, its training-only state
     # dropped): a model exported with one that does not needs it applied again to load the file
     leaves_plain: bool = False
+    # parameter names the mechanism used before, by suffix: {former: current}; an optim.lr_mult pattern
+    # ending in a former one is refused with the current one named (it would match nothing)
+    renamed: dict[str, str] = field(default_factory=dict)
 
 
 MECHANISMS: dict[str, Mechanism] = {}
 
 
 def register_mechanism(name: str, config: type[Section], order: int = 50, optimizer: str | None = None,
-                       sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None, leaves_plain: bool = False):
+                       sgd_lr_mult: Callable[[Section], dict[str, float]] | None = None, leaves_plain: bool = False,
+                       renamed: dict[str, str] | None = None):
     def wrap(fn: Callable[[nn.Module, Section], Applied]):
-        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer, sgd_lr_mult, leaves_plain)
+        MECHANISMS[name] = Mechanism(name, config, fn, order, optimizer, sgd_lr_mult, leaves_plain, renamed or {})
         return fn
     return wrap
 
