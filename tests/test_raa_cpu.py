@@ -166,6 +166,36 @@ def test_a_module_rechooses_its_path_when_a_call_differs_from_the_last():
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_remembered_route_gives_way_to_transforms_tracing_and_a_new_axis():
+    """After an eager call has set the module's route, a call with the same shape and strides takes
+    the plain expression under torch.func.vmap, forward-mode AD and torch.jit.trace (the C++ operator
+    has no batching rule nor forward derivative), and reads the features on the new axis after
+    ``dim`` changes."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(0)
+    raa = randomized(RAA(8))
+    x = torch.randn(2, 8, 3, 8).contiguous(memory_format=torch.channels_last)
+    assert "RaaFunction" in raa(x.requires_grad_()).grad_fn.name() and raa._route is not None
+    x = x.detach()
+    want = direct(x.double(), copy.deepcopy(raa).double(), 1)
+    got = torch.func.vmap(lambda t: raa(t.unsqueeze(0)).squeeze(0))(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    tangent = torch.randn_like(x)
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(raa(forward_ad.make_dual(x, tangent)))
+    torch.testing.assert_close(out.primal.double(), want, rtol=1e-5, atol=1e-6)
+    assert out.tangent is not None
+    traced = torch.jit.trace(raa, x, check_trace=False)
+    assert "bionets_raa" not in str(traced.inlined_graph)
+    raa(x)                                            # the route again
+    raa.dim = -1                                      # the same map, its features now on the last axis
+    torch.testing.assert_close(raa(x).double(), direct(x.double(), copy.deepcopy(raa).double(), -1),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("base", ["gelu", "relu"])
 @pytest.mark.parametrize("variant", ["vector", "scalar"])
 def test_cpu_kernels_read_and_write_bf16(base, variant):

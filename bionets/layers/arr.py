@@ -35,7 +35,7 @@ from torch import nn
 
 from bionets.errors import BionetsError, is_real, require_sizes, whole
 from bionets.layers import cpu_kernels, cuda_kernels
-from bionets.layers.kernel_fallback import failed_on, run_or_fall_back, under_function_transform, under_torch_func
+from bionets.layers.kernel_fallback import failed_on, plain_call, run_or_fall_back, under_torch_func
 from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
@@ -181,7 +181,7 @@ def _own_operator(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tenso
     if (mean.dtype != torch.float32 or not mean.is_contiguous() or not len(targets) or targets.device != mean.device
             or not devices <= {mean.device} or world()[1] > 1):
         return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform():
+    if plain_call():
         return None
     if mean.is_cuda:       # (at most 65535 blocks of features, one feature a block at the most classes)
         fits = mean.shape[1] <= CUDA_MAX_CLASSES and mean.shape[2] <= 65535
@@ -226,7 +226,7 @@ def class_tokens(blocks: list[torch.Tensor]) -> torch.Tensor:
         raise BionetsError(f"class_tokens: blocks of shapes {[tuple(x.shape) for x in blocks]} on "
                            f"{sorted({str(x.device) for x in blocks})}: every block needs the same N samples and D "
                            "features, on one device")
-    plain = (not alike or torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform())
+    plain = not alike or plain_call()
     return torch.stack([x[:, 0] for x in blocks]) if plain else _ClassTokens.apply(*blocks)
 
 

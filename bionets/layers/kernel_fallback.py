@@ -79,6 +79,18 @@ def under_function_transform() -> bool:
     return forward_ad._current_level >= 0 or under_torch_func()
 
 
+_compiling, _tracing, _functorch_level = (torch.compiler.is_compiling, torch._C._is_tracing,
+                                          torch._C._functorch.peek_interpreter_stack)
+
+
+def plain_call() -> bool:
+    """Whether a layer takes its plain PyTorch expression, not its own kernels: under torch.compile,
+    ``torch.jit.trace``, a torch.func transform or forward-mode AD (:func:`under_function_transform`).
+    One call of four cheap checks: every eager RAA call asks it (on a GPU the eager steps of small
+    models wait on the host)."""
+    return _compiling() or _tracing() or forward_ad._current_level >= 0 or _functorch_level() is not None
+
+
 def under_torch_func() -> bool:
     """Whether a torch.func transform runs (not forward-mode AD alone): its tensors are wrapped, and a
     buffer the transformed function does not own cannot be written from them."""

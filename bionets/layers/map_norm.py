@@ -26,7 +26,7 @@ from torch import nn
 from bionets.errors import BionetsError, is_real, require_sizes
 from bionets.layers import cpu_kernels
 from bionets.layers.amp import autocast_casts, autocast_on
-from bionets.layers.kernel_fallback import differentiable_backward, under_function_transform
+from bionets.layers.kernel_fallback import differentiable_backward, plain_call
 
 
 class MapLayerNorm(nn.LayerNorm):
@@ -78,8 +78,7 @@ def _takes(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] > 1
             and weight is not None and x.shape[2:] == weight.shape and bias is not None and weight.dtype == torch.float32
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-                     or under_function_transform()))
+            and not (plain_call() or torch.onnx.is_in_onnx_export()))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

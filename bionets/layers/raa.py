@@ -26,7 +26,7 @@ from torch import nn
 from bionets.errors import BionetsError, require_sizes
 from bionets.layers import cpu_kernels, cuda_kernels
 from bionets.layers.amp import autocast_on
-from bionets.layers.kernel_fallback import differentiable_backward, failed_on, run_or_fall_back, under_function_transform
+from bionets.layers.kernel_fallback import differentiable_backward, failed_on, plain_call, run_or_fall_back
 from bionets.layers.scratch import scratch_like
 from bionets.layers.triton_kernels import triton_kernels
 from bionets.toolchain import require_cpu_compiler
@@ -348,7 +348,9 @@ class RAA(nn.Module):
     separate ``v`` and ``c`` loads into ``vc``.
     """
 
-    _route = None       # (the last eager call's shape, strides and dtypes; its feature axis; its operator)
+    # the last eager call's (shape, strides, dtypes, device type, dim), its feature axis, its operator (or None)
+    # and its shift's parameter name
+    _route = None
 
     def __init__(self, num_features: int, variant: Variant = "vector", base: Base = "gelu", compiled: bool = False,
                  dim: int | None = None):
@@ -371,12 +373,24 @@ class RAA(nn.Module):
         return f"{self.num_features}, variant={self.variant}, base={self.base}" + ("" if self.dim is None else f", dim={self.dim}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self._route
+        if route is not None and isinstance(x, torch.Tensor) and not (self.compiled or plain_call()):
+            key, dim, op, name = route
+            w = self._parameters[name]
+            if key == (x.shape, x.stride(), x.dtype, x.is_cuda, w.dtype, self.dim):
+                # a call like the last eager one (every training step's): checked, its operator chosen
+                return op(x, w, dim, self.base == "relu") if op is not None else self._eager(op, x, dim, w)
+        return self._checked_call(x)
+
+    def _checked_call(self, x: torch.Tensor) -> torch.Tensor:
+        """RAA of x after every check, its kernels chosen for x; remembers the choice in ``_route``
+        for the calls like this one (an eager call, else RAA's plain expression)."""
         if not isinstance(x, torch.Tensor):
             raise BionetsError(f"RAA takes a torch.Tensor, got {type(x).__name__}: convert it (torch.as_tensor(x))")
         if x.ndim in (3, 5) and self.dim != -1 and self._channels_first(x):     # (tokens, dim -1: one test)
             # a Conv1d's or Conv3d's map: each position's features on dim 1, as in an [N, C, H, W] map
             return self.forward(x.unsqueeze(-1) if x.ndim == 3 else x.flatten(3)).reshape(x.shape)
-        plain = torch.compiler.is_compiling() or torch.jit.is_tracing() or under_function_transform()
+        plain = plain_call()
         if self.compiled or plain:
             # inside a compiled model (train.compile) the plain expression, which Inductor fuses and
             # differentiates itself: ResNet-20's compiled step 12-14% faster on the CPU than tracing
@@ -387,21 +401,18 @@ class RAA(nn.Module):
             fn = raa_expression if plain else compiled_raa(self.num_features)
             return fn(x, self.shift_params, self.variant, self.base, dim, getattr(self, "W", None))
         w = self.shift_params
-        key = (x.shape, x.stride(), x.dtype, x.is_cuda, w.dtype)
-        if self._route is not None and self._route[0] == key:
-            _, dim, op = self._route               # a call like the last: checked, its operator chosen
-        else:
-            dim = self._checked_dim(x)
-            if (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
-                    and (self.variant == "matrix" or _cpu_kernels(x, w, dim) is None)):
-                # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16
-                # map times a float32 one took 1.1 ms against 0.03): compute in float32, round once
-                # (the C++ kernels, where they take the map, read and write bf16 themselves)
-                with torch.autocast("cpu", enabled=False):
-                    x32 = x.float()
-                    return self._eager(self._op_for(x32, dim, w), x32, dim, w).to(x.dtype)
-            op = self._op_for(x, dim, w)
-            self._route = (key, dim, op)
+        dim = self._checked_dim(x)
+        if (x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
+                and (self.variant == "matrix" or _cpu_kernels(x, w, dim) is None)):
+            # the CPU's element-wise kernels are fast in float32 and slow on mixed dtypes (a bf16
+            # map times a float32 one took 1.1 ms against 0.03): compute in float32, round once
+            # (the C++ kernels, where they take the map, read and write bf16 themselves)
+            with torch.autocast("cpu", enabled=False):
+                x32 = x.float()
+                return self._eager(self._op_for(x32, dim, w), x32, dim, w).to(x.dtype)
+        op = self._op_for(x, dim, w)
+        self._route = ((x.shape, x.stride(), x.dtype, x.is_cuda, w.dtype, self.dim), dim, op,
+                       "vc" if self.variant == "vector" else "c")
         return self._eager(op, x, dim, w)
 
     @property
