@@ -22,9 +22,10 @@
 # passed there; since then RAA's operator takes v and c as one parameter, vc; the Triton,
 # compiled-model and CUDA-graph variants passed on the H200 and are left out so the step fits its
 # cap; the CPU references are PyTorch's operators, BIONETS_CPU_KERNELS=0, so that the suite's start
-# builds no CPU kernels), DNRT eager twice in separate processes (issue 3's ratios, with their
-# run-to-run spread), RAA's step split between its operator and its parameter (raa_param_cost.py),
-# and where the steps' host time goes (benchmarks/step_profile.py, ResNet-20 ReLU and ViT-Tiny). A
+# builds no CPU kernels), DNRT eager (issue 3's ratios), ARR's added step split between its hook,
+# its loss's forward and backward and its Python checks (arr_cost.py), RAA's step split between its
+# operator and its parameter (raa_param_cost.py), and where the steps' host time goes
+# (benchmarks/step_profile.py, ResNet-20 ReLU and ViT-Tiny). A
 # build cut by its cap leaves torch's lock file, on which every later build of that name would wait
 # forever: the step after it removes the locks.
 #
@@ -79,7 +80,7 @@ if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME
     step 1 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
     step 1 60 python3 benchmarks/bench_engine.py --device cuda
     step 1,new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 120 --skip-compiled
-    step new 80 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 20 --rounds 2 --alternate 120 --skip-compiled
+    step new 80 python3 benchmarks/arr_cost.py --device cuda
     step new 70 python3 benchmarks/raa_param_cost.py --device cuda
     step new 70 python3 benchmarks/step_profile.py --device cuda --cases resnet-relu,vit
     step 1 90 python3 benchmarks/bench_dnrt.py --device cuda --batch 128 --repeats 10 --rounds 1 --alternate 30 --skip-compiled --vit-img 224

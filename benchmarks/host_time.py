@@ -3,9 +3,9 @@
 On a GPU the eager steps of CIFAR-sized models are bound by the host (issues 3 and 6 miss their
 eager targets there), so this probe times single modules the way those steps call them: bf16
 autocast on CUDA, channels_last, batch 128, 200 calls of ``module(x).float().sum().backward()``;
-"host" is the wall time before the final sync. It then profiles 5 calls of RAA and of the quadratic
-layer (self CPU time per operator, the autograd functions' own Python included), and splits one RAA
-call and one ARR loss into their parts (:func:`raa_parts`, :func:`arr_parts`)::
+"host" is the wall time before the final sync, "peak" a call's peak memory. It then profiles 5
+calls of RAA and of the quadratic layer (self CPU time per operator, the autograd functions' own
+Python included), and splits one RAA call and one ARR loss into their parts (:func:`raa_parts`, :func:`arr_parts`)::
 
     python benchmarks/host_time.py [--device cuda|cpu] [--batch 128] [--calls 200]
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from bionets.bench import positive, run_script
+from bionets.bench import positive, run_script, step_peak_mb
 from bionets.engine.distributed import parse_device
 from bionets.layers.quadratic import QuadraticChannel, set_cuda_strategy
 from bionets.layers.quadratic_sym import triton_module
@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> str:
                 host, total, calls[name] = per_call_ms(module, x, args.calls)
             finally:
                 set_cuda_strategy("auto")
-            lines.append(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call")
+            peak = step_peak_mb(calls[name], dev)
+            lines.append(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call, "
+                         f"peak {peak:.0f} MB")
             print(lines[-1], flush=True)
         for name in ("RAA relu", "QuadraticChannel"):
             with profile(activities=acts) as prof:

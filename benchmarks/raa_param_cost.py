@@ -9,7 +9,7 @@ place every step since no zero_grad clears it, no update). Each layer's paramete
 more for autograd's AccumulateGrad, the optimizer's per-parameter Python and zero_grad; on a GPU
 whose eager step waits on the host, that bookkeeping is part of issue 3's ratio (RAA <= 1.15x the
 plain activation's step), which this splits. (On an H200, with v and c still two tensors a layer:
-RAA 1.14-1.19x, frozen 1.09-1.12x.)
+RAA 1.14-1.19x, frozen 1.09-1.12x.) Each way's step peak memory follows its timings.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import statistics
 import timm
 import torch
 
-from bionets.bench import alternating_step_times, device_name, paired_ratios, positive, run_script, train_step
+from bionets.bench import (alternating_step_times, device_name, paired_ratios, positive, run_script, step_peak_mb,
+                           train_step)
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
 from bionets.layers.raa import RAA
@@ -70,6 +71,9 @@ def main(argv=None) -> str:
                 line = f"- round {r + 1}, {name}: {statistics.median(ts):.2f} ms, {mid:.3f}x ({lo:.3f}-{hi:.3f}x)"
                 out.append(line)
                 print(line, flush=True)
+        out.append("  peak memory of a step: " + ", ".join(f"{name} {step_peak_mb(fn, dev):.0f} MB"
+                                                            for name, fn in steps.items()))
+        print(out[-1], flush=True)
     return "\n".join(out)
 
 

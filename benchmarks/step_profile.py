@@ -3,7 +3,7 @@ the quadratic layer, operator by operator (torch.profiler, self CPU time per ste
 each kernel's GPU time).
 
 On a GPU the eager steps of CIFAR-sized models wait on the host, so what a mechanism adds to the
-step is what it adds here: each case's wall time per step, its kernel launches per step, and the
+step is what it adds here: each case's wall time and peak memory per step, its kernel launches per step, and the
 operators whose host time differs most from the plain model's::
 
     python benchmarks/step_profile.py [--device cuda] [--cases resnet-gelu,resnet-relu,vit,dit] [--steps 10]
@@ -22,7 +22,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import bionets  # noqa: F401
-from bionets.bench import loss_with_hooks, positive, run_script, train_step
+from bionets.bench import loss_with_hooks, positive, run_script, step_peak_mb, train_step
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
 from bionets.engine.model import use_channels_last
@@ -57,6 +57,7 @@ class StepProfile:
     gpu_us: dict[str, float]             # operator or kernel -> self GPU us a step
     calls: dict[str, float]              # operator -> calls a step
     launches: int                        # kernel launches a step
+    peak_mb: float                       # the step's peak memory above its start
 
     @property
     def busy_ms(self) -> float:
@@ -76,6 +77,7 @@ def per_step(model, loss_fn, x, y, dev, steps: int) -> StepProfile:
         step()
     sync()
     wall = (time.perf_counter() - start) / steps * 1e3
+    peak = step_peak_mb(step, dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
@@ -89,7 +91,7 @@ def per_step(model, loss_fn, x, y, dev, steps: int) -> StepProfile:
             # the kernels themselves: a CPU operator's device time repeats its kernels' time
             gpu[e.key] += e.self_device_time_total / steps
     launches = round(sum(calls.get(k, 0) for k in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")))
-    return StepProfile(wall, dict(host), dict(gpu), dict(calls), launches)
+    return StepProfile(wall, dict(host), dict(gpu), dict(calls), launches, peak)
 
 
 def largest_differences(twin: dict[str, float], base: dict[str, float], top: int) -> list[tuple[str, float]]:
@@ -118,12 +120,13 @@ def main(argv: list[str] | None = None) -> str:
         runs = {label: per_step(m, fn, x, y, dev, args.steps) for label, (m, fn) in models_of(case, dev).items()}
         (base_label, base), *twins = runs.items()
         cuda = dev.type == "cuda"                 # (a CPU step launches no kernels, busies no GPU)
-        lines.append(f"{base_label}: {base.wall_ms:.2f} ms a step"
+        lines.append(f"{base_label}: {base.wall_ms:.2f} ms a step, peak {base.peak_mb:.0f} MB"
                      + (f", GPU busy {base.busy_ms:.2f} ms, {base.launches} kernel launches" if cuda else ""))
         for label, twin in twins:
             gpu = (f", GPU busy {twin.busy_ms:.2f} ms, {twin.launches} kernel launches "
                    f"({twin.launches - base.launches:+d})") if cuda else ""
-            lines.append(f"{label}: {twin.wall_ms:.2f} ms a step ({twin.wall_ms / base.wall_ms:.3f}x){gpu}; "
+            lines.append(f"{label}: {twin.wall_ms:.2f} ms a step ({twin.wall_ms / base.wall_ms:.3f}x), peak "
+                         f"{twin.peak_mb:.0f} MB{gpu}; "
                          "host us a step by operator, against the plain model:")
             for k, d in largest_differences(twin.host_us, base.host_us, args.top):
                 lines.append(f"    {d:+8.1f} us  {twin.calls.get(k, 0) - base.calls.get(k, 0):+6.1f} calls  {k[:70]}")

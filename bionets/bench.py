@@ -151,6 +151,17 @@ def _c_stderr_silenced():
         os.close(saved)
 
 
+def step_peak_mb(step: Callable[[], None], device: torch.device) -> float:
+    """The most memory (MB) one call of ``step`` holds above what it started with: the CUDA
+    allocator's peak on a GPU, :func:`cpu_step_peak_mb` on the CPU."""
+    if device.type != "cuda":
+        return cpu_step_peak_mb(step)
+    base = _reset_peak(device)
+    step()
+    torch.cuda.synchronize(device)
+    return _peak(device, base)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -94,6 +94,7 @@ def test_host_time_probe_smoke():
     text = load("host_time").main(["--device", "cpu", "--batch", "2", "--calls", "1"])
     for needle in ("16 channels, 32x32, RAA relu:", "64 channels, 8x8, QuadraticChannel:", "ms host"):
         assert needle in text
+    assert text.count(" MB") == 12                        # each module's call peak memory, at two widths
     assert "QuadraticChannel, 16 channels, 32x32: 5 calls" in text and "Self CPU" in text
     assert "RAA's parts" in text and "ReLU as a Python autograd function, forward + backward:" in text
 
@@ -104,6 +105,7 @@ def test_step_profile_smoke():
     for needle in ("resnet-relu: ", "resnet-relu RAA: ", "resnet-relu + ARR: ", "dit_resnet20: ", "host us a step"):
         assert needle in text
     assert text.count(" calls  ") == 6                   # the two largest differences for each of the three twins
+    assert text.count(" MB") == 5                         # each model's step peak memory
 
 
 def test_raa_param_cost_smoke():
@@ -111,7 +113,19 @@ def test_raa_param_cost_smoke():
     for act in ("gelu", "relu"):
         for way in ("", " RAA", " RAA, vc frozen", " RAA, vc not in the optimizer"):
             assert f"- round 1, {act}{way}: " in text
-    assert text.count("x (") == 8
+    assert text.count("x (") == 8 and text.count(" MB") == 8
+
+
+def test_arr_cost_smoke():
+    text = load("arr_cost").main(["--device", "cpu", "--batch", "2", "--steps", "2", "--rounds", "1",
+                                  "--cases", "resnet-relu"])
+    ways = ["", " hook", " loss, no backward", " ARR"]
+    from bionets.layers import cpu_kernels
+    if cpu_kernels.ops("arr_cpu") is not None:
+        ways.append(" ARR, operator called directly")
+    for way in ways:
+        assert f"- round 1, resnet-relu{way}: " in text
+    assert text.count("x (") == len(ways) and text.count(" MB") == len(ways)
 
 
 def test_cpu_peak_memory_is_each_steps_own():
@@ -129,7 +143,7 @@ def test_cpu_peak_memory_is_each_steps_own():
                                         ("bench_dnrt", ["--rounds", "0"]), ("bench_engine", ["--epochs", "0"]),
                                         ("bench_stds", ["--repeats", "0"]), ("host_time", ["--calls", "0"]),
                                         ("step_profile", ["--steps", "0"]), ("bench_dit", ["--out", "/nonexistent/x.md"]),
-                                        ("raa_param_cost", ["--steps", "0"])])
+                                        ("raa_param_cost", ["--steps", "0"]), ("arr_cost", ["--rounds", "0"])])
 def test_a_count_of_zero_or_a_report_without_a_folder_is_refused_before_measuring(name, args, capsys):
     """(They failed after measuring: a median of nothing, a division by 0 steps, a report lost at the end.)"""
     with pytest.raises(SystemExit) as exited:
@@ -141,6 +155,7 @@ def test_a_count_of_zero_or_a_report_without_a_folder_is_refused_before_measurin
     ("bench_stds", ["--inputs", "4by64"], "--inputs 4by64: give BATCHxSIDE pairs of whole numbers >= 1"),
     ("bench_stds", ["--levels", "0.9,1.5"], "--levels 0.9,1.5: give sparsity fractions in [0, 1)"),
     ("step_profile", ["--cases", "bogus"], "--cases bogus: the cases are resnet-gelu, resnet-relu, vit, dit"),
+    ("arr_cost", ["--cases", "vit,bogus"], "--cases vit,bogus: the cases are resnet-relu, vit"),
     ("bench_engine", ["--device", "gpu"], "--device gpu is not a device bionets runs on")])
 def test_a_scripts_bad_option_is_one_line(name, args, said, capsys, monkeypatch):
     from bionets.bench import run_script
