@@ -239,13 +239,20 @@ def _stacked(responses: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     return responses[0].unsqueeze(0) if len(responses) == 1 else torch.stack(responses)
 
 
+def _not_floating(responses) -> BionetsError:
+    # (complex ones were cast to their real part with a warning only; integers failed in the kernels)
+    return BionetsError(f"arr_loss takes floating-point responses, got {_what(responses)} (integer ones: r.float(); "
+                        "complex ones: r.real or r.abs())")
+
+
 def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, targets: torch.Tensor, *,
              weight: float, momentum: float, form: str = "paper", update: bool = True) -> torch.Tensor:
     """The ARR term for a batch of responses (one [N, D] tensor per hooked layer, or all of them as
     one [J, N, D] tensor, as :func:`class_tokens` gives them; all layers at once); updates ``memory``."""
-    # plain Python checks (ArrConfig's bounds): no tensor is read back from the device every step
-    if (form not in FORMS or not is_real(momentum) or not is_real(weight) or not 0 <= momentum < 1
-            or not 0 <= weight < math.inf):
+    # plain Python checks (ArrConfig's bounds): no tensor is read back from the device every step; each
+    # cheap where it passes (on a GPU the eager step of a small model waits on the host)
+    if (form not in FORMS or not (type(momentum) is float or is_real(momentum)) or not 0 <= momentum < 1
+            or not (type(weight) is float or is_real(weight)) or not 0 <= weight < math.inf):
         raise BionetsError(f"arr_loss needs form in {FORMS}, momentum a number in [0, 1) and weight a finite number "
                            f">= 0, got form={form!r}, momentum={momentum!r}, weight={weight!r}")
     weight, momentum = float(weight), float(momentum)        # numpy's too, for the kernels and the PyTorch path
@@ -253,40 +260,44 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
             or targets.dtype == torch.bool):          # bool targets read as classes 0 and 1
         raise BionetsError(f"arr_loss takes targets as a 1-D integer tensor of class indices, got {_what(targets)} "
                            "(one-hot targets: targets.argmax(1))")
-    layers, classes, dim = memory.mean.shape
+    mean = memory.mean
+    layers, classes, dim = mean.shape
+    n = targets.shape[0]
     as_one = isinstance(responses, torch.Tensor)
-    if not as_one and not (isinstance(responses, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in responses)):
-        raise BionetsError(f"arr_loss takes responses as torch tensors (a list of [N, D], one a layer, or one [J, N, D] "
-                           f"tensor), got {_what(responses)}")
-    if not all(t.dtype.is_floating_point for t in ((responses,) if as_one else responses)):
-        # (complex ones were cast to their real part with a warning only; integers failed in the kernels)
-        raise BionetsError(f"arr_loss takes floating-point responses, got {_what(responses)} (integer ones: r.float(); "
-                           "complex ones: r.real or r.abs())")
-    if as_one and responses.ndim == 2:
-        raise BionetsError(f"arr_loss: one tensor of shape {tuple(responses.shape)} for a memory of {layers} layer(s) "
-                           f"of {dim} features: one layer's [N, D] responses go in a list, [r] (or all layers as one "
-                           "[J, N, D] tensor)")
     if as_one:
+        if not responses.dtype.is_floating_point:
+            raise _not_floating(responses)
+        if responses.ndim == 2:
+            raise BionetsError(f"arr_loss: one tensor of shape {tuple(responses.shape)} for a memory of {layers} "
+                               f"layer(s) of {dim} features: one layer's [N, D] responses go in a list, [r] (or all "
+                               "layers as one [J, N, D] tensor)")
         shapes = [tuple(responses.shape[1:])] * len(responses) if responses.ndim == 3 else [tuple(responses.shape)]
     else:
+        if not (isinstance(responses, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in responses)):
+            raise BionetsError(f"arr_loss takes responses as torch tensors (a list of [N, D], one a layer, or one "
+                               f"[J, N, D] tensor), got {_what(responses)}")
+        if not all(t.dtype.is_floating_point for t in responses):
+            raise _not_floating(responses)
         shapes = [tuple(t.shape) for t in responses]
     if not shapes or len(shapes) > layers or (as_one and responses.ndim != 3) \
             or any(len(s) != 2 or s[1] != dim for s in shapes):
         got = f"one tensor of shape {tuple(responses.shape)}" if as_one else f"responses of shapes {shapes}"
         raise BionetsError(f"arr_loss: {got} for a memory of {layers} layer(s) of {dim} features: give 1 to {layers} "
                            f"[N, {dim}] tensors, or one [J, N, {dim}] tensor with J <= {layers}")
-    if any(s[0] != len(targets) for s in shapes):
-        raise BionetsError(f"arr_loss: {[s[0] for s in shapes]} responses for {len(targets)} targets: one row "
+    if any(s[0] != n for s in shapes):
+        raise BionetsError(f"arr_loss: {[s[0] for s in shapes]} responses for {n} targets: one row "
                            "per sample is needed (per_sample() averages a spiking net's time steps)")
-    if targets.device.type == "cpu" and len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < classes:
-        raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
+    if targets.is_cpu and n:
+        low, high = torch.aminmax(targets)
+        if not 0 <= int(low) <= int(high) < classes:
+            raise BionetsError(f"arr_loss: a target outside 0..{classes - 1} (the memory's classes)")
     if update and under_torch_func():
         raise BionetsError("arr_loss under a torch.func transform (grad, vmap, ...) cannot update the class memory, a "
                            "buffer the transform does not own: call it with update=False there (ARR's hook: in eval "
                            "mode it adds no loss) and update the memory outside the transform")
     if (own := _own_operator(memory, responses, targets)) is not None:
-        return own.arr_loss.default(_stacked(responses), targets, memory.mean, memory.seen, momentum, weight,
-                                    form == "code", update)
+        return own.arr_loss.default(_stacked(responses), targets, mean, memory.seen, momentum, weight, form == "code",
+                                    update)
     if targets.dtype not in (torch.int32, torch.int64):        # scatter and gather index by int32/int64 only
         targets = targets.long()
     # in the memory's precision at least: float32 for half ones (see ArrMemory), float64 for a double model
