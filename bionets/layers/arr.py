@@ -35,7 +35,7 @@ from torch import nn
 
 from bionets.errors import BionetsError, is_real, require_sizes, whole
 from bionets.layers import cpu_kernels, cuda_kernels
-from bionets.layers.kernel_fallback import failed_on, plain_call, run_or_fall_back, under_torch_func
+from bionets.layers.kernel_fallback import failed_on, overload_callable, plain_call, run_or_fall_back, under_torch_func
 from bionets.layers.triton_kernels import triton_kernels
 
 FORMS = ("paper", "code")
@@ -296,8 +296,8 @@ def arr_loss(memory: ArrMemory, responses: list[torch.Tensor] | torch.Tensor, ta
                            "buffer the transform does not own: call it with update=False there (ARR's hook: in eval "
                            "mode it adds no loss) and update the memory outside the transform")
     if (own := _own_operator(memory, responses, targets)) is not None:
-        return own.arr_loss.default(_stacked(responses), targets, mean, memory.seen, momentum, weight, form == "code",
-                                    update)
+        return overload_callable(own.arr_loss.default)(_stacked(responses), targets, mean, memory.seen, momentum,
+                                                       weight, form == "code", update)
     if targets.dtype not in (torch.int32, torch.int64):        # scatter and gather index by int32/int64 only
         targets = targets.long()
     # in the memory's precision at least: float32 for half ones (see ArrMemory), float64 for a double model

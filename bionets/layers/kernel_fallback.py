@@ -91,6 +91,13 @@ def plain_call() -> bool:
     return _compiling() or _tracing() or forward_ad._current_level >= 0 or _functorch_level() is not None
 
 
+def overload_callable(overload):
+    """The callable an operator overload (``torch.ops.lib.op.default``) runs, without the overload's
+    Python ``__call__`` frame (~2 us a call less on a 2-core CPU; the layers' eager calls, where a
+    GPU's eager step waits on the host); the overload itself where torch keeps no such callable."""
+    return getattr(overload, "_op", overload)
+
+
 def under_torch_func() -> bool:
     """Whether a torch.func transform runs (not forward-mode AD alone): its tensors are wrapped, and a
     buffer the transformed function does not own cannot be written from them."""
