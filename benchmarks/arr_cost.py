@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import timm
 import torch
 from torch import nn
 
-from bionets.bench import (alternating_step_times, device_name, paired_ratios, positive, run_script, step_peak_mb,
-                           train_step)
+from bionets.bench import device_name, run_script, split_arguments, train_step, ways_report
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
 from bionets.errors import BionetsError
@@ -80,10 +78,7 @@ def steps_for(case: str, x: torch.Tensor, y: torch.Tensor, amp: str) -> dict:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--batch", type=positive, default=128)
-    p.add_argument("--steps", type=positive, default=120, help="steps of each way, in turn")
-    p.add_argument("--rounds", type=positive, default=2, help="repeat the whole measurement")
+    split_arguments(p)
     p.add_argument("--cases", default="resnet-relu,vit", help=f"comma-separated subset of: {', '.join(CASES)}")
     args = p.parse_args(argv)
     chosen = args.cases.split(",")
@@ -97,16 +92,7 @@ def main(argv=None) -> str:
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     for case in chosen:
-        steps = steps_for(case, x, y, amp)
-        for r in range(args.rounds):
-            times = alternating_step_times(steps, dev, warmup=5, repeats=args.steps)
-            for name, ts in times.items():
-                lo, mid, hi = paired_ratios(ts, times[case])
-                out.append(f"- round {r + 1}, {name}: {statistics.median(ts):.2f} ms, {mid:.3f}x ({lo:.3f}-{hi:.3f}x)")
-                print(out[-1], flush=True)
-        out.append("  peak memory of a step: " + ", ".join(f"{name} {step_peak_mb(fn, dev):.0f} MB"
-                                                            for name, fn in steps.items()))
-        print(out[-1], flush=True)
+        out += ways_report(steps_for(case, x, y, amp), case, dev, args.rounds, args.steps)
     return "\n".join(out)
 
 

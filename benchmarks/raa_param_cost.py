@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import timm
 import torch
 
-from bionets.bench import (alternating_step_times, device_name, paired_ratios, positive, run_script, step_peak_mb,
-                           train_step)
+from bionets.bench import device_name, run_script, split_arguments, train_step, ways_report
 from bionets.conversion import convert
 from bionets.engine.distributed import parse_device
 from bionets.layers.raa import RAA
@@ -50,10 +48,7 @@ def steps_for(act: str, x: torch.Tensor, y: torch.Tensor, amp: str) -> dict:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--batch", type=positive, default=128)
-    p.add_argument("--steps", type=positive, default=120, help="steps of each way, in turn")
-    p.add_argument("--rounds", type=positive, default=2, help="repeat the whole measurement")
+    split_arguments(p)
     args = p.parse_args(argv)
     dev = parse_device(args.device, "--device")
     amp = "bf16" if dev.type == "cuda" else "off"
@@ -62,18 +57,7 @@ def main(argv=None) -> str:
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     for act in ("gelu", "relu"):
-        steps = steps_for(act, x, y, amp)
-        for r in range(args.rounds):
-            times = alternating_step_times(steps, dev, warmup=5, repeats=args.steps)
-            base = times[act]
-            for name, ts in times.items():
-                lo, mid, hi = paired_ratios(ts, base)
-                line = f"- round {r + 1}, {name}: {statistics.median(ts):.2f} ms, {mid:.3f}x ({lo:.3f}-{hi:.3f}x)"
-                out.append(line)
-                print(line, flush=True)
-        out.append("  peak memory of a step: " + ", ".join(f"{name} {step_peak_mb(fn, dev):.0f} MB"
-                                                            for name, fn in steps.items()))
-        print(out[-1], flush=True)
+        out += ways_report(steps_for(act, x, y, amp), act, dev, args.rounds, args.steps)
     return "\n".join(out)
 
 

@@ -296,6 +296,33 @@ def paired_ratios(new: list[float], base: list[float]) -> tuple[float, float, fl
     return low, mid, high
 
 
+def ways_report(steps: dict[str, Callable[[], None]], base: str, device: torch.device, rounds: int,
+                repeats: int) -> list[str]:
+    """The lines of a split benchmark (``raa_param_cost.py``, ``arr_cost.py``): ``rounds`` times, every
+    way of ``steps`` stepped in turn ``repeats`` times, each way's median step time and its
+    round-by-round ratio over ``base`` (median and quartiles); then each way's step peak memory.
+    Printed as they come."""
+    out = []
+    for r in range(rounds):
+        times = alternating_step_times(steps, device, warmup=5, repeats=repeats)
+        for name, ts in times.items():
+            lo, mid, hi = paired_ratios(ts, times[base])
+            out.append(f"- round {r + 1}, {name}: {statistics.median(ts):.2f} ms, {mid:.3f}x ({lo:.3f}-{hi:.3f}x)")
+            print(out[-1], flush=True)
+    out.append("  peak memory of a step: " + ", ".join(f"{name} {step_peak_mb(fn, device):.0f} MB"
+                                                        for name, fn in steps.items()))
+    print(out[-1], flush=True)
+    return out
+
+
+def split_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a split benchmark: --device, --batch, --steps, --rounds."""
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--batch", type=positive, default=128)
+    p.add_argument("--steps", type=positive, default=120, help="steps of each way, in turn")
+    p.add_argument("--rounds", type=positive, default=2, help="repeat the whole measurement")
+
+
 def table(rows: list[Timing], base: Timing | None = None) -> str:
     """A Markdown table of timings, with each row's step-time ratio over ``base``."""
     out = ["| case | forward ms | step ms | images/s | peak MB | step ratio |", "|---|---|---|---|---|---|"]
