@@ -5,9 +5,10 @@
 // eager ResNet-20 step with RAA ran 5-7% of GELU's step slower with v and c trained, as two
 // tensors a layer, than with them frozen; one tensor halves that bookkeeping, not yet timed there.)
 // On a 2-core CPU (forward and backward, tiny tensors) a Python autograd function around the
-// same kernels took 160 us a call, this operator 112 (ReLU: 64); on an H200's host the function
-// and its Triton launches took ~0.4 ms a call more than ReLU, where the eager steps of CIFAR-sized
-// models wait on the host.
+// same kernels took 160 us a call, a C++ torch::autograd::Function 112 (ReLU: 64; in another
+// measurement 158 against ReLU's 122), this operator with its hand-written node 142 in that one;
+// on an H200's host the Python function and its Triton launches took ~0.4 ms a call more than
+// ReLU, where the eager steps of CIFAR-sized models wait on the host.
 //
 // Kernels (a struct of two static functions, the same contract as the Python-side kernels):
 //     forward(x, w, dim, relu) -> (y, s)             s: each vector's shift, float32 (on CUDA followed
@@ -20,8 +21,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <optional>
 #include <utility>
@@ -39,7 +42,6 @@ inline std::pair<std::optional<at::Tensor>, at::Tensor> split(const at::Tensor& 
   return {n > 1 ? std::optional<at::Tensor>(w.narrow(0, 0, n - 1)) : std::nullopt, w.narrow(0, n - 1, 1)};
 }
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // RAA as plain ATen operators, features on `dim` (1 or -1): bionets.layers.raa.raa_expression, whose
@@ -52,43 +54,50 @@ inline at::Tensor expression(const at::Tensor& x, const at::Tensor& w, int64_t d
   return (relu ? z.clamp_min(0) : x * at::special_ndtr(z)).to(x.scalar_type());
 }
 
+// The backward node, written as PyTorch's generated nodes are (a Node with its saved variables),
+// not as a torch::autograd::Function: no context object, no saved-data map, no output wrapping per
+// call (the eager step of a small model on a GPU waits on the host, and a layer calls this once a
+// step each way).
 template <typename Kernels>
-struct RaaFunction : public torch::autograd::Function<RaaFunction<Kernels>> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
-    auto [y, s] = Kernels::forward(x, w, dim, relu);
-    ctx->save_for_backward({x, w, s});
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["relu"] = relu;
-    return y;
+struct RaaBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x_, w_, s_;
+  int64_t dim_ = 1;
+  bool relu_ = false;
+
+  std::string name() const override { return "bionets_raa::RaaBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    w_.reset_data();
+    s_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &s = saved[2];
-    const int64_t dim = ctx->saved_data["dim"].toInt();
-    const bool relu = ctx->saved_data["relu"].toBool();
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(2);
     const at::Tensor& g = grads[0];
-    if (at::GradMode::is_enabled()) return differentiable(ctx, x, w, dim, relu, g);
-    auto [gx, gw] = Kernels::backward(x, g, s, w, dim, relu);
-    return {gx, gw.to(w.scalar_type()), at::Tensor(), at::Tensor()};
+    if (!g.defined() || !(task_should_compute_output(0) || task_should_compute_output(1))) return out;
+    const at::Tensor x = x_.unpack(), w = w_.unpack(), s = s_.unpack();
+    if (at::GradMode::is_enabled()) return differentiable(x, w, g);
+    auto [gx, gw] = Kernels::backward(x, g, s, w, dim_, relu_);
+    if (task_should_compute_output(0)) out[0] = std::move(gx);
+    if (task_should_compute_output(1)) out[1] = gw.to(w.scalar_type());
+    return out;
   }
 
   // the gradients of the plain expression, each input through its own alias (partial derivatives,
   // though s is computed from x), as tensors autograd can differentiate again
-  static variable_list differentiable(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, int64_t dim,
-                                      bool relu, const at::Tensor& g) {
+  variable_list differentiable(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g) {
     const at::Tensor inputs[2] = {x.view_as(x), w.view_as(w)};
     std::vector<at::Tensor> wanted;
     std::vector<int> where;
     for (int k = 0; k < 2; ++k) {
-      if (ctx->needs_input_grad(k)) {
+      if (task_should_compute_output(k)) {
         wanted.push_back(inputs[k]);
         where.push_back(k);
       }
     }
-    variable_list out(4);
-    if (wanted.empty()) return out;
-    const at::Tensor y = expression(inputs[0], inputs[1], dim, relu);
+    variable_list out(2);
+    const at::Tensor y = expression(inputs[0], inputs[1], dim_, relu_);
     const variable_list found = torch::autograd::grad({y}, wanted, {g}, /*retain_graph=*/true,
                                                       /*create_graph=*/true, /*allow_unused=*/true);
     for (size_t k = 0; k < where.size(); ++k) out[where[k]] = found[k];
@@ -96,12 +105,29 @@ struct RaaFunction : public torch::autograd::Function<RaaFunction<Kernels>> {
   }
 };
 
-// the operator `raa` where autograd records it, and where it does not (inference mode)
+// the operator `raa` where autograd records it: the kernels' forward below autograd, then the
+// backward node on the output where x or w needs a gradient
 template <typename Kernels>
 at::Tensor raa(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
-  return RaaFunction<Kernels>::apply(x, w, dim, relu);
+  at::Tensor y, s;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(y, s) = Kernels::forward(x, w, dim, relu);
+  }
+  if (torch::autograd::compute_requires_grad(x, w)) {
+    auto node = c10::make_intrusive<RaaBackward<Kernels>>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, w));
+    node->x_ = torch::autograd::SavedVariable(x, false);
+    node->w_ = torch::autograd::SavedVariable(w, false);
+    node->s_ = torch::autograd::SavedVariable(s, false);
+    node->dim_ = dim;
+    node->relu_ = relu;
+    torch::autograd::set_history(y, node);
+  }
+  return y;
 }
 
+// where autograd does not record it (inference mode)
 template <typename Kernels>
 at::Tensor raa_no_grad(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
   return std::get<0>(Kernels::forward(x, w, dim, relu));
