@@ -184,8 +184,9 @@ def test_own_operator_matches_the_loop_and_the_pytorch_operators(form, layers, d
 @pytest.mark.parametrize("own", [True, False])
 def test_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memory(own, monkeypatch):
     """dL/dr = weight / numel * sign(r - t), through ARR's C++ operator and through the PyTorch
-    operators; with update=False the memory is untouched; in inference mode the operator gives the
-    same loss without a graph."""
+    operators; with update=False the memory is untouched; the operator's backward node takes
+    saved-tensor hooks and a retained graph; in inference mode the operator gives the same loss
+    without a graph."""
     from bionets.layers import arr
     if own:
         own = own_cpu_kernels("arr_cpu")
@@ -204,6 +205,12 @@ def test_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memo
     torch.testing.assert_close(mem.mean[0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     if not own:
         return
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ("packed", t), lambda p: p[1]):
+        hooked = arr_loss(mem, [r], y, weight=3.0, momentum=0.5, form="paper", update=False)
+    assert "ArrBackward" in hooked.grad_fn.name()           # the operator's own C++ node
+    first = torch.autograd.grad(hooked, r, retain_graph=True)[0]     # a retained graph's second backward
+    torch.testing.assert_close(torch.autograd.grad(hooked, r)[0], first, rtol=0, atol=0)
+    torch.testing.assert_close(first, r.grad, rtol=0, atol=0)
     assert arr._own_operator(ArrMemory(1, 2, 2), [], y) is own      # the probe the CUDA tests skip by
     op, calls = own.arr_loss, []
     monkeypatch.setattr(own, "arr_loss", types.SimpleNamespace(default=lambda *a: calls.append(1) or op(*a)))

@@ -20,7 +20,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <tuple>
 
 namespace bionets_arr {
 
@@ -29,7 +34,6 @@ inline constexpr const char* LOSS_SCHEMA =
     "arr_loss(Tensor r, Tensor y, Tensor(a!) mean, Tensor(b!) seen, float momentum, float weight, bool after, "
     "bool update) -> Tensor";
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 inline void check(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen) {
@@ -45,60 +49,76 @@ inline void check(const at::Tensor& r, const at::Tensor& y, const at::Tensor& me
               "bionets ARR kernels: the responses, classes and class memory must be on one device");
 }
 
+// (slope, loss): the kernel's scan
 template <typename Kernels>
-struct ArrFunction : public torch::autograd::Function<ArrFunction<Kernels>> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean,
-                            const at::Tensor& seen, double momentum, double weight, bool after, bool update) {
-    auto [slope, loss] = compute(r, y, mean, seen, momentum, weight, after, update);
-    ctx->save_for_backward({slope, r});
-    ctx->saved_data["dtype"] = r.scalar_type();
-    return loss;
+std::tuple<at::Tensor, at::Tensor> compute(const at::Tensor& r_in, const at::Tensor& y_in, const at::Tensor& mean,
+                                           const at::Tensor& seen, double momentum, double weight, bool after,
+                                           bool update) {
+  check(r_in, y_in, mean, seen);
+  const at::Tensor r = r_in.contiguous(), y = y_in.to(at::kLong).contiguous();
+  const double scale = r.numel() ? weight / static_cast<double>(r.numel()) : 0.0;
+  auto [slope, loss] = Kernels::scan(r, y, mean, seen, momentum, scale, after, update);
+  if (update) {           // the memory changed in place: its version moves, as an in-place operator's does
+    torch::autograd::impl::bump_version(mean);
+    torch::autograd::impl::bump_version(seen);
+  }
+  return {slope, loss};
+}
+
+// The backward node, written as PyTorch's generated nodes are (no torch::autograd::Function's
+// context and output wrapping a call: on a GPU the eager step of a small model waits on the host).
+// dL/dr = slope dL. Piecewise constant in r, so its derivative is zero; with create_graph it is
+// tied to r by a zero term (sgn(r) 0, as autograd's |.| ties its own), so that a gradient penalty
+// on ARR alone differentiates to zeros rather than failing
+struct ArrBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable slope_, r_;
+
+  std::string name() const override { return "bionets_arr::ArrBackward"; }
+
+  void release_variables() override {
+    slope_.reset_data();
+    r_.reset_data();
   }
 
-  // dL/dr = slope dL. Piecewise constant in r, so its derivative is zero; with create_graph it is
-  // tied to r by a zero term (sgn(r) 0, as autograd's |.| ties its own), so that a gradient penalty
-  // on ARR alone differentiates to zeros rather than failing
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &slope = saved[0], &r = saved[1];
-    const auto dtype = ctx->saved_data["dtype"].toScalarType();
-    at::Tensor grad;
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(1);
+    const at::Tensor& g = grads[0];
+    if (!g.defined() || !task_should_compute_output(0)) return out;
+    const at::Tensor slope = slope_.unpack(), r = r_.unpack();
     if (at::GradMode::is_enabled()) {
-      grad = (slope * grads[0] + r.sgn().mul(0).to(at::kFloat)).to(dtype);
+      out[0] = (slope * g + r.sgn().mul(0).to(at::kFloat)).to(r.scalar_type());
     } else {        // the product computed in float32, written in r's dtype (one kernel on CUDA)
-      grad = at::empty(slope.sizes(), slope.options().dtype(dtype));
-      at::mul_out(grad, slope, grads[0]);
+      out[0] = at::empty(slope.sizes(), slope.options().dtype(r.scalar_type()));
+      at::mul_out(out[0], slope, g);
     }
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-
-  // (slope, loss): the kernel's scan
-  static std::tuple<at::Tensor, at::Tensor> compute(const at::Tensor& r_in, const at::Tensor& y_in, const at::Tensor& mean,
-                                                    const at::Tensor& seen, double momentum, double weight, bool after,
-                                                    bool update) {
-    check(r_in, y_in, mean, seen);
-    const at::Tensor r = r_in.contiguous(), y = y_in.to(at::kLong).contiguous();
-    const double scale = r.numel() ? weight / static_cast<double>(r.numel()) : 0.0;
-    auto [slope, loss] = Kernels::scan(r, y, mean, seen, momentum, scale, after, update);
-    if (update) {           // the memory changed in place: its version moves, as an in-place operator's does
-      torch::autograd::impl::bump_version(mean);
-      torch::autograd::impl::bump_version(seen);
-    }
-    return {slope, loss};
+    return out;
   }
 };
 
-// the operator where autograd records it, and where it does not (inference mode)
+// the operator where autograd records it (the memory, classes and numbers take no gradient), and
+// where it does not (inference mode)
 template <typename Kernels>
 at::Tensor arr_loss(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen,
                     double momentum, double weight, bool after, bool update) {
-  return ArrFunction<Kernels>::apply(r, y, mean, seen, momentum, weight, after, update);
+  at::Tensor slope, loss;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(slope, loss) = compute<Kernels>(r, y, mean, seen, momentum, weight, after, update);
+  }
+  if (torch::autograd::compute_requires_grad(r)) {
+    auto node = c10::make_intrusive<ArrBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(r));
+    node->slope_ = torch::autograd::SavedVariable(slope, false);
+    node->r_ = torch::autograd::SavedVariable(r, false);
+    torch::autograd::set_history(loss, node);
+  }
+  return loss;
 }
 
 template <typename Kernels>
 at::Tensor arr_loss_no_grad(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen,
                             double momentum, double weight, bool after, bool update) {
-  return std::get<1>(ArrFunction<Kernels>::compute(r, y, mean, seen, momentum, weight, after, update));
+  return std::get<1>(compute<Kernels>(r, y, mean, seen, momentum, weight, after, update));
 }
 
 }  // namespace bionets_arr
