@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> str:
             set_cuda_strategy(name.split("'")[1] if "'" in name else "auto")
             try:
                 host, total, calls[name] = per_call_ms(module, x, args.calls)
+                peak = step_peak_mb(calls[name], dev)          # (under the strategy the call was timed with)
             finally:
                 set_cuda_strategy("auto")
-            peak = step_peak_mb(calls[name], dev)
             lines.append(f"{c} channels, {side}x{side}, {name}: {host:.3f} ms host, {total:.3f} ms in all per call, "
                          f"peak {peak:.0f} MB")
             print(lines[-1], flush=True)

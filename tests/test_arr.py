@@ -205,9 +205,10 @@ def test_gradient_is_the_sign_of_the_difference_and_update_false_leaves_the_memo
     torch.testing.assert_close(mem.mean[0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     if not own:
         return
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: ("packed", t), lambda p: p[1]):
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or ("packed", t), lambda p: p[1]):
         hooked = arr_loss(mem, [r], y, weight=3.0, momentum=0.5, form="paper", update=False)
-    assert "ArrBackward" in hooked.grad_fn.name()           # the operator's own C++ node
+    assert "ArrBackward" in hooked.grad_fn.name() and packed == [(1, 3, 2)] * 2     # its slope and r
     first = torch.autograd.grad(hooked, r, retain_graph=True)[0]     # a retained graph's second backward
     torch.testing.assert_close(torch.autograd.grad(hooked, r)[0], first, rtol=0, atol=0)
     torch.testing.assert_close(first, r.grad, rtol=0, atol=0)
@@ -778,3 +779,24 @@ def test_class_means_stay_float32_when_the_model_is_halved():
     assert model.arr_memory.mean.dtype == torch.float32 and model.arr_memory.seen.dtype == torch.uint8
     model.double()
     assert model.arr_memory.mean.dtype == torch.float64
+
+
+def test_the_operator_under_compiled_autograd_and_forward_ad():
+    """Compiled autograd (torch._dynamo's traced backward) runs ARR's C++ backward as one opaque call,
+    to the eager gradient; the operator itself refuses forward-mode AD in one line (arr_loss computes
+    ARR with PyTorch's operators there)."""
+    from torch._dynamo import compiled_autograd
+    from torch.autograd import forward_ad
+
+    own = own_cpu_kernels("arr_cpu")
+    torch.manual_seed(0)
+    r = torch.randn(6, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    want = torch.autograd.grad(arr_loss(ArrMemory(1, 3, 4), [r], y, weight=2.0, momentum=0.1), r)[0]
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        arr_loss(ArrMemory(1, 3, 4), [r], y, weight=2.0, momentum=0.1).backward()
+    torch.testing.assert_close(r.grad, want, rtol=0, atol=0)
+    memory = ArrMemory(1, 3, 4)
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="ARR operator: no forward-mode derivative"):
+        own.arr_loss.default(forward_ad.make_dual(r.detach(), torch.ones_like(r))[None], y, memory.mean, memory.seen,
+                             0.1, 2.0, False, True)

@@ -169,9 +169,9 @@ def test_a_module_rechooses_its_path_when_a_call_differs_from_the_last():
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_a_remembered_route_gives_way_to_transforms_tracing_and_a_new_axis():
     """After an eager call has set the module's route, a call with the same shape and strides takes
-    the plain expression under torch.func.vmap, forward-mode AD and torch.jit.trace (the C++ operator
-    has no batching rule nor forward derivative), and reads the features on the new axis after
-    ``dim`` changes."""
+    the plain expression under forward-mode AD and torch.jit.trace (the C++ operator has no forward
+    derivative; a trace would record it), and reads the features on the new axis after ``dim``
+    changes; under torch.func.vmap (its calls of another shape) the values are the formula's too."""
     from torch.autograd import forward_ad
 
     torch.manual_seed(0)
@@ -259,8 +259,10 @@ def test_raa_is_one_operator_whose_autograd_is_cpp():
     raa.requires_grad_(True)
     torch.testing.assert_close(torch.autograd.grad(raa(x.detach()), raa.vc, g)[0], gw, rtol=0, atol=0)
     op = cpu_kernels.ops("raa_cpu").raa.default               # w: [v | c] of 11 entries, or [c]; nothing else
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: ("packed", t), lambda p: p[1]):
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or ("packed", t), lambda p: p[1]):
         hooked = raa(x)                                       # (x, w and the shifts through the hooks)
+    assert packed == [x.shape, raa.vc.shape, (3 * 5 * 4,)]
     torch.testing.assert_close(torch.autograd.grad(hooked, (x, raa.vc), g), (gx, gw), rtol=0, atol=0)
     again = raa(x)
     first = torch.autograd.grad(again, (x, raa.vc), g, retain_graph=True)
@@ -370,3 +372,24 @@ def test_second_derivative_path_of_a_bf16_map_computes_the_shift_in_float32():
     second = torch.autograd.grad(raa(x), raa.vc, g, create_graph=True)[0]
     for a, b in ((second[:-1], first[:-1]), (second[-1:], first[-1:])):         # dL/dv, dL/dc
         assert a.dtype == b.dtype == torch.float32 and ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
+@pytest.mark.usefixtures("kernels")
+def test_the_operator_under_compiled_autograd_and_forward_ad():
+    """Compiled autograd (torch._dynamo's traced backward) runs the operator's C++ backward as one
+    opaque call, to the eager gradients; the operator itself refuses forward-mode AD in one line (the
+    module computes its plain expression there)."""
+    from torch._dynamo import compiled_autograd
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(0)
+    raa = randomized(RAA(8, base="relu"))
+    x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn_like(x)
+    want = torch.autograd.grad(raa(x), (x, raa.vc), g)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        raa(x).backward(g)
+    torch.testing.assert_close((x.grad, raa.vc.grad), want, rtol=0, atol=0)
+    op = cpu_kernels.ops("raa_cpu").raa.default
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="RAA operator: no forward-mode derivative"):
+        op(forward_ad.make_dual(x.detach(), g), raa.vc.detach(), 1, True)

@@ -25,7 +25,11 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include "autograd_node.h"
+
+#include <mutex>
 #include <tuple>
+#include <vector>
 
 namespace bionets_arr {
 
@@ -76,21 +80,46 @@ struct ArrBackward : public torch::autograd::Node {
   std::string name() const override { return "bionets_arr::ArrBackward"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     slope_.reset_data();
     r_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
-    variable_list out(1);
-    const at::Tensor& g = grads[0];
-    if (!g.defined() || !task_should_compute_output(0)) return out;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined() || !task_should_compute_output(0)) return variable_list(1);
     const at::Tensor slope = slope_.unpack(), r = r_.unpack();
-    if (at::GradMode::is_enabled()) {
-      out[0] = (slope * g + r.sgn().mul(0).to(at::kFloat)).to(r.scalar_type());
-    } else {        // the product computed in float32, written in r's dtype (one kernel on CUDA)
-      out[0] = at::empty(slope.sizes(), slope.options().dtype(r.scalar_type()));
-      at::mul_out(out[0], slope, g);
-    }
+    if (at::GradMode::is_enabled()) return {(slope * grads[0] + r.sgn().mul(0).to(at::kFloat)).to(r.scalar_type())};
+    return gradient(grads[0], slope, r);
+  }
+
+  // the product computed in float32, written in r's dtype (one kernel on CUDA)
+  static variable_list gradient(const at::Tensor& g, const at::Tensor& slope, const at::Tensor& r) {
+    variable_list out(1);
+    if (!g.defined()) return out;
+    out[0] = at::empty(slope.sizes(), slope.options().dtype(r.scalar_type()));
+    at::mul_out(out[0], slope, g);
+    return out;
+  }
+
+  // compiled autograd: the same product, one opaque call in its graph (no double backward there)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(name());
+    args.collect(slope_, false);
+    args.collect(r_, false);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(slope_);
+    saved.before(r_);
+    const std::vector<c10::IValue> args{slope_.unpack(), r_.unpack()};
+    const auto run = [](const variable_list& g, const std::vector<c10::IValue>& a) {
+      return gradient(g[0], a[0].toTensor(), a[1].toTensor());
+    };
+    auto out = bionets_autograd::opaque_backward(*this, "bionets_ArrBackward", run, grads, args, saved);
+    saved.after(slope_);
+    saved.after(r_);
     return out;
   }
 };
@@ -105,6 +134,9 @@ at::Tensor arr_loss(const at::Tensor& r, const at::Tensor& y, const at::Tensor& 
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(slope, loss) = compute<Kernels>(r, y, mean, seen, momentum, weight, after, update);
   }
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(r),
+              "bionets ARR operator: no forward-mode derivative; arr_loss computes ARR with PyTorch's operators under "
+              "forward-mode AD (call arr_loss, not the operator)");
   if (torch::autograd::compute_requires_grad(r)) {
     auto node = c10::make_intrusive<ArrBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(r));

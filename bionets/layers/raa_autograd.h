@@ -26,8 +26,12 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include "autograd_node.h"
+
+#include <mutex>
 #include <optional>
 #include <utility>
+#include <vector>
 
 namespace bionets_raa {
 
@@ -67,20 +71,57 @@ struct RaaBackward : public torch::autograd::Node {
   std::string name() const override { return "bionets_raa::RaaBackward"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     x_.reset_data();
     w_.reset_data();
     s_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
-    variable_list out(2);
-    const at::Tensor& g = grads[0];
-    if (!g.defined() || !(task_should_compute_output(0) || task_should_compute_output(1))) return out;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool want_x = task_should_compute_output(0), want_w = task_should_compute_output(1);
+    if (!grads[0].defined() || !(want_x || want_w)) return variable_list(2);
     const at::Tensor x = x_.unpack(), w = w_.unpack(), s = s_.unpack();
-    if (at::GradMode::is_enabled()) return differentiable(x, w, g);
-    auto [gx, gw] = Kernels::backward(x, g, s, w, dim_, relu_);
-    if (task_should_compute_output(0)) out[0] = std::move(gx);
-    if (task_should_compute_output(1)) out[1] = gw.to(w.scalar_type());
+    if (at::GradMode::is_enabled()) return differentiable(x, w, grads[0]);
+    return gradients(grads[0], x, w, s, dim_, relu_, want_x, want_w);
+  }
+
+  // (dL/dx, dL/dw) by the kernels, each where it is wanted
+  static variable_list gradients(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
+                                 int64_t dim, bool relu, bool want_x, bool want_w) {
+    variable_list out(2);
+    if (!g.defined() || !(want_x || want_w)) return out;
+    auto [gx, gw] = Kernels::backward(x, g, s, w, dim, relu);
+    if (want_x) out[0] = std::move(gx);
+    if (want_w) out[1] = gw.to(w.scalar_type());
+    return out;
+  }
+
+  // compiled autograd: the same kernels, one opaque call in its graph (no double backward there)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(name());
+    args.collect(x_, false);
+    args.collect(w_, false);
+    args.collect(s_, false);
+    args.collect(dim_);
+    args.collect(relu_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(x_);
+    saved.before(w_);
+    saved.before(s_);
+    const std::vector<c10::IValue> args{x_.unpack(), w_.unpack(), s_.unpack(), dim_, relu_,
+                                        task_should_compute_output(0), task_should_compute_output(1)};
+    const auto run = [](const variable_list& g, const std::vector<c10::IValue>& a) {
+      return gradients(g[0], a[0].toTensor(), a[1].toTensor(), a[2].toTensor(), a[3].toInt(), a[4].toBool(),
+                       a[5].toBool(), a[6].toBool());
+    };
+    auto out = bionets_autograd::opaque_backward(*this, "bionets_RaaBackward", run, grads, args, saved);
+    saved.after(x_);
+    saved.after(w_);
+    saved.after(s_);
     return out;
   }
 
@@ -114,6 +155,9 @@ at::Tensor raa(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu)
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(y, s) = Kernels::forward(x, w, dim, relu);
   }
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(w),
+              "bionets RAA operator: no forward-mode derivative; the RAA module computes its plain expression under "
+              "forward-mode AD (call the module, not the operator)");
   if (torch::autograd::compute_requires_grad(x, w)) {
     auto node = c10::make_intrusive<RaaBackward<Kernels>>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, w));
