@@ -800,3 +800,4 @@ def test_the_operator_under_compiled_autograd_and_forward_ad():
     with forward_ad.dual_level(), pytest.raises(RuntimeError, match="ARR operator: no forward-mode derivative"):
         own.arr_loss.default(forward_ad.make_dual(r.detach(), torch.ones_like(r))[None], y, memory.mean, memory.seen,
                              0.1, 2.0, False, True)
+    assert not memory.seen.any()                             # refused before the memory's update

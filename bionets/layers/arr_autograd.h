@@ -129,14 +129,14 @@ struct ArrBackward : public torch::autograd::Node {
 template <typename Kernels>
 at::Tensor arr_loss(const at::Tensor& r, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& seen,
                     double momentum, double weight, bool after, bool update) {
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(r),
+              "bionets ARR operator: no forward-mode derivative; arr_loss computes ARR with PyTorch's operators under "
+              "forward-mode AD (call arr_loss, not the operator)");
   at::Tensor slope, loss;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(slope, loss) = compute<Kernels>(r, y, mean, seen, momentum, weight, after, update);
   }
-  TORCH_CHECK(!torch::autograd::isFwGradDefined(r),
-              "bionets ARR operator: no forward-mode derivative; arr_loss computes ARR with PyTorch's operators under "
-              "forward-mode AD (call arr_loss, not the operator)");
   if (torch::autograd::compute_requires_grad(r)) {
     auto node = c10::make_intrusive<ArrBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(r));

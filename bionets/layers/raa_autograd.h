@@ -150,14 +150,14 @@ struct RaaBackward : public torch::autograd::Node {
 // backward node on the output where x or w needs a gradient
 template <typename Kernels>
 at::Tensor raa(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu) {
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(w),
+              "bionets RAA operator: no forward-mode derivative; the RAA module computes its plain expression under "
+              "forward-mode AD (call the module, not the operator)");
   at::Tensor y, s;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(y, s) = Kernels::forward(x, w, dim, relu);
   }
-  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(w),
-              "bionets RAA operator: no forward-mode derivative; the RAA module computes its plain expression under "
-              "forward-mode AD (call the module, not the operator)");
   if (torch::autograd::compute_requires_grad(x, w)) {
     auto node = c10::make_intrusive<RaaBackward<Kernels>>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, w));
