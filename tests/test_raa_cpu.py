@@ -170,8 +170,9 @@ def test_a_module_rechooses_its_path_when_a_call_differs_from_the_last():
 def test_a_remembered_route_gives_way_to_transforms_tracing_and_a_new_axis():
     """After an eager call has set the module's route, a call with the same shape and strides takes
     the plain expression under forward-mode AD and torch.jit.trace (the C++ operator has no forward
-    derivative; a trace would record it), and reads the features on the new axis after ``dim``
-    changes; under torch.func.vmap (its calls of another shape) the values are the formula's too."""
+    derivative; a trace would record it), reads the features on the new axis after ``dim`` changes,
+    and takes another device's path for the same map on it; under torch.func.vmap (its calls of
+    another shape) the values are the formula's too."""
     from torch.autograd import forward_ad
 
     torch.manual_seed(0)
@@ -193,6 +194,9 @@ def test_a_remembered_route_gives_way_to_transforms_tracing_and_a_new_axis():
     raa.dim = -1                                      # the same map, its features now on the last axis
     torch.testing.assert_close(raa(x).double(), direct(x.double(), copy.deepcopy(raa).double(), -1),
                                rtol=1e-5, atol=1e-6)
+    raa.dim = None
+    raa(x)                                            # the route again
+    assert raa.to("meta")(x.to("meta")).device.type == "meta"     # the same map on another device: re-routed
 
 
 @pytest.mark.usefixtures("kernels")

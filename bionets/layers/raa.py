@@ -378,7 +378,7 @@ class RAA(nn.Module):
         if route is not None and isinstance(x, torch.Tensor) and not (self.compiled or plain_call()):
             key, dim, op, name = route
             w = self._parameters[name]
-            if key == (x.shape, x.stride(), x.dtype, x.is_cuda, w.dtype, self.dim):
+            if key == (x.shape, x.stride(), x.dtype, x.is_cuda, x.is_cpu, w.dtype, self.dim):
                 # a call like the last eager one (every training step's): checked, its operator chosen
                 return op(x, w, dim, self.base == "relu") if op is not None else self._eager(op, x, dim, w)
         return self._checked_call(x)
@@ -412,7 +412,7 @@ class RAA(nn.Module):
                 x32 = x.float()
                 return self._eager(self._op_for(x32, dim, w), x32, dim, w).to(x.dtype)
         op = self._op_for(x, dim, w)
-        self._route = ((x.shape, x.stride(), x.dtype, x.is_cuda, w.dtype, self.dim), dim, op,
+        self._route = ((x.shape, x.stride(), x.dtype, x.is_cuda, x.is_cpu, w.dtype, self.dim), dim, op,
                        "vc" if self.variant == "vector" else "c")
         return self._eager(op, x, dim, w)
 
