@@ -138,7 +138,7 @@ at::Tensor arr_loss(const at::Tensor& r, const at::Tensor& y, const at::Tensor& 
     std::tie(slope, loss) = compute<Kernels>(r, y, mean, seen, momentum, weight, after, update);
   }
   if (torch::autograd::compute_requires_grad(r)) {
-    auto node = c10::make_intrusive<ArrBackward>();
+    auto node = bionets_autograd::NewNode<ArrBackward>::make();
     node->set_next_edges(torch::autograd::collect_next_edges(r));
     node->slope_ = torch::autograd::SavedVariable(slope, false);
     node->r_ = torch::autograd::SavedVariable(r, false);

@@ -159,7 +159,7 @@ at::Tensor raa(const at::Tensor& x, const at::Tensor& w, int64_t dim, bool relu)
     std::tie(y, s) = Kernels::forward(x, w, dim, relu);
   }
   if (torch::autograd::compute_requires_grad(x, w)) {
-    auto node = c10::make_intrusive<RaaBackward<Kernels>>();
+    auto node = bionets_autograd::NewNode<RaaBackward<Kernels>>::make();
     node->set_next_edges(torch::autograd::collect_next_edges(x, w));
     node->x_ = torch::autograd::SavedVariable(x, false);
     node->w_ = torch::autograd::SavedVariable(w, false);
