@@ -439,25 +439,26 @@ class RAA(nn.Module):
         """``vc`` (vector variant) or ``c``: the parameter the kernels take as w."""
         return self._parameters["vc" if self.variant == "vector" else "c"]
 
-    def _former_vc(self, state: dict, prefix: str) -> torch.Tensor | None:
-        """[v | c] from ``state`` where it holds this vector RAA's former separate ``v`` and ``c``
-        under ``prefix`` (and no ``vc``), else None."""
+    @staticmethod
+    def _former_vc(state: dict, prefix: str, variant: str) -> torch.Tensor | None:
+        """[v | c] (detached) from ``state`` where it holds a vector RAA's former separate ``v`` and
+        ``c`` under ``prefix`` (and no ``vc``), else None."""
         v, c = prefix + "v", prefix + "c"
-        if self.variant != "vector" or prefix + "vc" in state or v not in state or c not in state:
+        if variant != "vector" or prefix + "vc" in state or v not in state or c not in state:
             return None
-        return torch.cat([state[v].reshape(-1), state[c].reshape(-1)])
+        return torch.cat([state[v].detach().reshape(-1), state[c].detach().reshape(-1)])
 
     def upgrade_state_dict(self, state: dict, prefix: str = "") -> dict:
         """``state`` with a vector RAA's former ``v`` and ``c`` under ``prefix`` as ``vc`` (a new
         dict), or ``state`` itself. (bionets' engine asks every module that has this method before it
         compares a checkpoint's keys with the model's.)"""
-        if (vc := self._former_vc(state, prefix)) is None:
+        if (vc := self._former_vc(state, prefix, self.variant)) is None:
             return state
         return {**{k: t for k, t in state.items() if k not in (prefix + "v", prefix + "c")}, prefix + "vc": vc}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A vector RAA's state from before v and c were one parameter: ``v`` and ``c`` as ``vc``."""
-        if (vc := self._former_vc(state_dict, prefix)) is not None:
+        if (vc := self._former_vc(state_dict, prefix, self.variant)) is not None:
             del state_dict[prefix + "v"], state_dict[prefix + "c"]
             state_dict[prefix + "vc"] = vc
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -496,10 +497,9 @@ class RAA(nn.Module):
     def __setstate__(self, state):
         """A whole RAA module pickled before v and c were one parameter: its v and c as vc."""
         params = state.get("_parameters", {})
-        if state.get("variant") == "vector" and "vc" not in params and "v" in params and "c" in params:
-            v, c = params.pop("v"), params.pop("c")
-            params["vc"] = nn.Parameter(torch.cat([v.detach().reshape(-1), c.detach().reshape(-1)]),
-                                        requires_grad=v.requires_grad)
+        if (vc := self._former_vc(params, "", state.get("variant"))) is not None:
+            params["vc"] = nn.Parameter(vc, requires_grad=params.pop("v").requires_grad)
+            del params["c"]
         super().__setstate__(state)
 
     def __getstate__(self):
